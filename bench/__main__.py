@@ -1,0 +1,93 @@
+"""Benchmark runner: ``python -m bench [NAME ...] [--quick]`` (or ``make bench``).
+
+Each ``bench/bench_<name>.py`` defines ``run(quick: bool) -> dict`` returning
+``{"rows": [row, ...], "details": {...}}``; a row is a dict with the keys of
+``COLUMNS``. Results go to ``bench/results/<name>.json``; the summary table in
+``docs/benchmarks.md`` (between the markers) is rebuilt from every results file, so
+entries run on different days keep their own machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOC = HERE.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+COLUMNS = ("benchmark", "result", "reference", "ratio", "target")
+
+
+def available() -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def render_table() -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " | run |", "|" + "---|" * (len(COLUMNS) + 1)]
+    for path in sorted(RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        for row in result["rows"]:
+            cells = [str(row.get(c, "")) for c in COLUMNS]
+            lines.append("| " + " | ".join(cells) + f" | {result['date']} ({path.stem}) |")
+    return "\n".join(lines)
+
+
+def update_doc() -> None:
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    DOC.write_text(f"{head}{BEGIN}\n{render_table()}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {available()}")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke test")
+    args = parser.parse_args(argv)
+    names = args.names or available()
+    unknown = set(names) - set(available())
+    if unknown:
+        print(f"python -m bench: error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(exist_ok=True)
+    for name in names:
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        result = importlib.import_module(f"bench.bench_{name}").run(quick=args.quick)
+        result.update(
+            name=name,
+            date=time.strftime("%Y-%m-%d"),
+            seconds=round(time.perf_counter() - start, 1),
+            machine=machine(),
+            quick=args.quick,
+        )
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        for row in result["rows"]:
+            print("  " + " | ".join(f"{c}: {row.get(c, '')}" for c in COLUMNS))
+    update_doc()
+    print(f"results in {RESULTS}, summary in {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
