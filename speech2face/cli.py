@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    run = getattr(importlib.import_module(COMMANDS[args.command][0]), f"{_snake(args.command)}_command")
+    run = getattr(
+        importlib.import_module(COMMANDS[args.command][0]), f"{_snake(args.command)}_command"
+    )
     try:
         return int(run(args) or 0)
     except Speech2FaceError as error:

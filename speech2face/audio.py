@@ -1,0 +1,326 @@
+"""Audio front end: any audio or video file -> 16 kHz mono -> 6 s -> compressed complex STFT.
+
+Paper section 3.1: "we use up to 6 seconds of audio ... resampled at 16 kHz and only a
+single channel is used. Spectrograms are computed by taking STFT with a Hann window of
+25 mm, the hop length of 10 ms, and 512 FFT frequency bands. Each complex spectrogram S
+subsequently goes through the power-law compression, resulting sgn(S)|S|^0.3 for real
+and imaginary independently."
+
+Framing follows TensorFlow's ``tf.signal.stft`` (SPEC.md, a decision): frames of 400
+samples start every 160 samples with no centring, each is windowed by a periodic Hann
+window of 400 and zero-padded *at its end* to 512 before the real FFT. That gives the
+paper's 598 frames for 6 s; librosa/torch with ``center=True`` give 601 frames and a
+window centred in the 512-sample frame, which changes the phase.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speech2face.errors import AudioError
+
+SAMPLE_RATE = 16_000  # Hz (paper 3.1)
+CLIP_SECONDS = 6.0  # seconds of speech per example (paper 3.1)
+CLIP_SAMPLES = int(SAMPLE_RATE * CLIP_SECONDS)  # 96,000
+WIN_LENGTH = 400  # 25 ms window (paper 3.1)
+HOP_LENGTH = 160  # 10 ms hop (paper 3.1)
+N_FFT = 512  # FFT size (paper 3.1)
+N_FREQ = N_FFT // 2 + 1  # 257 frequency bins
+N_FRAMES = 1 + (CLIP_SAMPLES - WIN_LENGTH) // HOP_LENGTH  # 598 frames for 6 s
+POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
+
+# Formats libsndfile reads directly and partially (fast path); everything else goes
+# through FFmpeg (PyAV): containers with an audio track (mp4, m4a, webm, mkv, ...).
+_RESAMPLE_MARGIN = 0.05  # seconds decoded past max_seconds, for the resampler's filter
+_SNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au"}
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_audio(
+    path: str | os.PathLike,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """Decode an audio or video file to float32 mono in [-1, 1] at ``sample_rate``.
+
+    Multi-channel audio is averaged to mono; the resampler is soxr (band-limited, high
+    quality). With ``max_seconds`` only that much of the file is decoded, so taking 6 s
+    from a two-hour recording costs the same as from a 6-s clip.
+
+    Returns:
+        ``(N,)`` float32.
+
+    Raises:
+        AudioError: missing, empty, truncated or non-audio file, no audio track, an
+            unsupported codec, or a signal that is all zeros or not finite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(path, "file not found" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise AudioError(path, "empty file")
+
+    # Decode a little past the cut so the resampler's filter sees the samples after it.
+    decode_seconds = None if max_seconds is None else max_seconds + _RESAMPLE_MARGIN
+    wave, native_rate = None, None
+    if path.suffix.lower() in _SNDFILE_SUFFIXES:
+        wave, native_rate = _read_sndfile(path, decode_seconds)
+    if wave is None:
+        wave, native_rate = _read_ffmpeg(path, decode_seconds)
+    if wave.size == 0:
+        raise AudioError(path, "no audio samples (truncated or empty stream)")
+    if not np.isfinite(wave).all():
+        raise AudioError(path, "signal contains NaN or infinite samples")
+    if not wave.any():
+        raise AudioError(path, "signal is silent (all samples are zero)")
+    if native_rate != sample_rate:
+        import soxr
+
+        wave = soxr.resample(wave, native_rate, sample_rate, quality="HQ")
+    if max_seconds is not None:
+        wave = wave[: int(round(max_seconds * sample_rate))]
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | None, int | None]:
+    """libsndfile fast path; ``(None, None)`` when it cannot open the file (FFmpeg tries)."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(path) as f:
+            declared = f.frames
+            if path.suffix.lower() == ".wav":
+                # libsndfile silently shrinks a WAV's length to the bytes present.
+                declared = max(declared, _wav_declared_frames(path) or 0)
+            want = (
+                declared
+                if max_seconds is None
+                else min(declared, _frames(max_seconds, f.samplerate))
+            )
+            data = f.read(want, dtype="float32", always_2d=True)
+            rate = f.samplerate
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return None, None
+    _check_complete(path, data.shape[0] / rate, want / rate)
+    return data.mean(axis=1), rate
+
+
+def _wav_declared_frames(path: Path) -> int | None:
+    """Frames a RIFF/WAVE header promises (its data chunk size over the frame size)."""
+    with open(path, "rb") as f:
+        header = f.read(4096)
+    if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return None
+    pos, block_align = 12, None
+    while pos + 8 <= len(header):
+        chunk, size = header[pos : pos + 4], int.from_bytes(header[pos + 4 : pos + 8], "little")
+        if chunk == b"fmt ":
+            block_align = int.from_bytes(header[pos + 20 : pos + 22], "little")
+        elif chunk == b"data":
+            return size // block_align if block_align and size < 0xFFFFFFFF else None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of any container FFmpeg knows, stopping early."""
+    import av
+
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.FFmpegError:
+        raise AudioError(
+            path, "not a readable audio or video file (unknown format, corrupt or truncated)"
+        ) from None
+    with container:
+        streams = container.streams.audio
+        if not streams:
+            raise AudioError(path, "no audio track")
+        stream = streams[0]
+        if stream.codec_context is None:  # FFmpeg knows the container but has no decoder
+            raise AudioError(path, "unsupported audio codec (FFmpeg has no decoder for it)")
+        rate = stream.codec_context.sample_rate or stream.sample_rate
+        if not rate:
+            raise AudioError(path, "audio track has no sample rate")
+        limit = None if max_seconds is None else _frames(max_seconds, rate)
+        chunks, total = [], 0
+        try:
+            for frame in container.decode(stream):
+                chunk = frame.to_ndarray()  # (channels, n) planar or (1, n*channels) packed
+                if not frame.format.is_planar:
+                    chunk = chunk.reshape(-1, len(frame.layout.channels)).T
+                chunk = _to_float(chunk).mean(axis=0)
+                chunks.append(chunk)
+                total += chunk.size
+                if limit is not None and total >= limit:
+                    break
+        except av.error.FFmpegError as error:
+            if total == 0 and "decoder" in str(error).lower():
+                raise AudioError(
+                    path, f"unsupported audio codec {stream.codec_context.name!r}"
+                ) from None
+            raise AudioError(
+                path,
+                f"corrupt or truncated audio after {total / rate:.2f} s: {_ffmpeg_reason(error)}",
+            ) from None
+        declared = container.duration / av.time_base if container.duration else None
+    if not chunks:
+        raise AudioError(path, "no audio samples (truncated or empty stream)")
+    if declared is not None:
+        _check_complete(
+            path, total / rate, declared if max_seconds is None else min(declared, max_seconds)
+        )
+    return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)
+
+
+def _frames(seconds: float, rate: int) -> int:
+    return int(math.ceil(seconds * rate)) + 1
+
+
+def _check_complete(path: Path, got_seconds: float, declared_seconds: float) -> None:
+    """Raise if far less audio decoded than the header declares (a truncated download)."""
+    # Codec priming and padding make declared and decoded lengths differ by a few frames.
+    if got_seconds < 0.98 * declared_seconds - 0.1:
+        raise AudioError(
+            path,
+            f"truncated: header declares {declared_seconds:.2f} s of audio, "
+            f"only {got_seconds:.2f} s could be decoded",
+        )
+
+
+def _to_float(chunk: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float in [-1, 1] (int16 / 32768, SPEC.md); float passes through."""
+    if chunk.dtype.kind == "f":
+        return chunk.astype(np.float32, copy=False)
+    if chunk.dtype.kind == "u":  # unsigned 8-bit PCM is centred at 128
+        bits = 8 * chunk.dtype.itemsize
+        return (chunk.astype(np.float32) - 2 ** (bits - 1)) / 2 ** (bits - 1)
+    return chunk.astype(np.float32) / float(2 ** (8 * chunk.dtype.itemsize - 1))
+
+
+def _ffmpeg_reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or str(error).splitlines()[0]
+
+
+# ------------------------------------------------------------------------- durations
+
+
+def fit_duration(
+    wave: np.ndarray | torch.Tensor,
+    seconds: float = CLIP_SECONDS,
+    sample_rate: int = SAMPLE_RATE,
+) -> np.ndarray | torch.Tensor:
+    """Repeat a clip end to end until it lasts ``seconds``, then cut (SPEC.md).
+
+    Works on the last axis of a numpy array or tensor ``(..., N) -> (..., seconds*rate)``.
+    """
+    target = int(round(seconds * sample_rate))
+    n = wave.shape[-1]
+    if n == 0:
+        raise ValueError("cannot fit an empty waveform to a duration")
+    repeats = -(-target // n)  # ceil
+    if repeats > 1:
+        reps = (1,) * (wave.ndim - 1) + (repeats,)
+        wave = wave.repeat(*reps) if isinstance(wave, torch.Tensor) else np.tile(wave, reps)
+    return wave[..., :target]
+
+
+# ----------------------------------------------------------------------- spectrogram
+
+
+def _padded_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Periodic Hann(400) followed by 112 zeros: a 512-sample frame holding a 400 frame."""
+    window = torch.zeros(N_FFT, device=device, dtype=dtype)
+    window[:WIN_LENGTH] = torch.hann_window(WIN_LENGTH, periodic=True, device=device, dtype=dtype)
+    return window
+
+
+def power_law(x: torch.Tensor, exponent: float = POWER_LAW) -> torch.Tensor:
+    """``sign(x) * |x|**exponent``, with gradient 0 (not NaN) where x == 0."""
+    magnitude = x.abs()
+    nonzero = magnitude > 0
+    safe = torch.where(nonzero, magnitude, torch.ones_like(magnitude))
+    return torch.where(nonzero, torch.sign(x) * safe.pow(exponent), torch.zeros_like(x))
+
+
+def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Power-law compressed complex STFT, TensorFlow framing (paper 3.1, SPEC.md).
+
+    Args:
+        wave: ``(N,)`` or ``(B, N)`` float waveform at 16 kHz (numpy or tensor, any
+            device). ``N >= 400``.
+
+    Returns:
+        ``(2, T, 257)`` or ``(B, 2, T, 257)`` float tensor on ``wave``'s device, channel 0
+        the real and 1 the imaginary part, ``T = 1 + (N - 400) // 160`` (598 for 6 s).
+        Differentiable with respect to ``wave``.
+    """
+    x = torch.as_tensor(wave)
+    if not x.is_floating_point():
+        x = x.float()
+    single = x.dim() == 1
+    if single:
+        x = x.unsqueeze(0)
+    if x.dim() != 2:
+        raise ValueError(f"expected a waveform (N,) or a batch (B, N), got shape {tuple(x.shape)}")
+    if x.shape[-1] < WIN_LENGTH:
+        raise ValueError(f"waveform has {x.shape[-1]} samples, at least {WIN_LENGTH} are needed")
+    # torch.stft frames are N_FFT long; pad the end so the last 400-sample TF frame fits
+    # in a 512 frame, and put the window in the first 400 samples of each frame.
+    x = torch.nn.functional.pad(x, (0, N_FFT - WIN_LENGTH))
+    stft = torch.stft(
+        x,
+        n_fft=N_FFT,
+        hop_length=HOP_LENGTH,
+        window=_padded_window(x.device, x.dtype),
+        center=False,
+        return_complex=True,
+    )  # (B, F, T) complex
+    out = power_law(torch.view_as_real(stft))  # (B, F, T, 2)
+    out = out.permute(0, 3, 2, 1)  # (B, 2, T, F)
+    return out[0] if single else out
+
+
+def clip_spectrogram(path: str | os.PathLike, seconds: float = CLIP_SECONDS) -> torch.Tensor:
+    """File -> ``(2, T, 257)``: decode ``seconds`` of audio, repeat short clips, transform."""
+    wave = load_audio(path, max_seconds=seconds)
+    return spectrogram(fit_duration(wave, seconds))
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def add_spectrogram_arguments(parser) -> None:
+    parser.add_argument("audio", nargs="+", help="audio or video files")
+    parser.add_argument("-o", "--out", required=True, help="output folder for <name>.npy files")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=CLIP_SECONDS,
+        help="clip length: longer audio is cut, shorter repeated (default 6)",
+    )
+
+
+def spectrogram_command(args) -> int:
+    from tqdm import tqdm
+
+    from speech2face.utils import atomic_write
+
+    # Decode everything first: a bad file fails the command before anything is written.
+    specs = [
+        clip_spectrogram(path, args.seconds)
+        for path in tqdm(args.audio, desc="decode", disable=len(args.audio) < 4)
+    ]
+    out = Path(args.out)
+    for path, spec in zip(args.audio, specs, strict=True):
+        with atomic_write(out / f"{Path(path).stem}.npy") as f:
+            np.save(f, spec.numpy())
+        print(f"{path} -> {out / (Path(path).stem + '.npy')} {tuple(spec.shape)}")
+    return 0

@@ -1,0 +1,284 @@
+"""Audio front end against an independent float64 numpy/scipy reference."""
+
+import struct
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from scipy.signal import resample_poly
+
+from speech2face import audio
+from speech2face.audio import fit_duration, load_audio, spectrogram
+from speech2face.errors import AudioError
+
+
+def reference_spectrogram(wave: np.ndarray) -> np.ndarray:
+    """TensorFlow-style STFT + power law, written from the definition in float64."""
+    x = np.asarray(wave, dtype=np.float64)
+    n = np.arange(400)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / 400)  # periodic Hann
+    n_frames = 1 + (len(x) - 400) // 160
+    frames = np.stack([x[t * 160 : t * 160 + 400] * window for t in range(n_frames)])
+    spec = np.fft.rfft(frames, n=512, axis=1)  # zero-padded at the end to 512
+    compress = lambda v: np.sign(v) * np.abs(v) ** 0.3  # noqa: E731
+    return np.stack([compress(spec.real), compress(spec.imag)])  # (2, T, 257)
+
+
+def speechlike(seconds: float, rate: int, seed: int = 0, channels: int = 1) -> np.ndarray:
+    """Harmonic signal with vibrato, band-limited well inside both rates' passbands."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 120 + 20 * np.sin(2 * np.pi * 3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    cutoff = 0.4 * min(rate, 16000)  # both resamplers are flat below 0.8 x Nyquist
+    x = sum(np.sin(k * phase) / k for k in range(1, 60) if k * 160 < cutoff)
+    x = 0.2 * x / np.abs(x).max()
+    out = np.stack([x * (1 - 0.3 * c) for c in range(channels)], axis=1)
+    out *= 1 + 0.01 * rng.standard_normal(out.shape[0])[:, None]  # a little roughness
+    return out.squeeze(1).astype(np.float32) if channels == 1 else out.astype(np.float32)
+
+
+def compare_compressed(ours: torch.Tensor, ref: np.ndarray) -> None:
+    # |x|^0.3 has an unbounded slope at 0, so float32 rounding of tiny STFT values shows
+    # up magnified; compare the uncompressed values instead, where float32 is tight.
+    ours64 = ours.double().numpy()
+    inverse = lambda v: np.sign(v) * np.abs(v) ** (1 / 0.3)  # noqa: E731
+    scale = np.abs(inverse(ref)).max()
+    np.testing.assert_allclose(inverse(ours64), inverse(ref), rtol=0, atol=2e-5 * scale)
+    away_from_zero = np.abs(ref) > 0.2  # where |x|^0.3 is well conditioned
+    np.testing.assert_allclose(ours64[away_from_zero], ref[away_from_zero], rtol=1e-3, atol=1e-4)
+
+
+def test_constants_follow_the_paper():
+    assert audio.CLIP_SAMPLES == 96_000
+    assert audio.N_FRAMES == 598 and audio.N_FREQ == 257
+
+
+def test_spectrogram_matches_float64_reference():
+    wave = speechlike(6.0, 16000)
+    ours = spectrogram(wave)
+    assert ours.shape == (2, 598, 257) and ours.dtype == torch.float32
+    compare_compressed(ours, reference_spectrogram(wave))
+
+
+def test_spectrogram_layout_real_then_imaginary():
+    # A cosine at bin k has a real (not imaginary) peak; a sine has an imaginary one.
+    n = np.arange(96000)
+    k = 32  # 32 * 16000 / 512 = 1000 Hz, an exact bin
+    cos = spectrogram(np.cos(2 * np.pi * k * n / 512).astype(np.float32))
+    sin = spectrogram(np.sin(2 * np.pi * k * n / 512).astype(np.float32))
+    assert cos[0, :, k].abs().mean() > 10 * cos[1, :, k].abs().mean()
+    assert sin[1, :, k].abs().mean() > 10 * sin[0, :, k].abs().mean()
+
+
+def test_spectrogram_batched_equals_single_and_is_differentiable():
+    waves = torch.from_numpy(np.stack([speechlike(6.0, 16000, seed=s) for s in range(3)]))
+    waves.requires_grad_(True)
+    batch = spectrogram(waves)
+    assert batch.shape == (3, 2, 598, 257)
+    for i in range(3):
+        torch.testing.assert_close(batch[i], spectrogram(waves[i].detach()))
+    batch.square().sum().backward()
+    assert torch.isfinite(waves.grad).all() and waves.grad.abs().sum() > 0
+
+
+def test_spectrogram_exact_zero_has_zero_gradient_not_nan():
+    wave = torch.zeros(2000, requires_grad=True)
+    spectrogram(wave).sum().backward()
+    assert torch.isfinite(wave.grad).all()
+
+
+def test_power_law_on_real_and_imaginary_not_magnitude():
+    wave = speechlike(1.0, 16000)
+    ours = spectrogram(wave).double().numpy()
+    ref = reference_spectrogram(wave)
+    # Compression of magnitude and phase (a known bug elsewhere) would give other values.
+    spec = np.fft.rfft(np.stack([wave[:400].astype(np.float64) * np.hanning(401)[:400]]), n=512)
+    wrong = np.abs(spec) ** 0.3
+    assert not np.allclose(np.hypot(ref[0, 0], ref[1, 0]), wrong[0], atol=1e-2)
+    compare_compressed(torch.from_numpy(ours), ref)
+
+
+def test_fit_duration_repeats_then_cuts():
+    short = np.arange(1000, dtype=np.float32)
+    out = fit_duration(short, seconds=0.2, sample_rate=16000)  # 3,200 samples
+    assert out.shape == (3200,)
+    np.testing.assert_array_equal(out[:1000], short)
+    np.testing.assert_array_equal(out[1000:2000], short)
+    np.testing.assert_array_equal(out[3000:], short[:200])
+    long = np.arange(10_000, dtype=np.float32)
+    np.testing.assert_array_equal(fit_duration(long, 0.5, 16000), long[:8000])
+    batch = torch.arange(2000.0).reshape(2, 1000)
+    torch.testing.assert_close(fit_duration(batch, 0.1, 16000)[:, 1000:1600], batch[:, :600])
+
+
+@pytest.mark.parametrize(
+    "rate,channels,seconds",
+    [(48000, 2, 7.5), (8000, 1, 6.0), (16000, 1, 2.5), (44100, 1, 9.0)],
+    ids=["48k-stereo-long", "8k", "16k-short", "44k-long"],
+)
+def test_files_to_spectrogram(tmp_path, rate, channels, seconds):
+    signal = speechlike(seconds, rate, channels=channels)
+    path = tmp_path / "clip.wav"
+    sf.write(path, signal, rate, subtype="FLOAT")
+    wave = load_audio(path, max_seconds=6.0)
+    mono = signal.mean(axis=1) if channels > 1 else signal
+    ref_wave = resample_poly(mono.astype(np.float64), 16000, rate) if rate != 16000 else mono
+    ref_wave = fit_duration(ref_wave[:96000], 6.0)
+    ours = spectrogram(fit_duration(wave, 6.0))
+    assert ours.shape == (2, 598, 257)
+    # Two different band-limited resamplers (soxr, scipy polyphase) agree in the passband.
+    np.testing.assert_allclose(fit_duration(wave, 6.0), ref_wave, atol=3e-3)
+    # Compare STFT values (undo the power law, which magnifies stop-band differences
+    # between the two resamplers near zero).
+    inverse = lambda v: np.sign(v) * np.abs(v) ** (1 / 0.3)  # noqa: E731
+    ref = inverse(reference_spectrogram(ref_wave))
+    err = np.abs(inverse(ours.double().numpy()) - ref)
+    assert err.max() < 0.01 * np.abs(ref).max()
+
+
+def write_encoded(path, fmt: str, codec: str, rate: int, seconds: float = 2.0) -> np.ndarray:
+    """Encode a stereo test tone with FFmpeg (PyAV); returns the mono source at ``rate``."""
+    t = np.arange(int(rate * seconds)) / rate
+    x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "stereo"
+        frame = av.AudioFrame.from_ndarray(np.stack([x, x]), format="fltp", layout="stereo")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return x
+
+
+@pytest.mark.parametrize(
+    "name,fmt,codec,rate",
+    [
+        ("a.flac", "flac", "flac", 44100),
+        ("a.mp3", "mp3", "libmp3lame", 44100),
+        ("a.ogg", "ogg", "libopus", 48000),
+        ("a.mp4", "mp4", "aac", 44100),
+        ("a.m4a", "ipod", "aac", 44100),
+        ("a.webm", "webm", "libopus", 48000),
+        ("a.mkv", "matroska", "libopus", 48000),
+    ],
+)
+def test_formats_decode_to_16k_mono(tmp_path, name, fmt, codec, rate):
+    source = write_encoded(tmp_path / name, fmt, codec, rate)
+    wave = load_audio(tmp_path / name)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert abs(len(wave) - 32000) < 0.05 * 32000  # 2 s, give or take codec padding
+    # The 440 Hz tone survives: its amplitude at 16 kHz matches the source's.
+    t = np.arange(len(wave)) / 16000
+    core = slice(len(wave) // 4, 3 * len(wave) // 4)
+    amp = 2 * np.abs(np.mean(wave[core] * np.exp(-2j * np.pi * 440 * t[core])))
+    assert amp == pytest.approx(np.abs(source).max(), rel=0.05)
+
+
+def test_max_seconds_stops_decoding_early(tmp_path, monkeypatch):
+    write_encoded(tmp_path / "long.mp4", "mp4", "aac", 16000, seconds=30.0)
+    decoded = []
+    original = audio._to_float
+    monkeypatch.setattr(audio, "_to_float", lambda c: decoded.append(c.shape[-1]) or original(c))
+    wave = load_audio(tmp_path / "long.mp4", max_seconds=1.0)
+    assert len(wave) == 16000
+    assert sum(decoded) < 2 * 16000  # stopped after about 1 s of 30
+
+
+def _wav_with_format_tag(path, tag: int) -> None:
+    data = np.random.default_rng(0).integers(-3000, 3000, 16000).astype(np.int16).tobytes()
+    fmt = struct.pack("<IHHIIHH", 16, tag, 1, 16000, 32000, 2, 16)
+    riff = b"WAVEfmt " + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(riff)) + riff)
+
+
+def make_bad_file(tmp_path, kind: str):
+    path = tmp_path / f"{kind}.wav"
+    if kind == "missing":
+        return path
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        sf.write(path, speechlike(2.0, 16000), 16000)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "truncated-header":
+        sf.write(path, speechlike(2.0, 16000), 16000)
+        path.write_bytes(path.read_bytes()[:30])
+    elif kind == "not-audio":
+        path.write_bytes(np.random.default_rng(0).bytes(4000))
+    elif kind == "codec":
+        _wav_with_format_tag(path, 0x7777)  # a WAV codec tag FFmpeg has no decoder for
+    elif kind == "silent":
+        sf.write(path, np.zeros(16000, np.float32), 16000)
+    elif kind == "nan":
+        wave = speechlike(1.0, 16000)
+        wave[100] = np.nan
+        sf.write(path, wave, 16000, subtype="FLOAT")
+    elif kind == "no-audio-track":
+        path = tmp_path / "video.mp4"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("mpeg4", rate=5)
+            stream.width = stream.height = 32
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            for packet in [*stream.encode(frame), *stream.encode(None)]:
+                container.mux(packet)
+    return path
+
+
+BAD = {
+    "missing": "not found",
+    "empty": "empty",
+    "truncated": "truncated",
+    "truncated-header": "not a readable audio",
+    "not-audio": "not a readable audio",
+    "codec": "unsupported audio codec",
+    "silent": "silent",
+    "nan": "NaN",
+    "no-audio-track": "no audio track",
+}
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_raises_typed_error_naming_the_file(tmp_path, kind):
+    path = make_bad_file(tmp_path, kind)
+    with pytest.raises(AudioError) as info:
+        load_audio(path)
+    message = str(info.value)
+    assert str(path) in message and BAD[kind] in message and "\n" not in message
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "speech2face", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_spectrogram_writes_arrays(tmp_path):
+    sf.write(tmp_path / "a.wav", speechlike(3.0, 48000), 48000)
+    result = run_cli(
+        "spectrogram", str(tmp_path / "a.wav"), "-o", str(tmp_path / "out"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    spec = np.load(tmp_path / "out" / "a.npy")
+    assert spec.shape == (2, 598, 257)
+
+
+def test_cli_bad_file_is_one_line_exit_2_and_no_partial_output(tmp_path):
+    sf.write(tmp_path / "good.wav", speechlike(3.0, 16000), 16000)
+    bad = make_bad_file(tmp_path, "not-audio")
+    out = tmp_path / "out"
+    result = run_cli(
+        "spectrogram", str(tmp_path / "good.wav"), str(bad), "-o", str(out), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
