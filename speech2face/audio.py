@@ -76,9 +76,10 @@ def load_audio(
         wave, native_rate = _read_ffmpeg(path, decode_seconds)
     if wave.size == 0:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
-    if not np.isfinite(wave).all():
+    energy = float(np.dot(wave, wave))  # one pass: NaN/inf if any sample is, 0 if silent
+    if not math.isfinite(energy):
         raise AudioError(path, "signal contains NaN or infinite samples")
-    if not wave.any():
+    if energy == 0.0:
         raise AudioError(path, "signal is silent (all samples are zero)")
     if native_rate != sample_rate:
         import soxr
@@ -109,7 +110,21 @@ def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | N
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return None, None
     _check_complete(path, data.shape[0] / rate, want / rate)
-    return data.mean(axis=1), rate
+    return _downmix(data), rate
+
+
+def _downmix(data: np.ndarray) -> np.ndarray:
+    """``(n, channels) -> (n,)`` mean over channels.
+
+    Adding columns is several times faster than ``mean(axis=1)`` or a matrix-vector
+    product, which reduce over a length-2 inner axis.
+    """
+    out = data[:, 0].copy()
+    for channel in range(1, data.shape[1]):
+        out += data[:, channel]
+    if data.shape[1] > 1:
+        out *= 1.0 / data.shape[1]
+    return out
 
 
 def _wav_declared_frames(path: Path) -> int | None:
@@ -242,12 +257,27 @@ def _padded_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return window
 
 
+class _PowerLaw(torch.autograd.Function):
+    """``sign(x)|x|^p`` whose gradient is 0, not NaN, where x == 0 (the DC and Nyquist
+    bins' imaginary parts are exactly 0)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, exponent: float) -> torch.Tensor:
+        y = x.abs().pow_(exponent).copysign_(x)
+        ctx.save_for_backward(x, y)
+        ctx.exponent = exponent
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y = ctx.saved_tensors
+        slope = torch.where(x != 0, ctx.exponent * y / x, torch.zeros_like(x))  # p|x|^(p-1)
+        return grad * slope, None
+
+
 def power_law(x: torch.Tensor, exponent: float = POWER_LAW) -> torch.Tensor:
-    """``sign(x) * |x|**exponent``, with gradient 0 (not NaN) where x == 0."""
-    magnitude = x.abs()
-    nonzero = magnitude > 0
-    safe = torch.where(nonzero, magnitude, torch.ones_like(magnitude))
-    return torch.where(nonzero, torch.sign(x) * safe.pow(exponent), torch.zeros_like(x))
+    """``sign(x) * |x|**exponent`` element-wise, with gradient 0 (not NaN) at x == 0."""
+    return _PowerLaw.apply(x, exponent)
 
 
 def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -283,8 +313,8 @@ def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         center=False,
         return_complex=True,
     )  # (B, F, T) complex
-    out = power_law(torch.view_as_real(stft))  # (B, F, T, 2)
-    out = out.permute(0, 3, 2, 1)  # (B, 2, T, F)
+    out = torch.view_as_real(stft).permute(0, 3, 2, 1).contiguous()  # (B, 2, T, F)
+    out = power_law(out)
     return out[0] if single else out
 
 

@@ -144,7 +144,9 @@ class VoiceEncoder(nn.Module):
                 f"input has {spec.shape[2]} frames; the voice encoder needs at least {need} "
                 f"(about {(need - 1) * 0.01 + 0.025:.2f} s of audio)"
             )
-        x = self.features(spec)  # (B, C, T', F')
+        # Channels-last lets oneDNN (CPU) and cuDNN pick their fastest convolutions: about
+        # 1.35x the NCHW speed on CPU (bench/bench_voice_encoder.py).
+        x = self.features(spec.contiguous(memory_format=torch.channels_last))  # (B, C, T', F')
         x = x.mean(dim=2)  # average over all time: (B, C, F')
         x = self.pool_norm(torch.relu(x))  # BatchNorm over channels
         return self.fc(x.flatten(1))  # (B, C * F') -> (B, output_dim)

@@ -1,0 +1,82 @@
+"""Spectrogram throughput, decode and resample included, against the common librosa path.
+
+Both paths read the same 48 kHz stereo WAV files on one thread, in alternating rounds
+so that load from other processes hits both alike. Ours: ``load_audio(max_seconds=6)``
+(libsndfile partial read + soxr) -> ``fit_duration`` -> ``spectrogram`` (torch.stft).
+librosa: ``librosa.load(sr=16000)`` (whole file, soxr_hq) -> cut to 6 s ->
+``librosa.stft(n_fft=512, hop_length=160, win_length=400)`` -> power law.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from speech2face.audio import fit_duration, load_audio, spectrogram
+
+
+def librosa_path(path: Path) -> np.ndarray:
+    import librosa
+
+    wave, _ = librosa.load(path, sr=16000)
+    wave = fit_duration(wave, 6.0)
+    spec = librosa.stft(wave, n_fft=512, hop_length=160, win_length=400)
+    return np.stack([np.sign(p) * np.abs(p) ** 0.3 for p in (spec.real, spec.imag)])
+
+
+def our_path(path: Path) -> torch.Tensor:
+    return spectrogram(fit_duration(load_audio(path, max_seconds=6.0), 6.0))
+
+
+def write_clips(folder: Path, n: int, seconds: float) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        t = np.arange(int(48000 * seconds)) / 48000
+        voice = np.sin(2 * np.pi * (110 + 10 * i) * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+        stereo = 0.2 * np.stack([voice, 0.8 * voice], axis=1) + 0.01 * rng.standard_normal(
+            (len(t), 2)
+        )
+        paths.append(folder / f"clip{i}.wav")
+        sf.write(paths[-1], stereo.astype(np.float32), 48000, subtype="PCM_16")
+    return paths
+
+
+def clips_per_second(fn, paths) -> float:
+    start = time.perf_counter()
+    for p in paths:
+        fn(p)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def run(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    rounds = 3 if quick else 9
+    rows, details = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seconds in (8.0, 30.0):
+            paths = write_clips(Path(tmp), 4 if quick else 12, seconds)
+            ours, ref = [], []
+            for fn in (our_path, librosa_path):  # warm-up: imports, FFT plans
+                fn(paths[0])
+            for _ in range(rounds):
+                ours.append(clips_per_second(our_path, paths))
+                ref.append(clips_per_second(librosa_path, paths))
+            ours_m, ref_m = statistics.median(ours), statistics.median(ref)
+            details[f"{seconds:g}s"] = {"ours_clips_per_s": ours, "librosa_clips_per_s": ref}
+            rows.append(
+                {
+                    "benchmark": f"spectrogram, 48 kHz stereo {seconds:g}-s WAV, 1 thread",
+                    "result": f"{ours_m:.0f} clips/s",
+                    "reference": f"librosa {ref_m:.0f} clips/s",
+                    "ratio": f"{ours_m / ref_m:.1f}x",
+                    "target": ">= 10x",
+                }
+            )
+    return {"rows": rows, "details": details}
