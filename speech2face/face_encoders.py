@@ -1,0 +1,620 @@
+"""Face encoders: aligned face crop in, face feature v_f out (SPEC.md "Face front end").
+
+One interface, :class:`FaceEncoder`, with two implementations:
+
+- ``"dlib"``: dlib's 128-D face recognition ResNet (weights from ``face-recognition-models``;
+  the offline default). Not differentiable, no identity classifier: train one with
+  :func:`train_identity_classifier` to stand in for VGG-Face fc8 (SPEC.md).
+- ``"vggface"``: VGG-Face (Parkhi et al. 2015; VGG-16 layout), the paper's encoder: the
+  feature is fc7 after ReLU (4096-D), the classifier is fc8 (2622 identities). Loads
+  weights the user supplies in either public format: the PyTorch conversion
+  ``vgg_face_dag.pth`` or keras-vggface's ``rcmalli_vggface_tf_vgg16.h5``.
+
+Crops are uint8 ``(B, 224, 224, 3)`` RGB (array or list of arrays), as
+:func:`speech2face.faces.align_face` cuts them, or float tensors ``(B, 3, H, W)`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from speech2face.errors import WeightsError
+
+ENCODERS = ("dlib", "vggface")
+DLIB_FEATURE_DIM = 128
+# dlib's face chip: 150 x 150 with 25 % padding, as dlib_face_recognition_resnet_model_v1
+# was trained (dlib's defaults for compute_face_descriptor).
+DLIB_CHIP_PADDING = 0.25
+
+# VGG-Face = VGG-16 "D" (Parkhi et al. 2015, Table 3): conv widths, "M" = 2x2 max pool.
+VGG_FACE_LAYERS = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
+VGG_FACE_FC_DIM = 4096  # fc6, fc7; the paper's face feature is fc7 after ReLU (section 3)
+VGG_FACE_IDENTITIES = 2622  # fc8: the VGG-Face training identities
+VGG_FACE_INPUT_SIZE = 224
+# Input normalisation of each weight format (RGB order, pixel values 0..255, std 1).
+# vgg_face_dag.pth: its ``meta["mean"]``.
+DAG_MEAN_RGB = (129.186279296875, 104.76238250732422, 93.59396362304688)
+# keras-vggface "version 1" preprocessing: BGR input minus (93.5940, 104.7624, 129.1863);
+# the same values rounded, written here in RGB order.
+KERAS_MEAN_RGB = (129.1863, 104.7624, 93.5940)
+# Names that load_face_encoder("vggface") looks for in utils.cache_dir() when no
+# weights are given (nothing is downloaded).
+VGG_FACE_FILES = ("vgg_face_dag.pth", "rcmalli_vggface_tf_vgg16.h5")
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def crops_to_uint8(crops) -> np.ndarray:
+    """Crops as one C-contiguous uint8 array ``(B, H, W, 3)``.
+
+    crops: uint8 ``(B, H, W, 3)`` / ``(H, W, 3)`` array, a list of ``(H, W, 3)`` arrays,
+    or a float tensor ``(B, 3, H, W)`` in [0, 1].
+    """
+    if isinstance(crops, torch.Tensor):
+        if crops.dtype == torch.uint8:
+            array = crops.cpu().numpy()
+        else:
+            _check_float_batch(crops)
+            array = (crops.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+            array = array.permute(0, 2, 3, 1).cpu().numpy()
+    elif isinstance(crops, (list, tuple)):
+        array = (
+            np.stack([np.asarray(c) for c in crops])
+            if len(crops)
+            else np.zeros((0, 1, 1, 3), np.uint8)
+        )
+    else:
+        array = np.asarray(crops)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[3] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 crops (B, H, W, 3), got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def crops_to_float(crops, device=None) -> torch.Tensor:
+    """Crops as a float32 tensor ``(B, 3, H, W)`` in [0, 1] (float tensors pass through)."""
+    if isinstance(crops, torch.Tensor) and crops.is_floating_point():
+        _check_float_batch(crops)
+        return crops if device is None else crops.to(device)
+    array = crops_to_uint8(crops)
+    tensor = torch.from_numpy(array).to(device).permute(0, 3, 1, 2)
+    return tensor.float() / 255.0
+
+
+def _check_float_batch(x: torch.Tensor) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a float tensor (B, 3, H, W) in [0, 1], got {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------------------- interface
+
+
+class FaceEncoder(nn.Module):
+    """A face encoder: ``embed(crops) -> (B, feature_dim)`` float32.
+
+    Attributes: ``name``; ``feature_dim``; ``classifier`` (an ``nn.Module`` mapping
+    features to identity logits, or None); ``differentiable`` (gradients flow from the
+    feature to float tensor input).
+    """
+
+    name: str = ""
+    feature_dim: int = 0
+    differentiable: bool = False
+
+    @property
+    def classifier(self) -> nn.Module | None:
+        return None
+
+    def embed(self, crops) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, crops) -> torch.Tensor:
+        return self.embed(crops)
+
+
+class DlibFaceEncoder(FaceEncoder):
+    """dlib's 128-D face recognition ResNet on aligned crops (not differentiable).
+
+    On a crop from :func:`speech2face.faces.align_face` the face is where the crop
+    geometry put it (:func:`speech2face.faces.aligned_face_box`), so the 68-point shape
+    predictor runs in that box and no detector is needed; dlib then cuts its own 150 x 150
+    chip from those points and runs the network, batched. (68 rather than 5 points: the
+    result is then within about 0.06 of dlib's own pipeline on the original photograph,
+    against 0.1-0.17 with the 5-point predictor; dlib's same-person threshold is 0.6.)
+    """
+
+    name = "dlib"
+    feature_dim = DLIB_FEATURE_DIM
+    differentiable = False
+
+    def embed(self, crops) -> torch.Tensor:
+        """crops: uint8 (B, H, W, 3) aligned crops or float (B, 3, H, W) in [0, 1] -> (B, 128)."""
+        import dlib
+
+        from speech2face.faces import aligned_face_box, dlib_model
+
+        device = crops.device if isinstance(crops, torch.Tensor) else None
+        images = crops_to_uint8(crops)
+        if len(images) == 0:
+            return torch.zeros(0, self.feature_dim, device=device)
+        height, width = images.shape[1:3]
+        if height != width:
+            raise ValueError(f"dlib encoder expects square aligned crops, got {height} x {width}")
+        rect = dlib.rectangle(*(int(round(v)) for v in aligned_face_box(width)))
+        predictor = dlib_model("landmarks68")
+        shapes = []
+        for image in images:
+            one = dlib.full_object_detections()
+            one.append(predictor(image, rect))
+            shapes.append(one)
+        vectors = dlib_model("recognition").compute_face_descriptor(
+            list(images), shapes, 0, DLIB_CHIP_PADDING
+        )
+        features = np.array([[list(v) for v in per_image][0] for per_image in vectors], np.float32)
+        return torch.from_numpy(features).to(device)
+
+
+# ---------------------------------------------------------------------------- VGG-Face
+
+
+@dataclass(frozen=True)
+class VGGFaceConfig:
+    """Sizes of a VGG-Face network; ``paper()`` is VGG-Face itself."""
+
+    layers: tuple = VGG_FACE_LAYERS  # conv widths and "M" pools, in order
+    fc_dim: int = VGG_FACE_FC_DIM  # fc6 and fc7 width = the face feature size
+    num_identities: int = VGG_FACE_IDENTITIES  # fc8 width
+    input_size: int = VGG_FACE_INPUT_SIZE  # crops are resized to this before the network
+
+    @classmethod
+    def paper(cls) -> VGGFaceConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> VGGFaceConfig:
+        """Same layout and layer names at a fraction of the width, for tests."""
+        layers = tuple(v if v == "M" else max(4, v // 16) for v in VGG_FACE_LAYERS)
+        return cls(layers=layers, fc_dim=32, num_identities=10)
+
+    @property
+    def pool5_channels(self) -> int:
+        return [v for v in self.layers if v != "M"][-1]
+
+    @property
+    def pool5_size(self) -> int:
+        return self.input_size // 2 ** self.layers.count("M")  # 224 / 32 = 7
+
+
+def vgg_layer_names(layers) -> list[str]:
+    """VGG-Face names of the conv layers: conv1_1, conv1_2, conv2_1, ... (blocks end at "M")."""
+    names, block, index = [], 1, 1
+    for v in layers:
+        if v == "M":
+            block, index = block + 1, 1
+        else:
+            names.append(f"conv{block}_{index}")
+            index += 1
+    return names
+
+
+def make_vgg_layers(layers) -> nn.Sequential:
+    """torchvision-style builder: 3x3 conv (padding 1) + ReLU per width, 2x2 max pool per "M"."""
+    modules, in_channels, block, index = OrderedDict(), 3, 1, 1
+    for v in layers:
+        if v == "M":
+            modules[f"pool{block}"] = nn.MaxPool2d(kernel_size=2, stride=2)
+            block, index = block + 1, 1
+        else:
+            modules[f"conv{block}_{index}"] = nn.Conv2d(in_channels, v, kernel_size=3, padding=1)
+            modules[f"relu{block}_{index}"] = nn.ReLU(inplace=True)
+            in_channels, index = v, index + 1
+    return nn.Sequential(modules)
+
+
+class VGGFace(nn.Module):
+    """VGG-Face: (B, 3, H, W) float in [0, 1], RGB -> fc7 features / fc8 logits.
+
+    The input is resized to ``config.input_size`` (224), scaled to 0..255 and the
+    format's mean pixel subtracted (buffer ``mean``, RGB). Dropout is left out: the
+    network is only used frozen, for inference and as a perceptual loss.
+    """
+
+    def __init__(self, config: VGGFaceConfig = VGGFaceConfig(), mean_rgb=DAG_MEAN_RGB):
+        super().__init__()
+        self.config = config
+        self.features = make_vgg_layers(config.layers)
+        flat = config.pool5_channels * config.pool5_size**2  # 512 * 7 * 7 = 25088
+        self.fc6 = nn.Linear(flat, config.fc_dim)
+        self.fc7 = nn.Linear(config.fc_dim, config.fc_dim)
+        self.fc8 = nn.Linear(config.fc_dim, config.num_identities)
+        self.register_buffer("mean", torch.tensor(mean_rgb, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 3, 224, 224) in the network's input range."""
+        size = self.config.input_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+        return x * 255.0 - self.mean
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """fc7 after ReLU: (B, fc_dim)."""
+        x = self.features(self.preprocess(x))  # (B, 512, 7, 7)
+        x = torch.flatten(x, 1)  # channel-major (C, H, W), as vgg_face_dag.pth expects
+        x = F.relu(self.fc6(x))
+        return F.relu(self.fc7(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fc8 identity logits: (B, num_identities)."""
+        return self.fc8(self.forward_features(x))
+
+
+class VGGFaceEncoder(FaceEncoder):
+    """VGG-Face as a face encoder: feature fc7 after ReLU, classifier fc8; differentiable.
+
+    Float tensor input keeps the graph (for perceptual losses); array input runs without
+    gradients. The network is in eval mode with ``requires_grad`` off for its weights.
+    """
+
+    name = "vggface"
+    differentiable = True
+
+    def __init__(self, network: VGGFace):
+        super().__init__()
+        self.network = network.eval().requires_grad_(False)
+        self.feature_dim = network.config.fc_dim
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.network.fc8
+
+    def embed(self, crops) -> torch.Tensor:
+        """crops: float (B, 3, H, W) in [0, 1] or uint8 (B, H, W, 3) -> (B, fc_dim)."""
+        device = self.network.mean.device
+        if isinstance(crops, torch.Tensor) and crops.is_floating_point():
+            return self.network.forward_features(crops_to_float(crops, device))
+        with torch.no_grad():
+            return self.network.forward_features(crops_to_float(crops, device))
+
+    def train(self, mode: bool = True):
+        # Frozen encoder: stays in eval mode even inside a module being trained.
+        return super().train(False)
+
+
+def random_vggface(config: VGGFaceConfig = VGGFaceConfig(), seed: int = 0) -> VGGFace:
+    """A VGG-Face with random (He-initialised, seeded) weights, for tests and smoke runs."""
+    network = VGGFace(config)
+    generator = torch.Generator().manual_seed(seed)
+    for module in network.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=generator)
+            nn.init.zeros_(module.bias)
+    return network
+
+
+def vggface_weight_shapes(config: VGGFaceConfig) -> dict[str, tuple[int, ...]]:
+    """Expected tensors in ``vgg_face_dag.pth`` naming: ``conv1_1.weight`` ... ``fc8.bias``."""
+    shapes, in_channels = {}, 3
+    widths = [v for v in config.layers if v != "M"]
+    for name, width in zip(vgg_layer_names(config.layers), widths, strict=True):
+        shapes[f"{name}.weight"] = (width, in_channels, 3, 3)
+        shapes[f"{name}.bias"] = (width,)
+        in_channels = width
+    flat = config.pool5_channels * config.pool5_size**2
+    for name, (n_in, n_out) in {
+        "fc6": (flat, config.fc_dim),
+        "fc7": (config.fc_dim, config.fc_dim),
+        "fc8": (config.fc_dim, config.num_identities),
+    }.items():
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        shapes[f"{name}.bias"] = (n_out,)
+    return shapes
+
+
+def _state_dict_from_dag(tensors: dict, config: VGGFaceConfig, path) -> dict[str, torch.Tensor]:
+    """Check ``vgg_face_dag`` tensors against ``config``; rename them to VGGFace's keys."""
+    expected = vggface_weight_shapes(config)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise WeightsError(
+            path,
+            f"not VGG-Face weights: missing {len(missing)} of {len(expected)} tensors "
+            f"(first: {', '.join(missing[:3])})",
+        )
+    state = {}
+    for key, shape in expected.items():
+        value = tensors[key]
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(np.asarray(value))
+        if key == "fc6.weight" and value.ndim == 4:  # fc6 stored as a 7x7 convolution
+            value = value.reshape(value.shape[0], -1)
+        if tuple(value.shape) != shape:
+            raise WeightsError(path, f"{key} has shape {tuple(value.shape)}, expected {shape}")
+        if not torch.isfinite(value).all():
+            raise WeightsError(path, f"{key} has NaN or infinite values")
+        layer, kind = key.rsplit(".", 1)
+        prefix = "features." if layer.startswith("conv") else ""
+        state[f"{prefix}{layer}.{kind}"] = value.float()
+    return state
+
+
+def load_vggface_dag(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace:
+    """VGG-Face from ``vgg_face_dag.pth`` (keys ``conv1_1.weight`` ... ``fc8.bias``) or the
+    same tensors in a ``.safetensors`` file. Input normalisation: its RGB mean, std 1."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch/safetensors raise many types for bad files
+        raise WeightsError(
+            path, f"cannot read PyTorch weights (truncated or not a weights file): {error}"
+        ) from None
+    if (
+        isinstance(tensors, dict)
+        and "state_dict" in tensors
+        and isinstance(tensors["state_dict"], dict)
+    ):
+        tensors = tensors["state_dict"]
+    if not isinstance(tensors, dict):
+        raise WeightsError(path, f"expected a dict of tensors, got {type(tensors).__name__}")
+    network = VGGFace(config, mean_rgb=DAG_MEAN_RGB)
+    network.load_state_dict(_state_dict_from_dag(tensors, config, path), strict=False)
+    return network
+
+
+def load_vggface_keras(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace:
+    """VGG-Face from keras-vggface's ``rcmalli_vggface_tf_vgg16.h5`` (TensorFlow layout).
+
+    Keras stores conv kernels as (kh, kw, in, out), dense kernels as (in, out), and fc6's
+    input is pool5 flattened in NHWC order (h, w, c); the first convolution reads BGR.
+    All are permuted here so the network takes RGB in [0, 1] like the .pth version.
+    """
+    path = Path(path)
+    try:
+        import h5py
+    except ImportError:
+        raise WeightsError(
+            path, "reading keras-vggface .h5 weights needs h5py: pip install h5py"
+        ) from None
+    layer_names = vgg_layer_names(config.layers) + ["fc6", "fc7", "fc8"]
+    tensors = {}
+    try:
+        with h5py.File(path, "r") as f:
+            root = f["model_weights"] if "model_weights" in f else f  # full model or weights only
+            for layer in layer_names:
+                if layer not in root:
+                    raise WeightsError(path, f"not keras-vggface VGG16 weights: no layer {layer!r}")
+                kernel, bias = _keras_layer_arrays(root[layer], path, layer)
+                tensors[f"{layer}.weight"], tensors[f"{layer}.bias"] = kernel, bias
+    except WeightsError:
+        raise
+    except (OSError, KeyError, ValueError) as error:
+        raise WeightsError(
+            path, f"cannot read HDF5 weights (truncated or not HDF5): {error}"
+        ) from None
+    for layer in layer_names:
+        kernel = tensors[f"{layer}.weight"]
+        if layer.startswith("conv"):
+            if kernel.ndim != 4:
+                raise WeightsError(
+                    path, f"{layer} kernel has shape {kernel.shape}, expected (3, 3, in, out)"
+                )
+            kernel = kernel.transpose(3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
+            if layer == "conv1_1":
+                kernel = kernel[:, ::-1]  # BGR input -> RGB input
+        elif layer == "fc6":
+            side, channels = config.pool5_size, config.pool5_channels
+            expected = (side * side * channels, config.fc_dim)
+            if kernel.shape != expected:
+                problem = f"fc6 kernel has shape {kernel.shape}, expected {expected}"
+                raise WeightsError(path, problem)
+            # rows index (h, w, c) in NHWC order; PyTorch flattens (c, h, w)
+            kernel = (
+                kernel.reshape(side, side, channels, -1)
+                .transpose(3, 2, 0, 1)
+                .reshape(config.fc_dim, -1)
+            )
+        else:
+            if kernel.ndim != 2:
+                raise WeightsError(
+                    path, f"{layer} kernel has shape {kernel.shape}, expected (in, out)"
+                )
+            kernel = kernel.T
+        tensors[f"{layer}.weight"] = torch.from_numpy(
+            np.ascontiguousarray(kernel, dtype=np.float32)
+        )
+        tensors[f"{layer}.bias"] = torch.from_numpy(
+            np.ascontiguousarray(tensors[f"{layer}.bias"], np.float32)
+        )
+    network = VGGFace(config, mean_rgb=KERAS_MEAN_RGB)
+    network.load_state_dict(_state_dict_from_dag(tensors, config, path), strict=False)
+    return network
+
+
+def _keras_layer_arrays(group, path, layer) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) arrays of one Keras layer group (``weight_names`` attribute or datasets)."""
+    import h5py
+
+    if "weight_names" in group.attrs:
+        names = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["weight_names"]
+        ]
+        arrays = [group[n] for n in names]
+    else:
+        arrays = []
+        group.visititems(
+            lambda _, item: arrays.append(item) if isinstance(item, h5py.Dataset) else None
+        )
+    kernels = [a for a in arrays if a.ndim >= 2]
+    biases = [a for a in arrays if a.ndim == 1]
+    if len(kernels) != 1 or len(biases) != 1:
+        raise WeightsError(
+            path, f"layer {layer!r} should hold one kernel and one bias, has {len(arrays)} arrays"
+        )
+    return np.asarray(kernels[0][()]), np.asarray(biases[0][()])
+
+
+def _weights_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5", ".keras"):
+        return "keras"
+    if suffix in (".pth", ".pt", ".bin", ".safetensors"):
+        return "dag"
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    return "keras" if magic == b"\x89HDF\r\n\x1a\n" else "dag"
+
+
+def load_face_encoder(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    random_init: bool = False,
+    config: VGGFaceConfig | None = None,
+    device: str | torch.device | None = None,
+) -> FaceEncoder:
+    """A face encoder by name: "dlib" or "vggface".
+
+    weights: for "vggface", ``vgg_face_dag.pth`` (or its tensors as ``.safetensors``) or
+        ``rcmalli_vggface_tf_vgg16.h5``; format from the suffix (or the HDF5 signature).
+        Without it, the same names are looked for in ``utils.cache_dir()``; if none is
+        there, "vggface" refuses unless ``random_init=True`` (seeded random weights, for
+        tests). "dlib" uses the weights of ``face-recognition-models``.
+    config: VGG-Face sizes (default ``VGGFaceConfig.paper()``; ``tiny()`` for tests).
+    Raises WeightsError for a missing, unreadable or mismatched weights file.
+    """
+    if name == "dlib":
+        if weights is not None or random_init:
+            raise ValueError("the dlib encoder uses the weights of face-recognition-models only")
+        return DlibFaceEncoder()
+    if name != "vggface":
+        raise ValueError(f"unknown face encoder {name!r}; expected one of {ENCODERS}")
+    config = config or VGGFaceConfig.paper()
+    if weights is None and not random_init:
+        from speech2face.utils import cache_dir
+
+        found = [cache_dir() / f for f in VGG_FACE_FILES if (cache_dir() / f).is_file()]
+        if not found:
+            raise WeightsError(
+                None,
+                f"VGG-Face needs weights: pass weights=PATH to {' or '.join(VGG_FACE_FILES)} "
+                f"(or put one in {cache_dir()}); random_init=True gives random weights for tests",
+            )
+        weights = found[0]
+    if weights is None:
+        network = random_vggface(config)
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(path, "no such weights file")
+        loader = load_vggface_keras if _weights_format(path) == "keras" else load_vggface_dag
+        network = loader(path, config)
+    return VGGFaceEncoder(network).to(device)
+
+
+# ---------------------------------------------------------------------------- classifier
+
+# train_identity_classifier defaults: L2 penalty on the weights (keeps the logits finite
+# when the training identities are separable, which they usually are) and L-BFGS
+# iterations (full batch: the problem is small and convex).
+CLASSIFIER_WEIGHT_DECAY = 1e-3
+CLASSIFIER_STEPS = 200
+
+
+def train_identity_classifier(
+    features,
+    identity_ids,
+    seed: int = 0,
+    weight_decay: float = CLASSIFIER_WEIGHT_DECAY,
+    steps: int = CLASSIFIER_STEPS,
+) -> nn.Linear:
+    """A linear identity classifier on face features, standing in for VGG-Face fc8.
+
+    SPEC.md: where a face encoder has no identity classifier (dlib), the distillation
+    term uses a linear classifier trained on the training identities' face features,
+    frozen like fc8. This is multinomial logistic regression: minimise
+    ``mean cross-entropy + weight_decay / 2 * ||W||^2`` (bias not penalised) with
+    full-batch L-BFGS on CPU in float64 - a strictly convex problem, so the result is
+    the unique optimum up to ``steps`` and reproducible (``seed`` sets the start).
+
+    features: (N, D) array or tensor. identity_ids: (N,) ints or strings; class k is the
+    k-th of ``sorted(set(identity_ids))``. Returns ``nn.Linear(D, n_identities)``
+    (float32, on CPU, requires_grad off). Cost: about ``steps`` x 2 x N x D x
+    n_identities float64 multiply-adds (seconds for dlib features of a few thousand
+    faces; VGG-Face has its own fc8 and needs none).
+    """
+    x = torch.as_tensor(
+        np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features),
+        dtype=torch.float64,
+    )
+    ids = np.asarray(identity_ids)
+    if x.ndim != 2 or ids.ndim != 1 or len(ids) != len(x):
+        raise ValueError(
+            f"expected features (N, D) and identity_ids (N,), got {tuple(x.shape)} and {ids.shape}"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError("features contain NaN or infinite values")
+    classes, y = np.unique(ids, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"need at least 2 identities to train a classifier, got {len(classes)}")
+    y = torch.as_tensor(y.reshape(-1), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    weight = (
+        0.01 * torch.randn(len(classes), x.shape[1], generator=generator, dtype=torch.float64)
+    ).requires_grad_()
+    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=steps,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        optimiser.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    linear = nn.Linear(x.shape[1], len(classes))
+    with torch.no_grad():
+        linear.weight.copy_(weight.detach())
+        linear.bias.copy_(bias.detach())
+    return linear.requires_grad_(False)

@@ -1,0 +1,589 @@
+"""Face front end: image in, aligned 224 x 224 face crop with its 68 landmarks out.
+
+SPEC.md "Face front end": detect faces with dlib (HOG by default, the paper's CNN
+detector on request), keep the largest, fit dlib's 68-point shape predictor (iBUG 300-W
+order) and cut a square, margin-padded crop resized to 224 x 224.
+
+Crop geometry (the same for every face, so the mean landmarks and the face decoder's
+registered texture are meaningful):
+
+1. Rotate about the landmarks so the line between the eye centres is horizontal.
+2. The *face square* is the square around the bounding box of the 68 rotated landmarks
+   (side ``s`` = the longer side of that box; brows to chin, jaw to jaw), centred on the box.
+3. The crop is that square grown by ``CROP_MARGIN * s`` on every side (side
+   ``(1 + 2 * CROP_MARGIN) * s``), moved up by ``CROP_RAISE * s`` so the forehead, which the
+   landmarks do not cover, is in the picture; then resized to ``size``.
+
+In the crop the face square is therefore always at :func:`aligned_face_box`, which is how
+a crop can be given back to the shape predictor or to dlib's face embedder without
+re-detecting the face. Pixel coordinates are (x, y) with the centre of pixel (i, j) at
+x = j, y = i, as dlib reports them. dlib's models load lazily, once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from speech2face.errors import ImageError, NoFaceError
+
+# SPEC.md "Face front end" / paper section 3: faces are cropped and resized to 224 x 224.
+CROP_SIZE = 224
+# Fraction of the face square added on each side of the crop (the face square then spans
+# 1 / (1 + 2 * 0.3) = 62.5 % of the crop: 140 px of 224).
+CROP_MARGIN = 0.3
+# Fraction of the face square by which the crop centre moves up, towards the forehead.
+CROP_RAISE = 0.1
+N_LANDMARKS = 68  # iBUG 300-W
+# Refuse images larger than this many pixels (decompression bombs; 12,000 x 8,000 photos
+# are still fine). Checked before decoding, independently of PIL's global limit.
+MAX_IMAGE_PIXELS = 100_000_000
+# dlib's HOG detector margin below which a detection is dropped. dlib's own default is 0;
+# with one upsampling, 0 keeps spurious low-margin boxes (astronaut(): a second "face"
+# at 0.12), real frontal faces score well above 0.5.
+HOG_MIN_SCORE = 0.3
+# Images are downscaled for detection so that the longer side is at most this (speed:
+# HOG and the CNN cost grows with the pixel count); landmarks use the full resolution.
+DETECT_MAX_SIDE = 1280
+# Images whose longer side is at most this are upsampled once for detection, which lets
+# both detectors find faces down to about 40 px (their native minimum is about 80 px).
+UPSAMPLE_MAX_SIDE = 800
+# The same for the CNN detector, whose cost grows 4x per upsampling (one core: about
+# 1.2 s for a 640 x 480 frame as is, 5 s upsampled), so only small images are upsampled.
+CNN_UPSAMPLE_MAX_SIDE = 400
+DETECTORS = ("hog", "cnn")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+# Groups of the 68 iBUG landmarks (0-based, end-exclusive).
+LEFT_EYE = slice(36, 42)  # the subject's right eye, on the left of the picture
+RIGHT_EYE = slice(42, 48)
+
+
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous: compare fields
+class Face:
+    """One detected face.
+
+    box: (left, top, right, bottom) in image pixels (the detector's box, ints).
+    landmarks: float32 (68, 2), (x, y) in image pixels, iBUG 300-W order.
+    score: detector confidence (HOG margin or CNN confidence; larger is surer).
+    """
+
+    box: tuple[int, int, int, int]
+    landmarks: np.ndarray
+    score: float
+
+    @property
+    def area(self) -> int:
+        left, top, right, bottom = self.box
+        return max(0, right - left) * max(0, bottom - top)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def model_dir() -> Path:
+    """Folder with dlib's model files from the ``face-recognition-models`` package.
+
+    Located without importing the package (it imports ``pkg_resources`` at import time).
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("dlib's model files are missing: pip install face-recognition-models")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+@functools.cache
+def dlib_model(name: str):
+    """A dlib model by name, loaded once per process.
+
+    name: "hog" (frontal face detector), "cnn" (MMOD CNN detector), "landmarks68",
+    "landmarks5" (shape predictors) or "recognition" (128-D face ResNet).
+    """
+    import dlib
+
+    files = {
+        "cnn": ("cnn_face_detection_model_v1", "mmod_human_face_detector.dat"),
+        "landmarks68": ("shape_predictor", "shape_predictor_68_face_landmarks.dat"),
+        "landmarks5": ("shape_predictor", "shape_predictor_5_face_landmarks.dat"),
+        "recognition": ("face_recognition_model_v1", "dlib_face_recognition_resnet_model_v1.dat"),
+    }
+    if name == "hog":
+        return dlib.get_frontal_face_detector()
+    if name not in files:
+        raise ValueError(f"unknown dlib model {name!r}; expected 'hog' or one of {sorted(files)}")
+    kind, filename = files[name]
+    return getattr(dlib, kind)(str(model_dir() / filename))
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def load_image(path_or_array, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image as uint8 RGB ``(H, W, 3)``.
+
+    path_or_array: a path (JPEG, PNG incl. 16-bit, WebP, BMP, TIFF, ...; the EXIF
+    orientation is applied) or an array: ``(H, W)`` grayscale, ``(H, W, 3)`` RGB or
+    ``(H, W, 4)`` RGBA, as uint8, uint16 (full 16-bit range) or float in [0, 1].
+    Transparent pixels are composited onto white. Raises ImageError (naming the file)
+    for a missing, unreadable, truncated or too large image.
+    """
+    if isinstance(path_or_array, (str, os.PathLike)):
+        return _read_image_file(Path(path_or_array), max_pixels)
+    if isinstance(path_or_array, np.ndarray) or hasattr(path_or_array, "__array__"):
+        return _array_to_rgb(np.asarray(path_or_array), None, max_pixels)
+    raise TypeError(f"load_image expects a path or an array, not {type(path_or_array).__name__}")
+
+
+def _read_image_file(path: Path, max_pixels: int) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ImageError(path, "no such file" if not path.exists() else "not a file")
+    try:
+        # PIL's own bomb check (a warning above its global limit, an error above twice it)
+        # is global state; ours is max_pixels, checked on the header before decoding.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        path,
+                        f"image too large ({width} x {height} = {width * height:,} pixels; "
+                        f"the limit is {max_pixels:,}): refusing a possible decompression bomb",
+                    )
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _pil_to_rgb(im, path, max_pixels)
+    except Image.DecompressionBombError as error:
+        raise ImageError(
+            path, f"image too large, refusing a decompression bomb ({error})"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image, or an image format PIL cannot read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        # PIL reports truncated or corrupt data as OSError / SyntaxError / ValueError.
+        raise ImageError(path, f"cannot decode image: {error}") from None
+
+
+def _pil_to_rgb(im, path, max_pixels: int) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale (PIL gives "I;16" or "I"): convert("RGB") would clip at 255.
+        return _array_to_rgb(np.asarray(im), path, max_pixels)
+    if im.mode == "F":  # float TIFF: [0, 1] or 0..255
+        a = np.asarray(im, dtype=np.float32)
+        return _array_to_rgb(a / 255.0 if a.size and np.nanmax(a) > 1.0 else a, path, max_pixels)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return _array_to_rgb(np.asarray(im.convert("RGBA")), path, max_pixels)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+
+
+def _array_to_rgb(a: np.ndarray, path, max_pixels: int) -> np.ndarray:
+    name = path if path is not None else "<array>"
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or 0 in a.shape:
+        raise ImageError(name, f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got {a.shape}")
+    if a.shape[0] * a.shape[1] > max_pixels:
+        raise ImageError(name, f"image too large ({a.shape[1]} x {a.shape[0]} pixels)")
+    if a.dtype == np.uint8:
+        x = a.astype(np.float32) if a.ndim == 3 and a.shape[2] == 4 else a
+    elif a.dtype == np.bool_:
+        x = a.astype(np.float32) * 255.0
+    elif np.issubdtype(a.dtype, np.integer):
+        # 16-bit images (and PIL's 32-bit "I" mode holding 16-bit PNG values).
+        x = a.astype(np.float32) * (255.0 / 65535.0)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.all(np.isfinite(a)):
+            raise ImageError(name, "image has NaN or infinite values")
+        x = a.astype(np.float32) * 255.0
+    else:
+        raise ImageError(name, f"unsupported image dtype {a.dtype}")
+    if x.ndim == 3 and x.shape[2] == 4:
+        alpha = x[..., 3:4].astype(np.float32) / 255.0
+        x = x[..., :3] * alpha + 255.0 * (1.0 - alpha)  # onto white
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=2)
+    if x.dtype != np.uint8:
+        x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def detect_faces(
+    image,
+    detector: str = "hog",
+    upsample: int | None = None,
+    min_score: float | None = None,
+) -> list[Face]:
+    """All faces in an image, largest first (empty list when there is none).
+
+    image: a path or an array (see :func:`load_image`).
+    detector: "hog" (fast, frontal) or "cnn" (dlib's MMOD CNN, the paper's; slow on CPU).
+    upsample: times to upsample before detecting (default: once for images up to
+        ``UPSAMPLE_MAX_SIDE`` px (HOG) or ``CNN_UPSAMPLE_MAX_SIDE`` px (CNN), else not).
+    min_score: drop detections scoring below this (default ``HOG_MIN_SCORE`` for HOG,
+        0 for the CNN).
+    Returns Face objects with boxes and 68 landmarks (x, y) in the image's pixels.
+    """
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown face detector {detector!r}; expected one of {DETECTORS}")
+    image = load_image(image)
+    height, width = image.shape[:2]
+    # Detect on a downscaled copy of big images; the landmarks use the full image.
+    scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
+    small = _resize(image, scale) if scale < 1.0 else image
+    if upsample is None:
+        limit = UPSAMPLE_MAX_SIDE if detector == "hog" else CNN_UPSAMPLE_MAX_SIDE
+        upsample = 1 if max(small.shape[:2]) <= limit else 0
+    if detector == "hog":
+        min_score = HOG_MIN_SCORE if min_score is None else min_score
+        rects, scores, _ = dlib_model("hog").run(small, upsample, min_score)
+        found = list(zip(rects, scores, strict=True))
+    else:
+        min_score = 0.0 if min_score is None else min_score
+        found = [
+            (d.rect, d.confidence)
+            for d in dlib_model("cnn")(small, upsample)
+            if d.confidence >= min_score
+        ]
+    faces = []
+    for rect, score in found:
+        box = tuple(
+            int(round(v / scale)) for v in (rect.left(), rect.top(), rect.right(), rect.bottom())
+        )
+        faces.append(Face(box, fit_landmarks(image, box), float(score)))
+    faces.sort(key=lambda f: (f.area, f.score), reverse=True)
+    return faces
+
+
+def largest_face(image, detector: str = "hog", name=None) -> Face:
+    """The largest face in an image; raises NoFaceError naming the file if there is none.
+
+    name: what to call the image in the error (defaults to the path when ``image`` is one).
+    """
+    if name is None and isinstance(image, (str, os.PathLike)):
+        name = image
+    faces = detect_faces(image, detector=detector)
+    if not faces:
+        raise NoFaceError(
+            name if name is not None else "<array>", f"no face found ({detector} detector)"
+        )
+    return faces[0]
+
+
+def fit_landmarks(image: np.ndarray, box, predictor: str = "landmarks68") -> np.ndarray:
+    """dlib's shape predictor inside ``box`` = (left, top, right, bottom).
+
+    image: uint8 (H, W, 3). Returns float32 (68, 2) (or (5, 2) for "landmarks5"), (x, y).
+    """
+    import dlib
+
+    rect = dlib.rectangle(*(int(round(v)) for v in box))
+    shape = dlib_model(predictor)(np.ascontiguousarray(image), rect)
+    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(
+        Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    )
+
+
+# ---------------------------------------------------------------------------- alignment
+
+
+def crop_matrix(landmarks: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """The similarity transform from image pixels to the aligned crop (module docstring).
+
+    landmarks: (68, 2) (x, y) in the image. Returns float64 (2, 3) ``M`` with
+    ``crop_xy = M[:, :2] @ image_xy + M[:, 2]``.
+    """
+    pts = np.asarray(landmarks, dtype=np.float64)
+    if pts.shape != (N_LANDMARKS, 2) or not np.all(np.isfinite(pts)):
+        raise ValueError(f"expected finite (68, 2) landmarks, got shape {pts.shape}")
+    eye_left, eye_right = pts[LEFT_EYE].mean(0), pts[RIGHT_EYE].mean(0)
+    dx, dy = eye_right - eye_left
+    angle = np.arctan2(dy, dx)
+    cos, sin = np.cos(angle), np.sin(angle)
+    rotate = np.array([[cos, sin], [-sin, cos]])  # by -angle: makes the eye line level
+    rotated = pts @ rotate.T
+    low, high = rotated.min(0), rotated.max(0)
+    side = max(float((high - low).max()), 1.0)
+    centre = (low + high) / 2 - np.array([0.0, CROP_RAISE * side])
+    scale = size / ((1 + 2 * CROP_MARGIN) * side)
+    # Pixel centres sit at integers, so the crop's centre is at (size - 1) / 2.
+    linear = scale * rotate
+    offset = (size - 1) / 2 - scale * centre
+    return np.concatenate([linear, offset[:, None]], axis=1)
+
+
+def aligned_face_box(size: int = CROP_SIZE) -> tuple[float, float, float, float]:
+    """The face square in an aligned crop of side ``size``: (left, top, right, bottom).
+
+    Where :func:`align_face` puts the landmarks' bounding square, so a crop can go back
+    to the shape predictor (or dlib's embedder) without running a detector on it.
+    """
+    side = size / (1 + 2 * CROP_MARGIN)
+    left = (size - 1) / 2 - side / 2
+    top = left + CROP_RAISE * side
+    return (left, top, left + side, top + side)
+
+
+def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Apply a (2, 3) affine ``matrix`` to (..., 2) points (x, y); float32 out."""
+    points = np.asarray(points, dtype=np.float64)
+    return (points @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+
+
+def invert_matrix(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a (2, 3) affine transform (e.g. crop pixels back to image pixels)."""
+    linear = np.linalg.inv(matrix[:, :2])
+    return np.concatenate([linear, -(linear @ matrix[:, 2])[:, None]], axis=1)
+
+
+def align_face(
+    image, face: Face | np.ndarray, size: int = CROP_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the aligned, margin-padded square crop of a face (geometry: module docstring).
+
+    image: a path or uint8 (H, W, 3) array. face: a Face, or its (68, 2) landmarks.
+    Returns (crop uint8 (size, size, 3), landmarks float32 (68, 2) (x, y) in the crop).
+    Parts of the crop outside the image are black.
+    """
+    from PIL import Image
+
+    image = load_image(image)
+    landmarks = face.landmarks if isinstance(face, Face) else np.asarray(face, dtype=np.float32)
+    matrix = crop_matrix(landmarks, size)
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    pil = Image.fromarray(image)
+    source = matrix
+    # PIL's affine sampling does not low-pass: shrink by an integer factor first (box
+    # filter) so a large face is not aliased, then resample at a scale near 1.
+    factor = int(1.0 / scale)
+    if factor >= 2:
+        pil = pil.reduce(factor)
+        # Pixel centre x of the reduced image sits at (x + 0.5) * factor - 0.5 in the original.
+        to_original = np.array([[factor, 0.0, (factor - 1) / 2], [0.0, factor, (factor - 1) / 2]])
+        source = np.concatenate(
+            [
+                matrix[:, :2] @ to_original[:, :2],
+                (matrix[:, :2] @ to_original[:, 2] + matrix[:, 2])[:, None],
+            ],
+            axis=1,
+        )
+    inverse = invert_matrix(source)
+    # PIL maps output to input in a frame whose pixel centres are at +0.5.
+    a, b, c = inverse[0]
+    d, e, f = inverse[1]
+    data = (a, b, c + 0.5 - 0.5 * (a + b), d, e, f + 0.5 - 0.5 * (d + e))
+    crop = pil.transform(
+        (size, size), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC, fillcolor=(0, 0, 0)
+    )
+    return np.asarray(crop, dtype=np.uint8).copy(), transform_points(landmarks, matrix)
+
+
+def extract_face(image, detector: str = "hog", size: int = CROP_SIZE, name=None):
+    """Detect the largest face and align it: ``(crop, crop_landmarks, face)``.
+
+    Raises NoFaceError (naming the file) when there is no face. Shapes as in
+    :func:`align_face`; ``face`` is in the original image's pixels.
+    """
+    if name is None and isinstance(image, (str, os.PathLike)):
+        name = image
+    image = load_image(image)
+    face = largest_face(image, detector=detector, name=name)
+    crop, landmarks = align_face(image, face, size=size)
+    return crop, landmarks, face
+
+
+def mean_landmarks(list_of_landmarks) -> np.ndarray:
+    """The mean face geometry: float32 (68, 2), the average of aligned-crop landmarks.
+
+    list_of_landmarks: a sequence of (68, 2) arrays or an (N, 68, 2) array, all in the
+    same crop frame (as :func:`align_face` returns them; alignment already removed
+    position, scale and roll, so a plain mean is the Procrustes mean up to that).
+    """
+    stack = np.asarray(list_of_landmarks, dtype=np.float64)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3 or stack.shape[1:] != (N_LANDMARKS, 2) or len(stack) == 0:
+        raise ValueError(f"expected N >= 1 landmark sets of shape (68, 2), got {stack.shape}")
+    if not np.all(np.isfinite(stack)):
+        raise ValueError("landmarks contain NaN or infinite values")
+    return stack.mean(axis=0).astype(np.float32)
+
+
+def draw_landmarks(crop: np.ndarray, landmarks: np.ndarray, scale: int = 2) -> np.ndarray:
+    """A picture of the landmarks on the crop (upscaled ``scale`` times): uint8 (H*s, W*s, 3).
+
+    The square marks the face square (:func:`aligned_face_box`); points are numbered
+    groups in different colours (jaw, brows, nose, eyes, mouth).
+    """
+    from PIL import Image, ImageDraw
+
+    height, width = crop.shape[:2]
+    im = Image.fromarray(np.asarray(crop, dtype=np.uint8)).resize(
+        (width * scale, height * scale), Image.Resampling.BICUBIC
+    )
+    draw = ImageDraw.Draw(im)
+    groups = [
+        (0, 17, "yellow"),
+        (17, 22, "orange"),
+        (22, 27, "orange"),
+        (27, 31, "cyan"),
+        (31, 36, "cyan"),
+        (36, 42, "lime"),
+        (42, 48, "lime"),
+        (48, 60, "magenta"),
+        (60, 68, "magenta"),
+    ]  # jaw, brows, nose bridge and base, eyes, outer and inner lips
+    box = [(v + 0.5) * scale - 0.5 for v in aligned_face_box(width)]
+    draw.rectangle(box, outline="white")
+    pts = (np.asarray(landmarks, dtype=np.float64) + 0.5) * scale - 0.5
+    for start, stop, colour in groups:
+        draw.line([tuple(p) for p in pts[start:stop]], fill=colour, width=1)
+        for x, y in pts[start:stop]:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    return np.asarray(im)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def find_images(inputs) -> list[tuple[Path, Path]]:
+    """Image files named by ``inputs`` (files, or folders searched recursively, sorted).
+
+    Returns (path, output stem relative to --out) pairs; a folder's images keep their
+    sub-folders. Raises ImageError for an input that does not exist.
+    """
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for path in sorted(
+                p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            ):
+                found.append((path, path.relative_to(item).with_suffix("")))
+        elif item.is_file():
+            found.append((item, Path(item.stem)))
+        else:
+            raise ImageError(item, "no such file or folder")
+    # Two inputs with the same stem (a.jpg, a.png) keep their suffix in the output name.
+    stems = [str(stem) for _, stem in found]
+    return [
+        (
+            path,
+            stem.with_name(f"{stem.name}_{path.suffix.lstrip('.').lower()}")
+            if stems.count(str(stem)) > 1
+            else stem,
+        )
+        for path, stem in found
+    ]
+
+
+def add_faces_arguments(parser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help="image files or folders (searched recursively)",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default="hog",
+        help="dlib face detector (default: hog; cnn is the paper's, slower)",
+    )
+    parser.add_argument(
+        "--encoder",
+        choices=("dlib", "vggface", "none"),
+        default="dlib",
+        help="face encoder for the feature: dlib (default), vggface (needs --weights), or none",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="VGG-Face weights (vgg_face_dag.pth or rcmalli_vggface_tf_vgg16.h5)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=CROP_SIZE, help=f"crop side in pixels (default: {CROP_SIZE})"
+    )
+
+
+def faces_command(args) -> int:
+    """Per image: NAME.crop.png, NAME.landmarks.png (overlay), NAME.landmarks.npy (68, 2)
+    (x, y in the crop) and NAME.feature.npy (D,). Prints a summary; exit status 0 when at
+    least one image was processed, else an ImageError (exit 2) with the first reason."""
+    import io
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from speech2face.utils import atomic_write
+
+    images = find_images(args.inputs)
+    if not images:
+        raise ImageError(
+            args.inputs[0], f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
+    encoder = None
+    if args.encoder != "none":
+        from speech2face.face_encoders import load_face_encoder
+
+        encoder = load_face_encoder(args.encoder, weights=args.weights)
+    out = Path(args.out)
+    processed, skipped = 0, []
+    for path, stem in tqdm(images, desc="faces", unit="image", disable=len(images) < 2):
+        try:
+            crop, landmarks, _ = extract_face(path, detector=args.detector, size=args.size)
+        except ImageError as error:
+            skipped.append((path, error.problem))
+            continue
+        outputs = {
+            ".crop.png": _png_bytes(Image, io, crop),
+            ".landmarks.png": _png_bytes(Image, io, draw_landmarks(crop, landmarks)),
+            ".landmarks.npy": _npy_bytes(io, landmarks),
+        }
+        if encoder is not None:
+            outputs[".feature.npy"] = _npy_bytes(
+                io, encoder.embed(crop[None])[0].detach().cpu().numpy()
+            )
+        for suffix, data in outputs.items():
+            with atomic_write(out / stem.with_name(stem.name + suffix)) as f:
+                f.write(data)
+        processed += 1
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    print(f"faces: {processed} processed, {len(skipped)} skipped, written to {out}")
+    if processed == 0:
+        path, reason = skipped[0]
+        raise ImageError(path, f"{reason} (no image could be processed)")
+    return 0
+
+
+def _png_bytes(Image, io, array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _npy_bytes(io, array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32))
+    return buffer.getvalue()
