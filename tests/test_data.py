@@ -1,0 +1,561 @@
+"""Tests of speech2face.data: prepare (shards, skips, resume, sharding) and the loader.
+
+One small generated corpus (6 speakers, 2 videos each, 3 clips and 2 face frames per
+video) is prepared once per module as the reference; the other tests compare against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speech2face import data
+from speech2face.demo_data import make_demo_data
+from speech2face.errors import DataError
+
+SPEAKERS, VIDEOS, CLIPS, FRAMES = 6, 2, 3, 2
+PER_SHARD = 2
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "corpus"
+    make_demo_data(
+        root,
+        speakers=SPEAKERS,
+        seed=3,
+        videos=(VIDEOS, VIDEOS),
+        clips=(CLIPS, CLIPS),
+        frames=FRAMES,
+        progress=False,
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+    return out
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*.tar"))}
+
+
+def members(out: Path) -> dict[str, bytes]:
+    """Every file of every shard, by its name inside the tar."""
+    found = {}
+    for path in sorted(out.glob("*/*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                assert m.name not in found, f"duplicate {m.name}"
+                found[m.name] = tar.extractfile(m).read()
+    return found
+
+
+def comparable(manifest: dict) -> dict:
+    """A manifest without what depends on how the work was split into parts."""
+    out = {
+        k: v
+        for k, v in manifest.items()
+        if k not in ("mean_landmarks", "root", "num_parts", "splits")
+    }
+    out["splits"] = {
+        name: {k: v for k, v in split.items() if k != "shards"}
+        for name, split in manifest["splits"].items()
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+def test_prepare_demo_corpus_end_to_end(corpus, reference):
+    manifest = data.load_manifest(reference)
+    n_clips = SPEAKERS * VIDEOS * CLIPS
+    assert sum(s["samples"] for s in manifest["splits"].values()) == n_clips
+    assert manifest["counts"] == {
+        "clips": n_clips,
+        "frames": SPEAKERS * VIDEOS * FRAMES,
+        "videos": SPEAKERS * VIDEOS,
+    }
+    assert (
+        manifest["skipped"] == []
+        and manifest["encoder"] == "dlib"
+        and manifest["feature_dim"] == 128
+    )
+    assert data.verify_shards(reference) == []
+    # Splits follow the corpus's split file and are identity-disjoint.
+    expected = {}
+    for line in (corpus / "identity_split.csv").read_text().splitlines()[1:]:
+        identity, split = line.split(",")
+        expected.setdefault(split, set()).add(identity)
+    got = {split: set(s["identities"]) for split, s in manifest["splits"].items()}
+    assert got == expected
+    assert (
+        not (got["train"] & got["val"])
+        and not (got["train"] & got["test"])
+        and not (got["val"] & got["test"])
+    )
+    assert manifest["identities"] == sorted(set().union(*got.values()))
+    # Every shard but a split's last is full; no temporary files are left.
+    for split in manifest["splits"].values():
+        assert [s["samples"] for s in split["shards"][:-1]] == [PER_SHARD] * (
+            len(split["shards"]) - 1
+        )
+    assert not list(reference.rglob("*.partial")) and not list(
+        (reference / "parts").glob("progress-*")
+    )
+    # The mean landmarks are the mean of the training crops' landmarks (float64 here).
+    files = members(reference)
+    train = [
+        np.load(io.BytesIO(v))
+        for k, v in files.items()
+        if k.endswith(".landmarks.npy")
+        and json.loads(files[k.replace("landmarks.npy", "json")])["split"] == "train"
+    ]
+    np.testing.assert_allclose(
+        manifest["mean_landmarks"], np.mean(np.float64(train), axis=0), atol=1e-4
+    )
+
+
+def test_round_trip(corpus, reference):
+    """Audio, crop, landmarks, feature and metadata in the shards match their sources."""
+    import dlib
+
+    from speech2face import faces
+
+    meta_rows = {}
+    for line in (corpus / "vox1_meta.csv").read_text().splitlines()[1:]:
+        identity, name, gender, _, _ = line.split("\t")
+        meta_rows[identity] = (name, gender)
+    files = members(reference)
+    keys = sorted({k.split(".", 1)[0] for k in files})
+    assert len(keys) == SPEAKERS * VIDEOS * CLIPS
+    detector = dlib.get_frontal_face_detector()
+    checked_faces = 0
+    for key in keys:
+        identity, video, clip = key.split("/")
+        meta = json.loads(files[f"{key}.json"])
+        assert (meta["identity"], meta["video"], meta["clip"]) == (identity, video, clip)
+        assert meta["gender"] == meta_rows[identity][1]
+        # Audio: int16 PCM of the first 6 s, or the clip tiled to 6 s (SPEC.md), losslessly.
+        pcm, rate = sf.read(corpus / "wav" / identity / video / f"{clip}.wav", dtype="int16")
+        want = np.tile(pcm, -(-96000 // len(pcm)))[:96000].astype(np.float64) / 32768
+        got, got_rate = sf.read(io.BytesIO(files[f"{key}.flac"]), dtype="float64")
+        assert rate == got_rate == 16000
+        np.testing.assert_array_equal(got, want)
+        landmarks = np.load(io.BytesIO(files[f"{key}.landmarks.npy"]))
+        feature = np.load(io.BytesIO(files[f"{key}.feature.npy"]))
+        assert landmarks.shape == (68, 2) and landmarks.dtype == np.float32
+        assert feature.shape == (128,) and feature.dtype == np.float32
+        crop = np.asarray(__import__("PIL.Image").Image.open(io.BytesIO(files[f"{key}.face.jpg"])))
+        assert crop.shape == (224, 224, 3)
+        if clip != "00001":
+            continue
+        # The face: the sample's frame aligned again gives the same landmarks and crop,
+        # and dlib's own pipeline on the whole frame gives the same identity vector.
+        frame_dir = corpus / "unzippedFaces" / meta_rows[identity][0] / "1.6" / video
+        frame = sorted(frame_dir.glob("*.jpg"))[0]
+        image = faces.load_image(frame)
+        want_crop, want_landmarks = faces.align_face(image, faces.detect_faces(image)[0])
+        np.testing.assert_allclose(landmarks, want_landmarks, atol=1e-4)
+        assert np.abs(crop.astype(float) - want_crop).mean() < 3.0  # JPEG 95
+        rect = max(detector(image, 1), key=lambda r: r.area())
+        shape = faces.dlib_model("landmarks68")(image, rect)
+        reference_vector = np.array(
+            faces.dlib_model("recognition").compute_face_descriptor(image, shape)
+        )
+        assert np.linalg.norm(reference_vector - feature) < 0.15  # same person: < 0.6
+        checked_faces += 1
+    assert checked_faces == SPEAKERS * VIDEOS
+
+
+def test_webdataset_reads_the_shards(reference):
+    import webdataset as wds
+
+    path = sorted((reference / "train").glob("*.tar"))[0]
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert len(samples) == PER_SHARD
+    assert {"flac", "face.jpg", "landmarks.npy", "feature.npy", "json"} <= set(samples[0])
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def test_loader_batches_match_the_contract(reference):
+    manifest = data.load_manifest(reference)
+    batch = next(iter(data.make_loader(reference, "train", batch_size=3, shuffle=4, seconds=3.0)))
+    assert batch["wave"].shape == (3, 48000) and batch["wave"].dtype == torch.float32
+    assert batch["feature"].shape == (3, 128)
+    assert (
+        batch["face"].shape == (3, 3, 224, 224)
+        and 0 <= batch["face"].min()
+        and batch["face"].max() <= 1
+    )
+    assert batch["landmarks"].shape == (3, 68, 2)
+    assert [manifest["identities"][i] for i in batch["identity_index"]] == [
+        m["identity"] for m in batch["meta"]
+    ]
+    spec = next(iter(data.ShardDataset(reference, "test", batch_size=2, spectrogram=True)))
+    assert spec["spectrogram"].shape == (2, 2, 598, 257) and "wave" not in spec
+    whole = data.load_split(reference, "test")
+    assert len(whole["meta"]) == manifest["splits"]["test"]["samples"] == whole["face"].shape[0]
+    with pytest.raises(DataError, match="no 'nope' split"):
+        data.ShardDataset(reference, "nope")
+
+
+def test_loader_readers_get_disjoint_shards(reference):
+    """Two ranks x two DataLoader workers together read every sample exactly once."""
+    everything = [
+        m["clip"] and f"{m['identity']}/{m['video']}/{m['clip']}"
+        for m in data.load_split(reference, "train")["meta"]
+    ]
+    seen = []
+    for rank in range(2):
+        loader = data.make_loader(
+            reference,
+            "train",
+            batch_size=2,
+            num_workers=2,
+            shuffle=3,
+            seed=1,
+            rank=rank,
+            world_size=2,
+        )
+        for batch in loader:
+            seen += [f"{m['identity']}/{m['video']}/{m['clip']}" for m in batch["meta"]]
+    assert sorted(seen) == sorted(everything) and len(seen) == len(set(seen))
+
+    # Shuffling changes the order, not the set; the same seed gives the same order.
+    def order(seed):
+        dataset = data.ShardDataset(reference, "train", batch_size=4, shuffle=5, seed=seed)
+        return [m["clip"] + m["video"] for b in dataset for m in b["meta"]]
+
+    assert order(0) == order(0) and sorted(order(0)) == sorted(order(1)) and order(0) != order(1)
+
+
+# ------------------------------------------------------------------- faults and skips
+
+
+def test_bad_inputs_are_skipped_and_counted(corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    ids = sorted(p.name for p in (root / "wav").iterdir())
+    names = {
+        line.split("\t")[0]: line.split("\t")[1]
+        for line in (root / "vox1_meta.csv").read_text().splitlines()[1:]
+    }
+    # 1. a corrupt clip and an empty one
+    videos = sorted((root / "wav" / ids[0]).iterdir())
+    (videos[0] / "00002.wav").write_bytes(b"RIFF\x00\x00garbage" * 10)
+    (videos[0] / "00003.wav").write_bytes(b"")
+    # 2. a video with face frames but no audio
+    no_audio = sorted((root / "wav" / ids[1]).iterdir())[0]
+    shutil.rmtree(no_audio)
+    # 3. a frame without a face (one of two frames of a video)
+    frame = sorted((root / "unzippedFaces" / names[ids[2]] / "1.6").glob("*/*.jpg"))[0]
+    from PIL import Image
+
+    Image.new("RGB", (320, 320), (128, 120, 110)).save(frame)
+    # 4. an identity without its metadata row
+    meta = (root / "vox1_meta.csv").read_text().splitlines()
+    (root / "vox1_meta.csv").write_text(
+        "\n".join(line for line in meta if not line.startswith(ids[3])) + "\n"
+    )
+
+    out = tmp_path / "shards"
+    data.prepare("voxceleb1", root, out, samples_per_shard=PER_SHARD, progress=False)
+    manifest = data.load_manifest(out)
+    reasons = {(s["item"], s["reason"]) for s in manifest["skipped"]}
+    assert any(
+        item.endswith(f"{ids[0]}/{videos[0].name}/00002.wav") and "not" in reason
+        for item, reason in reasons
+    )
+    assert (str(videos[0] / "00003.wav"), "empty file") in reasons
+    assert (f"{ids[1]}/{no_audio.name}", "video has no audio clips") in reasons
+    assert (str(frame), "no face found") in reasons
+    missing = [(i, r) for i, r in reasons if i.startswith(ids[3] + "/")]
+    assert len(missing) == VIDEOS and all(r.startswith("no metadata row") for _, r in missing)
+    assert (
+        manifest["counts"]["clips_skipped"] == 2 + VIDEOS * CLIPS
+        and manifest["counts"]["frames_skipped"] == 1
+    )
+    total = SPEAKERS * VIDEOS * CLIPS - 2 - CLIPS - VIDEOS * CLIPS
+    assert sum(s["samples"] for s in manifest["splits"].values()) == total
+    assert ids[3] not in manifest["identities"]
+    assert data.verify_shards(out) == [] and not list(out.rglob("*.partial"))
+    assert sum(len(list(data.iterate_tar(p))) for p in out.glob("*/*.tar")) == total
+
+
+def test_killed_run_resumes_to_identical_shards(corpus, reference, tmp_path):
+    out = tmp_path / "shards"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [
+        sys.executable,
+        "-m",
+        "speech2face",
+        "prepare",
+        "voxceleb1",
+        "--root",
+        str(corpus),
+        "--out",
+        str(out),
+        "--samples-per-shard",
+        str(PER_SHARD),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "parts" / "progress-00000-of-00001.json"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["state"]["next_unit"] >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    # Whatever exists under a final name is a complete shard recorded in the progress file.
+    state = json.loads(progress.read_text())["state"]
+    recorded = {
+        s["path"]: s["sha256"] for split in state["splits"].values() for s in split["shards"]
+    }
+    for path in out.glob("*/*.tar"):
+        name = str(path.relative_to(out))
+        if name in recorded:
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded[name]
+        else:  # renamed but killed before the progress file was written: still complete
+            with tarfile.open(path) as tar:
+                assert len(tar.getmembers()) == 5 * PER_SHARD
+    data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+    assert shard_files(out) == shard_files(reference)
+    assert data.load_manifest(out) == {**data.load_manifest(reference), "root": str(out)}
+    assert not list(out.rglob("*.partial"))
+
+
+def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
+    corpus, reference, tmp_path, monkeypatch
+):
+    """A crash (here: in the fourth video) after a shard that ended inside a video."""
+    out = tmp_path / "shards"
+    calls = {"n": 0}
+    original = data._Processor.__call__
+
+    def crash_on_fourth(self, unit):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, unit)
+
+    monkeypatch.setattr(data._Processor, "__call__", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+    state = json.loads((out / "parts" / "progress-00000-of-00001.json").read_text())["state"]
+    # Shards of 2 over units of 3 samples: the last complete shard ends after the second
+    # sample of unit 2, so the rerun must redo unit 2 and drop its first two samples.
+    assert (state["next_unit"], state["samples_done"]) == (2, 2)
+    monkeypatch.setattr(data._Processor, "__call__", original)
+    data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+    assert shard_files(out) == shard_files(reference)
+    assert data.load_manifest(out) == {**data.load_manifest(reference), "root": str(out)}
+
+
+def test_two_shard_indices_together_equal_one_run(corpus, reference, tmp_path):
+    out = tmp_path / "shards"
+    # Part 1 also exercises the worker pool (2 spawned processes, results kept in order).
+    parts = [
+        data.prepare(
+            "voxceleb1",
+            corpus,
+            out,
+            shard_index=i,
+            num_shards=2,
+            samples_per_shard=PER_SHARD,
+            workers=1 + i,
+            progress=False,
+        )
+        for i in range(2)
+    ]
+    assert all(sum(s["samples"] for s in p["splits"].values()) > 0 for p in parts)  # both did work
+    merged, single = data.load_manifest(out), data.load_manifest(reference)
+    assert merged["num_parts"] == 2
+    assert comparable(merged) == comparable(single)
+    np.testing.assert_allclose(merged["mean_landmarks"], single["mean_landmarks"], atol=1e-4)
+    assert members(out) == members(reference)
+    assert data.verify_shards(out) == []
+    assert data.merge_manifests(out) == {k: v for k, v in merged.items() if k != "root"}
+
+
+def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
+    before = shard_files(reference)
+    data.prepare("voxceleb1", corpus, reference, samples_per_shard=PER_SHARD, progress=False)
+    assert shard_files(reference) == before
+    with pytest.raises(DataError, match="other arguments"):
+        data.prepare(
+            "voxceleb1", corpus, reference, samples_per_shard=PER_SHARD + 1, progress=False
+        )
+    from speech2face.cli import main
+
+    assert (
+        main(
+            [
+                "prepare",
+                "voxceleb1",
+                "--root",
+                str(tmp_path / "missing"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def test_voxceleb1_official_split_and_carved_validation(tmp_path):
+    """Without a split file: test = id10270-id10309 (official), val = a hashed 5% of dev."""
+    root = tmp_path / "vox1"
+    ids = [f"id{n}" for n in range(10001, 10401)]
+    rows = ["VoxCeleb1 ID\tVGGFace1 ID\tGender\tNationality\tSet"]
+    for n, identity in enumerate(ids):
+        official_test = 10270 <= int(identity[2:]) <= 10309
+        rows.append(
+            f"{identity}\tName_{n}\t{'mf'[n % 2]}\tUK\t{'test' if official_test else 'dev'}"
+        )
+        (root / "wav" / identity / "vid").mkdir(parents=True)
+        (root / "wav" / identity / "vid" / "00001.wav").write_bytes(b"")
+        (root / "unzippedFaces" / f"Name_{n}" / "1.6" / "vid").mkdir(parents=True)
+        (root / "unzippedFaces" / f"Name_{n}" / "1.6" / "vid" / "0000001.jpg").write_bytes(b"")
+    (root / "vox1_meta.csv").write_text("\n".join(rows) + "\n")
+    units = data.list_units("voxceleb1", root)
+    split_of = {u.identity: u.split for u in units}
+    assert {i for i, s in split_of.items() if s == "test"} == data.VOX1_TEST_IDENTITIES
+    val = {i for i, s in split_of.items() if s == "val"}
+    assert len(val) == round(0.05 * (len(ids) - 40)) and not val & data.VOX1_TEST_IDENTITIES
+    assert [u.split for u in units] == sorted((u.split for u in units), key=data.SPLITS.index)
+    # Sharding across machines: every video in exactly one part, the same split everywhere.
+    keys = [{u.key for u in units if data.stable_hash(u.key) % 3 == i} for i in range(3)]
+    assert set.union(*keys) == {u.key for u in units} and sum(map(len, keys)) == len(units)
+    assert data.list_units("voxceleb1", root) == units  # deterministic
+    with pytest.raises(DataError, match="no wav/"):
+        data.list_units("voxceleb1", root / "wav")
+
+
+# -------------------------------------------------------------- VoxCeleb2 and AVSpeech
+
+
+def _write_mp4(
+    path: Path, frames: list[np.ndarray], audio: np.ndarray | None, fps: int = 5
+) -> None:
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        astream = None
+        if audio is not None:
+            astream = container.add_stream("aac", rate=16000)
+            astream.layout = "mono"
+        for image in frames:
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if astream is not None:
+            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)[None]
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+            frame.sample_rate = 16000
+            for packet in astream.encode(frame):
+                container.mux(packet)
+            for packet in astream.encode():
+                container.mux(packet)
+
+
+def _demo_face_and_voice(corpus: Path, k: int) -> tuple[list[np.ndarray], np.ndarray]:
+    from PIL import Image
+
+    identity = sorted(p.name for p in (corpus / "wav").iterdir())[k]
+    name = next(
+        line.split("\t")[1]
+        for line in (corpus / "vox1_meta.csv").read_text().splitlines()
+        if line.startswith(identity)
+    )
+    frames = [
+        np.asarray(Image.open(p))
+        for p in sorted((corpus / "unzippedFaces" / name).rglob("*.jpg"))[:2]
+    ]
+    wave, _ = sf.read(sorted((corpus / "wav" / identity).rglob("*.wav"))[0], dtype="float32")
+    return frames, wave[:48000]
+
+
+def test_voxceleb2_mp4_layout(corpus, tmp_path):
+    root = tmp_path / "vox2"
+    rows = ["VoxCeleb2 ID ,VGGFace2 ID ,Gender ,Set "]
+    for k, (identity, split) in enumerate(
+        [("id00012", "dev"), ("id00015", "test"), ("id00017", "dev")]
+    ):
+        rows.append(f"{identity} ,n{k:06d} ,{'mf'[k % 2]} ,{split} ")
+        frames, wave = _demo_face_and_voice(corpus, k)
+        for clip in ("00001", "00002"):
+            # The third identity's video has no audio track and no .m4a: it is skipped.
+            _write_mp4(
+                root / split / "mp4" / identity / "vidA" / f"{clip}.mp4",
+                frames * 5,
+                wave if k < 2 else None,
+            )
+    (root / "vox2_meta.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "shards"
+    data.prepare("voxceleb2", root, out, frames_per_video=1, progress=False)
+    manifest = data.load_manifest(out)
+    assert manifest["splits"]["test"]["identities"] == ["id00015"]
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 4
+    assert manifest["skipped_by_reason"]["no audio track"] == 2
+    assert any(s["item"] == "id00017/vidA" for s in manifest["skipped"])
+    batch = data.load_split(out, "test")
+    assert batch["wave"].shape == (2, 96000) and batch["feature"].shape == (2, 128)
+
+
+def test_avspeech_segments(corpus, tmp_path):
+    root = tmp_path / "avspeech"
+    frames, wave = _demo_face_and_voice(corpus, 0)
+    _write_mp4(
+        root / "videos" / "AvSpeechVid1.mp4", frames * 10, np.concatenate([wave, wave])
+    )  # 4 s
+    (root / "avspeech_train.csv").write_text(
+        "AvSpeechVid1,0.000000,1.500000,0.5,0.45\n"
+        "AvSpeechVid1,2.000000,3.900000,0.5,0.45\n"
+        "NotDownloaded,1.0,4.0,0.5,0.5\n"
+    )
+    (root / "avspeech_test.csv").write_text("")
+    out = tmp_path / "shards"
+    data.prepare("avspeech", root, out, progress=False)
+    manifest = data.load_manifest(out)
+    split = "val" if "val" in manifest["splits"] else "train"
+    assert manifest["splits"][split]["samples"] == 2
+    assert {"item": "NotDownloaded/NotDownloaded", "reason": "video not downloaded"} in manifest[
+        "skipped"
+    ]
+    metas = data.load_split(out, split)["meta"]
+    assert [(m["clip"], m["start"], m["end"]) for m in metas] == [
+        ("s000000000", 0.0, 1.5),
+        ("s000002000", 2.0, 3.9),
+    ]

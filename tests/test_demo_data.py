@@ -1,0 +1,161 @@
+"""Tests of speech2face.demo_data: layout, determinism, and attributes in voices and faces."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speech2face import demo_data
+from speech2face.cli import main
+from speech2face.errors import DataError
+
+SPEAKERS = 8
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "corpus"
+    demo_data.make_demo_data(
+        root, speakers=SPEAKERS, seed=5, videos=(2, 2), clips=(2, 3), frames=1, progress=False
+    )
+    return root
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def estimate_f0(wave: np.ndarray, rate: int = 16000) -> float:
+    """Median autocorrelation pitch over loud frames (an independent numpy estimate)."""
+    estimates = []
+    for frame in np.lib.stride_tricks.sliding_window_view(wave, 1024)[::256]:
+        frame = frame - frame.mean()
+        if np.sqrt(np.mean(frame**2)) < 0.03:
+            continue
+        ac = np.fft.irfft(np.abs(np.fft.rfft(frame, 2048)) ** 2)[:400]
+        lo, hi = rate // 400, rate // 60
+        lag = lo + int(np.argmax(ac[lo:hi]))
+        if ac[lag] > 0.4 * ac[0]:
+            estimates.append(rate / lag)
+    return float(np.median(estimates))
+
+
+def test_layout_and_metadata(corpus):
+    with open(corpus / "vox1_meta.csv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert list(rows[0]) == ["VoxCeleb1 ID", "VGGFace1 ID", "Gender", "Nationality", "Set"]
+    assert len(rows) == SPEAKERS and {r["Gender"] for r in rows} <= {"m", "f"}
+    with open(corpus / "identity_split.csv", newline="") as f:
+        split = {r["identity"]: r["split"] for r in csv.DictReader(f)}
+    assert set(split) == {r["VoxCeleb1 ID"] for r in rows}
+    assert {"train", "val", "test"} == set(split.values())
+    for r in rows:
+        assert (r["Set"] == "test") == (split[r["VoxCeleb1 ID"]] == "test")
+    durations = []
+    for r in rows:
+        videos = sorted((corpus / "wav" / r["VoxCeleb1 ID"]).iterdir())
+        assert len(videos) == 2
+        for video in videos:
+            frames = list(
+                (corpus / "unzippedFaces" / r["VGGFace1 ID"] / "1.6" / video.name).glob("*.jpg")
+            )
+            assert len(frames) == 1
+            for clip in sorted(video.glob("*.wav")):
+                info = sf.info(clip)
+                assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+                durations.append(info.duration)
+    assert min(durations) < 6.0 < max(durations)
+    attributes = demo_data.load_demo_attributes(corpus)
+    assert {s.identity: s.split for s in attributes.values()} == split
+
+
+def test_deterministic_by_seed(corpus, tmp_path):
+    kwargs = dict(speakers=SPEAKERS, videos=(2, 2), clips=(2, 3), frames=1, progress=False)
+    again = demo_data.make_demo_data(tmp_path / "again", seed=5, **kwargs)
+    assert tree(again) == tree(corpus)
+    other = demo_data.make_demo_data(tmp_path / "other", seed=6, **kwargs)
+    assert tree(other).keys() != tree(corpus).keys()
+
+
+def test_voices_carry_pitch_and_vocal_tract(corpus):
+    attributes = demo_data.load_demo_attributes(corpus)
+    for identity, speaker in attributes.items():
+        clip = sorted((corpus / "wav" / identity).rglob("*.wav"))[0]
+        wave, _ = sf.read(clip, dtype="float64")
+        assert estimate_f0(wave) == pytest.approx(speaker.voice["pitch_hz"], rel=0.1)
+    # Same utterance, vocal tract 20 % shorter: the spectral envelope moves up by a factor
+    # of about 1.2, i.e. shifts by log(1.2) on a log-frequency axis (cross-correlation of
+    # the frame-averaged log spectra between 300 Hz and 4.5 kHz).
+    voice = next(iter(attributes.values())).voice
+    grid = np.geomspace(300, 4500, 300)
+
+    def log_envelope(scale):
+        wave = demo_data.synthesize_speech(
+            dict(voice, formant_scale=scale), 4.0, np.random.default_rng(0)
+        )
+        frames = np.lib.stride_tricks.sliding_window_view(wave, 1024)[::256] * np.hanning(1024)
+        power = np.mean(np.abs(np.fft.rfft(frames, axis=1)) ** 2, axis=0)
+        env = np.log(np.interp(grid, np.fft.rfftfreq(1024, 1 / 16000), power))
+        return env - env.mean()
+
+    low, high = log_envelope(1.0), log_envelope(1.2)
+    step = np.log(grid[1] / grid[0])
+    shifts = range(1, 40)
+    scores = [np.dot(low[:-k], high[k:]) / (len(low) - k) for k in shifts]
+    assert np.exp(shifts[int(np.argmax(scores))] * step) == pytest.approx(1.2, abs=0.07)
+
+
+def test_faces_are_detected_and_carry_identity(corpus):
+    from speech2face import faces
+    from speech2face.face_encoders import load_face_encoder
+
+    attributes = demo_data.load_demo_attributes(corpus)
+    by_name = {s.name: s for s in attributes.values()}
+    crops, owners, widths = [], [], {}
+    frames = sorted((corpus / "unzippedFaces").rglob("*.jpg"))
+    for frame in frames:
+        found = faces.detect_faces(frame)
+        if not found:
+            continue
+        speaker = by_name[frame.parts[-4]]
+        crop, _ = faces.align_face(frame, found[0])
+        crops.append(crop)
+        owners.append(speaker.identity)
+        lm = found[0].landmarks
+        # Face width relative to the eye-to-mouth distance, from dlib's landmarks.
+        eyes_to_mouth = np.linalg.norm(lm[48:68].mean(0) - lm[36:48].mean(0))
+        widths.setdefault(speaker.identity, []).append(np.ptp(lm[0:17, 0]) / eyes_to_mouth)
+    assert len(crops) >= 0.9 * len(frames)
+    # The generated face width shows in the measured geometry.
+    ids = sorted(widths)
+    measured = [np.mean(widths[i]) for i in ids]
+    wanted = [attributes[i].face["width"] + 0.5 * attributes[i].face["jaw"] for i in ids]
+    assert np.corrcoef(measured, wanted)[0, 1] > 0.5
+    # dlib's embedding tells the identities apart across videos (nearest neighbour).
+    vectors = load_face_encoder("dlib").embed(np.stack(crops)).numpy()
+    dist = np.linalg.norm(vectors[:, None] - vectors[None], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    owners = np.array(owners)
+    accuracy = np.mean(owners[dist.argmin(1)] == owners)
+    assert accuracy >= 0.75  # chance: 1 / 8
+
+
+def test_refuses_non_empty_output_and_cli(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(DataError, match="not empty"):
+        demo_data.make_demo_data(tmp_path / "full", speakers=1)
+    assert main(["make-demo-data", "--out", str(tmp_path / "full"), "--speakers", "1"]) == 2
+    assert (
+        main(["make-demo-data", "--out", str(tmp_path / "cli"), "--speakers", "1", "--seed", "2"])
+        == 0
+    )
+    assert "1 speakers" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "vox1_meta.csv").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
