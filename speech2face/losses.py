@@ -2,7 +2,8 @@
 
 Stage 2, the voice encoder (paper eq. 1)::
 
-    L = |f_dec(v_f) - f_dec(v_s)|_1 + l1 |v_f/|v_f| - v_s/|v_s||_2^2 + l2 L_distill(f_cls(v_f), f_cls(v_s))
+    L = |f_dec(v_f) - f_dec(v_s)|_1 + l1 |v_f/|v_f| - v_s/|v_s||_2^2
+        + l2 L_distill(f_cls(v_f), f_cls(v_s))
 
 Norms and the distillation sum are taken per sample (over feature or class dimensions)
 and averaged over the batch; the face feature v_f is the teacher. Public
