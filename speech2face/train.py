@@ -1,0 +1,1386 @@
+"""Training, both stages, with one loop.
+
+Stage 1 (``speech2face train-decoder``) trains the face decoder on face images alone
+(Cole et al.): texture L1, landmark MSE and, for a differentiable face encoder, the
+negative cosine of the rendered face's embedding. Stage 2 (``speech2face train``)
+trains the voice encoder with paper eq. 1 against the frozen face decoder's first layer
+and the frozen identity classifier. Both are a :class:`Stage` handed to :func:`fit`, the
+one loop: micro-batches with gradient accumulation, DDP under ``torchrun``, autocast on
+GPU, the lr schedule, logging (progress bar, TensorBoard, CSV), validation with an image
+grid, and resumable checkpoints.
+
+Reproducibility and resuming (docs/training.md): the sample order of every epoch is a
+function of ``(seed, epoch)`` only, so the data position is ``(epoch, steps done in the
+epoch)``; ``--resume`` re-creates that epoch's order and skips the consumed
+micro-batches. A checkpoint holds the weights (safetensors), the optimiser state
+(tensors in safetensors, the rest in JSON), the scheduler, the AMP scaler, the data
+position and every process's RNG state, and is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from speech2face.errors import ConfigError, DataError
+from speech2face.losses import LossConfig
+from speech2face.model import (
+    CONFIG_NAME,
+    RUN_MODEL_DIR,
+    WEIGHTS_NAME,
+    Speech2Face,
+    load_state_checked,
+    read_safetensors,
+    replace_dir,
+    state_dict_for_safetensors,
+    write_bundle_files,
+)
+from speech2face.utils import atomic_write
+
+# Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
+LEARNING_RATE = 1e-3
+ADAM_BETA1 = 0.5
+ADAM_BETA2 = 0.999  # not given in the paper: Adam's default
+ADAM_EPS = 1e-4
+# Stage 1 (the face decoder) is not the paper's training: its losses are means over
+# pixels, whose gradients per weight are mostly far below the paper's epsilon (on the demo
+# corpus 99.99 % < 1e-4), which turns Adam into plain SGD with a tiny step; its presets
+# use Adam's usual epsilon (docs/training.md).
+DECODER_ADAM_EPS = 1e-8
+STAGES = ("voice", "decoder")
+LR_DECAY = 0.95  # the learning rate is multiplied by this ...
+LR_DECAY_STEPS = 10_000  # ... every this many steps
+BATCH_SIZE = 8
+
+PRESETS = ("paper", "tiny")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+CHECKPOINTS_DIR = "checkpoints"
+BEST_FILE = "best.json"
+METRICS_FILE = "metrics.csv"
+TRAIN_CONFIG_FILE = "train_config.json"
+CHECKPOINT_PREFIX = "step-"
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of a training run; ``paper()`` and ``tiny()`` are the presets.
+
+    Set from a JSON/TOML file and ``key=value`` overrides with :func:`load_config`
+    (``loss.lambda1=0.1`` reaches into :class:`speech2face.losses.LossConfig`).
+    """
+
+    # Model sizes of the voice encoder and face decoder: "paper" or "tiny" (tests, CPU demos).
+    preset: str = "paper"
+    # Optimiser steps in all (the run ends there; --resume with a larger value continues).
+    steps: int = 100_000
+    # Samples per optimiser step, over all processes and accumulation steps, so the
+    # result does not depend on how many GPUs share the work (paper: 8).
+    batch_size: int = BATCH_SIZE
+    # Micro-batches per process and step; each is batch_size / (processes * grad_accum).
+    grad_accum: int = 1
+    # Adam (paper section 4).
+    lr: float = LEARNING_RATE
+    beta1: float = ADAM_BETA1
+    beta2: float = ADAM_BETA2
+    eps: float = ADAM_EPS
+    # Staircase decay: lr * lr_decay ** (step // lr_decay_steps) (paper: 0.95 every 10k).
+    lr_decay: float = LR_DECAY
+    lr_decay_steps: int = LR_DECAY_STEPS
+    # Clip the global gradient norm to this; 0 turns clipping off (the paper does not clip).
+    grad_clip: float = 0.0
+    # Autocast on GPU: "auto" is bf16 where supported, else fp16 with loss scaling; CPU
+    # runs stay in float32 whatever this says, so CPU runs are exact and deterministic.
+    amp: str = "auto"
+    # "auto" (cuda:LOCAL_RANK when there is a GPU, else cpu), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # Seeds the initial weights and every epoch's sample order.
+    seed: int = 0
+    # Progress-bar and scalar logging interval, in steps.
+    log_every: int = 10
+    # Validation interval in steps, and how many validation batches it averages.
+    val_every: int = 1000
+    val_batches: int = 8
+    # Faces in the validation image grid.
+    val_images: int = 8
+    # Checkpoint interval in steps; the last keep_last are kept, plus the best by validation.
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    # Data-loading worker processes per training process.
+    num_workers: int = 4
+    # Seconds of speech per example (paper section 3.1: 6 s; it also reports 3 s). The
+    # voice encoder averages over time, so a model trained on one length runs on others.
+    clip_seconds: float = 6.0
+    # Shuffle buffer of the shard loader, in samples (bigger mixes more, costs memory).
+    shuffle_buffer: int = 1000
+    # Weights of a VGG-Face encoder when the shards' features came from it.
+    face_encoder_weights: str | None = None
+    # All loss weights (speech2face.losses.LossConfig).
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.amp not in AMP_MODES:
+            problems.append(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        for name in ("steps", "batch_size", "grad_accum", "lr_decay_steps", "log_every",
+                     "val_every", "checkpoint_every", "keep_last", "val_images", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_batches", "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.lr_decay <= 1:
+            problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not self.clip_seconds > 0:
+            problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
+        if not self.grad_clip >= 0:
+            problems.append(f"grad_clip must not be negative, got {self.grad_clip}")
+        if self.batch_size % self.grad_accum:
+            problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum "
+                            f"{self.grad_accum}")
+        if problems:
+            raise ConfigError(None, "; ".join(problems))
+
+    @classmethod
+    def paper(cls, stage: str = "voice", **changes) -> TrainConfig:
+        """The paper's settings (section 4): batch 8, Adam 1e-3, x0.95 every 10k steps.
+
+        ``stage="decoder"`` differs in Adam's epsilon only (``DECODER_ADAM_EPS``).
+        """
+        return cls(**{**_stage_defaults(stage), **changes})
+
+    @classmethod
+    def tiny(cls, stage: str = "voice", **changes) -> TrainConfig:
+        """Tiny models and a short schedule, for tests and CPU demos."""
+        base = dict(preset="tiny", steps=200, lr_decay_steps=100, log_every=5, val_every=50,
+                    val_batches=2, checkpoint_every=50, keep_last=2, num_workers=0,
+                    shuffle_buffer=100)
+        return cls(**{**base, **_stage_defaults(stage), **changes})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _stage_defaults(stage: str) -> dict:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return {"eps": DECODER_ADAM_EPS} if stage == "decoder" else {}
+
+
+def _field_types(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, kind, key: str, source):
+    """``value`` (from JSON/TOML or a command-line string) as the field type ``kind``."""
+    text = isinstance(value, str)
+    args = typing.get_args(kind)
+    if type(None) in args:  # Optional[X]
+        if value is None or (text and value.lower() in ("none", "null", "")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if text and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value.replace("_", "")) if text else int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(source, f"{key}: unsupported field type {kind}")
+    name = getattr(kind, "__name__", str(kind))
+    raise ConfigError(source, f"{key}: expected {name}, got {value!r}")
+
+
+def _read_config_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, f"cannot read the config file: {error}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise ConfigError(path, f"not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
+                                f"{str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "the config file must hold a table/object of settings")
+    return _flatten(data)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["steps=100", "loss.lambda1=0.1"]`` -> ``{"steps": "100", "loss.lambda1": "0.1"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("<command line>", f"expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict | list[str] | tuple[str, ...] = (),
+    base: TrainConfig | None = None,
+    stage: str = "voice",
+) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset, a JSON/TOML file, then ``key=value`` overrides.
+
+    The preset (``preset=tiny`` in the file or the overrides; default ``base`` or
+    ``paper``, for ``stage``) gives the starting values; the file's keys replace them, then the
+    overrides'. Nested loss weights are ``loss.<name>`` (or a ``[loss]`` table in TOML).
+    Unknown keys and bad values raise :class:`ConfigError` naming the file.
+    """
+    layers: list[tuple[object, dict]] = []
+    if path is not None:
+        layers.append((Path(path), _read_config_file(Path(path))))
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(list(overrides))
+    layers.append(("<command line>", _flatten(overrides)))
+
+    preset = None
+    for source, values in layers:
+        if "preset" in values:
+            preset = _coerce(values["preset"], str, "preset", source)
+            if preset not in PRESETS:
+                raise ConfigError(source, f"preset must be one of {PRESETS}, got {preset!r}")
+    if preset is None:
+        config = base or TrainConfig.paper(stage)
+    else:
+        config = TrainConfig.tiny(stage) if preset == "tiny" else TrainConfig.paper(stage)
+        if base is not None and base.preset == preset:
+            config = base
+
+    top_types = _field_types(TrainConfig)
+    loss_types = _field_types(LossConfig)
+    for source, values in layers:
+        top, loss = {}, {}
+        for key, value in values.items():
+            if key.startswith("loss."):
+                name = key.removeprefix("loss.")
+                if name not in loss_types:
+                    raise ConfigError(source, f"unknown setting {key!r}; loss settings are "
+                                              f"{sorted(loss_types)}")
+                loss[name] = _coerce(value, loss_types[name], key, source)
+            elif key in top_types and key != "loss":
+                top[key] = _coerce(value, top_types[key], key, source)
+            else:
+                raise ConfigError(source, f"unknown setting {key!r}; settings are "
+                                          f"{sorted(k for k in top_types if k != 'loss')} and "
+                                          f"loss.<{'|'.join(sorted(loss_types))}>")
+        try:
+            if loss:
+                top["loss"] = dataclasses.replace(config.loss, **loss)
+            config = dataclasses.replace(config, **top)
+        except ConfigError as error:
+            raise ConfigError(source, error.problem) from None
+    return config
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits in a (possibly distributed) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def micro_batch(self, config: TrainConfig) -> int:
+        """Samples per micro-batch of this process: batch_size / (world_size * grad_accum)."""
+        share = self.world_size * config.grad_accum
+        if config.batch_size % share:
+            raise ConfigError(None, f"batch_size {config.batch_size} is not divisible by "
+                                    f"{self.world_size} processes x grad_accum {config.grad_accum}")
+        return config.batch_size // share
+
+
+def init_distributed(device: str = "auto") -> Placement:
+    """Join the process group that ``torchrun`` describes in the environment (if any).
+
+    NCCL when this process trains on a GPU, gloo on CPU. Without ``WORLD_SIZE`` > 1 this
+    is a single-process run and nothing is initialised. Safe to call twice.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return Placement(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def resolve_device(config: TrainConfig, placement: Placement) -> torch.device:
+    if config.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", placement.local_rank)
+        return torch.device("cpu")
+    try:
+        device = torch.device(config.device)
+    except RuntimeError:
+        raise ConfigError(None, f"device: not a torch device: {config.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(None, "device: CUDA requested but no GPU is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", placement.local_rank)
+    return device
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or config.amp == "none":
+        return None
+    if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class InMemoryData:
+    """Batches from tensors held in memory, in the loop's deterministic order.
+
+    Every epoch is a permutation drawn from ``(seed, epoch)``; it is cut into global
+    batches of ``micro_batch * world_size * grad_accum`` samples (the tail that does not
+    fill one is dropped), and micro-batch ``a * world_size + rank`` of each global batch
+    goes to accumulation step ``a`` of process ``rank``. Any split of the same global
+    batch over processes and accumulation steps therefore sees the same samples, which
+    makes a 2-process run comparable to a 1-process run with 2 accumulation steps.
+
+    Args:
+        tensors: name -> ``(N, ...)`` tensor, all with the same N.
+        micro_batch: samples per micro-batch of one process.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], micro_batch: int, seed: int = 0,
+                 placement: Placement | None = None, grad_accum: int = 1, shuffle: bool = True):
+        sizes = {len(v) for v in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"all tensors need the same first dimension, got {sorted(sizes)}")
+        self.tensors = tensors
+        self.size = sizes.pop()
+        self.micro_batch = micro_batch
+        self.seed = seed
+        self.placement = placement or Placement()
+        self.grad_accum = grad_accum
+        self.shuffle = shuffle
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        return torch.randperm(self.size, generator=generator)
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out."""
+        world, rank = self.placement.world_size, self.placement.rank
+        per_step = self.micro_batch * world * self.grad_accum
+        order = self.order(epoch)
+        count = 0
+        for step in range(self.size // per_step):
+            for a in range(self.grad_accum):
+                if count >= skip:
+                    start = step * per_step + (a * world + rank) * self.micro_batch
+                    index = order[start:start + self.micro_batch]
+                    yield {k: v[index] for k, v in self.tensors.items()}
+                count += 1
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's sample order: a fixed function of the run seed and the epoch."""
+    return (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63)
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+class Stage:
+    """What :func:`fit` needs from a training stage.
+
+    Attributes:
+        name: ``"decoder"`` or ``"voice"`` (used in messages).
+        model: everything the checkpoint holds (a :class:`Speech2Face` for the real
+            stages; any module in tests).
+        trainable: the submodule the optimiser updates (wrapped by DDP); the rest of
+            ``model`` stays frozen in eval mode.
+    """
+
+    name: str = "stage"
+    model: nn.Module
+    trainable: nn.Module
+
+    def loss(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, terms)`` of a micro-batch; ``forward`` is ``trainable`` or its DDP wrapper."""
+        raise NotImplementedError
+
+    def images(self, batch: dict) -> list[torch.Tensor]:
+        """Columns of the validation grid, each ``(B, 3, H, W)`` in [0, 1] (true face first)."""
+        return []
+
+    def bundle_config(self) -> dict | None:
+        """The bundle ``config.json`` of ``model``, or ``None`` when it is not a bundle."""
+        return self.model.bundle_config() if isinstance(self.model, Speech2Face) else None
+
+    def on_device(self, batch: dict, device: torch.device) -> dict:
+        """The batch's tensors moved to ``device`` (non-tensor entries kept)."""
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+
+class DecoderStage(Stage):
+    """Stage 1: the face decoder learns to render the registered face of a face feature.
+
+    Targets per face (Cole et al.): its landmarks, and its texture registered to the mean
+    landmarks. ``face_encoder`` (differentiable ones only) adds the perceptual term.
+    """
+
+    name = "decoder"
+
+    def __init__(self, model: Speech2Face, loss_config: LossConfig,
+                 face_encoder: nn.Module | None = None):
+        self.model = model
+        self.trainable = model.face_decoder
+        self.loss_config = loss_config
+        self.face_encoder = face_encoder if getattr(face_encoder, "differentiable", False) else None
+
+    def _targets(self, batch: dict) -> torch.Tensor:
+        from speech2face.face_decoder import register_texture
+
+        decoder = self.model.face_decoder
+        with torch.no_grad():
+            return register_texture(batch["face"].float(), batch["landmarks"].float(),
+                                    decoder.mean_landmarks, size=decoder.config.image_size)
+
+    def loss(self, forward, batch):
+        from speech2face.losses import decoder_loss
+
+        texture = self._targets(batch)
+        decoded = forward(batch["feature"])
+        return decoder_loss(decoded, texture, batch["landmarks"], self.loss_config,
+                            encoder=self.face_encoder, features=batch["feature"])
+
+    def images(self, batch):
+        return [batch["face"], self.model.face_decoder(batch["feature"]).image]
+
+
+class VoiceStage(Stage):
+    """Stage 2: the voice encoder learns to predict the face feature (paper eq. 1).
+
+    The face decoder (its first layer f_dec) and the identity classifier are frozen.
+    """
+
+    name = "voice"
+
+    def __init__(self, model: Speech2Face, loss_config: LossConfig):
+        if model.voice_encoder is None:
+            raise ValueError("the voice stage needs a model with a voice encoder")
+        self.model = model
+        self.trainable = model.voice_encoder
+        self.loss_config = loss_config
+        model.face_decoder.requires_grad_(False)
+        if model.classifier is not None:
+            model.classifier.requires_grad_(False)
+
+    def loss(self, forward, batch):
+        from speech2face.losses import speech2face_loss
+
+        c = self.loss_config
+        pred = forward(batch["spectrogram"])
+        return speech2face_loss(pred.float(), batch["feature"].float(),
+                                self.model.face_decoder.f_dec, self.model.classifier,
+                                lambda1=c.lambda1, lambda2=c.lambda2, temperature=c.temperature)
+
+    def images(self, batch):
+        decoder = self.model.face_decoder
+        return [batch["face"], decoder(batch["feature"]).image,
+                decoder(self.model.voice_encoder(batch["spectrogram"])).image]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
+    folder = run / CHECKPOINTS_DIR
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            name = path.name
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() \
+                    and (path / "state.json").is_file():
+                found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of a run, or ``None``."""
+    found = _checkpoint_dirs(Path(run))
+    return found[-1][1] if found else None
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An optimiser state split into JSON (param groups, scalars) and tensors (safetensors)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+
+
+def _optimizer_from_files(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _gather_rng(device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every process's RNG states, on every process (rank order)."""
+    mine = _rng_states(device)
+    if not dist.is_initialized():
+        return [mine]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {k: v.tolist() for k, v in mine.items()})
+    return [{k: torch.tensor(v, dtype=torch.uint8) for k, v in item.items()} for item in everyone]
+
+
+@dataclass
+class LoopState:
+    """The loop's position: what a checkpoint restores besides tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # optimiser steps done within ``epoch`` (the data position)
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+
+def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop: LoopState,
+                    config: TrainConfig, placement: Placement, device: torch.device,
+                    val_loss: float | None = None) -> Path:
+    """Write ``RUN/checkpoints/step-NNNNNNNN`` (all processes call this; rank 0 writes).
+
+    The directory is a model bundle (``config.json`` + ``model.safetensors``) plus
+    ``optimizer.safetensors``, ``rng.safetensors`` and ``state.json``; it is assembled
+    under a temporary name and renamed into place, so a kill leaves no partial checkpoint.
+    """
+    from safetensors.torch import save
+
+    rng = _gather_rng(device)
+    final = run / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{loop.step:08d}"
+    if not placement.is_main:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
+        opt_meta, opt_tensors = _optimizer_to_files(optimizer)
+        with atomic_write(tmp / "optimizer.safetensors") as f:
+            f.write(save(opt_tensors) if opt_tensors else save({"_empty": torch.zeros(0)}))
+        rng_tensors = {f"{name}.rank{r}": t.contiguous() for r, item in enumerate(rng)
+                       for name, t in item.items()}
+        with atomic_write(tmp / "rng.safetensors") as f:
+            f.write(save(rng_tensors))
+        state = {
+            **dataclasses.asdict(loop),
+            "val_loss": val_loss,
+            "world_size": placement.world_size,
+            "grad_accum": config.grad_accum,
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "train_config": config.to_dict(),
+        }
+        with atomic_write(tmp / "state.json", "w") as f:
+            json.dump(state, f, indent=1)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune_checkpoints(run, config.keep_last, loop.best_step)
+    return final
+
+
+def _prune_checkpoints(run: Path, keep_last: int, best_step: int | None) -> None:
+    found = _checkpoint_dirs(run)
+    for step, path in found[:-keep_last]:
+        if step != best_step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, placement: Placement,
+                    device: torch.device) -> LoopState:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(path / "state.json", f"cannot read the checkpoint state: {error}") from None
+    load_state_checked(stage.model, read_safetensors(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
+    opt_tensors = read_safetensors(path / "optimizer.safetensors")
+    opt_tensors.pop("_empty", None)
+    optimizer.load_state_dict(_optimizer_from_files(state["optimizer"], opt_tensors))
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = read_safetensors(path / "rng.safetensors")
+    # The same process count restores each process's own stream; otherwise rank 0's.
+    rank = placement.rank if f"cpu.rank{placement.rank}" in rng else 0
+    torch.set_rng_state(rng[f"cpu.rank{rank}"])
+    if device.type == "cuda" and f"cuda.rank{rank}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
+    if state["world_size"] != placement.world_size:
+        # The shard loader splits shards by process, so another process count reads
+        # another order: training goes on correctly but is not bit-identical.
+        print(f"speech2face: resuming a {state['world_size']}-process checkpoint with "
+              f"{placement.world_size} processes: the data order changes from here",
+              file=sys.stderr)
+    names = {f.name for f in dataclasses.fields(LoopState)}
+    return LoopState(**{k: v for k, v in state.items() if k in names})
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Scalars to ``RUN/metrics.csv`` (step, split, name, value) and TensorBoard (rank 0 only).
+
+    On resume, rows after the resumed step (written by the interrupted process) are
+    dropped and TensorBoard events after it are purged, so the logs read as one run.
+    """
+
+    def __init__(self, run: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.csv_path = run / METRICS_FILE
+        rows = []
+        if self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                rows = [r for r in csv.reader(f)][1:]
+            rows = [r for r in rows if len(r) == 4 and r[0].isdigit() and int(r[0]) <= start_step]
+        with atomic_write(self.csv_path, "w") as f:
+            out = csv.writer(f)
+            out.writerow(["step", "split", "name", "value"])
+            out.writerows(rows)
+        self.file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self.csv = csv.writer(self.file)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:  # tensorboard is a dependency, but the CSV is enough to go on
+            self.writer = None
+
+    def scalars(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.csv.writerow([step, split, name, f"{value:.8g}"])
+            if self.writer is not None:
+                self.writer.add_scalar(f"{split}/{name}", value, step)
+        self.file.flush()
+
+    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def image_grid(columns: list[torch.Tensor], size: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Rows of faces side by side: ``columns`` of ``(B, 3, H, W)`` -> ``(3, H', W')`` in [0, 1].
+
+    Every face is resized to ``size`` (default: the size the decoder renders, i.e. the
+    largest column after the first, which holds the true 224 faces).
+    """
+    import torch.nn.functional as F
+
+    size = size or max(c.shape[-2] for c in (columns[1:] or columns))
+    columns = [F.interpolate(c.detach().float().cpu(), size=(size, size), mode="bilinear",
+                             align_corners=False) if c.shape[-2:] != (size, size)
+               else c.detach().float().cpu() for c in columns]
+    b = columns[0].shape[0]
+    cell = size + pad
+    grid = torch.ones(3, b * cell + pad, len(columns) * cell + pad)
+    for j, column in enumerate(columns):
+        for i in range(b):
+            top, left = pad + i * cell, pad + j * cell
+            grid[:, top:top + size, left:left + size] = column[i].clamp(0, 1)
+    return grid
+
+
+def write_png(grid: torch.Tensor, path: Path) -> None:
+    """Save a ``(3, H, W)`` image in [0, 1] as PNG, atomically."""
+    from PIL import Image
+
+    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    with atomic_write(path) as f:
+        Image.fromarray(array).save(f, format="PNG", compress_level=1)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns."""
+
+    step: int
+    train_loss: float | None  # mean total loss of the last logging interval (all processes)
+    best_val_loss: float | None
+    best_step: int | None
+    model_dir: Path | None  # RUN/model, written by rank 0
+
+
+def _next_group(stream, loop: LoopState, data, accum: int):
+    """``accum`` micro-batches for the next step, moving to the next epoch when one runs out.
+
+    All processes agree on the epoch change (a process whose shards ran out first would
+    otherwise leave the others waiting in an all-reduce).
+    """
+    while True:
+        group = []
+        for _ in range(accum):
+            batch = next(stream, None)
+            if batch is None:
+                break
+            group.append(batch)
+        complete = torch.tensor([1 if len(group) == accum else 0])
+        if dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                complete = complete.cuda()
+            dist.all_reduce(complete, op=dist.ReduceOp.MIN)
+        if complete.item():
+            return stream, group
+        if loop.epoch_step == 0:
+            raise DataError(None, "the training data has too few samples for one step "
+                                  f"({accum} micro-batch(es) on every process)")
+        loop.epoch += 1
+        loop.epoch_step = 0
+        stream = iter(data.batches(loop.epoch, 0))
+
+
+def fit(
+    stage: Stage,
+    train_data,
+    val_data,
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """The training loop both stages share.
+
+    Args:
+        stage: the :class:`Stage` (model, trainable part, loss, validation images).
+        train_data: has ``batches(epoch, skip) -> iterator of dict`` giving this process's
+            micro-batches of ``epoch`` in a fixed order, the first ``skip`` left out
+            (:class:`InMemoryData`, :class:`ShardData`).
+        val_data: the same interface, or ``None``; rank 0 validates on the first
+            ``config.val_batches`` batches of its epoch 0.
+        config: the :class:`TrainConfig`.
+        out: the run directory (checkpoints, logs, images, the final bundle ``model``).
+        resume: continue from the newest checkpoint in ``out`` (if there is none, start).
+        on_step: called with the step number after each optimiser step (tests, hooks).
+        progress: show a tqdm bar on rank 0.
+
+    Under ``torchrun`` every process calls this; the trainable part is wrapped in
+    ``DistributedDataParallel`` and only rank 0 writes files.
+    """
+    from tqdm.auto import tqdm
+
+    run = Path(out)
+    placement = init_distributed(config.device)
+    device = resolve_device(config, placement)
+    amp_dtype = _amp_dtype(config, device)
+    accum = config.grad_accum
+    placement.micro_batch(config)  # checks divisibility before any work
+
+    stage.model.to(device)
+    params = [p for p in stage.trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2),
+                                 eps=config.eps)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_steps, config.lr_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    loop = LoopState()
+    checkpoint = latest_checkpoint(run) if resume else None
+    if checkpoint is not None:
+        loop = load_checkpoint(checkpoint, stage, optimizer, scheduler, scaler, placement, device)
+    if placement.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run / TRAIN_CONFIG_FILE, "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+
+    module = stage.trainable
+    if placement.world_size > 1:
+        if device.type == "cuda":
+            # BatchNorm statistics over the global batch; SyncBatchNorm runs on GPUs only
+            # (torch 2.13 refuses CPU input), so gloo runs normalise per process. The
+            # conversion is in place (stage.model keeps the same submodule) unless the
+            # trainable part is itself a BatchNorm layer, which no stage has.
+            if nn.SyncBatchNorm.convert_sync_batchnorm(module) is not module:
+                raise ValueError("the trainable module cannot itself be a BatchNorm layer")
+        ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        module = nn.parallel.DistributedDataParallel(module, **ddp_args)
+
+    log = MetricsLog(run, loop.step, placement.is_main)
+    bar = tqdm(total=config.steps, initial=loop.step, desc=f"train {stage.name}", unit="step",
+               disable=not (progress and placement.is_main), dynamic_ncols=True)
+    stream = iter(train_data.batches(loop.epoch, loop.epoch_step * accum))
+    sums: dict[str, float] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    last_loss = None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    try:
+        while loop.step < config.steps:
+            stage.model.eval()
+            stage.trainable.train()
+            stream, group = _next_group(stream, loop, train_data, accum)
+            optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(group):
+                batch = stage.on_device(batch, device)
+                sync = i == accum - 1 or not isinstance(module, nn.parallel.DistributedDataParallel)
+                with nullcontext() if sync else module.no_sync():
+                    with autocast():
+                        total, terms = stage.loss(module, batch)
+                    scaled = total / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                for name, value in {"total": total.detach(), **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) / accum
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if config.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            loop.step += 1
+            loop.epoch_step += 1
+            window_steps += 1
+
+            if loop.step % config.log_every == 0 or loop.step == config.steps:
+                names = sorted(sums)
+                mean = _all_reduce_mean(torch.tensor(
+                    [sums[n] / window_steps for n in names], dtype=torch.float64,
+                    device=_reduce_device(device)))
+                values = dict(zip(names, mean.tolist(), strict=True))
+                elapsed = time.perf_counter() - window_start
+                rate = window_steps * config.batch_size / max(elapsed, 1e-9)
+                log.scalars(loop.step, "train", {**values, "lr": lr, "samples_per_s": rate})
+                last_loss = values["total"]
+                bar.set_postfix(loss=f"{last_loss:.4g}", samples_s=f"{rate:.1f}", refresh=False)
+                sums, window_steps, window_start = {}, 0, time.perf_counter()
+            bar.update(1)
+
+            val_loss = None
+            if val_data is not None and config.val_batches > 0 and (
+                    loop.step % config.val_every == 0 or loop.step == config.steps):
+                val_loss = _validate(stage, val_data, config, run, loop.step, log, device,
+                                     placement, autocast)
+            is_best = val_loss is not None and (loop.best_val_loss is None
+                                                or val_loss < loop.best_val_loss)
+            if is_best:
+                loop.best_val_loss, loop.best_step = val_loss, loop.step
+            if is_best or loop.step % config.checkpoint_every == 0 or loop.step == config.steps:
+                save_checkpoint(run, stage, optimizer, scheduler, scaler, loop, config, placement,
+                                device, val_loss)
+                if is_best and placement.is_main:
+                    with atomic_write(run / CHECKPOINTS_DIR / BEST_FILE, "w") as f:
+                        json.dump({"step": loop.step, "val_loss": val_loss}, f)
+            if on_step is not None:
+                on_step(loop.step)
+    finally:
+        bar.close()
+        log.close()
+
+    model_dir = None
+    if placement.is_main:
+        model_dir = run / RUN_MODEL_DIR
+        _export(stage, model_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return FitResult(step=loop.step, train_loss=last_loss, best_val_loss=loop.best_val_loss,
+                     best_step=loop.best_step, model_dir=model_dir)
+
+
+def _reduce_device(device: torch.device) -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
+
+
+def _export(stage: Stage, folder: Path) -> None:
+    """Write the stage's model to ``folder`` (a bundle when the model is a Speech2Face)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def _validate(stage: Stage, val_data, config: TrainConfig, run: Path, step: int, log: MetricsLog,
+              device: torch.device, placement: Placement, autocast) -> float | None:
+    """Mean validation loss on rank 0 (others wait), and the image grid PNG."""
+    loss = None
+    if placement.is_main:
+        stage.model.eval()
+        sums: dict[str, float] = {}
+        count = 0
+        first = None
+        for batch in val_data.batches(0, 0):
+            batch = stage.on_device(batch, device)
+            with autocast():
+                total, terms = stage.loss(stage.trainable, batch)
+            for name, value in {"total": total, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            count += 1
+            if first is None:
+                first = batch
+            if count >= config.val_batches:
+                break
+        if count:
+            values = {k: v / count for k, v in sums.items()}
+            log.scalars(step, "val", values)
+            loss = values["total"]
+            n = config.val_images
+            columns = stage.images({k: v[:n] if isinstance(v, torch.Tensor) else v
+                                    for k, v in first.items()})
+            columns = [c.float().clamp(0, 1) for c in columns]
+            if columns:
+                grid = image_grid(columns)
+                write_png(grid, run / "images" / f"val-{step:08d}.png")
+                log.image(step, "val/faces", grid)
+    if dist.is_initialized():
+        # Every process needs the loss: a new best means a checkpoint, which all join.
+        shared = torch.tensor([math.nan if loss is None else loss], dtype=torch.float64,
+                              device=_reduce_device(device))
+        dist.broadcast(shared, src=0)
+        loss = None if math.isnan(shared.item()) else shared.item()
+    return loss
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+class ShardData:
+    """Batches from ``prepare``'s shards (:class:`speech2face.data.ShardDataset`) in a fixed order.
+
+    Epoch ``e`` streams with the shuffle seed ``epoch_seed(seed, e)``, so its order is a
+    function of the run seed, the epoch, the process count and the worker count; resuming
+    re-creates it and skips the consumed micro-batches (they are read and dropped, which
+    costs reading time but keeps the order exact).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, micro_batch: int, config: TrainConfig,
+                 placement: Placement | None = None, spectrogram: bool = False,
+                 shuffle: bool = True):
+        self.root = Path(root)
+        self.split = split
+        self.micro_batch = micro_batch
+        self.config = config
+        self.placement = placement or Placement()
+        self.spectrogram = spectrogram
+        self.shuffle = shuffle
+
+    def dataset(self, epoch: int):
+        """The :class:`speech2face.data.ShardDataset` of one epoch of this process."""
+        from speech2face.data import ShardDataset
+
+        dataset = ShardDataset(
+            self.root, self.split, batch_size=self.micro_batch,
+            shuffle=self.config.shuffle_buffer if self.shuffle else 0, seed=self.config.seed,
+            spectrogram=self.spectrogram, drop_last=self.shuffle, seconds=self.config.clip_seconds,
+            rank=self.placement.rank, world_size=self.placement.world_size)
+        dataset.set_epoch(epoch)
+        return dataset
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out.
+
+        Batches are collated (and spectrograms computed) in ``config.num_workers``
+        worker processes; the DataLoader takes the workers' batches round-robin, so
+        the order is fixed for a given worker count.
+        """
+        workers = self.config.num_workers if self.shuffle else 0
+        loader = torch.utils.data.DataLoader(
+            self.dataset(epoch), batch_size=None, num_workers=workers,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+        stream = iter(loader)
+        for _ in range(skip):
+            if next(stream, None) is None:
+                return
+        yield from stream
+
+
+# ---------------------------------------------------------------------------- the two stages
+
+
+def _preset(cls, config: TrainConfig, dim: int):
+    return cls.tiny(dim) if config.preset == "tiny" else cls.paper(dim)
+
+
+def _manifest(data: Path) -> dict:
+    from speech2face.data import load_manifest
+
+    return load_manifest(data)
+
+
+def _validation_split(manifest: dict) -> str | None:
+    """The split that validation reads: ``val``, else ``test`` (identity-disjoint from train)."""
+    for name in ("val", "test"):
+        if manifest["splits"].get(name, {}).get("samples"):
+            return name
+    return None
+
+
+def _face_encoder_for_loss(manifest: dict, config: TrainConfig, device: torch.device):
+    """The face encoder for stage 1's perceptual term: only a differentiable one is loaded."""
+    name = manifest["encoder"]
+    if name == "dlib":
+        return None  # not differentiable: no perceptual term, nothing to load
+    from speech2face.face_encoders import load_face_encoder
+
+    encoder = load_face_encoder(name, weights=config.face_encoder_weights, device=device)
+    return encoder.eval().requires_grad_(False)
+
+
+def _data_pair(data: Path, manifest: dict, config: TrainConfig, placement: Placement,
+               spectrogram: bool):
+    train = ShardData(data, "train", placement.micro_batch(config), config, placement,
+                      spectrogram=spectrogram)
+    split = _validation_split(manifest)
+    val = None if split is None else ShardData(
+        data, split, max(1, min(config.batch_size, config.val_images)), config, Placement(),
+        spectrogram=spectrogram, shuffle=False)
+    return train, val
+
+
+def _check_fresh(out: Path, resume: bool) -> None:
+    if not resume and latest_checkpoint(out) is not None:
+        raise ConfigError(out, "already holds checkpoints; pass --resume to continue it, "
+                               "or choose another --out")
+
+
+def decoder_stage(data: str | os.PathLike, config: TrainConfig,
+                  device: torch.device | None = None) -> DecoderStage:
+    """Stage 1's :class:`DecoderStage` for the shards in ``data``: a fresh face decoder
+    (``config.preset`` size, seeded) for the manifest's feature size and mean landmarks."""
+    from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
+
+    manifest = _manifest(Path(data))
+    torch.manual_seed(config.seed)
+    decoder = FaceDecoder(_preset(FaceDecoderConfig, config, int(manifest["feature_dim"])),
+                          torch.as_tensor(manifest["mean_landmarks"], dtype=torch.float32))
+    model = Speech2Face(decoder, face_encoder_name=manifest["encoder"])
+    encoder = _face_encoder_for_loss(manifest, config, device or torch.device("cpu"))
+    return DecoderStage(model, config.loss, encoder)
+
+
+def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: TrainConfig,
+                checkpoint: Path | None = None, progress: bool = True) -> VoiceStage:
+    """Stage 2's :class:`VoiceStage`: a fresh voice encoder (seeded), the frozen decoder of
+    the bundle ``decoder``, and the identity classifier (see :func:`train_voice`).
+
+    ``checkpoint``: the run is resuming from it, so a fitted classifier is taken from it
+    (only its shape is needed here; :func:`fit` loads the weights).
+    """
+    from speech2face.model import load_model
+    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
+    data = Path(data)
+    manifest = _manifest(data)
+    base = load_model(decoder)
+    dim = int(manifest["feature_dim"])
+    if base.feature_dim != dim or base.face_encoder_name != manifest["encoder"]:
+        raise ConfigError(Path(decoder), f"the decoder takes {base.feature_dim}-D "
+                                         f"{base.face_encoder_name} features but the shards "
+                                         f"hold {dim}-D {manifest['encoder']} features")
+    torch.manual_seed(config.seed)
+    voice = VoiceEncoder(_preset(VoiceEncoderConfig, config, dim))
+    classifier = base.classifier
+    if classifier is None and checkpoint is not None:
+        saved = json.loads((checkpoint / CONFIG_NAME).read_text())
+        if saved.get("num_identities"):
+            classifier = nn.Linear(dim, int(saved["num_identities"]))
+    if classifier is None:
+        classifier = _identity_classifier(data, manifest, config, progress)
+    model = Speech2Face(base.face_decoder, voice, classifier.float(), manifest["encoder"])
+    return VoiceStage(model, config.loss)
+
+
+def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
+                  config: TrainConfig | None = None, *, resume: bool = False,
+                  progress: bool = True,
+                  on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Stage 1: train a face decoder on the faces of ``prepare``'s shards in ``data``.
+
+    Writes checkpoints, logs and validation grids to ``out`` and the decoder-only bundle
+    (no voice encoder) to ``out/model``; the face feature size and mean landmarks come
+    from the shards' manifest. Under ``torchrun`` every process calls this.
+    """
+    config = config or TrainConfig.paper("decoder")
+    data, out = Path(data), Path(out)
+    _check_fresh(out, resume)
+    placement = init_distributed(config.device)
+    stage = decoder_stage(data, config, resolve_device(config, placement))
+    train, val = _data_pair(data, _manifest(data), config, placement, spectrogram=False)
+    return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
+
+
+def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | os.PathLike,
+                config: TrainConfig | None = None, *, resume: bool = False, progress: bool = True,
+                on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Stage 2: train the voice encoder on ``data`` against the frozen decoder bundle ``decoder``.
+
+    The identity classifier of the distillation term is the face encoder's own (VGG-Face
+    fc8), the decoder bundle's, or else a linear classifier fitted to the training
+    split's face features (``face_encoders.train_identity_classifier``); it is saved in
+    the bundle ``out/model`` with the voice encoder and the face decoder.
+    """
+    config = config or TrainConfig.paper()
+    data, out = Path(data), Path(out)
+    _check_fresh(out, resume)
+    placement = init_distributed(config.device)
+    checkpoint = latest_checkpoint(out) if resume else None
+    stage = voice_stage(data, decoder, config, checkpoint, progress)
+    train, val = _data_pair(data, _manifest(data), config, placement, spectrogram=True)
+    return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
+
+
+def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
+                         progress: bool) -> nn.Module:
+    """fc8 of the face encoder, or a linear classifier fitted to the training faces' features."""
+    if manifest["encoder"] != "dlib":
+        from speech2face.face_encoders import load_face_encoder
+
+        fc8 = load_face_encoder(manifest["encoder"], weights=config.face_encoder_weights).classifier
+        if fc8 is not None:
+            return _as_linear(fc8)
+    from speech2face.face_encoders import train_identity_classifier
+
+    features, identities = _training_features(data, config, progress)
+    # Every process fits the same classifier (same data, same seed): no communication.
+    return train_identity_classifier(features, identities, seed=config.seed)
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    if isinstance(module, nn.Linear):
+        linear = nn.Linear(module.in_features, module.out_features)
+        linear.load_state_dict(module.state_dict())
+        return linear.requires_grad_(False)
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1:
+        raise ValueError("the face encoder's classifier is not a single linear layer")
+    return _as_linear(linears[0])
+
+
+def _training_features(data: Path, config: TrainConfig, progress: bool):
+    """Every training sample's face feature ``(N, D)`` and identity, read from the shards.
+
+    Only the ``feature.npy`` and ``json`` members are decoded (no audio, no images).
+    """
+    import io
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from speech2face.data import iterate_tar, load_manifest
+
+    manifest = load_manifest(data)
+    split = manifest["splits"].get("train")
+    if not split or not split["samples"]:
+        raise DataError(Path(manifest["root"]), "no training samples to fit the identity "
+                                                "classifier on")
+    features, identities = [], []
+    bar = tqdm(total=split["samples"], desc="features for the identity classifier",
+               unit="sample", disable=not progress or int(os.environ.get("RANK", "0")) != 0)
+    for shard in split["shards"]:
+        for raw in iterate_tar(Path(manifest["root"]) / shard["path"]):
+            try:
+                features.append(np.load(io.BytesIO(raw["feature.npy"]), allow_pickle=False))
+                identities.append(json.loads(raw["json"])["identity"])
+            except (KeyError, ValueError) as error:
+                raise DataError(raw.get("__key__"), f"undecodable sample ({error})") from None
+            bar.update(1)
+    bar.close()
+    return np.stack(features).astype(np.float32), identities
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def _add_common_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, metavar="SHARDS",
+                        help="folder written by `speech2face prepare` (manifest.json + shards)")
+    parser.add_argument("--out", required=True, metavar="RUN",
+                        help="run folder: checkpoints, logs, validation images and the final "
+                             "bundle RUN/model")
+    parser.add_argument("--config", metavar="FILE",
+                        help="JSON or TOML file of TrainConfig settings (see docs/training.md)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in RUN (its settings are the "
+                             "defaults; overrides such as steps=N still apply)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="settings that replace the config file's, e.g. preset=tiny steps=500 "
+                             "batch_size=16 loss.lambda1=0.025")
+
+
+def _config_from_args(args, stage: str) -> TrainConfig:
+    """Preset (for ``stage``), then ``--config``, then overrides; on resume the run's settings
+    take the preset's place, so only what is given again changes."""
+    base = None
+    saved = Path(args.out) / TRAIN_CONFIG_FILE
+    if args.resume and saved.is_file():
+        base = load_config(saved, stage=stage)
+    return load_config(args.config, args.overrides, base=base, stage=stage)
+
+
+def _finish(result: FitResult, placement_is_main: bool) -> int:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if placement_is_main:
+        best = "" if result.best_val_loss is None else \
+            f", best validation loss {result.best_val_loss:.4g} at step {result.best_step}"
+        print(f"trained {result.step} steps{best}; model bundle in {result.model_dir}")
+    return 0
+
+
+def add_train_decoder_arguments(parser) -> None:
+    """``speech2face train-decoder --data SHARDS --out RUN [--config FILE] [KEY=VALUE ...]``."""
+    _add_common_arguments(parser)
+
+
+def train_decoder_command(args) -> int:
+    config = _config_from_args(args, "decoder")
+    result = train_decoder(args.data, args.out, config, resume=args.resume,
+                           progress=not args.no_progress)
+    return _finish(result, int(os.environ.get("RANK", "0")) == 0)
+
+
+def add_train_arguments(parser) -> None:
+    """``speech2face train --data SHARDS --decoder RUN_OR_BUNDLE --out RUN [...]``."""
+    _add_common_arguments(parser)
+    parser.add_argument("--decoder", required=True, metavar="RUN_OR_BUNDLE",
+                        help="the stage-1 face decoder: a bundle or a `train-decoder` run folder")
+
+
+def train_command(args) -> int:
+    config = _config_from_args(args, "voice")
+    result = train_voice(args.data, args.decoder, args.out, config, resume=args.resume,
+                         progress=not args.no_progress)
+    return _finish(result, int(os.environ.get("RANK", "0")) == 0)

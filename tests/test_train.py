@@ -1,0 +1,392 @@
+"""Tests of speech2face.train: config, the shared loop, DDP, checkpoints and resume, both stages."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from speech2face.errors import ConfigError
+from speech2face.train import (
+    InMemoryData,
+    Placement,
+    TrainConfig,
+    fit,
+    latest_checkpoint,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small stand-in stage (an MLP with BatchNorm on a linear regression problem), written to
+# a file so that the in-process run and the subprocess / torchrun runs use the same code.
+TOY_STAGE = '''
+import torch
+from torch import nn
+from speech2face.train import InMemoryData, Stage, TrainConfig, fit, init_distributed
+
+class ToyStage(Stage):
+    name = "toy"
+
+    def __init__(self, seed=0):
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.BatchNorm1d(32),
+                                   nn.Linear(32, 3))
+        self.trainable = self.model
+
+    def loss(self, forward, batch):
+        error = forward(batch["x"]) - batch["y"]
+        mse = error.pow(2).mean()
+        return mse, {"mse": mse.detach(), "mae": error.abs().mean().detach()}
+
+def toy_tensors(n=96):
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(n, 6, generator=g)
+    w = torch.randn(6, 3, generator=g)
+    return {"x": x, "y": x @ w + 0.1 * torch.randn(n, 3, generator=g)}
+
+def run(out, resume=False, kill_at=None, **changes):
+    import os, signal
+    config = TrainConfig.tiny(**{"steps": 20, "checkpoint_every": 5, "val_every": 5,
+                                 "lr": 0.03, "lr_decay_steps": 4, "lr_decay": 0.5,
+                                 **changes})
+    placement = init_distributed(config.device)
+    data = InMemoryData(toy_tensors(), placement.micro_batch(config), seed=config.seed,
+                        placement=placement, grad_accum=config.grad_accum)
+    val = InMemoryData(toy_tensors(32), 16, shuffle=False)
+
+    def on_step(step):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return fit(ToyStage(config.seed), data, val, config, out, resume=resume, on_step=on_step,
+               progress=False)
+
+if __name__ == "__main__":
+    import json, sys
+    args = json.loads(sys.argv[1])
+    torch.set_num_threads(args.pop("threads"))
+    run(**args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # as the CLI does; exits cleanly
+'''
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    path = folder / "toy_stage.py"
+    path.write_text(TOY_STAGE)
+    spec = importlib.util.spec_from_file_location("toy_stage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = str(threads)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _run_script(script: Path, args: dict, launcher: list[str] | None = None,
+                threads: int | None = None):
+    """Run the toy script in a subprocess; a single process uses this process's thread
+    count, so that its float sums agree bit for bit with in-process runs. (Changing the
+    thread count in-process instead slows every later test of the session severalfold.)"""
+    threads = threads or (1 if launcher else torch.get_num_threads())
+    payload = json.dumps({**args, "threads": threads})
+    command = [*(launcher or [sys.executable]), str(script), payload]
+    return subprocess.run(command, env=_env(threads), capture_output=True, text=True,
+                          timeout=120)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_presets_follow_the_paper():
+    paper = TrainConfig.paper()
+    assert (paper.batch_size, paper.lr, paper.beta1, paper.eps) == (8, 1e-3, 0.5, 1e-4)
+    assert (paper.lr_decay, paper.lr_decay_steps, paper.preset) == (0.95, 10_000, "paper")
+    assert TrainConfig.tiny().preset == "tiny"
+
+
+def test_config_file_and_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\nsteps = 30\n[loss]\nlambda1 = 0.5\n')
+    config = load_config(toml, ["lr=2e-4", "loss.lambda2=3", "face_encoder_weights=none",
+                                "amp=bf16", "steps=1_000"])
+    assert config.preset == "tiny" and config.steps == 1000 and config.lr == 2e-4
+    assert config.loss.lambda1 == 0.5 and config.loss.lambda2 == 3.0
+    assert config.amp == "bf16" and config.face_encoder_weights is None
+    assert config.log_every == TrainConfig.tiny().log_every  # the preset's value
+
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"batch_size": 16, "grad_accum": 4, "loss": {"temperature": 3}}))
+    config = load_config(js)
+    assert (config.preset, config.batch_size, config.grad_accum) == ("paper", 16, 4)
+    assert config.loss.temperature == 3.0
+
+
+@pytest.mark.parametrize("items, words", [
+    (["stepz=3"], "unknown setting 'stepz'"),
+    (["loss.lambda3=1"], "unknown setting 'loss.lambda3'"),
+    (["steps=three"], "steps: expected int"),
+    (["steps=0"], "steps must be at least 1"),
+    (["lr=-1"], "lr must be positive"),
+    (["amp=fp8"], "amp must be one of"),
+    (["preset=huge"], "preset must be one of"),
+    (["batch_size=8", "grad_accum=3"], "not a multiple of grad_accum"),
+    (["steps"], "expected key=value"),
+])
+def test_bad_overrides_are_config_errors(items, words):
+    with pytest.raises(ConfigError, match="<command line>") as error:
+        load_config(None, items)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_config_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        load_config(bad)
+    bad.write_text(json.dumps({"num_workers": "many"}))
+    with pytest.raises(ConfigError, match="bad.json: num_workers: expected int"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="missing.toml: cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+# ---------------------------------------------------------------------------- data order
+
+
+def test_in_memory_order_is_the_same_for_any_split_of_the_global_batch():
+    tensors = {"i": torch.arange(40)}
+    one = InMemoryData(tensors, micro_batch=4, seed=3, grad_accum=2)
+    two = [InMemoryData(tensors, micro_batch=4, seed=3, placement=Placement(r, 2), grad_accum=1)
+           for r in range(2)]
+    single = [b["i"] for b in one.batches(epoch=1)]
+    split = [b["i"] for pair in zip(*(d.batches(epoch=1) for d in two), strict=True) for b in pair]
+    assert len(single) == 10 and all(map(torch.equal, single, split))
+    # Skipping gives the tail of the same order; another epoch gives another order.
+    assert all(map(torch.equal, single[6:], [b["i"] for b in one.batches(1, 6)]))
+    assert not torch.equal(torch.cat(single), torch.cat([b["i"] for b in one.batches(2)]))
+    assert sorted(torch.cat(single).tolist()) == list(range(40))
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def test_loop_is_deterministic_and_logs(toy, tmp_path):
+    module, _ = toy
+    a = module.run(tmp_path / "a")
+    module.run(tmp_path / "b")
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.step == 20 and a.best_step is not None
+
+    rows = list(csv.DictReader(open(tmp_path / "a" / "metrics.csv")))
+    train = {(int(r["step"]), r["name"]): float(r["value"]) for r in rows if r["split"] == "train"}
+    # every loss term and the lr, at every logging step; lr halves every 4 steps
+    assert {n for _, n in train} >= {"total", "mse", "mae", "lr", "samples_per_s"}
+    assert train[(5, "lr")] == pytest.approx(0.03 * 0.5)
+    assert train[(20, "lr")] == pytest.approx(0.03 * 0.5**4)
+    assert train[(20, "total")] < 0.5 * train[(5, "total")]
+    assert any(r["split"] == "val" for r in rows)
+    assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    # keep_last=2 plus the best one
+    folders = (tmp_path / "a" / "checkpoints").glob("step-*")
+    steps = sorted(int(p.name.split("-")[1]) for p in folders)
+    best = json.loads((tmp_path / "a" / "checkpoints" / "best.json").read_text())
+    assert steps[-2:] == [15, 20] and set(steps) <= {15, 20, best["step"]}
+    assert best["step"] == a.best_step and best["val_loss"] == pytest.approx(a.best_val_loss)
+
+
+def test_grad_accumulation_matches_one_big_batch_without_batchnorm(toy, tmp_path):
+    """With no BatchNorm, 1 x 8 and 2 x 4 (accumulated) are the same gradient."""
+    module, _ = toy
+    stage_a, stage_b = module.ToyStage(), module.ToyStage()
+    for stage in (stage_a, stage_b):  # drop the BatchNorm: batch statistics differ by split
+        stage.model[2] = torch.nn.Identity()
+    tensors = module.toy_tensors()
+    config = TrainConfig.tiny(steps=6, val_every=100, checkpoint_every=100)
+    data = InMemoryData(tensors, 8, grad_accum=1)
+    fit(stage_a, data, None, config, tmp_path / "a", progress=False)
+    config = TrainConfig.tiny(steps=6, val_every=100, checkpoint_every=100, grad_accum=2)
+    data = InMemoryData(tensors, 4, grad_accum=2)
+    fit(stage_b, data, None, config, tmp_path / "b", progress=False)
+    for p, q in zip(stage_a.model.parameters(), stage_b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_two_processes_equal_one_process(toy, tmp_path):
+    """torchrun, 2 CPU processes with gloo, batch 8 = 2 x 4 vs one process with 2 x 4 accumulated.
+
+    BatchNorm: SyncBatchNorm does not run on CPU, so each process normalises its own 4
+    samples. The 1-process run accumulates two micro-batches of 4, made of exactly the
+    samples that the two processes see (InMemoryData's order), so the batch statistics and
+    the gradients are the same and the weights must agree to float tolerance. The running
+    BatchNorm averages are not compared: DDP keeps rank 0's, accumulation updates twice.
+    """
+    _, script = toy
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]
+    # validation every 3 steps, checkpoints every 5: a new best between checkpoints makes
+    # every process join an extra checkpoint, which they must all agree on
+    args = {"steps": 12, "val_every": 3}
+    result = _run_script(script, {"out": str(tmp_path / "ddp"), **args}, launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the 1-process reference with one thread too, so that float sums agree closely
+    result = _run_script(script, {"out": str(tmp_path / "one"), "grad_accum": 2, **args},
+                         threads=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp, one = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    params = [k for k in ddp if not k.startswith("2.running") and "num_batches" not in k]
+    assert len(params) == 6
+    for key in params:
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6)
+    # and the runs did train: the weights moved from the initial ones
+    assert not torch.allclose(ddp["0.weight"], _weights_initial(toy)["0.weight"])
+    best = json.loads((tmp_path / "ddp" / "checkpoints" / "best.json").read_text())
+    assert (tmp_path / "ddp" / "checkpoints" / f"step-{best['step']:08d}").is_dir()
+
+
+def _weights_initial(toy):
+    module, _ = toy
+    return module.ToyStage().model.state_dict()
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(toy, tmp_path):
+    module, script = toy
+    module.run(tmp_path / "straight")
+    killed = _run_script(script, {"out": str(tmp_path / "killed"), "kill_at": 13})
+    assert killed.returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000010"
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = _run_script(script, {"out": str(tmp_path / "killed"), "resume": True})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the CSV reads as one run: no duplicate rows from the steps done twice
+    rows = _metric_keys(tmp_path / "killed")
+    assert len(rows) == len(set(rows))
+    assert sorted(rows) == sorted(_metric_keys(tmp_path / "straight"))
+
+
+def _metric_keys(run: Path) -> list[tuple[str, str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [(r["step"], r["split"], r["name"]) for r in csv.DictReader(f)]
+
+
+def test_checkpoint_holds_no_pickle(toy, tmp_path):
+    module, _ = toy
+    module.run(tmp_path / "run", steps=5)
+    folder = latest_checkpoint(tmp_path / "run")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == 5 and state["epoch"] == 0 and state["epoch_step"] == 5
+    optimizer = load_file(folder / "optimizer.safetensors")
+    assert {k.split(".", 1)[1] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+    for file in folder.glob("*.safetensors"):  # safetensors: 8-byte header size, then JSON
+        size = int(np.frombuffer(file.read_bytes()[:8], dtype="<u8")[0])
+        json.loads(file.read_bytes()[8:8 + size])
+
+
+# ---------------------------------------------------------------------------- both stages
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The demo corpus, 8 speakers, prepared into small shards (once for this module)."""
+    from speech2face.data import prepare
+    from speech2face.demo_data import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root / "corpus", speakers=8, seed=0, progress=False)
+    prepare("voxceleb1", root / "corpus", root / "shards", samples_per_shard=16, progress=False)
+    return root / "shards"
+
+
+def _train_totals(run: Path) -> list[float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r["value"]) for r in csv.DictReader(f)
+                if r["split"] == "train" and r["name"] == "total"]
+
+
+def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
+    from PIL import Image
+
+    from speech2face.cli import main
+    from speech2face.model import load_model
+
+    decoder_run, voice_run = tmp_path / "decoder", tmp_path / "voice"
+    common = ["--no-progress", "preset=tiny", "log_every=5"]
+    assert main(["train-decoder", "--data", str(shards), "--out", str(decoder_run), *common,
+                 "steps=30", "lr=0.01", "val_every=30", "checkpoint_every=30"]) == 0
+    totals = _train_totals(decoder_run)  # mean loss of each 5 steps
+    assert len(totals) == 6 and totals[-1] < 0.6 * totals[0], totals
+    grid = Image.open(decoder_run / "images" / "val-00000030.png")
+    assert grid.size == (2 * 66 + 2, 7 * 66 + 2)  # true | decoded, 7 validation faces, 64 px
+    stage1 = load_model(decoder_run)
+    assert stage1.voice_encoder is None and stage1.feature_dim == 128
+
+    # 3-s clips: half the cost of the paper's 6 s, and the encoder takes any length
+    assert main(["train", "--data", str(shards), "--decoder", str(decoder_run),
+                 "--out", str(voice_run), *common, "steps=15", "lr=3e-3", "clip_seconds=3",
+                 "val_every=15", "checkpoint_every=15", "val_batches=1"]) == 0
+    assert "model bundle in" in capsys.readouterr().out
+    totals = _train_totals(voice_run)
+    assert len(totals) == 3 and totals[-1] < 0.6 * totals[0], totals
+    model = load_model(voice_run)
+    assert model.num_identities == 5  # the training identities of the 8-speaker corpus
+    # the decoder was frozen in stage 2
+    a, b = stage1.face_decoder.state_dict(), model.face_decoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    grid = Image.open(voice_run / "images" / "val-00000015.png")
+    assert grid.size[0] == 3 * 66 + 2  # true | decoded from the face | decoded from the voice
+    with torch.no_grad():
+        features = model.predict_features(torch.randn(2, 2, 598, 257))
+    assert features.shape == (2, 128) and torch.isfinite(features).all()
+
+    # --resume with more steps: the run's settings come back from train_config.json, the
+    # identity classifier from the checkpoint (not fitted again), and training goes on.
+    assert main(["train", "--data", str(shards), "--decoder", str(decoder_run),
+                 "--out", str(voice_run), "--resume", "--no-progress", "steps=17"]) == 0
+    resumed = load_model(voice_run)
+    assert torch.equal(resumed.classifier.weight, model.classifier.weight)
+    assert json.loads((voice_run / "train_config.json").read_text())["clip_seconds"] == 3.0
+    assert latest_checkpoint(voice_run).name == "step-00000017"
+
+
+def test_command_line_errors_exit_2(shards, tmp_path, capsys):
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "stepz=3"]) == 2
+    assert "unknown setting 'stepz'" in capsys.readouterr().err
+    assert main(["train", "--data", str(shards), "--decoder", str(tmp_path / "nothing"),
+                 "--out", str(out), "preset=tiny"]) == 2
+    assert "no such model bundle" in capsys.readouterr().err
+    (out / "checkpoints" / "step-00000005").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000005" / "state.json").write_text("{}")
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert not (out / "metrics.csv").exists()
