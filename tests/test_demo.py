@@ -1,0 +1,74 @@
+"""The end-to-end demo in a reduced size: every stage runs and the report is complete."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from speech2face.cli import main
+
+
+def _finite_numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _finite_numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _finite_numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+@pytest.mark.slow
+def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    from speech2face import demo
+    from speech2face.inference import default_model_path, reconstruct
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    result = demo.run_demo(out, speakers=8, decoder_steps=2, voice_steps=2, reconstructions=2,
+                           corpus_options={"videos": (1, 1), "clips": (2, 2), "frames": 1},
+                           train_overrides={"batch_size": 4}, progress=False)
+    report = out / "report"
+    assert result.report == report
+    for name in ("report.md", "metrics.json", "grid.png", "recall.png", "craniofacial.png",
+                 "features.png", "attributes.png", "held_out.png"):
+        assert (report / name).is_file(), name
+    with Image.open(report / "grid.png") as grid:
+        assert grid.size[0] > 300 and grid.size[1] > 200
+    faces = sorted((report / "reconstructions").glob("*.png"))
+    assert len(faces) == 2
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["samples"] == result.metrics["samples"]
+    assert metrics["identities"] >= 2 and metrics["samples"] >= 2
+    fs = metrics["feature_similarity"]
+    assert all(math.isfinite(fs[k]["mean"]) for k in ("angle_deg", "l2", "l1"))
+    recall = metrics["retrieval"]["cosine"]
+    assert all(0 <= recall[k]["mean"] <= 100 for k in recall)
+    # metrics.json is strict JSON: no NaN/Infinity tokens, only numbers or null.
+    assert all(math.isfinite(v) for v in _finite_numbers(metrics))
+    text = (report / "report.md").read_text()
+    assert "generated data" in text and "recall" in text.lower()
+    # The bundle was installed where `reconstruct` looks without --model.
+    assert (default_model_path() / "config.json").is_file()
+    clip = sorted((out / "corpus" / "wav").rglob("*.wav"))[0]
+    face = reconstruct(clip)
+    assert face.shape == (224, 224, 3) and face.dtype == np.uint8
+    assert "report:" in capsys.readouterr().out
+    # A second run into the same folder replaces the previous demo's outputs.
+    demo._prepare_out(out)
+    assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_MARKER]
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(["demo", "--out", str(out), "--no-install"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mine" in err
+    assert (out / "thesis.tex").read_text() == "precious"
