@@ -4,7 +4,9 @@ Each ``bench/bench_<name>.py`` defines ``run(quick: bool) -> dict`` returning
 ``{"rows": [row, ...], "details": {...}}``; a row is a dict with the keys of
 ``COLUMNS``. Results go to ``bench/results/<name>.json``; the summary table in
 ``docs/benchmarks.md`` (between the markers) is rebuilt from every results file, so
-entries run on different days keep their own machine description.
+entries run on different days keep their own machine description. With several names,
+each benchmark runs in a fresh process: thread settings and warmed-up caches of one must
+not leak into the next.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m bench: error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
     RESULTS.mkdir(exist_ok=True)
+    if len(names) > 1:
+        quick = ["--quick"] if args.quick else []
+        for name in names:
+            subprocess.run([sys.executable, "-m", "bench", name, *quick], check=True)
+        return 0
     for name in names:
         print(f"== {name}", flush=True)
         start = time.perf_counter()

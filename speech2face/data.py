@@ -269,34 +269,9 @@ def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
     for identity, video in sorted(set(clips) | set(frames)):
         video_clips = tuple(sorted(clips.get((identity, video), []), key=lambda c: c.name))
         video_frames = tuple(frames.get((identity, video), []))
-        if identity not in meta or identity not in splits:
-            units.append(
-                Unit(
-                    identity,
-                    video,
-                    None,
-                    None,
-                    video_clips,
-                    video_frames,
-                    skip=f"no metadata row for {identity} in {meta_path.name}",
-                )
-            )
-            continue
-        reason = None
-        if not video_clips:
-            reason = "video has no audio clips"
-        elif not video_frames:
-            reason = "video has no face frames"
         units.append(
-            Unit(
-                identity,
-                video,
-                None if reason else splits[identity],
-                meta[identity]["gender"],
-                video_clips,
-                video_frames,
-                skip=reason,
-            )
+            _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
+                        no_frames="video has no face frames")
         )
     return units
 
@@ -344,33 +319,26 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
             Frame(str(p))
             for p in _evenly(sorted(videos.get((identity, video), [])), frames_per_video)
         )
-        if identity not in meta or identity not in splits:
-            units.append(
-                Unit(
-                    identity,
-                    video,
-                    None,
-                    None,
-                    video_clips,
-                    video_frames,
-                    skip=f"no metadata row for {identity} in {meta_path.name}",
-                )
-            )
-            continue
-        reason = None if video_clips else "video has no audio clips"
-        reason = reason or (None if video_frames else "video has no mp4 clips for face frames")
         units.append(
-            Unit(
-                identity,
-                video,
-                None if reason else splits[identity],
-                meta[identity]["gender"],
-                video_clips,
-                video_frames,
-                skip=reason,
-            )
+            _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
+                        no_frames="video has no mp4 clips for face frames")
         )
     return units
+
+
+def _video_unit(identity: str, video: str, clips: tuple, frames: tuple, meta: dict,
+                splits: dict, meta_name: str, no_frames: str) -> Unit:
+    """A VoxCeleb video as a unit, or as a skipped one with the reason."""
+    if identity not in meta or identity not in splits:
+        return Unit(identity, video, None, None, clips, frames,
+                    skip=f"no metadata row for {identity} in {meta_name}")
+    reason = None
+    if not clips:
+        reason = "video has no audio clips"
+    elif not frames:
+        reason = no_frames
+    return Unit(identity, video, None if reason else splits[identity], meta[identity]["gender"],
+                clips, frames, skip=reason)
 
 
 def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:

@@ -24,14 +24,7 @@ from speech2face.face_decoder import (
 )
 from speech2face.losses import LossConfig, decoder_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems: on a busy 2-core machine, thread hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ from speech2face.warp import (
 EPS = 1e-10  # TensorFlow's clamp of the squared distance
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: on a busy machine, thread hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ref_phi(r: np.ndarray, order: int) -> np.ndarray:
