@@ -244,7 +244,10 @@ def _read_config_file(path: Path) -> dict:
         raise ConfigError(path, f"cannot read the config file: {error}") from None
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:
