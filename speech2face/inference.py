@@ -6,7 +6,8 @@ face feature, and the face decoder's canonical face. Any audio or video file tha
 :func:`speech2face.audio.load_audio` reads works.
 
 Without a model argument the model trained by ``speech2face demo`` is used, from the
-user cache (``speech2face.utils.cache_dir() / "demo-model"``).
+user cache (``speech2face.utils.cache_dir() / "models" / "demo"``), where
+``load_model("demo")`` finds it too.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from speech2face.errors import AudioError, WeightsError
 from speech2face.utils import atomic_write, cache_dir
 
 OUTPUT_SIZE = 224  # side of the returned face, the paper's crop size (section 3)
-DEMO_MODEL_NAME = "demo-model"  # cache_dir() / DEMO_MODEL_NAME holds the demo's bundle
+DEMO_MODEL_NAME = "demo"  # cache_dir() / "models" / DEMO_MODEL_NAME holds the demo's bundle
 BATCH_SIZE = 8  # clips per forward pass in the CLI
 
 
 def default_model_path() -> Path:
     """Where ``speech2face demo`` leaves its trained bundle for ``reconstruct``."""
-    return cache_dir() / DEMO_MODEL_NAME
+    return cache_dir() / "models" / DEMO_MODEL_NAME  # where load_model looks up names
 
 
 @dataclass

@@ -153,6 +153,10 @@ def test_default_model_comes_from_the_cache(tmp_path, monkeypatch, audio_files, 
     shutil.copytree(bundle, inference.default_model_path())
     np.testing.assert_array_equal(inference.reconstruct(audio_files[1]["wav"]),
                                   inference.reconstruct(audio_files[1]["wav"], bundle))
+    # The demo's bundle is also a named model for load_model.
+    from speech2face.model import find_bundle
+
+    assert find_bundle("demo") == inference.default_model_path()
 
 
 def test_decoder_only_bundle_is_refused(tmp_path, audio_files):
