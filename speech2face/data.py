@@ -207,6 +207,28 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
+def _read_voxceleb_meta(
+    root: Path, filename: str, id_column: str, dataset: str, **extra: tuple[str, ...]
+) -> tuple[Path, dict[str, dict]]:
+    """``(path, {identity: {"gender", "set", *extra}})`` from a VoxCeleb metadata table.
+
+    ``extra`` maps an output key to the column names it may have (first found wins).
+    """
+    meta_path = _find(root, filename)
+    if meta_path is None:
+        raise DataError(root, f"no {filename} ({dataset}'s identity metadata)")
+    meta = {}
+    for row in _read_table(meta_path):
+        identity = _column(row, id_column, "id")
+        if identity:
+            meta[identity] = {
+                "gender": (_column(row, "Gender") or "").lower() or None,
+                "set": (_column(row, "Set") or "").lower(),
+                **{key: _column(row, *columns) for key, columns in extra.items()},
+            }
+    return meta_path, meta
+
+
 def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
     """The videos of a VoxCeleb1 folder (layout: docs/data.md), sorted by identity, video.
 
@@ -218,19 +240,12 @@ def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
     wav_roots = _find_all(root, "wav")
     if not wav_roots:
         raise DataError(root, "no wav/ folder (expected wav/<id>/<video>/<clip>.wav)")
-    meta_path = _find(root, "vox1_meta.csv")
-    if meta_path is None:
-        raise DataError(root, "no vox1_meta.csv (VoxCeleb1's identity metadata)")
-    meta = {}
-    for row in _read_table(meta_path):
-        identity = _column(row, "VoxCeleb1 ID", "id")
-        if identity:
-            meta[identity] = {
-                "name": _column(row, "VGGFace1 ID", "name") or identity,
-                "gender": (_column(row, "Gender") or "").lower() or None,
-                "nationality": _column(row, "Nationality"),
-                "set": (_column(row, "Set") or "").lower(),
-            }
+    meta_path, meta = _read_voxceleb_meta(
+        root, "vox1_meta.csv", "VoxCeleb1 ID", "VoxCeleb1",
+        name=("VGGFace1 ID", "name"), nationality=("Nationality",),
+    )
+    for identity, row in meta.items():
+        row["name"] = row["name"] or identity
 
     def is_test(identity: str) -> bool:
         s = meta[identity]["set"]
@@ -287,17 +302,7 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
     aac_roots, mp4_roots = _find_all(root, "aac"), _find_all(root, "mp4")
     if not mp4_roots:
         raise DataError(root, "no mp4/ folder (expected mp4/<id>/<video>/<clip>.mp4)")
-    meta_path = _find(root, "vox2_meta.csv")
-    if meta_path is None:
-        raise DataError(root, "no vox2_meta.csv (VoxCeleb2's identity metadata)")
-    meta = {}
-    for row in _read_table(meta_path):
-        identity = _column(row, "VoxCeleb2 ID", "id")
-        if identity:
-            meta[identity] = {
-                "gender": (_column(row, "Gender") or "").lower() or None,
-                "set": (_column(row, "Set") or "").lower(),
-            }
+    meta_path, meta = _read_voxceleb_meta(root, "vox2_meta.csv", "VoxCeleb2 ID", "VoxCeleb2")
     splits = _assign_splits(root, meta, lambda i: meta[i]["set"] == "test")
 
     def collect(roots, suffixes):
