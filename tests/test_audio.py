@@ -141,6 +141,24 @@ def test_files_to_spectrogram(tmp_path, rate, channels, seconds):
     assert err.max() < 0.01 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize(
+    "subtype,channels", [("PCM_16", 1), ("PCM_16", 2), ("PCM_16", 3), ("PCM_24", 2), ("PCM_U8", 1)]
+)
+def test_pcm_wav_is_scaled_and_downmixed_like_the_spec(tmp_path, subtype, channels):
+    # SPEC.md: int16 PCM / 32768; channels averaged. The reference works from the integer
+    # samples in float64; 16-bit files take a raw-integer fast path, others libsndfile's.
+    bits = {"PCM_16": 16, "PCM_24": 24, "PCM_U8": 8}[subtype]
+    rng = np.random.default_rng(channels)
+    ints = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (16000, channels))
+    ints[:, 0] = -(2 ** (bits - 1))  # the most negative sample maps to exactly -1
+    path = tmp_path / "pcm.wav"
+    sf.write(path, ints.astype(np.float64) / 2 ** (bits - 1), 16000, subtype=subtype)
+    wave = load_audio(path)
+    assert wave.dtype == np.float32 and wave.shape == (16000,)
+    expected = (ints.astype(np.float64) / 2 ** (bits - 1)).mean(axis=1)
+    np.testing.assert_allclose(wave, expected, rtol=0, atol=1e-7)
+
+
 def write_encoded(path, fmt: str, codec: str, rate: int, seconds: float = 2.0) -> np.ndarray:
     """Encode a stereo test tone with FFmpeg (PyAV); returns the mono source at ``rate``."""
     t = np.arange(int(rate * seconds)) / rate
