@@ -1400,7 +1400,7 @@ def add_prepare_arguments(parser) -> None:
     parser.add_argument(
         "--root", required=True, help="the dataset's folder (layouts: docs/data.md)"
     )
-    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("-o", "--out", required=True, help="output folder for shards and manifest.json")
     parser.add_argument(
         "--workers", type=int, default=1, help="processes working on videos (default 1)"
     )

@@ -283,7 +283,7 @@ def run_demo(
 
 
 def add_demo_arguments(parser) -> None:
-    parser.add_argument("--out", default=DEFAULT_OUT,
+    parser.add_argument("-o", "--out", default=DEFAULT_OUT,
                         help=f"working folder (default {DEFAULT_OUT}; a previous demo's folder "
                              "is overwritten)")
     parser.add_argument("--speakers", type=int, default=DEMO_SPEAKERS,

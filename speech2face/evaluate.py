@@ -923,7 +923,7 @@ def add_evaluate_arguments(parser) -> None:
                         help="model bundle or training run (with a voice encoder)")
     parser.add_argument("--data", required=True, metavar="SHARDS",
                         help="folder written by `speech2face prepare`")
-    parser.add_argument("--out", required=True, help="report folder to write")
+    parser.add_argument("-o", "--out", required=True, help="report folder to write")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--gallery-size", type=int, default=GALLERY_SIZE,
                         help=f"identities per retrieval gallery (default {GALLERY_SIZE}; "

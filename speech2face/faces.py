@@ -503,7 +503,7 @@ def add_faces_arguments(parser) -> None:
         metavar="IMAGE_OR_DIR",
         help="image files or folders (searched recursively)",
     )
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
     parser.add_argument(
         "--detector",
         choices=DETECTORS,

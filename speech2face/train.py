@@ -1329,7 +1329,7 @@ def _training_features(data: Path, config: TrainConfig, progress: bool):
 def _add_common_arguments(parser) -> None:
     parser.add_argument("--data", required=True, metavar="SHARDS",
                         help="folder written by `speech2face prepare` (manifest.json + shards)")
-    parser.add_argument("--out", required=True, metavar="RUN",
+    parser.add_argument("-o", "--out", required=True, metavar="RUN",
                         help="run folder: checkpoints, logs, validation images and the final "
                              "bundle RUN/model")
     parser.add_argument("--config", metavar="FILE",
