@@ -1396,10 +1396,10 @@ def load_split(
 
 
 def add_prepare_arguments(parser) -> None:
-    parser.add_argument("dataset", choices=DATASETS, help="which dataset layout to read")
     parser.add_argument(
-        "--root", required=True, help="the dataset's folder (layouts: docs/data.md)"
+        "dataset", nargs="?", choices=DATASETS, help="which dataset layout to read (not with --merge)"
     )
+    parser.add_argument("--root", help="the dataset's folder (layouts: docs/data.md)")
     parser.add_argument("-o", "--out", required=True, help="output folder for shards and manifest.json")
     parser.add_argument(
         "--workers", type=int, default=1, help="processes working on videos (default 1)"
@@ -1454,6 +1454,8 @@ def prepare_command(args) -> int:
     start = time.perf_counter()
     if args.merge:
         manifest = merge_manifests(args.out)
+    elif args.dataset is None or args.root is None:
+        raise DataError(None, "give the dataset and --root (or --merge to merge finished parts)")
     else:
         part = prepare(
             args.dataset,

@@ -399,6 +399,13 @@ def test_two_shard_indices_together_equal_one_run(corpus, reference, tmp_path):
     assert members(out) == members(reference)
     assert data.verify_shards(out) == []
     assert data.merge_manifests(out) == {k: v for k, v in merged.items() if k != "root"}
+    # By hand on the command line: only --out is needed.
+    from speech2face.cli import main
+
+    (out / "manifest.json").unlink()
+    assert main(["prepare", "-o", str(out), "--merge"]) == 0
+    assert data.load_manifest(out) == merged
+    assert main(["prepare", "-o", str(out)]) == 2  # neither a dataset nor --merge
 
 
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
