@@ -237,12 +237,13 @@ def run_demo(
     _prepare_out(out)
     torch.manual_seed(seed)
     stages = _Stages(6, log)
+    workers = min(2, os.cpu_count() or 1)
     corpus = stages.run("corpus", f"generating {speakers} speakers", make_demo_data,
                         out / "corpus", speakers=speakers, seed=seed, progress=progress,
-                        **(corpus_options or {}))
+                        **{"workers": workers, **(corpus_options or {})})
     shards = out / "shards"
     stages.run("prepare", "preparing shards (faces, landmarks, features)", prepare,
-               "voxceleb1", corpus, shards, workers=min(2, os.cpu_count() or 1),
+               "voxceleb1", corpus, shards, workers=workers,
                progress=progress)
     stages.run("decoder", f"training the face decoder ({decoder_steps} steps)", train_decoder,
                shards, out / "runs" / "decoder",

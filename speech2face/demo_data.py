@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -283,10 +284,16 @@ def synthesize_speech(voice: dict, seconds: float, rng: np.random.Generator) -> 
     all_formants = np.concatenate([formants, np.broadcast_to(_HIGH_FORMANTS, (n_frames, 2))], 1)
     all_formants = all_formants * voice["formant_scale"]  # (F, 5)
     bandwidths = _BANDWIDTHS * voice["formant_scale"]
-    # Second-order resonator magnitudes |H(f)| = F^2 / sqrt((F^2 - f^2)^2 + (B f)^2).
-    fk = all_formants[:, :, None]  # (F, 5, 1)
-    mag = fk**2 / np.sqrt((fk**2 - freqs**2) ** 2 + (bandwidths[None, :, None] * freqs) ** 2)
-    vowel_filter = np.prod(mag, axis=1)  # (F, 257)
+    # Product of second-order resonator magnitudes |H(f)| = F^2 / sqrt((F^2 - f^2)^2 +
+    # (B f)^2) over the five formants, with one square root for all five.
+    squared = all_formants**2  # (F, 5)
+    denominator = np.ones((n_frames, len(freqs)))
+    for k in range(squared.shape[1]):
+        term = np.subtract.outer(squared[:, k], freqs**2)
+        term *= term
+        term += (bandwidths[k] * freqs) ** 2
+        denominator *= term
+    vowel_filter = np.prod(squared, axis=1)[:, None] / np.sqrt(denominator)  # (F, 257)
     vowel_filter /= vowel_filter.max(axis=1, keepdims=True)
     hiss = (freqs / (freqs + 2500.0 * voice["formant_scale"])) ** 3  # fricatives: high-pass
 
@@ -462,19 +469,20 @@ def make_demo_data(
     videos: tuple[int, int] = VIDEOS_PER_SPEAKER,
     clips: tuple[int, int] = CLIPS_PER_VIDEO,
     frames: int = FRAMES_PER_VIDEO,
+    workers: int = 2,
     progress: bool = True,
 ) -> Path:
     """Write the demo corpus (VoxCeleb1 layout, module docstring) to ``out``.
 
     speakers: number of identities. seed: everything is a deterministic function of it.
     videos, clips: inclusive ranges of videos per speaker and clips per video.
-    frames: face frames per video. The corpus is built in a temporary folder beside
+    frames: face frames per video. workers: threads writing speakers in parallel (the
+    corpus does not depend on it). The corpus is built in a temporary folder beside
     ``out`` and renamed into place, so a crash leaves no partial corpus.
 
     Returns ``out`` as a Path. Raises DataError if ``out`` exists and is not empty.
     """
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     out = Path(out)
@@ -491,28 +499,20 @@ def make_demo_data(
     try:
         rng = np.random.default_rng(seed)
         people = _make_speakers(speakers, rng)
-        base_image, base_landmarks = base_face()
-        for person in tqdm(people, desc="make-demo-data", unit="speaker", disable=not progress):
-            # One generator per speaker for its recordings, seeded by (seed, identity):
-            # its clips and frames do not depend on the other speakers' draws.
-            srng = np.random.default_rng([seed, int(person.identity[2:])])
-            face = identity_face(base_image, base_landmarks, person.face)
-            for _ in range(int(srng.integers(videos[0], videos[1] + 1))):
-                video = _video_id(srng)
-                frame_dir = tmp / "unzippedFaces" / person.name / "1.6" / video
-                frame_dir.mkdir(parents=True)
-                video_look = jitter_frame(face, srng, pose=1.0, light=1.0)
-                frame_no = int(srng.integers(1, 500))
-                for _ in range(frames):
-                    picture = jitter_frame(video_look, srng, pose=0.3, light=0.3)
-                    Image.fromarray(picture).save(frame_dir / f"{frame_no:07d}.jpg", quality=90)
-                    frame_no += int(srng.integers(25, 200))
-                wav_dir = tmp / "wav" / person.identity / video
-                wav_dir.mkdir(parents=True)
-                for k in range(int(srng.integers(clips[0], clips[1] + 1))):
-                    seconds = float(srng.uniform(*CLIP_SECONDS_RANGE))
-                    wave = synthesize_speech(person.voice, seconds, srng)
-                    _write_wav(wav_dir / f"{k + 1:05d}.wav", wave)
+        base = base_face()
+        # Speakers are independent (each has its own generator), so threads can write
+        # them in any order: numpy, PIL and the warp release the GIL for their heavy work.
+        # The corpus is the same for any number of workers.
+        with ThreadPoolExecutor(max(1, min(workers, speakers))) as pool:
+            jobs = [
+                pool.submit(_write_speaker, tmp, person, base, seed, videos, clips, frames)
+                for person in people
+            ]
+            for job in tqdm(
+                as_completed(jobs), total=len(jobs), desc="make-demo-data", unit="speaker",
+                disable=not progress,
+            ):
+                job.result()
         _write_metadata(tmp, people, seed)
         if out.exists():
             out.rmdir()
@@ -523,6 +523,32 @@ def make_demo_data(
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def _write_speaker(tmp: Path, person: Speaker, base, seed: int, videos, clips, frames) -> None:
+    """All videos of one speaker: face frames (JPEG) and speech clips (WAV)."""
+    from PIL import Image
+
+    # One generator per speaker for its recordings, seeded by (seed, identity): its clips
+    # and frames do not depend on the other speakers' draws.
+    srng = np.random.default_rng([seed, int(person.identity[2:])])
+    face = identity_face(*base, person.face)
+    for _ in range(int(srng.integers(videos[0], videos[1] + 1))):
+        video = _video_id(srng)
+        frame_dir = tmp / "unzippedFaces" / person.name / "1.6" / video
+        frame_dir.mkdir(parents=True)
+        video_look = jitter_frame(face, srng, pose=1.0, light=1.0)
+        frame_no = int(srng.integers(1, 500))
+        for _ in range(frames):
+            picture = jitter_frame(video_look, srng, pose=0.3, light=0.3)
+            Image.fromarray(picture).save(frame_dir / f"{frame_no:07d}.jpg", quality=90)
+            frame_no += int(srng.integers(25, 200))
+        wav_dir = tmp / "wav" / person.identity / video
+        wav_dir.mkdir(parents=True)
+        for k in range(int(srng.integers(clips[0], clips[1] + 1))):
+            seconds = float(srng.uniform(*CLIP_SECONDS_RANGE))
+            wave = synthesize_speech(person.voice, seconds, srng)
+            _write_wav(wav_dir / f"{k + 1:05d}.wav", wave)
 
 
 def _write_wav(path: Path, wave: np.ndarray) -> None:
@@ -587,6 +613,9 @@ def add_make_demo_data_arguments(parser) -> None:
         "--seed", type=int, default=0, help="random seed; same seed, same corpus (default 0)"
     )
     parser.add_argument(
+        "--workers", type=int, default=2, help="threads writing speakers (default 2)"
+    )
+    parser.add_argument(
         "--frames",
         type=int,
         default=FRAMES_PER_VIDEO,
@@ -596,7 +625,9 @@ def add_make_demo_data_arguments(parser) -> None:
 
 def make_demo_data_command(args) -> int:
     start = time.perf_counter()
-    out = make_demo_data(args.out, speakers=args.speakers, seed=args.seed, frames=args.frames)
+    out = make_demo_data(
+        args.out, speakers=args.speakers, seed=args.seed, frames=args.frames, workers=args.workers
+    )
     n_wav = sum(1 for _ in (out / "wav").rglob("*.wav"))
     n_jpg = sum(1 for _ in (out / "unzippedFaces").rglob("*.jpg"))
     print(

@@ -20,7 +20,8 @@ SPEAKERS = 8
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "corpus"
     demo_data.make_demo_data(
-        root, speakers=SPEAKERS, seed=5, videos=(2, 2), clips=(2, 3), frames=1, progress=False
+        root, speakers=SPEAKERS, seed=5, videos=(2, 2), clips=(2, 3), frames=1, workers=2,
+        progress=False,
     )
     return root
 
@@ -77,7 +78,8 @@ def test_layout_and_metadata(corpus):
 
 def test_deterministic_by_seed(corpus, tmp_path):
     kwargs = dict(speakers=SPEAKERS, videos=(2, 2), clips=(2, 3), frames=1, progress=False)
-    again = demo_data.make_demo_data(tmp_path / "again", seed=5, **kwargs)
+    # The fixture used 2 worker threads; one thread must write the very same corpus.
+    again = demo_data.make_demo_data(tmp_path / "again", seed=5, workers=1, **kwargs)
     assert tree(again) == tree(corpus)
     other = demo_data.make_demo_data(tmp_path / "other", seed=6, **kwargs)
     assert tree(other).keys() != tree(corpus).keys()
