@@ -1397,10 +1397,15 @@ def load_split(
 
 def add_prepare_arguments(parser) -> None:
     parser.add_argument(
-        "dataset", nargs="?", choices=DATASETS, help="which dataset layout to read (not with --merge)"
+        "dataset",
+        nargs="?",
+        choices=DATASETS,
+        help="which dataset layout to read (not with --merge)",
     )
     parser.add_argument("--root", help="the dataset's folder (layouts: docs/data.md)")
-    parser.add_argument("-o", "--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument(
+        "-o", "--out", required=True, help="output folder for shards and manifest.json"
+    )
     parser.add_argument(
         "--workers", type=int, default=1, help="processes working on videos (default 1)"
     )

@@ -605,7 +605,9 @@ def load_demo_attributes(root: str | os.PathLike) -> dict[str, Speaker]:
 
 
 def add_make_demo_data_arguments(parser) -> None:
-    parser.add_argument("-o", "--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument(
+        "-o", "--out", required=True, help="output folder (must not exist or be empty)"
+    )
     parser.add_argument(
         "--speakers", type=int, default=40, help="number of identities (default 40)"
     )

@@ -77,8 +77,9 @@ if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args.pop("threads"))
     run(**args)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # as the CLI does; exits cleanly
+    from speech2face.train import shutdown_distributed
+
+    shutdown_distributed()  # as the CLI does; exits cleanly
 '''
 
 
@@ -112,6 +113,12 @@ def _run_script(script: Path, args: dict, launcher: list[str] | None = None,
     command = [*(launcher or [sys.executable]), str(script), payload]
     return subprocess.run(command, env=_env(threads), capture_output=True, text=True,
                           timeout=120)
+
+
+def _failure(result) -> str:
+    """A failed run's stderr: its start (the child's error) and end (torchrun's summary)."""
+    err = result.stderr
+    return err if len(err) < 8000 else f"{err[:5000]}\n[...]\n{err[-3000:]}"
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -252,11 +259,11 @@ def test_ddp_two_processes_equal_one_process(toy, tmp_path):
     # every process join an extra checkpoint, which they must all agree on
     args = {"steps": 12, "val_every": 3}
     result = _run_script(script, {"out": str(tmp_path / "ddp"), **args}, launcher)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _failure(result)
     # the 1-process reference with one thread too, so that float sums agree closely
     result = _run_script(script, {"out": str(tmp_path / "one"), "grad_accum": 2, **args},
                          threads=1)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _failure(result)
     ddp, one = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
     params = [k for k in ddp if not k.startswith("2.running") and "num_batches" not in k]
     assert len(params) == 6
@@ -281,7 +288,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(toy, tmp_path):
     assert latest_checkpoint(tmp_path / "killed").name == "step-00000010"
     assert not (tmp_path / "killed" / "model").exists()
     resumed = _run_script(script, {"out": str(tmp_path / "killed"), "resume": True})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, _failure(resumed)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the CSV reads as one run: no duplicate rows from the steps done twice
