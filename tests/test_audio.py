@@ -159,6 +159,19 @@ def test_pcm_wav_is_scaled_and_downmixed_like_the_spec(tmp_path, subtype, channe
     np.testing.assert_allclose(wave, expected, rtol=0, atol=1e-7)
 
 
+def test_decoding_and_resampling_equal_librosa_load(tmp_path):
+    # librosa.load (soundfile, mean of channels, soxr HQ) is the common reference path;
+    # ours reads 16-bit PCM as integers and decodes only what max_seconds asks for.
+    librosa = pytest.importorskip("librosa")
+    path = tmp_path / "stereo48k.wav"
+    sf.write(path, speechlike(7.5, 48000, channels=2), 48000, subtype="PCM_16")
+    reference, _ = librosa.load(path, sr=16000)
+    whole = load_audio(path)
+    np.testing.assert_allclose(whole, reference, rtol=0, atol=1e-6)
+    # Cutting after resampling 6.05 s: the filter saw the samples after the cut.
+    np.testing.assert_allclose(load_audio(path, max_seconds=6.0), reference[:96000], atol=1e-6)
+
+
 def write_encoded(path, fmt: str, codec: str, rate: int, seconds: float = 2.0) -> np.ndarray:
     """Encode a stereo test tone with FFmpeg (PyAV); returns the mono source at ``rate``."""
     t = np.arange(int(rate * seconds)) / rate
