@@ -568,12 +568,13 @@ def faces_command(args) -> int:
             with atomic_write(out / stem.with_name(stem.name + suffix)) as f:
                 f.write(data)
         processed += 1
-    for path, reason in skipped:
-        print(f"skipped {path}: {reason}")
-    print(f"faces: {processed} processed, {len(skipped)} skipped, written to {out}")
+    if len(images) > 1:  # with one image, the error below says it all
+        for path, reason in skipped:
+            print(f"skipped {path}: {reason}")
     if processed == 0:
         path, reason = skipped[0]
         raise ImageError(path, f"{reason} (no image could be processed)")
+    print(f"faces: {processed} processed, {len(skipped)} skipped, written to {out}")
     return 0
 
 
