@@ -21,6 +21,7 @@ voice-to-face mapping where one exists, not how well it does on real people.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -39,14 +40,15 @@ DEMO_SPEAKERS = 40
 # three minutes on two cores while retrieval on held-out speakers is clearly above chance.
 # A higher learning rate than the paper's 1e-3 and no decay: a few hundred steps must
 # get a recognisable face out of the decoder and a speaker-dependent feature out of the
-# voice encoder. Validation and checkpoints only at the end (they cost time here).
+# voice encoder. Validation only at the end (it costs time here); checkpoints every 25
+# steps, so that a killed demo resumes (a tiny model's checkpoint costs milliseconds).
 DECODER_STEPS = 150
 VOICE_STEPS = 100
 DECODER_OVERRIDES = {"batch_size": 16, "lr": 5e-3, "lr_decay_steps": 100_000,
-                     "val_every": 100_000, "checkpoint_every": 100_000, "val_batches": 1,
+                     "val_every": 100_000, "checkpoint_every": 25, "val_batches": 1,
                      "log_every": 10}
 VOICE_OVERRIDES = {"batch_size": 8, "lr": 2e-3, "lr_decay_steps": 100_000,
-                   "val_every": 100_000, "checkpoint_every": 100_000, "val_batches": 1,
+                   "val_every": 100_000, "checkpoint_every": 25, "val_batches": 1,
                    "log_every": 10}
 RECONSTRUCTIONS = 6  # held-out speakers whose audio files are turned into faces in the report
 
@@ -99,14 +101,26 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _prepare_out(out: Path) -> None:
-    """Make ``out`` ready: new, empty, or a previous demo's folder (which is cleared)."""
+def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> bool:
+    """Make ``out`` ready: new, empty, or a previous demo's folder.
+
+    A previous demo's folder with the same ``settings`` (a finished or a killed run) is
+    kept, and the demo resumes in it: every stage is resumable or skips when done. With
+    other settings, or with ``fresh``, it is cleared. Any other non-empty folder is
+    refused. Returns True when resuming.
+    """
+    marker = out / DEMO_MARKER
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     if out.exists():
         if not out.is_dir():
             raise DataError(out, "exists and is not a folder")
-        if any(out.iterdir()) and not (out / DEMO_MARKER).exists():
+        if any(out.iterdir()) and not marker.exists():
             raise DataError(out, "exists, is not empty and is not a previous demo's folder; "
                                  "choose another --out")
+        if not fresh and _marker_settings(marker) == settings:
+            for leftover in out.glob(".corpus.*.tmp"):  # a corpus killed while written
+                shutil.rmtree(leftover, ignore_errors=True)
+            return True
         for child in out.iterdir():
             if child.name == DEMO_MARKER:
                 continue
@@ -115,7 +129,16 @@ def _prepare_out(out: Path) -> None:
             else:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by `speech2face demo`; the demo may overwrite it\n")
+    marker.write_text(json.dumps({"written_by": "speech2face demo (may overwrite this folder)",
+                                  "settings": settings}) + "\n")
+    return False
+
+
+def _marker_settings(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a marker of an older version, or damaged: start over
 
 
 def _train_config(steps: int, overrides: dict, seed: int):
@@ -206,6 +229,7 @@ def run_demo(
     install: bool = True,
     corpus_options: dict | None = None,
     train_overrides: dict | None = None,
+    fresh: bool = False,
     progress: bool = True,
     log=None,
 ) -> DemoResult:
@@ -214,13 +238,16 @@ def run_demo(
     Args:
         out: working folder: ``corpus/``, ``shards/``, ``runs/decoder``, ``runs/voice``
             and ``report/`` (``report.md``, ``metrics.json``, plots, faces). A previous
-            demo's folder is cleared; any other non-empty folder is refused.
+            demo's folder with the same settings is resumed (a killed demo continues
+            where it stopped; a finished one only re-evaluates), with other settings it
+            is cleared; any other non-empty folder is refused.
         speakers: generated identities (a quarter are held out for testing).
         decoder_steps, voice_steps: training steps of the two stages.
         install: copy the final bundle to the user cache for ``speech2face reconstruct``.
         corpus_options: more arguments of ``make_demo_data`` (``videos``, ``clips``,
             ``frames``), e.g. to make a smaller corpus in tests.
         train_overrides: ``TrainConfig`` fields set in both stages, over the demo's own.
+        fresh: clear a previous demo's folder even when its settings are the same.
     """
     import torch
 
@@ -234,13 +261,22 @@ def run_demo(
         raise DataError(None, f"the demo needs at least 8 speakers, got {speakers}")
     log = log or (lambda message: print(message, flush=True))
     out = Path(out)
-    _prepare_out(out)
+    settings = {"speakers": speakers, "seed": seed, "decoder_steps": decoder_steps,
+                "voice_steps": voice_steps, "corpus_options": corpus_options or {},
+                "train_overrides": train_overrides or {}}
+    if _prepare_out(out, settings, fresh):
+        log(f"resuming the demo in {out} (same settings; --fresh starts over)")
     torch.manual_seed(seed)
     stages = _Stages(6, log)
     workers = min(2, os.cpu_count() or 1)
-    corpus = stages.run("corpus", f"generating {speakers} speakers", make_demo_data,
-                        out / "corpus", speakers=speakers, seed=seed, progress=progress,
-                        **{"workers": workers, **(corpus_options or {})})
+    corpus = out / "corpus"
+    if (corpus / "demo_attributes.json").is_file():  # written last, renamed into place
+        log(f"[1/6] corpus of {speakers} speakers: already generated")
+        stages.done += 1
+    else:
+        stages.run("corpus", f"generating {speakers} speakers", make_demo_data, corpus,
+                   speakers=speakers, seed=seed, progress=progress,
+                   **{"workers": workers, **(corpus_options or {})})
     shards = out / "shards"
     stages.run("prepare", "preparing shards (faces, landmarks, features)", prepare,
                "voxceleb1", corpus, shards, workers=workers,
@@ -248,11 +284,11 @@ def run_demo(
     stages.run("decoder", f"training the face decoder ({decoder_steps} steps)", train_decoder,
                shards, out / "runs" / "decoder",
                _train_config(decoder_steps, {**DECODER_OVERRIDES, **(train_overrides or {})}, seed),
-               progress=progress)
+               resume=True, progress=progress)
     stages.run("voice", f"training the voice encoder ({voice_steps} steps)", train_voice,
                shards, out / "runs" / "decoder", out / "runs" / "voice",
                _train_config(voice_steps, {**VOICE_OVERRIDES, **(train_overrides or {})}, seed),
-               progress=progress)
+               resume=True, progress=progress)
     bundle = out / "runs" / "voice" / "model"
     report = out / "report"
 
@@ -296,9 +332,12 @@ def add_demo_arguments(parser) -> None:
                         help=f"voice encoder training steps (default {VOICE_STEPS})")
     parser.add_argument("--no-install", dest="install", action="store_false",
                         help="do not copy the model to the user cache for `reconstruct`")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over in --out (by default a killed demo with the same "
+                             "settings resumes where it stopped)")
 
 
 def demo_command(args) -> int:
     run_demo(args.out, speakers=args.speakers, seed=args.seed, decoder_steps=args.decoder_steps,
-             voice_steps=args.voice_steps, install=args.install)
+             voice_steps=args.voice_steps, install=args.install, fresh=args.fresh)
     return 0

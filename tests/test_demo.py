@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -30,9 +31,11 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    result = demo.run_demo(out, speakers=8, decoder_steps=2, voice_steps=2, reconstructions=2,
-                           corpus_options={"videos": (1, 1), "clips": (2, 2), "frames": 1},
-                           train_overrides={"batch_size": 4}, progress=False)
+    settings = dict(speakers=8, decoder_steps=2, voice_steps=3, reconstructions=2,
+                    corpus_options={"videos": (1, 1), "clips": (2, 2), "frames": 1},
+                    train_overrides={"batch_size": 4, "checkpoint_every": 1, "keep_last": 3},
+                    progress=False)
+    result = demo.run_demo(out, **settings)
     report = out / "report"
     assert result.report == report
     for name in ("report.md", "metrics.json", "grid.png", "recall.png", "craniofacial.png",
@@ -59,8 +62,31 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
     face = reconstruct(clip)
     assert face.shape == (224, 224, 3) and face.dtype == np.uint8
     assert "report:" in capsys.readouterr().out
-    # A second run into the same folder replaces the previous demo's outputs.
-    demo._prepare_out(out)
+
+    # Killed in the voice stage after its step-1 checkpoint: a rerun with the same
+    # settings keeps the corpus, shards and decoder, resumes the voice encoder from step
+    # 1, and ends where the uninterrupted run ended.
+    voice = out / "runs" / "voice"
+    shutil.rmtree(voice / "model")
+    for step in (2, 3):
+        shutil.rmtree(voice / "checkpoints" / f"step-{step:08d}")
+    (out / ".corpus.x.tmp").mkdir()  # what a corpus killed while being written leaves
+    kept = [*(out / "corpus").rglob("*.wav"),
+            *(out / "runs" / "decoder" / "checkpoints").rglob("*.safetensors"),
+            *(voice / "checkpoints" / "step-00000001").iterdir()]
+    kept = {p: p.stat().st_mtime_ns for p in kept}  # none of these may be written again
+    lines = []
+    again = demo.run_demo(out, **settings, log=lines.append)
+    assert any("resuming" in line for line in lines)
+    assert any("already generated" in line for line in lines)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert (voice / "checkpoints" / "step-00000003").is_dir()
+    assert not (out / ".corpus.x.tmp").exists()
+    assert again.metrics["retrieval"] == result.metrics["retrieval"]
+    assert again.metrics["feature_similarity"] == result.metrics["feature_similarity"]
+
+    # Other settings (or --fresh) clear the previous demo's outputs.
+    assert demo._prepare_out(out, {"speakers": 9}) is False
     assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_MARKER]
 
 
