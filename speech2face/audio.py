@@ -348,16 +348,26 @@ def add_spectrogram_arguments(parser) -> None:
 def spectrogram_command(args) -> int:
     from tqdm import tqdm
 
-    from speech2face.utils import atomic_write
+    from speech2face.utils import staged_writes
 
-    # Decode everything first: a bad file fails the command before anything is written.
-    specs = [
-        clip_spectrogram(path, args.seconds)
-        for path in tqdm(args.audio, desc="decode", disable=len(args.audio) < 4)
-    ]
     out = Path(args.out)
-    for path, spec in zip(args.audio, specs, strict=True):
-        with atomic_write(out / f"{Path(path).stem}.npy") as f:
-            np.save(f, spec.numpy())
-        print(f"{path} -> {out / (Path(path).stem + '.npy')} {tuple(spec.shape)}")
+    targets = [out / f"{Path(path).stem}.npy" for path in args.audio]
+    seen: dict[Path, str] = {}
+    for path, target in zip(args.audio, targets, strict=True):
+        if target in seen:
+            raise AudioError(path, f"would write {target} as {seen[target]} does; "
+                                   "rename one of them or run them separately")
+        seen[target] = path
+    # All or nothing: a bad file fails the command before any output appears, and memory
+    # stays at one spectrogram however many files there are.
+    with staged_writes() as stage:
+        for path, target in tqdm(
+            zip(args.audio, targets, strict=True), desc="spectrogram", unit="file",
+            total=len(targets), disable=len(targets) < 4,
+        ):
+            spec = clip_spectrogram(path, args.seconds)
+            with stage(target) as f:
+                np.save(f, spec.numpy())
+    for path, target in zip(args.audio, targets, strict=True):
+        print(f"{path} -> {target} {tuple(spec.shape)}")
     return 0

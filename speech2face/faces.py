@@ -535,7 +535,7 @@ def faces_command(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from speech2face.utils import atomic_write
+    from speech2face.utils import staged_writes
 
     images = find_images(args.inputs)
     if not images:
@@ -564,9 +564,10 @@ def faces_command(args) -> int:
             outputs[".feature.npy"] = _npy_bytes(
                 io, encoder.embed(crop[None])[0].detach().cpu().numpy()
             )
-        for suffix, data in outputs.items():
-            with atomic_write(out / stem.with_name(stem.name + suffix)) as f:
-                f.write(data)
+        with staged_writes() as stage:  # an image's files appear together or not at all
+            for suffix, data in outputs.items():
+                with stage(out / stem.with_name(stem.name + suffix)) as f:
+                    f.write(data)
         processed += 1
     if len(images) > 1:  # with one image, the error below says it all
         for path, reason in skipped:

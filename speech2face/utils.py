@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -15,19 +15,41 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
 
     A crash or kill leaves either the old file or the complete new one, never half of it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with staged_writes() as stage, stage(path, mode) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def staged_writes() -> Iterator[Callable]:
+    """Write several files all or nothing.
+
+    Yields ``stage(path, mode="wb")``, a context manager that opens a temporary file
+    beside ``path``. When the ``with`` block ends normally every staged file is renamed
+    onto its path; when it raises, none is and the temporary files are removed, so a
+    command that fails half-way leaves the previous outputs as they were.
+    """
+    staged: list[tuple[str, Path]] = []
+
+    @contextlib.contextmanager
+    def stage(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        staged.append((tmp, path))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        yield stage
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
 
 def cache_dir() -> Path:

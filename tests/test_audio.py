@@ -313,3 +313,13 @@ def test_cli_bad_file_is_one_line_exit_2_and_no_partial_output(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_refuses_two_inputs_with_one_output_name(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        sf.write(tmp_path / folder / "clip.wav", speechlike(1.0, 16000), 16000)
+    out = tmp_path / "out"
+    result = run_cli("spectrogram", "a/clip.wav", "b/clip.wav", "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 2 and "clip.npy" in result.stderr
+    assert not out.exists() or not any(out.iterdir())

@@ -1,0 +1,41 @@
+"""Shared helpers: all-or-nothing writes."""
+
+import os
+
+import pytest
+
+from speech2face.utils import atomic_write, staged_writes
+
+
+def test_staged_writes_commit_together(tmp_path):
+    with staged_writes() as stage:
+        for name in ("a.txt", "sub/b.txt"):
+            with stage(tmp_path / name, "w") as f:
+                f.write(name)
+            assert not (tmp_path / name).exists()  # nothing visible before the block ends
+    assert (tmp_path / "a.txt").read_text() == "a.txt"
+    assert (tmp_path / "sub" / "b.txt").read_text() == "sub/b.txt"
+
+
+def test_staged_writes_leave_old_files_when_the_block_fails(tmp_path):
+    (tmp_path / "a.txt").write_text("old")
+    with pytest.raises(ValueError), staged_writes() as stage:
+        with stage(tmp_path / "a.txt", "w") as f:
+            f.write("new")
+        with stage(tmp_path / "b.txt", "w") as f:
+            f.write("half")
+            raise ValueError("the second input is bad")
+    assert (tmp_path / "a.txt").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]  # no b.txt, no temporary files
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write(b"new")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.bin"]
+    with atomic_write(target) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new"
