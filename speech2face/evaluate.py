@@ -47,6 +47,7 @@ RECALL_KS = (1, 2, 5, 10)  # recall@K reported (paper Table 3)
 GALLERY_SIZE = 100  # identities per retrieval gallery (paper section 4.2)
 GALLERY_DRAWS = 50  # random galleries averaged (decision: the paper does not say how many)
 RETRIEVAL_METRICS = ("cosine", "l2", "l1")  # distances used for ranking (paper Table 3)
+CHECKPOINT_SECONDS = 60.0  # a running evaluation saves its progress this often
 SHUFFLES = 20  # random re-pairings averaged for the craniofacial baseline (decision)
 EPS = 1e-12  # keeps normalising an all-zero feature finite
 CONSTANT_TOLERANCE = 1e-6  # relative spread below which a measure counts as constant
@@ -437,6 +438,113 @@ def _identity_of(batch: dict, i: int):
     return str(batch["meta"][i]["identity"])
 
 
+class _Collector:
+    """Accumulates :class:`Collected` batch by batch; saved and restored for resuming."""
+
+    def __init__(self, attributes: bool = True, grid_rows: int = 8):
+        self.classifier = AttributeClassifier() if attributes else None
+        self.grid_rows = grid_rows
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
+        self.ids: list = []
+        self.genders: tuple[list, list] = ([], [])
+        self.ages: tuple[list, list] = ([], [])
+        self.grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
+        self.shown: set = set()
+        self.batches = 0  # batches added so far
+
+    def add(self, model, batch: dict, device="cpu") -> int:
+        """Run ``model`` on one batch and keep what the metrics need; returns its size."""
+        from speech2face.audio import spectrogram
+        from speech2face.inference import to_uint8_images
+
+        if "spectrogram" in batch:
+            spec = batch["spectrogram"].to(device)
+        else:
+            spec = spectrogram(batch["wave"].to(device))
+        true = batch["feature"].to(device).float()
+        pred = model.predict_features(spec).float()  # (B, D)
+        recon = model.decode(pred)
+        canon = model.decode(true)
+        for name, value in (("pred", pred), ("true", true), ("rec_lm", recon.landmarks),
+                            ("can_lm", canon.landmarks)):
+            self.parts[name].append(value.float().cpu().numpy())
+        ids = [_identity_of(batch, i) for i in range(len(pred))]
+        self.ids.extend(ids)
+        if self.classifier is not None or len(self.grid) < self.grid_rows:
+            faces = to_uint8_images(batch["face"].float())
+            recon_images = to_uint8_images(recon.image)
+        if self.classifier is not None:
+            for store, images in ((0, faces), (1, recon_images)):
+                g, a = self.classifier(images)
+                self.genders[store].extend(g)
+                self.ages[store].extend(a)
+        if len(self.grid) < self.grid_rows:
+            canon_images = to_uint8_images(canon.image)
+            for i, identity in enumerate(ids):
+                if identity not in self.shown and len(self.grid) < self.grid_rows:
+                    self.shown.add(identity)
+                    label = batch["meta"][i].get("identity", str(identity)) \
+                        if "meta" in batch else str(identity)
+                    self.grid.append((faces[i], canon_images[i], recon_images[i], str(label)))
+        self.batches += 1
+        return len(pred)
+
+    def result(self) -> Collected:
+        if not self.parts["pred"]:
+            raise DataError(None, "no samples to evaluate")
+        arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
+        return Collected(pred=arrays["pred"], true=arrays["true"],
+                         identities=np.asarray(self.ids), recon_landmarks=arrays["rec_lm"],
+                         canon_landmarks=arrays["can_lm"], genders=self.genders,
+                         ages=self.ages, grid=self.grid)
+
+    def save(self, folder: Path, key: str) -> None:
+        """Write the state to ``folder``: arrays first, then ``state.json`` naming them."""
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"collected-{self.batches:08d}.npz"
+        arrays = {k: np.concatenate(v) for k, v in self.parts.items() if v}
+        for i, (face, canon, recon, _) in enumerate(self.grid):
+            arrays.update({f"grid{i}_true": face, f"grid{i}_canon": canon,
+                           f"grid{i}_recon": recon})
+        with atomic_write(folder / name) as f:
+            np.savez(f, **arrays)
+        state = {"key": key, "batches": self.batches, "arrays": name, "ids": self.ids,
+                 "shown": sorted(self.shown, key=str), "genders": self.genders,
+                 "ages": self.ages, "grid_labels": [row[3] for row in self.grid]}
+        with atomic_write(folder / "state.json", "w") as f:
+            json.dump(state, f)
+        for old in folder.glob("collected-*.npz"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, folder: Path, key: str, attributes: bool, grid_rows: int) -> _Collector | None:
+        """The state saved in ``folder`` for the same ``key``, else None."""
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            if state.get("key") != key:
+                return None
+            with np.load(folder / state["arrays"], allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, KeyError):
+            return None
+        collector = cls(attributes, grid_rows)
+        collector.batches = state["batches"]
+        collector.parts = {k: [arrays[k]] for k in _ARRAYS if k in arrays}
+        collector.parts.update({k: [] for k in _ARRAYS if k not in arrays})
+        collector.ids = state["ids"]
+        collector.shown = set(state["shown"])
+        collector.genders = tuple(state["genders"])
+        collector.ages = tuple(state["ages"])
+        collector.grid = [(arrays[f"grid{i}_true"], arrays[f"grid{i}_canon"],
+                           arrays[f"grid{i}_recon"], label)
+                          for i, label in enumerate(state["grid_labels"])]
+        return collector
+
+
+_ARRAYS = ("pred", "true", "rec_lm", "can_lm")
+
+
 def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: int = 8,
             device="cpu", total: int | None = None, progress: bool = True) -> Collected:
     """Run ``model`` on batches of the test split and keep what the metrics need.
@@ -453,62 +561,13 @@ def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: 
     import torch
     from tqdm import tqdm
 
-    from speech2face.audio import spectrogram
-    from speech2face.inference import to_uint8_images
-
-    classifier = AttributeClassifier() if attributes else None
-    parts: dict[str, list] = {k: [] for k in ("pred", "true", "ids", "rec_lm", "can_lm")}
-    c_genders: tuple[list, list] = ([], [])
-    c_ages: tuple[list, list] = ([], [])
-    grid, shown = [], set()
+    collector = _Collector(attributes, grid_rows)
     model.eval()
     with torch.inference_mode(), tqdm(total=total, desc="evaluate", unit="clip",
                                       disable=not progress) as bar:
         for batch in batches:
-            if "spectrogram" in batch:
-                spec = batch["spectrogram"].to(device)
-            else:
-                spec = spectrogram(batch["wave"].to(device))
-            true = batch["feature"].to(device).float()
-            pred = model.predict_features(spec).float()  # (B, D)
-            recon = model.decode(pred)
-            canon = model.decode(true)
-            parts["pred"].append(pred.cpu().numpy())
-            parts["true"].append(true.cpu().numpy())
-            parts["rec_lm"].append(recon.landmarks.float().cpu().numpy())
-            parts["can_lm"].append(canon.landmarks.float().cpu().numpy())
-            ids = [_identity_of(batch, i) for i in range(len(pred))]
-            parts["ids"].extend(ids)
-            need_images = classifier is not None or len(grid) < grid_rows
-            if need_images:
-                faces = to_uint8_images(batch["face"].float())
-                recon_images = to_uint8_images(recon.image)
-            if classifier is not None:
-                for store, images in ((0, faces), (1, recon_images)):
-                    g, a = classifier(images)
-                    c_genders[store].extend(g)
-                    c_ages[store].extend(a)
-            if len(grid) < grid_rows:
-                canon_images = to_uint8_images(canon.image)
-                for i, identity in enumerate(ids):
-                    if identity not in shown and len(grid) < grid_rows:
-                        shown.add(identity)
-                        label = batch["meta"][i].get("identity", str(identity)) \
-                            if "meta" in batch else str(identity)
-                        grid.append((faces[i], canon_images[i], recon_images[i], str(label)))
-            bar.update(len(pred))
-    if not parts["pred"]:
-        raise DataError(None, "no samples to evaluate")
-    return Collected(
-        pred=np.concatenate(parts["pred"]),
-        true=np.concatenate(parts["true"]),
-        identities=np.asarray(parts["ids"]),
-        recon_landmarks=np.concatenate(parts["rec_lm"]),
-        canon_landmarks=np.concatenate(parts["can_lm"]),
-        genders=c_genders,
-        ages=c_ages,
-        grid=grid,
-    )
+            bar.update(collector.add(model, batch, device))
+    return collector.result()
 
 
 def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int = GALLERY_DRAWS,
@@ -816,11 +875,12 @@ def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
 
 
 def _split_batches(data: Path, split: str, batch_size: int, max_samples: int | None,
-                   seed: int) -> tuple[Iterable[dict], int]:
+                   seed: int, skip: int = 0) -> tuple[Iterable[dict], int]:
     """Batches of one split of ``prepare``'s shards, in a fixed order, and their count.
 
     With ``max_samples`` a seeded random subset of that size is kept (the rest is read
-    and dropped: shards are streams).
+    and dropped: shards are streams). The first ``skip`` batches are read but not
+    collated or yielded (a resumed evaluation has them already).
     """
     from speech2face.data import ShardDataset, collate
 
@@ -834,14 +894,18 @@ def _split_batches(data: Path, split: str, batch_size: int, max_samples: int | N
 
     def batches() -> Iterable[dict]:
         pending: list[dict] = []
+        skipped = 0
         for i, sample in enumerate(dataset.samples()):
             if keep is not None and i not in keep:
                 continue
             pending.append(sample)
             if len(pending) == batch_size:
-                yield collate(pending, dataset.identity_index)
+                if skipped < skip:
+                    skipped += 1
+                else:
+                    yield collate(pending, dataset.identity_index)
                 pending = []
-        if pending:
+        if pending and skipped >= skip:
             yield collate(pending, dataset.identity_index)
 
     return batches(), total
@@ -865,6 +929,7 @@ def evaluate(
     notice: str | None = None,
     extra: str = "",
     extra_files: dict[str, bytes] | None = None,
+    checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
     progress: bool = True,
 ) -> dict:
     """Evaluate ``model`` on the ``split`` of the shards in ``data``; write the report to ``out``.
@@ -879,6 +944,9 @@ def evaluate(
         attributes: run the gender/age classifiers.
         title, notice, extra, extra_files: report heading, a highlighted note under it,
             Markdown appended at the end, and more files to write with the report.
+        checkpoint_seconds: save what has been computed this often (to ``.OUT.partial``
+            beside ``out``), so that a killed evaluation, rerun with the same model,
+            data and settings, continues where it stopped; None never saves.
 
     Returns:
         The metrics (the content of ``metrics.json``).
@@ -889,12 +957,29 @@ def evaluate(
 
     source = str(model) if isinstance(model, (str, os.PathLike)) else \
         getattr(model, "source", type(model).__name__)
-    loaded = resolve_model(model).to(device)
-    batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        collected = collect(loaded, batches, attributes=attributes, grid_rows=grid_rows,
-                            device=device, total=total, progress=progress)
+    from tqdm import tqdm
+
+    loaded = resolve_model(model).to(device).eval()
+    out = Path(out)
+    partial = out.parent / f".{out.name}.partial"
+    key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,
+                   max_samples=max_samples, seed=seed, attributes=attributes,
+                   grid_rows=grid_rows)
+    collector = _Collector.load(partial, key, attributes, grid_rows) or \
+        _Collector(attributes, grid_rows)
+    batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed,
+                                    skip=collector.batches)
+    start = last_save = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=total, initial=len(collector.ids),
+                                      desc="evaluate", unit="clip",
+                                      disable=not progress) as bar:
+        for batch in batches:
+            bar.update(collector.add(loaded, batch, device))
+            if checkpoint_seconds is not None and \
+                    time.perf_counter() - last_save >= checkpoint_seconds:
+                collector.save(partial, key)
+                last_save = time.perf_counter()
+    collected = collector.result()
     if len(np.unique(collected.identities)) < 2:
         raise DataError(data, f"the {split} split has fewer than 2 identities: retrieval needs "
                               "at least 2")
@@ -904,7 +989,22 @@ def evaluate(
     files = render_report(metrics, collected, title=title, notice=notice, extra=extra,
                           extra_files=extra_files)
     write_outputs(out, files)
+    shutil.rmtree(partial, ignore_errors=True)
     return metrics
+
+
+def _run_key(model, data: Path, **settings) -> str:
+    """What a saved partial evaluation must match: the weights, the data, the settings."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    manifest = data / "manifest.json"
+    digest.update(manifest.read_bytes() if manifest.is_file() else str(data).encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _summary(metrics: dict) -> str:

@@ -62,6 +62,7 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
     face = reconstruct(clip)
     assert face.shape == (224, 224, 3) and face.dtype == np.uint8
     assert "report:" in capsys.readouterr().out
+    _check_evaluation_resumes(out, tmp_path, monkeypatch)
 
     # Killed in the voice stage after its step-1 checkpoint: a rerun with the same
     # settings keeps the corpus, shards and decoder, resumes the voice encoder from step
@@ -88,6 +89,39 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
     # Other settings (or --fresh) clear the previous demo's outputs.
     assert demo._prepare_out(out, {"speakers": 9}) is False
     assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_MARKER]
+
+
+def _check_evaluation_resumes(demo_out, tmp_path, monkeypatch):
+    """An evaluation killed after two batches continues from its saved state and ends
+    with the same metrics as one that was never interrupted."""
+    from speech2face import evaluate as ev
+
+    model, shards = demo_out / "runs" / "voice" / "model", demo_out / "shards"
+    settings = dict(batch_size=1, attributes=False, checkpoint_seconds=0, progress=False)
+    reference = ev.evaluate(model, shards, tmp_path / "straight", **settings)
+    calls = {"n": 0}
+    original = ev._Collector.add
+
+    def killed_on_third_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ev._Collector, "add", killed_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(model, shards, tmp_path / "report", **settings)
+    assert not (tmp_path / "report").exists()
+    assert json.loads((tmp_path / ".report.partial" / "state.json").read_text())["batches"] == 2
+    calls["n"] = -1000  # no more kills; count the batches the rerun computes
+    resumed = ev.evaluate(model, shards, tmp_path / "report", **settings)
+    assert calls["n"] == -1000 + reference["samples"] - 2  # only the batches not saved
+    assert not (tmp_path / ".report.partial").exists()
+    for key in ("feature_similarity", "retrieval", "craniofacial", "samples", "identities"):
+        # compared as JSON: a constant measure's r is NaN in both
+        assert json.dumps(resumed[key]) == json.dumps(reference[key]), key
+    # Another model (or data, or settings) does not pick up a saved state.
+    assert ev._Collector.load(tmp_path / ".report.partial", "other", False, 8) is None
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
