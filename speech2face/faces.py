@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ UPSAMPLE_MAX_SIDE = 800
 # 1.2 s for a 640 x 480 frame as is, 5 s upsampled), so only small images are upsampled.
 CNN_UPSAMPLE_MAX_SIDE = 400
 DETECTORS = ("hog", "cnn")
+FACES_STATE = ".faces.json"  # the options an output folder of `speech2face faces` was made with
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # Groups of the 68 iBUG landmarks (0-based, end-exclusive).
@@ -535,7 +537,7 @@ def faces_command(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from speech2face.utils import staged_writes
+    from speech2face.utils import atomic_write, staged_writes
 
     images = find_images(args.inputs)
     if not images:
@@ -548,8 +550,21 @@ def faces_command(args) -> int:
 
         encoder = load_face_encoder(args.encoder, weights=args.weights)
     out = Path(args.out)
-    processed, skipped = 0, []
+    # Rerun into the same folder with the same options, images whose outputs are all
+    # there are not processed again (a killed run continues; each image's files appear
+    # together). Other options redo everything.
+    suffixes = [".crop.png", ".landmarks.png", ".landmarks.npy"]
+    suffixes += [".feature.npy"] if encoder is not None else []
+    options = {"detector": args.detector, "encoder": args.encoder, "size": args.size,
+               "weights": None if args.weights is None else str(Path(args.weights).resolve())}
+    state = out / FACES_STATE
+    resume = state.is_file() and _read_json(state) == {"options": options}
+    processed, skipped, done = 0, [], 0
     for path, stem in tqdm(images, desc="faces", unit="image", disable=len(images) < 2):
+        targets = [out / stem.with_name(stem.name + suffix) for suffix in suffixes]
+        if resume and all(t.is_file() for t in targets):
+            done += 1
+            continue
         try:
             crop, landmarks, _ = extract_face(path, detector=args.detector, size=args.size)
         except ImageError as error:
@@ -564,19 +579,30 @@ def faces_command(args) -> int:
             outputs[".feature.npy"] = _npy_bytes(
                 io, encoder.embed(crop[None])[0].detach().cpu().numpy()
             )
+        if processed == 0 and not resume:  # the options of what this folder holds
+            with atomic_write(state, "w") as f:
+                json.dump({"options": options}, f)
         with staged_writes() as stage:  # an image's files appear together or not at all
-            for suffix, data in outputs.items():
-                with stage(out / stem.with_name(stem.name + suffix)) as f:
+            for target, data in zip(targets, outputs.values(), strict=True):
+                with stage(target) as f:
                     f.write(data)
         processed += 1
     if len(images) > 1:  # with one image, the error below says it all
         for path, reason in skipped:
             print(f"skipped {path}: {reason}")
-    if processed == 0:
+    if processed + done == 0:
         path, reason = skipped[0]
         raise ImageError(path, f"{reason} (no image could be processed)")
-    print(f"faces: {processed} processed, {len(skipped)} skipped, written to {out}")
+    already = f" ({done} done by an earlier run)" if done else ""
+    print(f"faces: {processed} processed, {len(skipped)} skipped{already}, written to {out}")
     return 0
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _png_bytes(Image, io, array: np.ndarray) -> bytes:

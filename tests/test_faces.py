@@ -361,6 +361,17 @@ def test_faces_command_end_to_end(tmp_path, astronaut, hopper_path, capsys):
     crop = np.asarray(Image.open(out / "astronaut.crop.png"))
     assert np.abs(F.fit_landmarks(crop, F.aligned_face_box()) - lm).mean() < 1.5
 
+    # Rerun after a kill that left hopper without its feature: only hopper is redone.
+    (out / "sub" / "hopper.feature.npy").unlink()
+    before = (out / "astronaut.crop.png").stat().st_mtime_ns
+    assert cli.main(["faces", str(photos), "-o", str(out)]) == 0
+    assert "1 processed, 1 skipped (1 done by an earlier run)" in capsys.readouterr().out
+    assert (out / "sub" / "hopper.feature.npy").is_file()
+    assert (out / "astronaut.crop.png").stat().st_mtime_ns == before
+    # Other options: everything is made again.
+    assert cli.main(["faces", str(photos), "-o", str(out), "--encoder", "none"]) == 0
+    assert "2 processed, 1 skipped, written" in capsys.readouterr().out
+
 
 def test_find_images_keeps_names_apart(tmp_path):
     (tmp_path / "d" / "sub").mkdir(parents=True)
