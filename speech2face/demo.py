@@ -24,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
+from speech2face.utils import temp_dir_beside
 
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
@@ -208,7 +208,7 @@ def install_model(bundle: Path, target: Path | None = None) -> Path:
 
     target = target or default_model_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         shutil.copytree(bundle, tmp, dirs_exist_ok=True)
         replace_dir(tmp, target)

@@ -36,7 +36,6 @@ import csv
 import json
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
+from speech2face.utils import temp_dir_beside
 
 SAMPLE_RATE = 16_000  # Hz, VoxCeleb's rate (and the paper's, section 3.1)
 FRAME_SIZE = 320  # px, side of the square face frames (moderate: generation and detection speed)
@@ -491,7 +491,7 @@ def make_demo_data(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "output folder exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
     # (10-50x slower with 2 threads under load). Restored on the way out.
     threads = torch.get_num_threads()

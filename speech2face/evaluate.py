@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
-from speech2face.utils import atomic_write
+from speech2face.utils import atomic_write, temp_dir_beside
 
 # --------------------------------------------------------------------------- constants
 
@@ -853,7 +852,7 @@ def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
     order = sorted(files, key=lambda name: name == "metrics.json")
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = temp_dir_beside(out)
         try:
             for name in order:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)

@@ -18,14 +18,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from speech2face.errors import WeightsError
-from speech2face.utils import atomic_write, cache_dir
+from speech2face.utils import atomic_write, cache_dir, temp_dir_beside
 
 BUNDLE_FORMAT = "speech2face-bundle"
 BUNDLE_VERSION = 1
@@ -173,7 +172,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory ``tmp`` onto ``final``, replacing an older one."""
     old = None
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        old = temp_dir_beside(final, "old-")
         os.replace(final, old / final.name)
     os.replace(tmp, final)
     if old is not None:
@@ -188,7 +187,7 @@ def save_model(model: Speech2Face, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_dir_beside(path)
     try:
         write_bundle_files(tmp, model.bundle_config(), state_dict_for_safetensors(model))
         replace_dir(tmp, path)

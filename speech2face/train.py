@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import typing
 from collections.abc import Callable, Iterator
@@ -52,7 +51,7 @@ from speech2face.model import (
     state_dict_for_safetensors,
     write_bundle_files,
 )
-from speech2face.utils import atomic_write
+from speech2face.utils import atomic_write, temp_dir_beside
 
 # Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
 LEARNING_RATE = 1e-3
@@ -670,7 +669,7 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
     if not placement.is_main:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = temp_dir_beside(final)
     try:
         write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
         opt_meta, opt_tensors = _optimizer_to_files(optimizer)
@@ -1026,7 +1025,7 @@ def _reduce_device(device: torch.device) -> torch.device:
 
 def _export(stage: Stage, folder: Path) -> None:
     """Write the stage's model to ``folder`` (a bundle when the model is a Speech2Face)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = temp_dir_beside(folder)
     try:
         write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
         replace_dir(tmp, folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ def staged_writes() -> Iterator[Callable]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         staged.append((tmp, path))
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it, not private
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -50,6 +52,32 @@ def staged_writes() -> Iterator[Callable]:
         raise
     for tmp, path in staged:
         os.replace(tmp, path)
+
+
+def temp_dir_beside(path: str | os.PathLike, tag: str = "") -> Path:
+    """A new empty folder ``.NAME.TAG<random>.tmp`` beside ``path``, to be filled and then
+    renamed onto ``path``; with the permissions of an ordinary new folder (tempfile makes
+    its folders private to the user, which would hide shards and models from a team)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """This process's umask (read without changing it where Linux tells it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def cache_dir() -> Path:

@@ -39,3 +39,22 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with atomic_write(target) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_outputs_get_ordinary_permissions_not_private_ones(tmp_path):
+    # tempfile makes files 0600 and folders 0700; outputs (shards, models, reports) must
+    # be readable by a team like any file the user makes, i.e. follow the umask.
+    from speech2face import utils
+
+    previous = os.umask(0o022)
+    utils._umask.cache_clear()
+    try:
+        with atomic_write(tmp_path / "file.bin") as f:
+            f.write(b"x")
+        folder = utils.temp_dir_beside(tmp_path / "bundle")
+        assert os.stat(tmp_path / "file.bin").st_mode & 0o777 == 0o644
+        assert os.stat(folder).st_mode & 0o777 == 0o755
+        assert folder.parent == tmp_path and folder.name.startswith(".bundle.")
+    finally:
+        os.umask(previous)
+        utils._umask.cache_clear()
