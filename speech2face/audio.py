@@ -38,6 +38,9 @@ POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
 # through FFmpeg (PyAV): containers with an audio track (mp4, m4a, webm, mkv, ...).
 _RESAMPLE_MARGIN = 0.05  # seconds decoded past max_seconds, for the resampler's filter
 _SNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au"}
+# What the commands look for in a folder given as input (any file can be named directly).
+MEDIA_SUFFIXES = (*sorted(_SNDFILE_SUFFIXES), ".opus", ".m4a", ".aac", ".mp4", ".mkv", ".webm",
+                  ".avi", ".mov")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -335,7 +338,7 @@ def clip_spectrogram(path: str | os.PathLike, seconds: float = CLIP_SECONDS) -> 
 
 
 def add_spectrogram_arguments(parser) -> None:
-    parser.add_argument("audio", nargs="+", help="audio or video files")
+    parser.add_argument("audio", nargs="+", help="audio or video files, or folders of them")
     parser.add_argument("-o", "--out", required=True, help="output folder for <name>.npy files")
     parser.add_argument(
         "--seconds",
@@ -348,26 +351,23 @@ def add_spectrogram_arguments(parser) -> None:
 def spectrogram_command(args) -> int:
     from tqdm import tqdm
 
-    from speech2face.utils import staged_writes
+    from speech2face.utils import find_inputs, staged_writes
 
     out = Path(args.out)
-    targets = [out / f"{Path(path).stem}.npy" for path in args.audio]
-    seen: dict[Path, str] = {}
-    for path, target in zip(args.audio, targets, strict=True):
-        if target in seen:
-            raise AudioError(path, f"would write {target} as {seen[target]} does; "
-                                   "rename one of them or run them separately")
-        seen[target] = path
+    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError)
+    if not inputs:
+        raise AudioError(args.audio[0], "no audio or video files found")
+    targets = [out / f"{stem}.npy" for _, stem in inputs]
     # All or nothing: a bad file fails the command before any output appears, and memory
     # stays at one spectrogram however many files there are.
     with staged_writes() as stage:
-        for path, target in tqdm(
-            zip(args.audio, targets, strict=True), desc="spectrogram", unit="file",
+        for (path, _), target in tqdm(
+            zip(inputs, targets, strict=True), desc="spectrogram", unit="file",
             total=len(targets), disable=len(targets) < 4,
         ):
             spec = clip_spectrogram(path, args.seconds)
             with stage(target) as f:
                 np.save(f, spec.numpy())
-    for path, target in zip(args.audio, targets, strict=True):
+    for (path, _), target in zip(inputs, targets, strict=True):
         print(f"{path} -> {target} {tuple(spec.shape)}")
     return 0

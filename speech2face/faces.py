@@ -471,31 +471,13 @@ def draw_landmarks(crop: np.ndarray, landmarks: np.ndarray, scale: int = 2) -> n
 def find_images(inputs) -> list[tuple[Path, Path]]:
     """Image files named by ``inputs`` (files, or folders searched recursively, sorted).
 
-    Returns (path, output stem relative to --out) pairs; a folder's images keep their
-    sub-folders. Raises ImageError for an input that does not exist.
+    Returns (path, output stem relative to --out) pairs (``utils.find_inputs``: a
+    folder's images keep their sub-folders; names that would clash are kept apart).
+    Raises ImageError for an input that does not exist.
     """
-    found = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            for path in sorted(
-                p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-            ):
-                found.append((path, path.relative_to(item).with_suffix("")))
-        elif item.is_file():
-            found.append((item, Path(item.stem)))
-        else:
-            raise ImageError(item, "no such file or folder")
-    # Two inputs with the same stem (a.jpg, a.png) keep their suffix in the output name.
-    stems = [str(stem) for _, stem in found]
-    return [
-        (
-            path,
-            stem.with_name(f"{stem.name}_{path.suffix.lstrip('.').lower()}")
-            if stems.count(str(stem)) > 1
-            else stem,
-        )
-        for path, stem in found
-    ]
+    from speech2face.utils import find_inputs
+
+    return find_inputs(inputs, IMAGE_SUFFIXES, ImageError)
 
 
 def add_faces_arguments(parser) -> None:

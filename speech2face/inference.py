@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from speech2face.errors import AudioError, WeightsError
-from speech2face.utils import atomic_write, cache_dir
+from speech2face.utils import cache_dir, find_inputs, staged_writes
 
 OUTPUT_SIZE = 224  # side of the returned face, the paper's crop size (section 3)
 DEMO_MODEL_NAME = "demo"  # cache_dir() / "models" / DEMO_MODEL_NAME holds the demo's bundle
@@ -185,18 +185,12 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _output_paths(inputs: list[Path], out: Path) -> list[Path]:
-    """One PNG per input: ``OUT`` itself for a single input named ``*.png``, else
-    ``OUT/<stem>.png`` with a counter where two inputs share a stem."""
+def _output_paths(inputs: list[tuple[Path, Path]], out: Path) -> list[Path]:
+    """One PNG per ``(input, stem)``: ``OUT`` itself for a single input when it is named
+    ``*.png``, else ``OUT/<stem>.png`` (stems from ``utils.find_inputs``)."""
     if len(inputs) == 1 and out.suffix.lower() == ".png":
         return [out]
-    paths, seen = [], {}
-    for path in inputs:
-        stem = path.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
-        paths.append(out / f"{name}.png")
-    return paths
+    return [out / f"{stem}.png" for _, stem in inputs]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -204,7 +198,8 @@ def _output_paths(inputs: list[Path], out: Path) -> list[Path]:
 
 def add_reconstruct_arguments(parser) -> None:
     parser.add_argument("audio", nargs="+", type=Path, metavar="AUDIO",
-                        help="audio or video files (wav, flac, mp3, ogg, m4a, mp4, webm, ...)")
+                        help="audio or video files (wav, flac, mp3, ogg, m4a, mp4, webm, ...) "
+                             "or folders of them")
     parser.add_argument("-o", "--out", type=Path, required=True,
                         help="output folder (one PNG per input), or a .png file for one input")
     parser.add_argument("--model", default=None,
@@ -219,11 +214,15 @@ def add_reconstruct_arguments(parser) -> None:
 def reconstruct_command(args) -> int:
     from tqdm import tqdm
 
+    from speech2face.audio import MEDIA_SUFFIXES
+
     # Every input is decoded and the model loaded before anything is written: a bad
     # file stops the command with no partial output.
-    inputs = list(args.audio)
-    waves = [prepare_audio(path) for path in tqdm(inputs, desc="audio", unit="file",
-                                                  disable=len(inputs) < 4)]
+    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError)
+    if not inputs:
+        raise AudioError(args.audio[0], "no audio or video files found")
+    waves = [prepare_audio(path) for path, _ in tqdm(inputs, desc="audio", unit="file",
+                                                     disable=len(inputs) < 4)]
     model = resolve_model(args.model)
     model = model.to(args.device)
     results: list[Reconstruction] = []
@@ -241,9 +240,10 @@ def reconstruct_command(args) -> int:
                  "landmarks": points}) + "\n").encode()
             files[Path(f"{base}.landmarks.png")] = _png_bytes(
                 draw_landmarks(result.image, result.landmarks))
-    for path, data in files.items():
-        with atomic_write(path) as f:
-            f.write(data)
+    with staged_writes() as stage:
+        for path, data in files.items():
+            with stage(path) as f:
+                f.write(data)
     for png in _output_paths(inputs, args.out):
         print(png)
     return 0

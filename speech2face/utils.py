@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,6 +79,40 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def find_inputs(inputs, suffixes, error) -> list[tuple[Path, Path]]:
+    """Files named by ``inputs``: files as given, folders searched recursively (sorted)
+    for names ending in one of ``suffixes`` (any case).
+
+    Returns ``(path, output stem)`` pairs: a file's stem is its name without the suffix,
+    a folder's files keep their sub-folders. Inputs that would share a stem are kept
+    apart: first by the suffix (``a.jpg``, ``a.png`` -> ``a_jpg``, ``a_png``), then by a
+    counter (``x/a.wav``, ``y/a.wav`` -> ``a_wav``, ``a_wav-2``). Raises ``error(path,
+    problem)`` for an input that does not exist.
+    """
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = (p for p in item.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+            found += [(path, path.relative_to(item).with_suffix("")) for path in sorted(files)]
+        elif item.is_file():
+            found.append((item, Path(item.stem)))
+        else:
+            raise error(item, "no such file or folder")
+    shared = Counter(str(stem) for _, stem in found)
+    found = [
+        (path, stem.with_name(f"{stem.name}_{path.suffix.lstrip('.').lower()}"))
+        if shared[str(stem)] > 1 else (path, stem)
+        for path, stem in found
+    ]
+    seen: Counter = Counter()
+    named = []
+    for path, stem in found:
+        seen[str(stem)] += 1
+        count = seen[str(stem)]
+        named.append((path, stem if count == 1 else stem.with_name(f"{stem.name}-{count}")))
+    return named
 
 
 def cache_dir() -> Path:

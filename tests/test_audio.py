@@ -315,11 +315,17 @@ def test_cli_bad_file_is_one_line_exit_2_and_no_partial_output(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_cli_refuses_two_inputs_with_one_output_name(tmp_path):
-    for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-        sf.write(tmp_path / folder / "clip.wav", speechlike(1.0, 16000), 16000)
+def test_cli_takes_folders_and_keeps_same_named_inputs_apart(tmp_path):
+    for name in ("a/clip.wav", "b/clip.wav", "b/sub/talk.flac", "b/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".txt"):
+            (tmp_path / name).write_text("not audio, not looked at")
+        else:
+            sf.write(tmp_path / name, speechlike(1.0, 16000), 16000)
     out = tmp_path / "out"
-    result = run_cli("spectrogram", "a/clip.wav", "b/clip.wav", "-o", str(out), cwd=tmp_path)
-    assert result.returncode == 2 and "clip.npy" in result.stderr
-    assert not out.exists() or not any(out.iterdir())
+    result = run_cli("spectrogram", "a/clip.wav", "b", "-o", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.npy"))
+    assert written == ["clip_wav-2.npy", "clip_wav.npy", "sub/talk.npy"]
+    expected = spectrogram(fit_duration(load_audio(tmp_path / "a" / "clip.wav")))
+    np.testing.assert_array_equal(np.load(out / "clip_wav.npy"), expected)

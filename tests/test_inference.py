@@ -173,16 +173,20 @@ def test_cli_writes_faces_and_landmarks(tmp_path, audio_files, bundle, capsys):
     code = main(["reconstruct", str(files["ogg"]), str(files["mp4"]), "-o", str(out),
                  "--model", str(bundle), "--landmarks"])
     assert code == 0
-    # Two inputs named "speech": the second gets a counter rather than overwriting.
+    # Two inputs named "speech": their suffixes keep them apart rather than overwriting.
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["speech-2.landmarks.json", "speech-2.landmarks.png", "speech-2.png",
-                     "speech.landmarks.json", "speech.landmarks.png", "speech.png"]
-    with Image.open(out / "speech.png") as image:
+    assert names == ["speech_mp4.landmarks.json", "speech_mp4.landmarks.png", "speech_mp4.png",
+                     "speech_ogg.landmarks.json", "speech_ogg.landmarks.png", "speech_ogg.png"]
+    with Image.open(out / "speech_ogg.png") as image:
         assert image.size == (224, 224) and image.mode == "RGB"
-    points = json.loads((out / "speech.landmarks.json").read_text())["landmarks"]
+    points = json.loads((out / "speech_ogg.landmarks.json").read_text())["landmarks"]
     assert np.asarray(points).shape == (68, 2)
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "speech.png")),
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "speech_ogg.png")),
                                   inference.reconstruct(files["ogg"], bundle))
+    # A folder: every audio or video file in it, one face each.
+    assert main(["reconstruct", str(files["ogg"].parent), "-o", str(tmp_path / "all"),
+                 "--model", str(bundle)]) == 0
+    assert len(list((tmp_path / "all").glob("*.png"))) == len(files)
     single = tmp_path / "one.png"
     assert main(["reconstruct", str(files["flac"]), "-o", str(single), "--model",
                  str(bundle)]) == 0
