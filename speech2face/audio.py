@@ -38,9 +38,11 @@ POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
 # through FFmpeg (PyAV): containers with an audio track (mp4, m4a, webm, mkv, ...).
 _RESAMPLE_MARGIN = 0.05  # seconds decoded past max_seconds, for the resampler's filter
 _SNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au"}
+# Audio files and videos with an audio track, as datasets hold them.
+AUDIO_SUFFIXES = (".wav", ".flac", ".m4a", ".aac", ".mp3", ".ogg", ".opus")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 # What the commands look for in a folder given as input (any file can be named directly).
-MEDIA_SUFFIXES = (*sorted(_SNDFILE_SUFFIXES), ".opus", ".m4a", ".aac", ".mp4", ".mkv", ".webm",
-                  ".avi", ".mov")
+MEDIA_SUFFIXES = tuple(sorted({*_SNDFILE_SUFFIXES, *AUDIO_SUFFIXES, *VIDEO_SUFFIXES}))
 
 
 # --------------------------------------------------------------------------- decoding

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speech2face.audio import AUDIO_SUFFIXES, VIDEO_SUFFIXES
 from speech2face.errors import DataError, Speech2FaceError
 from speech2face.utils import atomic_write
 
@@ -65,8 +66,6 @@ VAL_FRACTION = 0.05
 # VoxCeleb1's official verification split: test identities id10270 - id10309.
 VOX1_TEST_IDENTITIES = frozenset(f"id{n}" for n in range(10270, 10310))
 SPLIT_FILE = "identity_split.csv"  # optional: identity,split (train/val/test) overrides
-AUDIO_SUFFIXES = (".wav", ".flac", ".m4a", ".aac", ".mp3", ".ogg", ".opus")
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
-from speech2face.utils import temp_dir_beside
+from speech2face.utils import read_json, temp_dir_beside
 
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
@@ -135,10 +135,8 @@ def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> bool:
 
 
 def _marker_settings(marker: Path) -> dict | None:
-    try:
-        return json.loads(marker.read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # a marker of an older version, or damaged: start over
+    content = read_json(marker)  # None for a marker of an older version, or a damaged one
+    return content.get("settings") if isinstance(content, dict) else None
 
 
 def _train_config(steps: int, overrides: dict, seed: int):
@@ -207,7 +205,6 @@ def install_model(bundle: Path, target: Path | None = None) -> Path:
     from speech2face.model import replace_dir
 
     target = target or default_model_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(target)
     try:
         shutil.copytree(bundle, tmp, dirs_exist_ok=True)

@@ -490,7 +490,6 @@ def make_demo_data(
         raise DataError(out, "speakers, videos, clips and frames must each be at least 1")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(out, "output folder exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
     # (10-50x slower with 2 threads under load). Restored on the way out.

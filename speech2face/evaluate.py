@@ -529,8 +529,7 @@ class _Collector:
             return None
         collector = cls(attributes, grid_rows)
         collector.batches = state["batches"]
-        collector.parts = {k: [arrays[k]] for k in _ARRAYS if k in arrays}
-        collector.parts.update({k: [] for k in _ARRAYS if k not in arrays})
+        collector.parts = {k: [arrays[k]] if k in arrays else [] for k in _ARRAYS}
         collector.ids = state["ids"]
         collector.shown = set(state["shown"])
         collector.genders = tuple(state["genders"])
@@ -545,7 +544,8 @@ _ARRAYS = ("pred", "true", "rec_lm", "can_lm")
 
 
 def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: int = 8,
-            device="cpu", total: int | None = None, progress: bool = True) -> Collected:
+            device="cpu", total: int | None = None, progress: bool = True,
+            collector: _Collector | None = None, on_batch=None) -> Collected:
     """Run ``model`` on batches of the test split and keep what the metrics need.
 
     Args:
@@ -556,16 +556,21 @@ def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: 
         attributes: also classify gender and age of true faces and reconstructions.
         grid_rows: example rows for the image grid, one per identity.
         total: number of samples, for the progress bar.
+        collector: continue a resumed collection (``batches`` then holds only the rest).
+        on_batch: called with the collector after each batch.
     """
     import torch
     from tqdm import tqdm
 
-    collector = _Collector(attributes, grid_rows)
+    collector = collector or _Collector(attributes, grid_rows)
     model.eval()
-    with torch.inference_mode(), tqdm(total=total, desc="evaluate", unit="clip",
+    with torch.inference_mode(), tqdm(total=total, initial=len(collector.ids),
+                                      desc="evaluate", unit="clip",
                                       disable=not progress) as bar:
         for batch in batches:
             bar.update(collector.add(model, batch, device))
+            if on_batch is not None:
+                on_batch(collector)
     return collector.result()
 
 
@@ -851,7 +856,6 @@ def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
     out = Path(out)
     order = sorted(files, key=lambda name: name == "metrics.json")
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir_beside(out)
         try:
             for name in order:
@@ -956,9 +960,7 @@ def evaluate(
 
     source = str(model) if isinstance(model, (str, os.PathLike)) else \
         getattr(model, "source", type(model).__name__)
-    from tqdm import tqdm
-
-    loaded = resolve_model(model).to(device).eval()
+    loaded = resolve_model(model).to(device)
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,
@@ -969,16 +971,17 @@ def evaluate(
     batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed,
                                     skip=collector.batches)
     start = last_save = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=total, initial=len(collector.ids),
-                                      desc="evaluate", unit="clip",
-                                      disable=not progress) as bar:
-        for batch in batches:
-            bar.update(collector.add(loaded, batch, device))
-            if checkpoint_seconds is not None and \
-                    time.perf_counter() - last_save >= checkpoint_seconds:
-                collector.save(partial, key)
-                last_save = time.perf_counter()
-    collected = collector.result()
+
+    def save_now_and_then(collector: _Collector) -> None:
+        nonlocal last_save
+        if checkpoint_seconds is not None and \
+                time.perf_counter() - last_save >= checkpoint_seconds:
+            collector.save(partial, key)
+            last_save = time.perf_counter()
+
+    with torch.inference_mode():
+        collected = collect(loaded, batches, device=device, total=total, progress=progress,
+                            collector=collector, on_batch=save_now_and_then)
     if len(np.unique(collected.identities)) < 2:
         raise DataError(data, f"the {split} split has fewer than 2 identities: retrieval needs "
                               "at least 2")

@@ -519,7 +519,7 @@ def faces_command(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from speech2face.utils import atomic_write, staged_writes
+    from speech2face.utils import atomic_write, read_json, staged_writes
 
     images = find_images(args.inputs)
     if not images:
@@ -540,7 +540,7 @@ def faces_command(args) -> int:
     options = {"detector": args.detector, "encoder": args.encoder, "size": args.size,
                "weights": None if args.weights is None else str(Path(args.weights).resolve())}
     state = out / FACES_STATE
-    resume = state.is_file() and _read_json(state) == {"options": options}
+    resume = read_json(state) == {"options": options}
     processed, skipped, done = 0, [], 0
     for path, stem in tqdm(images, desc="faces", unit="image", disable=len(images) < 2):
         targets = [out / stem.with_name(stem.name + suffix) for suffix in suffixes]
@@ -578,13 +578,6 @@ def faces_command(args) -> int:
     already = f" ({done} done by an earlier run)" if done else ""
     print(f"faces: {processed} processed, {len(skipped)} skipped{already}, written to {out}")
     return 0
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _png_bytes(Image, io, array: np.ndarray) -> bytes:

@@ -229,8 +229,9 @@ def reconstruct_command(args) -> int:
     for start in tqdm(range(0, len(waves), BATCH_SIZE), desc="faces", unit="batch",
                       disable=len(waves) <= BATCH_SIZE):
         results += reconstruct_waves(np.stack(waves[start:start + BATCH_SIZE]), model)
+    pngs = _output_paths(inputs, args.out)
     files: dict[Path, bytes] = {}
-    for png, result in zip(_output_paths(inputs, args.out), results, strict=True):
+    for png, result in zip(pngs, results, strict=True):
         files[png] = _png_bytes(result.image)
         if args.landmarks:
             base = png.with_suffix("")
@@ -244,6 +245,6 @@ def reconstruct_command(args) -> int:
         for path, data in files.items():
             with stage(path) as f:
                 f.write(data)
-    for png in _output_paths(inputs, args.out):
+    for png in pngs:
         print(png)
     return 0

@@ -186,7 +186,6 @@ def save_model(model: Speech2Face, path: str | os.PathLike) -> Path:
     place, so a crash leaves the old bundle or the new one, never a mix.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(path)
     try:
         write_bundle_files(tmp, model.bundle_config(), state_dict_for_safetensors(model))

@@ -668,7 +668,6 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
     final = run / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{loop.step:08d}"
     if not placement.is_main:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(final)
     try:
         write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))

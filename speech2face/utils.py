@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import tempfile
 from collections import Counter
@@ -113,6 +114,14 @@ def find_inputs(inputs, suffixes, error) -> list[tuple[Path, Path]]:
         count = seen[str(stem)]
         named.append((path, stem if count == 1 else stem.with_name(f"{stem.name}-{count}")))
     return named
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in ``path``, or None when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def cache_dir() -> Path:
