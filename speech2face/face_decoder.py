@@ -105,7 +105,9 @@ class DecodedFace(NamedTuple):
     """Output of :class:`FaceDecoder`.
 
     ``image`` and ``texture``: ``(B, 3, S, S)`` in [0, 1]; ``landmarks``: ``(B, 68, 2)``
-    (x, y) pixels in the 224 crop frame.
+    (x, y) pixels in the 224 crop frame. All three are float32 under autocast too (the
+    decoder's layers run in the autocast dtype, its outputs and rendering do not): the
+    losses and the warp then see the precision they were written for.
     """
 
     image: torch.Tensor
@@ -121,6 +123,12 @@ def crop_to_grid(points: torch.Tensor, size: int, crop_size: int = CROP_SIZE) ->
     """
     scale = size / crop_size
     return ((points + 0.5) * scale - 0.5).flip(-1)
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 input: rendering never runs in half precision."""
+    return torch.promote_types(tensor.dtype, torch.float32) if tensor.is_floating_point() \
+        else torch.float32
 
 
 def _warp(images: torch.Tensor, source: torch.Tensor, dest: torch.Tensor,
@@ -145,14 +153,19 @@ def render(texture: torch.Tensor, landmarks: torch.Tensor, mean_landmarks: torch
         config: warp settings (default: the paper's).
 
     Returns:
-        ``(B, 3, S, S)``.
+        ``(B, 3, S, S)``, float32 (float64 for a float64 texture), computed without
+        autocast whatever its state.
     """
     size = texture.shape[-1]
-    landmarks = torch.as_tensor(landmarks, device=texture.device)
-    mean_landmarks = torch.as_tensor(mean_landmarks, device=texture.device)
-    dest = crop_to_grid(landmarks.to(texture.dtype), size)
-    source = crop_to_grid(mean_landmarks.to(dest), size).expand_as(dest)
-    return _warp(texture, source, dest, config or FaceDecoderConfig())
+    with torch.autocast(texture.device.type, enabled=False):
+        # Landmarks in float32 whatever the texture's dtype: bf16 would round a point
+        # near 224 to a multiple of 1 pixel.
+        texture = texture.to(_compute_dtype(texture))
+        landmarks = torch.as_tensor(landmarks, device=texture.device)
+        mean_landmarks = torch.as_tensor(mean_landmarks, device=texture.device)
+        dest = crop_to_grid(landmarks.to(texture.dtype), size)
+        source = crop_to_grid(mean_landmarks.to(dest), size).expand_as(dest)
+        return _warp(texture, source, dest, config or FaceDecoderConfig())
 
 
 def register_texture(images: torch.Tensor, landmarks: torch.Tensor, mean_landmarks: torch.Tensor,
@@ -171,7 +184,8 @@ def register_texture(images: torch.Tensor, landmarks: torch.Tensor, mean_landmar
             boundary points, the same as the decoder's rendering).
 
     Returns:
-        ``(B, 3, S, S)`` registered textures in [0, 1].
+        ``(B, 3, S, S)`` registered textures in [0, 1], float32 (float64 for float64
+        images; uint8 or half images are converted), computed without autocast.
     """
     landmarks = torch.as_tensor(landmarks, device=images.device)
     mean_landmarks = torch.as_tensor(mean_landmarks, device=images.device)
@@ -183,12 +197,15 @@ def register_texture(images: torch.Tensor, landmarks: torch.Tensor, mean_landmar
         raise ValueError(f"mean_landmarks must be (68, 2), got {tuple(mean_landmarks.shape)}")
     frame = images.shape[-1]
     size = frame if size is None else int(size)
-    if size != frame:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                               antialias=True).clamp_(0, 1)
-    source = crop_to_grid(landmarks.to(images.dtype), size, crop_size=frame)
-    dest = crop_to_grid(mean_landmarks.to(images), size).expand_as(source)
-    return _warp(images, source, dest, config or FaceDecoderConfig())
+    # The stage-1 targets: computed in float32 even inside a training step's autocast.
+    with torch.autocast(images.device.type, enabled=False):
+        images = images.to(_compute_dtype(images))
+        if size != frame:
+            images = F.interpolate(images, size=(size, size), mode="bilinear",
+                                   align_corners=False, antialias=True).clamp_(0, 1)
+        source = crop_to_grid(landmarks.to(images.dtype), size, crop_size=frame)
+        dest = crop_to_grid(mean_landmarks.to(images), size).expand_as(source)
+        return _warp(images, source, dest, config or FaceDecoderConfig())
 
 
 class FaceDecoder(nn.Module):
@@ -240,11 +257,14 @@ class FaceDecoder(nn.Module):
         code = self.f_dec(features)  # (B, code_dim)
         b = code.shape[0]
         offsets = self.landmarks(code).view(b, N_LANDMARKS, 2)
-        landmarks = self.mean_landmarks + LANDMARK_OFFSET_SCALE * offsets  # (B, 68, 2) x, y
+        # (B, 68, 2) x, y; float32 also under autocast (the buffer is float32).
+        landmarks = self.mean_landmarks + LANDMARK_OFFSET_SCALE * offsets.float()
 
         base, c0 = self.config.texture_base_size, self.config.texture_base_channels
         x = self.texture_fc(code).view(b, c0, base, base)
-        texture = torch.sigmoid(self.to_rgb(self.texture_up(x)))  # (B, 3, S, S)
+        # Under autocast the layers above run in half precision; the outputs are float32
+        # (the sigmoid too: bf16 keeps 3 significant digits, the loss compares pixels).
+        texture = torch.sigmoid(self.to_rgb(self.texture_up(x)).float())  # (B, 3, S, S)
 
         image = render(texture, landmarks, self.mean_landmarks, self.config)
         return DecodedFace(image=image, texture=texture, landmarks=landmarks)

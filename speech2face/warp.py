@@ -24,6 +24,10 @@ expands ``|a - b|^2 = |a|^2 - 2ab + |b|^2`` in float32, whose rounding error nea
 pixels is far above the kernel's epsilon), and the dense evaluation uses the separable
 pixel grid instead of the same expansion.
 
+Precision: every function here computes in (at least) float32 whatever the autocast
+state; autocast is switched off inside, because bf16 flows move samples by whole pixels
+and a bf16 gather index cannot even address pixel 257. Pixel indices are integers.
+
 Speed: the dense evaluation (``H * W * N`` kernel values) dominates. It runs in row
 chunks that stay in cache, with a hand-written backward pass that recomputes the
 kernel per chunk instead of storing ``(B, H*W, N)`` intermediates for autograd.
@@ -40,6 +44,16 @@ KERNEL_EPSILON = 1e-10
 # Elements of the (B, rows, W, N) kernel block evaluated at once: about 4 MB in float32,
 # small enough to stay in a CPU's cache between the kernel and the matmul.
 _CHUNK_ELEMENTS = 1 << 20
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the warp computes in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _no_autocast(tensor: torch.Tensor):
+    """Autocast switched off for ``tensor``'s device: the warp runs in its own precision."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _check_order(order: int) -> int:
@@ -306,19 +320,21 @@ def interpolate_grid(train_points: torch.Tensor, train_values: torch.Tensor, hei
         train_values: ``(B, N, K)`` values at the centres.
 
     Returns:
-        ``(B, H, W, K)``, in the floating dtype of ``train_values`` (at least float32).
+        ``(B, H, W, K)``, in the floating dtype of ``train_values`` (at least float32),
+        computed without autocast.
     """
-    dtype = torch.promote_types(train_values.dtype, torch.float32)
-    w, v = solve_interpolation(train_points, train_values, order, regularization_weight)
-    centers = train_points.to(dtype)
-    rbf = _GridRBF.apply(centers, w.to(dtype), height, width, _check_order(order))
-    rbf = rbf.permute(0, 2, 3, 1)  # (B, K, H, W) -> (B, H, W, K)
-    v = v.to(dtype)  # (B, 3, K): row, col and constant weights
-    rows = torch.arange(height, dtype=dtype, device=centers.device)
-    cols = torch.arange(width, dtype=dtype, device=centers.device)
-    affine_rows = rows[None, :, None] * v[:, None, 0, :] + v[:, None, 2, :]  # (B, H, K)
-    affine_cols = cols[None, :, None] * v[:, None, 1, :]  # (B, W, K)
-    return rbf + affine_rows[:, :, None, :] + affine_cols[:, None, :, :]
+    dtype = _float_dtype(train_values.dtype)
+    with _no_autocast(train_points):
+        w, v = solve_interpolation(train_points, train_values, order, regularization_weight)
+        centers = train_points.to(dtype)
+        rbf = _GridRBF.apply(centers, w.to(dtype), height, width, _check_order(order))
+        rbf = rbf.permute(0, 2, 3, 1)  # (B, K, H, W) -> (B, H, W, K)
+        v = v.to(dtype)  # (B, 3, K): row, col and constant weights
+        rows = torch.arange(height, device=centers.device).to(dtype)
+        cols = torch.arange(width, device=centers.device).to(dtype)
+        affine_rows = rows[None, :, None] * v[:, None, 0, :] + v[:, None, 2, :]  # (B, H, K)
+        affine_cols = cols[None, :, None] * v[:, None, 1, :]  # (B, W, K)
+        return rbf + affine_rows[:, :, None, :] + affine_cols[:, None, :, :]
 
 
 def dense_image_warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -333,7 +349,8 @@ def dense_image_warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         flow: ``(B, H, W, 2)`` (row, col) displacements in pixels.
 
     Returns:
-        ``(B, C, H, W)`` in the dtype of ``image``.
+        ``(B, C, H, W)`` in float32 (float64 for a float64 ``image``), whatever the
+        autocast state or the dtype of a half-precision ``image``.
     """
     if image.dim() != 4:
         raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
@@ -342,25 +359,28 @@ def dense_image_warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image height and width must be at least 2, got {h} x {w}")
     if flow.shape != (b, h, w, 2):
         raise ValueError(f"flow must be (B, H, W, 2) = {(b, h, w, 2)}, got {tuple(flow.shape)}")
-    flow = flow.to(image.dtype)
-    rows = torch.arange(h, dtype=image.dtype, device=image.device)
-    cols = torch.arange(w, dtype=image.dtype, device=image.device)
-    qy = rows[:, None] - flow[..., 0]  # (B, H, W)
-    qx = cols[None, :] - flow[..., 1]
-    with torch.no_grad():
-        fy = qy.floor().clamp_(0, h - 2)
-        fx = qx.floor().clamp_(0, w - 2)
-        top_left = (fy * w + fx).long().view(b, 1, h * w)
-    ay = (qy - fy).clamp(0, 1).view(b, 1, h * w)
-    ax = (qx - fx).clamp(0, 1).view(b, 1, h * w)
-    flat = image.reshape(b, c, h * w)
+    dtype = _float_dtype(image.dtype)
+    with _no_autocast(image):
+        image, flow = image.to(dtype), flow.to(dtype)
+        # Integer pixel grid: a float16/bf16 arange is already wrong past 2048/256 pixels.
+        rows = torch.arange(h, device=image.device)
+        cols = torch.arange(w, device=image.device)
+        qy = rows[:, None] - flow[..., 0]  # (B, H, W), float
+        qx = cols[None, :] - flow[..., 1]
+        with torch.no_grad():
+            iy = qy.floor().clamp_(0, h - 2).long()
+            ix = qx.floor().clamp_(0, w - 2).long()
+            top_left = (iy * w + ix).view(b, 1, h * w)  # int64 flat index
+        ay = (qy - iy).clamp(0, 1).view(b, 1, h * w)
+        ax = (qx - ix).clamp(0, 1).view(b, 1, h * w)
+        flat = image.reshape(b, c, h * w)
 
-    def corner(offset: int) -> torch.Tensor:
-        return flat.gather(2, (top_left + offset).expand(b, c, h * w))
+        def corner(offset: int) -> torch.Tensor:
+            return flat.gather(2, (top_left + offset).expand(b, c, h * w))
 
-    top = torch.lerp(corner(0), corner(1), ax)
-    bottom = torch.lerp(corner(w), corner(w + 1), ax)
-    return torch.lerp(top, bottom, ay).view(b, c, h, w)
+        top = torch.lerp(corner(0), corner(1), ax)
+        bottom = torch.lerp(corner(w), corner(w + 1), ax)
+        return torch.lerp(top, bottom, ay).view(b, c, h, w)
 
 
 def sparse_image_warp(image: torch.Tensor, source: torch.Tensor, dest: torch.Tensor,
@@ -381,7 +401,9 @@ def sparse_image_warp(image: torch.Tensor, source: torch.Tensor, dest: torch.Ten
         num_boundary_points: zero-flow points per image edge (see :func:`boundary_points`).
 
     Returns:
-        ``(warped, flow)``: ``(B, C, H, W)`` and the dense ``(B, H, W, 2)`` (row, col) flow.
+        ``(warped, flow)``: ``(B, C, H, W)`` and the dense ``(B, H, W, 2)`` (row, col) flow,
+        both float32 (float64 for a float64 ``image``) and computed without autocast,
+        whatever the autocast state or a half-precision input's dtype.
     """
     if image.dim() != 4:
         raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
@@ -390,16 +412,20 @@ def sparse_image_warp(image: torch.Tensor, source: torch.Tensor, dest: torch.Ten
             source.shape[-1] != 2:
         raise ValueError(f"source and dest must both be (B={b}, N, 2), got "
                          f"{tuple(source.shape)} and {tuple(dest.shape)}")
-    flows = dest - source  # (B, N, 2)
-    centers = dest
-    if num_boundary_points > 0:
-        border = boundary_points(h, w, num_boundary_points, dest.dtype, dest.device)
-        border = border.expand(b, -1, -1)
-        centers = torch.cat([dest, border], dim=1)
-        flows = torch.cat([flows, torch.zeros_like(border)], dim=1)
-    dense_flow = interpolate_grid(centers, flows.to(image.dtype), h, w, interpolation_order,
-                                  regularization_weight)
-    return dense_image_warp(image, dense_flow), dense_flow
+    dtype = _float_dtype(image.dtype)
+    with _no_autocast(image):
+        source = source.to(_float_dtype(source.dtype))
+        dest = dest.to(_float_dtype(dest.dtype))
+        flows = dest - source  # (B, N, 2)
+        centers = dest
+        if num_boundary_points > 0:
+            border = boundary_points(h, w, num_boundary_points, dest.dtype, dest.device)
+            border = border.expand(b, -1, -1)
+            centers = torch.cat([dest, border], dim=1)
+            flows = torch.cat([flows, torch.zeros_like(border)], dim=1)
+        dense_flow = interpolate_grid(centers, flows.to(dtype), h, w, interpolation_order,
+                                      regularization_weight)
+        return dense_image_warp(image, dense_flow), dense_flow
 
 
 __all__ = [

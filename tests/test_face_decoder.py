@@ -180,3 +180,44 @@ def test_tiny_decoder_overfits_a_handful_of_faces(face):
         losses.append(total.item())
     assert losses[-1] < losses[0] / 4, (losses[0], losses[-1])
     assert terms["landmarks"] < 1e-5  # (2.2 px)^2 / 224^2 = 1e-4: well under a pixel
+
+
+# ---------------------------------------------------------------------------- mixed precision
+
+
+def test_register_and_render_in_float32_under_bf16_autocast(face):
+    """register_texture (stage 1's targets) and render (the decoder's output) under CPU bf16
+    autocast equal their float32 results within float32 rounding, for float32 inputs and for
+    a bf16 texture (what the decoder's convolutions produce under autocast)."""
+    image, landmarks = face
+    mean = smooth_deformation(landmarks[0], seed=3)
+    moved = smooth_deformation(landmarks[0], seed=4)[None]
+    texture = register_texture(image, landmarks, mean, size=224)
+    rendered = render(texture, moved, mean)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        texture_amp = register_texture(image, landmarks, mean, size=224)
+        rendered_amp = render(texture, moved, mean)
+        rendered_half = render(texture.bfloat16(), moved, mean)
+    assert texture_amp.dtype == rendered_amp.dtype == rendered_half.dtype == torch.float32
+    torch.testing.assert_close(texture_amp, texture, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rendered_amp, rendered, atol=1e-5, rtol=0)
+    # A bf16 texture carries bf16 pixel values (3 significant digits) but must be sampled
+    # at the right places: the error is the texture's own rounding, not misplaced pixels.
+    reference = render(texture.bfloat16().float(), moved, mean)
+    torch.testing.assert_close(rendered_half, reference, atol=1e-5, rtol=0)
+    assert (rendered_half - rendered).abs().max() < 4e-3  # one bf16 step of a [0, 1] value
+
+
+def test_decoder_outputs_are_float32_under_autocast(face):
+    torch.manual_seed(0)
+    decoder = FaceDecoder(FaceDecoderConfig.tiny(), face[1][0])
+    features = torch.randn(3, 128)
+    with torch.no_grad():
+        exact = decoder(features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = decoder(features)
+    for name in DecodedFace._fields:
+        assert getattr(mixed, name).dtype == torch.float32, name
+    # The layers run in bf16 (about 3 significant digits): close to, not equal to, float32.
+    torch.testing.assert_close(mixed.texture, exact.texture, atol=2e-2, rtol=0)
+    torch.testing.assert_close(mixed.landmarks, exact.landmarks, atol=0.5, rtol=0)
