@@ -24,6 +24,7 @@ import soundfile as sf
 import torch
 
 from speech2face import data
+from speech2face.data.prepare import _Processor
 from speech2face.demo_data import make_demo_data
 from speech2face.errors import DataError
 
@@ -354,7 +355,7 @@ def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
     """A crash (here: in the fourth video) after a shard that ended inside a video."""
     out = tmp_path / "shards"
     calls = {"n": 0}
-    original = data._Processor.__call__
+    original = _Processor.__call__
 
     def crash_on_fourth(self, unit):
         calls["n"] += 1
@@ -362,14 +363,14 @@ def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
             raise KeyboardInterrupt
         return original(self, unit)
 
-    monkeypatch.setattr(data._Processor, "__call__", crash_on_fourth)
+    monkeypatch.setattr(_Processor, "__call__", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
     state = json.loads((out / "parts" / "progress-00000-of-00001.json").read_text())["state"]
     # Shards of 2 over units of 3 samples: the last complete shard ends after the second
     # sample of unit 2, so the rerun must redo unit 2 and drop its first two samples.
     assert (state["next_unit"], state["samples_done"]) == (2, 2)
-    monkeypatch.setattr(data._Processor, "__call__", original)
+    monkeypatch.setattr(_Processor, "__call__", original)
     data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
     assert shard_files(out) == shard_files(reference)
     assert data.load_manifest(out) == {**data.load_manifest(reference), "root": str(out)}

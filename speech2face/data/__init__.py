@@ -1,0 +1,59 @@
+"""Data: dataset folders -> WebDataset shards (``prepare``) -> training batches (``make_loader``).
+
+The stages, one module each:
+
+- :mod:`.datasets`: VoxCeleb1 / VoxCeleb2 / AVSpeech layouts as lists of videos, and splits
+- :mod:`.prepare`: per-video processing (audio, faces, features), shard writing, resuming
+- :mod:`.shards`: the shard format: manifest, reading and checking tar shards
+- :mod:`.loader`: shards to batches (:func:`make_loader` is the public streaming API)
+
+Everything public is re-exported here, so ``from speech2face.data import make_loader``
+is the way to use it.
+"""
+
+from speech2face.data.datasets import (
+    CLIP_SECONDS,
+    DATASETS,
+    FRAMES_PER_VIDEO,
+    SPLIT_FILE,
+    SPLITS,
+    VAL_FRACTION,
+    VOX1_TEST_IDENTITIES,
+    Clip,
+    Frame,
+    Unit,
+    list_avspeech,
+    list_units,
+    list_voxceleb1,
+    list_voxceleb2,
+    stable_hash,
+)
+from speech2face.data.loader import ShardDataset, collate, decode_sample, load_split, make_loader
+from speech2face.data.prepare import (
+    CROPS_PER_SAMPLE,
+    SAMPLES_PER_SHARD,
+    Options,
+    add_prepare_arguments,
+    merge_manifests,
+    prepare,
+    prepare_command,
+    read_video_frame,
+)
+from speech2face.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PARTS_DIR,
+    iterate_tar,
+    load_manifest,
+    verify_shards,
+)
+
+__all__ = [
+    "CLIP_SECONDS", "CROPS_PER_SAMPLE", "DATASETS", "FORMAT_VERSION", "FRAMES_PER_VIDEO",
+    "MANIFEST", "PARTS_DIR", "SAMPLES_PER_SHARD", "SPLITS", "SPLIT_FILE", "VAL_FRACTION",
+    "VOX1_TEST_IDENTITIES", "Clip", "Frame", "Options", "ShardDataset", "Unit",
+    "add_prepare_arguments", "collate", "decode_sample", "iterate_tar", "list_avspeech",
+    "list_units", "list_voxceleb1", "list_voxceleb2", "load_manifest", "load_split",
+    "make_loader", "merge_manifests", "prepare", "prepare_command", "read_video_frame",
+    "stable_hash", "verify_shards",
+]

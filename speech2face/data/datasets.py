@@ -1,0 +1,380 @@
+"""Dataset readers: VoxCeleb1, VoxCeleb2 and AVSpeech folders as lists of work units.
+
+A work unit is a video (:class:`Unit`): its identity, split, speech clips and face frames.
+The listers read the published layouts (docs/data.md) and decide the identity-disjoint
+splits; nothing here decodes audio or images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from speech2face.audio import AUDIO_SUFFIXES, VIDEO_SUFFIXES
+from speech2face.errors import DataError
+
+DATASETS = ("voxceleb1", "voxceleb2", "avspeech")
+SPLITS = ("train", "val", "test")
+CLIP_SECONDS = 6.0  # paper section 3.1: 6 s of speech per example
+FRAMES_PER_VIDEO = 4  # face frames used per video (evenly spaced)
+# Validation identities carved from the training ("dev") identities: this fraction,
+# chosen by a hash of the identity so that every machine and rerun agrees.
+VAL_FRACTION = 0.05
+# VoxCeleb1's official verification split: test identities id10270 - id10309.
+VOX1_TEST_IDENTITIES = frozenset(f"id{n}" for n in range(10270, 10310))
+SPLIT_FILE = "identity_split.csv"  # optional: identity,split (train/val/test) overrides
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# ============================================================================ work units
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One speech clip: a file, or the segment [start, end) seconds of one."""
+
+    name: str
+    path: str
+    start: float = 0.0
+    end: float | None = None
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One face frame: an image file, or the frame of a video at ``time`` (None: middle).
+
+    ``centre``: the speaker's face centre (x, y) as fractions of width and height, when
+    the dataset gives it (AVSpeech); the detected face nearest to it is used.
+    """
+
+    path: str
+    time: float | None = None
+    centre: tuple[float, float] | None = None
+
+    @property
+    def item(self) -> str:
+        return self.path if self.time is None else f"{self.path}@{self.time:.2f}s"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A video: the unit of work, of sharding across machines and of resuming."""
+
+    identity: str
+    video: str
+    split: str | None  # None when the unit is skipped before processing
+    gender: str | None
+    clips: tuple[Clip, ...]
+    frames: tuple[Frame, ...]
+    skip: str | None = None  # reason the whole video is skipped without processing
+
+    @property
+    def key(self) -> str:
+        return f"{self.identity}/{self.video}"
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same on every machine and Python run (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
+
+
+def _evenly(items: Sequence, k: int) -> list:
+    if len(items) <= k:
+        return list(items)
+    return [items[int(i)] for i in np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))]
+
+
+def _read_table(path: Path) -> list[dict[str, str]]:
+    """A CSV or tab-separated table with a header; keys and values stripped."""
+    text = path.read_text(encoding="utf-8-sig")
+    first = text.splitlines()[0] if text.strip() else ""
+    delimiter = "\t" if "\t" in first else ","
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    if not rows:
+        raise DataError(path, "empty table")
+    header = [h.strip() for h in rows[0]]
+    return [
+        {h: v.strip() for h, v in zip(header, row, strict=False)}
+        for row in rows[1:]
+        if any(c.strip() for c in row)
+    ]
+
+
+def _column(row: dict[str, str], *names: str) -> str | None:
+    lowered = {k.lower(): v for k, v in row.items()}
+    for name in names:
+        if name.lower() in lowered:
+            return lowered[name.lower()]
+    return None
+
+
+def _carve_validation(dev_identities: Sequence[str], fraction: float = VAL_FRACTION) -> set[str]:
+    """The validation identities: the ``fraction`` of dev identities with the lowest hash."""
+    ranked = sorted(set(dev_identities), key=lambda i: (stable_hash("val:" + i), i))
+    n = int(round(fraction * len(ranked)))
+    if len(ranked) >= 2:
+        n = max(1, n)
+    return set(ranked[:n])
+
+
+def _read_split_file(path: Path) -> dict[str, str]:
+    splits = {}
+    for row in _read_table(path):
+        identity, split = _column(row, "identity", "id"), _column(row, "split", "set")
+        if not identity or split not in SPLITS:
+            raise DataError(path, f"bad row {row}: expected identity and a split in {SPLITS}")
+        splits[identity] = split
+    return splits
+
+
+def _assign_splits(root: Path, meta: dict[str, dict], test_of) -> dict[str, str]:
+    """identity -> split: the split file if present, else official test + carved validation."""
+    split_file = root / SPLIT_FILE
+    if split_file.is_file():
+        return _read_split_file(split_file)
+    dev = [i for i in meta if not test_of(i)]
+    val = _carve_validation(dev)
+    return {i: "test" if test_of(i) else "val" if i in val else "train" for i in meta}
+
+
+def _find(root: Path, name: str, depth: int = 2) -> Path | None:
+    """``root/name`` or ``root/*/name`` (e.g. ``vox1_dev_wav/wav``), first in sorted order."""
+    for level in range(depth):
+        pattern = "/".join(["*"] * level + [name])
+        hits = sorted(p for p in root.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _find_all(root: Path, name: str, depth: int = 2) -> list[Path]:
+    hits: list[Path] = []
+    for level in range(depth):
+        pattern = "/".join(["*"] * level + [name])
+        hits += sorted(p for p in root.glob(pattern) if p.is_dir())
+    return hits
+
+
+def _files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def _read_voxceleb_meta(
+    root: Path, filename: str, id_column: str, dataset: str, **extra: tuple[str, ...]
+) -> tuple[Path, dict[str, dict]]:
+    """``(path, {identity: {"gender", "set", *extra}})`` from a VoxCeleb metadata table.
+
+    ``extra`` maps an output key to the column names it may have (first found wins).
+    """
+    meta_path = _find(root, filename)
+    if meta_path is None:
+        raise DataError(root, f"no {filename} ({dataset}'s identity metadata)")
+    meta = {}
+    for row in _read_table(meta_path):
+        identity = _column(row, id_column, "id")
+        if identity:
+            meta[identity] = {
+                "gender": (_column(row, "Gender") or "").lower() or None,
+                "set": (_column(row, "Set") or "").lower(),
+                **{key: _column(row, *columns) for key, columns in extra.items()},
+            }
+    return meta_path, meta
+
+
+def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
+    """The videos of a VoxCeleb1 folder (layout: docs/data.md), sorted by identity, video.
+
+    Audio ``wav/<id>/<video>/<clip>.wav`` (or ``vox1_*_wav/wav/...``), face frames
+    ``unzippedFaces/<VGGFace1 ID>/1.6/<video>/<frame>.jpg``, metadata ``vox1_meta.csv``
+    (gender, nationality, set) and optionally ``identity_split.csv``.
+    """
+    root = Path(root)
+    wav_roots = _find_all(root, "wav")
+    if not wav_roots:
+        raise DataError(root, "no wav/ folder (expected wav/<id>/<video>/<clip>.wav)")
+    meta_path, meta = _read_voxceleb_meta(
+        root, "vox1_meta.csv", "VoxCeleb1 ID", "VoxCeleb1",
+        name=("VGGFace1 ID", "name"), nationality=("Nationality",),
+    )
+    for identity, row in meta.items():
+        row["name"] = row["name"] or identity
+
+    def is_test(identity: str) -> bool:
+        s = meta[identity]["set"]
+        return s == "test" if s else identity in VOX1_TEST_IDENTITIES
+
+    splits = _assign_splits(root, meta, is_test)
+    faces_root = _find(root, "unzippedFaces")
+    clips: dict[tuple[str, str], list[Clip]] = {}
+    for wav_root in wav_roots:
+        for id_dir in _subdirs(wav_root):
+            for video_dir in _subdirs(id_dir):
+                files = _files(video_dir, AUDIO_SUFFIXES)
+                clips.setdefault((id_dir.name, video_dir.name), []).extend(
+                    Clip(p.stem, str(p)) for p in files
+                )
+    frames: dict[tuple[str, str], list[Frame]] = {}
+    if faces_root is not None:
+        name_to_id = {m["name"]: i for i, m in meta.items()}
+        for name_dir in _subdirs(faces_root):
+            identity = name_to_id.get(name_dir.name)
+            if identity is None:
+                continue
+            # Videos under the crop-scale folder ("1.6" in the release); the first
+            # scale folder in sorted order wins when there are several.
+            seen = set()
+            for scale_dir in _subdirs(name_dir):
+                for video_dir in _subdirs(scale_dir):
+                    if video_dir.name in seen:
+                        continue
+                    seen.add(video_dir.name)
+                    images = _files(video_dir, FRAME_SUFFIXES)
+                    frames[(identity, video_dir.name)] = [
+                        Frame(str(p)) for p in _evenly(images, frames_per_video)
+                    ]
+    units = []
+    for identity, video in sorted(set(clips) | set(frames)):
+        video_clips = tuple(sorted(clips.get((identity, video), []), key=lambda c: c.name))
+        video_frames = tuple(frames.get((identity, video), []))
+        units.append(
+            _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
+                        no_frames="video has no face frames")
+        )
+    return units
+
+
+def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
+    """The videos of a VoxCeleb2 folder: ``[dev|test/]aac/<id>/<video>/<clip>.m4a`` and
+    ``[dev|test/]mp4/<id>/<video>/<clip>.mp4``, metadata ``vox2_meta.csv``.
+
+    Audio comes from the ``.m4a`` clips, or from the ``.mp4`` clips' audio tracks when
+    there is no ``aac`` folder; face frames are the middle frames of the ``.mp4`` clips.
+    """
+    root = Path(root)
+    aac_roots, mp4_roots = _find_all(root, "aac"), _find_all(root, "mp4")
+    if not mp4_roots:
+        raise DataError(root, "no mp4/ folder (expected mp4/<id>/<video>/<clip>.mp4)")
+    meta_path, meta = _read_voxceleb_meta(root, "vox2_meta.csv", "VoxCeleb2 ID", "VoxCeleb2")
+    splits = _assign_splits(root, meta, lambda i: meta[i]["set"] == "test")
+
+    def collect(roots, suffixes):
+        found: dict[tuple[str, str], list[Path]] = {}
+        for r in roots:
+            for id_dir in _subdirs(r):
+                for video_dir in _subdirs(id_dir):
+                    found.setdefault((id_dir.name, video_dir.name), []).extend(
+                        _files(video_dir, suffixes)
+                    )
+        return found
+
+    audio, videos = collect(aac_roots, AUDIO_SUFFIXES), collect(mp4_roots, VIDEO_SUFFIXES)
+    units = []
+    for identity, video in sorted(set(audio) | set(videos)):
+        sources = sorted(audio.get((identity, video)) or videos.get((identity, video)) or [])
+        video_clips = tuple(Clip(p.stem, str(p)) for p in sources)
+        video_frames = tuple(
+            Frame(str(p))
+            for p in _evenly(sorted(videos.get((identity, video), [])), frames_per_video)
+        )
+        units.append(
+            _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
+                        no_frames="video has no mp4 clips for face frames")
+        )
+    return units
+
+
+def _video_unit(identity: str, video: str, clips: tuple, frames: tuple, meta: dict,
+                splits: dict, meta_name: str, no_frames: str) -> Unit:
+    """A VoxCeleb video as a unit, or as a skipped one with the reason."""
+    if identity not in meta or identity not in splits:
+        return Unit(identity, video, None, None, clips, frames,
+                    skip=f"no metadata row for {identity} in {meta_name}")
+    reason = None
+    if not clips:
+        reason = "video has no audio clips"
+    elif not frames:
+        reason = no_frames
+    return Unit(identity, video, None if reason else splits[identity], meta[identity]["gender"],
+                clips, frames, skip=reason)
+
+
+def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
+    """The videos of an AVSpeech folder: ``avspeech_{train,test}.csv`` (rows: YouTube
+    id, start s, end s, face centre x, y as fractions) and ``videos/<id>.<ext>``.
+
+    AVSpeech has no identity labels: each video is its own identity (one speaker per
+    video, as the dataset was built). Its segments are the video's clips.
+    """
+    root = Path(root)
+    tables = {split: root / f"avspeech_{split}.csv" for split in ("train", "test")}
+    if not any(p.is_file() for p in tables.values()):
+        raise DataError(root, "no avspeech_train.csv or avspeech_test.csv")
+    video_dir = root / "videos"
+    downloaded: dict[str, Path] = {}
+    if video_dir.is_dir():
+        for p in sorted(video_dir.iterdir()):
+            if p.suffix.lower() in VIDEO_SUFFIXES:
+                downloaded.setdefault(p.stem, p)
+    segments: dict[str, list[tuple[float, float, float, float]]] = {}
+    split_of: dict[str, str] = {}
+    for split, path in tables.items():
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            for line, row in enumerate(csv.reader(f), 1):
+                if not row or not row[0].strip():
+                    continue
+                try:
+                    ytid = row[0].strip()
+                    start, end, x, y = (float(v) for v in row[1:5])
+                except (ValueError, IndexError):
+                    raise DataError(
+                        path, f"line {line}: expected id,start,end,x,y, got {row}"
+                    ) from None
+                segments.setdefault(ytid, []).append((start, end, x, y))
+                split_of[ytid] = split
+    overrides = _read_split_file(root / SPLIT_FILE) if (root / SPLIT_FILE).is_file() else {}
+    val = _carve_validation([v for v, s in split_of.items() if s == "train"])
+    units = []
+    for ytid in sorted(segments):
+        split = overrides.get(ytid) or ("val" if ytid in val else split_of[ytid])
+        segs = sorted(segments[ytid])
+        path = downloaded.get(ytid)
+        if path is None:
+            units.append(Unit(ytid, ytid, None, None, (), (), skip="video not downloaded"))
+            continue
+        clips = tuple(Clip(f"s{int(round(s * 1000)):09d}", str(path), s, e) for s, e, _, _ in segs)
+        frames = tuple(
+            Frame(str(path), (s + e) / 2, (x, y)) for s, e, x, y in _evenly(segs, frames_per_video)
+        )
+        units.append(Unit(ytid, ytid, split, None, clips, frames))
+    return units
+
+
+LISTERS = {"voxceleb1": list_voxceleb1, "voxceleb2": list_voxceleb2, "avspeech": list_avspeech}
+
+
+def list_units(dataset: str, root, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
+    """All videos of a dataset, in the processing order: by split, identity, video.
+
+    Units skipped before processing (no metadata, nothing downloaded) come last.
+    """
+    if dataset not in LISTERS:
+        raise DataError(None, f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if not Path(root).is_dir():
+        raise DataError(root, "dataset folder not found")
+    units = LISTERS[dataset](root, frames_per_video)
+    rank = {s: i for i, s in enumerate(SPLITS)}
+    return sorted(units, key=lambda u: (rank.get(u.split, len(SPLITS)), u.identity, u.video))
+

@@ -1,0 +1,267 @@
+"""Shards to training batches: :class:`ShardDataset`, :func:`make_loader`, :func:`load_split`."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speech2face.data.datasets import CLIP_SECONDS
+from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_manifest
+from speech2face.errors import DataError
+
+
+def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0) -> dict:
+    """Decode one raw sample: ``wave (N,)`` float32 (fitted to ``seconds``), ``face``
+    uint8 ``(224, 224, 3)``, ``landmarks (68, 2)``, ``feature (D,)`` and ``meta``.
+
+    crop: which stored crop to use (0: ``face.jpg``; k: ``face.k.jpg``).
+    """
+    import soundfile as sf
+
+    from speech2face.audio import fit_duration
+
+    suffix = "" if crop == 0 else f".{crop}"
+    try:
+        wave, _ = sf.read(io.BytesIO(raw["flac"]), dtype="float32")
+        return {
+            "wave": fit_duration(wave, seconds),
+            "face": _decode_jpeg(raw[f"face{suffix}.jpg"]),
+            "landmarks": np.load(io.BytesIO(raw[f"landmarks{suffix}.npy"]), allow_pickle=False),
+            "feature": np.load(io.BytesIO(raw[f"feature{suffix}.npy"]), allow_pickle=False),
+            "meta": json.loads(raw["json"]),
+        }
+    except (KeyError, ValueError, RuntimeError, OSError) as error:
+        raise DataError(
+            raw.get("__key__"), f"undecodable sample ({type(error).__name__}: {error})"
+        ) from None
+
+
+def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bool = False) -> dict:
+    """Stack decoded samples into the batch of docs/architecture.md "Shards".
+
+    Returns ``wave (B, N)`` (or ``spectrogram (B, 2, T, 257)``), ``feature (B, D)``,
+    ``face (B, 3, 224, 224)`` float in [0, 1], ``landmarks (B, 68, 2)``,
+    ``identity_index (B,)`` int64 and ``meta`` (list of dicts).
+    """
+    wave = torch.from_numpy(np.stack([s["wave"] for s in samples]))
+    batch = {
+        "feature": torch.from_numpy(np.stack([s["feature"] for s in samples])),
+        "face": torch.from_numpy(np.stack([s["face"] for s in samples]))
+        .permute(0, 3, 1, 2)
+        .float()
+        .div_(255.0),
+        "landmarks": torch.from_numpy(np.stack([s["landmarks"] for s in samples])),
+        "identity_index": torch.tensor([identity_index[s["meta"]["identity"]] for s in samples]),
+        "meta": [s["meta"] for s in samples],
+    }
+    if spectrogram:
+        from speech2face.audio import spectrogram as compute
+
+        batch["spectrogram"] = compute(wave)
+    else:
+        batch["wave"] = wave
+    return batch
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Streams one split of prepared shards as batches (or single samples).
+
+    Reading is split by shard: with ``world_size`` ranks (from torch.distributed when it
+    is initialised) and ``num_workers`` DataLoader workers, reader
+    ``rank * num_workers + worker`` takes every ``world_size * num_workers``-th shard of
+    the (per-epoch shuffled) shard list, so no sample is read twice. When the number of
+    shards does not divide evenly, the first readers get one shard more (and a reader
+    beyond the number of shards gets none): in a finite pass ranks then see different
+    numbers of batches. For DDP training use ``repeat=True`` and a fixed number of steps.
+
+    Each reader shuffles with a buffer of ``shuffle`` samples (0: file order), decodes,
+    fits audio to ``seconds``, and (with ``batch_size``) collates, computing spectrograms
+    in the worker process when ``spectrogram=True``.
+
+    path: the prepare output folder or its manifest.json. split: "train", "val" or "test".
+    random_crop: pick one of the stored crops at random (with ``crops_per_sample > 1``).
+    """
+
+    def __init__(
+        self,
+        path,
+        split: str = "train",
+        *,
+        batch_size: int | None = None,
+        shuffle: int = 0,
+        seed: int = 0,
+        seconds: float = CLIP_SECONDS,
+        spectrogram: bool = False,
+        repeat: bool = False,
+        drop_last: bool = False,
+        random_crop: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        self.manifest = load_manifest(path)
+        if split not in self.manifest["splits"]:
+            raise DataError(
+                Path(self.manifest["root"]) / MANIFEST,
+                f"no {split!r} split (has {sorted(self.manifest['splits'])})",
+            )
+        self.split = split
+        self.root = Path(self.manifest["root"])
+        self.shards = [self.root / s["path"] for s in self.manifest["splits"][split]["shards"]]
+        self.num_samples = self.manifest["splits"][split]["samples"]
+        self.identity_index = {
+            identity: i for i, identity in enumerate(self.manifest["identities"])
+        }
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.seconds, self.spectrogram, self.repeat = seconds, spectrogram, repeat
+        self.drop_last, self.random_crop = drop_last, random_crop
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle differently in the next pass (as DistributedSampler.set_epoch)."""
+        self.epoch = epoch
+
+    def _reader(self) -> tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank = (dist.get_rank() if ready else 0) if rank is None else rank
+            world = (dist.get_world_size() if ready else 1) if world is None else world
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        return rank * workers + worker, world * workers
+
+    def shards_for(self, reader: int, readers: int, epoch: int) -> list[Path]:
+        """The shards a reader reads in an epoch (shuffled by epoch when shuffling)."""
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(order)).tolist()
+        return [self.shards[i] for i in order[reader::readers]]
+
+    def samples(self) -> Iterator[dict]:
+        """Decoded single samples of this reader (all epochs when ``repeat``)."""
+        reader, readers = self._reader()
+        if (
+            reader >= len(self.shards)
+            and len(self.shards) > 0
+            and not getattr(self, "_warned", False)
+        ):
+            self._warned = True
+            warnings.warn(
+                f"reader {reader} of {readers} has no shard to read ({len(self.shards)} shards)",
+                stacklevel=2,
+            )
+        epoch = self.epoch
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, reader])
+            buffer: list[dict] = []
+            for shard in self.shards_for(reader, readers, epoch):
+                for raw in iterate_tar(shard):
+                    if self.shuffle <= 1:
+                        yield self._decode(raw, rng)
+                        continue
+                    if len(buffer) < self.shuffle:
+                        buffer.append(raw)
+                        continue
+                    i = int(rng.integers(len(buffer)))
+                    buffer[i], raw = raw, buffer[i]
+                    yield self._decode(raw, rng)
+            rng.shuffle(buffer)
+            for raw in buffer:
+                yield self._decode(raw, rng)
+            epoch += 1
+            if not self.repeat or not self.shards:
+                return
+
+    def _decode(self, raw: dict, rng: np.random.Generator) -> dict:
+        crop = 0
+        if self.random_crop:
+            n = sum(1 for k in raw if k.startswith("face") and k.endswith(".jpg"))
+            crop = int(rng.integers(n)) if n > 1 else 0
+        return decode_sample(raw, self.seconds, crop)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.batch_size is None:
+            for sample in self.samples():
+                yield collate([sample], self.identity_index, self.spectrogram)
+            return
+        batch: list[dict] = []
+        for sample in self.samples():
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch, self.identity_index, self.spectrogram)
+                batch = []
+        if batch and not self.drop_last:
+            yield collate(batch, self.identity_index, self.spectrogram)
+
+
+def make_loader(
+    path,
+    split: str = "train",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    *,
+    pin_memory: bool = False,
+    **dataset_options,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`ShardDataset`; batching happens in the worker processes.
+
+    dataset_options: passed to ShardDataset (shuffle, seed, spectrogram, repeat, ...).
+    """
+    dataset = ShardDataset(path, split, batch_size=batch_size, **dataset_options)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0 and dataset.repeat,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def load_split(
+    path,
+    split: str = "test",
+    *,
+    seconds: float = CLIP_SECONDS,
+    spectrogram: bool = False,
+    max_samples: int | None = None,
+    batch_size: int = 64,
+) -> dict:
+    """A whole (small) split in memory, in manifest order: one batch dict (see :func:`collate`).
+
+    For evaluation: no shuffling, single process. ``max_samples`` stops early.
+    """
+    dataset = ShardDataset(
+        path,
+        split,
+        batch_size=batch_size,
+        seconds=seconds,
+        spectrogram=spectrogram,
+        rank=0,
+        world_size=1,
+    )
+    batches, n = [], 0
+    for batch in dataset:
+        batches.append(batch)
+        n += len(batch["meta"])
+        if max_samples is not None and n >= max_samples:
+            break
+    if not batches:
+        raise DataError(
+            Path(dataset.manifest["root"]) / MANIFEST, f"split {split!r} has no samples"
+        )
+    merged = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if k != "meta"}
+    merged["meta"] = [m for b in batches for m in b["meta"]]
+    if max_samples is not None:
+        merged = {k: v[:max_samples] for k, v in merged.items()}
+    return merged
+
