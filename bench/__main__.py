@@ -1,4 +1,4 @@
-"""Benchmark runner: ``python -m bench [NAME ...] [--quick]`` (or ``make bench``).
+"""Benchmark runner: ``python -m bench [NAME ...] [--quick] [--with-tf]`` (or ``make bench``).
 
 Each ``bench/bench_<name>.py`` defines ``run(quick: bool) -> dict`` returning
 ``{"rows": [row, ...], "details": {...}}``; a row is a dict with the keys of
@@ -6,13 +6,16 @@ Each ``bench/bench_<name>.py`` defines ``run(quick: bool) -> dict`` returning
 ``docs/benchmarks.md`` (between the markers) is rebuilt from every results file, so
 entries run on different days keep their own machine description. With several names,
 each benchmark runs in a fresh process: thread settings and warmed-up caches of one must
-not leak into the next.
+not leak into the next. Every results file records the machine (with its float32 peak
+from the CPU's own report, :mod:`bench.common`) and the load average when it ran: the
+development machine is shared, and ratios within one run are what a result means.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -35,10 +38,13 @@ def available() -> list[str]:
 def machine() -> dict:
     import torch
 
+    from bench.common import peak
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "peak": peak().describe(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -51,7 +57,10 @@ def render_table() -> str:
         result = json.loads(path.read_text())
         for row in result["rows"]:
             cells = [str(row.get(c, "")) for c in COLUMNS]
-            lines.append("| " + " | ".join(cells) + f" | {result['date']} ({path.stem}) |")
+            load = result.get("load_average", {}).get("start", ["?"])[0]
+            lines.append(
+                "| " + " | ".join(cells) + f" | {result['date']} ({path.stem}, load {load}) |"
+            )
     return "\n".join(lines)
 
 
@@ -66,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {available()}")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke test")
+    parser.add_argument(
+        "--with-tf",
+        action="store_true",
+        help="warp: also run TensorFlow Addons 0.23 / TF 2.15 beside ours (installs them once "
+        "into bench/.tf-venv)",
+    )
     args = parser.parse_args(argv)
     names = args.names or available()
     unknown = set(names) - set(available())
@@ -73,20 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m bench: error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
     RESULTS.mkdir(exist_ok=True)
+    # As every speech2face command does at start-up: benchmarks measure what users run.
+    from speech2face.allocator import tune_allocator
+
+    tune_allocator()
     if len(names) > 1:
-        quick = ["--quick"] if args.quick else []
+        flags = ["--quick"] * args.quick + ["--with-tf"] * args.with_tf
         for name in names:
-            subprocess.run([sys.executable, "-m", "bench", name, *quick], check=True)
+            subprocess.run([sys.executable, "-m", "bench", name, *flags], check=True)
         return 0
     for name in names:
         print(f"== {name}", flush=True)
-        start = time.perf_counter()
-        result = importlib.import_module(f"bench.bench_{name}").run(quick=args.quick)
+        start, load = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+        run = importlib.import_module(f"bench.bench_{name}").run
+        takes_tf = "with_tf" in inspect.signature(run).parameters
+        options = {"with_tf": args.with_tf} if takes_tf else {}
+        result = run(quick=args.quick, **options)
         result.update(
             name=name,
-            date=time.strftime("%Y-%m-%d"),
+            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             seconds=round(time.perf_counter() - start, 1),
             machine=machine(),
+            load_average={"start": load, "end": [round(x, 2) for x in os.getloadavg()]},
             quick=args.quick,
         )
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,7 @@ _LAZY = {
     "load_model": "speech2face.model",
     "save_model": "speech2face.model",
     "reconstruct": "speech2face.inference",
+    "tune_allocator": "speech2face.allocator",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from speech2face.allocator import tune_allocator
 from speech2face.errors import Speech2FaceError
 
 # command name -> (module that implements it, one-line help)
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    tune_allocator()  # keep freed memory: no page faults on every step (allocator.py)
     run = getattr(
         importlib.import_module(COMMANDS[args.command][0]), f"{_snake(args.command)}_command"
     )

@@ -1,0 +1,148 @@
+"""What every benchmark shares: the machine's peak, wall and CPU clocks, the seed's path.
+
+A figure a benchmark prints must be possible: :func:`peak_gflops` is the machine's
+single-precision peak from the CPU's own report, and :func:`check_below_peak` stops a
+benchmark whose measured rate is above it (that is a bug in the benchmark, not a result).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Fused multiply-add units per core. Every x86 core made so far has at most two for its
+# widest vectors (Intel Xeon Gold/Platinum, AMD Zen); two is an upper bound, so the peak
+# is never under-estimated and an efficiency against it never flattered.
+FMA_UNITS_PER_CORE = 2
+# float32 lanes of the widest FMA the flags announce.
+_LANES = (("avx512f", 16), ("fma", 8))
+
+
+def _cpuinfo() -> list[dict[str, str]]:
+    blocks, block = [], {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            if block:
+                blocks.append(block)
+            block = {}
+            continue
+        key, _, value = line.partition(":")
+        block[key.strip()] = value.strip()
+    if block:
+        blocks.append(block)
+    return blocks
+
+
+def _max_mhz(cpus: list[dict[str, str]]) -> tuple[float, str]:
+    """The highest clock the CPU reports, and where it came from."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"^CPU max MHz:\s*([\d.]+)", out, re.M)
+        if match:
+            return float(match.group(1)), "lscpu 'CPU max MHz'"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    if freq.exists():
+        return int(freq.read_text()) / 1000, str(freq)
+    # A virtual machine often reports only the nominal clock; take the larger of that
+    # and the one in the model name.
+    mhz = max(float(c.get("cpu MHz", 0)) for c in cpus)
+    named = re.search(r"@\s*([\d.]+)\s*GHz", cpus[0].get("model name", ""))
+    if named and 1000 * float(named.group(1)) > mhz:
+        return 1000 * float(named.group(1)), "/proc/cpuinfo model name"
+    return mhz, "/proc/cpuinfo 'cpu MHz' (no max clock reported: nominal clock)"
+
+
+@dataclass(frozen=True)
+class Peak:
+    cores: int
+    lanes: int
+    mhz: float
+    clock_source: str
+    model: str
+
+    @property
+    def gflops(self) -> float:
+        """cores x FMA units x float32 lanes x 2 flops (multiply and add) x clock."""
+        return self.cores * FMA_UNITS_PER_CORE * self.lanes * 2 * self.mhz / 1000
+
+    def describe(self) -> str:
+        return (f"{self.model}: {self.cores} cores x {FMA_UNITS_PER_CORE} FMA x "
+                f"{self.lanes} float32 lanes x 2 x {self.mhz / 1000:.2f} GHz "
+                f"({self.clock_source}) = {self.gflops:.0f} GFLOP/s")
+
+
+def peak(threads: int | None = None) -> Peak:
+    """float32 peak of the cores this process may use (of ``threads`` of them if given).
+
+    Linux only (reads /proc/cpuinfo and lscpu).
+    """
+    cpus = _cpuinfo()
+    flags = set(cpus[0].get("flags", "").split())
+    lanes = next((n for flag, n in _LANES if flag in flags), 4)  # SSE: 4 lanes, mul + add
+    usable = len(os.sched_getaffinity(0))
+    physical = len({(c.get("physical id"), c.get("core id")) for c in cpus}) or usable
+    cores = min(usable, physical, threads or usable)
+    mhz, source = _max_mhz(cpus)
+    return Peak(cores, lanes, mhz, source, cpus[0].get("model name", "unknown CPU"))
+
+
+def check_below_peak(gflops: float, what: str, threads: int) -> float:
+    """``gflops / peak``; raises if the measured rate is above the hardware's peak."""
+    limit = peak(threads)
+    if gflops > limit.gflops:
+        raise RuntimeError(
+            f"benchmark bug: {what} measured {gflops:.1f} GFLOP/s, above this machine's "
+            f"peak {limit.describe()}"
+        )
+    return gflops / limit.gflops
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+@dataclass
+class Clock:
+    """Wall and CPU seconds (this process and its finished children) of a ``with`` block."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = _cpu_seconds() - self._cpu
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+# --------------------------------------------------------------- the seed's audio path
+
+SEED_SECONDS = 5.98  # the seed's librosa.load(..., duration=5.98)
+
+
+def seed_spectrogram(path) -> np.ndarray:
+    """The seed's path: ``librosa.load(path, sr=16000, duration=5.98)`` (decodes only what
+    it keeps), repeated to 6 s, ``librosa.stft`` (512, hop 160, window 400), power law."""
+    import librosa
+
+    wave, _ = librosa.load(path, sr=16000, duration=SEED_SECONDS)
+    wave = np.tile(wave, -(-96000 // len(wave)))[:96000]
+    spec = librosa.stft(wave, n_fft=512, hop_length=160, win_length=400)
+    return np.stack([np.sign(p) * np.abs(p) ** 0.3 for p in (spec.real, spec.imag)])
