@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     RESULTS.mkdir(exist_ok=True)
     # As every speech2face command does at start-up: benchmarks measure what users run.
-    from speech2face.allocator import tune_allocator
+    from speech2face.runtime import setup_process
 
-    tune_allocator()
+    setup_process()
     if len(names) > 1:
         flags = ["--quick"] * args.quick + ["--with-tf"] * args.with_tf
         for name in names:

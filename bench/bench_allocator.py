@@ -31,7 +31,7 @@ def _child(case: str, tuned: bool, quick: bool) -> dict:
 
     import torch
 
-    from speech2face.allocator import tune_allocator
+    from speech2face.runtime import tune_allocator
 
     if tuned and not tune_allocator():
         raise SystemExit("tune_allocator() changed nothing on this system")

@@ -15,7 +15,8 @@ _LAZY = {
     "load_model": "speech2face.model",
     "save_model": "speech2face.model",
     "reconstruct": "speech2face.inference",
-    "tune_allocator": "speech2face.allocator",
+    "setup_process": "speech2face.runtime",
+    "tune_allocator": "speech2face.runtime",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -12,8 +12,8 @@ import argparse
 import importlib
 import sys
 
-from speech2face.allocator import tune_allocator
 from speech2face.errors import Speech2FaceError
+from speech2face.runtime import setup_process
 
 # command name -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,6 +48,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_process()  # keep freed memory, sleeping threads (runtime.py): before torch loads
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
@@ -55,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    tune_allocator()  # keep freed memory: no page faults on every step (allocator.py)
     run = getattr(
         importlib.import_module(COMMANDS[args.command][0]), f"{_snake(args.command)}_command"
     )
