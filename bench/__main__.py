@@ -57,10 +57,11 @@ def render_table() -> str:
         result = json.loads(path.read_text())
         for row in result["rows"]:
             cells = [str(row.get(c, "")) for c in COLUMNS]
-            load = result.get("load_average", {}).get("start", ["?"])[0]
-            lines.append(
-                "| " + " | ".join(cells) + f" | {result['date']} ({path.stem}, load {load}) |"
-            )
+            if row.get("did_not_hold"):  # a figure later re-measured and found wrong
+                cells[COLUMNS.index("ratio")] += f" **did not hold: {row['did_not_hold']}**"
+            load = result.get("load_average", {}).get("start", [None])[0]
+            load = "load not recorded" if load is None else f"load {load}"
+            lines.append("| " + " | ".join(cells) + f" | {result['date']} ({path.stem}, {load}) |")
     return "\n".join(lines)
 
 
