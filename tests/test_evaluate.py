@@ -246,80 +246,235 @@ def test_age_agreement_hand_built():
     np.testing.assert_array_equal(ev.age_bucket([0, 19.9, 20, 59, 60, 90]), [0, 0, 1, 4, 5, 5])
 
 
-# ---------------------------------------------------------------- report
+# ---------------------------------------------------------------- image-based identity
+# References below are plain loops over queries and gallery items (numpy only), written
+# from the definitions in docs/evaluation.md, not from the vectorised code.
 
 
-def _collected(n: int = 24, seed: int = 14) -> ev.Collected:
-    rng = np.random.default_rng(seed)
-    true = rng.normal(size=(n, 8))
-    image = rng.integers(0, 255, size=(224, 224, 3), dtype=np.uint8)
-    return ev.Collected(
-        pred=true + rng.normal(scale=0.5, size=true.shape),
-        true=true,
-        identities=np.arange(n) % 12,
-        recon_landmarks=_random_landmarks(n, seed=seed),
-        canon_landmarks=_random_landmarks(n, seed=seed + 1),
-        genders=(["male", "female"] * (n // 2), ["male"] * n),
-        ages=(list(rng.uniform(20, 60, n)), list(rng.uniform(20, 60, n))),
-        grid=[(image, image, image, "id1"), (image, image, image, "id2")],
-    )
+def _ref_distance(a, b, metric):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if metric == "cosine":
+        return 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    if metric == "l2":
+        return float(np.sqrt(((a - b) ** 2).sum()))
+    return float(np.abs(a - b).sum())
 
 
-def test_report_files_and_contents(tmp_path):
-    c = _collected()
-    metrics = ev.compute_metrics(c, gallery_size=100, draws=5)
-    assert metrics["retrieval"]["gallery_size"] == 12
-    assert metrics["attributes"]["gender"]["agreement"] == pytest.approx(50.0)
-    files = ev.render_report(metrics, c, notice="Results on generated data.")
-    out = ev.write_outputs(tmp_path / "report", files)
-    names = {p.name for p in out.iterdir()}
-    assert names == {"report.md", "metrics.json", "grid.png", "recall.png", "craniofacial.png",
-                     "features.png", "attributes.png"}
-    for name in names - {"report.md", "metrics.json"}:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = (out / "report.md").read_text()
-    assert "> Results on generated data." in text
-    assert "10.92" in text  # the paper's recall@1 beside ours
-    r1 = metrics["retrieval"]["cosine"]["1"]
-    assert f"{r1['mean']:.1f} ± {r1['std']:.1f}" in text
-    loaded = json.loads((out / "metrics.json").read_text())
-    assert loaded["feature_similarity"] == metrics["feature_similarity"]
+def _ref_means(x, ids):
+    labels = sorted(set(ids))
+    return labels, np.array([np.mean([x[i] for i in range(len(ids)) if ids[i] == u], axis=0)
+                             for u in labels])
 
 
-def test_write_outputs_replaces_and_leaves_nothing_on_error(tmp_path):
-    out = tmp_path / "report"
-    ev.write_outputs(out, {"report.md": b"one", "metrics.json": b"{}"})
-    ev.write_outputs(out, {"report.md": b"two", "metrics.json": b"{}"})
-    assert (out / "report.md").read_bytes() == b"two"
-
-    class Boom(dict):
-        def __getitem__(self, key):
-            if key == "metrics.json":
-                raise RuntimeError("disk full")
-            return super().__getitem__(key)
-
-    fresh = tmp_path / "fresh"
-    with pytest.raises(RuntimeError):
-        ev.write_outputs(fresh, Boom({"report.md": b"x", "metrics.json": b"{}"}))
-    assert not fresh.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-
-
-def test_metrics_json_has_no_nan(tmp_path):
-    c = _collected()
-    c.recon_landmarks[:] = c.recon_landmarks[0]  # constant measures: correlation undefined
-    metrics = ev.compute_metrics(c, draws=2)
-    assert np.isnan(metrics["craniofacial"]["jaw_angle"]["r"])
-    text = ev.render_report(metrics, c)["metrics.json"].decode()
-    assert "NaN" not in text and json.loads(text)["craniofacial"]["jaw_angle"]["r"] is None
+def test_identity_means_and_similarity_match_loops():
+    rng = np.random.default_rng(20)
+    faces, recon = rng.normal(size=(9, 4)), rng.normal(size=(9, 4))
+    ids = ["b", "a", "c", "a", "b", "c", "c", "a", "b"]
+    labels, means = ev.identity_means(faces, ids)
+    ref_labels, ref_means = _ref_means(faces, ids)
+    assert list(labels) == ref_labels
+    np.testing.assert_allclose(means, ref_means, atol=1e-12)
+    sim = ev.identity_similarity(recon, ids, labels, means)
+    for metric, key in (("cosine", "cosine"), ("l2", "l2"), ("l1", "l1")):
+        own, other = [], []
+        for i, u in enumerate(ids):
+            d = [_ref_distance(recon[i], means[j], metric) for j in range(3)]
+            if metric == "cosine":
+                d = [1 - v for v in d]  # reported as a similarity
+            own.append(d[ref_labels.index(u)])
+            other.append(np.mean([v for j, v in enumerate(d) if ref_labels[j] != u]))
+        assert sim["own"][key]["mean"] == pytest.approx(np.mean(own), rel=1e-9)
+        assert sim["own"][key]["std"] == pytest.approx(np.std(own), rel=1e-9)
+        assert sim["other"][key]["mean"] == pytest.approx(np.mean(other), rel=1e-9)
 
 
-def test_evaluate_command_bad_data_is_one_line_error(tmp_path, capsys):
+def _ref_recall_all(queries, ids, labels, means, metric, k):
+    """recall@K with every identity in the gallery; ties count against the query."""
+    hits = []
+    for i, u in enumerate(ids):
+        d = [_ref_distance(queries[i], g, metric) for g in means]
+        own = d[list(labels).index(u)]
+        rank = sum(1 for j, v in enumerate(d) if labels[j] != u and v <= own + 1e-12)
+        hits.append(rank < k)
+    return 100 * np.mean(hits)
+
+
+def test_identity_recall_gallery_smaller_than_m_matches_loops():
+    rng = np.random.default_rng(21)
+    faces = rng.normal(size=(6, 5))
+    ids = np.arange(6)  # one sample per identity: every draw holds the same gallery
+    recon = faces + rng.normal(scale=0.9, size=faces.shape)
+    labels, means = ev.identity_means(faces, ids)
+    result = ev.identity_recall(recon, ids, labels, means, sizes=(100, 200, 300), draws=4)
+    assert list(result) == ["6"]  # 6 identities: every requested M falls back to 6
+    r = result["6"]
+    assert r["gallery_size"] == 6 and r["draws"] == 4
+    for metric in ev.RETRIEVAL_METRICS:
+        for k in ev.RECALL_KS:
+            expected = _ref_recall_all(recon, ids, labels, means, metric, k)
+            assert r[metric][str(k)]["mean"] == pytest.approx(expected)
+            assert r[metric][str(k)]["std"] == pytest.approx(0.0)
+            assert r[metric][str(k)]["chance"] == pytest.approx(100 * min(k, 6) / 6)
+    assert ev.gallery_sizes((100, 200, 300), 250) == [100, 200, 250]
+    assert ev.gallery_sizes((100, 200, 300), 1000) == [100, 200, 300]
+
+
+def test_identity_recall_perfect_predictor_and_ties():
+    rng = np.random.default_rng(22)
+    faces = rng.normal(size=(40, 8))
+    ids = np.repeat(np.arange(20), 2)
+    labels, means = ev.identity_means(faces, ids)
+    perfect = means[np.searchsorted(labels, ids)]  # each query is its identity's mean
+    result = ev.identity_recall(perfect, ids, labels, means, sizes=(10, 300), draws=5)
+    assert sorted(result, key=int) == ["10", "20"]
+    for r in result.values():
+        for metric in ev.RETRIEVAL_METRICS:
+            assert all(r[metric][str(k)]["mean"] == 100.0 for k in ev.RECALL_KS)
+    # A query exactly between two identities ties: a miss at K=1, a hit at K=2.
+    means2 = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
+    queries = np.array([[1.0, 0.0], [1.0, 0.0], [10.0, 10.0]])
+    r = ev.identity_recall(queries, [0, 1, 2], np.arange(3), means2, sizes=(3,), draws=1)["3"]
+    assert r["l2"]["1"]["mean"] == pytest.approx(100 / 3)
+    assert r["l2"]["2"]["mean"] == pytest.approx(100.0)
+
+
+def _ref_matching(queries, ids, labels, gallery, metric, genders=None):
+    score, trials = 0.0, 0
+    labels = list(labels)
+    for i, u in enumerate(ids):
+        own = _ref_distance(queries[i], gallery[labels.index(u)], metric)
+        for j, v in enumerate(labels):
+            if v == u or (genders is not None and genders[j] != genders[labels.index(u)]):
+                continue
+            other = _ref_distance(queries[i], gallery[j], metric)
+            trials += 1
+            score += 1.0 if own < other - 1e-12 else 0.5 if abs(own - other) <= 1e-12 else 0.0
+    return (100 * score / trials if trials else float("nan")), trials
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "l1"])
+def test_matching_accuracy_matches_loops(metric):
+    rng = np.random.default_rng(23)
+    gallery = rng.normal(size=(5, 6))
+    ids = [0, 1, 1, 2, 3, 4, 4, 0]
+    queries = gallery[ids] + rng.normal(scale=1.0, size=(8, 6))
+    genders = np.array(["male", "female", "male", "female", "male"])
+    for g in (None, genders):
+        result = ev.matching_accuracy(queries, ids, np.arange(5), gallery, metric, g)
+        accuracy, trials = _ref_matching(queries, ids, np.arange(5), gallery, metric, g)
+        assert result["trials"] == trials
+        assert result["accuracy"] == pytest.approx(accuracy)
+        assert result["chance"] == 50.0
+    assert ev.matching_accuracy(queries, ids, np.arange(5), gallery, metric)["trials"] == 8 * 4
+
+
+def test_matching_perfect_constant_and_without_trials():
+    gallery = np.eye(4)
+    ids = [0, 1, 2, 3]
+    assert ev.matching_accuracy(gallery, ids, np.arange(4), gallery)["accuracy"] == 100.0
+    # One prediction for every voice ties with every face: exactly chance.
+    constant = np.ones((4, 4))
+    assert ev.matching_accuracy(constant, ids, np.arange(4), gallery)["accuracy"] == 50.0
+    # Each identity of its own gender: no same-gender pair, no trial.
+    lonely = ev.matching_accuracy(gallery, ids, np.arange(4), gallery, "cosine",
+                                  ["male", "female", "x", "y"])
+    assert lonely["trials"] == 0 and math.isnan(lonely["accuracy"])
+
+
+def test_identification_rate_hand_built():
+    gallery = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    # identity 0: both samples nearest to 0; identity 1: one sample nearest to 1, one to
+    # 0 (their mean, (2.5, 0), is still nearest to 1); identity 2: a tie between 0 and 2.
+    queries = np.array([[0.1, 0.0], [0.0, 0.2], [3.9, 0.0], [1.1, 0.0], [0.0, 2.0]])
+    ids = [0, 0, 1, 1, 2]
+    result = ev.identification_rate(queries, ids, np.arange(3), gallery, "l2")
+    assert result["samples"] == pytest.approx(100 * 3 / 5)
+    assert result["identified"] == 2 and result["identities"] == 3
+    assert result["identities_rate"] == pytest.approx(200 / 3)
+    assert result["chance"] == pytest.approx(100 / 3)
+    for metric in ev.RETRIEVAL_METRICS:
+        perfect = ev.identification_rate(gallery + 1, [0, 1, 2], np.arange(3), gallery + 1,
+                                         metric)
+        assert perfect["samples"] == perfect["identities_rate"] == 100.0
+
+
+def test_identity_genders_prefers_metadata_then_classifier_majority():
+    c = ev.Collected(pred=np.zeros((4, 2)), true=np.zeros((4, 2)),
+                     identities=np.array([1, 1, 1, 2]), recon_landmarks=np.zeros((4, 68, 2)),
+                     canon_landmarks=np.zeros((4, 68, 2)),
+                     genders=(["male", "female", "male", "female"], ["male"] * 4),
+                     meta_genders=["female", "female", "female", "male"])
+    labels, genders, source = ev.identity_genders(c)
+    assert list(labels) == [1, 2] and list(genders) == ["female", "male"]
+    assert source == "metadata"
+    c.meta_genders = [None] * 4
+    labels, genders, source = ev.identity_genders(c)
+    assert list(genders) == ["male", "female"] and source == "classifier"
+    c.genders = ([], [])
+    assert ev.identity_genders(c)[1:] == (None, None)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_or_unknown_recognizer_is_a_weights_error(tmp_path, monkeypatch):
+    from speech2face import faces
+    from speech2face.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="unknown face recognizer"):
+        ev.Recognizer("arcface")
+    with pytest.raises(WeightsError, match="VGG-Face needs weights"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        ev.Recognizer("vggface")
+    monkeypatch.setattr(faces, "model_dir", lambda: tmp_path)
+    with pytest.raises(WeightsError, match="model file is missing"):
+        ev.Recognizer("dlib")
+
+
+def _tiny_bundle(path, feature_dim=16):
+    import torch
+
+    from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
+    from speech2face.model import Speech2Face, save_model
+    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
+    torch.manual_seed(0)
+    mean = torch.from_numpy(_random_landmarks(1)[0]).float()
+    model = Speech2Face(FaceDecoder(FaceDecoderConfig.tiny(feature_dim), mean),
+                        VoiceEncoder(VoiceEncoderConfig.tiny(feature_dim)), None, "dlib")
+    return save_model(model, path)
+
+
+def _manifest(folder, identities, feature_dim):
+    from speech2face.data import FORMAT_VERSION
+
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": FORMAT_VERSION, "encoder": "dlib", "feature_dim": feature_dim,
+        "identities": identities,
+        "splits": {"test": {"samples": 4, "identities": identities, "shards": []}}}))
+    return folder
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one identity", "1 identity"),
+    ("feature size", "16-D"),
+    ("recognizer", "VGG-Face needs weights"),
+])
+def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
+                                                          case, message):
     from speech2face.cli import main
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle = _tiny_bundle(tmp_path / "model")
+    identities = ["id1"] if case == "one identity" else ["id1", "id2"]
+    shards = _manifest(tmp_path / "shards", identities, 128 if case == "feature size" else 16)
     out = tmp_path / "report"
-    code = main(["evaluate", "--model", str(tmp_path / "nomodel"), "--data",
-                 str(tmp_path / "noshards"), "--out", str(out)])
-    assert code == 2
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    args = ["evaluate", "--model", str(bundle), "--data", str(shards), "--out", str(out)]
+    if case == "recognizer":
+        args += ["--recognizer", "vggface"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

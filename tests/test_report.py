@@ -1,0 +1,115 @@
+"""The report: files, contents, atomic writing (metrics come from speech2face.evaluate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_evaluate import _random_landmarks  # same plausible faces as the metric tests
+
+from speech2face import evaluate as ev
+from speech2face import report
+
+# ---------------------------------------------------------------- report
+
+
+def _collected(n: int = 24, seed: int = 14) -> ev.Collected:
+    rng = np.random.default_rng(seed)
+    true = rng.normal(size=(n, 8))
+    image = rng.integers(0, 255, size=(224, 224, 3), dtype=np.uint8)
+    return ev.Collected(
+        pred=true + rng.normal(scale=0.5, size=true.shape),
+        true=true,
+        identities=np.arange(n) % 12,
+        recon_landmarks=_random_landmarks(n, seed=seed),
+        canon_landmarks=_random_landmarks(n, seed=seed + 1),
+        genders=(["male", "female"] * (n // 2), ["male"] * n),
+        ages=(list(rng.uniform(20, 60, n)), list(rng.uniform(20, 60, n))),
+        grid=[(image, image, image, "id1"), (image, image, image, "id2")],
+        face_embeddings=true[:, :4] * 2, recon_embeddings=true[:, :4] + 0.5,
+        canon_embeddings=true[:, :4] * 2 + 0.1, recognizer="dlib",
+        meta_genders=[None] * n,
+    )
+
+
+def test_report_files_and_contents(tmp_path):
+    c = _collected()
+    metrics = ev.compute_metrics(c, gallery_size=100, draws=5)
+    assert metrics["retrieval"]["gallery_size"] == 12
+    assert metrics["attributes"]["gender"]["agreement"] == pytest.approx(50.0)
+    files = report.render_report(metrics, c, notice="Results on generated data.")
+    out = report.write_outputs(tmp_path / "report", files)
+    names = {p.name for p in out.iterdir()}
+    assert names == {"report.md", "metrics.json", "grid.png", "recall.png", "craniofacial.png",
+                     "features.png", "attributes.png"}
+    for name in names - {"report.md", "metrics.json"}:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    assert "> Results on generated data." in text
+    assert "10.92" in text  # the paper's recall@1 beside ours
+    r1 = metrics["retrieval"]["cosine"]["1"]
+    assert f"{r1['mean']:.1f} ± {r1['std']:.1f}" in text
+    loaded = json.loads((out / "metrics.json").read_text())
+    assert loaded["feature_similarity"] == metrics["feature_similarity"]
+    # The image-based sections name the recognizer and say it is not independent here.
+    assert metrics["recognizer"]["same_as_training_features"] is False
+    ident = metrics["decoder_identification"]
+    assert f"({ident['identified']} of {ident['identities']})" in text
+    assert "Identity from the image" in text and "**dlib** (4-D)" in text
+    assert "1:2 voice-face matching" in text and "chance" in text
+    assert "classifier on the true faces" in text  # genders for the constrained test
+    same = metrics["feature_matching"]["same_gender"]
+    assert f"{same['accuracy']:.1f} ({same['trials']} trials)" in text
+    assert "not comparable¹" in text and "0.78" in text  # the paper's L2 is explained
+    assert list(metrics["identity"]["recall"]) == ["12"]
+    dependent = ev.compute_metrics(c, draws=2, training_encoder="dlib")
+    assert "Not independent here" in report.render_markdown(dependent)
+
+
+def test_report_without_recognizer_has_no_image_sections():
+    c = _collected()
+    c.face_embeddings = c.recon_embeddings = c.canon_embeddings = c.recognizer = None
+    metrics = ev.compute_metrics(c, draws=2)
+    assert "recognizer" not in metrics and "feature_matching" in metrics
+    text = report.render_markdown(metrics)
+    assert "Identity from the image" not in text and "1:2 voice-face matching" in text
+
+
+def test_write_outputs_replaces_and_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "report"
+    report.write_outputs(out, {"report.md": b"one", "metrics.json": b"{}"})
+    report.write_outputs(out, {"report.md": b"two", "metrics.json": b"{}"})
+    assert (out / "report.md").read_bytes() == b"two"
+
+    class Boom(dict):
+        def __getitem__(self, key):
+            if key == "metrics.json":
+                raise RuntimeError("disk full")
+            return super().__getitem__(key)
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        report.write_outputs(fresh, Boom({"report.md": b"x", "metrics.json": b"{}"}))
+    assert not fresh.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_metrics_json_has_no_nan(tmp_path):
+    c = _collected()
+    c.recon_landmarks[:] = c.recon_landmarks[0]  # constant measures: correlation undefined
+    metrics = ev.compute_metrics(c, draws=2)
+    assert np.isnan(metrics["craniofacial"]["jaw_angle"]["r"])
+    text = report.render_report(metrics, c)["metrics.json"].decode()
+    assert "NaN" not in text and json.loads(text)["craniofacial"]["jaw_angle"]["r"] is None
+
+
+def test_evaluate_command_bad_data_is_one_line_error(tmp_path, capsys):
+    from speech2face.cli import main
+
+    out = tmp_path / "report"
+    code = main(["evaluate", "--model", str(tmp_path / "nomodel"), "--data",
+                 str(tmp_path / "noshards"), "--out", str(out)])
+    assert code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not out.exists()
