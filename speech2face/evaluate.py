@@ -797,8 +797,9 @@ _ARRAYS = ("pred", "true", "rec_lm", "can_lm", "face_emb", "rec_emb", "can_emb")
 
 
 def _meta_gender(batch: dict, i: int) -> str | None:
+    """A sample's gender from the metadata: VoxCeleb's tables (and the demo) write m/f."""
     gender = str(batch["meta"][i].get("gender") or "").lower() if "meta" in batch else ""
-    return gender if gender in GENDERS else None
+    return {"m": "male", "f": "female", "male": "male", "female": "female"}.get(gender)
 
 
 def collect(model, batches: Iterable[dict], attributes: bool = True,

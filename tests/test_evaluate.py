@@ -412,6 +412,8 @@ def test_identity_genders_prefers_metadata_then_classifier_majority():
     assert list(genders) == ["male", "female"] and source == "classifier"
     c.genders = ([], [])
     assert ev.identity_genders(c)[1:] == (None, None)
+    batch = {"meta": [{"gender": "m"}, {"gender": "F"}, {"gender": None}, {}]}
+    assert [ev._meta_gender(batch, i) for i in range(4)] == ["male", "female", None, None]
 
 
 # ---------------------------------------------------------------- bad input
