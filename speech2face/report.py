@@ -332,7 +332,9 @@ def _image_metric_lines(metrics: dict) -> list[str]:
         "recall@K: a gallery of M identities' mean real-face embeddings, the queries one "
         "random reconstruction of each; mean ± std over seeded galleries, in %. Requested M = "
         + ", ".join(map(str, identity["gallery_sizes_requested"]))
-        + f"; the split has {metrics['identities']} identities, so M is capped there.", "",
+        + f"; the split has {metrics['identities']} identities"
+        + (", so the largest M is all of them." if
+           metrics["identities"] < max(identity["gallery_sizes_requested"]) else "."), "",
         "| M | distance | " + " | ".join(f"R@{k}" for k in RECALL_KS) + " |",
         "|---|---|" + "---|" * len(RECALL_KS),
     ]
