@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench lint clean
 
+# resemblyzer (the baseline voice encoder's weights ship in its wheel) goes in with
+# --no-deps: it asks for webrtcvad, which builds from source; webrtcvad-wheels, in [dev],
+# is the same module prebuilt.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps resemblyzer==0.1.4
 	touch $(STAMP)
 
 demo: $(STAMP)

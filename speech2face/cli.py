@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-decoder": ("speech2face.train", "stage 1: train the face decoder on faces"),
     "train": ("speech2face.train", "stage 2: train the voice encoder against faces"),
     "evaluate": ("speech2face.evaluate", "the paper's metrics on the test split, with a report"),
+    "compare": ("speech2face.report", "evaluation reports side by side (e.g. encoder vs baseline)"),
     "reconstruct": ("speech2face.inference", "speech in, face image out"),
     "demo": ("speech2face.demo", "the end-to-end demo on generated data"),
 }

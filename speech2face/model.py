@@ -255,11 +255,23 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: 
     module.load_state_dict(state)
 
 
+def _voice_encoder_from_config(data, file: Path | None) -> nn.Module:
+    """The voice encoder a bundle's config describes: the paper's, or the baseline by kind."""
+    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
+    if isinstance(data, dict) and data.get("kind") == "resemblyzer":
+        from speech2face.resemblyzer_encoder import ResemblyzerEncoder, ResemblyzerEncoderConfig
+
+        # Its pretrained weights are in the bundle's state: nothing else is read.
+        return ResemblyzerEncoder(config_from_dict(ResemblyzerEncoderConfig, data, file),
+                                  pretrained=False)
+    return VoiceEncoder(config_from_dict(VoiceEncoderConfig, data, file))
+
+
 def build_model(config: dict, state: dict[str, torch.Tensor],
                 file: Path | None = None) -> Speech2Face:
     """A :class:`Speech2Face` with the architecture of a bundle ``config`` (weights not loaded)."""
     from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
-    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
 
     decoder_config = config_from_dict(FaceDecoderConfig, config.get("face_decoder"), file)
     # The decoder is built from the saved mean landmarks (not zeros) in case it derives
@@ -270,8 +282,7 @@ def build_model(config: dict, state: dict[str, torch.Tensor],
     face_decoder = FaceDecoder(decoder_config, mean_landmarks)
     voice_encoder = None
     if config.get("voice_encoder") is not None:
-        voice_config = config_from_dict(VoiceEncoderConfig, config["voice_encoder"], file)
-        voice_encoder = VoiceEncoder(voice_config)
+        voice_encoder = _voice_encoder_from_config(config["voice_encoder"], file)
     classifier = None
     if config.get("num_identities"):
         classifier = nn.Linear(int(config["feature_dim"]), int(config["num_identities"]))

@@ -440,3 +440,109 @@ def summary(metrics: dict) -> str:
         line += (f"; decoder identification {ident['identified']}/{ident['identities']} "
                  f"identities ({metrics['recognizer']['name']})")
     return line
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _cell(value, digits: int = 1, suffix: str = "") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}{suffix}"
+
+
+def _get(metrics: dict, *keys):
+    for key in keys:
+        if not isinstance(metrics, dict) or metrics.get(key) is None:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
+    """``(measure, value, shuffled pairs, chance)`` rows of one evaluation's headline numbers."""
+    m = metrics["retrieval"]["gallery_size"]
+    fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
+    rows = [(f"feature retrieval R@{k}, cosine, M = {m} (%)",
+             _cell(metrics["retrieval"]["cosine"][str(k)]["mean"]), "",
+             _cell(metrics["retrieval"]["cosine"][str(k)]["chance"]))
+            for k in RECALL_KS if k < m]
+    rows += [
+        ("angle between v_s and v_f (degrees)", _cell(fs["angle_deg"]["mean"]),
+         _cell(fs0["angle_deg"]["mean"]), ""),
+        ("craniofacial mean Pearson r", _cell(metrics["craniofacial"]["mean"]["r"], 2),
+         _cell(metrics["craniofacial"]["mean"]["shuffled"], 2), ""),
+        ("1:2 matching, features (%)",
+         _cell(_get(metrics, "feature_matching", "unconstrained", "accuracy")), "",
+         _cell(MATCHING_CHANCE)),
+        ("1:2 matching, features, same gender (%)",
+         _cell(_get(metrics, "feature_matching", "same_gender", "accuracy")), "",
+         _cell(MATCHING_CHANCE)),
+    ]
+    if "identity" in metrics:
+        name = metrics["recognizer"]["name"]
+        largest = max(metrics["identity"]["recall"], key=int)
+        r1 = metrics["identity"]["recall"][largest]["cosine"]["1"]
+        rows += [
+            (f"image R@1, {name} embedding, M = {largest} (%)", _cell(r1["mean"]), "",
+             _cell(r1["chance"])),
+            (f"1:2 matching, images, {name} (%)",
+             _cell(_get(metrics, "matching", "unconstrained", "accuracy")), "",
+             _cell(MATCHING_CHANCE)),
+        ]
+    if "attributes" in metrics:
+        rows.append(("gender agreement, reconstruction vs true face (%)",
+                     _cell(metrics["attributes"]["gender"]["agreement"]), "", ""))
+    return rows
+
+
+def render_comparison(runs: dict[str, dict]) -> str:
+    """A Markdown table of several evaluations side by side (e.g. encoder vs baseline).
+
+    Each run's column holds its number and, where one exists, its shuffled-pairs level in
+    parentheses; the last column is chance. Rows are those of the first run.
+    """
+    names = list(runs)
+    per_run = {name: {row[0]: row for row in comparison_rows(m)} for name, m in runs.items()}
+    lines = ["| measure | " + " | ".join(names) + " | chance |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for measure, *_ in comparison_rows(runs[names[0]]):
+        cells, chance = [], ""
+        for name in names:
+            row = per_run[name].get(measure)
+            if row is None:
+                cells.append("n/a")
+                continue
+            cells.append(row[1] + (f" (shuffled {row[2]})" if row[2] else ""))
+            chance = chance or row[3]
+        lines.append(f"| {measure} | " + " | ".join(cells) + f" | {chance or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_compare_arguments(parser) -> None:
+    parser.add_argument("reports", nargs="+", metavar="NAME=REPORT",
+                        help="evaluation report folders (or their metrics.json), each named, "
+                             "e.g. paper=demo_out/report baseline=demo_out/report-baseline")
+    parser.add_argument("-o", "--out", default=None,
+                        help="also write the table to this Markdown file")
+
+
+def compare_command(args) -> int:
+    from speech2face.errors import ConfigError
+    from speech2face.utils import read_json
+
+    runs = {}
+    for item in args.reports:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(None, f"{item!r}: expected NAME=REPORT")
+        path = Path(path)
+        file = path / "metrics.json" if path.is_dir() else path
+        metrics = read_json(file)
+        if not isinstance(metrics, dict) or "retrieval" not in metrics:
+            raise DataError(file, "missing, or not the metrics.json of `speech2face evaluate`")
+        runs[name] = metrics
+    table = render_comparison(runs)
+    if args.out:
+        with atomic_write(Path(args.out), "w") as f:
+            f.write(table)
+    print(table, end="")
+    return 0

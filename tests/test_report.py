@@ -113,3 +113,30 @@ def test_evaluate_command_bad_data_is_one_line_error(tmp_path, capsys):
     assert code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_compare_command_puts_runs_side_by_side(tmp_path, capsys):
+    from speech2face.cli import main
+
+    c = _collected()
+    for name, seed in (("a", 1), ("b", 2)):
+        metrics = ev.compute_metrics(c, draws=2, seed=seed)
+        report.write_outputs(tmp_path / name, report.render_report(metrics, c))
+    out = tmp_path / "table.md"
+    assert main(["compare", f"paper={tmp_path / 'a'}", f"baseline={tmp_path / 'b'}",
+                 "-o", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert out.read_text() == table
+    header, rule, *rows = table.strip().splitlines()
+    assert header == "| measure | paper | baseline | chance |"
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    r1, r1_b = first["retrieval"]["cosine"]["1"], second["retrieval"]["cosine"]["1"]
+    assert rows[0] == (f"| feature retrieval R@1, cosine, M = 12 (%) | {r1['mean']:.1f} | "
+                       f"{r1_b['mean']:.1f} | {r1['chance']:.1f} |")
+    shuffled = first["feature_similarity_shuffled"]["angle_deg"]["mean"]
+    assert any(f"(shuffled {shuffled:.1f})" in row for row in rows)
+    assert any(row.startswith("| 1:2 matching, features (%)") and row.endswith("| 50.0 |")
+               for row in rows)
+    assert main(["compare", f"x={tmp_path / 'nothing'}"]) == 2
+    assert "metrics.json" in capsys.readouterr().err
