@@ -1,3 +1,6 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -9,3 +12,64 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------ videos of generated speakers (AVSpeech tests)
+
+VIDEO_FPS = 10
+
+
+def make_mp4(
+    path: Path, frames: list[np.ndarray], audio: np.ndarray | None, seconds: float
+) -> bytes:
+    """Write and return an MP4 of ``frames`` shown one after another for ``seconds`` in
+    all, with ``audio`` (16 kHz) under them: H.264 + ALAC (lossless and, unlike AAC,
+    without priming samples), the index at the front so that a reader can seek over HTTP."""
+    import av
+
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:
+        # A keyframe a second, as video sites do: a reader seeks to near the segment.
+        video = out.add_stream(
+            "libx264", rate=VIDEO_FPS, options={"preset": "ultrafast", "g": str(VIDEO_FPS)}
+        )
+        video.width, video.height = frames[0].shape[1], frames[0].shape[0]
+        video.pix_fmt = "yuv420p"
+        astream = None
+        if audio is not None:
+            astream = out.add_stream("alac", rate=16000, layout="mono")
+        n = int(seconds * VIDEO_FPS)
+        for i in range(n):
+            image = frames[i * len(frames) // n]
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(video.encode())
+        if astream is not None:
+            pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)[None]
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+            frame.sample_rate = 16000
+            out.mux(astream.encode(frame))
+            out.mux(astream.encode())
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def demo_speakers(tmp_path_factory):
+    """Per generated speaker (3): its face frames (one per video, 2 videos) and 8 s of
+    its speech (16 kHz float32)."""
+    import soundfile as sf
+    from PIL import Image
+
+    from speech2face.demo_data import make_demo_data
+
+    root = make_demo_data(
+        tmp_path_factory.mktemp("demo") / "corpus", speakers=3, videos=(2, 2), clips=(3, 3),
+        frames=1, workers=1, progress=False,
+    )
+    rows = (root / "vox1_meta.csv").read_text().splitlines()[1:]
+    out = []
+    for identity, name in sorted(tuple(r.split("\t")[:2]) for r in rows):
+        clips = sorted((root / "wav" / identity).rglob("*.wav"))
+        wave = np.concatenate([sf.read(p, dtype="float32")[0] for p in clips])
+        frames = [np.asarray(Image.open(p).convert("RGB"))
+                  for p in sorted((root / "unzippedFaces" / name).rglob("*.jpg"))]
+        out.append((frames, wave[: 8 * 16000]))
+    return out

@@ -31,6 +31,7 @@ VAL_FRACTION = 0.05
 VOX1_TEST_IDENTITIES = frozenset(f"id{n}" for n in range(10270, 10310))
 SPLIT_FILE = "identity_split.csv"  # optional: identity,split (train/val/test) overrides
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+SEGMENTS_DIR = "segments"  # AVSpeech segment files (speech2face download)
 
 
 # ============================================================================ work units
@@ -44,6 +45,7 @@ class Clip:
     path: str
     start: float = 0.0
     end: float | None = None
+    offset: float = 0.0  # where ``path`` starts in the source video (AVSpeech segment files)
 
 
 @dataclass(frozen=True)
@@ -311,10 +313,11 @@ def _video_unit(identity: str, video: str, clips: tuple, frames: tuple, meta: di
 
 def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
     """The videos of an AVSpeech folder: ``avspeech_{train,test}.csv`` (rows: YouTube
-    id, start s, end s, face centre x, y as fractions) and ``videos/<id>.<ext>``.
+    id, start s, end s, face centre x, y as fractions) and ``videos/<id>.<ext>``, or
+    ``segments/<id>/<clip>.mkv`` (one file per segment, as ``speech2face download`` writes).
 
-    AVSpeech has no identity labels: each video is its own identity (one speaker per
-    video, as the dataset was built). Its segments are the video's clips.
+    Each video is its own identity here (prepare merges the videos of one person:
+    ``identities.merge_units``). Its segments are the video's clips.
     """
     root = Path(root)
     tables = {split: root / f"avspeech_{split}.csv" for split in ("train", "test")}
@@ -351,15 +354,32 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
         split = overrides.get(ytid) or ("val" if ytid in val else split_of[ytid])
         segs = sorted(segments[ytid])
         path = downloaded.get(ytid)
-        if path is None:
+        if path is not None:
+            clips = tuple(Clip(segment_name(s), str(path), s, e) for s, e, _, _ in segs)
+            frames = tuple(
+                Frame(str(path), (s + e) / 2, (x, y))
+                for s, e, x, y in _evenly(segs, frames_per_video)
+            )
+        else:  # segment files, each timed from its segment's start
+            files = {s: root / SEGMENTS_DIR / ytid / f"{segment_name(s)}.mkv" for s, *_ in segs}
+            segs = [seg for seg in segs if files[seg[0]].is_file()]
+            clips = tuple(
+                Clip(segment_name(s), str(files[s]), 0.0, e - s, offset=s) for s, e, _, _ in segs
+            )
+            frames = tuple(
+                Frame(str(files[s]), (e - s) / 2, (x, y))
+                for s, e, x, y in _evenly(segs, frames_per_video)
+            )
+        if not clips:
             units.append(Unit(ytid, ytid, None, None, (), (), skip="video not downloaded"))
             continue
-        clips = tuple(Clip(f"s{int(round(s * 1000)):09d}", str(path), s, e) for s, e, _, _ in segs)
-        frames = tuple(
-            Frame(str(path), (s + e) / 2, (x, y)) for s, e, x, y in _evenly(segs, frames_per_video)
-        )
         units.append(Unit(ytid, ytid, split, None, clips, frames))
     return units
+
+
+def segment_name(start: float) -> str:
+    """An AVSpeech segment's clip name: ``s`` + its start in ms (``s000090000``)."""
+    return f"s{int(round(start * 1000)):09d}"
 
 
 LISTERS = {"voxceleb1": list_voxceleb1, "voxceleb2": list_voxceleb2, "avspeech": list_avspeech}
@@ -374,7 +394,11 @@ def list_units(dataset: str, root, frames_per_video: int = FRAMES_PER_VIDEO) -> 
         raise DataError(None, f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     if not Path(root).is_dir():
         raise DataError(root, "dataset folder not found")
-    units = LISTERS[dataset](root, frames_per_video)
+    return processing_order(LISTERS[dataset](root, frames_per_video))
+
+
+def processing_order(units: Sequence[Unit]) -> list[Unit]:
+    """Units by split, identity, video; those skipped before processing last."""
     rank = {s: i for i, s in enumerate(SPLITS)}
     return sorted(units, key=lambda u: (rank.get(u.split, len(SPLITS)), u.identity, u.video))
 

@@ -57,6 +57,7 @@ from speech2face.data.datasets import (
     list_units,
     stable_hash,
 )
+from speech2face.data.identities import LINKAGES, SAME_PERSON_DISTANCE, merge_units
 from speech2face.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -155,8 +156,8 @@ class _Processor:
                 "gender": unit.gender,
                 "dataset": self.options.dataset,
             }
-            if clip.end is not None:
-                meta.update(start=clip.start, end=clip.end)
+            if clip.end is not None:  # times in the source video (segment files: + offset)
+                meta.update(start=clip.offset + clip.start, end=clip.offset + clip.end)
             files = {"flac": flac}
             for t, i in enumerate(picks):
                 suffix = "" if t == 0 else f".{t}"
@@ -413,6 +414,8 @@ def prepare(
     detector: str = "hog",
     frames_per_video: int = FRAMES_PER_VIDEO,
     crops_per_sample: int = CROPS_PER_SAMPLE,
+    identity_threshold: float = SAME_PERSON_DISTANCE,
+    identity_linkage: str = "average",
     progress: bool = True,
 ) -> dict:
     """Turn a dataset into WebDataset shards under ``out`` (module docstring, docs/data.md).
@@ -451,6 +454,11 @@ def prepare(
         samples_per_shard=samples_per_shard,
     )
     all_units = list_units(dataset, root, frames_per_video)
+    merging = None  # AVSpeech: one identity per person, not per video (data/identities.py)
+    if dataset == "avspeech" and identity_threshold > 0:
+        all_units, merging = merge_units(
+            all_units, identity_threshold, identity_linkage, detector, progress
+        )
     units = [u for u in all_units if stable_hash(u.key) % num_shards == shard_index]
     part = _part_name(shard_index, num_shards)
     run_id = {
@@ -458,6 +466,7 @@ def prepare(
         "options": asdict(options),
         "part": part,
         "units": _fingerprint([asdict(u) for u in units]),
+        "identity_merging": merging,
     }
     run_id["options"].pop("encoder_weights")  # where the weights lie is not what they are
     parts = out / PARTS_DIR
@@ -697,6 +706,7 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
         "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
         "skipped_by_reason": dict(sorted(Counter(reason for _, reason in skipped).items())),
         "mean_landmarks": mean,
+        "identity_merging": first["run"].get("identity_merging"),
     }
     with atomic_write(out / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -760,6 +770,19 @@ def add_prepare_arguments(parser) -> None:
         help=f"face crops stored with each clip (default {CROPS_PER_SAMPLE})",
     )
     parser.add_argument(
+        "--identity-threshold",
+        type=float,
+        default=SAME_PERSON_DISTANCE,
+        help="AVSpeech: videos whose faces are this close (dlib distance) are one person "
+        f"(default {SAME_PERSON_DISTANCE}, dlib's guidance; 0: each video its own identity)",
+    )
+    parser.add_argument(
+        "--identity-linkage",
+        default="average",
+        choices=LINKAGES,
+        help="AVSpeech: how videos group into people (default average; docs/data.md)",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="only merge the finished parts' manifests into manifest.json",
@@ -786,6 +809,8 @@ def prepare_command(args) -> int:
             detector=args.detector,
             frames_per_video=args.frames_per_video,
             crops_per_sample=args.crops_per_sample,
+            identity_threshold=args.identity_threshold,
+            identity_linkage=args.identity_linkage,
         )
         manifest = part
     sizes = ", ".join(f"{s}: {v['samples']}" for s, v in manifest["splits"].items())
@@ -794,6 +819,13 @@ def prepare_command(args) -> int:
         f"{args.out}: samples {sizes or 'none'}; {skipped} inputs skipped "
         f"({time.perf_counter() - start:.1f} s)"
     )
+    merging = manifest.get("identity_merging") or manifest.get("run", {}).get("identity_merging")
+    if merging:
+        print(
+            f"identities: {merging['videos']} videos -> {merging['identities']} identities "
+            f"({merging['merged_videos']} videos merged into another's identity, "
+            f"{merging['moved_videos']} moved to another split)"
+        )
     if (Path(args.out) / MANIFEST).is_file() and not args.merge:
         print(f"manifest: {Path(args.out) / MANIFEST}")
     return 0

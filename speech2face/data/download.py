@@ -1,0 +1,750 @@
+"""``speech2face download avspeech``: the part of each AVSpeech segment that ``prepare`` needs.
+
+AVSpeech is published as CSV rows ``YouTube id, start s, end s, face centre x, y`` (no
+header; x, y are fractions of the frame). For each row this fetches only the segment's
+audio and the video frames around its middle, never the whole video: yt-dlp (as a
+library) resolves the video page to its media URLs, and FFmpeg (PyAV) reads those
+through ``_RangeReader``, which fetches fixed byte ranges on demand, so that only the
+file's index and the ranges the segment spans travel. It writes::
+
+    ROOT/avspeech_train.csv, avspeech_test.csv  the CSVs as given: the split of each video
+    ROOT/segments/<id>/s<start ms>.mkv          the segment: its audio (FLAC, 16 kHz mono)
+                                                and the frames around its middle (H.264),
+                                                timed from the segment's start
+    ROOT/segments/<id>/s<start ms>.face.npy     dlib's 128-D descriptor of the speaker's
+                                                face at the middle (identity merging)
+    ROOT/download_log/shard-<i>-of-<n>.jsonl    one line per failed attempt
+
+which ``speech2face prepare avspeech --root ROOT`` reads as it is (docs/data.md).
+
+Faults. A segment's two files appear together or not at all (``utils.staged_writes``),
+so a segment whose files exist is done, whatever happened to the run. A failure is
+appended to the log with its kind: permanent ones (private, removed, geo-blocked, no
+audio track, no face at the middle...) are not tried again; transient ones (timeout,
+network, truncated download, rate limited) are retried by the next run, up to
+``max_attempts`` in all. A full disk stops the run with one line naming the file; the
+rerun continues where it stopped. ``shard_index``/``num_shards`` take the videos whose
+stable hash is ``shard_index`` mod ``num_shards``, so a job array needs no coordination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from speech2face.data.datasets import SEGMENTS_DIR, segment_name, stable_hash
+from speech2face.data.identities import DESCRIPTOR_SUFFIX, face_descriptor
+from speech2face.errors import ConfigError, DataError
+
+YOUTUBE_URL = "https://www.youtube.com/watch?v={id}"
+LOG_DIR = "download_log"
+SEGMENT_SUFFIX = ".mkv"
+SPLITS = ("train", "test")
+SAMPLE_RATE = 16_000  # what prepare reads (audio.SAMPLE_RATE): resampled once, here
+# Frames kept around the middle: prepare reads the middle one; its neighbours are there
+# for a detector that misses on one frame (blur, a blink) without a second download.
+FRAMES_AROUND_MIDDLE = 3
+MAX_HEIGHT = 720  # a talking face in 720p is ~200-300 px: enough for 224 x 224 crops
+VIDEO_CRF = 18  # x264 constant quality: visually lossless for the crops
+# Media is read over HTTP in byte ranges of this size, so that seeking to a segment costs
+# one request and never streams the video up to it (FFmpeg's own http reader reads
+# forward rather than seek whenever it judges the connection cheap).
+RANGE_BYTES = 256 * 1024
+CACHED_RANGES = 16  # per open file: the index at the front and the segment's ranges
+MAX_ATTEMPTS = 3  # transient failures of one segment before it is given up
+TIMEOUT_S = 30.0
+WORKERS = 4
+# An id becomes a folder and a file name: YouTube ids are 11 of [A-Za-z0-9_-].
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# yt-dlp error text -> failure kind, first match wins; (kind, transient, lowercase parts).
+_FAILURE_KINDS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
+    ("private", False, ("private video", "video is private", "members-only", "join this channel")),
+    ("geo-blocked", False, ("in your country", "geo restrict", "geo-restrict")),
+    ("age-restricted", False, ("confirm your age", "age-restricted", "age restricted")),
+    ("rate-limited", True, ("http error 429", "too many requests", "not a bot")),
+    ("no-format", False, ("requested format is not available",)),
+    ("removed", False, (
+        "video unavailable", "has been removed", "no longer available", "account associated",
+        "terminated", "http error 404", "http error 410", "does not exist",
+    )),
+    ("timeout", True, ("timed out", "timeout")),
+    ("network", True, (
+        "connection", "temporary failure", "http error 5", "unreachable", "name resolution",
+        "remote end closed", "incomplete read", "ssl", "broken pipe",
+    )),
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One CSV row: ``[start, end)`` seconds of a video, the face centre as fractions."""
+
+    video: str
+    start: float
+    end: float
+    x: float
+    y: float
+    split: str
+    row: str  # "file:line", for messages
+
+    @property
+    def clip(self) -> str:
+        """The clip name prepare gives this segment (data.list_avspeech)."""
+        return segment_name(self.start)
+
+    @property
+    def key(self) -> str:
+        return f"{self.video}/{self.clip}"
+
+    @property
+    def middle(self) -> float:
+        return (self.start + self.end) / 2
+
+
+class Failure(Exception):
+    """One segment (or a whole video) could not be fetched: kind, transient, message."""
+
+    def __init__(self, kind: str, message: str, transient: bool = False):
+        super().__init__(message)
+        self.kind, self.message, self.transient = kind, message, transient
+
+
+def classify(message: str) -> Failure:
+    """A failure from an error's text (yt-dlp's, FFmpeg's); unknown ones count as transient."""
+    text = message.lower()
+    for kind, transient, parts in _FAILURE_KINDS:
+        if any(p in text for p in parts):
+            return Failure(kind, message, transient)
+    return Failure("error", message, transient=True)
+
+
+# ================================================================================ input
+
+
+def split_of_csv(path: str | os.PathLike) -> str:
+    """"train" or "test" from a CSV's name (``avspeech_train.csv``, ``small_test.csv``)."""
+    stem = Path(path).stem.lower()
+    for split in SPLITS:
+        if stem.endswith(split):
+            return split
+    raise DataError(path, "cannot tell the split from the name: call it *_train.csv or *_test.csv")
+
+
+def read_csv(path: str | os.PathLike, split: str | None = None) -> list[Segment]:
+    """The rows of an AVSpeech CSV, validated (DataError naming the line otherwise)."""
+    path = Path(path)
+    split = split or split_of_csv(path)
+    if not path.is_file():
+        raise DataError(path, "CSV file not found")
+    segments = []
+    try:
+        with open(path, newline="") as f:
+            for line, row in enumerate(csv.reader(f), 1):
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                segments.append(_parse_row(path, line, row, split))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(path, f"not a CSV text file ({error})") from None
+    return segments
+
+
+def _parse_row(path: Path, line: int, row: list[str], split: str) -> Segment:
+    where = f"line {line}"
+    shown = ",".join(row)[:80]
+    if len(row) != 5:
+        raise DataError(
+            path, f"{where}: expected 5 columns (YouTube id, start, end, face x, face y; "
+            f"no header), got {len(row)}: {shown!r}"
+        )
+    video = row[0].strip()
+    if not _ID.fullmatch(video):
+        raise DataError(path, f"{where}: {video!r} is not a video id ([A-Za-z0-9_-]): {shown!r}")
+    try:
+        start, end, x, y = (float(v) for v in row[1:])
+    except ValueError:
+        hint = " (AVSpeech CSVs have no header row)" if line == 1 else ""
+        raise DataError(
+            path, f"{where}: start, end, x, y must be numbers: {shown!r}{hint}"
+        ) from None
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
+        raise DataError(path, f"{where}: need 0 <= start < end, got {start}, {end}")
+    if not (0 <= x <= 1 and 0 <= y <= 1):
+        raise DataError(path, f"{where}: face centre x, y must be fractions in [0, 1]: {shown!r}")
+    return Segment(video, start, end, x, y, split, f"{path}:{line}")
+
+
+def check_url_template(template: str) -> str:
+    """The template, or ConfigError if it lacks ``{id}`` or names other fields."""
+    try:
+        filled = template.format(id="ID")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError("--url-template", f"only {{id}} may be filled in: {error}") from None
+    if "{id}" not in template or filled == template:
+        raise ConfigError("--url-template", f"must contain {{id}}, got {template!r}")
+    return template
+
+
+# ============================================================================== the log
+
+
+def log_path(root: Path, shard_index: int, num_shards: int) -> Path:
+    return root / LOG_DIR / f"shard-{shard_index:05d}-of-{num_shards:05d}.jsonl"
+
+
+def read_failures(root: str | os.PathLike) -> dict[str, list[dict]]:
+    """Segment key -> its failure records, from every log under ``root`` (any sharding).
+
+    A line a killed run left half-written is not JSON and is ignored."""
+    failures: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted((Path(root) / LOG_DIR).glob("*.jsonl")):
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("key"), str):
+                    failures[record["key"]].append(record)
+    return failures
+
+
+def _gave_up(records: Sequence[dict], max_attempts: int) -> bool:
+    return any(not r.get("transient", True) for r in records) or len(records) >= max_attempts
+
+
+class _Log:
+    """Appends failure records; one ``write`` per line on an O_APPEND file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def add(self, segment: Segment, failure: Failure, attempt: int) -> None:
+        record = {
+            "key": segment.key, "row": segment.row, "video": segment.video, "start": segment.start,
+            "end": segment.end, "kind": failure.kind, "transient": failure.transient,
+            "attempt": attempt, "message": failure.message[:500],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        with self._lock, _disk_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def _disk_errors(path: Path):
+    """A full disk (or quota) stops the run: one line naming the file, no traceback."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(path, "no space left on device; free some and rerun") from None
+        raise
+
+
+@contextlib.contextmanager
+def _as_failure():
+    """Anything unforeseen in one video (a codec FFmpeg chokes on, an extractor bug) is
+    that video's failure, logged as "error" and retried, not the end of the run; a full
+    disk (DataError) still ends it."""
+    try:
+        yield
+    except (Failure, DataError):
+        raise
+    except Exception as error:  # noqa: BLE001 (logged with its type and message)
+        raise Failure("error", f"{type(error).__name__}: {error}", transient=True) from None
+
+
+class _RateLimit:
+    """At most ``per_minute`` video requests a minute, spaced evenly, across threads."""
+
+    def __init__(self, per_minute: float | None):
+        self.gap = 60.0 / per_minute if per_minute else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.gap:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.gap
+        time.sleep(max(0.0, slot - now))
+
+
+# ============================================================================ fetching
+
+
+@dataclass(frozen=True)
+class _Source:
+    url: str
+    headers: dict
+    audio: bool
+    video: bool
+
+
+class _Fetcher:
+    """Fetches the segments of one video at a time; shared by the worker threads."""
+
+    def __init__(self, root: Path, url_template: str, timeout: float, max_height: int,
+                 rate: _RateLimit, log: _Log):
+        self.root, self.url_template, self.timeout = root, url_template, timeout
+        self.max_height, self.rate, self.log = max_height, rate, log
+        self._face_lock = threading.Lock()  # dlib's models are not documented thread-safe
+        self._encoder = None
+        self._local = threading.local()
+
+    def video(self, video: str, segments: Sequence[Segment], attempts: dict[str, int]) -> Counter:
+        """Fetch, check and write each segment; log each failure. Returns counts by kind."""
+        counts: Counter = Counter()
+
+        def failed(segment: Segment, failure: Failure) -> None:
+            self.log.add(segment, failure, attempts.get(segment.key, 0) + 1)
+            counts[failure.kind] += 1
+
+        self.rate.wait()
+        try:
+            with _as_failure():
+                sources = self.resolve(self.url_template.format(id=video))
+        except Failure as failure:
+            for segment in segments:
+                failed(segment, failure)
+            return counts
+        for segment in segments:
+            try:
+                with _as_failure():
+                    self.segment(sources, segment)
+                counts["ok"] += 1
+            except Failure as failure:
+                failed(segment, failure)
+        return counts
+
+    def resolve(self, url: str) -> list[_Source]:
+        """The media URLs of a page (yt-dlp): one with audio and video, or one of each."""
+        import yt_dlp
+
+        try:
+            info = self._ydl().extract_info(url, download=False)
+        except yt_dlp.utils.YoutubeDLError as error:
+            raise classify(re.sub(r"^ERROR:\s*", "", str(error))) from None
+        formats = info.get("requested_formats") or [info]
+        sources = []
+        for fmt in formats:
+            if not fmt.get("url"):
+                continue
+            sources.append(_Source(
+                fmt["url"], {**(info.get("http_headers") or {}), **(fmt.get("http_headers") or {})},
+                audio=fmt.get("acodec") != "none", video=fmt.get("vcodec") != "none",
+            ))
+        if not sources:
+            raise Failure("no-format", f"{url}: no media URL found")
+        return sources
+
+    def _ydl(self):
+        """This thread's yt-dlp (its network settings: proxy, cookies, timeouts)."""
+        import yt_dlp
+
+        ydl = getattr(self._local, "ydl", None)
+        if ydl is None:
+            h = self.max_height
+            ydl = self._local.ydl = yt_dlp.YoutubeDL({
+                "format": f"bv*[height<=?{h}]+ba/b[height<=?{h}]/bv*+ba/b",
+                "quiet": True, "no_warnings": True, "noprogress": True, "noplaylist": True,
+                "socket_timeout": self.timeout, "retries": 0, "extractor_retries": 0,
+                "cachedir": False, "logger": _QuietLogger(),
+            })
+        return ydl
+
+    def segment(self, sources: Sequence[_Source], segment: Segment) -> None:
+        """Audio of [start, end) and the frames around the middle -> the segment's files."""
+        audio_source = next((s for s in sources if s.audio), sources[0])
+        video_source = next((s for s in sources if s.video), sources[0])
+        with self._open(audio_source) as container:
+            wave = self._audio(container, segment)
+            if video_source is audio_source:
+                frames = self._frames(container, segment)
+        if video_source is not audio_source:
+            with self._open(video_source) as container:
+                frames = self._frames(container, segment)
+        descriptor = self._face(frames, segment)
+        self._write(segment, wave, frames, descriptor)
+
+    def _open(self, source: _Source):
+        import av
+
+        try:
+            if source.url.startswith(("http:", "https:")):
+                return av.open(_RangeReader(self._ydl(), source), timeout=self.timeout)
+            return av.open(source.url, timeout=self.timeout)
+        except av.error.FFmpegError as error:
+            raise classify(_av_message(error)) from None
+
+    def _audio(self, container, segment: Segment) -> np.ndarray:
+        """float32 mono at SAMPLE_RATE of exactly [start, end)."""
+        import av
+        import soxr
+
+        if not container.streams.audio:
+            raise Failure("no-audio", "the video has no audio track")
+        stream = container.streams.audio[0]
+        duration = _duration(container)
+        if duration is not None and segment.start >= duration:
+            raise Failure("outside-video", f"segment starts at {segment.start:.2f} s, "
+                          f"after the video's end ({duration:.2f} s)")
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=stream.rate)
+        chunks, t0, n = [], None, 0
+        try:
+            container.seek(int(segment.start * av.time_base), backward=True)
+            for frame in container.decode(stream):
+                if t0 is None and frame.time is not None:
+                    t0 = frame.time
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray()[0])
+                    n += chunks[-1].size
+                if t0 is not None and t0 + n / stream.rate >= segment.end:
+                    break
+        except av.error.FFmpegError as error:
+            raise Failure("truncated", f"audio: {_av_message(error)}", transient=True) from None
+        rate = stream.rate
+        wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        t0 = t0 or 0.0
+        got = t0 + wave.size / rate
+        if got < segment.end - 0.05:
+            if duration is not None and segment.end > duration + 0.05:
+                raise Failure("outside-video", f"segment ends at {segment.end:.2f} s, after the "
+                              f"video's end ({duration:.2f} s)")
+            raise Failure("truncated", f"audio stops at {got:.2f} s, before the segment's end "
+                          f"({segment.end:.2f} s)", transient=True)
+        first = max(0, int(round((segment.start - t0) * rate)))
+        last = int(round((segment.end - t0) * rate))
+        wave = wave[first:last]
+        if not np.isfinite(wave).all() or not wave.any():
+            raise Failure("no-audio", "the segment's audio is silent")
+        return soxr.resample(wave, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+
+    def _frames(self, container, segment: Segment) -> list[tuple[float, np.ndarray]]:
+        """The FRAMES_AROUND_MIDDLE frames nearest the middle: (time from start, rgb)."""
+        import av
+
+        if not container.streams.video:
+            raise Failure("no-video", "the video has no picture track")
+        stream = container.streams.video[0]
+        middle = segment.middle
+        before: deque = deque(maxlen=FRAMES_AROUND_MIDDLE)
+        after = []
+        try:
+            container.seek(int(max(0.0, middle - 1.0) * av.time_base), backward=True)
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                (before if frame.time < middle else after).append(frame)
+                if len(after) >= FRAMES_AROUND_MIDDLE:
+                    break
+        except av.error.FFmpegError as error:
+            raise Failure("truncated", f"video: {_av_message(error)}", transient=True) from None
+        near = sorted([*before, *after], key=lambda f: abs(f.time - middle))
+        near = near[:FRAMES_AROUND_MIDDLE]
+        if not near or abs(near[0].time - middle) > 0.5:
+            raise Failure("truncated", f"no video frame near the segment's middle "
+                          f"({middle:.2f} s)", transient=True)
+        return [(f.time - segment.start, f.to_ndarray(format="rgb24"))
+                for f in sorted(near, key=lambda f: f.time)]
+
+    def _face(self, frames: list[tuple[float, np.ndarray]], segment: Segment) -> np.ndarray:
+        """dlib's descriptor of the face nearest the CSV's centre, on the middle frame."""
+        from speech2face.face_encoders import load_face_encoder
+
+        half = (segment.end - segment.start) / 2
+        image = min(frames, key=lambda tf: abs(tf[0] - half))[1]
+        with self._face_lock:
+            self._encoder = self._encoder or load_face_encoder("dlib")
+            descriptor = face_descriptor(image, (segment.x, segment.y), encoder=self._encoder)
+        if descriptor is None:
+            raise Failure("no-face", f"no face at the segment's middle ({segment.middle:.2f} s) "
+                          f"near the centre ({segment.x:.2f}, {segment.y:.2f})")
+        return descriptor
+
+    def _write(self, segment: Segment, wave: np.ndarray, frames, descriptor: np.ndarray) -> None:
+        from speech2face.utils import staged_writes
+
+        folder = self.root / SEGMENTS_DIR / segment.video
+        media = folder / f"{segment.clip}{SEGMENT_SUFFIX}"
+        with _disk_errors(media), staged_writes() as stage:
+            with stage(media) as f:
+                _write_segment(f, wave, frames)
+            with stage(folder / f"{segment.clip}{DESCRIPTOR_SUFFIX}") as f:
+                np.save(f, descriptor, allow_pickle=False)
+
+
+class _RangeReader(io.RawIOBase):
+    """A read-only, seekable file over HTTP byte ranges (through yt-dlp's networking),
+    for FFmpeg: fixed, aligned ranges of RANGE_BYTES, the last CACHED_RANGES kept."""
+
+    def __init__(self, ydl, source: _Source):
+        self.ydl, self.source = ydl, source
+        self.pos, self.size = 0, None
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+        self._range(0)  # learns the size; errors (404, timeout) surface here
+
+    def _range(self, index: int) -> bytes:
+        if index in self.cache:
+            self.cache.move_to_end(index)
+            return self.cache[index]
+        from yt_dlp.networking import Request
+        from yt_dlp.utils import YoutubeDLError
+
+        first = index * RANGE_BYTES
+        headers = {**self.source.headers, "Range": f"bytes={first}-{first + RANGE_BYTES - 1}"}
+        try:
+            with self.ydl.urlopen(Request(self.source.url, headers=headers)) as response:
+                if response.status != 206 and first > 0:
+                    raise Failure("no-range", "the server ignores byte ranges")
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                length = response.headers.get("Content-Length")
+                data = response.read(RANGE_BYTES)
+        except (YoutubeDLError, OSError) as error:
+            raise classify(str(error)) from None
+        if self.size is None:
+            self.size = int(total) if total.isdigit() else (
+                int(length) if length and response.status == 200 else None)
+        self.cache[index] = data
+        if len(self.cache) > CACHED_RANGES:
+            self.cache.popitem(last=False)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            if self.size is None:
+                raise OSError(errno.ESPIPE, "size unknown")
+            offset += self.size
+        elif whence == io.SEEK_CUR:
+            offset += self.pos
+        self.pos = max(0, offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        if self.size is not None and self.pos >= self.size:
+            return 0
+        index, skip = divmod(self.pos, RANGE_BYTES)
+        data = self._range(index)[skip : skip + len(buffer)]
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _write_segment(f, wave: np.ndarray, frames: list[tuple[float, np.ndarray]]) -> None:
+    """Matroska: FLAC audio (16-bit, SAMPLE_RATE, mono) and H.264 frames, times in ms."""
+    import av
+
+    ms = Fraction(1, 1000)
+    with av.open(f, "w", format="matroska") as out:
+        audio = out.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
+        video = out.add_stream("libx264", options={"crf": str(VIDEO_CRF), "preset": "medium"})
+        height, width = frames[0][1].shape[:2]
+        video.width, video.height = width - width % 2, height - height % 2
+        video.pix_fmt = "yuv420p"
+        video.time_base = video.codec_context.time_base = ms
+        for t, image in frames:
+            frame = av.VideoFrame.from_ndarray(image[: video.height, : video.width], format="rgb24")
+            frame.pts, frame.time_base = int(round(t * 1000)), ms
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+        pcm = (np.clip(wave, -1.0, 32767 / 32768) * 32768).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = SAMPLE_RATE, 0, Fraction(1, SAMPLE_RATE)
+        out.mux(audio.encode(frame))
+        out.mux(audio.encode())
+
+
+def _duration(container) -> float | None:
+    import av
+
+    return container.duration / av.time_base if container.duration else None
+
+
+def _av_message(error) -> str:
+    return str(getattr(error, "strerror", None) or error)
+
+
+class _QuietLogger:
+    """yt-dlp writes to this instead of the terminal; errors come back as exceptions."""
+
+    def debug(self, message):
+        pass
+
+    info = warning = error = debug
+
+
+# ================================================================================= main
+
+
+def download_avspeech(
+    csvs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    url_template: str = YOUTUBE_URL,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    workers: int = WORKERS,
+    rate_limit: float | None = None,
+    timeout: float = TIMEOUT_S,
+    max_attempts: int = MAX_ATTEMPTS,
+    max_height: int = MAX_HEIGHT,
+    progress: bool = True,
+) -> Counter:
+    """Fetch the segments of AVSpeech CSVs into ``out`` (layout: module docstring).
+
+    Returns counts: "ok" (fetched now), "done" (already there), "given-up" (failed for
+    good before), and one count per failure kind of this run.
+    """
+    from tqdm import tqdm
+
+    from speech2face.utils import atomic_write
+
+    check_url_template(url_template)
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ConfigError("--shard-index", f"need 0 <= index < {num_shards}, got {shard_index}")
+    for option, value in (("--workers", workers), ("--max-attempts", max_attempts)):
+        if value < 1:
+            raise ConfigError(option, f"must be at least 1, got {value}")
+    if rate_limit is not None and not rate_limit > 0:
+        raise ConfigError("--rate-limit", f"must be > 0 requests a minute, got {rate_limit}")
+    if not timeout > 0:
+        raise ConfigError("--timeout", f"must be > 0 s, got {timeout}")
+    csvs = [Path(p) for p in csvs]
+    if not csvs:
+        raise ConfigError("--csv", "give at least one AVSpeech CSV")
+    splits = [split_of_csv(p) for p in csvs]
+    if len(set(splits)) < len(splits):
+        raise ConfigError("--csv", f"two CSVs of one split: {[str(p) for p in csvs]}")
+    segments = [s for path, split in zip(csvs, splits, strict=True) for s in read_csv(path, split)]
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise DataError(root, "output exists and is not a folder")
+    # prepare reads each video's split from these copies.
+    for path, split in zip(csvs, splits, strict=True):
+        copy = root / f"avspeech_{split}.csv"
+        data = path.read_bytes()
+        if copy.is_file():
+            if copy.read_bytes() != data:
+                raise DataError(copy, f"already holds a different CSV than {path}; "
+                                "use another --out or remove it")
+            continue
+        with _disk_errors(copy), atomic_write(copy) as f:
+            f.write(data)
+
+    by_video: dict[str, list[Segment]] = defaultdict(list)
+    for segment in segments:
+        if stable_hash(segment.video) % num_shards == shard_index:
+            by_video[segment.video].append(segment)
+    failures = read_failures(root)
+    counts: Counter = Counter()
+    todo: dict[str, list[Segment]] = {}
+    for video, group in sorted(by_video.items()):
+        for segment in {s.key: s for s in group}.values():  # a repeated row is one segment
+            media = root / SEGMENTS_DIR / video / f"{segment.clip}{SEGMENT_SUFFIX}"
+            if media.is_file():
+                counts["done"] += 1
+            elif _gave_up(failures.get(segment.key, ()), max_attempts):
+                counts["given-up"] += 1
+            else:
+                todo.setdefault(video, []).append(segment)
+    attempts = {k: len(v) for k, v in failures.items()}
+    log = _Log(log_path(root, shard_index, num_shards))
+    fetcher = _Fetcher(root, url_template, timeout, max_height, _RateLimit(rate_limit), log)
+    pool = ThreadPoolExecutor(max(1, min(workers, len(todo) or 1)))
+    try:
+        jobs = [pool.submit(fetcher.video, v, s, attempts) for v, s in todo.items()]
+        bar = tqdm(total=sum(map(len, todo.values())), desc="download", unit="segment",
+                   disable=not progress)
+        for job in as_completed(jobs):
+            result = job.result()
+            counts.update(result)
+            bar.update(sum(result.values()))
+        bar.close()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return counts
+
+
+# ================================================================================== CLI
+
+
+def add_download_arguments(parser) -> None:
+    parser.add_argument("dataset", choices=["avspeech"], help="the dataset to fetch")
+    parser.add_argument(
+        "--csv", action="append", required=True, metavar="CSV",
+        help="AVSpeech CSV (avspeech_train.csv / avspeech_test.csv; the name gives the split); "
+        "repeat for both",
+    )
+    parser.add_argument("--out", required=True, help="dataset folder for `prepare avspeech --root`")
+    parser.add_argument(
+        "--url-template", default=YOUTUBE_URL,
+        help="URL of a video, {id} replaced by the CSV's id (default: the YouTube watch URL)",
+    )
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help="videos fetched at once (threads; default %(default)s)")
+    parser.add_argument("--rate-limit", type=float, default=None, metavar="PER_MINUTE",
+                        help="at most this many video requests a minute (default: no limit)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S,
+                        help="seconds without data before a request fails (default %(default)s)")
+    parser.add_argument("--max-attempts", type=int, default=MAX_ATTEMPTS,
+                        help="tries of a segment that fails for a transient reason "
+                        "(timeout, network, truncated) before it is given up (default %(default)s)")
+    parser.add_argument("--max-height", type=int, default=MAX_HEIGHT,
+                        help="tallest video format fetched, in pixels (default %(default)s)")
+    parser.add_argument("--shard-index", type=int, default=0,
+                        help="this job's index in a job array (default 0)")
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="jobs in the array; each takes the videos whose hash is its "
+                        "index mod this (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def download_command(args) -> int:
+    counts = download_avspeech(
+        args.csv, args.out, url_template=args.url_template, shard_index=args.shard_index,
+        num_shards=args.num_shards, workers=args.workers, rate_limit=args.rate_limit,
+        timeout=args.timeout, max_attempts=args.max_attempts, max_height=args.max_height,
+        progress=not args.no_progress,
+    )
+    failed = {k: v for k, v in sorted(counts.items()) if k not in ("ok", "done", "given-up")}
+    print(
+        f"segments: {counts['ok']} fetched, {counts['done']} already there, "
+        f"{sum(failed.values())} failed now"
+        + (f" ({', '.join(f'{k} {v}' for k, v in failed.items())})" if failed else "")
+        + f", {counts['given-up']} given up before; "
+        f"log: {log_path(Path(args.out), args.shard_index, args.num_shards)}"
+    )
+    return 0

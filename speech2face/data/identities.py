@@ -1,0 +1,329 @@
+"""AVSpeech identities: videos whose faces belong to one person become one identity.
+
+AVSpeech has no identity labels, and one person (a lecturer, a vlogger) often appears in
+several of its videos. If ``prepare`` split by video, that person could land in train
+and in test, and the test numbers would then measure memorisation. So, before the split,
+the videos are clustered on their faces and each cluster becomes one identity.
+
+Method (docs/data.md, "AVSpeech identities"):
+
+- a video's feature is the mean of dlib's 128-D face descriptors over its segments;
+- two videos are "the same person" at Euclidean distance <= ``threshold``, by default
+  dlib's own guidance for its embedding, 0.6;
+- **average linkage** (UPGMA) cut at the threshold: two groups merge when the *mean*
+  distance between their videos is <= threshold. Single linkage (connected components of
+  the threshold graph) would chain: A ~ B ~ C ~ ... merges people who only look like
+  their neighbours, and on a large corpus grows one giant cluster. ``linkage="single"``
+  is kept for small corpora where any pair under the threshold must share a split.
+
+Why our own code and not ``scipy.cluster.hierarchy.linkage``: scipy needs the full
+condensed distance matrix, N (N - 1) / 2 values: for AVSpeech's ~290,000 videos that is
+340 GB. Average-linkage clusters cut at t never straddle two connected components of the
+t-graph (a merge needs a mean distance <= t, hence some pair <= t), so we find those
+components first, in blocks (memory O(block^2)), and run the nearest-neighbour-chain
+algorithm (exact for average linkage, O(m^2)) inside each one. The tests check the result
+against scipy's ``linkage`` + ``fcluster`` on the whole matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from speech2face.data.datasets import processing_order
+from speech2face.errors import DataError, Speech2FaceError
+
+# dlib's guidance for its 128-D face descriptor: faces at Euclidean distance < 0.6 are the
+# same person (dlib's face_recognition example; 99.38 % on LFW).
+SAME_PERSON_DISTANCE = 0.6
+LINKAGES = ("average", "single")
+# Average linkage keeps a dense float64 matrix of one component: 20,000 videos = 3.2 GB.
+MAX_COMPONENT = 20_000
+_BLOCK = 2048  # rows of the distance matrix computed at once (2048^2 float64 = 32 MB)
+
+
+def threshold_components(features: np.ndarray, threshold: float) -> np.ndarray:
+    """Connected components of the graph "distance <= threshold" (single linkage).
+
+    features: ``(N, D)``. Returns ``(N,)`` int labels, each the smallest index of its
+    component. Memory O(N + edges + block^2): distances are computed block by block.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    n = len(x)
+    norms = np.einsum("ij,ij->i", x, x)
+    rows, cols = [], []
+    for a in range(0, n, _BLOCK):
+        for b in range(a, n, _BLOCK):
+            d2 = norms[a : a + _BLOCK, None] + norms[None, b : b + _BLOCK]
+            d2 -= 2.0 * x[a : a + _BLOCK] @ x[b : b + _BLOCK].T
+            i, j = np.nonzero(d2 <= threshold * threshold)
+            keep = i + a < j + b
+            rows.append(i[keep] + a)
+            cols.append(j[keep] + b)
+    return _components(n, np.concatenate(rows or [[]]), np.concatenate(cols or [[]]))
+
+
+def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Labels (smallest member index) of the components of an undirected edge list, by
+    hooking each edge's roots onto the smaller one and pointer jumping until no edge
+    joins two roots (vectorised union-find)."""
+    parent = np.arange(n)
+    i, j = i.astype(np.intp), j.astype(np.intp)
+    while True:
+        pi, pj = parent[i], parent[j]
+        differ = pi != pj
+        if not differ.any():
+            return parent
+        low = np.minimum(pi[differ], pj[differ])
+        np.minimum.at(parent, pi[differ], low)
+        np.minimum.at(parent, pj[differ], low)
+        while True:  # pointer jumping: every node points at its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+
+
+def average_linkage(distances: np.ndarray, threshold: float, overwrite: bool = False) -> np.ndarray:
+    """Average-linkage (UPGMA) clusters cut at ``threshold``, by the nearest-neighbour chain.
+
+    distances: ``(m, m)`` symmetric, zero diagonal. Returns ``(m,)`` labels, each the
+    smallest member index of its cluster; the same partition as scipy's ``linkage(...,
+    "average")`` + ``fcluster(..., threshold, "distance")`` (up to ties). ``overwrite``:
+    work in ``distances`` (float64) instead of a copy (half the memory).
+
+    Average linkage is reducible (a merged group is never nearer to a third than the
+    nearer of its parts), so merging reciprocal nearest neighbours in any order builds
+    the same tree, and a group whose nearest neighbour is farther than the threshold can
+    never merge again: it is retired at once, and the loop ends when all are.
+    """
+    d = np.array(distances, dtype=np.float64, copy=not overwrite)
+    m = len(d)
+    np.fill_diagonal(d, np.inf)
+    size = np.ones(m)
+    parent = np.arange(m)  # each point's group: the index of the row that holds it
+    active = m
+    chain: list[int] = []
+    first = 0
+    while active > 1:
+        if not chain:
+            while not np.isfinite(size[first]):  # retired or merged away
+                first += 1
+            chain.append(first)
+        a = chain[-1]
+        b = int(np.argmin(d[a]))
+        if len(chain) > 1 and d[a, chain[-2]] <= d[a, b]:
+            b = chain[-2]  # prefer the chain's previous group on ties: guarantees progress
+        if d[a, b] > threshold:
+            chain.pop()  # nothing within reach now or after any later merge
+            d[a, :] = d[:, a] = np.inf
+            size[a] = np.inf
+            active -= 1
+            continue
+        if len(chain) > 1 and b == chain[-2]:
+            chain.pop()
+            chain.pop()
+            # Lance-Williams update for average linkage: b joins a.
+            merged = (size[a] * d[a] + size[b] * d[b]) / (size[a] + size[b])
+            merged[a] = np.inf
+            d[a, :] = d[:, a] = merged
+            d[b, :] = d[:, b] = np.inf
+            size[a] += size[b]
+            size[b] = np.inf
+            parent[parent == b] = a
+            active -= 1
+        else:
+            chain.append(b)
+    # Label each point by its group's smallest member.
+    smallest = np.full(m, m)
+    np.minimum.at(smallest, parent, np.arange(m))
+    return smallest[parent]
+
+
+def cluster_identities(
+    features: np.ndarray, threshold: float = SAME_PERSON_DISTANCE, linkage: str = "average"
+) -> np.ndarray:
+    """Cluster videos by face: ``(N, D)`` per-video features -> ``(N,)`` labels, each the
+    smallest index in its cluster. ``linkage``: "average" (default) or "single"."""
+    if linkage not in LINKAGES:
+        raise DataError(None, f"unknown linkage {linkage!r}; expected one of {LINKAGES}")
+    if not threshold > 0:
+        raise DataError(None, f"identity threshold must be > 0, got {threshold}")
+    x = np.asarray(features, dtype=np.float64)
+    labels = threshold_components(x, threshold)
+    if linkage == "single":
+        return labels
+    out = np.arange(len(x))
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) == 1:
+            continue
+        if len(members) > MAX_COMPONENT:
+            raise DataError(
+                None,
+                f"{len(members)} videos are chained within identity distance {threshold}; "
+                f"average linkage handles at most {MAX_COMPONENT} at once: lower the threshold",
+            )
+        sub = x[members]
+        sq = np.einsum("ij,ij->i", sub, sub)
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * sub @ sub.T, 0.0))
+        np.fill_diagonal(dist, 0.0)
+        out[members] = members[average_linkage(dist, threshold, overwrite=True)]
+    return out
+
+
+def merge_names(
+    names: Sequence[str], features: np.ndarray, threshold: float = SAME_PERSON_DISTANCE,
+    linkage: str = "average",
+) -> dict[str, str]:
+    """Video name -> identity name: the alphabetically first video of its cluster."""
+    order = sorted(range(len(names)), key=lambda k: names[k])
+    labels = cluster_identities(np.asarray(features)[order], threshold, linkage)
+    return {names[order[k]]: names[order[labels[k]]] for k in range(len(order))}
+
+
+# ============================================================== per-video face features
+
+DESCRIPTOR_SUFFIX = ".face.npy"  # beside a segment file: written by `speech2face download`
+DESCRIPTOR_DIM = 128
+SPLIT_PREFERENCE = ("test", "val", "train")  # a tie goes to the first: never train on doubt
+
+
+def face_descriptor(image: np.ndarray, centre: tuple[float, float] | None = None,
+                    detector: str = "hog", encoder=None) -> np.ndarray | None:
+    """dlib's 128-D descriptor of the face at ``centre`` (x, y as fractions of the image;
+    None: the largest face) in an RGB image, or None when there is no such face.
+
+    At the centre means: the detected face nearest to it, if it is less than one face
+    width away (another person's face elsewhere in the frame is not the speaker's).
+    ``encoder``: a loaded dlib FaceEncoder to reuse (loaded here when None)."""
+    from speech2face import faces
+    from speech2face.face_encoders import load_face_encoder
+
+    found = faces.detect_faces(image, detector=detector)
+    if not found:
+        return None
+    face = found[0]
+    if centre is not None:
+        h, w = image.shape[:2]
+        cx, cy = centre[0] * w, centre[1] * h
+
+        def offset(f) -> float:
+            return math.hypot((f.box[0] + f.box[2]) / 2 - cx, (f.box[1] + f.box[3]) / 2 - cy)
+
+        face = min(found, key=offset)
+        if offset(face) > face.box[2] - face.box[0]:
+            return None
+    crop, _ = faces.align_face(image, face)
+    encoder = encoder or load_face_encoder("dlib")
+    return encoder.embed(crop[None]).numpy()[0].astype(np.float32)
+
+
+def descriptor_path(segment_file: str | os.PathLike) -> Path:
+    """Where ``download`` puts the descriptor of a segment file."""
+    path = Path(segment_file)
+    return path.with_name(path.stem + DESCRIPTOR_SUFFIX)
+
+
+def read_descriptor(path: str | os.PathLike) -> np.ndarray:
+    """A stored descriptor, validated: (128,) finite float32 (DataError otherwise)."""
+    try:
+        value = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(path, f"not a face descriptor file ({error})") from None
+    if value.shape != (DESCRIPTOR_DIM,) or value.dtype.kind != "f" or not np.isfinite(value).all():
+        raise DataError(path, f"not a 128-D face descriptor (shape {value.shape}, {value.dtype})")
+    return value.astype(np.float32)
+
+
+def video_descriptors(
+    units, detector: str = "hog", progress: bool = True
+) -> tuple[np.ndarray, list[str]]:
+    """``(N, 128)`` mean face descriptor of each unit (a row of NaN: no face found), and
+    the stored descriptor files that were not valid (ignored).
+
+    The descriptors that ``download`` stored beside the segments are used when there;
+    otherwise the unit's frames are read and embedded here (dlib, as download does)."""
+    from tqdm import tqdm
+
+    from speech2face.data.prepare import read_video_frame
+    from speech2face.face_encoders import load_face_encoder
+
+    encoder = None
+    out = np.full((len(units), DESCRIPTOR_DIM), np.nan, np.float32)
+    unreadable = []
+    for i, unit in enumerate(tqdm(units, desc="identities: faces", unit="video",
+                                  disable=not progress)):
+        found = []
+        for path in (descriptor_path(c.path) for c in unit.clips):
+            try:
+                if path.is_file():
+                    found.append(read_descriptor(path))
+            except DataError:
+                unreadable.append(str(path))
+        if not found:
+            encoder = encoder or load_face_encoder("dlib")
+            for frame in unit.frames:
+                try:
+                    image = read_video_frame(frame.path, frame.time)
+                except Speech2FaceError:
+                    continue
+                one = face_descriptor(image, frame.centre, detector, encoder)
+                if one is not None:
+                    found.append(one)
+        if found:
+            out[i] = np.mean(found, axis=0)
+    return out, unreadable
+
+
+def merge_units(units, threshold: float = SAME_PERSON_DISTANCE, linkage: str = "average",
+                detector: str = "hog", progress: bool = True) -> tuple[list, dict]:
+    """AVSpeech videos clustered by face into identities, before the split.
+
+    units: ``data.Unit`` per video (identity = video). Returns the units (in processing
+    order, ``datasets.processing_order``) with
+    ``identity`` = the cluster's name (its alphabetically first video) and ``split`` = the
+    split most of its videos had (ties: test, then val), and a report: videos, identities,
+    ``merged_videos`` (videos that joined another's identity), ``moved_videos`` (whose
+    split changed), videos without a face (left alone: prepare skips them), stored
+    descriptor files that were not valid (ignored), threshold, linkage.
+    """
+    listed = [u for u in units if u.skip is None]
+    features, unreadable = video_descriptors(listed, detector, progress)
+    has_face = ~np.isnan(features).any(axis=1)
+    names = [u.video for u, ok in zip(listed, has_face, strict=True) if ok]
+    identity = merge_names(names, features[has_face], threshold, linkage)
+    votes: dict[str, Counter] = {}
+    for u in listed:
+        votes.setdefault(identity.get(u.video, u.video), Counter())[u.split] += 1
+    rank = {s: i for i, s in enumerate(SPLIT_PREFERENCE)}
+    split_of = {  # max() keeps the first of equals: the preferred split wins a tie
+        name: max(sorted(count, key=lambda s: rank.get(s, len(rank))), key=count.__getitem__)
+        for name, count in votes.items()
+    }
+    out, moved = [], 0
+    for u in units:
+        if u.skip is not None:
+            out.append(u)
+            continue
+        name = identity.get(u.video, u.video)
+        moved += split_of[name] != u.split
+        out.append(replace(u, identity=name, split=split_of[name]))
+    report = {
+        "videos": len(listed),
+        "identities": len(votes),
+        "merged_videos": len(listed) - len(votes),
+        "moved_videos": moved,
+        "videos_without_face": int((~has_face).sum()),
+        "unreadable_descriptor_files": unreadable,
+        "threshold": threshold,
+        "linkage": linkage,
+    }
+    return processing_order(out), report

@@ -1,0 +1,301 @@
+"""``speech2face download avspeech`` end to end, offline: a local HTTP server on 127.0.0.1
+serves videos made from the generated speakers (and a missing, a truncated, a slow, a
+silent-track-less and a face-less one); ``prepare avspeech`` then reads what came down."""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_mp4
+
+from speech2face import cli
+from speech2face.data import download
+
+SLOW_SECONDS = 6.0  # the slow video answers after this; the client's timeout is 2 s
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """GET with byte ranges (FFmpeg seeks with them) over the server's ``files`` dict."""
+
+    def do_GET(self):  # noqa: N802 (the stdlib's name)
+        name = self.path.lstrip("/")
+        if name in self.server.slow:
+            time.sleep(SLOW_SECONDS)
+        body = self.server.files.get(name)
+        if body is None:
+            self.send_error(404)
+            return
+        start, end = 0, len(body) - 1
+        ranged = self.headers.get("Range", "").startswith("bytes=")
+        if ranged:
+            first, _, last = self.headers["Range"][6:].partition("-")
+            start = int(first or 0)
+            end = min(int(last), end) if last else end
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+        self.end_headers()
+        try:
+            for at in range(start, end + 1, 16384):
+                chunk = body[at : min(at + 16384, end + 1)]
+                self.wfile.write(chunk)
+                self.server.sent[name] = self.server.sent.get(name, 0) + len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # clients read the headers only, or seek away: not an error
+
+    def setup(self):
+        super().setup()
+        # A small send buffer, so that what the server counts as sent is close to what
+        # the client read before it closed or seeked away.
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(demo_speakers, tmp_path_factory):
+    """The videos by name; ``server.url`` is the --url-template."""
+    (face0, wave0), (face1, wave1), _ = demo_speakers
+    folder = tmp_path_factory.mktemp("served")
+    good0 = make_mp4(folder / "good0.mp4", face0[:1], wave0, 8.0)
+    grey = np.full((320, 320, 3), 120, np.uint8)
+    files = {
+        "GoodVideo00.mp4": good0,
+        "GoodVideo01.mp4": make_mp4(folder / "good1.mp4", face1[:1], wave1, 8.0),
+        "NoAudio0000.mp4": make_mp4(folder / "noaudio.mp4", face0[:1], None, 8.0),
+        "NoFace00000.mp4": make_mp4(folder / "noface.mp4", [grey], wave0, 8.0),
+        "Truncated00.mp4": good0[: len(good0) // 2],
+        "SlowVideo00.mp4": good0,
+    }
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    # A long video (2 min): a segment in its middle must not bring the whole file down.
+    files["LongVideo00.mp4"] = make_mp4(folder / "long.mp4", face1[:1], np.tile(wave1, 15), 120.0)
+    httpd.files, httpd.slow, httpd.sent = files, {"SlowVideo00.mp4"}, {}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/{{id}}.mp4"
+    httpd.waves = (wave0, wave1)
+    yield httpd
+    httpd.shutdown()
+
+
+TRAIN_ROWS = [
+    "GoodVideo00,1.000000,4.000000,0.5,0.5",
+    "GoodVideo00,4.500000,7.500000,0.5,0.5",
+    "NoAudio0000,1.0,4.0,0.5,0.5",
+    "NoFace00000,1.0,4.0,0.5,0.5",
+    "Truncated00,5.0,7.5,0.5,0.5",
+    "Missing0000,1.0,4.0,0.5,0.5",
+    "SlowVideo00,1.0,4.0,0.5,0.5",
+]
+TEST_ROWS = ["GoodVideo01,2.0,6.0,0.5,0.5"]
+
+
+def _csvs(tmp_path: Path, train=TRAIN_ROWS, test=TEST_ROWS) -> list[str]:
+    (tmp_path / "avspeech_train.csv").write_text("\n".join(train) + "\n")
+    (tmp_path / "avspeech_test.csv").write_text("\n".join(test) + "\n")
+    return [str(tmp_path / "avspeech_train.csv"), str(tmp_path / "avspeech_test.csv")]
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _download_args(csvs, root, server, *extra) -> list[str]:
+    args = ["download", "avspeech", "--out", str(root), "--url-template", server.url,
+            "--timeout", "2", "--no-progress", *extra]
+    for c in csvs:
+        args += ["--csv", c]
+    return args
+
+
+def test_download_then_prepare(server, tmp_path, capsys):
+    csvs = _csvs(tmp_path)
+    root = tmp_path / "avspeech"
+    code, out, err = _run(_download_args(csvs, root, server, "--workers", "3"), capsys)
+    assert code == 0, err
+    assert "3 fetched" in out and "5 failed now" in out
+    segments = sorted(p.relative_to(root).as_posix() for p in (root / "segments").rglob("*.*"))
+    assert segments == [
+        "segments/GoodVideo00/s000001000.face.npy", "segments/GoodVideo00/s000001000.mkv",
+        "segments/GoodVideo00/s000004500.face.npy", "segments/GoodVideo00/s000004500.mkv",
+        "segments/GoodVideo01/s000002000.face.npy", "segments/GoodVideo01/s000002000.mkv",
+    ]
+    log = [json.loads(line) for p in (root / "download_log").glob("*.jsonl")
+           for line in p.read_text().splitlines()]
+    kinds = {r["video"]: (r["kind"], r["transient"]) for r in log}
+    assert kinds == {
+        "NoAudio0000": ("no-audio", False),
+        "NoFace00000": ("no-face", False),
+        "Truncated00": ("truncated", True),
+        "Missing0000": ("removed", False),  # HTTP 404
+        "SlowVideo00": ("timeout", True),
+    }
+    # The audio that came down is the speaker's, cut at the segment: the source WAV's
+    # samples (16-bit, lossless ALAC on the server) to within one quantisation step.
+    from speech2face.audio import load_audio
+
+    wave = load_audio(root / "segments/GoodVideo00/s000004500.mkv")
+    source = server.waves[0][int(4.5 * 16000) : int(7.5 * 16000)]
+    np.testing.assert_allclose(wave, source, atol=1.5 / 32768)
+
+    # A rerun fetches nothing again and gives up nothing new: the two transient ones are
+    # tried again (attempt 2); permanent ones are not.
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0, err
+    assert "0 fetched, 3 already there, 2 failed now (timeout 1, truncated 1), 3 given up" in out
+
+    # prepare reads the folder as it is.
+    from speech2face import data
+
+    shards = tmp_path / "shards"
+    data.prepare("avspeech", root, shards, progress=False, identity_threshold=0.2)
+    manifest = data.load_manifest(shards)
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 3
+    assert manifest["splits"]["test"]["samples"] == 1
+    batch = data.load_split(shards, "test")
+    assert [m["clip"] for m in batch["meta"]] == ["s000002000"]
+
+
+def test_fetches_only_the_segment(server, tmp_path, capsys):
+    csvs = _csvs(tmp_path, train=["LongVideo00,60.0,63.0,0.5,0.5"], test=[])
+    root = tmp_path / "avspeech"
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0 and "1 fetched" in out, err
+    size = len(server.files["LongVideo00.mp4"])
+    # Sent counts what the server wrote; a reader that seeks away closes early, so this
+    # is an upper bound on what travelled.
+    assert server.sent["LongVideo00.mp4"] < 0.2 * size, (server.sent, size)
+
+
+def test_face_must_be_at_the_given_centre(server, tmp_path, capsys):
+    # The speaker's face is in the middle of the frame; the CSV says the top-left corner.
+    csvs = _csvs(tmp_path, train=["GoodVideo01,1.0,4.0,0.02,0.02"], test=[])
+    root = tmp_path / "avspeech"
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0 and "1 failed now (no-face 1)" in out, (out, err)
+    assert not (root / "segments").exists()
+
+
+def test_max_attempts_then_given_up(server, tmp_path, capsys):
+    csvs = _csvs(tmp_path, train=["Truncated00,5.0,7.5,0.5,0.5"], test=[])
+    root = tmp_path / "avspeech"
+    for expected in ("1 failed now", "1 failed now", "0 failed now, 1 given up"):
+        code, out, err = _run(_download_args(csvs, root, server, "--max-attempts", "2"), capsys)
+        assert code == 0 and expected in out, (out, err)
+
+
+def test_shards_split_the_videos(server, tmp_path, capsys):
+    rows = [r for r in TRAIN_ROWS if r.startswith(("GoodVideo", "Missing"))]
+    csvs = _csvs(tmp_path, train=rows)
+    root = tmp_path / "avspeech"
+    for index in range(2):
+        code, _, err = _run(
+            _download_args(csvs, root, server, "--num-shards", "2", "--shard-index", str(index)),
+            capsys,
+        )
+        assert code == 0, err
+    assert len(list((root / "segments").rglob("*.mkv"))) == 3
+    logs = sorted(p.name for p in (root / "download_log").iterdir())
+    assert len(logs) == 1 and logs[0].endswith("-of-00002.jsonl")  # only one shard had Missing
+    # Unsharded rerun: all done or given up, whichever shard did them.
+    code, out, _ = _run(_download_args(csvs, root, server), capsys)
+    assert "0 fetched, 3 already there, 0 failed now, 1 given up" in out
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ("youtube_id,start,end,x,y", "line 1: start, end, x, y must be numbers"),
+        ("GoodVideo00,1.0,4.0,0.5", "line 1: expected 5 columns"),
+        ("GoodVideo00,4.0,1.0,0.5,0.5", "line 1: need 0 <= start < end"),
+        ("GoodVideo00,1.0,4.0,1.5,0.5", "line 1: face centre x, y must be fractions"),
+        ("../../etc,1.0,4.0,0.5,0.5", "line 1: '../../etc' is not a video id"),
+    ],
+)
+def test_bad_csv_rows(server, tmp_path, capsys, row, problem):
+    csvs = _csvs(tmp_path, train=[row])
+    root = tmp_path / "avspeech"
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 2
+    assert err.strip() == err.strip().splitlines()[0]  # one line
+    assert f"avspeech_train.csv: {problem}" in err
+    assert not root.exists()  # nothing written
+
+
+def test_bad_options(server, tmp_path, capsys):
+    csvs = _csvs(tmp_path)
+    root = tmp_path / "avspeech"
+    args = _download_args(csvs, root, server)
+    for bad, problem in (
+        ("http://127.0.0.1:9/video.mp4", "--url-template: must contain {id}"),
+        ("http://127.0.0.1:9/{id}/{name}.mp4", "--url-template: only {id} may be filled in"),
+    ):
+        args[args.index("--url-template") + 1] = bad
+        code, _, err = _run(args, capsys)
+        assert code == 2 and problem in err, err
+    (tmp_path / "list.csv").write_text(TRAIN_ROWS[0] + "\n")
+    code, _, err = _run(_download_args([str(tmp_path / "list.csv")], root, server), capsys)
+    assert code == 2 and "list.csv: cannot tell the split" in err
+    assert not root.exists()
+
+
+def test_full_disk_stops_cleanly_and_rerun_continues(server, tmp_path, capsys, monkeypatch):
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:2], test=[])
+    root = tmp_path / "avspeech"
+    real = download._write_segment
+    calls = []
+
+    def full_after_one(f, *args):
+        calls.append(1)
+        if len(calls) > 1:
+            f.write(b"x" * 1000)  # some bytes reached the disk before it filled
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, *args)
+
+    monkeypatch.setattr(download, "_write_segment", full_after_one)
+    code, _, err = _run(_download_args(csvs, root, server, "--workers", "1"), capsys)
+    assert code == 2
+    assert "s000004500.mkv: no space left on device" in err and len(err.splitlines()) == 1
+    left = sorted(p.name for p in (root / "segments").rglob("*"))
+    assert left == ["GoodVideo00", "s000001000.face.npy", "s000001000.mkv"]  # no temp file
+    assert not (root / "download_log").exists()  # not the video's fault: not logged
+    monkeypatch.setattr(download, "_write_segment", real)
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0 and "1 fetched, 1 already there" in out, err
+
+
+def test_classify_failures():
+    cases = {
+        "[youtube] abc: Private video. Sign in if you've been granted access": "private",
+        "[youtube] abc: Video unavailable. This video has been removed by the uploader": "removed",
+        "[youtube] abc: Video unavailable. The uploader has not made this video available "
+        "in your country": "geo-blocked",
+        "[youtube] abc: Sign in to confirm your age": "age-restricted",
+        "[youtube] abc: Sign in to confirm you're not a bot": "rate-limited",
+        "Unable to download webpage: HTTP Error 429: Too Many Requests": "rate-limited",
+        "Unable to download webpage: The read operation timed out": "timeout",
+        "Unable to download webpage: HTTP Error 503: Service Unavailable": "network",
+        "something new": "error",
+    }
+    assert {m: download.classify(m).kind for m in cases} == cases
+    assert download.classify("something new").transient
+    assert not download.classify("Private video").transient

@@ -1,0 +1,120 @@
+"""AVSpeech identity merging: the clustering against scipy's hierarchical clustering (the
+independent reference), and a corpus where generated speakers appear in several videos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_mp4
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+
+from speech2face.data import identities
+
+
+def _canonical(labels) -> list[int]:
+    """A partition as labels numbered by first appearance (comparable across methods)."""
+    first: dict = {}
+    return [first.setdefault(label, len(first)) for label in labels]
+
+
+def _scipy(x: np.ndarray, threshold: float, method: str) -> list[int]:
+    return _canonical(fcluster(linkage(pdist(x), method), threshold, "distance"))
+
+
+@pytest.mark.parametrize("method", identities.LINKAGES)
+def test_clusters_match_scipy(method):
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        n, k, dim = rng.integers(2, 150), rng.integers(1, 25), rng.integers(2, 20)
+        centres = rng.normal(size=(k, dim)) * rng.uniform(0.2, 1.0)
+        x = centres[rng.integers(0, k, n)] + rng.normal(size=(n, dim)) * rng.uniform(0.02, 0.3)
+        threshold = rng.uniform(0.2, 1.5)
+        ours = identities.cluster_identities(x, threshold, method)
+        assert _canonical(ours) == _scipy(x, threshold, method)
+        assert all(ours[i] <= i and ours[ours[i]] == ours[i] for i in range(n))  # named by min
+
+
+def test_blocks_and_chaining(monkeypatch):
+    # Points 0.5 apart on a line: every neighbour is within 0.6, so single linkage chains
+    # them all into one "person"; average linkage stops where the mean distance passes 0.6.
+    x = np.zeros((40, 128))
+    x[:, 0] = np.arange(40) * 0.5
+    monkeypatch.setattr(identities, "_BLOCK", 7)  # distances in blocks that do not divide 40
+    single = identities.cluster_identities(x, 0.6, "single")
+    average = identities.cluster_identities(x, 0.6, "average")
+    assert len(set(single)) == 1
+    assert 10 <= len(set(average)) < 40
+    assert _canonical(single) == _scipy(x, 0.6, "single")
+    assert _canonical(average) == _scipy(x, 0.6, "average")
+
+
+def test_merge_names_and_bad_options():
+    x = np.array([[0.0, 0], [5, 5], [0.1, 0], [5, 5.1], [9, 9]])
+    assert identities.merge_names(["vE", "vB", "vC", "vA", "vD"], x, 0.6) == {
+        "vE": "vC", "vC": "vC", "vB": "vA", "vA": "vA", "vD": "vD"
+    }
+    with pytest.raises(identities.DataError, match="unknown linkage"):
+        identities.cluster_identities(x, 0.6, "ward")
+    with pytest.raises(identities.DataError, match="threshold must be > 0"):
+        identities.cluster_identities(x, 0.0)
+
+
+def test_stored_descriptors_are_validated(tmp_path):
+    from speech2face.data import Clip, Unit
+
+    folder = tmp_path / "segments" / "vid"
+    folder.mkdir(parents=True)
+    good = np.linspace(-0.2, 0.2, 128).astype(np.float32)
+    np.save(folder / "s000001000.face.npy", good)
+    np.save(folder / "s000002000.face.npy", np.zeros(127, np.float32))  # wrong size
+    (folder / "s000003000.face.npy").write_bytes(b"not numpy")
+    clips = tuple(Clip(f"s00000{k}000", str(folder / f"s00000{k}000.mkv")) for k in (1, 2, 3))
+    features, unreadable = identities.video_descriptors(
+        [Unit("vid", "vid", "train", None, clips, ())], progress=False
+    )
+    np.testing.assert_array_equal(features[0], good)
+    assert sorted(Path(p).name for p in unreadable) == [
+        "s000002000.face.npy", "s000003000.face.npy"
+    ]
+
+
+def test_no_speaker_spans_two_splits(demo_speakers, tmp_path):
+    """Speaker 0 in three videos and speaker 1 in two, listed in both official CSVs;
+    speaker 2 in one. Merged, each speaker's videos land in one split."""
+    from speech2face import data
+
+    root = tmp_path / "avspeech"
+    videos = {  # video -> (speaker, official split)
+        "Spk0VideoA": (0, "train"), "Spk0VideoB": (0, "test"), "Spk0VideoC": (0, "train"),
+        "Spk1VideoA": (1, "train"), "Spk1VideoB": (1, "test"), "Spk2VideoA": (2, "test"),
+    }
+    rows = {"train": [], "test": []}
+    (root / "videos").mkdir(parents=True)
+    for k, (video, (speaker, split)) in enumerate(sorted(videos.items())):
+        frames, wave = demo_speakers[speaker]
+        # Alternate the speaker's two generated videos' frames (pose, lighting differ).
+        make_mp4(root / "videos" / f"{video}.mp4", [frames[k % len(frames)]], wave[:48000], 3.0)
+        rows[split].append(f"{video},0.5,2.5,0.5,0.5")
+    for split, lines in rows.items():
+        (root / f"avspeech_{split}.csv").write_text("\n".join(lines) + "\n")
+
+    # Generated faces are far more alike than people (different speakers 0.3-0.7 apart in
+    # dlib's space, one speaker's videos ~0.1), so the test uses a tighter threshold.
+    out = tmp_path / "shards"
+    data.prepare("avspeech", root, out, identity_threshold=0.2, frames_per_video=1,
+                 progress=False)
+    manifest = data.load_manifest(out)
+    seen: dict[int, set] = {}
+    for split in manifest["splits"]:
+        for meta in data.load_split(out, split)["meta"]:
+            seen.setdefault(videos[meta["video"]][0], set()).add(split)
+    assert sorted(seen) == [0, 1, 2] and all(len(s) == 1 for s in seen.values()), seen
+    assert manifest["identity_merging"]["merged_videos"] == 3  # 3 -> 1 and 2 -> 1
+    # The check can fail: video by video, speakers 0 and 1 span two splits.
+    unmerged: dict[int, set] = {}
+    for unit in data.list_units("avspeech", root):
+        unmerged.setdefault(videos[unit.video][0], set()).add(unit.split)
+    assert len(unmerged[0]) > 1 and len(unmerged[1]) > 1
