@@ -732,6 +732,16 @@ def add_download_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def download_output(args) -> tuple[Path, bool]:
+    """What a download run locks (``cli.main``): the whole ``--out``, except one job of a
+    job array (``--num-shards`` > 1), which locks its own log: the other jobs write their
+    segments into the same folder at the same time."""
+    out = Path(args.out)
+    if args.num_shards > 1:
+        return log_path(out, args.shard_index, args.num_shards), False
+    return out, True
+
+
 def download_command(args) -> int:
     counts = download_avspeech(
         args.csv, args.out, url_template=args.url_template, shard_index=args.shard_index,
