@@ -299,3 +299,22 @@ def test_classify_failures():
     assert {m: download.classify(m).kind for m in cases} == cases
     assert download.classify("something new").transient
     assert not download.classify("Private video").transient
+
+
+def test_rate_limit_spaces_requests(monkeypatch):
+    """--rate-limit 120: requests 0.5 s apart, across threads (on a fake clock)."""
+    now = [100.0]
+    starts = []
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    monkeypatch.setattr(download.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(download.time, "sleep", sleep)
+    limit = download._RateLimit(120)
+    for _ in range(4):
+        limit.wait()
+        starts.append(now[0])
+    assert np.diff(starts).tolist() == [0.5, 0.5, 0.5]
+    download._RateLimit(None).wait()  # no limit: returns at once
+    assert now[0] == starts[-1]
