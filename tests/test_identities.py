@@ -81,10 +81,10 @@ def test_stored_descriptors_are_validated(tmp_path):
     ]
 
 
-def test_no_speaker_spans_two_splits(demo_speakers, tmp_path):
+def test_no_speaker_spans_two_splits(demo_speakers, tmp_path, capsys):
     """Speaker 0 in three videos and speaker 1 in two, listed in both official CSVs;
     speaker 2 in one. Merged, each speaker's videos land in one split."""
-    from speech2face import data
+    from speech2face import cli, data
 
     root = tmp_path / "avspeech"
     videos = {  # video -> (speaker, official split)
@@ -104,8 +104,10 @@ def test_no_speaker_spans_two_splits(demo_speakers, tmp_path):
     # Generated faces are far more alike than people (different speakers 0.3-0.7 apart in
     # dlib's space, one speaker's videos ~0.1), so the test uses a tighter threshold.
     out = tmp_path / "shards"
-    data.prepare("avspeech", root, out, identity_threshold=0.2, frames_per_video=1,
-                 progress=False)
+    code = cli.main(["prepare", "avspeech", "--root", str(root), "--out", str(out),
+                     "--identity-threshold", "0.2", "--frames-per-video", "1"])
+    assert code == 0
+    assert "identities: 6 videos -> 3 identities (3 videos merged" in capsys.readouterr().out
     manifest = data.load_manifest(out)
     seen: dict[int, set] = {}
     for split in manifest["splits"]:
