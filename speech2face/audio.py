@@ -208,6 +208,41 @@ def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
     return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)
 
 
+def declared_seconds(path: str | os.PathLike) -> float | None:
+    """The duration a file's header declares, read without decoding any audio.
+
+    For refusing long uploads before they are decoded. ``None`` when the file is not
+    one libsndfile or FFmpeg can open, or declares no duration (a browser's WebM
+    recording); :func:`load_audio` then gives the reason, or decodes at most
+    ``max_seconds`` of it.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if path.suffix.lower() in _SNDFILE_SUFFIXES:
+        try:
+            info = sf.info(str(path))
+        except (sf.LibsndfileError, RuntimeError, TypeError):
+            info = None
+        if info is not None and info.samplerate:
+            frames = info.frames
+            if path.suffix.lower() == ".wav":  # the header, not the bytes present
+                frames = max(frames, _wav_declared_frames(path) or 0)
+            return frames / info.samplerate
+    import av
+
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            if container.duration:
+                return container.duration / av.time_base
+            streams = container.streams.audio
+            if streams and streams[0].duration and streams[0].time_base:
+                return float(streams[0].duration * streams[0].time_base)
+    except av.error.FFmpegError:
+        pass
+    return None
+
+
 def _frames(seconds: float, rate: int) -> int:
     return int(math.ceil(seconds * rate)) + 1
 

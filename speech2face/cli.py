@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("speech2face.evaluate", "the paper's metrics on the test split, with a report"),
     "compare": ("speech2face.report", "evaluation reports side by side (e.g. encoder vs baseline)"),
     "reconstruct": ("speech2face.inference", "speech in, face image out"),
+    "serve": ("speech2face.serve", "a local web page: speak or upload, see the face"),
     "demo": ("speech2face.demo", "the end-to-end demo on generated data"),
 }
 

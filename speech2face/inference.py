@@ -175,7 +175,8 @@ def draw_landmarks(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 ``(H, W, 3)`` -> the bytes of a PNG file."""
     import io
 
     from PIL import Image
@@ -232,14 +233,14 @@ def reconstruct_command(args) -> int:
     pngs = _output_paths(inputs, args.out)
     files: dict[Path, bytes] = {}
     for png, result in zip(pngs, results, strict=True):
-        files[png] = _png_bytes(result.image)
+        files[png] = png_bytes(result.image)
         if args.landmarks:
             base = png.with_suffix("")
             points = np.round(result.landmarks.astype(float), 3).tolist()
             files[Path(f"{base}.landmarks.json")] = (json.dumps(
                 {"format": "(x, y) pixels in the 224x224 face, iBUG 68-point order",
                  "landmarks": points}) + "\n").encode()
-            files[Path(f"{base}.landmarks.png")] = _png_bytes(
+            files[Path(f"{base}.landmarks.png")] = png_bytes(
                 draw_landmarks(result.image, result.landmarks))
     with staged_writes() as stage:
         for path, data in files.items():
