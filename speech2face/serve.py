@@ -18,9 +18,9 @@ first 6 s are decoded; each upload lives in its own folder under one temporary f
 that is removed when the request, and the server, end.
 
 Why Starlette and a hand-written page rather than Gradio, the usual model-demo kit: the
-page needs one upload, a recorder and four images; Starlette and uvicorn add under 1 MB
-to the install and start in a fraction of a second, Gradio adds about a hundred
-packages and several seconds of start-up.
+page needs one upload, a recorder and a few images. The ``[web]`` extra is six small
+pure-Python packages (about 5 MB installed); Gradio resolves to 52 packages, pandas,
+pydantic and huggingface_hub among them (docs/serve.md).
 """
 
 from __future__ import annotations

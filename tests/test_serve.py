@@ -259,10 +259,10 @@ def test_bad_uploads_get_one_line_400_and_the_server_keeps_serving(running, clip
     _video_without_audio(tmp_path / "silent-film.mp4")
     cases = {
         "empty.wav": (b"", "empty.wav: empty file"),
-        "noise.mp3": (np.random.default_rng(0).bytes(50_000), "noise.mp3: "),
+        "noise.mp3": (np.random.default_rng(0).bytes(50_000), "noise.mp3: not a readable"),
         "silent-film.mp4": ((tmp_path / "silent-film.mp4").read_bytes(),
                             "silent-film.mp4: no audio track"),
-        "notes.wav": (b"shopping list: eggs, milk\n" * 40, "notes.wav: "),
+        "notes.wav": (b"shopping list: eggs, milk\n" * 40, "notes.wav: not a readable"),
         "huge.wav": (b"\0" * int(CAP_MB * 1e6 + 100_000), "larger than the 1 MB cap"),
     }
     for name, (data, expected) in cases.items():
@@ -325,6 +325,24 @@ def test_a_two_hour_recording_is_refused_undecoded(running, tmp_path, monkeypatc
     assert message == ("lecture.flac: 7200 s long, over the 600-s cap "
                        "(only the first 6 s are used: send those)")
     assert decoded == []
+
+
+def test_declared_seconds_reads_the_header_only(tmp_path):
+    from test_inference import _write_av
+
+    from speech2face.audio import declared_seconds
+
+    wave = _voice(150.0, 0, seconds=3.0)
+    sf.write(tmp_path / "a.wav", wave, RATE)
+    assert declared_seconds(tmp_path / "a.wav") == 3.0
+    # A cut-off WAV still declares its full length (libsndfile alone would shrink it).
+    data = (tmp_path / "a.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[:len(data) // 3])
+    assert declared_seconds(tmp_path / "cut.wav") == 3.0
+    _write_av(tmp_path / "a.mp4", wave, "aac", fmt="mp4")
+    assert abs(declared_seconds(tmp_path / "a.mp4") - 3.0) < 0.1  # AAC frames pad the end
+    (tmp_path / "notes.wav").write_text("not audio\n")
+    assert declared_seconds(tmp_path / "notes.wav") is None
 
 
 def test_concurrent_requests_do_not_mix(running, clips, bundle):
@@ -611,7 +629,9 @@ def test_page_in_chromium(browser, page_server, clips, tmp_path):
     assert Image.open(io.BytesIO(screenshot)).size[0] > 0
     (tmp_path / "serve.png").write_bytes(screenshot)
     if os.environ.get("SPEECH2FACE_SCREENSHOT"):
-        Path(os.environ["SPEECH2FACE_SCREENSHOT"]).write_bytes(screenshot)
+        # In the format the name asks for (the README's is a JPEG).
+        Image.open(io.BytesIO(screenshot)).convert("RGB").save(
+            os.environ["SPEECH2FACE_SCREENSHOT"], quality=85)
 
 
 def test_page_shows_one_line_for_bad_files(browser, page_server, tmp_path):
@@ -625,7 +645,8 @@ def test_page_shows_one_line_for_bad_files(browser, page_server, tmp_path):
     notes.write_text("shopping list: eggs, milk\n" * 40)
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * int(CAP_MB * 1e6 + 1))
-    for path, expected in ((notes, "notes.wav: "), (big, page_server.server.too_large)):
+    for path, expected in ((notes, "notes.wav: not a readable audio or video file"),
+                           (big, page_server.server.too_large)):
         upload.send_keys(str(path))
         _wait(browser, lambda d, e=expected: e in message.text
               and "error" in message.get_attribute("class"))
