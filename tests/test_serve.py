@@ -5,8 +5,9 @@ drive Debian's ``chromium`` with selenium and ``chromium-driver``; when those ar
 the session installs them with apt-get (as root), and skips only where that is impossible.
 
 The README's screenshot comes from the browser test: with ``SPEECH2FACE_SCREENSHOT=PATH``
-it is also saved there, and ``SPEECH2FACE_SERVE_MODEL`` / ``SPEECH2FACE_SERVE_GALLERY``
-(a bundle, and prepared shards) replace the tiny random model and gallery (docs/serve.md).
+it is also saved there, and ``SPEECH2FACE_SERVE_MODEL``, ``SPEECH2FACE_SERVE_GALLERY`` and
+``SPEECH2FACE_SERVE_AUDIO`` (a bundle, prepared shards, a clip) replace the tiny random
+model, its generated gallery and voice (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -612,11 +613,12 @@ def test_page_in_chromium(browser, page_server, clips, tmp_path):
     browser.get(page_server.url)
     upload = browser.find_element(By.ID, "file")
     _wait(browser, lambda d: upload.is_enabled())
-    upload.send_keys(str(clips["voice3"]))
-    assert _wait(browser, lambda d: _face_shown(d, "voice3.wav")) == [224, 224]
+    audio = Path(os.environ.get("SPEECH2FACE_SERVE_AUDIO") or clips["voice3"])
+    upload.send_keys(str(audio))
+    assert _wait(browser, lambda d: _face_shown(d, audio.name)) == [224, 224]
     shown = _data_url_image(browser.find_element(By.ID, "face").get_attribute("src"))
     np.testing.assert_array_equal(shown, inference.reconstruct(
-        clips["voice3"], page_server.server.model_arg))
+        audio, page_server.server.model_arg))
     spectrogram = browser.find_element(By.ID, "spectrogram")
     assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]",
                                   spectrogram) == [598, 257]
