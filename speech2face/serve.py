@@ -182,11 +182,11 @@ class FaceServer:
         # One forward pass at a time: each already uses every core, and a paper-size model
         # run by many requests at once would multiply its memory for no speed.
         self._model_lock = threading.Lock()
-        self.upload_root = Path(tempfile.mkdtemp(prefix="speech2face-serve-"))
         if model is not None:
             self.model()
         if gallery is not None and self.status()["ready"]:
             gallery.check_model(self.model())
+        self.upload_root = Path(tempfile.mkdtemp(prefix="speech2face-serve-"))
 
     def model(self):
         """The loaded model (cached by path and weights' time); WeightsError if none."""
@@ -225,14 +225,14 @@ class FaceServer:
 
     def reconstruct_file(self, path: Path, name: str):
         """An uploaded file -> ``(wave, Reconstruction)``; AudioError names it ``name``."""
-        from speech2face.audio import declared_seconds
+        from speech2face.audio import CLIP_SECONDS, declared_seconds
         from speech2face.inference import prepare_audio, reconstruct_waves
 
         model = self.model()
         declared = declared_seconds(path)
         if declared is not None and declared > self.max_seconds:
             raise AudioError(name, f"{declared:.0f} s long, over the {self.max_seconds:g}-s cap "
-                                   "(only the first 6 s are used: send those)")
+                                   f"(only the first {CLIP_SECONDS:g} s are used: send those)")
         try:
             wave = prepare_audio(path)
         except AudioError as error:
