@@ -318,3 +318,35 @@ def test_rate_limit_spaces_requests(monkeypatch):
     assert np.diff(starts).tolist() == [0.5, 0.5, 0.5]
     download._RateLimit(None).wait()  # no limit: returns at once
     assert now[0] == starts[-1]
+
+
+def test_jobs_of_an_array_run_side_by_side(server, tmp_path, capsys):
+    """A job locks its own log, not --out: job 0 runs while job 1 is running; a second
+    copy of job 1 is refused (one line, exit 2)."""
+    import subprocess
+    import sys
+
+    from speech2face import utils
+
+    if not hasattr(utils, "output_lock"):
+        pytest.skip("the output lock (issue 16) is not in this tree yet")
+    csvs = _csvs(tmp_path, train=[TRAIN_ROWS[0]], test=[])
+    root = tmp_path / "avspeech"
+    held = download.log_path(root, 1, 2)
+    holder = subprocess.Popen(  # job 1, still running (it only holds its lock)
+        [sys.executable, "-c", "import sys, time; from speech2face.utils import output_lock\n"
+         "with output_lock(sys.argv[1], folder=False):\n print('held', flush=True); "
+         "time.sleep(60)", str(held)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for index, expected_code in ((0, 0), (1, 2)):
+            args = _download_args(csvs, root, server, "--num-shards", "2",
+                                  "--shard-index", str(index))
+            code, _, err = _run(args, capsys)
+            assert code == expected_code, err
+        assert "another run is writing" in err and len(err.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
