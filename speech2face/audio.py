@@ -34,11 +34,15 @@ N_FFT = 512  # FFT size (paper 3.1)
 N_FREQ = N_FFT // 2 + 1  # 257 frequency bins
 N_FRAMES = 1 + (CLIP_SAMPLES - WIN_LENGTH) // HOP_LENGTH  # 598 frames for 6 s
 POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
+MAX_SECONDS = 600.0  # longest clip the spectrogram command makes
 
 # Formats libsndfile reads directly and partially (fast path); everything else goes
-# through FFmpeg (PyAV): containers with an audio track (mp4, m4a, webm, mkv, ...).
+# through FFmpeg (PyAV): containers with an audio track (mp4, m4a, webm, mkv, ...), and
+# MP3, which libsndfile decodes with libmpg123, a library that prints notes and warnings
+# about damaged streams straight onto the C stderr; FFmpeg reports the same damage
+# through its log, which PyAV keeps quiet, and we turn it into one AudioError line.
 _RESAMPLE_MARGIN = 0.05  # seconds decoded past max_seconds, for the resampler's filter
-_SNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au"}
+_SNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au"}
 # Audio files and videos with an audio track, as datasets hold them.
 AUDIO_SUFFIXES = (".wav", ".flac", ".m4a", ".aac", ".mp3", ".ogg", ".opus")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
@@ -82,9 +86,14 @@ def load_audio(
         wave, native_rate = _read_ffmpeg(path, decode_seconds)
     if wave.size == 0:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
-    energy = float(np.dot(wave, wave))  # one pass: NaN/inf if any sample is, 0 if silent
+    with np.errstate(over="ignore"):  # an overflow is diagnosed just below
+        energy = float(np.dot(wave, wave))  # one pass: NaN/inf if any sample is, 0 if silent
     if not math.isfinite(energy):
-        raise AudioError(path, "signal contains NaN or infinite samples")
+        if not np.isfinite(wave).all():
+            raise AudioError(path, "signal contains NaN or infinite samples")
+        peak = float(np.abs(wave).max())
+        raise AudioError(path, f"sample values reach {peak:.3g}, far outside [-1, 1] "
+                               f"(corrupt, or not audio)")
     if energy == 0.0:
         raise AudioError(path, "signal is silent (all samples are zero)")
     if native_rate != sample_rate:
@@ -406,11 +415,16 @@ def clip_spectrogram(path: str | os.PathLike, seconds: float = CLIP_SECONDS) -> 
 def add_spectrogram_arguments(parser) -> None:
     parser.add_argument("audio", nargs="+", help="audio or video files, or folders of them")
     parser.add_argument("-o", "--out", required=True, help="output folder for <name>.npy files")
+    from speech2face.cli import bounded
+
     parser.add_argument(
         "--seconds",
-        type=float,
+        # At least one STFT frame; at most ten minutes (a 120-MB spectrogram), since a
+        # short clip is repeated to the length asked for.
+        type=bounded(float, WIN_LENGTH / SAMPLE_RATE, MAX_SECONDS, "clip length"),
         default=CLIP_SECONDS,
-        help="clip length: longer audio is cut, shorter repeated (default 6)",
+        help=f"clip length in seconds, {WIN_LENGTH / SAMPLE_RATE} to {MAX_SECONDS:g}: "
+             f"longer audio is cut, shorter repeated (default 6)",
     )
 
 

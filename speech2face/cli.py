@@ -9,11 +9,15 @@ imports only what it needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import os
 import sys
 
 from speech2face.errors import Speech2FaceError
 from speech2face.runtime import setup_process
+from speech2face.utils import output_lock
 
 # command name -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,13 +36,102 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (the standard for every error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def bounded(kind: type, low=None, high=None, what: str = "value"):
+    """An argparse ``type`` that parses ``kind`` (int or float) and refuses values outside
+    ``[low, high]`` (and NaN), so that a bad option value is a one-line usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+        if value != value or (low is not None and value < low) or \
+                (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"the {what} must be {span}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse ``type`` for ``--device``: a torch device this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"not a torch device: {text!r} (use cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    elif parsed.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: only cpu, cuda and mps devices are supported")
+    return text
+
+
+# Commands whose -o/--out names a file instead of a folder: always (None), or when it has
+# one of these suffixes.
+FILE_OUTPUTS: dict[str, tuple[str, ...] | None] = {"reconstruct": (".png",), "compare": None}
+
+
+def _check_out(command: str, out) -> bool:
+    """Whether ``-o/--out`` names a single output file; refuses an existing file where a
+    folder is written."""
+    from pathlib import Path
+
+    path = Path(out)
+    suffixes = FILE_OUTPUTS.get(command, ())
+    is_file = suffixes is None or (path.suffix.lower() in suffixes and not path.is_dir())
+    if path.exists() and not path.is_dir() and not is_file:
+        raise Speech2FaceError(path, "-o/--out: exists and is not a folder")
+    return is_file
+
+
+# OS errors that the machine causes, not the code (a full disk, a read-only folder): one
+# line, like bad input. The write that failed was to a temporary file, so nothing is
+# half-written, and a rerun continues where the run stopped.
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                      errno.EPERM}
+
+
+def _output(module, args):
+    """``(path, is_folder)`` that the command writes and locks, or None.
+
+    ``-o/--out`` unless the module says otherwise with ``<command>_output(args)`` (e.g.
+    one machine of a cluster ``prepare`` locks only its own part of the folder).
+    """
+    custom = getattr(module, f"{_snake(args.command)}_output", None)
+    if custom is not None:
+        return custom(args)
+    out = getattr(args, "out", None)
+    if out is None:
+        return None
+    return out, not _check_out(args.command, out)
+
+
 def _snake(name: str) -> str:
     return name.replace("-", "_")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported to add its arguments."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="speech2face",
         description="Speech2Face: reconstruct a canonical face from a few seconds of speech.",
     )
@@ -59,13 +152,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    run = getattr(
-        importlib.import_module(COMMANDS[args.command][0]), f"{_snake(args.command)}_command"
-    )
+    module = importlib.import_module(COMMANDS[args.command][0])
+    run = getattr(module, f"{_snake(args.command)}_command")
     try:
-        return int(run(args) or 0)
+        # One writer per output: every command with -o/--out holds its lock while it runs.
+        lock = contextlib.nullcontext()
+        target = _output(module, args)
+        # Under torchrun every process runs the command; rank 0 writes, and locks.
+        if target is not None and os.environ.get("RANK", "0") == "0":
+            lock = output_lock(*target)
+        with lock:
+            return int(run(args) or 0)
     except Speech2FaceError as error:
         print(f"speech2face {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRORS:
+            raise  # anything else is a bug, and its traceback is wanted
+        where = f"{error.filename}: " if error.filename else ""
+        again = " with --resume" if hasattr(args, "resume") else ""
+        hint = f"; free some space and run the command again{again}" \
+            if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"speech2face {args.command}: error: {where}{error.strerror}{hint}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"speech2face {args.command}: interrupted", file=sys.stderr)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
-from speech2face.utils import read_json, temp_dir_beside
+from speech2face.utils import output_entries, read_json, temp_dir_beside
 
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
@@ -114,14 +114,14 @@ def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> bool:
     if out.exists():
         if not out.is_dir():
             raise DataError(out, "exists and is not a folder")
-        if any(out.iterdir()) and not marker.exists():
+        if output_entries(out) and not marker.exists():
             raise DataError(out, "exists, is not empty and is not a previous demo's folder; "
                                  "choose another --out")
         if not fresh and _marker_settings(marker) == settings:
             for leftover in out.glob(".corpus.*.tmp"):  # a corpus killed while written
                 shutil.rmtree(leftover, ignore_errors=True)
             return True
-        for child in out.iterdir():
+        for child in output_entries(out):  # all but the lock of this run
             if child.name == DEMO_MARKER:
                 continue
             if child.is_dir() and not child.is_symlink():

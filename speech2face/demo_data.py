@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
-from speech2face.utils import temp_dir_beside
+from speech2face.utils import output_entries, publish_dir, temp_dir_beside
 
 SAMPLE_RATE = 16_000  # Hz, VoxCeleb's rate (and the paper's, section 3.1)
 FRAME_SIZE = 320  # px, side of the square face frames (moderate: generation and detection speed)
@@ -488,7 +488,7 @@ def make_demo_data(
     out = Path(out)
     if speakers < 1 or frames < 1 or min(videos) < 1 or min(clips) < 1:
         raise DataError(out, "speakers, videos, clips and frames must each be at least 1")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or output_entries(out)):
         raise DataError(out, "output folder exists and is not empty")
     tmp = temp_dir_beside(out)
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
@@ -513,9 +513,7 @@ def make_demo_data(
             ):
                 job.result()
         _write_metadata(tmp, people, seed)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1127,7 +1127,10 @@ def add_evaluate_arguments(parser) -> None:
                              "--recognizer-weights; none skips them)")
     parser.add_argument("--recognizer-weights", default=None, metavar="FILE",
                         help="VGG-Face weights for --recognizer vggface")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    from speech2face.cli import device
+
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="torch device: cpu (default), cuda, cuda:N or mps")
 
 
 def evaluate_command(args) -> int:

@@ -17,6 +17,7 @@ Crops are uint8 ``(B, 224, 224, 3)`` RGB (array or list of arrays), as
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,6 +369,17 @@ def _state_dict_from_dag(tensors: dict, config: VGGFaceConfig, path) -> dict[str
     return state
 
 
+def _load_problem(error: Exception) -> str:
+    """The gist of a ``torch.load`` failure in a few words: torch's messages run to
+    several lines of advice (set ``weights_only=False``, file an issue) that do not apply
+    to a weights file we refuse to unpickle."""
+    text = str(error).strip()
+    if "Weights only load failed" in text:
+        return "it holds Python objects besides tensors (they are never unpickled)"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first.split(". ")[0][:160]
+
+
 def load_vggface_dag(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace:
     """VGG-Face from ``vgg_face_dag.pth`` (keys ``conv1_1.weight`` ... ``fc8.bias``) or the
     same tensors in a ``.safetensors`` file. Input normalisation: its RGB mean, std 1."""
@@ -378,10 +390,15 @@ def load_vggface_dag(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace:
 
             tensors = load_file(str(path))
         else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns about pickle protocols of files it may then refuse; the
+                # outcome is reported below, in one line.
+                warnings.simplefilter("ignore")
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch/safetensors raise many types for bad files
         raise WeightsError(
-            path, f"cannot read PyTorch weights (truncated or not a weights file): {error}"
+            path, f"cannot read PyTorch weights (truncated or not a weights file): "
+                  f"{_load_problem(error)}"
         ) from None
     if (
         isinstance(tensors, dict)

@@ -32,10 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from speech2face.errors import ImageError, NoFaceError
+from speech2face.errors import ConfigError, ImageError, NoFaceError
 
 # SPEC.md "Face front end" / paper section 3: faces are cropped and resized to 224 x 224.
 CROP_SIZE = 224
+# Bounds of the faces command's --size: 32 px still shows a face's 68 landmarks apart;
+# 4096 px (48 MB a crop) is far past any source photo's face.
+MIN_CROP_SIZE, MAX_CROP_SIZE = 32, 4096
 # Fraction of the face square added on each side of the crop (the face square then spans
 # 1 / (1 + 2 * 0.3) = 62.5 % of the crop: 140 px of 224).
 CROP_MARGIN = 0.3
@@ -505,8 +508,11 @@ def add_faces_arguments(parser) -> None:
         default=None,
         help="VGG-Face weights (vgg_face_dag.pth or rcmalli_vggface_tf_vgg16.h5)",
     )
+    from speech2face.cli import bounded
+
     parser.add_argument(
-        "--size", type=int, default=CROP_SIZE, help=f"crop side in pixels (default: {CROP_SIZE})"
+        "--size", type=bounded(int, MIN_CROP_SIZE, MAX_CROP_SIZE, "crop side"), default=CROP_SIZE,
+        help=f"crop side in pixels, {MIN_CROP_SIZE} to {MAX_CROP_SIZE} (default: {CROP_SIZE})",
     )
 
 
@@ -521,6 +527,9 @@ def faces_command(args) -> int:
 
     from speech2face.utils import atomic_write, read_json, staged_writes
 
+    if args.weights is not None and args.encoder != "vggface":
+        raise ConfigError(None, f"--weights is for --encoder vggface; the {args.encoder} "
+                               f"encoder takes no weights file")
     images = find_images(args.inputs)
     if not images:
         raise ImageError(

@@ -209,7 +209,10 @@ def add_reconstruct_arguments(parser) -> None:
     parser.add_argument("--landmarks", action="store_true",
                         help="also write the predicted 68 landmarks: <name>.landmarks.json "
                              "((x, y) in the 224 frame) and <name>.landmarks.png")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    from speech2face.cli import device
+
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="torch device: cpu (default), cuda, cuda:N or mps")
 
 
 def reconstruct_command(args) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -212,18 +213,195 @@ def find_bundle(path_or_name: str | os.PathLike) -> Path:
 
 
 def read_bundle_config(folder: Path) -> dict:
-    """``config.json`` of a bundle, checked for format and version."""
+    """``config.json`` of a bundle, checked for format, version and sane sizes."""
     file = folder / CONFIG_NAME
     try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise WeightsError(file, f"too large for a bundle config "
+                                     f"({file.stat().st_size} bytes)")
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise WeightsError(file, f"cannot read the bundle config: {error}") from None
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         raise WeightsError(file, f"not a {BUNDLE_FORMAT} config")
     if config.get("version") != BUNDLE_VERSION:
         raise WeightsError(file, f"bundle version {config.get('version')} is not supported "
                                  f"(this code reads version {BUNDLE_VERSION})")
+    check_bundle_config(config, file)
     return config
+
+
+# ---- bounds on a bundle's config, checked before anything is built from it. They lie far
+# above any real model (paper: 4096 features, 1000-wide code, 256 channels, 224 pixels,
+# Table 1's 13 layers) and far below sizes that would exhaust memory: a downloaded model
+# folder is not trusted. The weights file's header then fixes every size exactly.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_WIDTH = 1 << 16  # features, code, hidden units, channels
+MAX_IDENTITIES = 1 << 24  # VoxCeleb2 has 6,112; VGG-Face 2,622
+MAX_LAYERS = 64
+MAX_IMAGE_SIZE = 1024  # the decoder's output side S (paper 224)
+MAX_KERNEL = 15
+MAX_STRIDE = 8
+MAX_VOICE_FRAMES = 6000  # the voice encoder's shortest input: 60 s (paper: 598 frames, 6 s)
+# Elements of one clip's largest feature map: small weights can still ask for enormous
+# activations (65,536 4x4 filters are 8 MB of weights but a 40-GB first feature map for
+# 6 s). The paper's largest is 64 x 595 x 254 = 9.7 M (voice) and 32 x 224^2 = 1.6 M
+# (decoder); this allows 14 times that, 512 MB of float32 per clip.
+MAX_ACTIVATION = 1 << 27
+MAX_WEIGHTS_BYTES = 8 << 30  # the paper's full model is about 0.6 GB
+FACE_ENCODERS = ("dlib", "vggface")
+
+# (field, kind, low, high) per config section; kind "int", "float" or "ints" (a list).
+_DECODER_FIELDS = (
+    ("feature_dim", "int", 1, MAX_WIDTH),
+    ("code_dim", "int", 1, MAX_WIDTH),
+    ("landmark_hidden", "ints", 1, MAX_WIDTH),
+    ("texture_base_size", "int", 1, MAX_IMAGE_SIZE),
+    ("texture_base_channels", "int", 1, MAX_WIDTH),
+    ("texture_channels", "ints", 1, MAX_WIDTH),
+    ("texture_kernel", "int", 1, MAX_KERNEL),
+    ("warp_order", "int", 1, 4),
+    ("warp_regularization", "float", 0.0, 1e6),
+    ("warp_boundary_points", "int", 0, 16),
+)
+_VOICE_FIELDS = (
+    ("n_freq", "int", 1, MAX_WIDTH),
+    ("fc_dim", "int", 1, MAX_WIDTH),
+    ("output_dim", "int", 1, MAX_WIDTH),
+    ("bn_momentum", "float", 0.0, 1.0),
+)
+
+_RESEMBLYZER_FIELDS = (
+    ("output_dim", "int", 1, MAX_WIDTH),
+    ("hidden_dims", "ints", 1, MAX_WIDTH),
+    ("n_freq", "int", 1, MAX_WIDTH),
+)
+
+
+def _check_number(value, kind: str, low, high, where: str, file: Path) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    real = whole or (isinstance(value, float) and math.isfinite(value))
+    if not (whole if kind == "int" else real) or not low <= value <= high:
+        what = "a whole number" if kind == "int" else "a number"
+        raise WeightsError(file, f"{where} must be {what} from {low} to {high}, got {value!r:.40}")
+
+
+def _check_fields(section, fields, name: str, file: Path) -> None:
+    if not isinstance(section, dict):
+        raise WeightsError(file, f"{name} must be a JSON object")
+    for field, kind, low, high in fields:
+        if field not in section:
+            continue  # the dataclass default applies
+        value = section[field]
+        if kind == "ints":
+            if not isinstance(value, list) or len(value) > MAX_LAYERS:
+                raise WeightsError(file, f"{name}.{field} must be a list of at most "
+                                         f"{MAX_LAYERS} whole numbers")
+            for i, item in enumerate(value):
+                _check_number(item, "int", low, high, f"{name}.{field}[{i}]", file)
+        else:
+            _check_number(value, kind, low, high, f"{name}.{field}", file)
+
+
+def check_bundle_config(config: dict, file: Path) -> None:
+    """Refuse a bundle config with sizes of the wrong type or out of bounds (one line).
+
+    Runs before any module is built, so that a config edited to enormous sizes fails at
+    once instead of allocating them; :func:`check_bundle_weights` then holds the sizes to
+    the weights file.
+    """
+    from speech2face.audio import N_FRAMES, N_FREQ
+    from speech2face.face_decoder import FaceDecoderConfig
+    from speech2face.voice_encoder import KERNEL, POOL, VoiceEncoderConfig
+
+    if config.get("face_encoder") not in FACE_ENCODERS:
+        raise WeightsError(file, f"face_encoder must be one of {list(FACE_ENCODERS)}, "
+                                 f"got {config.get('face_encoder')!r:.40}")
+    _check_number(config.get("feature_dim"), "int", 1, MAX_WIDTH, "feature_dim", file)
+    if config.get("num_identities") is not None:
+        _check_number(config["num_identities"], "int", 1, MAX_IDENTITIES, "num_identities", file)
+    decoder = config.get("face_decoder")
+    _check_fields(decoder, _DECODER_FIELDS, "face_decoder", file)
+    decoder = config_from_dict(FaceDecoderConfig, decoder, file)
+    if decoder.texture_kernel % 2 == 0:
+        # Only odd kernels double the side exactly (padding k // 2, output padding 1).
+        raise WeightsError(file, f"face_decoder.texture_kernel must be odd, "
+                                 f"got {decoder.texture_kernel}")
+    if decoder.image_size > MAX_IMAGE_SIZE:
+        raise WeightsError(file, f"face_decoder makes {decoder.image_size}-pixel images "
+                                 f"(texture_base_size x 2^{len(decoder.texture_channels)}); "
+                                 f"at most {MAX_IMAGE_SIZE} are allowed")
+    side = decoder.texture_base_size
+    for channels in decoder.texture_channels:
+        side *= 2
+        _check_activation(channels * side * side, "face_decoder.texture_channels", file)
+    voice = config.get("voice_encoder")
+    if voice is None:
+        return
+    if isinstance(voice, dict) and voice.get("kind") == "resemblyzer":  # the baseline
+        _check_fields(voice, _RESEMBLYZER_FIELDS, "voice_encoder", file)
+        if voice.get("n_freq", N_FREQ) != N_FREQ:
+            raise WeightsError(file, f"voice_encoder.n_freq must be {N_FREQ}")
+        return
+    _check_fields(voice, _VOICE_FIELDS, "voice_encoder", file)
+    layers = voice.get("layers", [])
+    if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
+        raise WeightsError(file, f"voice_encoder.layers must be a list of 1 to {MAX_LAYERS} "
+                                 f"layers")
+    for i, layer in enumerate(layers):
+        where = f"voice_encoder.layers[{i}]"
+        if layer == POOL:
+            continue
+        if not isinstance(layer, list) or len(layer) != 2:
+            raise WeightsError(file, f"{where} must be {POOL!r} or [channels, stride], "
+                                     f"got {layer!r:.40}")
+        _check_number(layer[0], "int", 1, MAX_WIDTH, f"{where} channels", file)
+        _check_number(layer[1], "int", 1, MAX_STRIDE, f"{where} stride", file)
+    if layers[-1] == POOL:
+        raise WeightsError(file, "voice_encoder.layers must end with a convolution")
+    voice = config_from_dict(VoiceEncoderConfig, voice, file)
+    if voice.n_freq != N_FREQ:
+        raise WeightsError(file, f"voice_encoder.n_freq must be {N_FREQ} (the spectrogram's "
+                                 f"frequency bins), got {voice.n_freq}")
+    if voice.output_shape(voice.min_frames())[1] < 1:
+        raise WeightsError(file, "voice_encoder.layers leave no frequency bins")
+    t, f = N_FRAMES, voice.n_freq
+    for i, layer in enumerate(voice.layers):
+        if layer == POOL:
+            t //= 2
+            continue
+        t, f = (t - KERNEL) // layer[1] + 1, (f - KERNEL) // layer[1] + 1
+        _check_activation(layer[0] * max(t, 1) * max(f, 1), f"voice_encoder.layers[{i}]", file)
+    if voice.min_frames() > MAX_VOICE_FRAMES:
+        raise WeightsError(file, f"voice_encoder.layers need {voice.min_frames()} input "
+                                 f"frames; at most {MAX_VOICE_FRAMES} are allowed")
+
+
+def _check_activation(elements: int, where: str, file: Path) -> None:
+    if elements > MAX_ACTIVATION:
+        raise WeightsError(file, f"{where} make a feature map of {elements:,} values per "
+                                 f"clip; at most {MAX_ACTIVATION:,} are allowed")
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of a safetensors file, read from its header only.
+
+    The safetensors library checks that the header's tensors exactly cover the file, so
+    the sizes here are backed by bytes on disk, and nothing is loaded.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise WeightsError(file, "missing weights file")
+    if file.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise WeightsError(file, f"{file.stat().st_size / 2**30:.1f} GB is larger than any "
+                                 f"Speech2Face model (at most {MAX_WEIGHTS_BYTES >> 30} GB)")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape()))
+                    for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise WeightsError(file, f"not a readable safetensors file ({error})") from None
 
 
 def read_safetensors(file: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -239,19 +417,33 @@ def read_safetensors(file: Path, device: str | torch.device = "cpu") -> dict[str
         raise WeightsError(file, f"not a readable safetensors file ({error})") from None
 
 
+def _mismatch(own: dict[str, tuple], given: dict[str, tuple]) -> str | None:
+    """What differs between two ``{name: shape}`` maps, in one line, or None."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    wrong = sorted(k for k in set(own) & set(given) if tuple(own[k]) != tuple(given[k]))
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            parts.append(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}")
+    return "; ".join(parts) or None
+
+
+def check_finite(state: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse weights holding NaN or infinity (they would only fail later, obscurely)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(file, f"tensor {name} holds NaN or infinite values")
+
+
 def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
-    """``module.load_state_dict(state)``, strict; a one-line :class:`WeightsError` on mismatch."""
+    """``module.load_state_dict(state)``, strict; a one-line :class:`WeightsError` on mismatch
+    or on NaN/infinite weights."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        labelled = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        for label, keys in labelled:
-            if keys:
-                parts.append(f"{label} {keys[:3]}{' ...' if len(keys) > 3 else ''}")
-        raise WeightsError(file, "weights do not match the config: " + "; ".join(parts))
+    problem = _mismatch({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
+    if problem:
+        raise WeightsError(file, "weights do not match the config: " + problem)
+    check_finite(state, file)
     module.load_state_dict(state)
 
 
@@ -268,28 +460,43 @@ def _voice_encoder_from_config(data, file: Path | None) -> nn.Module:
     return VoiceEncoder(config_from_dict(VoiceEncoderConfig, data, file))
 
 
-def build_model(config: dict, state: dict[str, torch.Tensor],
+def build_model(config: dict, state: dict[str, torch.Tensor] | None = None,
                 file: Path | None = None) -> Speech2Face:
-    """A :class:`Speech2Face` with the architecture of a bundle ``config`` (weights not loaded)."""
+    """A :class:`Speech2Face` with the architecture of a bundle ``config`` (weights not loaded).
+
+    Build it under ``torch.device("meta")`` to learn its tensor shapes without allocating.
+    """
     from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
 
     decoder_config = config_from_dict(FaceDecoderConfig, config.get("face_decoder"), file)
     # The decoder is built from the saved mean landmarks (not zeros) in case it derives
     # anything from them at construction; the buffer is then loaded again with the rest.
-    mean = [v for k, v in state.items()
+    mean = [v for k, v in (state or {}).items()
             if k.startswith("face_decoder.") and k.endswith("mean_landmarks")]
     mean_landmarks = mean[0].float() if len(mean) == 1 else torch.zeros(68, 2)
-    face_decoder = FaceDecoder(decoder_config, mean_landmarks)
-    voice_encoder = None
-    if config.get("voice_encoder") is not None:
-        voice_encoder = _voice_encoder_from_config(config["voice_encoder"], file)
-    classifier = None
-    if config.get("num_identities"):
-        classifier = nn.Linear(int(config["feature_dim"]), int(config["num_identities"]))
     try:
+        face_decoder = FaceDecoder(decoder_config, mean_landmarks)
+        voice_encoder = None
+        if config.get("voice_encoder") is not None:
+            voice_encoder = _voice_encoder_from_config(config["voice_encoder"], file)
+        classifier = None
+        if config.get("num_identities"):
+            classifier = nn.Linear(int(config["feature_dim"]), int(config["num_identities"]))
         return Speech2Face(face_decoder, voice_encoder, classifier, str(config.get("face_encoder")))
     except ValueError as error:
         raise WeightsError(file, str(error)) from None
+
+
+def check_bundle_weights(config: dict, file: Path, config_file: Path | None = None) -> None:
+    """Hold a (bounds-checked) bundle ``config`` to the tensor names and shapes in the header
+    of its weights ``file``, building the model on the meta device (no memory)."""
+    header = read_safetensors_header(file)
+    with torch.device("meta"):
+        skeleton = build_model(config, None, config_file)
+    own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    problem = _mismatch(own, {k: shape for k, (_, shape) in header.items()})
+    if problem:
+        raise WeightsError(file, "weights do not match the config: " + problem)
 
 
 def load_model(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Speech2Face:
@@ -305,6 +512,7 @@ def load_model(path_or_name: str | os.PathLike, device: str | torch.device = "cp
     folder = find_bundle(path_or_name)
     config = read_bundle_config(folder)
     file = folder / WEIGHTS_NAME
+    check_bundle_weights(config, file, folder / CONFIG_NAME)
     state = read_safetensors(file)
     model = build_model(config, state, folder / CONFIG_NAME)
     load_state_checked(model, state, file)

@@ -30,7 +30,7 @@ from speech2face.evaluate import (
     Collected,
     _unit,
 )
-from speech2face.utils import atomic_write, temp_dir_beside
+from speech2face.utils import atomic_write, output_entries, publish_dir, temp_dir_beside
 
 # Paper numbers, 6-s input, for context in the report (Oh et al. 2019). Its L2 and L1
 # (0.18, 9.42) are not shown beside ours: the paper does not say on what scale they are
@@ -402,19 +402,19 @@ def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
     """
     out = Path(out)
     order = sorted(files, key=lambda name: name == "metrics.json")
-    if not out.exists():
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "output exists and is not a folder")
+    if not output_entries(out):  # new, or holding only the lock of this run
         tmp = temp_dir_beside(out)
         try:
             for name in order:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(files[name])
-            os.replace(tmp, out)
+            publish_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out
-    if not out.is_dir():
-        raise DataError(out, "output exists and is not a folder")
     for name in order:
         with atomic_write(out / name) as f:
             f.write(files[name])

@@ -161,7 +161,7 @@ class TrainConfig:
             problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
         if not self.grad_clip >= 0:
             problems.append(f"grad_clip must not be negative, got {self.grad_clip}")
-        if self.batch_size % self.grad_accum:
+        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
             problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum "
                             f"{self.grad_accum}")
         if problems:
@@ -708,23 +708,26 @@ def _prune_checkpoints(run: Path, keep_last: int, best_step: int | None) -> None
 def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, placement: Placement,
                     device: torch.device) -> LoopState:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise DataError(path / "state.json", f"cannot read the checkpoint state: {error}") from None
-    load_state_checked(stage.model, read_safetensors(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
+    from speech2face.checkpoints import check_checkpoint, read_state
+
+    # Everything is read and checked before anything is restored (speech2face.checkpoints).
+    state = read_state(path)
+    weights = read_safetensors(path / WEIGHTS_NAME)
     opt_tensors = read_safetensors(path / "optimizer.safetensors")
     opt_tensors.pop("_empty", None)
+    rng = read_safetensors(path / "rng.safetensors")
+    # The same process count restores each process's own stream; otherwise rank 0's.
+    rng_key = check_checkpoint(path, state, opt_tensors, rng, optimizer, scheduler,
+                               placement.rank)
+    load_state_checked(stage.model, weights, path / WEIGHTS_NAME)
     optimizer.load_state_dict(_optimizer_from_files(state["optimizer"], opt_tensors))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    rng = read_safetensors(path / "rng.safetensors")
-    # The same process count restores each process's own stream; otherwise rank 0's.
-    rank = placement.rank if f"cpu.rank{placement.rank}" in rng else 0
-    torch.set_rng_state(rng[f"cpu.rank{rank}"])
-    if device.type == "cuda" and f"cuda.rank{rank}" in rng:
-        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
+    torch.set_rng_state(rng[rng_key])
+    cuda_key = rng_key.replace("cpu.", "cuda.")
+    if device.type == "cuda" and cuda_key in rng:
+        torch.cuda.set_rng_state(rng[cuda_key], device)
     if state["world_size"] != placement.world_size:
         # The shard loader splits shards by process, so another process count reads
         # another order: training goes on correctly but is not bit-identical.

@@ -1,11 +1,16 @@
-"""Small shared helpers: atomic writes and the user cache directory."""
+"""Small shared helpers: atomic writes, output-folder locks and the user cache directory."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
+import glob
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,10 +37,12 @@ def staged_writes() -> Iterator[Callable]:
     command that fails half-way leaves the previous outputs as they were.
     """
     staged: list[tuple[str, Path]] = []
+    made: list[Path] = []  # folders made for the outputs, removed again on failure
 
     @contextlib.contextmanager
     def stage(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         path = Path(path)
+        made.extend(p for p in reversed(path.parents) if not p.exists())
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         staged.append((tmp, path))
@@ -51,6 +58,7 @@ def staged_writes() -> Iterator[Callable]:
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        _remove_empty(made)
         raise
     for tmp, path in staged:
         os.replace(tmp, path)
@@ -128,3 +136,171 @@ def cache_dir() -> Path:
     """The user cache directory (``$XDG_CACHE_HOME/speech2face``, else ``~/.cache/speech2face``)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "speech2face"
+
+
+# The lock file of an output folder (see output_lock). Code that checks whether an
+# output folder is empty, or clears one, leaves it alone: see output_entries.
+LOCK_NAME = ".speech2face.lock"
+
+# Locks this process holds: absolute output path -> [lock file descriptor, depth]. A
+# command that calls library code which takes the same lock again must not block itself
+# (flock conflicts between two open() of one file even within one process).
+_held_locks: dict[Path, list[int]] = {}
+
+
+def lock_file_for(path: str | os.PathLike, folder: bool = True) -> Path:
+    """The lock file of an output: ``PATH/.speech2face.lock`` for a folder; for a single
+    output file, ``.NAME.lock`` beside it (a file has no inside)."""
+    path = Path(os.path.abspath(path))
+    return path / LOCK_NAME if folder else path.parent / f".{path.name}.lock"
+
+
+def output_entries(folder: str | os.PathLike) -> list[Path]:
+    """What an output folder holds, without its lock file (empty for a missing folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, folder: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the output ``path`` (a folder, or one file with
+    ``folder=False``) while writing it.
+
+    A second writer stops at once with ``Speech2FaceError("another run is writing PATH
+    (pid N)")``. The lock is an ``fcntl.flock`` on :func:`lock_file_for`, which the kernel
+    drops when a process dies: a killed run's lock file does not block the next run. The
+    folder is made if missing; when the run leaves it holding nothing but the lock, the
+    folder (and any parents made for it) is removed again, as is the lock file of a
+    single-file output. Re-entrant within a process.
+    """
+    from speech2face.errors import Speech2FaceError
+
+    key = Path(os.path.abspath(path))
+    if key in _held_locks:
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    lock = lock_file_for(key, folder)
+    made = [p for p in reversed(lock.parents) if not p.exists()]
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise Speech2FaceError(path, f"cannot create the output folder ({error.strerror})") \
+            from None
+    fd = _acquire(lock, path, made)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = [fd, 1]
+    remove_stale_temps(key, folder)
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        if not folder or (made and not output_entries(lock.parent)):
+            # Unlinked while still held: a process that opened this file and waits for it
+            # finds, once it gets it, that the name is gone, and starts again (_acquire).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+        os.close(fd)
+        _remove_empty(made)
+
+
+def _acquire(lock: Path, path, made: list[Path]) -> int:
+    """Open and flock ``lock`` (not waiting); the descriptor, or the one-line error."""
+    from speech2face.errors import Speech2FaceError
+
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+        except OSError as error:
+            _remove_empty(made)
+            raise Speech2FaceError(lock, f"cannot create the lock file ({error.strerror})") \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise Speech2FaceError(
+                None, f"another run is writing {path} (pid {owner or 'unknown'})") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder before us removed it after our open: take the new one
+
+
+# Our temporary files and folders are ".NAME.<8 random characters>.tmp" (tempfile's
+# mkstemp and mkdtemp, in staged_writes and temp_dir_beside; "old-" in replace_dir).
+_TEMP = r"(old-)?[a-z0-9_]{8}\.tmp"
+
+
+def remove_stale_temps(path: Path, folder: bool = True, depth: int = 2) -> None:
+    """Remove the temporary files and folders that killed runs left in the output ``path``.
+
+    Looks beside ``path`` for its own temporary names, and in the folder ``path`` and its
+    sub-folders (``depth`` levels, enough for RUN/checkpoints and the like) for any of
+    ours. Call it holding the output's lock: then no live run is writing them.
+    """
+    path = Path(path)
+    mine = re.compile(rf"\.{re.escape(path.name)}\.{_TEMP}")
+    ours = re.compile(rf"\..+\.{_TEMP}")
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+             if mine.fullmatch(p.name)]
+    level = [path] if folder else []
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            try:
+                entries = list(os.scandir(parent))
+            except OSError:
+                continue
+            for entry in entries:
+                if ours.fullmatch(entry.name):
+                    stale.append(Path(entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    below.append(Path(entry.path))
+        level = below
+    for item in stale:
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                item.unlink()
+
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` onto ``out``, which is missing or holds nothing
+    but the lock of :func:`output_lock` (held by this process): the lock file moves into
+    ``tmp`` first (the same file, so still locked), and goes on guarding ``out``."""
+    from speech2face.errors import Speech2FaceError
+
+    tmp, out = Path(tmp), Path(out)
+    lock = out / LOCK_NAME
+    if lock.exists():
+        os.replace(lock, tmp / LOCK_NAME)
+        try:
+            out.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:  # another process made a new lock file in the moment between
+            raise Speech2FaceError(out, "another run started writing here meanwhile") from None
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        raise Speech2FaceError(out, "another run started writing here meanwhile") from None
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` that are empty, deepest first; keep the others."""
+    for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -66,7 +66,7 @@ from speech2face.data.shards import (
     _encode_jpeg,
 )
 from speech2face.errors import DataError, Speech2FaceError
-from speech2face.utils import atomic_write
+from speech2face.utils import atomic_write, output_entries
 
 SAMPLES_PER_SHARD = 1000  # ~150 MB shards: 6 s of FLAC is ~100-150 kB, a crop ~15 kB
 CROPS_PER_SAMPLE = 1
@@ -492,7 +492,7 @@ def prepare(
             )
         state = saved["state"]
     elif (
-        out.is_dir() and any(p for p in out.iterdir() if p.name != PARTS_DIR) and not parts.is_dir()
+        any(p for p in output_entries(out) if p.name != PARTS_DIR) and not parts.is_dir()
     ):
         raise DataError(out, "output folder exists, is not empty and is not a prepare output")
     prefix = "" if num_shards == 1 else f"p{shard_index:05d}-"
@@ -787,6 +787,16 @@ def add_prepare_arguments(parser) -> None:
         action="store_true",
         help="only merge the finished parts' manifests into manifest.json",
     )
+
+
+def prepare_output(args) -> tuple[Path, bool]:
+    """What a prepare run locks (``cli.main``): the whole ``--out``, except one machine's
+    part of a cluster run (``--num-shards`` > 1), since the other machines write their
+    parts into the same folder at the same time."""
+    out = Path(args.out)
+    if args.num_shards > 1 and not args.merge:
+        return out / PARTS_DIR / _part_name(args.shard_index, args.num_shards), False
+    return out, True
 
 
 def prepare_command(args) -> int:

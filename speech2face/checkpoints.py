@@ -1,0 +1,155 @@
+"""A training checkpoint read back and checked before any of it is restored.
+
+A checkpoint folder (``RUN/checkpoints/step-NNNNNNNN``, written by
+``train.save_checkpoint``) is a model bundle plus ``optimizer.safetensors``,
+``rng.safetensors`` and ``state.json``. ``--resume`` trusts none of it: every value is
+held to what this run's model, Adam optimiser and StepLR scheduler expect before
+anything is applied, so a damaged or edited checkpoint stops the run with one line
+naming the file (exit 2), instead of a KeyError from deep inside torch or a run that
+continues half-restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from speech2face.errors import DataError
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+MAX_STATE_BYTES = 64 << 20  # state.json holds settings and scalars: kilobytes, not gigabytes
+# Adam's per-parameter state (torch.optim.Adam); ``max_exp_avg_sq`` only with amsgrad.
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _bad(file: Path, problem: str) -> DataError:
+    return DataError(file, f"{problem}; remove {file.parent.name} to resume from the "
+                           f"checkpoint before it")
+
+
+def read_state(folder: Path) -> dict:
+    """``state.json`` of a checkpoint folder: a UTF-8 JSON object with the loop's fields."""
+    file = folder / STATE_FILE
+    try:
+        if file.stat().st_size > MAX_STATE_BYTES:
+            raise _bad(file, "too large for a checkpoint state")
+        state = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise _bad(file, f"cannot read the checkpoint state ({error})") from None
+    if not isinstance(state, dict):
+        raise _bad(file, f"must hold a JSON object, not {type(state).__name__}")
+    for key, low, optional in (("step", 0, False), ("epoch", 0, False),
+                               ("epoch_step", 0, False), ("world_size", 1, False),
+                               ("best_step", 0, True)):
+        value = state.get(key)
+        if value is None and optional:
+            continue
+        if not _whole(value) or value < low:
+            raise _bad(file, f"{key} must be a whole number >= {low}, got {value!r:.40}")
+    for key in ("best_val_loss", "val_loss"):  # NaN is possible: a diverged validation
+        value = state.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise _bad(file, f"{key} must be a number or null, got {state[key]!r:.40}")
+    for key in ("optimizer", "scheduler"):
+        if not isinstance(state.get(key), dict):
+            raise _bad(file, f"{key} must be a JSON object")
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise _bad(file, "scaler must be a JSON object or null")
+    return state
+
+
+def check_checkpoint(folder: Path, state: dict, optimizer_tensors: dict[str, torch.Tensor],
+                     rng: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                     scheduler, rank: int) -> str:
+    """Hold a checkpoint's optimiser, scheduler and RNG state to this run's; returns the
+    key of the RNG state to restore (this process's, else rank 0's)."""
+    _check_optimizer(folder / STATE_FILE, folder / OPTIMIZER_FILE, state["optimizer"],
+                     optimizer_tensors, optimizer)
+    _like(folder / STATE_FILE, "scheduler", state["scheduler"], scheduler.state_dict())
+    file = folder / RNG_FILE
+    key = f"cpu.rank{rank}" if f"cpu.rank{rank}" in rng else "cpu.rank0"
+    want = torch.get_rng_state()
+    if key not in rng:
+        raise _bad(file, f"has no {key} random-generator state")
+    if rng[key].dtype != want.dtype or rng[key].shape != want.shape:
+        raise _bad(file, f"{key} is not a CPU random-generator state "
+                         f"({rng[key].dtype} {tuple(rng[key].shape)})")
+    return key
+
+
+def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
+                     tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    fresh = optimizer.state_dict()["param_groups"]
+    groups = meta.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(fresh):
+        raise _bad(state_file, f"optimizer.param_groups must be a list of {len(fresh)} "
+                               f"group(s), got {groups!r:.40}")
+    for i, (group, own) in enumerate(zip(groups, fresh, strict=True)):
+        _like(state_file, f"optimizer.param_groups[{i}]", group, own)
+        if group["params"] != own["params"]:
+            raise _bad(state_file, f"optimizer.param_groups[{i}] holds other parameters than "
+                                   f"this model's")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    scalars = meta.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(_number(v) for v in scalars.values()):
+        raise _bad(state_file, "optimizer.scalars must map names to numbers")
+    names: dict[int, set[str]] = {}
+    for key in [*tensors, *scalars]:
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params):
+            raise _bad(tensor_file, f"names state {key!r:.40} of no parameter of this model")
+        names.setdefault(int(index), set()).add(name)
+    amsgrad = any(group.get("amsgrad") for group in fresh)
+    expected = {*ADAM_STATE, *(("max_exp_avg_sq",) if amsgrad else ())}
+    for index, found in names.items():
+        if found != expected:
+            raise _bad(tensor_file, f"parameter {index} has optimizer state {sorted(found)}, "
+                                    f"expected {sorted(expected)}")
+    for key, tensor in tensors.items():
+        index, _, name = key.partition(".")
+        want = (1,) if name == "step" else tuple(params[int(index)].shape)
+        shape_ok = tensor.numel() == 1 if name == "step" else tuple(tensor.shape) == want
+        if not shape_ok:
+            raise _bad(tensor_file, f"{key} has shape {tuple(tensor.shape)}, this model's "
+                                    f"parameter needs {want}")
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise _bad(tensor_file, f"{key} is not finite floating-point state")
+
+
+def _like(file: Path, where: str, value, own) -> None:
+    """Refuse ``value`` (from JSON) unless it has ``own``'s keys and kinds of values."""
+    if not isinstance(value, dict):
+        raise _bad(file, f"{where} must be a JSON object")
+    missing = sorted(set(own) - set(value))
+    if missing:
+        raise _bad(file, f"{where} lacks {missing[:3]}")
+    for key, mine in own.items():
+        if not _same_kind(value[key], mine):
+            raise _bad(file, f"{where}.{key} must be like {mine!r:.30}, got {value[key]!r:.30}")
+
+
+def _same_kind(value, mine) -> bool:
+    if isinstance(mine, bool) or mine is None:
+        return value is None or isinstance(value, bool)
+    if isinstance(mine, (int, float)):
+        return _number(value)
+    if isinstance(mine, (list, tuple)):
+        return isinstance(value, list) and len(value) == len(mine) and \
+            all(_same_kind(v, m) for v, m in zip(value, mine, strict=True))
+    if isinstance(mine, str):
+        return isinstance(value, str)
+    return True
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
