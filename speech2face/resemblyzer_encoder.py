@@ -205,7 +205,11 @@ class ResemblyzerEncoder(nn.Module):
         if pretrained:
             self.speaker.load_state_dict(load_speaker_weights())
         self.speaker.requires_grad_(False)  # a fixed, pretrained front end
-        self.register_buffer("mel_basis", mel_filterbank(), persistent=False)
+        # A constant, computed on the CPU even when the model is sized on the meta device
+        # (model.check_bundle_weights), where its .item() calls cannot run.
+        with torch.device("cpu"):
+            mel_basis = mel_filterbank()
+        self.register_buffer("mel_basis", mel_basis, persistent=False)
         self.register_buffer("window_energy", torch.hann_window(WIN_LENGTH).pow(2).sum(),
                              persistent=False)
         widths = (EMBEDDING_DIM, *config.hidden_dims)
