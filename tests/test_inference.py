@@ -14,6 +14,7 @@ from PIL import Image
 from speech2face import inference
 from speech2face.cli import main
 from speech2face.errors import AudioError, WeightsError
+from speech2face.utils import output_entries
 
 RATE = 16_000
 FEATURE_DIM = 16
@@ -174,7 +175,7 @@ def test_cli_writes_faces_and_landmarks(tmp_path, audio_files, bundle, capsys):
                  "--model", str(bundle), "--landmarks"])
     assert code == 0
     # Two inputs named "speech": their suffixes keep them apart rather than overwriting.
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in output_entries(out))  # all but the run's lock file
     assert names == ["speech_mp4.landmarks.json", "speech_mp4.landmarks.png", "speech_mp4.png",
                      "speech_ogg.landmarks.json", "speech_ogg.landmarks.png", "speech_ogg.png"]
     with Image.open(out / "speech_ogg.png") as image:
