@@ -257,6 +257,7 @@ WRITERS = {
     "reconstruct": ["reconstruct", "a.wav"],
     "demo": ["demo"],
     "compare": ["compare", "a=b"],  # -o names a Markdown file: locked beside it
+    "download": ["download", "avspeech", "--csv", "a.csv"],
 }
 FILE_WRITERS = {"compare"}
 
@@ -295,7 +296,7 @@ def test_every_writing_command_has_an_out_option():
 def test_second_writer_stops_at_once(held, capfd, tmp_path):
     out, pid, command = held
     before = sorted(tmp_path.rglob("*"))
-    assert_refused([*WRITERS[command], "-o", out], capfd,
+    assert_refused([*WRITERS[command], "--out", out], capfd,
                    f"another run is writing {out} (pid {pid})")
     assert sorted(tmp_path.rglob("*")) == before
 
