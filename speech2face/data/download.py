@@ -701,16 +701,6 @@ def download_avspeech(
 # ================================================================================== CLI
 
 
-def download_output(args) -> tuple[Path, bool]:
-    """What a download run locks (``cli.main``): the whole ``--out``, except one job of a
-    job array (``--num-shards`` > 1), since the other jobs fill the same folder at the
-    same time, each with its own videos."""
-    out = Path(args.out)
-    if args.num_shards > 1:
-        return out / f"job-{args.shard_index:05d}-of-{args.num_shards:05d}", False
-    return out, True
-
-
 def add_download_arguments(parser) -> None:
     parser.add_argument("dataset", choices=["avspeech"], help="the dataset to fetch")
     parser.add_argument(
