@@ -116,7 +116,7 @@ def _ms(t: dict) -> str:
 
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
-    rounds = 3 if quick else 7
+    rounds = 3 if quick else 5
     n_clips = 4 if quick else 12
     rows, details = [], {}
     with tempfile.TemporaryDirectory() as tmp:

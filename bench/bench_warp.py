@@ -224,7 +224,7 @@ def _ms(t: dict) -> str:
 
 
 def run(quick: bool, with_tf: bool = False) -> dict:
-    repeats = 3 if quick else 11
+    repeats = 3 if quick else 7
     threads = max(2, torch.get_num_threads())
     inputs = warp_inputs()
     image, source, dest, weights = inputs
