@@ -606,6 +606,9 @@ class Recognizer:
         self.name = name
         self.metric = RECOGNIZER_METRIC[name]
         self.encoder = load_face_encoder(name, weights=weights)
+        # True when the shards' face features came from this very recognizer (dlib: its
+        # weights are fixed), so a true face's embedding is its shard feature.
+        self.made_features = False
 
     @staticmethod
     def _check_dlib() -> None:
@@ -715,8 +718,11 @@ class _Collector:
         if need_canon:
             canon_images = to_uint8_images(canon.image)
         if self.recognizer is not None:
-            for name, images in (("face_emb", faces), ("rec_emb", recon_images),
-                                 ("can_emb", canon_images)):
+            # Shards made with this recognizer hold its embedding of these very crops
+            # (prepare embeds the stored JPEG; equal to the last bit): not computed twice.
+            self.parts["face_emb"].append(self.parts["true"][-1] if self.recognizer.made_features
+                                          else self.recognizer(faces))
+            for name, images in (("rec_emb", recon_images), ("can_emb", canon_images)):
                 self.parts[name].append(self.recognizer(images))
         if self.classifier is not None:
             for store, images in ((0, faces), (1, recon_images)):
@@ -1053,6 +1059,11 @@ def evaluate(
     loaded = resolve_model(model).to(device)
     if isinstance(recognizer, str):
         recognizer = Recognizer(recognizer, recognizer_weights)
+    if recognizer is not None:
+        from speech2face.data import load_manifest
+
+        recognizer.made_features = recognizer.name == "dlib" and \
+            load_manifest(data).get("encoder") == "dlib"
     out = Path(out)
     partial = out.parent / f".{out.name}.partial"
     key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,

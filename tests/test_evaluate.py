@@ -480,3 +480,38 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, mon
     assert len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_collector_reuses_shard_features_made_by_the_recognizer(tmp_path):
+    import torch
+
+    from speech2face.model import load_model
+
+    model = load_model(_tiny_bundle(tmp_path / "model"))
+    calls = []
+
+    class Fake:
+        name, metric = "dlib", "l2"
+
+        def __init__(self, made_features):
+            self.made_features = made_features
+
+        def __call__(self, images):
+            calls.append(len(images))
+            return np.full((len(images), 3), 7.0, dtype=np.float32)
+
+    torch.manual_seed(1)
+    batch = {"spectrogram": torch.randn(2, 2, 300, 257), "feature": torch.randn(2, 16),
+             "face": torch.rand(2, 3, 224, 224), "identity_index": torch.tensor([0, 1]),
+             "meta": [{"identity": "a", "gender": "f"}, {"identity": "b", "gender": "m"}]}
+    for made, expected_calls in ((True, 2), (False, 3)):
+        calls.clear()
+        collector = ev._Collector(attributes=False, grid_rows=1, recognizer=Fake(made))
+        with torch.inference_mode():  # as collect() runs it
+            collector.add(model, batch)
+        c = collector.result()
+        assert len(calls) == expected_calls
+        expected = batch["feature"].numpy() if made else np.full((2, 3), 7.0)
+        np.testing.assert_array_equal(c.face_embeddings, expected)
+        assert c.recon_embeddings.shape == c.canon_embeddings.shape == (2, 3)
+        assert c.meta_genders == ["female", "male"] and len(c.grid) == 1
