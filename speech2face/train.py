@@ -90,6 +90,10 @@ class TrainConfig:
 
     # Model sizes of the voice encoder and face decoder: "paper" or "tiny" (tests, CPU demos).
     preset: str = "paper"
+    # The voice encoder of stage 2, built by build_voice_encoder: "paper" is the network of
+    # paper Table 1 (sized by `preset`); "resemblyzer" the pretrained-speaker-embedding
+    # baseline (speech2face.resemblyzer_encoder). Other names are registered there.
+    encoder: str = "paper"
     # Optimiser steps in all (the run ends there; --resume with a larger value continues).
     steps: int = 100_000
     # Samples per optimiser step, over all processes and accumulation steps, so the
@@ -1138,6 +1142,35 @@ def _preset(cls, config: TrainConfig, dim: int):
     return cls.tiny(dim) if config.preset == "tiny" else cls.paper(dim)
 
 
+def _paper_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
+    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
+    return VoiceEncoder(_preset(VoiceEncoderConfig, config, feature_dim))
+
+
+def _resemblyzer_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
+    from speech2face.resemblyzer_encoder import ResemblyzerEncoder, ResemblyzerEncoderConfig
+
+    return ResemblyzerEncoder(ResemblyzerEncoderConfig(output_dim=feature_dim))
+
+
+# config.encoder -> builder(config, feature_dim) of the stage-2 voice encoder: spectrogram
+# (B, 2, T, 257) in, (B, feature_dim) face feature out. Register a new encoder here.
+VOICE_ENCODERS: dict[str, Callable[[TrainConfig, int], nn.Module]] = {
+    "paper": _paper_voice_encoder,
+    "resemblyzer": _resemblyzer_voice_encoder,
+}
+
+
+def build_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
+    """The voice encoder ``config.encoder`` names, predicting ``feature_dim``-D features."""
+    builder = VOICE_ENCODERS.get(config.encoder)
+    if builder is None:
+        raise ConfigError(None, f"encoder: unknown voice encoder {config.encoder!r}; known: "
+                                f"{', '.join(sorted(VOICE_ENCODERS))}")
+    return builder(config, feature_dim)
+
+
 def _manifest(data: Path) -> dict:
     from speech2face.data import load_manifest
 
@@ -1204,7 +1237,6 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
     (only its shape is needed here; :func:`fit` loads the weights).
     """
     from speech2face.model import load_model
-    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
 
     data = Path(data)
     manifest = _manifest(data)
@@ -1215,7 +1247,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
                                          f"{base.face_encoder_name} features but the shards "
                                          f"hold {dim}-D {manifest['encoder']} features")
     torch.manual_seed(config.seed)
-    voice = VoiceEncoder(_preset(VoiceEncoderConfig, config, dim))
+    voice = build_voice_encoder(config, dim)
     classifier = base.classifier
     if classifier is None and checkpoint is not None:
         saved = json.loads((checkpoint / CONFIG_NAME).read_text())
@@ -1259,6 +1291,8 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
     config = config or TrainConfig.paper()
     data, out = Path(data), Path(out)
     _check_fresh(out, resume)
+    if config.encoder not in VOICE_ENCODERS:
+        build_voice_encoder(config, 0)  # the error, before anything is read or fitted
     placement = init_distributed(config.device)
     checkpoint = latest_checkpoint(out) if resume else None
     stage = voice_stage(data, decoder, config, checkpoint, progress)

@@ -139,3 +139,15 @@ def test_bundle_round_trip_needs_no_resemblyzer_file(tmp_path, monkeypatch):
     spec = spectrogram(_voice(2.0))[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict_features(spec), model.predict_features(spec))
+
+
+def test_selected_in_training_as_encoder_resemblyzer():
+    from speech2face.errors import ConfigError
+    from speech2face.train import build_voice_encoder, load_config
+
+    config = load_config(overrides=["preset=tiny", "encoder=resemblyzer"], stage="voice")
+    assert config.encoder == "resemblyzer"
+    encoder = build_voice_encoder(config, 16)
+    assert isinstance(encoder, rz.ResemblyzerEncoder) and encoder.config.output_dim == 16
+    with pytest.raises(ConfigError, match="unknown voice encoder 'nope'"):
+        build_voice_encoder(load_config(overrides=["encoder=nope"], stage="voice"), 16)
