@@ -20,6 +20,7 @@ voice-to-face mapping where one exists, not how well it does on real people.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -52,11 +53,37 @@ VOICE_OVERRIDES = {"batch_size": 8, "lr": 2e-3, "lr_decay_steps": 100_000,
                    "log_every": 10}
 RECONSTRUCTIONS = 6  # held-out speakers whose audio files are turned into faces in the report
 
-NOTICE = ("Results on generated data (`speech2face demo`): synthetic voices and warped "
-          "photographs of one face that share hidden per-speaker attributes. They show that "
-          "the pipeline learns a voice-to-face mapping where one exists; they say nothing "
-          "about real speakers. Gender and age agreement mean nothing here: every face is "
-          "a warp of the same woman's photograph.")
+MIN_SPEAKERS = 8  # a quarter held out: at least two test speakers to compare
+MAX_SPEAKERS = 1000  # a CPU demo; bigger generated corpora: make-demo-data + prepare + train
+
+NOTICE = ("Results on generated data (`speech2face demo`): synthetic voices, and faces made "
+          "from one public-domain photograph, edited for gender, age, build and skin tone, "
+          "that share hidden per-speaker attributes with the voices. They show that the "
+          "pipeline learns a voice-to-face mapping where one exists; they say nothing about "
+          "real speakers.")
+
+# The numbers the demo prints beside the documented band: (label, path into metrics.json,
+# unit, the run's own reference as (name, path or constant)).
+REPORTED = (
+    ("cosine R@1, M = 10", ("retrieval", "cosine", "1", "mean"), "%",
+     ("chance", ("retrieval", "cosine", "1", "chance"))),
+    ("angle v_s to v_f", ("feature_similarity", "angle_deg", "mean"), " deg",
+     ("shuffled pairs", ("feature_similarity_shuffled", "angle_deg", "mean"))),
+    ("gender agreement", ("attributes", "gender", "agreement"), "%", ("chance", 50.0)),
+    ("decoder identification", ("decoder_identification", "identities_rate"), "%",
+     ("chance", ("decoder_identification", "chance"))),
+    ("craniofacial r (mean of 11)", ("craniofacial", "mean", "r"), "",
+     ("shuffled pairs", ("craniofacial", "mean", "shuffled"))),
+)
+# The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
+# `make demo` (docs/results.md has the runs and the commands).
+BAND = {
+    "cosine R@1, M = 10": None,
+    "angle v_s to v_f": None,
+    "gender agreement": None,
+    "decoder identification": None,
+    "craniofacial r (mean of 11)": None,
+}
 
 
 @dataclass
@@ -91,6 +118,18 @@ class _Stages:
         self.log(f"[{self.done}/{self.total}] {what}: {self.seconds[name]:.1f} s "
                  f"({self.cpu[name]:.1f} s CPU)")
         return result
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cpu_seconds() -> float:
@@ -254,49 +293,57 @@ def run_demo(
     from speech2face.model import load_model
     from speech2face.train import train_decoder, train_voice
 
-    if speakers < 8:
-        raise DataError(None, f"the demo needs at least 8 speakers, got {speakers}")
+    if not MIN_SPEAKERS <= speakers <= MAX_SPEAKERS:
+        raise DataError(None, f"--speakers must be between {MIN_SPEAKERS} and {MAX_SPEAKERS} "
+                              f"(a CPU demo), got {speakers}")
     log = log or (lambda message: print(message, flush=True))
     out = Path(out)
+    _check_out_writable(out)
     settings = {"speakers": speakers, "seed": seed, "decoder_steps": decoder_steps,
                 "voice_steps": voice_steps, "corpus_options": corpus_options or {},
                 "train_overrides": train_overrides or {}}
     if _prepare_out(out, settings, fresh):
         log(f"resuming the demo in {out} (same settings; --fresh starts over)")
-    torch.manual_seed(seed)
     stages = _Stages(6, log)
-    workers = min(2, os.cpu_count() or 1)
-    corpus = out / "corpus"
-    if (corpus / "demo_attributes.json").is_file():  # written last, renamed into place
-        log(f"[1/6] corpus of {speakers} speakers: already generated")
-        stages.done += 1
-    else:
-        stages.run("corpus", f"generating {speakers} speakers", make_demo_data, corpus,
-                   speakers=speakers, seed=seed, progress=progress,
-                   **{"workers": workers, **(corpus_options or {})})
-    shards = out / "shards"
-    stages.run("prepare", "preparing shards (faces, landmarks, features)", prepare,
-               "voxceleb1", corpus, shards, workers=workers,
-               progress=progress)
-    stages.run("decoder", f"training the face decoder ({decoder_steps} steps)", train_decoder,
-               shards, out / "runs" / "decoder",
-               _train_config(decoder_steps, {**DECODER_OVERRIDES, **(train_overrides or {})}, seed),
-               resume=True, progress=progress)
-    stages.run("voice", f"training the voice encoder ({voice_steps} steps)", train_voice,
-               shards, out / "runs" / "decoder", out / "runs" / "voice",
-               _train_config(voice_steps, {**VOICE_OVERRIDES, **(train_overrides or {})}, seed),
-               resume=True, progress=progress)
-    bundle = out / "runs" / "voice" / "model"
-    report = out / "report"
+    # One intra-op thread throughout: the models are tiny, and on a shared machine two
+    # OpenMP threads spin-wait for each other (5-10x slower, the CPU time inflated by the
+    # spinning); one thread also keeps the numbers the same whatever the machine's load.
+    # Data preparation still runs `workers` processes.
+    with _torch_threads(1):
+        torch.manual_seed(seed)
+        workers = min(2, os.cpu_count() or 1)
+        corpus = out / "corpus"
+        if (corpus / "demo_attributes.json").is_file():  # written last, renamed into place
+            log(f"[1/6] corpus of {speakers} speakers: already generated")
+            stages.done += 1
+        else:
+            stages.run("corpus", f"generating {speakers} speakers", make_demo_data, corpus,
+                       speakers=speakers, seed=seed, progress=progress,
+                       **{"workers": workers, **(corpus_options or {})})
+        shards = out / "shards"
+        stages.run("prepare", "preparing shards (faces, landmarks, features)", prepare,
+                   "voxceleb1", corpus, shards, workers=workers,
+                   progress=progress)
+        overrides = train_overrides or {}
+        stages.run("decoder", f"training the face decoder ({decoder_steps} steps)",
+                   train_decoder, shards, out / "runs" / "decoder",
+                   _train_config(decoder_steps, {**DECODER_OVERRIDES, **overrides}, seed),
+                   resume=True, progress=progress)
+        stages.run("voice", f"training the voice encoder ({voice_steps} steps)", train_voice,
+                   shards, out / "runs" / "decoder", out / "runs" / "voice",
+                   _train_config(voice_steps, {**VOICE_OVERRIDES, **overrides}, seed),
+                   resume=True, progress=progress)
+        bundle = out / "runs" / "voice" / "model"
+        report = out / "report"
 
-    def evaluate_and_reconstruct() -> dict:
-        model = load_model(bundle)
-        extra, files = _held_out_faces(corpus, shards, model, reconstructions)
-        return evaluate(model, shards, report, title="Speech2Face demo on generated data",
-                        notice=NOTICE, extra=extra, extra_files=files, progress=progress)
+        def evaluate_and_reconstruct() -> dict:
+            model = load_model(bundle)
+            extra, files = _held_out_faces(corpus, shards, model, reconstructions)
+            return evaluate(model, shards, report, title="Speech2Face demo on generated data",
+                            notice=NOTICE, extra=extra, extra_files=files, progress=progress)
 
-    metrics = stages.run("evaluate", "evaluating and reconstructing held-out speakers",
-                         evaluate_and_reconstruct)
+        metrics = stages.run("evaluate", "evaluating and reconstructing held-out speakers",
+                             evaluate_and_reconstruct)
     installed = None
     if install:
         installed = stages.run("install", "installing the model for `speech2face reconstruct`",
@@ -306,11 +353,57 @@ def run_demo(
     from speech2face.report import summary
 
     log(summary(metrics))
+    for line in band_lines(metrics):
+        log(line)
     log(f"demo finished in {seconds['total']:.0f} s ({seconds['cpu']['total']:.0f} s CPU); "
         f"report: {report / 'report.md'}")
     if installed is not None:
         log(f"model installed at {installed}; try: speech2face reconstruct CLIP.wav -o faces/")
     return DemoResult(report=report, model=bundle, metrics=metrics, seconds=seconds)
+
+
+def _lookup(metrics: dict, path) -> float | None:
+    value = metrics
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def band_lines(metrics: dict) -> list[str]:
+    """This run's headline numbers beside the documented band over seeds 0, 1, 2."""
+    digits = lambda unit: 2 if unit == "" else 1  # noqa: E731  (r vs % and degrees)
+    lines = ["this run beside the documented band (seeds 0, 1, 2; docs/results.md):",
+             f"  {'metric':<28} {'this run':>10}   {'band: mean (min-max)':<24} reference"]
+    for label, path, unit, (ref_name, ref) in REPORTED:
+        value = _lookup(metrics, path)
+        if value is None:
+            continue
+        d = digits(unit)
+        band = BAND.get(label)
+        band_text = f"{band[0]:.{d}f}{unit} ({band[1]:.{d}f}-{band[2]:.{d}f})" if band else "-"
+        ref_value = ref if isinstance(ref, float) else _lookup(metrics, ref)
+        ref_text = "" if ref_value is None else f"{ref_name} {ref_value:.{d}f}{unit}"
+        lines.append(f"  {label:<28} {value:>8.{d}f}{unit:<2}   {band_text:<24} {ref_text}")
+    return lines
+
+
+def _check_out_writable(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that cannot be written (a read-only folder or
+    file system): the demo must not stop half-way with a traceback."""
+    import tempfile
+
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(out, "cannot be created: a file is in the way")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise DataError(out, f"cannot write in {folder} ({error.strerror or error})") from None
 
 
 # --------------------------------------------------------------------------- CLI

@@ -8,13 +8,23 @@ gender). The same latents drive
   breathiness, vowel formants scaled by the speaker's vocal-tract length, syllables at
   the speaker's speaking rate; and
 * the **face**: one real public-domain photograph (``assets/face.jpg``, NASA's portrait
-  of Eileen Collins, see ``assets/README.md``) warped with the project's own sparse
-  image warp (:func:`speech2face.warp.sparse_image_warp`) on its 68 landmarks: face
-  width, jaw, chin, eye spacing and size, brows, nose length and width, mouth width and
-  height; plus skin tone and illumination.
+  of Eileen Collins, see ``assets/README.md``) made into each speaker's face in two
+  steps. Its 68 landmarks are moved and the photograph warped with the project's own
+  sparse image warp (:func:`speech2face.warp.sparse_image_warp`): face width (build),
+  jaw, chin, eye spacing and size, brows, nose, mouth. Then traits a person sees at a
+  glance are painted within masks made from the warped landmarks: **gender** (long hair
+  past the shoulders and lipstick for women; short hair, heavier brows and stubble to a
+  full beard for men), **age** (grey hair, wrinkles, sallow skin), **skin tone** (light
+  to dark brown) and hair colour (dark to fair).
 
-So the voice-to-face mapping is learnable, and dlib's detector, shape predictor and
-face embedder work on the faces because they are a real face, geometrically edited.
+A low, slow, breathy voice belongs to a big, older man with a wide face, a beard and
+grey hair; a high, fast one to a young woman with long hair. dlib's detector, shape
+predictor and face embedder work on every face because it is a real face, edited where
+a face varies; the embedding tells gender, skin tone, hair colour and age apart (the
+tests check it). Every picture is generated: no photograph of anyone but the one
+bundled public-domain portrait is used, and every frame says so in its JPEG comment
+(``GENERATED_LABEL``).
+
 Per video the face gets a small pose and lighting jitter, per frame a smaller one; each
 clip is a different utterance, some shorter and some longer than 6 s.
 
@@ -33,6 +43,7 @@ Everything is a deterministic function of ``seed``.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -53,6 +64,10 @@ CLIPS_PER_VIDEO = (2, 4)  # inclusive range
 FRAMES_PER_VIDEO = 3
 CLIP_SECONDS_RANGE = (3.0, 9.0)  # utterance lengths: some shorter, some longer than 6 s
 N_LATENTS = 5  # hidden attributes per speaker besides gender
+GENERATED_LABEL = (
+    "Generated face (speech2face make-demo-data): an edit of NASA's public-domain portrait "
+    "of Eileen Collins (S94-42431), not a photograph of a person."
+)
 FACE_LIMIT = 1.6  # face-shape parameters saturate softly at this many units
 TEST_FRACTION = 0.25  # of the speakers, held out for testing (at least one)
 VAL_FRACTION = 0.1  # of the speakers, for validation (at least one with >= 3 speakers)
@@ -119,11 +134,14 @@ class Speaker:
 
 
 def speaker_attributes(latent: np.ndarray, gender: str) -> tuple[dict, dict]:
-    """Map a speaker's latents to voice parameters and face-shape parameters.
+    """Map a speaker's latents to voice parameters and face parameters.
 
-    latent: ``(N_LATENTS,)`` standard normal. Every face parameter depends on latents
-    that also change the voice, with large effects on both sides, so a voice encoder
-    can infer the face. Returns ``(voice, face)`` dicts of floats.
+    latent: ``(N_LATENTS,)`` standard normal. The latents play the parts of body size
+    (``a[0]``), expressiveness (``a[1]``), vocal-tract length (``a[2]``), youth (``a[3]``,
+    fast speech) and age (``a[4]``, breathy voice); every face parameter depends on
+    latents that also change the voice, with large effects on both sides, so a voice
+    encoder can infer the face: a low, slow, breathy voice belongs to a big, older man.
+    Returns ``(voice, face)`` dicts of floats.
     """
     a = np.asarray(latent, dtype=np.float64)
     g = 1.0 if gender == "m" else -1.0
@@ -140,20 +158,31 @@ def speaker_attributes(latent: np.ndarray, gender: str) -> tuple[dict, dict]:
     # Soft limit: extreme warps (beyond about two standard deviations) stop looking like
     # a face to dlib's HOG detector.
     clip = lambda v: float(FACE_LIMIT * np.tanh(v / FACE_LIMIT))  # noqa: E731
+    unit = lambda v: float(1.0 / (1.0 + np.exp(-v)))  # noqa: E731  (0..1)
+    age = (a[4] - a[3]) / np.sqrt(2.0)  # slow, breathy speech: older
+    build = (a[0] + a[2]) / np.sqrt(2.0)  # low pitch and formants: a bigger person
     face = {
-        "width": clip(0.6 * g + 0.6 * a[2]),
-        "jaw": clip(0.5 * g + 0.7 * a[0]),
+        # Geometry (landmark warp).
+        "width": clip(0.5 * g + 0.9 * build),
+        "jaw": clip(0.7 * g + 0.6 * a[0]),
         "chin": clip(0.8 * a[2] - 0.3 * g),
-        "eye_spacing": clip(0.9 * a[4]),
-        "eye_size": clip(-0.5 * g + 0.8 * a[1]),
-        "brows": clip(-0.5 * g + 0.6 * a[1]),
-        "nose_length": clip(0.9 * a[0]),
-        "nose_width": clip(0.5 * g + 0.6 * a[4]),
-        "mouth_width": clip(1.0 * a[3]),
-        "mouth_height": clip(0.7 * a[3] - 0.3 * a[1]),
-        # Skin tone: darkness and warmth, from latents that also set pitch and breathiness.
-        "tone": clip(0.7 * a[0] - 0.5 * a[4]),
+        "eye_spacing": clip(0.6 * a[1]),
+        "eye_size": clip(-0.5 * g + 0.6 * a[1] - 0.3 * age),
+        "brows": clip(-0.5 * g + 0.5 * a[1]),
+        "nose_length": clip(0.5 * g + 0.6 * a[0] + 0.3 * age),
+        "nose_width": clip(0.5 * g + 0.6 * build),
+        "mouth_width": clip(0.8 * a[3]),
+        "mouth_height": clip(0.7 * a[3] - 0.3 * a[1] - 0.3 * g),
+        # Age: grey hair, wrinkles, sallow skin (0 young .. 1 old).
+        "age": unit(1.8 * age),
+        # Skin tone (light .. dark) and warmth; hair colour (dark .. fair).
+        "tone": clip(1.1 * a[1] - 0.4 * a[2]),
         "warmth": clip(0.7 * a[3] + 0.3 * g),
+        "hair_light": unit(1.2 * a[2] - 1.0 * a[1]),
+        # Gender: long hair below the shoulders for women, short hair, heavy brows and
+        # a beard (from stubble to full) for men.
+        "hair_length": unit(1.5 * a[1] + 1.0) if g < 0 else 0.0,
+        "beard": 0.25 + 0.75 * unit(1.5 * (a[0] + age)) if g > 0 else 0.0,
     }
     return voice, face
 
@@ -324,10 +353,12 @@ def _filter_stft(signal: np.ndarray, gains: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------- face
 
 
-def base_face() -> tuple[np.ndarray, np.ndarray]:
-    """The bundled photograph resized to ``FRAME_SIZE`` and its landmarks.
+@functools.lru_cache(maxsize=1)
+def base_face() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bundled photograph resized to ``FRAME_SIZE``, its landmarks and hair mask.
 
-    Returns ``(image uint8 (S, S, 3), landmarks float64 (68, 2) (x, y))``, S = FRAME_SIZE.
+    Returns ``(image uint8 (S, S, 3), landmarks float64 (68, 2) (x, y), hair float32
+    (S, S) in [0, 1])``, S = FRAME_SIZE. Cached: every speaker starts from it.
     """
     from PIL import Image
 
@@ -339,9 +370,280 @@ def base_face() -> tuple[np.ndarray, np.ndarray]:
         json.loads((assets / "face_landmarks.json").read_text())["landmarks"], float
     )
     scale = FRAME_SIZE / image.width
-    image = image.resize((FRAME_SIZE, FRAME_SIZE), Image.Resampling.BICUBIC)
+    image = np.asarray(image.resize((FRAME_SIZE, FRAME_SIZE), Image.Resampling.BICUBIC))
     # Pixel centres: x_new + 0.5 = (x_old + 0.5) * scale.
-    return np.asarray(image), (landmarks + 0.5) * scale - 0.5
+    landmarks = (landmarks + 0.5) * scale - 0.5
+    image.flags.writeable = False
+    return image, landmarks, _hair_mask(image, landmarks)
+
+
+def _hair_mask(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """Where the photograph shows hair: float32 (S, S) in [0, 1].
+
+    The backdrop is a light neutral grey and the hair a golden brown, so outside the face
+    (the jaw line closed over the brows) and above the collar, hair is what is yellow
+    enough: blue well below red and green.
+    """
+    rgb = image.astype(np.float32)
+    yellowness = 1.0 - rgb[..., 2] / (0.5 * (rgb[..., 0] + rgb[..., 1]) + 1.0)
+    hair = np.clip((yellowness - 0.15) / 0.1, 0.0, 1.0)
+    size = image.shape[0]
+    face = _polygon_mask(size, _face_outline(landmarks, brow_lift=0.0), blur=2.0)
+    rows = np.arange(size, dtype=np.float32)[:, None]
+    collar = landmarks[_JAW[3], 1]  # below this, the suit and the neck
+    hair = hair * (1.0 - face) * np.clip((collar - rows) / 6.0, 0.0, 1.0)
+    # A little wider than the hair: its anti-aliased edge must not outline a cut.
+    return np.clip(1.5 * _blur(hair, 1.5), 0.0, 1.0)
+
+
+def _face_outline(p: np.ndarray, brow_lift: float) -> np.ndarray:
+    """The face's outline (x, y): jaw line, closed over the brows lifted by ``brow_lift``
+    times the face height."""
+    height = p[_JAW, 1].max() - p[_BROWS, 1].min()
+    top = p[_BROWS[::-1]] - [0.0, brow_lift * height]
+    return np.concatenate([p[_JAW], top])
+
+
+def _polygon_mask(size: int, points: np.ndarray, blur: float = 0.0) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).polygon([tuple(map(float, q)) for q in points], fill=255)
+    out = np.asarray(mask, dtype=np.float32) / 255.0
+    return _blur(out, blur) if blur > 0 else out
+
+
+def _blur(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a float (H, W) array (separable, edges repeated)."""
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = np.asarray(mask, dtype=np.float32)
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], "edge")
+        n = out.shape[axis]
+        out = sum(
+            w * np.take(padded, np.arange(k, k + n), axis=axis) for k, w in enumerate(kernel)
+        ).astype(np.float32)
+    return out
+
+
+def _streaks(shape: tuple[int, int], rng: np.random.Generator, stretch: int) -> np.ndarray:
+    """Hair texture: noise stretched ``stretch`` times along y (strands), ~[0, 1]."""
+    from PIL import Image
+
+    h, w = shape
+    small = rng.standard_normal((max(2, h // stretch), w)).astype(np.float32)
+    big = np.asarray(Image.fromarray(small, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+    return np.clip(0.5 + 0.25 * big, 0.0, 1.0)
+
+
+def _hair_colour(face: dict) -> np.ndarray:
+    """RGB in [0, 1] of a speaker's hair: dark brown to fair, greying with age."""
+    dark, fair = np.array([0.16, 0.10, 0.06]), np.array([0.62, 0.48, 0.28])
+    colour = dark + (fair - dark) * face["hair_light"]
+    grey = np.clip((face["age"] - 0.55) / 0.4, 0.0, 1.0)
+    return colour + (np.array([0.72, 0.72, 0.70]) - colour) * grey
+
+
+def identity_face(
+    base: tuple[np.ndarray, np.ndarray, np.ndarray], face: dict, rng: np.random.Generator
+) -> np.ndarray:
+    """A speaker's face from the base photograph: uint8 ``(S, S, 3)``.
+
+    base: as :func:`base_face` returns it. face: as :func:`speaker_attributes` returns it.
+    rng: draws the textures (hair strands, beard), so a speaker's face is fixed by it.
+    The landmark warp sets the face's shape; then skin tone and age (sallow skin,
+    wrinkles), hair colour and length, brows and beard are painted on, each within a
+    mask made from the warped landmarks.
+    """
+    base_image, base_landmarks, base_hair = base
+    dest = face_landmarks(base_landmarks, face)
+    warped = _warp(np.dstack([base_image / 255.0, base_hair]), base_landmarks, dest)
+    rgb, hair = warped[..., :3], np.clip(warped[..., 3], 0.0, 1.0)
+    size = rgb.shape[0]
+    background = _backdrop(base_image)
+    lum = rgb.mean(-1, keepdims=True)
+
+    # Skin: everything that is not hair or backdrop near the face and the neck.
+    face_mask = _polygon_mask(size, _face_outline(dest, brow_lift=0.12), blur=3.0)
+    # The skin mask reaches over the forehead and ears (hair is taken out of it) and is
+    # soft, so that no edge of it shows.
+    skin = _blur(_polygon_mask(size, _face_outline(dest, brow_lift=0.4)), 6.0) * (1.0 - hair)
+    sallow = 0.25 * face["age"]
+    skin_rgb = rgb * (1.0 - sallow) + lum * sallow * np.array([1.05, 1.0, 0.85])
+    darkness = float(np.interp(face["tone"], [-FACE_LIMIT, FACE_LIMIT], [1.12, 0.42]))
+    warmth = np.array([1 + 0.06 * face["warmth"], 1.0, 1 - 0.08 * face["warmth"]])
+    # Darker skin is browner (blue falls faster than red) and keeps its highlights less
+    # (a gamma above 1 as well as a gain).
+    gains = darkness ** np.array([0.8, 1.0, 1.25]) * warmth
+    skin_rgb = np.clip(skin_rgb, 0, 1) ** (1.0 + 0.5 * (1.0 - darkness)) * gains
+    neck = _neck_mask(size, dest)
+    tone_mask = np.clip(skin + neck * (1.0 - hair), 0.0, 1.0)[..., None]
+    rgb = rgb + (skin_rgb - rgb) * tone_mask
+    rgb = _wrinkles(rgb, dest, face["age"], darkness)
+
+    # Hair: recolour the photograph's hair by its own shading, then length.
+    colour = _hair_colour(face)
+    shade = np.clip(lum / 0.45, 0.0, 1.6)
+    if face["hair_length"] > 0:
+        rgb = _long_hair(rgb, dest, colour, face["hair_length"], face_mask, rng)
+    else:  # short: the sides below the temples are cut back to the backdrop
+        temples = dest[_BROWS, 1].mean() + 0.15 * (dest[_JAW, 1].max() - dest[_BROWS, 1].min())
+        rows = np.arange(size, dtype=np.float32)[:, None]
+        cut = hair * np.clip((rows - temples) / 8.0, 0.0, 1.0)
+        rgb = rgb + (background - rgb) * cut[..., None]
+        hair = hair * (1.0 - cut)
+    rgb = rgb + (np.clip(shade * colour, 0, 1) - rgb) * hair[..., None]
+
+    # Brows: heavier and darker for men, in the hair's colour.
+    brows = _brow_mask(size, dest, face["beard"])
+    brow_colour = colour * 0.6
+    rgb = rgb + (brow_colour - rgb) * (brows * (0.35 + 0.45 * (face["beard"] > 0)))[..., None]
+    if face["beard"] > 0:
+        rgb = _beard(rgb, dest, colour, face["beard"], rng)
+    else:  # lipstick: the outer lip line minus the open mouth
+        lips = _polygon_mask(size, dest[_MOUTH[:12]], 1.0) - _polygon_mask(size, dest[_MOUTH[12:]])
+        lip_colour = np.array([0.78, 0.18, 0.25]) * np.clip(shade * 0.9, 0.4, 1.2)
+        rgb = rgb + (lip_colour - rgb) * (0.5 * np.clip(lips, 0, 1))[..., None]
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _warp(image: np.ndarray, src_points: np.ndarray, dst_points: np.ndarray) -> np.ndarray:
+    """Thin-plate warp of a float (S, S, C) image moving ``src_points`` to ``dst_points``."""
+    import torch
+
+    from speech2face.warp import dense_image_warp, sparse_image_warp
+
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    tensor = tensor.permute(2, 0, 1)[None]
+    # The thin-plate flow is smooth: fit and evaluate it at half resolution (4x fewer
+    # kernel evaluations), upsample it, and warp the full-resolution image with it.
+    half = torch.nn.functional.interpolate(tensor, scale_factor=0.5, mode="area")
+    # The warp takes (row, col) = (y, x) points; pixel centres map as (p + 0.5) / 2 - 0.5.
+    src = torch.from_numpy((src_points[:, ::-1] + 0.5) / 2 - 0.5).float()[None]
+    dst = torch.from_numpy((dst_points[:, ::-1] + 0.5) / 2 - 0.5).float()[None]
+    with torch.no_grad():
+        _, flow = sparse_image_warp(
+            half, src, dst, interpolation_order=2, regularization_weight=0.01, num_boundary_points=2
+        )
+        flow = torch.nn.functional.interpolate(
+            flow.permute(0, 3, 1, 2), size=tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
+        warped = dense_image_warp(tensor, 2.0 * flow.permute(0, 2, 3, 1))
+    return warped[0].permute(1, 2, 0).numpy().astype(np.float64)
+
+
+def _backdrop(image: np.ndarray) -> np.ndarray:
+    """The grey backdrop behind the head: each row's colour interpolated between the
+    photograph's left and right edges (float (S, S, 3) in [0, 1])."""
+    rgb = image.astype(np.float64) / 255.0
+    left, right = rgb[:, :6].mean(1), rgb[:, -6:].mean(1)  # (S, 3)
+    t = np.linspace(0.0, 1.0, rgb.shape[1])[None, :, None]
+    return left[:, None] * (1 - t) + right[:, None] * t
+
+
+def _neck_mask(size: int, p: np.ndarray) -> np.ndarray:
+    """Below the jaw, between its sides, down to the collar."""
+    left, right = p[_JAW[4]], p[_JAW[12]]
+    bottom = p[_JAW[8], 1] + 0.35 * (right[0] - left[0])
+    points = np.array([left, right, [right[0] - 4, bottom], [left[0] + 4, bottom]])
+    return _polygon_mask(size, points, blur=4.0)
+
+
+def _brow_mask(size: int, p: np.ndarray, weight: float) -> np.ndarray:
+    """The brows as bands along their landmarks, thicker for a higher ``weight``."""
+    from PIL import Image, ImageDraw
+
+    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    width = max(2, int(round(unit * (0.03 + 0.02 * weight))))
+    for brow in (_BROWS[:5], _BROWS[5:]):
+        points = [tuple(map(float, q + [0.0, 0.01 * unit])) for q in p[brow]]
+        draw.line(points, fill=255, width=width, joint="curve")
+    return _blur(np.asarray(mask, dtype=np.float32) / 255.0, 1.5)
+
+
+def _wrinkles(rgb: np.ndarray, p: np.ndarray, age: float, darkness: float) -> np.ndarray:
+    """Lines of age: nasolabial folds, crow's feet, bags under the eyes, forehead lines."""
+    from PIL import Image, ImageDraw
+
+    strength = np.clip((age - 0.3) / 0.6, 0.0, 1.0)
+    if strength <= 0:
+        return rgb
+    size = rgb.shape[0]
+    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+
+    def line(points, width=2):
+        draw.line([tuple(map(float, q)) for q in points], fill=255, width=width, joint="curve")
+
+    for wing, corner, side in ((31, 48, -1.0), (35, 54, 1.0)):  # nose wing to mouth corner
+        a, b = p[wing] + [side * 0.04 * unit, -0.01 * unit], p[corner] + [side * 0.03 * unit, 0]
+        mid = (a + b) / 2 + [side * 0.035 * unit, 0]
+        line([a, mid, b])
+    for corner, side in ((36, -1.0), (45, 1.0)):  # crow's feet
+        for dy in (-0.03, 0.0, 0.03):
+            start = p[corner] + [side * 0.03 * unit, 0]
+            line([start, start + [side * 0.06 * unit, (dy * 1.5) * unit]], width=1)
+    for eye in (_RIGHT_EYE, _LEFT_EYE):  # bags: an arc under each eye
+        lower = p[eye[[3, 4, 5, 0]]] if eye is _RIGHT_EYE else p[eye[[3, 4, 5, 0]]]
+        line(lower + [0, 0.045 * unit])
+    top = p[_BROWS, 1].min()
+    for k in (1, 2):  # forehead lines (where the fringe leaves skin)
+        y = top - 0.05 * k * unit
+        line([[p[_BROWS[1], 0], y + 2], [p[27, 0], y], [p[_BROWS[8], 0], y + 2]], width=1)
+    lines = _blur(np.asarray(mask, dtype=np.float32) / 255.0, 1.2)[..., None]
+    return rgb * (1.0 - 0.45 * strength * lines)
+
+
+def _long_hair(rgb, p, colour, length, face_mask, rng) -> np.ndarray:
+    """Hair from the temples down past the jaw to the shoulders, behind the face."""
+    size = rgb.shape[0]
+    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    top = p[_BROWS, 1].min() - 0.05 * unit
+    bottom = min(size + 10.0, p[_JAW[8], 1] + (0.25 + 0.75 * length) * unit)
+    spread = (0.12 + 0.1 * length) * unit
+    outline = []
+    for side, jaw in ((-1.0, _JAW[:9]), (1.0, _JAW[8:][::-1])):
+        edge = p[jaw[0]]
+        outer = [
+            [edge[0] + side * 0.02 * unit, top],
+            [edge[0] + side * spread * 0.8, edge[1]],
+            [edge[0] + side * spread, bottom],
+            [p[_JAW[8], 0] + side * 0.18 * unit, bottom],
+            [p[jaw[5], 0] + side * 0.08 * unit, p[jaw[5], 1] + 0.15 * unit],
+        ]
+        outline.append(np.array(outer))
+    mask = np.maximum(
+        _polygon_mask(size, outline[0], blur=3.0), _polygon_mask(size, outline[1], blur=3.0)
+    )
+    mask *= 1.0 - np.clip(face_mask * 1.5, 0.0, 1.0)  # behind the face, not over it
+    strands = _streaks(rgb.shape[:2], rng, stretch=24)
+    texture = colour * (0.55 + 0.9 * strands[..., None])
+    return rgb + (np.clip(texture, 0, 1) - rgb) * mask[..., None]
+
+
+def _beard(rgb, p, colour, amount, rng) -> np.ndarray:
+    """Stubble (small ``amount``) to a full beard and moustache, leaving the lips bare."""
+    size = rgb.shape[0]
+    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    nose_base = p[33, 1]
+    jaw = p[_JAW[2:15]] + np.array([0.0, 0.02 * unit]) * np.sin(np.linspace(0, np.pi, 13))[:, None]
+    upper = np.array([
+        [p[_JAW[14], 0] - 0.02 * unit, nose_base], p[35] + [0, 0.02 * unit],
+        p[31] + [0, 0.02 * unit], [p[_JAW[2], 0] + 0.02 * unit, nose_base],
+    ])
+    region = _polygon_mask(size, np.concatenate([jaw, upper]), blur=4.0)
+    lips = _polygon_mask(size, p[_MOUTH[:12]], blur=1.0)
+    region *= 1.0 - lips
+    # Short dark strands over a shadow: denser and darker for a fuller beard.
+    strands = _streaks(rgb.shape[:2], rng, stretch=3)
+    alpha = region * (0.25 + 0.45 * amount) * (0.55 + 0.6 * strands)
+    beard_colour = colour * 0.5
+    return rgb + (beard_colour - rgb) * alpha[..., None]
 
 
 def face_landmarks(base: np.ndarray, face: dict) -> np.ndarray:
@@ -362,7 +664,7 @@ def face_landmarks(base: np.ndarray, face: dict) -> np.ndarray:
     # Face width: the whole jaw line, more at the cheeks than at the chin.
     lowness = np.clip((p[_JAW, 1] - top) / height, 0, 1)
     p[_JAW, 0] = centre_x + (p[_JAW, 0] - centre_x) * (
-        1 + 0.09 * face["width"] * (1.2 - 0.6 * lowness)
+        1 + 0.12 * face["width"] * (1.2 - 0.6 * lowness)
     )
     # Jaw: a square (wide lower jaw) or a pointed one.
     w = np.sin(np.linspace(0, np.pi, len(_LOWER_JAW)))
@@ -389,35 +691,6 @@ def face_landmarks(base: np.ndarray, face: dict) -> np.ndarray:
     # a little with the chin.
     p[_MOUTH, 1] += nose_shift + 0.02 * unit * face["chin"]
     return p
-
-
-def identity_face(base_image: np.ndarray, base_landmarks: np.ndarray, face: dict) -> np.ndarray:
-    """Warp the base face to a speaker's geometry and skin tone: uint8 ``(S, S, 3)``."""
-    import torch
-
-    from speech2face.warp import dense_image_warp, sparse_image_warp
-
-    dest = face_landmarks(base_landmarks, face)
-    image = torch.from_numpy(np.array(base_image)).permute(2, 0, 1)[None].float() / 255.0
-    # The thin-plate flow is smooth: fit and evaluate it at half resolution (4x fewer
-    # kernel evaluations), upsample it, and warp the full-resolution image with it.
-    half = torch.nn.functional.interpolate(image, scale_factor=0.5, mode="area")
-    # The warp takes (row, col) = (y, x) points; pixel centres map as (p + 0.5) / 2 - 0.5.
-    src = torch.from_numpy((base_landmarks[:, ::-1] + 0.5) / 2 - 0.5).float()[None]
-    dst = torch.from_numpy((dest[:, ::-1] + 0.5) / 2 - 0.5).float()[None]
-    with torch.no_grad():
-        _, flow = sparse_image_warp(
-            half, src, dst, interpolation_order=2, regularization_weight=0.01, num_boundary_points=2
-        )
-        flow = torch.nn.functional.interpolate(
-            flow.permute(0, 3, 1, 2), size=image.shape[-2:], mode="bilinear", align_corners=False
-        )
-        warped = dense_image_warp(image, 2.0 * flow.permute(0, 2, 3, 1))
-    rgb = warped[0].permute(1, 2, 0).numpy()
-    # Skin tone and warmth as channel gains (darker / lighter, redder / bluer).
-    darkness = 1.0 - 0.12 * face["tone"]
-    gains = darkness * np.array([1 + 0.06 * face["warmth"], 1.0, 1 - 0.08 * face["warmth"]])
-    return np.clip(rgb * gains * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def jitter_frame(
@@ -528,8 +801,10 @@ def _write_speaker(tmp: Path, person: Speaker, base, seed: int, videos, clips, f
 
     # One generator per speaker for its recordings, seeded by (seed, identity): its clips
     # and frames do not depend on the other speakers' draws.
-    srng = np.random.default_rng([seed, int(person.identity[2:])])
-    face = identity_face(*base, person.face)
+    number = int(person.identity[2:])
+    srng = np.random.default_rng([seed, number])
+    # The face's textures (hair strands, beard) from a generator of their own.
+    face = identity_face(base, person.face, np.random.default_rng([seed, number, 1]))
     for _ in range(int(srng.integers(videos[0], videos[1] + 1))):
         video = _video_id(srng)
         frame_dir = tmp / "unzippedFaces" / person.name / "1.6" / video
@@ -538,7 +813,9 @@ def _write_speaker(tmp: Path, person: Speaker, base, seed: int, videos, clips, f
         frame_no = int(srng.integers(1, 500))
         for _ in range(frames):
             picture = jitter_frame(video_look, srng, pose=0.3, light=0.3)
-            Image.fromarray(picture).save(frame_dir / f"{frame_no:07d}.jpg", quality=90)
+            Image.fromarray(picture).save(
+                frame_dir / f"{frame_no:07d}.jpg", quality=90, comment=GENERATED_LABEL
+            )
             frame_no += int(srng.integers(25, 200))
         wav_dir = tmp / "wav" / person.identity / video
         wav_dir.mkdir(parents=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,32 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mine" in err
     assert (out / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("count", ["2", "100000"])
+def test_demo_refuses_a_speaker_count_out_of_range(tmp_path, capsys, count):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--speakers", count, "--no-install"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--speakers" in err and count in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_a_read_only_folder(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:  # root writes through a folder's permissions; /proc it cannot
+        parent = Path("/proc")
+    else:
+        parent = tmp_path / "locked"
+        parent.mkdir()
+        parent.chmod(0o555)
+    out = parent / "speech2face-demo"
+    try:
+        assert main(["demo", "--out", str(out), "--no-install"]) == 2
+    finally:
+        if parent != Path("/proc"):
+            parent.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "speech2face-demo" in err and "cannot" in err
+    assert not out.exists()

@@ -130,14 +130,14 @@ def test_faces_are_detected_and_carry_identity(corpus):
         crops.append(crop)
         owners.append(speaker.identity)
         lm = found[0].landmarks
-        # Face width relative to the eye-to-mouth distance, from dlib's landmarks.
-        eyes_to_mouth = np.linalg.norm(lm[48:68].mean(0) - lm[36:48].mean(0))
-        widths.setdefault(speaker.identity, []).append(np.ptp(lm[0:17, 0]) / eyes_to_mouth)
-    assert len(crops) >= 0.9 * len(frames)
+        # Face width relative to the distance between the eyes, from dlib's landmarks.
+        eyes = np.linalg.norm(lm[42:48].mean(0) - lm[36:42].mean(0))
+        widths.setdefault(speaker.identity, []).append(np.ptp(lm[0:17, 0]) / eyes)
+    assert len(crops) == len(frames)  # every generated face is found
     # The generated face width shows in the measured geometry.
     ids = sorted(widths)
     measured = [np.mean(widths[i]) for i in ids]
-    wanted = [attributes[i].face["width"] + 0.5 * attributes[i].face["jaw"] for i in ids]
+    wanted = [attributes[i].face["width"] for i in ids]
     assert np.corrcoef(measured, wanted)[0, 1] > 0.5
     # dlib's embedding tells the identities apart across videos (nearest neighbour).
     vectors = load_face_encoder("dlib").embed(np.stack(crops)).numpy()
@@ -146,6 +146,47 @@ def test_faces_are_detected_and_carry_identity(corpus):
     owners = np.array(owners)
     accuracy = np.mean(owners[dist.argmin(1)] == owners)
     assert accuracy >= 0.75  # chance: 1 / 8
+    # ... and it sees gender: the nearest face of *another* speaker has the same gender.
+    genders = np.array([attributes[o].gender for o in owners])
+    dist[owners[:, None] == owners[None, :]] = np.inf
+    assert len(set(genders)) == 2
+    assert np.mean(genders[dist.argmin(1)] == genders) >= 0.8
+
+
+def _patch(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
+    """The pixels (K, 3) of a square of side 2 * half around (x, y)."""
+    return image[int(y) - half : int(y) + half, int(x) - half : int(x) + half].reshape(-1, 3)
+
+
+def test_faces_show_gender_age_and_skin_tone(corpus):
+    """The traits a person sees, measured on the frames with dlib's landmarks and numpy:
+    skin darkness follows ``tone``, grey hair follows ``age``, and men's chins are darker
+    (beard) than women's."""
+    from speech2face import faces
+
+    attributes = demo_data.load_demo_attributes(corpus)
+    by_name = {s.name: s for s in attributes.values()}
+    rows = []
+    for frame in sorted((corpus / "unzippedFaces").rglob("*.jpg")):
+        speaker = by_name[frame.parts[-4]]
+        image = faces.load_image(frame).astype(np.float64) / 255.0
+        lm = faces.detect_faces(frame)[0].landmarks
+        width = np.ptp(lm[0:17, 0])
+        small, large = max(2, int(0.04 * width)), max(2, int(0.08 * width))
+        cheeks = np.concatenate([_patch(image, *(0.5 * (lm[2] + lm[31])), small),
+                                 _patch(image, *(0.5 * (lm[14] + lm[35])), small)])
+        chin = _patch(image, lm[8, 0], 0.5 * (lm[8, 1] + lm[57, 1]), small)
+        crown = _patch(image, lm[27, 0], lm[19:25, 1].min() - 0.45 * width, large)
+        saturation = np.mean(crown.max(1) - crown.min(1))
+        rows.append((speaker, cheeks.mean(), saturation, chin.mean() / cheeks.mean()))
+    tone = [s.face["tone"] for s, *_ in rows]
+    age = [s.face["age"] for s, *_ in rows]
+    assert np.corrcoef(tone, [r[1] for r in rows])[0, 1] < -0.7  # darker skin
+    assert np.corrcoef(age, [r[2] for r in rows])[0, 1] < -0.5  # greyer (less saturated) hair
+    male = np.array([s.gender == "m" for s, *_ in rows])
+    assert male.any() and not male.all()
+    chin_ratio = np.array([r[3] for r in rows])
+    assert chin_ratio[male].max() < chin_ratio[~male].min()  # beard: a darker chin
 
 
 def test_refuses_non_empty_output_and_cli(tmp_path, capsys):
