@@ -68,7 +68,7 @@ GENERATED_LABEL = (
     "Generated face (speech2face make-demo-data): an edit of NASA's public-domain portrait "
     "of Eileen Collins (S94-42431), not a photograph of a person."
 )
-FACE_LIMIT = 1.6  # face-shape parameters saturate softly at this many units
+FACE_LIMIT = 1.2  # face-shape parameters saturate softly at this many units
 TEST_FRACTION = 0.25  # of the speakers, held out for testing (at least one)
 VAL_FRACTION = 0.1  # of the speakers, for validation (at least one with >= 3 speakers)
 
@@ -163,14 +163,14 @@ def speaker_attributes(latent: np.ndarray, gender: str) -> tuple[dict, dict]:
     build = (a[0] + a[2]) / np.sqrt(2.0)  # low pitch and formants: a bigger person
     face = {
         # Geometry (landmark warp).
-        "width": clip(0.5 * g + 0.9 * build),
-        "jaw": clip(0.7 * g + 0.6 * a[0]),
+        "width": clip(0.3 * g + 0.8 * build),
+        "jaw": clip(0.5 * g + 0.6 * a[0]),
         "chin": clip(0.8 * a[2] - 0.3 * g),
         "eye_spacing": clip(0.6 * a[1]),
-        "eye_size": clip(-0.5 * g + 0.6 * a[1] - 0.3 * age),
-        "brows": clip(-0.5 * g + 0.5 * a[1]),
-        "nose_length": clip(0.5 * g + 0.6 * a[0] + 0.3 * age),
-        "nose_width": clip(0.5 * g + 0.6 * build),
+        "eye_size": clip(-0.3 * g + 0.6 * a[1] - 0.3 * age),
+        "brows": clip(-0.4 * g + 0.5 * a[1]),
+        "nose_length": clip(0.4 * g + 0.6 * a[0] + 0.3 * age),
+        "nose_width": clip(0.4 * g + 0.6 * build),
         "mouth_width": clip(0.8 * a[3]),
         "mouth_height": clip(0.7 * a[3] - 0.3 * a[1] - 0.3 * g),
         # Age: grey hair, wrinkles, sallow skin (0 young .. 1 old).
@@ -472,7 +472,7 @@ def identity_face(
     skin = _blur(_polygon_mask(size, _face_outline(dest, brow_lift=0.4)), 6.0) * (1.0 - hair)
     sallow = 0.25 * face["age"]
     skin_rgb = rgb * (1.0 - sallow) + lum * sallow * np.array([1.05, 1.0, 0.85])
-    darkness = float(np.interp(face["tone"], [-FACE_LIMIT, FACE_LIMIT], [1.12, 0.42]))
+    darkness = float(np.interp(face["tone"], [-FACE_LIMIT, FACE_LIMIT], [1.06, 0.42]))
     warmth = np.array([1 + 0.06 * face["warmth"], 1.0, 1 - 0.08 * face["warmth"]])
     # Darker skin is browner (blue falls faster than red) and keeps its highlights less
     # (a gamma above 1 as well as a gain).
@@ -641,7 +641,7 @@ def _beard(rgb, p, colour, amount, rng) -> np.ndarray:
     region *= 1.0 - lips
     # Short dark strands over a shadow: denser and darker for a fuller beard.
     strands = _streaks(rgb.shape[:2], rng, stretch=3)
-    alpha = region * (0.25 + 0.45 * amount) * (0.55 + 0.6 * strands)
+    alpha = region * (0.15 + 0.35 * amount) * (0.55 + 0.6 * strands)
     beard_colour = colour * 0.5
     return rgb + (beard_colour - rgb) * alpha[..., None]
 
