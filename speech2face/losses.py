@@ -45,9 +45,13 @@ class LossConfig:
 
 
 def _frozen_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` with its parameters and buffers detached: gradients reach ``x`` only."""
+    """``module(x)`` with its parameters and buffers detached: gradients reach ``x`` only.
+
+    Float32 under autocast too: the layer may run in bf16/fp16, but the loss's sums over
+    1000 code units or thousands of classes are taken in float32.
+    """
     state = {name: t.detach() for name, t in module.state_dict(keep_vars=True).items()}
-    return functional_call(module, state, (x,))
+    return functional_call(module, state, (x,)).float()
 
 
 def speech2face_loss(
@@ -70,7 +74,9 @@ def speech2face_loss(
 
     Returns:
         ``(total, terms)``: the scalar loss and a dict of its three unweighted terms
-        ``"decoder"``, ``"feature"``, ``"distill"`` (detached, for logging).
+        ``"decoder"``, ``"feature"``, ``"distill"`` (detached, for logging), and with a
+        classifier ``"teacher_entropy"``: the teacher's mean entropy at ``temperature``
+        (nats; not a loss term: the distillation term minus it is the KL divergence).
     """
     if pred.shape != target.shape or pred.dim() != 2:
         raise ValueError(
@@ -86,11 +92,15 @@ def speech2face_loss(
     unit_target = F.normalize(target, dim=1, eps=NORM_EPS)
     feature_term = (unit_target - unit_pred).pow(2).sum(dim=1).mean()
 
+    terms = {}
     if f_cls is None:
         distill_term = pred.new_zeros(())
     else:
         with torch.no_grad():
-            teacher = F.softmax(_frozen_call(f_cls, target) / temperature, dim=1)
+            log_teacher = F.log_softmax(_frozen_call(f_cls, target) / temperature, dim=1)
+            teacher = log_teacher.exp()
+            # How much the teacher says: ln K is a uniform (useless) teacher, 0 a one-hot.
+            terms["teacher_entropy"] = -(teacher * log_teacher).sum(dim=1).mean()
         log_student = F.log_softmax(_frozen_call(f_cls, pred) / temperature, dim=1)
         distill_term = -(teacher * log_student).sum(dim=1).mean()
 
@@ -99,6 +109,7 @@ def speech2face_loss(
         "decoder": decoder_term.detach(),
         "feature": feature_term.detach(),
         "distill": distill_term.detach(),
+        **terms,
     }
     return total, terms
 
@@ -155,7 +166,7 @@ def decoder_loss(decoded, texture_target: torch.Tensor, landmarks_target: torch.
         if image.shape[-1] != CROP_SIZE or image.shape[-2] != CROP_SIZE:
             image = F.interpolate(image, size=(CROP_SIZE, CROP_SIZE), mode="bilinear",
                                   align_corners=False)
-        embedding = encoder.embed(image)
+        embedding = encoder.embed(image).float()
         perceptual_term = -F.cosine_similarity(embedding, features.detach().to(embedding),
                                                dim=1, eps=NORM_EPS).mean()
 

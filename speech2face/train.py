@@ -28,16 +28,17 @@ import os
 import shutil
 import sys
 import time
-import typing
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+# TrainConfig and load_config are re-exported: `from speech2face.train import TrainConfig`.
+from speech2face.config import TrainConfig, load_config
 from speech2face.errors import ConfigError, DataError
 from speech2face.losses import LossConfig
 from speech2face.model import (
@@ -53,295 +54,11 @@ from speech2face.model import (
 )
 from speech2face.utils import atomic_write, temp_dir_beside
 
-# Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
-LEARNING_RATE = 1e-3
-ADAM_BETA1 = 0.5
-ADAM_BETA2 = 0.999  # not given in the paper: Adam's default
-ADAM_EPS = 1e-4
-# Stage 1 (the face decoder) is not the paper's training: its losses are means over
-# pixels, whose gradients per weight are mostly far below the paper's epsilon (on the demo
-# corpus 99.99 % < 1e-4), which turns Adam into plain SGD with a tiny step; its presets
-# use Adam's usual epsilon (docs/training.md).
-DECODER_ADAM_EPS = 1e-8
-STAGES = ("voice", "decoder")
-LR_DECAY = 0.95  # the learning rate is multiplied by this ...
-LR_DECAY_STEPS = 10_000  # ... every this many steps
-BATCH_SIZE = 8
-
-PRESETS = ("paper", "tiny")
-AMP_MODES = ("auto", "none", "bf16", "fp16")
 CHECKPOINTS_DIR = "checkpoints"
 BEST_FILE = "best.json"
 METRICS_FILE = "metrics.csv"
 TRAIN_CONFIG_FILE = "train_config.json"
 CHECKPOINT_PREFIX = "step-"
-
-
-# ---------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every hyperparameter of a training run; ``paper()`` and ``tiny()`` are the presets.
-
-    Set from a JSON/TOML file and ``key=value`` overrides with :func:`load_config`
-    (``loss.lambda1=0.1`` reaches into :class:`speech2face.losses.LossConfig`).
-    """
-
-    # Model sizes of the voice encoder and face decoder: "paper" or "tiny" (tests, CPU demos).
-    preset: str = "paper"
-    # The voice encoder of stage 2, built by build_voice_encoder: "paper" is the network of
-    # paper Table 1 (sized by `preset`); "resemblyzer" the pretrained-speaker-embedding
-    # baseline (speech2face.resemblyzer_encoder). Other names are registered there.
-    encoder: str = "paper"
-    # Optimiser steps in all (the run ends there; --resume with a larger value continues).
-    steps: int = 100_000
-    # Samples per optimiser step, over all processes and accumulation steps, so the
-    # result does not depend on how many GPUs share the work (paper: 8).
-    batch_size: int = BATCH_SIZE
-    # Micro-batches per process and step; each is batch_size / (processes * grad_accum).
-    grad_accum: int = 1
-    # Adam (paper section 4).
-    lr: float = LEARNING_RATE
-    beta1: float = ADAM_BETA1
-    beta2: float = ADAM_BETA2
-    eps: float = ADAM_EPS
-    # Staircase decay: lr * lr_decay ** (step // lr_decay_steps) (paper: 0.95 every 10k).
-    lr_decay: float = LR_DECAY
-    lr_decay_steps: int = LR_DECAY_STEPS
-    # Clip the global gradient norm to this; 0 turns clipping off (the paper does not clip).
-    grad_clip: float = 0.0
-    # Autocast on GPU: "auto" is bf16 where supported, else fp16 with loss scaling; CPU
-    # runs stay in float32 whatever this says, so CPU runs are exact and deterministic.
-    amp: str = "auto"
-    # "auto" (cuda:LOCAL_RANK when there is a GPU, else cpu), "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
-    # Seeds the initial weights and every epoch's sample order.
-    seed: int = 0
-    # Progress-bar and scalar logging interval, in steps.
-    log_every: int = 10
-    # Validation interval in steps, and how many validation batches it averages.
-    val_every: int = 1000
-    val_batches: int = 8
-    # Faces in the validation image grid.
-    val_images: int = 8
-    # Checkpoint interval in steps; the last keep_last are kept, plus the best by validation.
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    # Data-loading worker processes per training process.
-    num_workers: int = 4
-    # Seconds of speech per example (paper section 3.1: 6 s; it also reports 3 s). The
-    # voice encoder averages over time, so a model trained on one length runs on others.
-    clip_seconds: float = 6.0
-    # Shuffle buffer of the shard loader, in samples (bigger mixes more, costs memory).
-    shuffle_buffer: int = 1000
-    # Weights of a VGG-Face encoder when the shards' features came from it.
-    face_encoder_weights: str | None = None
-    # All loss weights (speech2face.losses.LossConfig).
-    loss: LossConfig = field(default_factory=LossConfig)
-
-    def __post_init__(self):
-        problems = []
-        if self.preset not in PRESETS:
-            problems.append(f"preset must be one of {PRESETS}, got {self.preset!r}")
-        if self.amp not in AMP_MODES:
-            problems.append(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        for name in ("steps", "batch_size", "grad_accum", "lr_decay_steps", "log_every",
-                     "val_every", "checkpoint_every", "keep_last", "val_images", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("val_batches", "num_workers"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lr", "eps"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 < self.lr_decay <= 1:
-            problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not self.clip_seconds > 0:
-            problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
-        if not self.grad_clip >= 0:
-            problems.append(f"grad_clip must not be negative, got {self.grad_clip}")
-        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
-            problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum "
-                            f"{self.grad_accum}")
-        if problems:
-            raise ConfigError(None, "; ".join(problems))
-
-    @classmethod
-    def paper(cls, stage: str = "voice", **changes) -> TrainConfig:
-        """The paper's settings (section 4): batch 8, Adam 1e-3, x0.95 every 10k steps.
-
-        ``stage="decoder"`` differs in Adam's epsilon only (``DECODER_ADAM_EPS``).
-        """
-        return cls(**{**_stage_defaults(stage), **changes})
-
-    @classmethod
-    def tiny(cls, stage: str = "voice", **changes) -> TrainConfig:
-        """Tiny models and a short schedule, for tests and CPU demos."""
-        base = dict(preset="tiny", steps=200, lr_decay_steps=100, log_every=5, val_every=50,
-                    val_batches=2, checkpoint_every=50, keep_last=2, num_workers=0,
-                    shuffle_buffer=100)
-        return cls(**{**base, **_stage_defaults(stage), **changes})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _stage_defaults(stage: str) -> dict:
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    return {"eps": DECODER_ADAM_EPS} if stage == "decoder" else {}
-
-
-def _field_types(cls) -> dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value, kind, key: str, source):
-    """``value`` (from JSON/TOML or a command-line string) as the field type ``kind``."""
-    text = isinstance(value, str)
-    args = typing.get_args(kind)
-    if type(None) in args:  # Optional[X]
-        if value is None or (text and value.lower() in ("none", "null", "")):
-            return None
-        kind = next(a for a in args if a is not type(None))
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            if text and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text and value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value.replace("_", "")) if text else int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-        if kind is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise ConfigError(source, f"{key}: unsupported field type {kind}")
-    name = getattr(kind, "__name__", str(kind))
-    raise ConfigError(source, f"{key}: expected {name}, got {value!r}")
-
-
-def _read_config_file(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(path, f"cannot read the config file: {error}") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
-                import tomli as tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise ConfigError(path, f"not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
-                                f"{str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, "the config file must hold a table/object of settings")
-    return _flatten(data)
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """``["steps=100", "loss.lambda1=0.1"]`` -> ``{"steps": "100", "loss.lambda1": "0.1"}``."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError("<command line>", f"expected key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def load_config(
-    path: str | os.PathLike | None = None,
-    overrides: dict | list[str] | tuple[str, ...] = (),
-    base: TrainConfig | None = None,
-    stage: str = "voice",
-) -> TrainConfig:
-    """A :class:`TrainConfig` from a preset, a JSON/TOML file, then ``key=value`` overrides.
-
-    The preset (``preset=tiny`` in the file or the overrides; default ``base`` or
-    ``paper``, for ``stage``) gives the starting values; the file's keys replace them, then the
-    overrides'. Nested loss weights are ``loss.<name>`` (or a ``[loss]`` table in TOML).
-    Unknown keys and bad values raise :class:`ConfigError` naming the file.
-    """
-    layers: list[tuple[object, dict]] = []
-    if path is not None:
-        layers.append((Path(path), _read_config_file(Path(path))))
-    if not isinstance(overrides, dict):
-        overrides = parse_overrides(list(overrides))
-    layers.append(("<command line>", _flatten(overrides)))
-
-    preset = None
-    for source, values in layers:
-        if "preset" in values:
-            preset = _coerce(values["preset"], str, "preset", source)
-            if preset not in PRESETS:
-                raise ConfigError(source, f"preset must be one of {PRESETS}, got {preset!r}")
-    if preset is None:
-        config = base or TrainConfig.paper(stage)
-    else:
-        config = TrainConfig.tiny(stage) if preset == "tiny" else TrainConfig.paper(stage)
-        if base is not None and base.preset == preset:
-            config = base
-
-    top_types = _field_types(TrainConfig)
-    loss_types = _field_types(LossConfig)
-    for source, values in layers:
-        top, loss = {}, {}
-        for key, value in values.items():
-            if key.startswith("loss."):
-                name = key.removeprefix("loss.")
-                if name not in loss_types:
-                    raise ConfigError(source, f"unknown setting {key!r}; loss settings are "
-                                              f"{sorted(loss_types)}")
-                loss[name] = _coerce(value, loss_types[name], key, source)
-            elif key in top_types and key != "loss":
-                top[key] = _coerce(value, top_types[key], key, source)
-            else:
-                raise ConfigError(source, f"unknown setting {key!r}; settings are "
-                                          f"{sorted(k for k in top_types if k != 'loss')} and "
-                                          f"loss.<{'|'.join(sorted(loss_types))}>")
-        try:
-            if loss:
-                top["loss"] = dataclasses.replace(config.loss, **loss)
-            config = dataclasses.replace(config, **top)
-        except ConfigError as error:
-            raise ConfigError(source, error.problem) from None
-    return config
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -371,13 +88,16 @@ class Placement:
 def init_distributed(device: str = "auto") -> Placement:
     """Join the process group that ``torchrun`` describes in the environment (if any).
 
-    NCCL when this process trains on a GPU, gloo on CPU. Without ``WORLD_SIZE`` > 1 this
-    is a single-process run and nothing is initialised. Safe to call twice.
+    NCCL when this process trains on a GPU, gloo on CPU. A run launched by ``torchrun``
+    joins its group even with one process (DDP and SyncBatchNorm then run as they would
+    on many GPUs: the GPU check uses that); otherwise, without ``WORLD_SIZE`` > 1, this is
+    a single-process run and nothing is initialised. Safe to call twice.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
         if use_cuda:
             torch.cuda.set_device(local_rank)
@@ -403,12 +123,37 @@ def resolve_device(config: TrainConfig, placement: Placement) -> torch.device:
     return device
 
 
-def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or config.amp == "none":
+def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``config.amp`` on ``device`` (``None``: float32).
+
+    ``auto``: bf16 on a GPU that has it, else fp16 (with loss scaling); float32 on CPU.
+    ``bf16`` runs on CPU too (CPU autocast: the tests compare it with float32); ``fp16``
+    on CPU is a :class:`ConfigError`.
+    """
+    if config.amp == "none":
         return None
+    if device.type == "cpu":
+        if config.amp == "fp16":
+            raise ConfigError(None, "amp: fp16 needs a CUDA GPU (on CPU use amp=bf16 or "
+                                    "amp=none)")
+        return torch.bfloat16 if config.amp == "bf16" else None
+    if device.type != "cuda":
+        return None  # other accelerators train in float32
     if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
+
+
+def set_deterministic(config: TrainConfig) -> None:
+    """With ``config.deterministic``: deterministic cuDNN and torch algorithms (a process-
+    wide setting; an operation with no deterministic version then raises)."""
+    if not config.deterministic:
+        return
+    # cuBLAS needs a fixed workspace for repeatable results; read when CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
@@ -494,6 +239,10 @@ class Stage:
     model: nn.Module
     trainable: nn.Module
 
+    def term_weights(self) -> dict[str, float]:
+        """Weight of each loss term in the total, for logging each term's share."""
+        return {}
+
     def loss(self, forward: Callable, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total, terms)`` of a micro-batch; ``forward`` is ``trainable`` or its DDP wrapper."""
         raise NotImplementedError
@@ -527,6 +276,13 @@ class DecoderStage(Stage):
         self.trainable = model.face_decoder
         self.loss_config = loss_config
         self.face_encoder = face_encoder if getattr(face_encoder, "differentiable", False) else None
+
+    def term_weights(self):
+        c = self.loss_config
+        weights = {"texture": c.texture_weight, "landmarks": c.landmark_weight}
+        if self.face_encoder is not None:
+            weights["perceptual"] = c.perceptual_weight
+        return weights
 
     def _targets(self, batch: dict) -> torch.Tensor:
         from speech2face.face_decoder import register_texture
@@ -565,6 +321,13 @@ class VoiceStage(Stage):
         model.face_decoder.requires_grad_(False)
         if model.classifier is not None:
             model.classifier.requires_grad_(False)
+
+    def term_weights(self):
+        c = self.loss_config
+        weights = {"decoder": 1.0, "feature": c.lambda1}
+        if self.model.classifier is not None:
+            weights["distill"] = c.lambda2
+        return weights
 
     def loss(self, forward, batch):
         from speech2face.losses import speech2face_loss
@@ -903,7 +666,8 @@ def fit(
     run = Path(out)
     placement = init_distributed(config.device)
     device = resolve_device(config, placement)
-    amp_dtype = _amp_dtype(config, device)
+    autocast_dtype = amp_dtype(config, device)
+    set_deterministic(config)
     accum = config.grad_accum
     placement.micro_batch(config)  # checks divisibility before any work
 
@@ -912,7 +676,8 @@ def fit(
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2),
                                  eps=config.eps)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_steps, config.lr_decay)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    # fp16 needs loss scaling (its small gradients underflow); bf16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
 
     loop = LoopState()
     checkpoint = latest_checkpoint(run) if resume else None
@@ -924,7 +689,7 @@ def fit(
             json.dump(config.to_dict(), f, indent=2)
 
     module = stage.trainable
-    if placement.world_size > 1:
+    if dist.is_initialized():
         if device.type == "cuda":
             # BatchNorm statistics over the global batch; SyncBatchNorm runs on GPUs only
             # (torch 2.13 refuses CPU input), so gloo runs normalise per process. The
@@ -939,12 +704,14 @@ def fit(
     bar = tqdm(total=config.steps, initial=loop.step, desc=f"train {stage.name}", unit="step",
                disable=not (progress and placement.is_main), dynamic_ncols=True)
     stream = iter(train_data.batches(loop.epoch, loop.epoch_step * accum))
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
     last_loss = None
 
     def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        if autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
 
     try:
         while loop.step < config.steps:
@@ -960,13 +727,13 @@ def fit(
                         total, terms = stage.loss(module, batch)
                     scaled = total / accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                for name, value in {"total": total.detach(), **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value) / accum
+                # Summed on the device and read only when logged: no host sync per step.
+                _accumulate(sums, {"total": total, **terms}, 1 / accum)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if config.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                _accumulate(sums, {"grad_norm": grad_norm})
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -979,11 +746,8 @@ def fit(
             window_steps += 1
 
             if loop.step % config.log_every == 0 or loop.step == config.steps:
-                names = sorted(sums)
-                mean = _all_reduce_mean(torch.tensor(
-                    [sums[n] / window_steps for n in names], dtype=torch.float64,
-                    device=_reduce_device(device)))
-                values = dict(zip(names, mean.tolist(), strict=True))
+                values = _window_means(sums, window_steps, device)
+                values.update(_shares(values, stage.term_weights()))
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * config.batch_size / max(elapsed, 1e-9)
                 log.scalars(loop.step, "train", {**values, "lr": lr, "samples_per_s": rate})
@@ -1023,6 +787,33 @@ def fit(
                      best_step=loop.best_step, model_dir=model_dir)
 
 
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
+                scale: float = 1.0) -> None:
+    """Add detached float32 ``values * scale`` to ``sums``, staying on their device."""
+    for name, value in values.items():
+        value = value.detach().float() * scale
+        sums[name] = sums[name] + value if name in sums else value
+
+
+def _window_means(sums: dict[str, torch.Tensor], steps: int,
+                  device: torch.device) -> dict[str, float]:
+    """Means over a logging window, averaged over processes: the one host sync."""
+    names = sorted(sums)
+    stacked = torch.stack([sums[n] for n in names]).to(_reduce_device(device), torch.float64)
+    mean = _all_reduce_mean(stacked / steps)
+    return dict(zip(names, mean.tolist(), strict=True))
+
+
+def _shares(values: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+    """Each weighted term's share of the total loss (``share_<term>``), e.g. to see one
+    term drowning the others (the distillation term against a near-uniform teacher)."""
+    total = sum(weight * values[name] for name, weight in weights.items() if name in values)
+    if not total:
+        return {}
+    return {f"share_{name}": weight * values[name] / total
+            for name, weight in weights.items() if name in values}
+
+
 def _reduce_device(device: torch.device) -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return device
@@ -1047,22 +838,21 @@ def _validate(stage: Stage, val_data, config: TrainConfig, run: Path, step: int,
     loss = None
     if placement.is_main:
         stage.model.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         count = 0
         first = None
         for batch in val_data.batches(0, 0):
             batch = stage.on_device(batch, device)
             with autocast():
                 total, terms = stage.loss(stage.trainable, batch)
-            for name, value in {"total": total, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
+            _accumulate(sums, {"total": total, **terms})
             count += 1
             if first is None:
                 first = batch
             if count >= config.val_batches:
                 break
         if count:
-            values = {k: v / count for k, v in sums.items()}
+            values = {k: float(v) / count for k, v in sums.items()}
             log.scalars(step, "val", values)
             loss = values["total"]
             n = config.val_images
@@ -1113,6 +903,9 @@ class ShardData:
             self.root, self.split, batch_size=self.micro_batch,
             shuffle=self.config.shuffle_buffer if self.shuffle else 0, seed=self.config.seed,
             spectrogram=self.spectrogram, drop_last=self.shuffle, seconds=self.config.clip_seconds,
+            # Training draws one of the sample's stored crops (prepare's crops_per_sample)
+            # per visit, with its own landmarks and feature; validation uses the first.
+            random_crop=self.shuffle,
             rank=self.placement.rank, world_size=self.placement.world_size)
         dataset.set_epoch(epoch)
         return dataset
@@ -1177,12 +970,20 @@ def _manifest(data: Path) -> dict:
     return load_manifest(data)
 
 
-def _validation_split(manifest: dict) -> str | None:
-    """The split that validation reads: ``val``, else ``test`` (identity-disjoint from train)."""
-    for name in ("val", "test"):
-        if manifest["splits"].get(name, {}).get("samples"):
-            return name
-    return None
+def _validation_split(data: Path, manifest: dict, config: TrainConfig) -> str | None:
+    """The split validation reads: ``val`` (``None`` with ``val_batches=0``).
+
+    Never ``test``: the best checkpoint is chosen by the validation loss, so validating
+    on test would select on test data. ``prepare`` carves ``val`` out of the training
+    identities by hash unless a split file says otherwise.
+    """
+    if config.val_batches == 0:
+        return None
+    if not manifest["splits"].get("val", {}).get("samples"):
+        raise ConfigError(data, "has no 'val' split to validate on (validation never reads "
+                                "'test'); give some identities the val split in prepare's "
+                                "split file, or set val_batches=0 to train without validation")
+    return "val"
 
 
 def _face_encoder_for_loss(manifest: dict, config: TrainConfig, device: torch.device):
@@ -1200,7 +1001,7 @@ def _data_pair(data: Path, manifest: dict, config: TrainConfig, placement: Place
                spectrogram: bool):
     train = ShardData(data, "train", placement.micro_batch(config), config, placement,
                       spectrogram=spectrogram)
-    split = _validation_split(manifest)
+    split = _validation_split(data, manifest, config)
     val = None if split is None else ShardData(
         data, split, max(1, min(config.batch_size, config.val_images)), config, Placement(),
         spectrogram=spectrogram, shuffle=False)
@@ -1259,6 +1060,16 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
     return VoiceStage(model, config.loss)
 
 
+def _setup(config: TrainConfig, out: Path, resume: bool) -> tuple[Placement, torch.device]:
+    """Checks that need no data, before anything is read or written: the run folder, the
+    process group, the device and its autocast mode."""
+    _check_fresh(out, resume)
+    placement = init_distributed(config.device)
+    device = resolve_device(config, placement)
+    amp_dtype(config, device)
+    return placement, device
+
+
 def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
                   config: TrainConfig | None = None, *, resume: bool = False,
                   progress: bool = True,
@@ -1271,9 +1082,8 @@ def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
     """
     config = config or TrainConfig.paper("decoder")
     data, out = Path(data), Path(out)
-    _check_fresh(out, resume)
-    placement = init_distributed(config.device)
-    stage = decoder_stage(data, config, resolve_device(config, placement))
+    placement, device = _setup(config, out, resume)
+    stage = decoder_stage(data, config, device)
     train, val = _data_pair(data, _manifest(data), config, placement, spectrogram=False)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
 
@@ -1290,10 +1100,9 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
     """
     config = config or TrainConfig.paper()
     data, out = Path(data), Path(out)
-    _check_fresh(out, resume)
+    placement, _ = _setup(config, out, resume)
     if config.encoder not in VOICE_ENCODERS:
         build_voice_encoder(config, 0)  # the error, before anything is read or fitted
-    placement = init_distributed(config.device)
     checkpoint = latest_checkpoint(out) if resume else None
     stage = voice_stage(data, decoder, config, checkpoint, progress)
     train, val = _data_pair(data, _manifest(data), config, placement, spectrogram=True)
@@ -1309,11 +1118,41 @@ def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
         fc8 = load_face_encoder(manifest["encoder"], weights=config.face_encoder_weights).classifier
         if fc8 is not None:
             return _as_linear(fc8)
-    from speech2face.face_encoders import train_identity_classifier
+    from speech2face.face_encoders import fit_identity_classifier
 
-    features, identities = _training_features(data, config, progress)
-    # Every process fits the same classifier (same data, same seed): no communication.
-    return train_identity_classifier(features, identities, seed=config.seed)
+    placement = init_distributed(config.device)
+    linear = None
+    if placement.is_main:
+        # Fitted once per run: rank 0 fits, the other processes receive the weights.
+        features, identities = _training_features(data, config, progress)
+        fit = fit_identity_classifier(features, identities, seed=config.seed,
+                                      weight_decay=config.classifier_weight_decay,
+                                      progress=progress)
+        linear = fit.linear
+        if fit.heldout_nll is not None:
+            print(f"speech2face: identity classifier on {len(features)} clips of "
+                  f"{len(fit.classes)} identities: held-out accuracy "
+                  f"{fit.heldout_accuracy:.1%}, temperature {fit.temperature:.3g}, held-out "
+                  f"NLL {fit.heldout_nll:.3f} (uncalibrated {fit.heldout_nll_uncalibrated:.3f})",
+                  file=sys.stderr)
+    return _broadcast_linear(linear, resolve_device(config, placement))
+
+
+def _broadcast_linear(linear: nn.Linear | None, device: torch.device) -> nn.Linear:
+    """Rank 0's ``linear`` on every process (a no-op outside a process group)."""
+    if not dist.is_initialized():
+        return linear
+    where = _reduce_device(device)
+    shape = torch.tensor(list(linear.weight.shape) if linear is not None else [0, 0],
+                         device=where)
+    dist.broadcast(shape, src=0)
+    if linear is None:
+        linear = nn.Linear(int(shape[1]), int(shape[0])).requires_grad_(False)
+    for tensor in (linear.weight, linear.bias):
+        moved = tensor.detach().to(where)
+        dist.broadcast(moved, src=0)
+        tensor.data.copy_(moved.cpu())
+    return linear
 
 
 def _as_linear(module: nn.Module) -> nn.Linear:
@@ -1350,6 +1189,8 @@ def _training_features(data: Path, config: TrainConfig, progress: bool):
     for shard in split["shards"]:
         for raw in iterate_tar(Path(manifest["root"]) / shard["path"]):
             try:
+                # The first crop only: other crops of a clip are near copies, which would
+                # leak into the held-out clips the classifier is calibrated on.
                 features.append(np.load(io.BytesIO(raw["feature.npy"]), allow_pickle=False))
                 identities.append(json.loads(raw["json"])["identity"])
             except (KeyError, ValueError) as error:

@@ -387,7 +387,13 @@ def _reference_classifier(x, y, n_classes, weight_decay):
     return result.x[: n_classes * d].reshape(n_classes, d), result.x[n_classes * d :]
 
 
+def _standardised(x):
+    return (x - x.mean(0)) / x.std(0, ddof=1)
+
+
 def test_identity_classifier_matches_scipy_and_is_reproducible():
+    """Without held-out clips the fit is the penalised optimum on standardised features
+    (the standardisation folded into the layer): against a float64 full-batch reference."""
     rng = np.random.default_rng(0)
     names = np.array(["carol", "alice", "bob", "dave"])
     centres = rng.normal(0, 1, (4, 8))
@@ -395,22 +401,93 @@ def test_identity_classifier_matches_scipy_and_is_reproducible():
     features = (centres[labels] + rng.normal(0, 0.8, (80, 8))).astype(np.float32)
     ids = names[labels]
     weight_decay = 0.05
-    linear = E.train_identity_classifier(features, ids, seed=0, weight_decay=weight_decay)
+    linear = E.train_identity_classifier(features, ids, seed=0, weight_decay=weight_decay,
+                                         holdout=0)
     assert isinstance(linear, torch.nn.Linear) and linear.weight.shape == (4, 8)
     # Classes are the sorted identity names: alice, bob, carol, dave.
     y = np.searchsorted(np.sort(names), ids)
-    w, b = _reference_classifier(features.astype(np.float64), y, 4, weight_decay)
-    np.testing.assert_allclose(linear.weight.numpy(), w, atol=1e-4)
-    np.testing.assert_allclose(linear.bias.numpy(), b, atol=1e-4)
-    accuracy = (linear(torch.from_numpy(features)).argmax(1).numpy() == y).mean()
+    x64 = features.astype(np.float64)
+    w, b = _reference_classifier(_standardised(x64), y, 4, weight_decay)
+    reference = special.softmax(_standardised(x64) @ w.T + b, axis=1)
+    ours = torch.softmax(linear(torch.from_numpy(features)), 1).double().numpy()
+    np.testing.assert_allclose(ours, reference, atol=2e-3)
+    accuracy = (ours.argmax(1) == y).mean()
     assert accuracy > 0.8
     again = E.train_identity_classifier(
-        torch.from_numpy(features), list(ids), seed=0, weight_decay=weight_decay
+        torch.from_numpy(features), list(ids), seed=0, weight_decay=weight_decay, holdout=0
     )
     torch.testing.assert_close(again.weight, linear.weight, rtol=0, atol=0)
     assert not linear.weight.requires_grad
     # Integer ids work too.
-    assert E.train_identity_classifier(features, labels + 10).out_features == 4
+    assert E.train_identity_classifier(features, labels + 10, holdout=0).out_features == 4
+
+
+def _identities(n_classes, per_class, dim, seed, noise=0.35, noise_seed=None):
+    """Clips of ``n_classes`` identities: a centre on the sphere (drawn from ``seed``) plus
+    Gaussian noise (from ``noise_seed``, default ``seed``)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    if noise_seed is not None:
+        rng = np.random.default_rng(noise_seed)
+    x = centres[labels] + rng.normal(scale=noise, size=(len(labels), dim))
+    return x.astype(np.float32), labels
+
+
+def test_identity_classifier_with_thousands_of_classes_matches_scikit_learn():
+    """2,000 identities in minibatches of 256 (so never all logits at once): the same
+    training and test accuracy as scikit-learn's full-batch multinomial fit of the same
+    penalised objective, and probabilities close to its."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _identities(2000, 4, 8, seed=1)
+    test_x, test_y = _identities(2000, 1, 8, seed=1, noise_seed=99)  # unseen clips
+    weight_decay = 1e-3
+    fit = E.fit_identity_classifier(x, y, weight_decay=weight_decay, holdout=0, batch_size=256,
+                                    epochs=40, min_steps=0)
+    mean, std = x.astype(np.float64).mean(0), x.astype(np.float64).std(0, ddof=1)
+    reference = LogisticRegression(C=1 / (weight_decay * len(x)), max_iter=2000, tol=1e-8)
+    reference.fit((x - mean) / std, y)
+
+    def accuracy(predict, features, labels):
+        return (predict(features) == labels).mean()
+
+    ours = lambda f: fit.linear(torch.from_numpy(f)).argmax(1).numpy()  # noqa: E731
+    theirs = lambda f: reference.predict((f - mean) / std)  # noqa: E731
+    for features, labels in ((x, y), (test_x, test_y)):
+        assert abs(accuracy(ours, features, labels) - accuracy(theirs, features, labels)) < 0.01
+    assert accuracy(theirs, test_x, test_y) > 0.3  # a problem with something to learn
+    p_ours = torch.softmax(fit.linear(torch.from_numpy(test_x)), 1).double().numpy()
+    p_theirs = reference.predict_proba((test_x - mean) / std)
+    assert np.abs(p_ours - p_theirs).sum(1).mean() < 0.05  # total variation per clip
+
+
+def test_identity_classifier_calibration_lowers_heldout_nll():
+    """The temperature is the held-out NLL's minimiser (checked with scipy on the held-out
+    clips), the result is no worse than the uncalibrated fit, and a weakly penalised
+    fit, overconfident on its training clips, gets a temperature above 1."""
+    x, y = _identities(1000, 6, 8, seed=2, noise=0.4)
+    fit = E.fit_identity_classifier(x, y, weight_decay=1e-5, holdout=0.2, seed=3, epochs=20,
+                                    batch_size=512, min_steps=0)
+    held = E.heldout_split(torch.as_tensor(y), 0.2, 3).numpy()
+    assert fit.heldout_samples == held.sum() > 500
+    assert set(np.unique(y[~held])) == set(range(1000))  # every identity keeps clips to fit
+
+    logits = fit.linear(torch.from_numpy(x[held])).double().numpy()  # includes 1 / T
+    uncalibrated = logits * fit.temperature
+
+    def nll(z):
+        return -special.log_softmax(z, axis=1)[np.arange(len(z)), y[held]].mean()
+
+    best = optimize.minimize_scalar(lambda log_t: nll(uncalibrated / np.exp(log_t)),
+                                    bounds=(-5, 5), method="bounded",
+                                    options={"xatol": 1e-8})
+    assert fit.temperature == pytest.approx(np.exp(best.x), rel=1e-3)
+    assert nll(logits) == pytest.approx(fit.heldout_nll, rel=1e-4)
+    assert nll(uncalibrated) == pytest.approx(fit.heldout_nll_uncalibrated, rel=1e-4)
+    assert nll(logits) <= nll(uncalibrated)
+    assert fit.temperature > 1.5 and nll(logits) < 0.9 * nll(uncalibrated)
 
 
 def test_identity_classifier_bad_input():

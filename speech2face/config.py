@@ -1,0 +1,305 @@
+"""Training configuration: :class:`TrainConfig`, its presets, and reading it from files and
+``key=value`` overrides.
+
+A configuration is built in layers: a preset (``paper`` or ``tiny``, for a stage), then a
+JSON/TOML file, then command-line overrides, each replacing the one before. OmegaConf
+(a structured config over the dataclasses) does the merging, the key checks and the type
+conversion of strings such as ``steps=500`` or ``loss.lambda1=0.1``; the value ranges are
+checked by :meth:`TrainConfig.__post_init__`. Every problem is one
+:class:`speech2face.errors.ConfigError` naming the file (or the command line) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speech2face.errors import ConfigError
+from speech2face.losses import LossConfig
+
+# Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
+LEARNING_RATE = 1e-3
+ADAM_BETA1 = 0.5
+ADAM_BETA2 = 0.999  # not given in the paper: Adam's default
+ADAM_EPS = 1e-4
+# Stage 1 (the face decoder) is not the paper's training: its losses are means over
+# pixels, whose gradients per weight are mostly far below the paper's epsilon (on the demo
+# corpus 99.99 % < 1e-4), which turns Adam into plain SGD with a tiny step; its presets
+# use Adam's usual epsilon (docs/training.md).
+DECODER_ADAM_EPS = 1e-8
+LR_DECAY = 0.95  # the learning rate is multiplied by this ...
+LR_DECAY_STEPS = 10_000  # ... every this many steps
+BATCH_SIZE = 8
+
+STAGES = ("voice", "decoder")
+PRESETS = ("paper", "tiny")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+COMMAND_LINE = "<command line>"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter of a training run; ``paper()`` and ``tiny()`` are the presets.
+
+    Set from a JSON/TOML file and ``key=value`` overrides with :func:`load_config`
+    (``loss.lambda1=0.1`` reaches into :class:`speech2face.losses.LossConfig`).
+    """
+
+    # Model sizes of the voice encoder and face decoder: "paper" or "tiny" (tests, CPU demos).
+    preset: str = "paper"
+    # The voice encoder of stage 2, built by train.build_voice_encoder: "paper" is the
+    # network of paper Table 1 (sized by `preset`); "resemblyzer" the pretrained-speaker-
+    # embedding baseline (speech2face.resemblyzer_encoder). Other names are registered there.
+    encoder: str = "paper"
+    # Optimiser steps in all (the run ends there; --resume with a larger value continues).
+    steps: int = 100_000
+    # Samples per optimiser step, over all processes and accumulation steps, so the
+    # result does not depend on how many GPUs share the work (paper: 8).
+    batch_size: int = BATCH_SIZE
+    # Micro-batches per process and step; each is batch_size / (processes * grad_accum).
+    grad_accum: int = 1
+    # Adam (paper section 4).
+    lr: float = LEARNING_RATE
+    beta1: float = ADAM_BETA1
+    beta2: float = ADAM_BETA2
+    eps: float = ADAM_EPS
+    # Staircase decay: lr * lr_decay ** (step // lr_decay_steps) (paper: 0.95 every 10k).
+    lr_decay: float = LR_DECAY
+    lr_decay_steps: int = LR_DECAY_STEPS
+    # Clip the global gradient norm to this; 0 turns clipping off (the paper does not clip).
+    grad_clip: float = 0.0
+    # Autocast: "auto" is bf16 on a GPU that has it, else fp16 with loss scaling, and
+    # float32 on CPU; "bf16" also runs on CPU (autocast there too); "fp16" needs a GPU.
+    amp: str = "auto"
+    # Bitwise-repeatable GPU runs: deterministic cuDNN kernels and
+    # torch.use_deterministic_algorithms (slower; CPU runs are repeatable without it).
+    deterministic: bool = False
+    # "auto" (cuda:LOCAL_RANK when there is a GPU, else cpu), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # Seeds the initial weights and every epoch's sample order.
+    seed: int = 0
+    # Progress-bar and scalar logging interval, in steps.
+    log_every: int = 10
+    # Validation interval in steps, and how many validation batches it averages
+    # (0: no validation; otherwise the shards need a `val` split).
+    val_every: int = 1000
+    val_batches: int = 8
+    # Faces in the validation image grid.
+    val_images: int = 8
+    # Checkpoint interval in steps; the last keep_last are kept, plus the best by validation.
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    # Data-loading worker processes per training process.
+    num_workers: int = 4
+    # Seconds of speech per example (paper section 3.1: 6 s; it also reports 3 s). The
+    # voice encoder averages over time, so a model trained on one length runs on others.
+    clip_seconds: float = 6.0
+    # Shuffle buffer of the shard loader, in samples (bigger mixes more, costs memory).
+    shuffle_buffer: int = 1000
+    # Weights of a VGG-Face encoder when the shards' features came from it.
+    face_encoder_weights: str | None = None
+    # L2 penalty of the stand-in identity classifier (dlib features; see
+    # face_encoders.fit_identity_classifier): its temperature is calibrated afterwards
+    # on held-out clips, so this matters little unless far too large.
+    classifier_weight_decay: float = 1e-4
+    # All loss weights (speech2face.losses.LossConfig).
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        problems = []
+        if self.preset not in PRESETS:
+            problems.append(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.amp not in AMP_MODES:
+            problems.append(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        for name in ("steps", "batch_size", "grad_accum", "lr_decay_steps", "log_every",
+                     "val_every", "checkpoint_every", "keep_last", "val_images", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_batches", "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.lr_decay <= 1:
+            problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not self.clip_seconds > 0:
+            problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
+        for name in ("grad_clip", "classifier_weight_decay"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
+            problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum "
+                            f"{self.grad_accum}")
+        if problems:
+            raise ConfigError(None, "; ".join(problems))
+
+    @classmethod
+    def paper(cls, stage: str = "voice", **changes) -> TrainConfig:
+        """The paper's settings (section 4): batch 8, Adam 1e-3, x0.95 every 10k steps.
+
+        ``stage="decoder"`` differs in Adam's epsilon only (``DECODER_ADAM_EPS``).
+        """
+        return cls(**{**_stage_defaults(stage), **changes})
+
+    @classmethod
+    def tiny(cls, stage: str = "voice", **changes) -> TrainConfig:
+        """Tiny models and a short schedule, for tests and CPU demos."""
+        base = dict(preset="tiny", steps=200, lr_decay_steps=100, log_every=5, val_every=50,
+                    val_batches=2, checkpoint_every=50, keep_last=2, num_workers=0,
+                    shuffle_buffer=100)
+        return cls(**{**base, **_stage_defaults(stage), **changes})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _stage_defaults(stage: str) -> dict:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return {"eps": DECODER_ADAM_EPS} if stage == "decoder" else {}
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The settings of a JSON or TOML file (by suffix; others are read as JSON), nested."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, f"cannot read the config file: {error}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser, packaged as tomli
+                import tomli as tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise ConfigError(path, f"not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
+                                f"{str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "the config file must hold a table/object of settings")
+    return data
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["steps=100", "loss.lambda1=0.1"]`` -> ``{"steps": "100", "loss.lambda1": "0.1"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(COMMAND_LINE, f"expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _nest(flat: dict, source) -> dict:
+    """``{"loss.lambda1": v}`` -> ``{"loss": {"lambda1": v}}`` (nested keys kept as they are)."""
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, last = str(key).split(".")
+        node = nested
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(source, f"{key}: {part!r} is a setting, not a group")
+            node = child
+        node[last] = value
+    return nested
+
+
+def _one_line(error: Exception) -> str:
+    """``key: problem`` from OmegaConf's message, without its ``full_key``/``object_type``
+    trailer lines."""
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"{key}: {message}" if key else message
+
+
+def _settings_text(values: dict) -> dict:
+    """Command-line strings as OmegaConf expects them: "none"/"null"/"" are None."""
+    return {k: None if isinstance(v, str) and v.lower() in ("none", "null", "") else v
+            for k, v in values.items()}
+
+
+def _merge(config: TrainConfig, layer: dict, source) -> TrainConfig:
+    """``config`` with one layer of settings applied, checked by OmegaConf and the dataclass."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not layer:
+        return config
+    from omegaconf.errors import ConfigKeyError
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(config), layer)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as error:
+        known = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "loss"]
+        losses = [f.name for f in dataclasses.fields(LossConfig)]
+        raise ConfigError(source, f"unknown setting {error.full_key!r}; settings are "
+                                  f"{', '.join(known)} and loss.<{'|'.join(losses)}>") from None
+    except OmegaConfBaseException as error:  # a value of the wrong type
+        raise ConfigError(source, _one_line(error)) from None
+    except ConfigError as error:  # a value out of range (TrainConfig.__post_init__)
+        raise ConfigError(source, error.problem) from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict | list[str] | tuple[str, ...] = (),
+    base: TrainConfig | None = None,
+    stage: str = "voice",
+) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset, a JSON/TOML file, then ``key=value`` overrides.
+
+    The preset (``preset=tiny`` in the file or the overrides; default ``base`` or
+    ``paper``, for ``stage``) gives the starting values; the file's keys replace them, then
+    the overrides'. Nested loss weights are ``loss.<name>`` (or a ``[loss]`` table in
+    TOML). Unknown keys and bad values raise :class:`ConfigError` naming the file and key.
+    """
+    layers: list[tuple[object, dict]] = []
+    if path is not None:
+        layers.append((Path(path), _nest(read_config_file(path), Path(path))))
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(list(overrides))
+    layers.append((COMMAND_LINE, _nest(_settings_text(overrides), COMMAND_LINE)))
+
+    preset = None
+    for source, values in layers:
+        if "preset" in values:
+            preset = values["preset"]
+            if preset not in PRESETS:
+                raise ConfigError(source, f"preset must be one of {PRESETS}, got {preset!r}")
+    if preset is None:
+        config = base or TrainConfig.paper(stage)
+    else:
+        config = TrainConfig.tiny(stage) if preset == "tiny" else TrainConfig.paper(stage)
+        if base is not None and base.preset == preset:
+            config = base
+    for source, values in layers:
+        config = _merge(config, values, source)
+    return config
+
+
+__all__ = [
+    "AMP_MODES",
+    "PRESETS",
+    "STAGES",
+    "TrainConfig",
+    "load_config",
+    "parse_overrides",
+    "read_config_file",
+]
