@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench gpu-check lint clean
 
 # resemblyzer (the baseline voice encoder's weights ship in its wheel) goes in with
 # --no-deps: it asks for webrtcvad, which builds from source; webrtcvad-wheels, in [dev],
@@ -27,6 +27,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH)
+
+# Needs one CUDA GPU (bench/bench_gpu.py); fails with one line and exit 2 without one.
+gpu-check: $(STAMP)
+	$(PY) -m bench gpu
+	! grep -q "NOT MET" bench/results/gpu.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check speech2face tests bench

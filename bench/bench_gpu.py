@@ -102,7 +102,7 @@ def tiny_stage(voice: bool, seed: int = 0):
         return DecoderStage(Speech2Face(decoder), LossConfig())
     features, _ = _identities(32, 128, 0)
     classifier = train_identity_classifier(features.repeat(4, 1), torch.arange(32).repeat(4),
-                                           holdout=0)
+                                           holdout=0, min_steps=200)
     model = Speech2Face(decoder, VoiceEncoder(VoiceEncoderConfig.tiny()), classifier, "dlib")
     return VoiceStage(model, LossConfig())
 

@@ -668,7 +668,9 @@ def _fit_temperature(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     """The temperature minimising the held-out NLL (Guo et al. 2017, temperature scaling).
 
     The NLL is convex in beta = 1 / T, so Newton's method on beta converges in a few
-    steps; a step that does not lower the NLL is halved. Returns ``(T, nll(T), nll(1))``.
+    steps; a step that does not lower the NLL is halved. The confidence is then capped
+    (below) for held-out sets classified (almost) without error. Returns
+    ``(T, nll(T), nll(1))``.
     """
     beta = torch.ones(1, dtype=torch.float64)
     value, grad, hess = _mean_nll(x, y, weight, bias, beta)[:, 0]
@@ -686,7 +688,36 @@ def _fit_temperature(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
         beta, (value, grad, hess) = candidate, new
         if converged:
             break
+    # Where (nearly) every held-out clip is classified right, the likelihood keeps
+    # rising as T -> 0 and the teacher would become one-hot with huge logits. Cap its
+    # confidence at what the held-out evidence supports: a mean true-class probability
+    # of at most (hits + 1) / (n + 2) (Laplace's rule of succession).
+    hits = _accuracy(x, y, weight, bias) * len(x)
+    cap = (hits + 1) / (len(x) + 2)
+    if _mean_true_probability(x, y, weight, bias, float(beta)) > cap:
+        # Bisection on log beta: ``high`` is too confident, e^-20 times it is near uniform.
+        high = math.log(float(beta))
+        low = high - 20.0
+        for _ in range(50):
+            middle = (low + high) / 2
+            if _mean_true_probability(x, y, weight, bias, math.exp(middle)) > cap:
+                high = middle
+            else:
+                low = middle
+        beta = torch.tensor([math.exp(low)], dtype=torch.float64)
+        value = _mean_nll(x, y, weight, bias, beta)[0, 0]
     return 1.0 / float(beta), float(value), uncalibrated
+
+
+def _mean_true_probability(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                           bias: torch.Tensor, beta: float) -> float:
+    """Mean probability of the true class under ``softmax(beta * (x W^T + b))``."""
+    total = 0.0
+    for start in range(0, len(x), _CALIBRATION_ROWS):
+        z = (x[start:start + _CALIBRATION_ROWS] @ weight.T + bias).double()
+        log_p = torch.log_softmax(beta * z, dim=1)
+        total += float(log_p.gather(1, y[start:start + _CALIBRATION_ROWS, None]).exp().sum())
+    return total / len(x)
 
 
 def _accuracy(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
@@ -768,15 +799,16 @@ def fit_identity_classifier(
             raise ValueError(f"{name} must be at least 1, got {value}")
     held = heldout_split(y, holdout, seed) if holdout > 0 else torch.zeros(len(y), dtype=torch.bool)
     fit_x, fit_y = x[~held], y[~held]
-    # Standardised features (zero mean, unit variance per dimension): Adam's step is then
-    # the same for any feature scale; the penalty applies to the standardised weights.
+    # Centred features scaled to unit RMS by one number s: Adam's steps then suit any
+    # feature scale (dlib's entries are ~0.05). The objective is unchanged: the raw
+    # weights are W / s, so the penalty wd |W / s|^2 is wd / s^2 on the scaled weights
+    # (the bias is not penalised, so centring changes nothing either).
     mean = fit_x.mean(0, dtype=torch.float64).float()
-    scale = fit_x.std(0).clamp_min(1e-8)
+    scale = float((fit_x - mean).square().mean().sqrt().clamp_min(1e-12))
     weight, bias = _minibatch_logistic_regression((fit_x - mean) / scale, fit_y, len(classes),
-                                                  weight_decay, epochs, batch_size, lr, seed,
-                                                  progress, min_steps)
-    # Back to raw features: W' = W / scale, b' = b - W' mean.
-    weight = weight / scale
+                                                  weight_decay / scale**2, epochs, batch_size,
+                                                  lr, seed, progress, min_steps)
+    weight = weight / scale  # back to raw features: W' = W / s, b' = b - W' mean
     bias = bias - weight @ mean
     temperature, nll, nll_before, held_accuracy = 1.0, None, None, None
     if held.any():
@@ -798,9 +830,8 @@ def train_identity_classifier(features, identity_ids, seed: int = 0, **options) 
 
     SPEC.md: where a face encoder has no identity classifier (dlib), the distillation
     term uses a linear classifier trained on the training identities' face features,
-    frozen like fc8. This is multinomial logistic regression on standardised features
-    (zero mean, unit variance per dimension), ``mean cross-entropy + weight_decay / 2 *
-    ||W||^2`` (bias not penalised), minimised by minibatch Adam
+    frozen like fc8. This is multinomial logistic regression, ``mean cross-entropy +
+    weight_decay / 2 * ||W||^2`` (bias not penalised), minimised by minibatch Adam
     (memory bounded by one minibatch of logits), then **calibrated**: a temperature
     chosen by the log-likelihood of held-out clips of the same identities (``holdout``,
     10 % of each identity's clips, not used for fitting) is folded into the weights. A
@@ -812,8 +843,7 @@ def train_identity_classifier(features, identity_ids, seed: int = 0, **options) 
     features: (N, D) array or tensor. identity_ids: (N,) ints or strings; class k is the
     k-th of ``sorted(set(identity_ids))``. ``options``: those of
     :func:`fit_identity_classifier` (``weight_decay``, ``epochs``, ``batch_size``,
-    ``lr``, ``holdout``, ``min_steps``, ``progress``). The standardisation is folded
-    into the returned layer, which takes raw features. Returns
+    ``lr``, ``holdout``, ``min_steps``, ``progress``). Returns
     ``nn.Linear(D, n_identities)`` (float32, on CPU, requires_grad off). Cost: about
     ``epochs`` x 6 x N x D x n_identities flops (docs/benchmarks.md: 200,000 x 128
     features of 6,000 identities).

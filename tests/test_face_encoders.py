@@ -387,13 +387,9 @@ def _reference_classifier(x, y, n_classes, weight_decay):
     return result.x[: n_classes * d].reshape(n_classes, d), result.x[n_classes * d :]
 
 
-def _standardised(x):
-    return (x - x.mean(0)) / x.std(0, ddof=1)
-
-
 def test_identity_classifier_matches_scipy_and_is_reproducible():
-    """Without held-out clips the fit is the penalised optimum on standardised features
-    (the standardisation folded into the layer): against a float64 full-batch reference."""
+    """Without held-out clips the fit is the penalised optimum: against a float64
+    full-batch reference (scipy L-BFGS-B on the same objective)."""
     rng = np.random.default_rng(0)
     names = np.array(["carol", "alice", "bob", "dave"])
     centres = rng.normal(0, 1, (4, 8))
@@ -407,8 +403,8 @@ def test_identity_classifier_matches_scipy_and_is_reproducible():
     # Classes are the sorted identity names: alice, bob, carol, dave.
     y = np.searchsorted(np.sort(names), ids)
     x64 = features.astype(np.float64)
-    w, b = _reference_classifier(_standardised(x64), y, 4, weight_decay)
-    reference = special.softmax(_standardised(x64) @ w.T + b, axis=1)
+    w, b = _reference_classifier(x64, y, 4, weight_decay)
+    reference = special.softmax(x64 @ w.T + b, axis=1)
     ours = torch.softmax(linear(torch.from_numpy(features)), 1).double().numpy()
     np.testing.assert_allclose(ours, reference, atol=2e-3)
     accuracy = (ours.argmax(1) == y).mean()
@@ -446,20 +442,20 @@ def test_identity_classifier_with_thousands_of_classes_matches_scikit_learn():
     weight_decay = 1e-3
     fit = E.fit_identity_classifier(x, y, weight_decay=weight_decay, holdout=0, batch_size=256,
                                     epochs=40, min_steps=0)
-    mean, std = x.astype(np.float64).mean(0), x.astype(np.float64).std(0, ddof=1)
+    # scikit-learn minimises C * sum(CE) + |W|^2 / 2: the same optimum for C = 1 / (wd N).
     reference = LogisticRegression(C=1 / (weight_decay * len(x)), max_iter=2000, tol=1e-8)
-    reference.fit((x - mean) / std, y)
+    reference.fit(x, y)
 
     def accuracy(predict, features, labels):
         return (predict(features) == labels).mean()
 
     ours = lambda f: fit.linear(torch.from_numpy(f)).argmax(1).numpy()  # noqa: E731
-    theirs = lambda f: reference.predict((f - mean) / std)  # noqa: E731
+    theirs = lambda f: reference.predict(f)  # noqa: E731
     for features, labels in ((x, y), (test_x, test_y)):
         assert abs(accuracy(ours, features, labels) - accuracy(theirs, features, labels)) < 0.01
     assert accuracy(theirs, test_x, test_y) > 0.3  # a problem with something to learn
     p_ours = torch.softmax(fit.linear(torch.from_numpy(test_x)), 1).double().numpy()
-    p_theirs = reference.predict_proba((test_x - mean) / std)
+    p_theirs = reference.predict_proba(test_x)
     assert np.abs(p_ours - p_theirs).sum(1).mean() < 0.05  # total variation per clip
 
 
@@ -488,6 +484,19 @@ def test_identity_classifier_calibration_lowers_heldout_nll():
     assert nll(uncalibrated) == pytest.approx(fit.heldout_nll_uncalibrated, rel=1e-4)
     assert nll(logits) <= nll(uncalibrated)
     assert fit.temperature > 1.5 and nll(logits) < 0.9 * nll(uncalibrated)
+
+
+def test_identity_classifier_confidence_is_capped_when_heldout_clips_are_all_right():
+    """Separable identities (the demo's): the held-out likelihood rises without end as
+    T -> 0, so the teacher's mean true-class probability on held-out clips is capped at
+    Laplace's (hits + 1) / (n + 2) instead of becoming one-hot."""
+    x, y = _identities(20, 12, 16, seed=4, noise=0.05)
+    fit = E.fit_identity_classifier(x, y, holdout=0.25, seed=0, min_steps=300)
+    held = E.heldout_split(torch.as_tensor(y), 0.25, 0).numpy()
+    n = int(held.sum())
+    assert fit.heldout_accuracy == 1.0 and n > 20
+    p = torch.softmax(fit.linear(torch.from_numpy(x[held])), 1).double().numpy()
+    assert p[np.arange(n), y[held]].mean() == pytest.approx((n + 1) / (n + 2), abs=1e-4)
 
 
 def test_identity_classifier_bad_input():

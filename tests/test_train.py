@@ -443,11 +443,12 @@ def test_amp_fp16_on_cpu_and_unknown_encoder_exit_2_writing_nothing(shards, tmp_
     from speech2face.cli import main
 
     out = tmp_path / "run"
-    base = ["--data", str(shards), "--out", str(out), "preset=tiny", "device=cpu"]
-    assert main(["train-decoder", *base, "amp=fp16"]) == 2
+    base = ["--data", str(shards), "--out", str(out)]
+    assert main(["train-decoder", *base, "preset=tiny", "device=cpu", "amp=fp16"]) == 2
     err = capsys.readouterr().err.strip()
     assert "amp: fp16 needs a CUDA GPU" in err and "\n" not in err
-    assert main(["train", *base, "--decoder", str(tmp_path), "encoder=whisper"]) == 2
+    assert main(["train", *base, "--decoder", str(tmp_path), "preset=tiny",
+                 "encoder=whisper"]) == 2
     err = capsys.readouterr().err.strip()
     assert "encoder" in err and "'whisper'" in err and "\n" not in err
     assert not out.exists()
