@@ -29,7 +29,8 @@ from speech2face.demo_data import make_demo_data
 from speech2face.errors import DataError
 
 SPEAKERS, VIDEOS, CLIPS, FRAMES = 6, 2, 3, 2
-PER_SHARD = 2
+PER_SHARD = 4
+MIX = 4  # clips per mixing window: windows of two videos (6 samples)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -48,10 +49,17 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
+def prepare_vox1(corpus: Path, out: Path, **options) -> dict:
+    return data.prepare(
+        "voxceleb1", corpus, out, samples_per_shard=PER_SHARD, mix_clips=MIX, progress=False,
+        **options,
+    )
+
+
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "shards"
-    data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+    prepare_vox1(corpus, out)
     return out
 
 
@@ -282,7 +290,7 @@ def test_bad_inputs_are_skipped_and_counted(corpus, tmp_path):
     )
 
     out = tmp_path / "shards"
-    data.prepare("voxceleb1", root, out, samples_per_shard=PER_SHARD, progress=False)
+    data.prepare("voxceleb1", root, out, samples_per_shard=PER_SHARD, mix_clips=MIX, progress=False)
     manifest = data.load_manifest(out)
     reasons = {(s["item"], s["reason"]) for s in manifest["skipped"]}
     assert any(
@@ -320,12 +328,14 @@ def test_killed_run_resumes_to_identical_shards(corpus, reference, tmp_path):
         str(out),
         "--samples-per-shard",
         str(PER_SHARD),
+        "--mix-clips",
+        str(MIX),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / "parts" / "progress-00000-of-00001.json"
-    deadline = time.time() + 60
+    deadline = time.time() + 600  # a guard only: a loaded machine can be very slow
     while time.time() < deadline and proc.poll() is None:
-        if progress.is_file() and json.loads(progress.read_text())["state"]["next_unit"] >= 2:
+        if progress.is_file() and json.loads(progress.read_text())["state"]["next_window"] >= 1:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -343,7 +353,7 @@ def test_killed_run_resumes_to_identical_shards(corpus, reference, tmp_path):
         else:  # renamed but killed before the progress file was written: still complete
             with tarfile.open(path) as tar:
                 assert len(tar.getmembers()) == 5 * PER_SHARD
-    data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+    prepare_vox1(corpus, out)
     assert shard_files(out) == shard_files(reference)
     assert data.load_manifest(out) == {**data.load_manifest(reference), "root": str(out)}
     assert not list(out.rglob("*.partial"))
@@ -352,7 +362,7 @@ def test_killed_run_resumes_to_identical_shards(corpus, reference, tmp_path):
 def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
     corpus, reference, tmp_path, monkeypatch
 ):
-    """A crash (here: in the fourth video) after a shard that ended inside a video."""
+    """A crash (here: in the fourth video) after a shard that ended inside a window."""
     out = tmp_path / "shards"
     calls = {"n": 0}
     original = _Processor.__call__
@@ -365,13 +375,14 @@ def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
 
     monkeypatch.setattr(_Processor, "__call__", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+        prepare_vox1(corpus, out)
     state = json.loads((out / "parts" / "progress-00000-of-00001.json").read_text())["state"]
-    # Shards of 2 over units of 3 samples: the last complete shard ends after the second
-    # sample of unit 2, so the rerun must redo unit 2 and drop its first two samples.
-    assert (state["next_unit"], state["samples_done"]) == (2, 2)
+    # Shards of 4 over windows of 6 samples (two videos): the crash in the second window
+    # comes after a shard that ended inside the first, so the rerun must redo the first
+    # window and drop its first four samples.
+    assert (state["next_window"], state["samples_done"]) == (0, 4)
     monkeypatch.setattr(_Processor, "__call__", original)
-    data.prepare("voxceleb1", corpus, out, samples_per_shard=PER_SHARD, progress=False)
+    prepare_vox1(corpus, out)
     assert shard_files(out) == shard_files(reference)
     assert data.load_manifest(out) == {**data.load_manifest(reference), "root": str(out)}
 
@@ -387,6 +398,7 @@ def test_two_shard_indices_together_equal_one_run(corpus, reference, tmp_path):
             shard_index=i,
             num_shards=2,
             samples_per_shard=PER_SHARD,
+            mix_clips=MIX,
             workers=1 + i,
             progress=False,
         )
@@ -411,7 +423,7 @@ def test_two_shard_indices_together_equal_one_run(corpus, reference, tmp_path):
 
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
     before = shard_files(reference)
-    data.prepare("voxceleb1", corpus, reference, samples_per_shard=PER_SHARD, progress=False)
+    prepare_vox1(corpus, reference)
     assert shard_files(reference) == before
     with pytest.raises(DataError, match="other arguments"):
         data.prepare(
@@ -563,7 +575,7 @@ def test_avspeech_segments(corpus, tmp_path):
         "skipped"
     ]
     metas = data.load_split(out, split)["meta"]
-    assert [(m["clip"], m["start"], m["end"]) for m in metas] == [
+    assert sorted((m["clip"], m["start"], m["end"]) for m in metas) == [
         ("s000000000", 0.0, 1.5),
         ("s000002000", 2.0, 3.9),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,8 @@ def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0) -> di
         }
     except (KeyError, ValueError, RuntimeError, OSError) as error:
         raise DataError(
-            raw.get("__key__"), f"undecodable sample ({type(error).__name__}: {error})"
+            raw.get("__url__"),
+            f"undecodable sample {raw.get('__key__')} ({type(error).__name__}: {error})",
         ) from None
 
 
@@ -113,7 +115,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             )
         self.split = split
         self.root = Path(self.manifest["root"])
-        self.shards = [self.root / s["path"] for s in self.manifest["splits"][split]["shards"]]
+        self.entries = self.manifest["splits"][split]["shards"]
+        self.shards = [self.root / s["path"] for s in self.entries]
         self.num_samples = self.manifest["splits"][split]["samples"]
         self.identity_index = {
             identity: i for i, identity in enumerate(self.manifest["identities"])
@@ -141,19 +144,30 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def shards_for(self, reader: int, readers: int, epoch: int) -> list[Path]:
         """The shards a reader reads in an epoch (shuffled by epoch when shuffling)."""
+        return [self.shards[i] for i in self._order(reader, readers, epoch)]
+
+    def _order(self, reader: int, readers: int, epoch: int) -> list[int]:
         order = list(range(len(self.shards)))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(order)).tolist()
-        return [self.shards[i] for i in order[reader::readers]]
+        return order[reader::readers]
+
+    def _raw(self, reader: int, readers: int, epoch: int) -> Iterator[dict]:
+        """The raw samples of this reader's shards, each shard checked against the manifest."""
+        for i in self._order(reader, readers, epoch):
+            entry = self.entries[i]
+            yield from iterate_tar(self.shards[i], entry["size"], entry["sha256"])
 
     def samples(self) -> Iterator[dict]:
-        """Decoded single samples of this reader (all epochs when ``repeat``)."""
+        """Decoded single samples of this reader (all epochs when ``repeat``).
+
+        Per epoch a webdataset pipeline: this reader's shards (checked, expanded, grouped
+        by key), a shuffle buffer of ``shuffle`` samples, decoding.
+        """
+        import webdataset as wds
+
         reader, readers = self._reader()
-        if (
-            reader >= len(self.shards)
-            and len(self.shards) > 0
-            and not getattr(self, "_warned", False)
-        ):
+        if reader >= len(self.shards) > 0 and not getattr(self, "_warned", False):
             self._warned = True
             warnings.warn(
                 f"reader {reader} of {readers} has no shard to read ({len(self.shards)} shards)",
@@ -161,22 +175,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
             )
         epoch = self.epoch
         while True:
-            rng = np.random.default_rng([self.seed, epoch, reader])
-            buffer: list[dict] = []
-            for shard in self.shards_for(reader, readers, epoch):
-                for raw in iterate_tar(shard):
-                    if self.shuffle <= 1:
-                        yield self._decode(raw, rng)
-                        continue
-                    if len(buffer) < self.shuffle:
-                        buffer.append(raw)
-                        continue
-                    i = int(rng.integers(len(buffer)))
-                    buffer[i], raw = raw, buffer[i]
-                    yield self._decode(raw, rng)
-            rng.shuffle(buffer)
-            for raw in buffer:
-                yield self._decode(raw, rng)
+            seeds = [self.seed, epoch, reader]
+            crop_rng = np.random.default_rng(seeds)
+            stages = [lambda: self._raw(reader, readers, epoch)]  # noqa: B023 - called at once
+            if self.shuffle > 1:
+                rng = random.Random(int(np.random.SeedSequence(seeds).generate_state(1)[0]))
+                stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, rng=rng))
+            stages.append(wds.map(lambda raw: self._decode(raw, crop_rng)))  # noqa: B023
+            yield from wds.DataPipeline(*stages)
             epoch += 1
             if not self.repeat or not self.shards:
                 return
@@ -189,18 +195,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return decode_sample(raw, self.seconds, crop)
 
     def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
         if self.batch_size is None:
             for sample in self.samples():
                 yield collate([sample], self.identity_index, self.spectrogram)
             return
-        batch: list[dict] = []
-        for sample in self.samples():
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield collate(batch, self.identity_index, self.spectrogram)
-                batch = []
-        if batch and not self.drop_last:
-            yield collate(batch, self.identity_index, self.spectrogram)
+        yield from wds.batched(
+            self.batch_size,
+            collation_fn=lambda b: collate(b, self.identity_index, self.spectrogram),
+            partial=not self.drop_last,
+        )(self.samples())
 
 
 def make_loader(

@@ -16,11 +16,11 @@ a face of the same video::
 Scale and faults. The work unit is a video. With ``num_shards = n`` a run only takes the
 videos whose stable hash is ``shard_index`` mod n, so a cluster job array needs no
 coordination. Within a run, videos are processed by a worker pool but written in a
-fixed order (split, identity, video), so the output is a deterministic function of the
-inputs and the arguments. Shards are written under a temporary name and renamed when
+fixed, identity-mixed order (:func:`plan_windows`), so the output is a deterministic
+function of the inputs and the arguments. Shards are written under a temporary name and renamed when
 complete; after each completed shard a progress file records where the run is. Killed
 at any moment and rerun with the same arguments, a run continues from the last
-completed shard (re-processing the video it was in and dropping the samples it already
+completed shard (re-processing the mixing window it was in and dropping the samples it already
 wrote), so its final shards are byte-identical to an uninterrupted run's. Each run
 writes a part manifest; the run that completes the last part merges all parts into
 ``manifest.json`` (``merge_manifests`` does it by hand).
@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -70,6 +69,13 @@ from speech2face.utils import atomic_write, output_entries
 
 SAMPLES_PER_SHARD = 1000  # ~150 MB shards: 6 s of FLAC is ~100-150 kB, a crop ~15 kB
 CROPS_PER_SAMPLE = 1
+# Samples are written in a mixed order, not sorted by identity: consecutive samples of a
+# sorted shard share an identity ~90% of the time, and a shuffle buffer of 1,000 over
+# VoxCeleb2's ~180 clips per identity would hold only ~6 identities. Videos are put in
+# a seeded hash order within their split and cut into windows of ~MIX_CLIPS clips; a
+# window's samples are written in the hash order of their keys. A window is held in
+# memory (~150 MB of FLAC and JPEG at 1,000 clips) and is the unit of resuming.
+MIX_CLIPS = 1000
 
 
 # ========================================================================== processing
@@ -87,6 +93,8 @@ class Options:
     crops_per_sample: int = CROPS_PER_SAMPLE
     frames_per_video: int = FRAMES_PER_VIDEO
     samples_per_shard: int = SAMPLES_PER_SHARD
+    seed: int = 0  # the mixed order of samples (plan_windows)
+    mix_clips: int = MIX_CLIPS
 
 
 @dataclass
@@ -146,6 +154,7 @@ class _Processor:
             return result
         result.counts.update(videos=1)
         c = self.options.crops_per_sample
+        names = _key_names([clip.name for clip, _ in waves])
         for j, (clip, flac) in enumerate(waves):
             picks = [(j * c + t) % len(crops) for t in range(c)]
             meta = {
@@ -167,7 +176,7 @@ class _Processor:
             files["json"] = json.dumps(meta, sort_keys=True).encode()
             result.samples.append(
                 {
-                    "key": f"{unit.key}/{clip.name}",
+                    "key": f"{unit.key}/{names[j]}",
                     "files": files,
                     "landmarks": landmarks[picks[0]],
                     "identity": unit.identity,
@@ -240,6 +249,23 @@ class _Processor:
             out.append((clip, _encode_flac(fit_duration(wave, seconds))))
             result.counts.update(clips=1)
         return out
+
+
+def _key_names(clips: list[str]) -> list[str]:
+    """Clip names as the last part of sample keys: WebDataset cuts a key at the first dot
+    of the file name, so dots become ``_`` (``00001.part.2`` -> ``00001_part_2``), and a
+    name already taken in the video (``a.wav`` and ``a.flac``) gets ``_2``, ``_3``..."""
+    taken: set[str] = set()
+    names = []
+    for clip in clips:
+        name = base = clip.replace(".", "_")
+        n = 1
+        while name in taken:
+            n += 1
+            name = f"{base}_{n}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def _is_video(path: str) -> bool:
@@ -316,67 +342,120 @@ def _worker_run(unit: Unit) -> UnitResult:
     return _WORKER(unit)
 
 
+# ============================================================================== order
+
+
+
+def _mix_rank(key: str, seed: int) -> tuple[int, str]:
+    return stable_hash(f"mix:{seed}:{key}"), key
+
+
+def plan_windows(units: list[Unit], mix_clips: int = MIX_CLIPS, seed: int = 0) -> list[list[Unit]]:
+    """Units in writing order, cut into mixing windows.
+
+    Split by split (train, val, test; units skipped before processing last), videos in
+    the hash order of ``seed`` and their key; a window ends when it holds ``mix_clips``
+    listed clips or at the end of a split. The plan depends only on the inputs.
+    """
+    rank = {s: i for i, s in enumerate(SPLITS)}
+    ordered = sorted(
+        units, key=lambda u: (rank.get(u.split, len(SPLITS)), _mix_rank(u.key, seed))
+    )
+    windows: list[list[Unit]] = []
+    clips = 0
+    for unit in ordered:
+        if not windows or unit.split != windows[-1][-1].split or clips >= mix_clips:
+            windows.append([])
+            clips = 0
+        windows[-1].append(unit)
+        clips += len(unit.clips)
+    return windows
+
+
+def mix_samples(samples: list[dict], seed: int = 0) -> list[dict]:
+    """A window's samples in their writing order: the hash order of their keys."""
+    return sorted(samples, key=lambda s: _mix_rank(s["key"], seed))
+
+
 # ============================================================================ writing
 
 
 class _HashingFile:
-    """A write-only file that also computes the SHA-256 of what goes through it."""
+    """A write-only file that also counts and hashes (SHA-256) what goes through it."""
 
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
+    def __init__(self, path: Path):
+        self.f, self.sha, self.size = open(path, "wb"), hashlib.sha256(), 0
 
     def write(self, data) -> int:
         self.sha.update(data)
+        self.size += len(data)
         return self.f.write(data)
 
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
 
-class _ShardWriter:
-    """Writes one split's shards: ``<split>-NNNNNN.tar`` under a temporary name first."""
 
-    def __init__(
-        self, out: Path, split: str, prefix: str, first_index: int, samples_per_shard: int
-    ):
-        self.out, self.split, self.prefix = out, split, prefix
-        self.index, self.capacity = first_index, samples_per_shard
-        self.tar = self.file = self.hasher = None
-        self.count = 0
+class _SplitWriter:
+    """One split's shards, through webdataset's ShardWriter and TarWriter.
 
-    @property
-    def name(self) -> str:
-        return f"{self.split}/{self.split}-{self.prefix}{self.index:06d}.tar"
+    A shard is written as ``SPLIT/.SPLIT-[pIIIII-]NNNNNN.tar.partial``, and when it holds
+    ``samples_per_shard`` samples (or the split ends) it is fsynced, renamed to its
+    final name and passed to ``on_shard`` as a manifest entry (path, samples, size,
+    sha256). Members get mtime 0, no owner and mode 0444, so shards are byte-identical
+    across reruns. What ShardWriter does not do, done here: the temporary name, the
+    fsync and rename, the hash, and closing a shard as soon as it is full (ShardWriter
+    closes it only when the next sample arrives, too late for a checkpoint).
+    """
 
-    def add(self, sample: dict) -> None:
-        if self.tar is None:
-            path = self.out / self.name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path.with_name(f".{path.name}.partial"), "wb")
-            self.hasher = _HashingFile(self.file)
-            self.tar = tarfile.open(fileobj=self.hasher, mode="w|", format=tarfile.USTAR_FORMAT)
-        for ext, data in sample["files"].items():
-            info = tarfile.TarInfo(f"{sample['key']}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed: byte-identical reruns
-            self.tar.addfile(info, io.BytesIO(data))
-        self.count += 1
+    def __init__(self, out: Path, split: str, prefix: str, first_index: int,
+                 samples_per_shard: int, on_shard):
+        import webdataset as wds
 
-    @property
-    def full(self) -> bool:
-        return self.count >= self.capacity
+        self.out, self.split, self.on_shard = out, split, on_shard
+        self._files: dict[str, _HashingFile] = {}
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        pattern = str(folder / f".{split}-{prefix}").replace("%", "%%") + "%06d.tar.partial"
+        self.shards = wds.ShardWriter(
+            pattern, maxcount=samples_per_shard, maxsize=float("inf"), start_shard=first_index,
+            verbose=0, opener=self._open, post=self._complete,
+            encoder=False, mtime=0, user="", group="", mode=0o444,
+        )
 
-    def finish(self) -> dict | None:
-        """Complete the current shard and rename it into place; its manifest entry."""
-        if self.tar is None:
-            return None
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        path = self.out / self.name
-        os.replace(path.with_name(f".{path.name}.partial"), path)
-        entry = {"path": self.name, "samples": self.count, "sha256": self.hasher.sha.hexdigest()}
-        self.tar = self.file = self.hasher = None
-        self.count = 0
-        self.index += 1
-        return entry
+    def _open(self, name: str) -> _HashingFile:
+        self._files[name] = _HashingFile(Path(name))
+        return self._files[name]
+
+    def _complete(self, name: str) -> None:
+        file = self._files.pop(name)
+        file.close()
+        partial = Path(name)
+        final = partial.with_name(partial.name[1 : -len(".partial")])
+        os.replace(partial, final)
+        self.on_shard({
+            "path": final.relative_to(self.out).as_posix(),
+            "samples": self.shards.count,
+            "size": file.size,
+            "sha256": file.sha.hexdigest(),
+        })
+
+    def write(self, sample: dict) -> None:
+        self.shards.write({"__key__": sample["key"], **sample["files"]})
+        if self.shards.count >= self.shards.maxcount:
+            self.shards.finish()  # complete it now, not at the next write
+
+    def close(self) -> None:
+        self.shards.close()
+
+    def abort(self) -> None:
+        """Stop after an error: the unfinished shard stays a ``.partial`` (the next run
+        deletes it), closed here rather than by the garbage collector."""
+        if self.shards.tarstream is not None:
+            self.shards.tarstream.close()
+        for file in self._files.values():
+            file.f.close()
 
 
 def _part_name(shard_index: int, num_shards: int) -> str:
@@ -389,7 +468,7 @@ def _fingerprint(obj) -> str:
 
 def _new_state() -> dict:
     return {
-        "next_unit": 0,
+        "next_window": 0,
         "samples_done": 0,
         "splits": {},
         "skipped": [],
@@ -416,6 +495,8 @@ def prepare(
     crops_per_sample: int = CROPS_PER_SAMPLE,
     identity_threshold: float = SAME_PERSON_DISTANCE,
     identity_linkage: str = "average",
+    seed: int = 0,
+    mix_clips: int = MIX_CLIPS,
     progress: bool = True,
 ) -> dict:
     """Turn a dataset into WebDataset shards under ``out`` (module docstring, docs/data.md).
@@ -426,6 +507,7 @@ def prepare(
         ``shard_index`` mod ``num_shards`` (a cluster job array runs every index).
     encoder: face encoder name (``face_encoders.load_face_encoder``).
     samples_per_shard: samples per tar shard (the last shard of a split may hold fewer).
+    seed, mix_clips: the mixed sample order (:func:`plan_windows`).
     Resumable: rerun with the same arguments after a crash or kill to continue.
 
     Returns this run's part manifest (dict). When every part of the ``num_shards`` is
@@ -436,7 +518,8 @@ def prepare(
 
     if not 0 <= shard_index < num_shards:
         raise DataError(None, f"--shard-index {shard_index} is not in [0, {num_shards})")
-    if samples_per_shard < 1 or workers < 1 or crops_per_sample < 1 or frames_per_video < 1:
+    if (samples_per_shard < 1 or workers < 1 or crops_per_sample < 1 or frames_per_video < 1
+            or mix_clips < 1):
         raise DataError(None, "samples per shard, workers, crops and frames must be >= 1")
     from speech2face.errors import ConfigError
     from speech2face.face_encoders import ENCODERS
@@ -452,6 +535,8 @@ def prepare(
         crops_per_sample=crops_per_sample,
         frames_per_video=frames_per_video,
         samples_per_shard=samples_per_shard,
+        seed=seed,
+        mix_clips=mix_clips,
     )
     all_units = list_units(dataset, root, frames_per_video)
     merging = None  # AVSpeech: one identity per person, not per video (data/identities.py)
@@ -460,6 +545,7 @@ def prepare(
             all_units, identity_threshold, identity_linkage, detector, progress
         )
     units = [u for u in all_units if stable_hash(u.key) % num_shards == shard_index]
+    windows = plan_windows(units, mix_clips, seed)
     part = _part_name(shard_index, num_shards)
     run_id = {
         "format": FORMAT_VERSION,
@@ -474,7 +560,7 @@ def prepare(
     progress_path = parts / f"progress-{part}.json"
 
     if part_manifest_path.is_file():
-        done = json.loads(part_manifest_path.read_text())
+        done = _read_json(part_manifest_path)
         if done.get("run") != run_id:
             raise DataError(
                 out, f"holds part {part} prepared with other arguments or inputs; use a new --out"
@@ -483,7 +569,7 @@ def prepare(
         return done
     state = _new_state()
     if progress_path.is_file():
-        saved = json.loads(progress_path.read_text())
+        saved = _read_json(progress_path)
         if saved.get("run") != run_id:
             raise DataError(
                 out,
@@ -496,57 +582,85 @@ def prepare(
     ):
         raise DataError(out, "output folder exists, is not empty and is not a prepare output")
     prefix = "" if num_shards == 1 else f"p{shard_index:05d}-"
-    _remove_partials(out, prefix)
+    _remove_leftovers(out, prefix, part)
 
-    def checkpoint(next_unit: int, samples_done: int) -> None:
-        if next_unit < len(units) and samples_done >= n_samples.get(next_unit, math.inf):
-            next_unit, samples_done = next_unit + 1, 0
-        state["next_unit"], state["samples_done"] = next_unit, samples_done
+    # What the state holds as JSON lists is kept as sets and arrays while running.
+    identities = {s: set(v.get("identities", [])) for s, v in state["splits"].items()}
+    landmarks_sum = (np.zeros((68, 2)) if state["landmarks_sum"] is None
+                     else np.asarray(state["landmarks_sum"], dtype=np.float64))
+    window_samples: dict[int, int] = {}
+    position = [state["next_window"], state["samples_done"]]  # after the last written sample
+
+    def checkpoint() -> None:
+        window, done = position
+        if window < len(windows) and done >= window_samples.get(window, math.inf):
+            window, done = window + 1, 0
+        state["next_window"], state["samples_done"] = window, done
+        for split, seen in identities.items():
+            state["splits"][split]["identities"] = sorted(seen)
+        if state["landmarks_count"]:
+            state["landmarks_sum"] = landmarks_sum.tolist()
         with atomic_write(progress_path, "w") as f:
             json.dump({"run": run_id, "state": state}, f)
 
-    n_samples: dict[int, int] = {}
-    start, drop_first = state["next_unit"], state["samples_done"]
-    writer: _ShardWriter | None = None
+    def on_shard(entry: dict) -> None:
+        state["splits"][writer.split]["shards"].append(entry)
+        checkpoint()
+
+    start, drop_first = state["next_window"], state["samples_done"]
+    writer: _SplitWriter | None = None
     counts = Counter(state["counts"])
     bar = tqdm(
         total=len(units),
-        initial=start,
+        initial=sum(len(w) for w in windows[:start]),
         desc=f"prepare {dataset} [{part}]",
         unit="video",
         disable=not progress,
     )
-    results = _results(units[start:], options, workers)
+    results = _results([u for w in windows[start:] for u in w], options, workers)
     try:
-        for index, result in enumerate(results, start):
-            unit = units[index]
-            n_samples[index] = len(result.samples)
+        for index in range(start, len(windows)):
+            window = windows[index]
+            split = window[0].split
+            found = [next(results) for _ in window]
+            samples = mix_samples([s for r in found for s in r.samples], seed)
+            window_samples[index] = len(samples)
             drop = drop_first if index == start else 0
-            todo = result.samples[drop:]
-            if todo and writer is not None and writer.split != unit.split:
-                _finish(writer, state)
-                checkpoint(index, 0)
+            if samples[drop:] and writer is not None and writer.split != split:
+                writer.close()
                 writer = None
-            if drop == 0:  # this unit's skips and counts are not recorded yet
-                state["skipped"].extend([item, reason] for item, reason in result.skipped)
-                counts.update(result.counts)
+            if drop == 0:  # this window's skips and counts are not recorded yet
+                for r in found:
+                    state["skipped"].extend([item, reason] for item, reason in r.skipped)
+                    counts.update(r.counts)
                 state["counts"] = dict(counts)
-            for j, sample in enumerate(todo, drop):
+            for j, sample in enumerate(samples[drop:], drop):
                 if writer is None:
-                    done = state["splits"].setdefault(unit.split, {"shards": []})
-                    writer = _ShardWriter(
-                        out, unit.split, prefix, len(done["shards"]), samples_per_shard
+                    done = state["splits"].setdefault(split, {"samples": 0, "shards": []})
+                    identities.setdefault(split, set())
+                    writer = _SplitWriter(
+                        out, split, prefix, len(done["shards"]), samples_per_shard, on_shard
                     )
-                writer.add(sample)
-                _record_sample(state, unit.split, sample)
-                if writer.full:
-                    _finish(writer, state)
-                    checkpoint(index, j + 1)
-            bar.update(1)
+                state["splits"][split]["samples"] += 1
+                identities[split].add(sample["identity"])
+                if split == "train":
+                    landmarks_sum += sample["landmarks"]
+                    state["landmarks_count"] += 1
+                if state["feature_dim"] is None:
+                    state["feature_dim"] = int(
+                        np.load(io.BytesIO(sample["files"]["feature.npy"])).shape[0]
+                    )
+                position[:] = [index, j + 1]
+                writer.write(sample)  # checkpoints (on_shard) when it completes a shard
+            bar.update(len(window))
         if writer is not None:
-            _finish(writer, state)
-        checkpoint(len(units), 0)
+            writer.close()
+            writer = None
+        position[:] = [len(windows), 0]
+        checkpoint()
     finally:
+        if writer is not None:
+            writer.abort()
         bar.close()
         if hasattr(results, "close"):
             results.close()
@@ -556,6 +670,14 @@ def prepare(
     progress_path.unlink(missing_ok=True)
     _maybe_merge(out, num_shards)
     return manifest
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(path, f"unreadable ({type(error).__name__}: {error}); "
+                              "use a new --out") from None
 
 
 def _results(units: list[Unit], options: Options, workers: int) -> Iterator[UnitResult]:
@@ -578,29 +700,9 @@ def _results(units: list[Unit], options: Options, workers: int) -> Iterator[Unit
     return generate()
 
 
-def _record_sample(state: dict, split: str, sample: dict) -> None:
-    done = state["splits"][split]
-    done["samples"] = done.get("samples", 0) + 1
-    identities = done.setdefault("identity_set", [])
-    if not identities or identities[-1] != sample["identity"]:  # samples come sorted by identity
-        identities.append(sample["identity"])
-    if split == "train":
-        lm = np.asarray(sample["landmarks"], dtype=np.float64)
-        total = lm if state["landmarks_sum"] is None else np.asarray(state["landmarks_sum"]) + lm
-        state["landmarks_sum"] = total.tolist()
-        state["landmarks_count"] += 1
-    if state["feature_dim"] is None:
-        state["feature_dim"] = int(np.load(io.BytesIO(sample["files"]["feature.npy"])).shape[0])
-
-
-def _finish(writer: _ShardWriter, state: dict) -> None:
-    entry = writer.finish()
-    if entry is not None:
-        state["splits"][writer.split]["shards"].append(entry)
-
-
-def _remove_partials(out: Path, prefix: str) -> None:
-    """Delete the temporary shards that a killed run of this part left behind."""
+def _remove_leftovers(out: Path, prefix: str, part: str) -> None:
+    """Delete what a killed run of this part left behind: temporary shards, and the
+    temporary files of its progress and part manifest (``utils.atomic_write``)."""
     if not out.is_dir():
         return
     for split_dir in _subdirs(out):
@@ -610,6 +712,9 @@ def _remove_partials(out: Path, prefix: str) -> None:
         for path in split_dir.iterdir():
             if pattern.fullmatch(path.name):
                 path.unlink(missing_ok=True)
+    for name in (f"progress-{part}.json", f"manifest-{part}.json"):
+        for path in (out / PARTS_DIR).glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
 
 
 def _part_manifest(state: dict, run_id: dict, options: Options, dataset: str, part: str) -> dict:
@@ -617,7 +722,7 @@ def _part_manifest(state: dict, run_id: dict, options: Options, dataset: str, pa
     for split, done in state["splits"].items():
         splits[split] = {
             "samples": done.get("samples", 0),
-            "identities": done.get("identity_set", []),
+            "identities": done.get("identities", []),
             "shards": done["shards"],
         }
     return {
@@ -783,6 +888,18 @@ def add_prepare_arguments(parser) -> None:
         help="AVSpeech: how videos group into people (default average; docs/data.md)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the mixed order in which samples are written (default 0)",
+    )
+    parser.add_argument(
+        "--mix-clips",
+        type=int,
+        default=MIX_CLIPS,
+        help=f"clips per mixing window, held in memory (~150 kB each; default {MIX_CLIPS})",
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="only merge the finished parts' manifests into manifest.json",
@@ -821,6 +938,8 @@ def prepare_command(args) -> int:
             crops_per_sample=args.crops_per_sample,
             identity_threshold=args.identity_threshold,
             identity_linkage=args.identity_linkage,
+            seed=args.seed,
+            mix_clips=args.mix_clips,
         )
         manifest = part
     sizes = ", ".join(f"{s}: {v['samples']}" for s, v in manifest["splits"].items())

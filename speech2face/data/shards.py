@@ -19,17 +19,19 @@ import numpy as np
 
 from speech2face.errors import DataError
 
-FORMAT_VERSION = 1
+# 2: samples in mixed order, keys without dots, shard sizes in the manifest.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 JPEG_QUALITY = 95
+_SPLITS = ("train", "val", "test")
 
 
 def load_manifest(path: str | os.PathLike) -> dict:
-    """Read ``manifest.json`` (``path`` is the file or the folder holding it).
+    """Read and validate ``manifest.json`` (``path`` is the file or the folder holding it).
 
     Adds ``"root"``: the folder that shard paths are relative to. Raises DataError for a
-    missing or malformed manifest.
+    missing or malformed manifest, and for a shard path outside that folder.
     """
     path = Path(path)
     if path.is_dir():
@@ -42,65 +44,105 @@ def load_manifest(path: str | os.PathLike) -> dict:
         )
         raise DataError(path, f"manifest not found{hint}")
     try:
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise DataError(path, f"unsupported manifest format {manifest.get('format')!r}")
-        for key in ("splits", "identities", "feature_dim", "encoder"):
-            manifest[key]  # noqa: B018 - presence check
-    except (ValueError, KeyError, TypeError) as error:
-        raise DataError(path, f"malformed manifest ({type(error).__name__}: {error})") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(path, f"unreadable manifest ({type(error).__name__}: {error})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(path, "malformed manifest (not a JSON object)")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise DataError(path, f"manifest format {manifest.get('format')!r}, this version reads "
+                              f"{FORMAT_VERSION}: prepare the dataset again")
+    problem = _manifest_problem(manifest, path.parent)
+    if problem:
+        raise DataError(path, f"malformed manifest: {problem}")
     manifest["root"] = str(path.parent)
     return manifest
 
 
+def _manifest_problem(manifest: dict, root: Path) -> str | None:
+    """What is wrong with a parsed manifest, or None."""
+    def is_int(v, low=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not isinstance(manifest.get("identities"), list) or not all(
+        isinstance(i, str) for i in manifest["identities"]
+    ):
+        return "'identities' is not a list of names"
+    if not is_int(manifest.get("feature_dim"), 1) and manifest.get("feature_dim") is not None:
+        return "'feature_dim' is not a positive integer"
+    if not isinstance(manifest.get("encoder"), str):
+        return "'encoder' is not a name"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not set(splits) <= set(_SPLITS):
+        return f"'splits' is not a mapping of {_SPLITS}"
+    inside = root.resolve()
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not is_int(split.get("samples")):
+            return f"split {name!r} has no sample count"
+        shards = split.get("shards")
+        if not isinstance(shards, list):
+            return f"split {name!r} has no shard list"
+        for shard in shards:
+            if not (isinstance(shard, dict) and isinstance(shard.get("path"), str)
+                    and is_int(shard.get("samples")) and is_int(shard.get("size"))
+                    and isinstance(shard.get("sha256"), str) and len(shard["sha256"]) == 64):
+                return f"split {name!r} has a shard entry without path, samples, size, sha256"
+            if not (root / shard["path"]).resolve().is_relative_to(inside):
+                return f"shard path {shard['path']!r} is outside the dataset folder"
+    return None
+
+
+def check_shard(path: str | os.PathLike, size: int, sha256: str) -> None:
+    """Raise DataError naming ``path`` unless it has the manifest's size and SHA-256."""
+    path = Path(path)
+    try:
+        actual = path.stat().st_size
+        if actual != size:
+            raise DataError(path, f"shard is {actual} bytes, the manifest says {size} "
+                                  "(truncated or changed)")
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as error:
+        raise DataError(path, f"unreadable shard ({error.strerror or error})") from None
+    if digest != sha256:
+        raise DataError(path, "shard's SHA-256 differs from the manifest (corrupt or changed)")
+
+
 def verify_shards(path: str | os.PathLike) -> list[str]:
-    """Shards whose SHA-256 does not match the manifest (empty when all are intact)."""
+    """Shards whose size or SHA-256 does not match the manifest (empty when all are intact)."""
     manifest = load_manifest(path)
     bad = []
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            file = Path(manifest["root"]) / shard["path"]
-            digest = hashlib.sha256()
             try:
-                with open(file, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
-                        digest.update(block)
-            except OSError:
-                bad.append(shard["path"])
-                continue
-            if digest.hexdigest() != shard["sha256"]:
+                check_shard(Path(manifest["root"]) / shard["path"], shard["size"], shard["sha256"])
+            except DataError:
                 bad.append(shard["path"])
     return bad
 
 
+def iterate_tar(
+    path: str | os.PathLike, size: int | None = None, sha256: str | None = None
+) -> Iterator[dict]:
+    """The samples of one WebDataset shard: ``{"__key__", "__url__": path, ext: bytes, ...}``.
 
-def iterate_tar(path: str | os.PathLike) -> Iterator[dict]:
-    """The samples of one WebDataset shard: ``{"__key__": key, ext: bytes, ...}``.
-
-    Members are grouped by key (the path up to the first dot of the file name), as
-    WebDataset does. Raises DataError naming the shard when it is not a readable tar.
+    Read with webdataset's tar expander and key grouping (a key is the member path up to
+    the first dot of the file name). With ``size`` and ``sha256`` the shard is checked
+    first (:func:`check_shard`), so no sample of a damaged shard is ever yielded. Raises
+    DataError naming the shard when it is damaged or not a readable tar.
     """
-    sample: dict | None = None
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    if sha256 is not None:
+        check_shard(path, size, sha256)
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                if sample is not None and sample["__key__"] != key:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key}
-                sample[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError) as error:
-        raise DataError(path, f"unreadable shard ({error})") from None
-    if sample is not None:
-        yield sample
+        with open(path, "rb") as stream:
+            files = tar_file_expander([{"url": str(path), "stream": stream}])
+            yield from group_by_keys(files)
+    except (tarfile.TarError, OSError, ValueError) as error:
+        # webdataset appends " @ <stream>" to the message
+        reason = str(error.args[0] if error.args else error).split(" @ ")[0]
+        raise DataError(path, f"unreadable shard ({type(error).__name__}: {reason})") from None
 
 
 def _encode_jpeg(image: np.ndarray) -> bytes:
