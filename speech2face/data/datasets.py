@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,15 +94,36 @@ def _evenly(items: Sequence, k: int) -> list:
     return [items[int(i)] for i in np.unique(np.linspace(0, len(items) - 1, k).round().astype(int))]
 
 
-def _read_table(path: Path) -> list[dict[str, str]]:
-    """A CSV or tab-separated table with a header; keys and values stripped."""
-    text = path.read_text(encoding="utf-8-sig")
+def _read_text(path: Path) -> str:
+    """A metadata file's text; DataError naming it when it is not a readable UTF-8 file."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except IsADirectoryError:
+        raise DataError(path, "is a folder, expected a table") from None
+    except UnicodeDecodeError:
+        raise DataError(path, "is not UTF-8 text (a binary file?)") from None
+    except OSError as error:
+        raise DataError(path, f"unreadable ({error.strerror or error})") from None
+
+
+def _read_table(path: Path, required: Sequence[Sequence[str]] = ()) -> list[dict[str, str]]:
+    """A CSV or tab-separated table with a header; keys and values stripped.
+
+    required: for each needed column, the names it may have (case-insensitive); a header
+    without one of them is an error naming the file.
+    """
+    text = _read_text(path)
     first = text.splitlines()[0] if text.strip() else ""
     delimiter = "\t" if "\t" in first else ","
     rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     if not rows:
         raise DataError(path, "empty table")
     header = [h.strip() for h in rows[0]]
+    lowered = {h.lower() for h in header}
+    for names in required:
+        if not lowered & {n.lower() for n in names}:
+            raise DataError(path, f"no {names[0]!r} column in the header {header[:6]} "
+                                  "(layouts: docs/data.md)")
     return [
         {h: v.strip() for h, v in zip(header, row, strict=False)}
         for row in rows[1:]
@@ -128,7 +150,7 @@ def _carve_validation(dev_identities: Sequence[str], fraction: float = VAL_FRACT
 
 def _read_split_file(path: Path) -> dict[str, str]:
     splits = {}
-    for row in _read_table(path):
+    for row in _read_table(path, required=[("identity", "id"), ("split", "set")]):
         identity, split = _column(row, "identity", "id"), _column(row, "split", "set")
         if not identity or split not in SPLITS:
             raise DataError(path, f"bad row {row}: expected identity and a split in {SPLITS}")
@@ -139,7 +161,7 @@ def _read_split_file(path: Path) -> dict[str, str]:
 def _assign_splits(root: Path, meta: dict[str, dict], test_of) -> dict[str, str]:
     """identity -> split: the split file if present, else official test + carved validation."""
     split_file = root / SPLIT_FILE
-    if split_file.is_file():
+    if split_file.exists():
         return _read_split_file(split_file)
     dev = [i for i in meta if not test_of(i)]
     val = _carve_validation(dev)
@@ -164,12 +186,37 @@ def _find_all(root: Path, name: str, depth: int = 2) -> list[Path]:
     return hits
 
 
-def _files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+def _utf8(path: Path, bad: list[Path] | None) -> bool:
+    """Whether the name is valid UTF-8 (it becomes a key and JSON); if not, noted in ``bad``."""
+    try:
+        path.name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+        if bad is not None:
+            bad.append(path)
+        return False
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+def _files(folder: Path, suffixes: Sequence[str], bad: list[Path] | None = None) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.suffix.lower() in suffixes and p.is_file() and _utf8(p, bad)
+    )
+
+
+def _subdirs(folder: Path, bad: list[Path] | None = None) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _utf8(p, bad))
+
+
+def _badly_named(bad: list[Path]) -> list[Unit]:
+    """Skipped units for files and folders whose names are not UTF-8, shown escaped."""
+    units = []
+    for path in sorted(set(bad)):
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        units.append(Unit(shown, "", None, None, (), (), skip="name is not valid UTF-8"))
+    return units
 
 
 def _read_voxceleb_meta(
@@ -183,7 +230,7 @@ def _read_voxceleb_meta(
     if meta_path is None:
         raise DataError(root, f"no {filename} ({dataset}'s identity metadata)")
     meta = {}
-    for row in _read_table(meta_path):
+    for row in _read_table(meta_path, required=[(id_column, "id")]):
         identity = _column(row, id_column, "id")
         if identity:
             meta[identity] = {
@@ -217,34 +264,37 @@ def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
         return s == "test" if s else identity in VOX1_TEST_IDENTITIES
 
     splits = _assign_splits(root, meta, is_test)
+    bad: list[Path] = []  # names that are not UTF-8
     faces_root = _find(root, "unzippedFaces")
+    if faces_root is None:
+        raise DataError(root, "no unzippedFaces/ folder (VoxCeleb1's face frames: "
+                              "unzippedFaces/<VGGFace1 ID>/1.6/<video>/<frame>.jpg)")
     clips: dict[tuple[str, str], list[Clip]] = {}
     for wav_root in wav_roots:
-        for id_dir in _subdirs(wav_root):
-            for video_dir in _subdirs(id_dir):
-                files = _files(video_dir, AUDIO_SUFFIXES)
+        for id_dir in _subdirs(wav_root, bad):
+            for video_dir in _subdirs(id_dir, bad):
+                files = _files(video_dir, AUDIO_SUFFIXES, bad)
                 clips.setdefault((id_dir.name, video_dir.name), []).extend(
                     Clip(p.stem, str(p)) for p in files
                 )
     frames: dict[tuple[str, str], list[Frame]] = {}
-    if faces_root is not None:
-        name_to_id = {m["name"]: i for i, m in meta.items()}
-        for name_dir in _subdirs(faces_root):
-            identity = name_to_id.get(name_dir.name)
-            if identity is None:
-                continue
-            # Videos under the crop-scale folder ("1.6" in the release); the first
-            # scale folder in sorted order wins when there are several.
-            seen = set()
-            for scale_dir in _subdirs(name_dir):
-                for video_dir in _subdirs(scale_dir):
-                    if video_dir.name in seen:
-                        continue
-                    seen.add(video_dir.name)
-                    images = _files(video_dir, FRAME_SUFFIXES)
-                    frames[(identity, video_dir.name)] = [
-                        Frame(str(p)) for p in _evenly(images, frames_per_video)
-                    ]
+    name_to_id = {m["name"]: i for i, m in meta.items()}
+    for name_dir in _subdirs(faces_root, bad):
+        identity = name_to_id.get(name_dir.name)
+        if identity is None:
+            continue
+        # Videos under the crop-scale folder ("1.6" in the release); the first
+        # scale folder in sorted order wins when there are several.
+        seen = set()
+        for scale_dir in _subdirs(name_dir, bad):
+            for video_dir in _subdirs(scale_dir, bad):
+                if video_dir.name in seen:
+                    continue
+                seen.add(video_dir.name)
+                images = _files(video_dir, FRAME_SUFFIXES, bad)
+                frames[(identity, video_dir.name)] = [
+                    Frame(str(p)) for p in _evenly(images, frames_per_video)
+                ]
     units = []
     for identity, video in sorted(set(clips) | set(frames)):
         video_clips = tuple(sorted(clips.get((identity, video), []), key=lambda c: c.name))
@@ -253,7 +303,7 @@ def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
             _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
                         no_frames="video has no face frames")
         )
-    return units
+    return units + _badly_named(bad)
 
 
 def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
@@ -269,14 +319,15 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
         raise DataError(root, "no mp4/ folder (expected mp4/<id>/<video>/<clip>.mp4)")
     meta_path, meta = _read_voxceleb_meta(root, "vox2_meta.csv", "VoxCeleb2 ID", "VoxCeleb2")
     splits = _assign_splits(root, meta, lambda i: meta[i]["set"] == "test")
+    bad: list[Path] = []  # names that are not UTF-8
 
     def collect(roots, suffixes):
         found: dict[tuple[str, str], list[Path]] = {}
         for r in roots:
-            for id_dir in _subdirs(r):
-                for video_dir in _subdirs(id_dir):
+            for id_dir in _subdirs(r, bad):
+                for video_dir in _subdirs(id_dir, bad):
                     found.setdefault((id_dir.name, video_dir.name), []).extend(
-                        _files(video_dir, suffixes)
+                        _files(video_dir, suffixes, bad)
                     )
         return found
 
@@ -293,7 +344,7 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
             _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
                         no_frames="video has no mp4 clips for face frames")
         )
-    return units
+    return units + _badly_named(bad)
 
 
 def _video_unit(identity: str, video: str, clips: tuple, frames: tuple, meta: dict,
@@ -334,20 +385,23 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
     for split, path in tables.items():
         if not path.is_file():
             continue
-        with open(path, newline="") as f:
-            for line, row in enumerate(csv.reader(f), 1):
-                if not row or not row[0].strip():
-                    continue
-                try:
-                    ytid = row[0].strip()
-                    start, end, x, y = (float(v) for v in row[1:5])
-                except (ValueError, IndexError):
-                    raise DataError(
-                        path, f"line {line}: expected id,start,end,x,y, got {row}"
-                    ) from None
-                segments.setdefault(ytid, []).append((start, end, x, y))
-                split_of[ytid] = split
-    overrides = _read_split_file(root / SPLIT_FILE) if (root / SPLIT_FILE).is_file() else {}
+        for line, row in enumerate(csv.reader(io.StringIO(_read_text(path))), 1):
+            if not row or not row[0].strip():
+                continue
+            try:
+                ytid = row[0].strip()
+                start, end, x, y = (float(v) for v in row[1:5])
+            except (ValueError, IndexError):
+                raise DataError(
+                    path, f"line {line}: expected id,start,end,x,y, got {row[:5]}"
+                ) from None
+            if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end
+                    and 0 <= x <= 1 and 0 <= y <= 1):
+                raise DataError(path, f"line {line}: expected 0 <= start < end (s) and a face "
+                                      f"centre x, y in [0, 1], got {row[1:5]}")
+            segments.setdefault(ytid, []).append((start, end, x, y))
+            split_of[ytid] = split
+    overrides = _read_split_file(root / SPLIT_FILE) if (root / SPLIT_FILE).exists() else {}
     val = _carve_validation([v for v, s in split_of.items() if s == "train"])
     units = []
     for ytid in sorted(segments):

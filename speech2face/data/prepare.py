@@ -28,6 +28,7 @@ writes a part manifest; the run that completes the last part merges all parts in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -63,6 +64,7 @@ from speech2face.data.shards import (
     PARTS_DIR,
     _decode_jpeg,
     _encode_jpeg,
+    load_manifest,
 )
 from speech2face.errors import DataError, Speech2FaceError
 from speech2face.utils import atomic_write, output_entries
@@ -387,6 +389,8 @@ class _HashingFile:
         self.f, self.sha, self.size = open(path, "wb"), hashlib.sha256(), 0
 
     def write(self, data) -> int:
+        if self.f.closed:  # discarded: what tarfile still flushes goes nowhere
+            return len(data)
         self.sha.update(data)
         self.size += len(data)
         return self.f.write(data)
@@ -452,10 +456,10 @@ class _SplitWriter:
     def abort(self) -> None:
         """Stop after an error: the unfinished shard stays a ``.partial`` (the next run
         deletes it), closed here rather than by the garbage collector."""
-        if self.shards.tarstream is not None:
-            self.shards.tarstream.close()
         for file in self._files.values():
             file.f.close()
+        if self.shards.tarstream is not None:
+            self.shards.tarstream.close()
 
 
 def _part_name(shard_index: int, num_shards: int) -> str:
@@ -583,6 +587,7 @@ def prepare(
         raise DataError(out, "output folder exists, is not empty and is not a prepare output")
     prefix = "" if num_shards == 1 else f"p{shard_index:05d}-"
     _remove_leftovers(out, prefix, part)
+    parts.mkdir(parents=True, exist_ok=True)  # marks the folder as a prepare output at once
 
     # What the state holds as JSON lists is kept as sets and arrays while running.
     identities = {s: set(v.get("identities", [])) for s, v in state["splits"].items()}
@@ -658,6 +663,10 @@ def prepare(
             writer = None
         position[:] = [len(windows), 0]
         checkpoint()
+    except OSError as error:  # disk full, permissions: the rerun continues once fixed
+        problem = "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+        raise DataError(error.filename or out, f"cannot write ({problem}); fix it and rerun "
+                                                "the same command to continue") from None
     finally:
         if writer is not None:
             writer.abort()
@@ -943,6 +952,11 @@ def prepare_command(args) -> int:
         )
         manifest = part
     sizes = ", ".join(f"{s}: {v['samples']}" for s, v in manifest["splits"].items())
+    if (Path(args.out) / MANIFEST).is_file() and not sum(
+        v["samples"] for v in load_manifest(args.out)["splits"].values()
+    ):
+        reasons = load_manifest(args.out)["skipped_by_reason"]
+        raise DataError(args.root or args.out, f"no samples: every input was skipped ({reasons})")
     skipped = len(manifest["skipped"])
     print(
         f"{args.out}: samples {sizes or 'none'}; {skipped} inputs skipped "

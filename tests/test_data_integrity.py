@@ -1,0 +1,267 @@
+"""Bad shards and bad dataset metadata: one clear error naming the file, or a skip.
+
+Shards: the manifest's size and SHA-256 are checked before a shard is streamed, decode
+errors name the shard, manifest paths may not leave the dataset folder. Datasets:
+unreadable or wrong metadata tables, AVSpeech rows with nan/inf, names that are not
+UTF-8 or very long, dots in clip names, a full disk, leftovers of killed runs. Every
+bad input is generated here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data_order import tiny_files, write_split  # tests/ is on sys.path (rootdir conftest)
+
+from speech2face import data
+from speech2face.cli import main
+from speech2face.data.prepare import _HashingFile
+from speech2face.demo_data import make_demo_data
+from speech2face.errors import DataError
+
+KEYS = [f"id{i:05d}/v00/{c:05d}" for i in range(6) for c in range(4)]  # 24 samples
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """24 tiny samples in shards of 8 and their manifest."""
+    write_split(tmp_path, KEYS, per_shard=8, picks=(0, 1, 2))
+    return tmp_path
+
+
+def entry(root: Path, i: int = 1) -> dict:
+    return json.loads((root / "manifest.json").read_text())["splits"]["train"]["shards"][i]
+
+
+def stream(root: Path) -> list[dict]:
+    return list(data.ShardDataset(root, "train", seconds=0.01, rank=0, world_size=1))
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """Exit code and stderr without the progress bar's lines."""
+    code = main(list(argv))
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    return code, "\n".join(x for x in lines if x.strip() and not re.search(r"\|\s*\d+/\d+ \[", x))
+
+
+# ------------------------------------------------------------------------------- shards
+
+
+def test_intact_shards_stream_completely(shards):
+    assert len(stream(shards)) == len(KEYS) and data.verify_shards(shards) == []
+
+
+def test_flipped_byte_is_caught_before_any_sample_of_the_shard(shards):
+    path = shards / entry(shards)["path"]
+    with tarfile.open(path) as tar:  # flip one byte inside a feature.npy member
+        member = next(m for m in tar.getmembers() if m.name.endswith("feature.npy"))
+    blob = bytearray(path.read_bytes())
+    blob[member.offset_data + member.size - 1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    assert data.verify_shards(shards) == [entry(shards)["path"]]
+    seen = []
+    with pytest.raises(DataError, match="SHA-256 differs") as error:
+        for sample in data.ShardDataset(shards, "train", seconds=0.01, rank=0, world_size=1):
+            seen.append(sample["meta"][0]["identity"])
+    assert str(path) in str(error.value)
+    assert len(seen) == 8  # the first shard only: nothing of the damaged one
+
+
+def test_truncated_shard_names_the_file(shards):
+    path = shards / entry(shards)["path"]
+    path.write_bytes(path.read_bytes()[:-1024])
+    with pytest.raises(DataError, match="truncated or changed") as error:
+        stream(shards)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "train/../../x.tar"])
+def test_manifest_paths_outside_the_dataset_folder_are_refused(shards, bad):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["path"] = bad
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="outside the dataset folder"):
+        data.load_manifest(shards)
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe binary", b"[1, 2]", b'{"format": 2, "splits": 3}'])
+def test_malformed_manifests_are_one_error(shards, text):
+    (shards / "manifest.json").write_bytes(text)
+    with pytest.raises(DataError, match="manifest"):
+        data.load_manifest(shards)
+
+
+def test_decode_error_names_the_shard_and_the_sample(tmp_path):
+    entries: list[dict] = []
+    from speech2face.data.prepare import _SplitWriter
+
+    writer = _SplitWriter(tmp_path, "train", "", 0, 8, entries.append)
+    files = tiny_files("id00000/v00/00000")
+    writer.write({"key": "id00000/v00/00000", "files": {**files, "flac": b"not audio"}})
+    writer.close()
+    manifest = {"format": data.FORMAT_VERSION, "encoder": "dlib", "feature_dim": 136,
+                "identities": ["id00000"],
+                "splits": {"train": {"samples": 1, "identities": [], "shards": entries}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as error:
+        stream(tmp_path)
+    message = str(error.value)
+    assert str(tmp_path / "train" / "train-000000.tar") in message
+    assert "id00000/v00/00000" in message and "undecodable" in message
+
+
+# ---------------------------------------------------------------------- dataset metadata
+
+
+@pytest.fixture
+def vox1(tmp_path) -> Path:
+    """A VoxCeleb1 layout that lists (its files need not decode: listing fails first)."""
+    root = tmp_path / "vox1"
+    (root / "wav" / "id10001" / "vid").mkdir(parents=True)
+    (root / "wav" / "id10001" / "vid" / "00001.wav").write_bytes(b"")
+    (root / "unzippedFaces" / "A.B" / "1.6" / "vid").mkdir(parents=True)
+    (root / "unzippedFaces" / "A.B" / "1.6" / "vid" / "1.jpg").write_bytes(b"")
+    (root / "vox1_meta.csv").write_text(
+        "VoxCeleb1 ID\tVGGFace1 ID\tGender\tNationality\tSet\nid10001\tA.B\tm\tX\tdev\n"
+    )
+    return root
+
+
+def break_binary(path: Path) -> None:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00")
+
+
+def break_folder(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "expected"),
+    [
+        ("vox1_meta.csv", break_binary, "not UTF-8"),
+        ("vox1_meta.csv", break_folder, "is a folder"),
+        ("vox1_meta.csv", lambda p: p.write_text("id\tname\nid10001\tA.B\n".replace("id\t", "x\t")),
+         "no 'VoxCeleb1 ID' column"),
+        ("vox1_meta.csv", lambda p: p.write_text("id10001\tA.B\tm\tX\tdev\n"),
+         "no 'VoxCeleb1 ID' column"),
+        ("identity_split.csv", break_binary, "not UTF-8"),
+        ("identity_split.csv", break_folder, "is a folder"),
+        ("identity_split.csv", lambda p: p.write_text("who,where\nid10001,train\n"),
+         "no 'identity' column"),
+        ("unzippedFaces", shutil.rmtree, "no unzippedFaces"),
+    ],
+)
+def test_bad_voxceleb1_metadata_is_one_line(vox1, tmp_path, capsys, name, damage, expected):
+    damage(vox1 / name)
+    out = tmp_path / "out"
+    code, err = cli(capsys, "prepare", "voxceleb1", "--root", str(vox1), "--out", str(out))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert expected in err and name in err
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "row", ["vid,nan,3.0,0.5,0.5", "vid,1.0,inf,0.5,0.5", "vid,4.0,3.0,0.5,0.5",
+            "vid,1.0,3.0,1.5,0.5", "vid,1.0", "vid,a,b,c,d"],
+)
+def test_bad_avspeech_rows_name_the_line(tmp_path, capsys, row):
+    root = tmp_path / "avspeech"
+    root.mkdir()
+    (root / "avspeech_train.csv").write_text(f"good,1.0,3.0,0.5,0.5\n{row}\n")
+    code, err = cli(capsys, "prepare", "avspeech", "--root", str(root),
+                    "--out", str(tmp_path / "out"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "avspeech_train.csv" in err and "line 2" in err
+
+
+def test_non_utf8_folder_names_are_skipped_with_a_reason(vox1):
+    odd = Path(bytes(vox1 / "wav").decode() + "/" + b"id\xff10002".decode("utf-8",
+                                                                         "surrogateescape"))
+    try:
+        odd.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("the file system refuses non-UTF-8 names")
+    units = data.list_units("voxceleb1", vox1)
+    skipped = [u for u in units if u.skip == "name is not valid UTF-8"]
+    assert len(skipped) == 1 and "\\xff" in skipped[0].identity
+    json.dumps([u.key for u in units])  # every key is printable
+
+
+# ------------------------------------------------------------------- prepare end to end
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """Two speakers; one identity renamed to 200 characters, one clip named with dots."""
+    root = tmp_path_factory.mktemp("integrity") / "corpus"
+    make_demo_data(root, speakers=3, seed=5, videos=(1, 1), clips=(3, 3), frames=1,
+                   progress=False)
+    old = sorted(p.name for p in (root / "wav").iterdir())[0]
+    new = "id" + "x" * 198
+    (root / "wav" / old).rename(root / "wav" / new)
+    for table in ("vox1_meta.csv", "identity_split.csv"):
+        (root / table).write_text((root / table).read_text().replace(old, new))
+    clip = sorted((root / "wav").glob("*/*/*.wav"))[-1]
+    clip.rename(clip.with_name("00001.part.2.wav"))
+    return root
+
+
+def test_long_names_and_dotted_clips_survive(small_corpus, tmp_path):
+    out = tmp_path / "shards"
+    data.prepare("voxceleb1", small_corpus, out, progress=False)
+    manifest = data.load_manifest(out)
+    assert manifest["skipped"] == [] and data.verify_shards(out) == []
+    metas = [m for split in manifest["splits"] for m in data.load_split(out, split)["meta"]]
+    assert len(metas) == sum(s["samples"] for s in manifest["splits"].values()) == 9
+    assert "00001.part.2" in {m["clip"] for m in metas}
+    assert "id" + "x" * 198 in {m["identity"] for m in metas}
+
+
+def test_disk_full_is_one_line_and_the_rerun_continues(small_corpus, tmp_path, capsys,
+                                                        monkeypatch):
+    out = tmp_path / "shards"
+    reference = tmp_path / "reference"
+    data.prepare("voxceleb1", small_corpus, reference, samples_per_shard=2, progress=False)
+    written = {"bytes": 0}
+    original = _HashingFile.write
+
+    def fill_up(self, block):
+        written["bytes"] += len(block)
+        if written["bytes"] > 500_000 and not self.f.closed:  # after two or three shards
+            raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
+        return original(self, block)
+
+    monkeypatch.setattr(_HashingFile, "write", fill_up)
+    argv = ["prepare", "voxceleb1", "--root", str(small_corpus), "--out", str(out),
+            "--samples-per-shard", "2"]
+    code, err = cli(capsys, *argv)
+    assert code == 2 and len(err.splitlines()) == 1 and "disk full" in err, err
+    assert list(out.rglob("*.partial"))  # the killed shard, for the rerun to remove
+    (out / "parts" / ".progress-00000-of-00001.json.abc123.tmp").write_text("{")  # a kill's
+    monkeypatch.setattr(_HashingFile, "write", original)
+    code, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
+    assert {p.relative_to(out): p.read_bytes() for p in out.glob("*/*.tar")} == {
+        p.relative_to(reference): p.read_bytes() for p in reference.glob("*/*.tar")
+    }
+
+
+def test_no_samples_at_all_is_an_error(small_corpus, tmp_path, capsys):
+    root = tmp_path / "faceless"
+    shutil.copytree(small_corpus, root)
+    from PIL import Image
+
+    for frame in root.glob("unzippedFaces/*/*/*/*.jpg"):
+        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(frame)
+    code, err = cli(capsys, "prepare", "voxceleb1", "--root", str(root),
+                    "--out", str(tmp_path / "out"))
+    assert code == 2 and "no samples" in err and "no face found" in err, err
