@@ -421,6 +421,29 @@ def test_two_shard_indices_together_equal_one_run(corpus, reference, tmp_path):
     assert main(["prepare", "-o", str(out)]) == 2  # neither a dataset nor --merge
 
 
+def test_cluster_sequence_with_local_processes(corpus, reference, tmp_path):
+    """A job array as local processes: three parts at once into one --out, then --merge."""
+    out = tmp_path / "shards"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    base = [sys.executable, "-m", "speech2face", "prepare", "voxceleb1", "--root", str(corpus),
+            "--out", str(out), "--samples-per-shard", str(PER_SHARD), "--mix-clips", str(MIX),
+            "--num-shards", "3"]
+    jobs = [subprocess.Popen([*base, "--shard-index", str(i)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for i in range(3)]
+    for job in jobs:
+        _, err = job.communicate(timeout=900)
+        assert job.returncode == 0, err.decode()
+    (out / "manifest.json").unlink()  # the last part merged; do it as the merge step would
+    merge = subprocess.run([sys.executable, "-m", "speech2face", "prepare", "--out", str(out),
+                            "--merge"], env=env, capture_output=True, text=True)
+    assert merge.returncode == 0, merge.stderr
+    merged, single = data.load_manifest(out), data.load_manifest(reference)
+    assert merged["num_parts"] == 3 and comparable(merged) == comparable(single)
+    np.testing.assert_allclose(merged["mean_landmarks"], single["mean_landmarks"], atol=1e-4)
+    assert members(out) == members(reference) and data.verify_shards(out) == []
+
+
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
     before = shard_files(reference)
     prepare_vox1(corpus, reference)
