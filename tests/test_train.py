@@ -353,7 +353,9 @@ def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
     assert main(["train-decoder", "--data", str(shards), "--out", str(decoder_run), *common,
                  "steps=30", "lr=0.01", "val_every=30", "checkpoint_every=30"]) == 0
     totals = _train_totals(decoder_run)  # mean loss of each 5 steps
-    assert len(totals) == 6 and totals[-1] < 0.6 * totals[0], totals
+    # Identity-mixed shards (issue 12) give every batch many people: the loss falls
+    # steadily but a little slower at first (0.64x over 30 steps measured; 0.6x before).
+    assert len(totals) == 6 and totals[-1] < 0.7 * totals[0], totals
     grid = Image.open(decoder_run / "images" / "val-00000030.png")
     assert grid.size == (2 * 66 + 2, 7 * 66 + 2)  # true | decoded, 7 validation faces, 64 px
     stage1 = load_model(decoder_run)
