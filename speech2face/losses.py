@@ -44,6 +44,11 @@ class LossConfig:
     perceptual_weight: float = 1.0
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) up to float32; float64 (reference checks) kept as it is."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _frozen_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` with its parameters and buffers detached: gradients reach ``x`` only.
 
@@ -51,7 +56,7 @@ def _frozen_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     1000 code units or thousands of classes are taken in float32.
     """
     state = {name: t.detach() for name, t in module.state_dict(keep_vars=True).items()}
-    return functional_call(module, state, (x,)).float()
+    return _at_least_float32(functional_call(module, state, (x,)))
 
 
 def speech2face_loss(
@@ -166,7 +171,7 @@ def decoder_loss(decoded, texture_target: torch.Tensor, landmarks_target: torch.
         if image.shape[-1] != CROP_SIZE or image.shape[-2] != CROP_SIZE:
             image = F.interpolate(image, size=(CROP_SIZE, CROP_SIZE), mode="bilinear",
                                   align_corners=False)
-        embedding = encoder.embed(image).float()
+        embedding = _at_least_float32(encoder.embed(image))
         perceptual_term = -F.cosine_similarity(embedding, features.detach().to(embedding),
                                                dim=1, eps=NORM_EPS).mean()
 

@@ -180,7 +180,7 @@ def test_fetches_only_the_segment(server, tmp_path, capsys):
     size = len(server.files["LongVideo00.mp4"])
     # Sent counts what the server wrote; a reader that seeks away closes early, so this
     # is an upper bound on what travelled.
-    assert server.sent["LongVideo00.mp4"] < 0.2 * size, (server.sent, size)
+    assert server.sent["LongVideo00.mp4"] < 0.25 * size, (server.sent, size)
 
 
 def test_face_must_be_at_the_given_centre(server, tmp_path, capsys):
