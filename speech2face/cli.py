@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spectrogram": ("speech2face.audio", "audio/video files -> compressed complex STFTs (.npy)"),
     "faces": ("speech2face.faces", "images -> aligned 224x224 crops, 68 landmarks, features"),
     "make-demo-data": ("speech2face.demo_data", "generate a VoxCeleb1-style demo corpus"),
-    "download": ("speech2face.data.download", "AVSpeech CSVs -> the segments prepare needs (yt-dlp)"),
+    "download": ("speech2face.data.download", "AVSpeech CSVs -> segments for prepare (yt-dlp)"),
     "prepare": ("speech2face.data.prepare", "VoxCeleb1/VoxCeleb2/AVSpeech -> WebDataset shards"),
     "train-decoder": ("speech2face.train", "stage 1: train the face decoder on faces"),
     "train": ("speech2face.train", "stage 2: train the voice encoder against faces"),

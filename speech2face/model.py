@@ -440,7 +440,8 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: 
     """``module.load_state_dict(state)``, strict; a one-line :class:`WeightsError` on mismatch
     or on NaN/infinite weights."""
     own = module.state_dict()
-    problem = _mismatch({k: v.shape for k, v in own.items()}, {k: v.shape for k, v in state.items()})
+    problem = _mismatch({k: v.shape for k, v in own.items()},
+                        {k: v.shape for k, v in state.items()})
     if problem:
         raise WeightsError(file, "weights do not match the config: " + problem)
     check_finite(state, file)
