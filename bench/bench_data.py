@@ -26,19 +26,6 @@ from speech2face import data
 from speech2face.demo_data import make_demo_data
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its terminated, waited-for children."""
-    import resource
-
-    return sum(
-        u.ru_utime + u.ru_stime
-        for u in (
-            resource.getrusage(resource.RUSAGE_SELF),
-            resource.getrusage(resource.RUSAGE_CHILDREN),
-        )
-    )
-
-
 def _loader_rate(out: Path, workers: int, samples: int) -> float:
     loader = data.make_loader(
         out, "train", batch_size=8, num_workers=workers, shuffle=16, spectrogram=True, repeat=True
@@ -96,7 +83,7 @@ def run(quick: bool = False) -> dict:
         seconds, cpu_seconds = {}, {}
         for workers in (1, 2):
             for name, corpus in corpora.items():
-                cpu = _cpu_seconds()
+                cpu = cpu_seconds()
                 start = time.perf_counter()
                 data.prepare(
                     "voxceleb1",
@@ -107,7 +94,7 @@ def run(quick: bool = False) -> dict:
                     progress=False,
                 )
                 seconds[(name, workers)] = time.perf_counter() - start
-                cpu_seconds[(name, workers)] = _cpu_seconds() - cpu
+                cpu_seconds[(name, workers)] = cpu_seconds() - cpu
         steady = {
             w: (clips["large"] - clips["small"]) / (seconds[("large", w)] - seconds[("small", w)])
             for w in (1, 2)

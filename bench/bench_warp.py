@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import load_average
+from bench.common import load_average, timed_ms
 from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
 from speech2face.warp import boundary_points, dense_image_warp, phi, sparse_image_warp
 
@@ -72,23 +72,6 @@ def naive_warp(image, source, dest, order=ORDER, reg=REGULARIZATION, k=BOUNDARY)
 
 def ours(image, source, dest):
     return sparse_image_warp(image, source, dest, ORDER, REGULARIZATION, BOUNDARY)
-
-
-def _cpu() -> float:
-    return time.process_time()
-
-
-def timed_ms(fn, repeats: int) -> dict:
-    """Median wall and CPU milliseconds of ``fn`` (after one warm-up call), and minima."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), _cpu()
-        fn()
-        wall.append(1000 * (time.perf_counter() - w))
-        cpu.append(1000 * (_cpu() - c))
-    return {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu),
-            "wall_ms_min": min(wall), "cpu_ms_min": min(cpu)}
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -118,18 +119,35 @@ class Clock:
     cpu: float = 0.0
 
     def __enter__(self):
-        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
+        self._wall, self._cpu = time.perf_counter(), cpu_seconds()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self._wall
-        self.cpu = _cpu_seconds() - self._cpu
+        self.cpu = cpu_seconds() - self._cpu
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished, waited-for children."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_ms(fn, repeats: int) -> dict:
+    """Median wall and CPU milliseconds of ``fn`` (after one warm-up call), and minima.
+
+    common.py needs only numpy and the standard library, so tf_warp_worker.py imports
+    it inside TensorFlow's own venv."""
+    fn()  # warm-up: tracing for tf.function, kernel set-up for eager and for ours
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), cpu_seconds()
+        fn()
+        wall.append(1000 * (time.perf_counter() - w))
+        cpu.append(1000 * (cpu_seconds() - c))
+    return {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu),
+            "wall_ms_min": min(wall), "cpu_ms_min": min(cpu)}
 
 
 # --------------------------------------------------------------- the seed's audio path

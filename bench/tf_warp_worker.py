@@ -13,27 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import statistics
 import sys
-import time
 
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _timed(fn, repeats: int) -> dict:
-    fn()  # warm-up: tracing for tf.function, kernel set-up for eager
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), _cpu()
-        fn()
-        wall.append(1000 * (time.perf_counter() - w))
-        cpu.append(1000 * (_cpu() - c))
-    return {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu),
-            "wall_ms_min": min(wall), "cpu_ms_min": min(cpu)}
+from common import timed_ms  # bench/common.py: this script's folder is sys.path[0]
 
 
 def main(inputs: str, out: str, threads: int, repeats: int) -> None:
@@ -64,8 +46,8 @@ def main(inputs: str, out: str, threads: int, repeats: int) -> None:
 
     graph_forward = tf.function(forward)
     results = {
-        "eager_forward": _timed(lambda: forward(dest).numpy(), repeats),
-        "function_forward": _timed(lambda: graph_forward(dest).numpy(), repeats),
+        "eager_forward": timed_ms(lambda: forward(dest).numpy(), repeats),
+        "function_forward": timed_ms(lambda: graph_forward(dest).numpy(), repeats),
         "threads": threads, "tensorflow": tf.__version__, "addons": tfa.__version__,
     }
     np.savez(out, warped=forward(dest).numpy().transpose(0, 3, 1, 2),
