@@ -19,11 +19,18 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from speech2face.errors import AudioError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where the spectrogram needs it, not here: decoding needs only numpy,
+# soundfile and PyAV, and prepare's worker processes, which only decode, would otherwise
+# spend 2 CPU-seconds each importing torch (docs/benchmarks.md).
 
 SAMPLE_RATE = 16_000  # Hz (paper 3.1)
 CLIP_SECONDS = 6.0  # seconds of speech per example (paper 3.1)
@@ -300,7 +307,7 @@ def fit_duration(
     repeats = -(-target // n)  # ceil
     if repeats > 1:
         reps = (1,) * (wave.ndim - 1) + (repeats,)
-        wave = wave.repeat(*reps) if isinstance(wave, torch.Tensor) else np.tile(wave, reps)
+        wave = np.tile(wave, reps) if isinstance(wave, np.ndarray) else wave.repeat(*reps)
     return wave[..., :target]
 
 
@@ -313,6 +320,8 @@ def _padded_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
     Made once per device and dtype (it cost a tenth of a clip's spectrogram); read only.
     """
+    import torch
+
     window = torch.zeros(N_FFT, device=device, dtype=dtype)
     window[:WIN_LENGTH] = torch.hann_window(WIN_LENGTH, periodic=True, device=device, dtype=dtype)
     return window
@@ -323,35 +332,47 @@ def _compress(x: torch.Tensor, exponent: float, out: torch.Tensor | None = None)
     # |x|^p as exp(p log|x|): PyTorch's vectorised log and exp together cost a third of
     # its pow with a fractional exponent, which was most of the front end's time
     # (issue 17). At x = 0, log gives -inf and exp(-inf) = 0, as pow does.
+    import torch
+
     y = x.abs() if out is None else torch.abs(x, out=out)
     return y.log_().mul_(exponent).exp_().copysign_(x)
 
 
-class _PowerLaw(torch.autograd.Function):
-    """``sign(x)|x|^p`` whose gradient is 0, not NaN, where x == 0 (the DC and Nyquist
-    bins' imaginary parts are exactly 0)."""
+@functools.cache
+def _power_law_function():
+    """The autograd function of :func:`power_law` (made on first use: torch is imported
+    lazily)."""
+    import torch
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, exponent: float) -> torch.Tensor:
-        y = _compress(x, exponent)
-        ctx.save_for_backward(x, y)
-        ctx.exponent = exponent
-        return y
+    class PowerLaw(torch.autograd.Function):
+        """``sign(x)|x|^p`` whose gradient is 0, not NaN, where x == 0 (the DC and Nyquist
+        bins' imaginary parts are exactly 0)."""
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, y = ctx.saved_tensors
-        slope = torch.where(x != 0, ctx.exponent * y / x, torch.zeros_like(x))  # p|x|^(p-1)
-        return grad * slope, None
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, exponent: float) -> torch.Tensor:
+            y = _compress(x, exponent)
+            ctx.save_for_backward(x, y)
+            ctx.exponent = exponent
+            return y
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor):
+            x, y = ctx.saved_tensors
+            slope = torch.where(x != 0, ctx.exponent * y / x, torch.zeros_like(x))  # p|x|^(p-1)
+            return grad * slope, None
+
+    return PowerLaw
 
 
 def power_law(x: torch.Tensor, exponent: float = POWER_LAW) -> torch.Tensor:
     """``sign(x) * |x|**exponent`` element-wise, with gradient 0 (not NaN) at x == 0."""
-    return _PowerLaw.apply(x, exponent)
+    return _power_law_function().apply(x, exponent)
 
 
 def _stft(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """``(..., N + 112)`` -> ``(..., T, F, 2)`` real and imaginary parts, TF framing."""
+    import torch
+
     stft = torch.stft(
         x, n_fft=N_FFT, hop_length=HOP_LENGTH, window=window, center=False, return_complex=True
     )  # (..., F, T) complex, a view of (..., T, F) memory
@@ -372,6 +393,8 @@ def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         imaginary parts side by side, as the FFT writes them and as the voice encoder's
         convolutions read them): ``.contiguous()`` gives the plain layout if one needs it.
     """
+    import torch
+
     x = torch.as_tensor(wave)
     if not x.is_floating_point():
         x = x.float()

@@ -31,10 +31,7 @@ from torch.nn import functional as F
 from speech2face.errors import WeightsError
 
 ENCODERS = ("dlib", "vggface")
-DLIB_FEATURE_DIM = 128
-# dlib's face chip: 150 x 150 with 25 % padding, as dlib_face_recognition_resnet_model_v1
-# was trained (dlib's defaults for compute_face_descriptor).
-DLIB_CHIP_PADDING = 0.25
+DLIB_FEATURE_DIM = 128  # faces.DESCRIPTOR_DIM
 
 # VGG-Face = VGG-16 "D" (Parkhi et al. 2015, Table 3): conv widths, "M" = 2x2 max pool.
 VGG_FACE_LAYERS = (
@@ -160,29 +157,10 @@ class DlibFaceEncoder(FaceEncoder):
 
     def embed(self, crops) -> torch.Tensor:
         """crops: uint8 (B, H, W, 3) aligned crops or float (B, 3, H, W) in [0, 1] -> (B, 128)."""
-        import dlib
-
-        from speech2face.faces import aligned_face_box, dlib_model
+        from speech2face.faces import face_descriptors
 
         device = crops.device if isinstance(crops, torch.Tensor) else None
-        images = crops_to_uint8(crops)
-        if len(images) == 0:
-            return torch.zeros(0, self.feature_dim, device=device)
-        height, width = images.shape[1:3]
-        if height != width:
-            raise ValueError(f"dlib encoder expects square aligned crops, got {height} x {width}")
-        rect = dlib.rectangle(*(int(round(v)) for v in aligned_face_box(width)))
-        predictor = dlib_model("landmarks68")
-        shapes = []
-        for image in images:
-            one = dlib.full_object_detections()
-            one.append(predictor(image, rect))
-            shapes.append(one)
-        vectors = dlib_model("recognition").compute_face_descriptor(
-            list(images), shapes, 0, DLIB_CHIP_PADDING
-        )
-        features = np.array([[list(v) for v in per_image][0] for per_image in vectors], np.float32)
-        return torch.from_numpy(features).to(device)
+        return torch.from_numpy(face_descriptors(crops_to_uint8(crops))).to(device)
 
 
 # ---------------------------------------------------------------------------- VGG-Face

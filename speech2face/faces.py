@@ -55,6 +55,11 @@ HOG_MIN_SCORE = 0.3
 # Images are downscaled for detection so that the longer side is at most this (speed:
 # HOG and the CNN cost grows with the pixel count); landmarks use the full resolution.
 DETECT_MAX_SIDE = 1280
+# A frame that is already cut around one face (VoxCeleb's face frames and face tracks:
+# the face spans half the frame or more) is detected at this size, not upsampled: its
+# face is then about 100 px, above the HOG window's 80 px, and detection costs 1/8 of
+# the upsampled full-size pass (docs/benchmarks.md). Landmarks still use full resolution.
+FACE_CROP_DETECT_SIDE = 200
 # Images whose longer side is at most this are upsampled once for detection, which lets
 # both detectors find faces down to about 40 px (their native minimum is about 80 px).
 UPSAMPLE_MAX_SIDE = 800
@@ -62,6 +67,10 @@ UPSAMPLE_MAX_SIDE = 800
 # 1.2 s for a 640 x 480 frame as is, 5 s upsampled), so only small images are upsampled.
 CNN_UPSAMPLE_MAX_SIDE = 400
 DETECTORS = ("hog", "cnn")
+DESCRIPTOR_DIM = 128  # dlib_face_recognition_resnet_model_v1's face descriptor
+# dlib's face chip: 150 x 150 with 25 % padding, as dlib_face_recognition_resnet_model_v1
+# was trained (dlib's defaults for compute_face_descriptor).
+DLIB_CHIP_PADDING = 0.25
 FACES_STATE = ".faces.json"  # the options an output folder of `speech2face faces` was made with
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -230,6 +239,7 @@ def detect_faces(
     detector: str = "hog",
     upsample: int | None = None,
     min_score: float | None = None,
+    max_side: int = DETECT_MAX_SIDE,
 ) -> list[Face]:
     """All faces in an image, largest first (empty list when there is none).
 
@@ -239,6 +249,8 @@ def detect_faces(
         ``UPSAMPLE_MAX_SIDE`` px (HOG) or ``CNN_UPSAMPLE_MAX_SIDE`` px (CNN), else not).
     min_score: drop detections scoring below this (default ``HOG_MIN_SCORE`` for HOG,
         0 for the CNN).
+    max_side: detect on a copy downscaled to this longer side when the image is larger
+        (``FACE_CROP_DETECT_SIDE`` with ``upsample=0`` for a frame cut around one face).
     Returns Face objects with boxes and 68 landmarks (x, y) in the image's pixels.
     """
     if detector not in DETECTORS:
@@ -246,7 +258,7 @@ def detect_faces(
     image = load_image(image)
     height, width = image.shape[:2]
     # Detect on a downscaled copy of big images; the landmarks use the full image.
-    scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
+    scale = min(1.0, max_side / max(height, width))
     small = _resize(image, scale) if scale < 1.0 else image
     if upsample is None:
         limit = UPSAMPLE_MAX_SIDE if detector == "hog" else CNN_UPSAMPLE_MAX_SIDE
@@ -297,6 +309,40 @@ def fit_landmarks(image: np.ndarray, box, predictor: str = "landmarks68") -> np.
     rect = dlib.rectangle(*(int(round(v)) for v in box))
     shape = dlib_model(predictor)(np.ascontiguousarray(image), rect)
     return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+
+
+def face_descriptors(crops) -> np.ndarray:
+    """dlib's 128-D face descriptors of aligned crops, in one batched call.
+
+    crops: uint8 ``(B, S, S, 3)`` (or a list of ``(S, S, 3)``) as :func:`align_face` cuts
+    them. Returns float32 ``(B, 128)``. The face is where the crop geometry put it
+    (:func:`aligned_face_box`), so the 68-point shape predictor runs in that box and no
+    detector is needed; dlib cuts its own 150 x 150 chip from those points and runs its
+    ResNet on all chips at once. Needs numpy and dlib only (prepare's workers use it
+    without importing torch); ``face_encoders.DlibFaceEncoder`` wraps it.
+    """
+    import dlib
+
+    images = np.ascontiguousarray(np.stack(crops) if isinstance(crops, (list, tuple)) else crops)
+    if len(images) == 0:
+        return np.zeros((0, DESCRIPTOR_DIM), np.float32)
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 crops (B, S, S, 3), got {images.dtype} {images.shape}")
+    height, width = images.shape[1:3]
+    if height != width:
+        raise ValueError(f"expected square aligned crops, got {height} x {width}")
+    rect = dlib.rectangle(*(int(round(v)) for v in aligned_face_box(width)))
+    predictor = dlib_model("landmarks68")
+    shapes = []
+    for image in images:
+        one = dlib.full_object_detections()
+        one.append(predictor(image, rect))
+        shapes.append(one)
+    # The batch form takes one list of faces per image and answers one list per image.
+    vectors = dlib_model("recognition").compute_face_descriptor(
+        list(images), shapes, 0, DLIB_CHIP_PADDING
+    )
+    return np.array([list(per_image[0]) for per_image in vectors], np.float32)
 
 
 def _resize(image: np.ndarray, scale: float) -> np.ndarray:

@@ -397,3 +397,32 @@ def test_faces_command_fails_when_nothing_processed(tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
     assert cli.main(["faces", str(tmp_path / "nothing.png"), "--out", str(out)]) == 2
     assert "nothing.png: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- descriptors
+
+
+def test_batched_descriptors_equal_dlibs_one_face_calls(astronaut, astronaut_face, hopper_path):
+    # Reference: dlib's single-face API, one call per crop, with the same shape predictor
+    # box and chip padding; face_descriptors runs them all in one batched call.
+    import dlib
+
+    hopper = F.load_image(hopper_path)
+    crop_a, _ = F.align_face(astronaut, astronaut_face)
+    crop_h, _, _ = F.extract_face(hopper)
+    crops = np.stack([crop_a, crop_h, crop_a[:, ::-1], np.roll(crop_h, 5, axis=1)])
+    rect = dlib.rectangle(*(round(v) for v in F.aligned_face_box(F.CROP_SIZE)))
+    reference = []
+    for crop in crops:
+        crop = np.ascontiguousarray(crop)
+        shape = F.dlib_model("landmarks68")(crop, rect)
+        reference.append(
+            F.dlib_model("recognition").compute_face_descriptor(crop, shape, 0, F.DLIB_CHIP_PADDING)
+        )
+    batched = F.face_descriptors(crops)
+    assert batched.shape == (4, 128) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, np.array(reference), atol=1e-5)
+    assert np.linalg.norm(batched[0] - batched[1]) > 0.6  # two people: a real difference
+    assert F.face_descriptors(crops[:0]).shape == (0, 128)
+    with pytest.raises(ValueError, match="square"):
+        F.face_descriptors(crops[:, :200])

@@ -8,8 +8,12 @@ The stages, one module each:
 - :mod:`.loader`: shards to batches (:func:`make_loader` is the public streaming API)
 
 Everything public is re-exported here, so ``from speech2face.data import make_loader``
-is the way to use it.
+is the way to use it. The loader's names are imported on first use: it needs torch, and
+prepare's worker processes, which import this package but never load batches, would
+otherwise spend 2 CPU-seconds each importing it (docs/benchmarks.md).
 """
+
+import importlib
 
 from speech2face.data.datasets import (
     CLIP_SECONDS,
@@ -28,7 +32,6 @@ from speech2face.data.datasets import (
     list_voxceleb2,
     stable_hash,
 )
-from speech2face.data.loader import ShardDataset, collate, decode_sample, load_split, make_loader
 from speech2face.data.prepare import (
     CROPS_PER_SAMPLE,
     SAMPLES_PER_SHARD,
@@ -47,6 +50,15 @@ from speech2face.data.shards import (
     load_manifest,
     verify_shards,
 )
+
+_LOADER = ("ShardDataset", "collate", "decode_sample", "load_split", "make_loader")
+
+
+def __getattr__(name: str):
+    if name in _LOADER:
+        return getattr(importlib.import_module("speech2face.data.loader"), name)
+    raise AttributeError(f"module 'speech2face.data' has no attribute {name!r}")
+
 
 __all__ = [
     "CLIP_SECONDS", "CROPS_PER_SAMPLE", "DATASETS", "FORMAT_VERSION", "FRAMES_PER_VIDEO",

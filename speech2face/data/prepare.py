@@ -28,6 +28,7 @@ writes a part manifest; the run that completes the last part merges all parts in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -42,7 +43,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from speech2face.audio import VIDEO_SUFFIXES
 from speech2face.data.datasets import (
@@ -104,24 +104,48 @@ class UnitResult:
     samples: list[dict]  # {"key", "files": {ext: bytes}, "landmarks": (68,2)}
     skipped: list[tuple[str, str]]  # (item, reason)
     counts: Counter = field(default_factory=Counter)
+    # CPU seconds of this process's thread per stage (benchmarks; never written out).
+    cpu: Counter = field(default_factory=Counter)
+
+
+@contextlib.contextmanager
+def _stage(cpu: Counter, name: str):
+    start = time.thread_time()
+    try:
+        yield
+    finally:
+        cpu[name] += time.thread_time() - start
 
 
 class _Processor:
-    """Turns units into encoded samples; holds the face encoder (loaded once per process)."""
+    """Turns units into encoded samples; holds the face encoder (loaded once per process).
 
-    def __init__(self, options: Options):
+    The dlib path (the default) needs numpy, dlib, PIL, soundfile and PyAV, not torch:
+    worker processes start without importing it. ``single_thread``: a torch encoder
+    (vggface) runs on one thread, as a worker must when there is one worker per core.
+    """
+
+    def __init__(self, options: Options, single_thread: bool = False):
         self.options = options
-        self._encoder = None
+        self.single_thread = single_thread
+        self._embed = None
 
-    @property
-    def encoder(self):
-        if self._encoder is None:
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 (B, 224, 224, 3) crops -> float32 (B, D) features, all in one batch."""
+        from speech2face import faces
+
+        if self.options.encoder == "dlib":
+            return faces.face_descriptors(crops)
+        if self._embed is None:
+            import torch
+
             from speech2face.face_encoders import load_face_encoder
 
-            self._encoder = load_face_encoder(
-                self.options.encoder, weights=self.options.encoder_weights
-            )
-        return self._encoder
+            if self.single_thread:
+                torch.set_num_threads(1)  # one process per core: no oversubscription
+            encoder = load_face_encoder(self.options.encoder, weights=self.options.encoder_weights)
+            self._embed = lambda x: encoder.embed(x).detach().cpu().numpy().astype(np.float32)
+        return self._embed(crops)
 
     def __call__(self, unit: Unit) -> UnitResult:
         result = UnitResult([], [])
@@ -129,10 +153,16 @@ class _Processor:
             result.skipped.append((unit.key, unit.skip))
             result.counts.update(videos_skipped=1, clips_skipped=len(unit.clips))
             return result
+        # Only the faces the clips can use are looked for: clip j takes crops
+        # (j * c + t) % len(crops), so once len(clips) * c crops are found, the remaining
+        # frames would never be picked (with fewer clips than frames, they are skipped).
+        needed = len(unit.clips) * self.options.crops_per_sample
         crops, landmarks = [], []
         for frame in unit.frames:
+            if len(crops) >= needed:
+                break
             try:
-                crop, lm = self._face(frame)
+                crop, lm = self._face(frame, result.cpu)
             except Speech2FaceError as error:
                 result.skipped.append((frame.item, error.problem))
                 result.counts.update(frames_skipped=1)
@@ -146,9 +176,11 @@ class _Processor:
             return result
         # Encode the crops as stored, then embed the decoded JPEGs, so that the stored
         # feature is what the face encoder gives for the stored crop.
-        jpegs = [_encode_jpeg(c) for c in crops]
-        decoded = np.stack([_decode_jpeg(j) for j in jpegs])
-        features = self.encoder.embed(decoded).detach().cpu().numpy().astype(np.float32)
+        with _stage(result.cpu, "jpeg"):
+            jpegs = [_encode_jpeg(c) for c in crops]
+            decoded = np.stack([_decode_jpeg(j) for j in jpegs])
+        with _stage(result.cpu, "descriptor"):
+            features = self.embed(decoded)
         waves = self._audio(unit, result)
         if not waves:
             result.skipped.append((unit.key, "no usable audio clip"))
@@ -186,18 +218,19 @@ class _Processor:
             )
         return result
 
-    def _face(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    def _face(self, frame: Frame, cpu: Counter) -> tuple[np.ndarray, np.ndarray]:
         from speech2face import faces
+        from speech2face.errors import NoFaceError
 
-        image = (
-            read_video_frame(frame.path, frame.time)
-            if _is_video(frame.path)
-            else faces.load_image(frame.path)
-        )
-        found = faces.detect_faces(image, detector=self.options.detector)
+        with _stage(cpu, "read frame"):
+            image = (
+                read_video_frame(frame.path, frame.time)
+                if _is_video(frame.path)
+                else faces.load_image(frame.path)
+            )
+        with _stage(cpu, "detect + landmarks"):
+            found = self._detect(image, frame)
         if not found:
-            from speech2face.errors import NoFaceError
-
             raise NoFaceError(frame.item, "no face found")
         face = found[0]
         if frame.centre is not None:
@@ -209,7 +242,25 @@ class _Processor:
                     (f.box[0] + f.box[2]) / 2 - cx, (f.box[1] + f.box[3]) / 2 - cy
                 ),
             )
-        return faces.align_face(image, face)
+        with _stage(cpu, "align"):
+            return faces.align_face(image, face)
+
+    def _detect(self, image: np.ndarray, frame: Frame) -> list:
+        """Faces in a frame. A frame without a face centre is a dataset's face crop
+        (VoxCeleb1's face frames, VoxCeleb2's face tracks), its face half the frame or
+        more: it is detected at ``faces.FACE_CROP_DETECT_SIDE`` px, not upsampled, and at
+        full size only when that finds nothing. AVSpeech frames are whole video frames in
+        which the speaker may be small: full size."""
+        from speech2face import faces
+
+        detector = self.options.detector
+        if frame.centre is None:
+            found = faces.detect_faces(
+                image, detector, upsample=0, max_side=faces.FACE_CROP_DETECT_SIDE
+            )
+            if found:
+                return found
+        return faces.detect_faces(image, detector=detector)
 
     def _audio(self, unit: Unit, result: UnitResult) -> list[tuple[Clip, bytes]]:
         from speech2face.audio import SAMPLE_RATE, fit_duration, load_audio
@@ -226,7 +277,8 @@ class _Processor:
         for clip in unit.clips:
             if clip.path not in cache:
                 try:
-                    cache[clip.path] = load_audio(clip.path, max_seconds=needed[clip.path])
+                    with _stage(result.cpu, "read audio"):
+                        cache[clip.path] = load_audio(clip.path, max_seconds=needed[clip.path])
                 except AudioError as error:
                     cache[clip.path] = error
             wave = cache[clip.path]
@@ -248,7 +300,8 @@ class _Processor:
                     )
                     result.counts.update(clips_skipped=1)
                     continue
-            out.append((clip, _encode_flac(fit_duration(wave, seconds))))
+            with _stage(result.cpu, "flac"):
+                out.append((clip, _encode_flac(fit_duration(wave, seconds))))
             result.counts.update(clips=1)
         return out
 
@@ -336,8 +389,7 @@ _WORKER: _Processor | None = None
 
 def _worker_init(options: Options) -> None:
     global _WORKER
-    torch.set_num_threads(1)  # one process per core: no oversubscription
-    _WORKER = _Processor(options)
+    _WORKER = _Processor(options, single_thread=True)
 
 
 def _worker_run(unit: Unit) -> UnitResult:
