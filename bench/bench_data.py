@@ -1,12 +1,20 @@
-"""Data pipeline throughput: ``prepare`` with 1 and 2 workers, and the loader against training.
+"""Data pipeline throughput: prepare's CPU per clip and its workers; the loader vs training.
 
-1. ``prepare voxceleb1`` on two generated demo corpora (3 face frames and 3 clips per
-   video; 2 speakers and ``speakers``), each with ``workers=1`` and ``workers=2``. The
-   difference of the two corpora's times cancels the fixed start-up cost (dlib models;
-   for 2 workers, two spawned processes importing torch), which a dataset-sized run
-   amortises: clips/s in steady state and the 2-vs-1 scaling ratio (raw rates in the
-   details). The shards of 1 and 2 workers are also checked to be identical.
-2. The loader (``ShardDataset``: tar reading, FLAC and JPEG decoding, ``fit_duration``,
+1. **Per clip, old path vs new path** (issue 17 item 4): every video of the demo corpus
+   (``make-demo-data --speakers 8 --seed 0``) through prepare's per-video processing as
+   it was (every frame detected at full size, upsampled once, every frame processed) and
+   as it is (face-crop frames detected at 200 px, only the frames the clips use), in
+   the same process, alternating video by video so the machine's load falls on both
+   alike. CPU time of the thread per stage (``time.thread_time``): on a shared machine
+   wall-clock time per stage means nothing. The two paths' outputs are compared
+   (features, landmarks) in the details.
+2. **Workers**: ``prepare voxceleb1`` as users run it, ``workers=1`` and ``workers=2``, on
+   the demo corpus and on a 2-speaker one; wall and CPU seconds (this process and its
+   workers) of each run. The whole-run ratio is what a user sees on the demo corpus; the
+   difference of the two corpora's times cancels the fixed start-up (dlib's models, the
+   spawned workers) and gives the steady-state ratio a dataset-sized run gets. The shards
+   of 1 and 2 workers are checked to be identical.
+3. The loader (``ShardDataset``: tar reading, FLAC and JPEG decoding, ``fit_duration``,
    batching and on-the-fly spectrograms, batch 8) with 0 and 2 DataLoader workers, in
    samples/s, against the training step's consumption rate at paper size: one forward
    and backward pass of ``VoiceEncoder(VoiceEncoderConfig.paper(output_dim=128))`` at
@@ -15,15 +23,130 @@
 
 from __future__ import annotations
 
-import os
+import io
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from speech2face import data
+from bench.common import Clock, load_average
+from speech2face import data, faces
+from speech2face.data.prepare import Options, _Processor
 from speech2face.demo_data import make_demo_data
+
+STAGES = ("read frame", "detect + landmarks", "align", "jpeg", "descriptor", "read audio",
+          "flac")
+
+
+class _OldProcessor(_Processor):
+    """prepare's per-video path before issue 17 item 4, the reference: every frame read
+    and detected at full size (upsampled once, as ``faces.detect_faces`` does for any
+    image up to 800 px), whatever the number of clips."""
+
+    def _crops_needed(self, unit) -> int:
+        return len(unit.frames) * self.options.crops_per_sample
+
+    def _detect(self, image, frame):
+        return faces.detect_faces(image, detector=self.options.detector)
+
+
+def _per_clip(corpus: Path, repeats: int) -> tuple[dict, dict]:
+    """Thread CPU ms per clip and per stage, old and new path, and how their outputs differ."""
+    units = [u for u in data.list_units("voxceleb1", corpus) if u.skip is None]
+    paths = {"old": _OldProcessor(Options("voxceleb1")), "new": _Processor(Options("voxceleb1"))}
+    paths["new"](units[0])  # warm-up: dlib's models load once per process
+    cpu = {name: Counter() for name in paths}
+    clips, frames, outputs = 0, Counter(), {}
+    for r in range(repeats):
+        for i, unit in enumerate(units):
+            order = list(paths) if (i + r) % 2 == 0 else list(paths)[::-1]
+            for name in order:
+                result = paths[name](unit)
+                cpu[name].update(result.cpu)
+                frames[name] += result.counts["frames"] + result.counts["frames_skipped"]
+                outputs[name, unit.key] = result.samples
+            clips += len(unit.clips)
+    clips //= repeats
+    ms = {name: {s: 1000 * cpu[name][s] / (clips * repeats) for s in STAGES} for name in paths}
+    for name in paths:
+        ms[name]["total"] = sum(ms[name].values())
+    feature_distance, landmark_error, same_audio = [], [], True
+    for unit in units:
+        for old, new in zip(outputs["old", unit.key], outputs["new", unit.key], strict=True):
+            f_old, f_new = (np.load(io.BytesIO(s["files"]["feature.npy"])) for s in (old, new))
+            feature_distance.append(float(np.linalg.norm(f_old - f_new)))
+            landmark_error.append(float(np.abs(old["landmarks"] - new["landmarks"]).mean()))
+            same_audio &= old["files"]["flac"] == new["files"]["flac"]
+    agreement = {
+        "samples": len(feature_distance),
+        "feature_distance_median": float(np.median(feature_distance)),
+        "feature_distance_max": float(np.max(feature_distance)),
+        "landmark_mean_abs_px_median": float(np.median(landmark_error)),
+        "landmark_mean_abs_px_max": float(np.max(landmark_error)),
+        "flac_identical": bool(same_audio),
+    }
+    info = {"videos": len(units), "clips": clips, "repeats": repeats,
+            "frames_processed_per_pass": {k: v // repeats for k, v in frames.items()}}
+    return {"cpu_ms_per_clip": ms, "corpus": info, "agreement": agreement}, ms
+
+
+# What a spawned worker does before its first video, timed phase by phase in a fresh
+# interpreter (CPU seconds of that process).
+_START_UP = """
+import json, sys, time
+t = [time.process_time()]
+import speech2face.data.prepare
+t.append(time.process_time())
+from speech2face import faces
+for name in ("hog", "landmarks68", "recognition"):
+    faces.dlib_model(name)
+    t.append(time.process_time())
+print(json.dumps({"interpreter": t[0], "import prepare": t[1] - t[0],
+                  "dlib hog detector": t[2] - t[1], "dlib 68-point predictor": t[3] - t[2],
+                  "dlib face ResNet": t[4] - t[3], "torch imported": "torch" in sys.modules}))
+"""
+
+
+def _worker_start_up() -> dict:
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _START_UP], capture_output=True, text=True,
+                         check=True)
+    return json.loads(run.stdout)
+
+
+def _workers(corpora: dict[str, Path], clips: dict[str, int], tmp: Path) -> dict:
+    """Whole prepare runs with 1 and 2 workers: wall and CPU seconds."""
+    runs = {}
+    for name, corpus in corpora.items():
+        for workers in (1, 2):
+            out = tmp / f"shards-{name}-{workers}"
+            with Clock() as clock:
+                data.prepare("voxceleb1", corpus, out, workers=workers, samples_per_shard=16,
+                             progress=False)
+            runs[name, workers] = clock
+    big, small = corpora
+    steady = {
+        w: (clips[big] - clips[small]) / (runs[big, w].wall - runs[small, w].wall) for w in (1, 2)
+    }
+    raw = {w: clips[big] / runs[big, w].wall for w in (1, 2)}
+    one, two = (sorted((tmp / f"shards-{big}-{w}").glob("*/*.tar")) for w in (1, 2))
+    same = bool(one) and [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
+    return {
+        "clips": clips,
+        "wall_s": {f"{k[0]}-{k[1]}w": round(v.wall, 2) for k, v in runs.items()},
+        # CPU of this process and its (joined) workers: the 2-worker run's extra CPU is
+        # the second process's start-up (dlib's models) and the pool's pickling.
+        "cpu_s": {f"{k[0]}-{k[1]}w": round(v.cpu, 2) for k, v in runs.items()},
+        "raw_clips_per_s": raw,
+        "steady_clips_per_s": steady,
+        "identical_shards_1_vs_2_workers": same,
+    }
 
 
 def _loader_rate(out: Path, workers: int, samples: int) -> float:
@@ -58,72 +181,45 @@ def _training_rate(batch_size: int) -> tuple[float, float]:
 
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(2)
-    speakers = 8 if quick else 16
-    # Other processes' load (1-minute average) bounds what a second worker can gain.
-    rows, details = [], {"load_average_at_start": os.getloadavg()[0]}
+    rows, details = [], {"load_average_at_start": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # A large and a small corpus: the difference of their prepare times cancels the
-        # fixed start-up cost (spawning workers, loading dlib's models), leaving the
-        # steady-state rate that matters for a dataset-sized run.
-        sizes = {"large": speakers, "small": 2}
-        corpora = {
-            name: make_demo_data(
-                tmp / name,
-                speakers=n,
-                seed=0,
-                videos=(2, 2),
-                clips=(3, 3),
-                frames=3,
-                progress=False,
-            )
-            for name, n in sizes.items()
-        }
-        clips = {name: n * 2 * 3 for name, n in sizes.items()}
-        seconds, cpu_seconds = {}, {}
-        for workers in (1, 2):
-            for name, corpus in corpora.items():
-                cpu = cpu_seconds()
-                start = time.perf_counter()
-                data.prepare(
-                    "voxceleb1",
-                    corpus,
-                    tmp / f"shards-{name}-{workers}",
-                    workers=workers,
-                    samples_per_shard=16,
-                    progress=False,
-                )
-                seconds[(name, workers)] = time.perf_counter() - start
-                cpu_seconds[(name, workers)] = cpu_seconds() - cpu
-        steady = {
-            w: (clips["large"] - clips["small"]) / (seconds[("large", w)] - seconds[("small", w)])
-            for w in (1, 2)
-        }
-        raw = {w: clips["large"] / seconds[("large", w)] for w in (1, 2)}
-        one, two = (sorted((tmp / f"shards-large-{w}").glob("*/*.tar")) for w in (1, 2))
-        same = bool(one) and [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
-        details["prepare"] = {
-            "clips": clips,
-            "frames_per_video": 3,
-            "seconds": {f"{k[0]}-{k[1]}w": v for k, v in seconds.items()},
-            # CPU time of this process and its (joined) workers: equal CPU cost per clip
-            # with 1 and 2 workers means the pool adds no overhead, and the wall-clock
-            # scaling is bounded by the free cores of the machine.
-            "cpu_seconds": {f"{k[0]}-{k[1]}w": v for k, v in cpu_seconds.items()},
-            "steady_clips_per_s": steady,
-            "raw_clips_per_s": raw,
-            "identical_shards_1_vs_2_workers": same,
-        }
-        rows.append(
-            {
-                "benchmark": "prepare voxceleb1 (demo corpus, steady state), 2 workers vs 1",
-                "result": f"{steady[2]:.1f} clips/s",
-                "reference": f"1 worker {steady[1]:.1f} clips/s",
-                "ratio": f"{steady[2] / steady[1]:.2f}x",
-                "target": ">= 1.6x on 2 free cores",
-            }
-        )
-        shards = tmp / "shards-large-1"
+        # The demo corpus as `speech2face make-demo-data --speakers 8 --seed 0` makes it,
+        # and a 2-speaker one whose run is mostly start-up.
+        sizes = {"demo": 8, "small": 2}
+        corpora = {name: make_demo_data(tmp / name, speakers=n, seed=0, progress=False)
+                   for name, n in sizes.items()}
+        per_clip, ms = _per_clip(corpora["demo"], repeats=1 if quick else 2)
+        details["prepare_per_clip"] = per_clip
+        old, new = ms["old"], ms["new"]
+        rows.append({
+            "benchmark": "prepare per clip, CPU ms (1 thread), demo corpus, new path vs old "
+                         "path in the same run (per stage: docs/benchmarks.md)",
+            "result": f"{new['total']:.1f} ms",
+            "reference": f"old path {old['total']:.1f} ms",
+            "ratio": f"{old['total'] / new['total']:.2f}x less CPU",
+            "target": ">= 1.5x",
+        })
+        counts = {name: len(data.list_units("voxceleb1", c)) for name, c in corpora.items()}
+        clips = {name: sum(len(u.clips) for u in data.list_units("voxceleb1", c))
+                 for name, c in corpora.items()}
+        details["prepare_workers"] = _workers(corpora, clips, tmp)
+        details["prepare_workers"]["videos"] = counts
+        details["prepare_worker_start_up_cpu_s"] = _worker_start_up()
+        work = details["prepare_workers"]
+        for kind, label in (("raw", "whole run"), ("steady", "steady state")):
+            rate = work[f"{kind}_clips_per_s"]
+            cpu = work["cpu_s"]
+            rows.append({
+                "benchmark": f"prepare voxceleb1, demo corpus ({clips['demo']} clips), 2 workers "
+                             f"vs 1, {label} (CPU s: 1 worker {cpu['demo-1w']:.1f}, 2 workers "
+                             f"{cpu['demo-2w']:.1f})",
+                "result": f"{rate[2]:.2f} clips/s",
+                "reference": f"1 worker {rate[1]:.2f} clips/s",
+                "ratio": f"{rate[2] / rate[1]:.2f}x",
+                "target": ">= 1.8x (on 2 free cores)",
+            })
+        shards = tmp / "shards-demo-1"
         loader = {w: _loader_rate(shards, w, 64 if quick else 256) for w in (0, 2)}
         batch = 2 if quick else 8
         train_rate, step_s = _training_rate(batch)
@@ -146,5 +242,5 @@ def run(quick: bool = False) -> dict:
                     "target": ">= 1x (loader never the bottleneck)",
                 }
             )
-    details["load_average_at_end"] = os.getloadavg()[0]
+    details["load_average_at_end"] = load_average()
     return {"rows": rows, "details": details}

@@ -153,10 +153,7 @@ class _Processor:
             result.skipped.append((unit.key, unit.skip))
             result.counts.update(videos_skipped=1, clips_skipped=len(unit.clips))
             return result
-        # Only the faces the clips can use are looked for: clip j takes crops
-        # (j * c + t) % len(crops), so once len(clips) * c crops are found, the remaining
-        # frames would never be picked (with fewer clips than frames, they are skipped).
-        needed = len(unit.clips) * self.options.crops_per_sample
+        needed = self._crops_needed(unit)
         crops, landmarks = [], []
         for frame in unit.frames:
             if len(crops) >= needed:
@@ -217,6 +214,12 @@ class _Processor:
                 }
             )
         return result
+
+    def _crops_needed(self, unit: Unit) -> int:
+        """How many crops the clips can use. Clip j takes crops (j * c + t) % len(crops),
+        so once len(clips) * c crops are found, the remaining frames would never be
+        picked: with fewer clips than frames, they are not read."""
+        return len(unit.clips) * self.options.crops_per_sample
 
     def _face(self, frame: Frame, cpu: Counter) -> tuple[np.ndarray, np.ndarray]:
         from speech2face import faces
