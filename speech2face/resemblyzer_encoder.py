@@ -41,6 +41,7 @@ from torch import nn
 
 from speech2face.audio import HOP_LENGTH, N_FFT, N_FREQ, POWER_LAW, SAMPLE_RATE, WIN_LENGTH
 from speech2face.errors import WeightsError
+from speech2face.voice_encoder import OutputStandardization
 
 KIND = "resemblyzer"  # the voice-encoder choice in training configs and bundles
 
@@ -72,6 +73,9 @@ class ResemblyzerEncoderConfig:
     hidden_dims: tuple = (512,)
     # Frequency bins of the input spectrogram (512-point FFT -> 257).
     n_freq: int = N_FREQ
+    # Predict in the training features' standardised coordinates, as the paper's encoder
+    # (voice_encoder.OutputStandardization; training turns it on); False in older bundles.
+    standardize_output: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -217,6 +221,8 @@ class ResemblyzerEncoder(nn.Module):
         for a, b in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
         self.mlp = nn.Sequential(*layers, nn.Linear(widths[-1], config.output_dim))
+        self.output_standardization = (OutputStandardization(config.output_dim)
+                                       if config.standardize_output else None)
 
     def mels(self, spec: torch.Tensor) -> torch.Tensor:
         """``(B, 2, T, 257)`` compressed spectrogram -> ``(B, T, 40)`` mel power frames."""
@@ -249,7 +255,8 @@ class ResemblyzerEncoder(nn.Module):
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
         """``(B, 2, T, 257)`` -> ``(B, output_dim)``; only the MLP has gradients."""
-        return self.mlp(self.embed(spec))
+        out = self.mlp(self.embed(spec))
+        return out if self.output_standardization is None else self.output_standardization(out)
 
     def train(self, mode: bool = True):
         super().train(mode)

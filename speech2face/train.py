@@ -59,6 +59,9 @@ BEST_FILE = "best.json"
 METRICS_FILE = "metrics.csv"
 TRAIN_CONFIG_FILE = "train_config.json"
 CHECKPOINT_PREFIX = "step-"
+# Training features read to standardise the face decoder's input (FeatureCode): enough for
+# a mean and a spread, few enough to read in seconds from a million-clip split.
+STANDARDIZATION_SAMPLES = 20_000
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -944,7 +947,8 @@ def _paper_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
 def _resemblyzer_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
     from speech2face.resemblyzer_encoder import ResemblyzerEncoder, ResemblyzerEncoderConfig
 
-    return ResemblyzerEncoder(ResemblyzerEncoderConfig(output_dim=feature_dim))
+    return ResemblyzerEncoder(ResemblyzerEncoderConfig(output_dim=feature_dim,
+                                                       standardize_output=True))
 
 
 # config.encoder -> builder(config, feature_dim) of the stage-2 voice encoder: spectrogram
@@ -1024,6 +1028,12 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
     torch.manual_seed(config.seed)
     decoder = FaceDecoder(_preset(FaceDecoderConfig, config, int(manifest["feature_dim"])),
                           torch.as_tensor(manifest["mean_landmarks"], dtype=torch.float32))
+    if decoder.config.standardize_input:
+        # From a sample of the training features (shards are written in mixed order, so
+        # the first ones are representative); a resumed run loads them from its checkpoint.
+        features, _ = _training_features(Path(data), progress=False,
+                                         max_samples=STANDARDIZATION_SAMPLES)
+        decoder.f_dec.set_standardization(torch.from_numpy(features))
     model = Speech2Face(decoder, face_encoder_name=manifest["encoder"])
     encoder = _face_encoder_for_loss(manifest, config, device or torch.device("cpu"))
     return DecoderStage(model, config.loss, encoder)
@@ -1049,6 +1059,11 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
                                          f"hold {dim}-D {manifest['encoder']} features")
     torch.manual_seed(config.seed)
     voice = build_voice_encoder(config, dim)
+    standardization = getattr(voice, "output_standardization", None)
+    if standardization is not None:
+        # the decoder's statistics of the training features (a resumed run loads the same
+        # values from its checkpoint)
+        standardization.copy_from(base.face_decoder.f_dec)
     classifier = base.classifier
     if classifier is None and checkpoint is not None:
         saved = json.loads((checkpoint / CONFIG_NAME).read_text())
@@ -1124,7 +1139,7 @@ def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
     linear = None
     if placement.is_main:
         # Fitted once per run: rank 0 fits, the other processes receive the weights.
-        features, identities = _training_features(data, config, progress)
+        features, identities = _training_features(data, progress)
         fit = fit_identity_classifier(features, identities, seed=config.seed,
                                       weight_decay=config.classifier_weight_decay,
                                       progress=progress)
@@ -1166,8 +1181,9 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     return _as_linear(linears[0])
 
 
-def _training_features(data: Path, config: TrainConfig, progress: bool):
-    """Every training sample's face feature ``(N, D)`` and identity, read from the shards.
+def _training_features(data: Path, progress: bool, max_samples: int | None = None):
+    """Every training sample's face feature ``(N, D)`` and identity, read from the shards
+    (the first ``max_samples`` only, if given).
 
     Only the ``feature.npy`` and ``json`` members are decoded (no audio, no images).
     """
@@ -1181,10 +1197,10 @@ def _training_features(data: Path, config: TrainConfig, progress: bool):
     manifest = load_manifest(data)
     split = manifest["splits"].get("train")
     if not split or not split["samples"]:
-        raise DataError(Path(manifest["root"]), "no training samples to fit the identity "
-                                                "classifier on")
+        raise DataError(Path(manifest["root"]), "has no training samples")
     features, identities = [], []
-    bar = tqdm(total=split["samples"], desc="features for the identity classifier",
+    total = split["samples"] if max_samples is None else min(max_samples, split["samples"])
+    bar = tqdm(total=total, desc="training features",
                unit="sample", disable=not progress or int(os.environ.get("RANK", "0")) != 0)
     for shard in split["shards"]:
         for raw in iterate_tar(Path(manifest["root"]) / shard["path"]):
@@ -1196,6 +1212,10 @@ def _training_features(data: Path, config: TrainConfig, progress: bool):
             except (KeyError, ValueError) as error:
                 raise DataError(raw.get("__key__"), f"undecodable sample ({error})") from None
             bar.update(1)
+            if len(features) == total:
+                break
+        if len(features) == total:
+            break
     bar.close()
     return np.stack(features).astype(np.float32), identities
 

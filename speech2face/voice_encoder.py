@@ -46,14 +46,19 @@ class VoiceEncoderConfig:
     output_dim: int = 4096
     # BatchNorm momentum (PyTorch convention); 0.1 is the usual default.
     bn_momentum: float = 0.1
+    # Predict in the training features' standardised coordinates (OutputStandardization).
+    # False in bundles made before it existed, which then load unchanged.
+    standardize_output: bool = False
 
     @classmethod
     def paper(cls, output_dim: int = 4096) -> VoiceEncoderConfig:
-        return cls(layers=PAPER_LAYERS, fc_dim=4096, output_dim=output_dim)
+        return cls(layers=PAPER_LAYERS, fc_dim=4096, output_dim=output_dim,
+                   standardize_output=True)
 
     @classmethod
     def tiny(cls, output_dim: int = 128) -> VoiceEncoderConfig:
-        return cls(layers=TINY_LAYERS, fc_dim=256, output_dim=output_dim)
+        return cls(layers=TINY_LAYERS, fc_dim=256, output_dim=output_dim,
+                   standardize_output=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -95,6 +100,38 @@ class VoiceEncoderConfig:
         return self._convs()[-1][0] * self.output_shape(self.min_frames())[1]
 
 
+class OutputStandardization(nn.Module):
+    """The voice encoder's last step: ``shift + scale / sqrt(D) * y``.
+
+    ``shift`` and ``scale`` are the training face features' mean and root-mean-square
+    distance to it, copied from the face decoder's :class:`~speech2face.face_decoder.FeatureCode`
+    when stage 2 starts (:meth:`copy_from`). The network then predicts a face's offset
+    from the mean in units of the features' spread, which is what the data vary in: face
+    features of different people differ by a small part of their length (dlib's on the
+    demo corpus: about 20 degrees apart around a mean 1.4 long). Unscaled, one Adam step
+    of the last layer (``lr`` per weight, over hundreds of inputs) moves the prediction
+    farther than the whole spread of the faces, and the encoder starts far from every
+    face. Until set (and in a model whose decoder has no statistics) it is the identity.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(dim))
+        self.register_buffer("scale", torch.tensor(float(dim) ** 0.5))
+
+    @torch.no_grad()
+    def copy_from(self, f_dec: nn.Module) -> bool:
+        """Take ``f_dec``'s statistics if it has them (a standardising FeatureCode)."""
+        if not getattr(f_dec, "standardize", False):
+            return False
+        self.shift.copy_(f_dec.shift)
+        self.scale.copy_(f_dec.scale)
+        return True
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.shift + (self.scale / self.shift.shape[0] ** 0.5) * y
+
+
 class ConvBlock(nn.Sequential):
     """4x4 valid convolution, then ReLU and BatchNorm (Table 1's order), unless ``bare``."""
 
@@ -130,6 +167,8 @@ class VoiceEncoder(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(config.fc_dim, config.output_dim),
         )
+        self.output_standardization = (OutputStandardization(config.output_dim)
+                                       if config.standardize_output else None)
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
         """``(B, 2, T, F)`` -> ``(B, output_dim)``; T >= ``config.min_frames()``."""
@@ -149,4 +188,5 @@ class VoiceEncoder(nn.Module):
         x = self.features(spec.contiguous(memory_format=torch.channels_last))  # (B, C, T', F')
         x = x.mean(dim=2)  # average over all time: (B, C, F')
         x = self.pool_norm(torch.relu(x))  # BatchNorm over channels
-        return self.fc(x.flatten(1))  # (B, C * F') -> (B, output_dim)
+        x = self.fc(x.flatten(1))  # (B, C * F') -> (B, output_dim)
+        return x if self.output_standardization is None else self.output_standardization(x)

@@ -103,6 +103,36 @@ def test_tiny_decoder_shapes_range_and_frames(face):
         FaceDecoder(FaceDecoderConfig.tiny(), torch.zeros(5, 2))
 
 
+def test_f_dec_standardises_its_input_like_a_float64_rederivation(face):
+    rng = np.random.default_rng(3)
+    # Features like dlib's: a long common part, small differences between faces.
+    train = rng.normal(size=128) + 0.05 * rng.normal(size=(40, 128))
+    decoder = FaceDecoder(FaceDecoderConfig.tiny(), face[1][0])
+    decoder.f_dec.set_standardization(torch.from_numpy(train))
+    mean = train.mean(axis=0)
+    spread = np.sqrt(((train - mean) ** 2).sum(axis=1).mean())
+    np.testing.assert_allclose(decoder.f_dec.shift.numpy(), mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(float(decoder.f_dec.scale), spread, rtol=1e-6)
+    x = rng.normal(size=(3, 128))
+    w, b = (t.detach().double().numpy() for t in (decoder.f_dec[0].weight, decoder.f_dec[0].bias))
+    expected = np.maximum(((x - mean) / spread) @ w.T + b, 0)
+    got = decoder.f_dec(torch.from_numpy(x).float()).detach().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # the statistics are buffers: saved and loaded with the weights
+    assert {"f_dec.shift", "f_dec.scale"} <= set(decoder.state_dict())
+
+
+def test_bundles_from_before_standardisation_load_unchanged(face):
+    """A config without ``standardize_input`` (older bundles) builds the plain FC + ReLU."""
+    old = FaceDecoderConfig.tiny().to_dict()
+    del old["standardize_input"]
+    decoder = FaceDecoder(FaceDecoderConfig.from_dict(old), face[1][0])
+    assert not decoder.f_dec.standardize
+    assert not {"f_dec.shift", "f_dec.scale"} & set(decoder.state_dict())
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(decoder.f_dec(x), torch.relu(decoder.f_dec[0](x)))
+
+
 def test_mean_landmarks_saved_with_the_weights(face):
     mean = face[1][0]
     decoder = FaceDecoder(FaceDecoderConfig.tiny(), mean)

@@ -461,18 +461,22 @@ def test_identity_classifier_with_thousands_of_classes_matches_scikit_learn():
     assert np.abs(p_ours - p_theirs).sum(1).mean() < 0.05  # total variation per clip
 
 
-@pytest.mark.xfail(reason="issue 11 open: on this generated problem the fitted temperature is "
-                   "below 1, not the expected > 1.5 (calibration needs rework)", strict=False)
 def test_identity_classifier_calibration_lowers_heldout_nll():
     """The temperature is the held-out NLL's minimiser (checked with scipy on the held-out
     clips), the result is no worse than the uncalibrated fit, and a weakly penalised
-    fit, overconfident on its training clips, gets a temperature above 1."""
-    x, y = _identities(1000, 6, 8, seed=2, noise=0.2)
-    fit = E.fit_identity_classifier(x, y, weight_decay=1e-5, holdout=0.2, seed=3, epochs=150,
-                                    batch_size=5000, min_steps=0, lr=0.1)
+    fit, overconfident on its training clips, gets a temperature above 1.
+
+    Overlapping identities (4 fitting clips each in 8 dimensions): the fit learns its
+    clips' noise (train accuracy ~70 %, held-out ~20 %). The problem is kept small enough
+    for the minibatch fit to converge; an underfitted one is not overconfident (with 1,000
+    identities and 150 passes the temperature came out 0.74).
+    """
+    x, y = _identities(200, 6, 8, seed=2, noise=0.3)
+    fit = E.fit_identity_classifier(x, y, weight_decay=1e-5, holdout=0.2, seed=3,
+                                    min_steps=1000)
     held = E.heldout_split(torch.as_tensor(y), 0.2, 3).numpy()
-    assert fit.heldout_samples == held.sum() > 500
-    assert set(np.unique(y[~held])) == set(range(1000))  # every identity keeps clips to fit
+    assert fit.heldout_samples == held.sum() > 200
+    assert set(np.unique(y[~held])) == set(range(200))  # every identity keeps clips to fit
 
     logits = fit.linear(torch.from_numpy(x[held])).double().numpy()  # includes 1 / T
     uncalibrated = logits * fit.temperature

@@ -342,9 +342,6 @@ def _train_totals(run: Path) -> list[float]:
                 if r["split"] == "train" and r["name"] == "total"]
 
 
-@pytest.mark.xfail(reason="issues 11/13 open: with the calibrated teacher the voice stage's loss "
-                   "does not fall within this test's steps (decoder stage checked inside)",
-                   strict=False)
 def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
     from PIL import Image
 
@@ -364,19 +361,22 @@ def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
     stage1 = load_model(decoder_run)
     assert stage1.voice_encoder is None and stage1.feature_dim == 128
 
-    # 3-s clips: half the cost of the paper's 6 s, and the encoder takes any length
+    # 3-s clips: half the cost of the paper's 6 s, and the encoder takes any length. The
+    # encoder starts at the mean face (OutputStandardization), so the loss starts low and
+    # falls as the encoder learns to tell the 5 training speakers apart (334 -> 196
+    # measured over 40 steps).
     assert main(["train", "--data", str(shards), "--decoder", str(decoder_run),
-                 "--out", str(voice_run), *common, "steps=15", "lr=3e-3", "clip_seconds=3",
-                 "val_every=15", "checkpoint_every=15", "val_batches=1"]) == 0
+                 "--out", str(voice_run), *common, "steps=40", "lr=3e-3", "clip_seconds=3",
+                 "val_every=40", "checkpoint_every=40", "val_batches=1"]) == 0
     assert "model bundle in" in capsys.readouterr().out
     totals = _train_totals(voice_run)
-    assert len(totals) == 3 and totals[-1] < 0.6 * totals[0], totals
+    assert len(totals) == 8 and totals[-1] < 0.75 * totals[0], totals
     model = load_model(voice_run)
     assert model.num_identities == 5  # the training identities of the 8-speaker corpus
     # the decoder was frozen in stage 2
     a, b = stage1.face_decoder.state_dict(), model.face_decoder.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    grid = Image.open(voice_run / "images" / "val-00000015.png")
+    grid = Image.open(voice_run / "images" / "val-00000040.png")
     assert grid.size[0] == 3 * 66 + 2  # true | decoded from the face | decoded from the voice
     with torch.no_grad():
         features = model.predict_features(torch.randn(2, 2, 598, 257))
@@ -385,11 +385,11 @@ def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
     # --resume with more steps: the run's settings come back from train_config.json, the
     # identity classifier from the checkpoint (not fitted again), and training goes on.
     assert main(["train", "--data", str(shards), "--decoder", str(decoder_run),
-                 "--out", str(voice_run), "--resume", "--no-progress", "steps=17"]) == 0
+                 "--out", str(voice_run), "--resume", "--no-progress", "steps=42"]) == 0
     resumed = load_model(voice_run)
     assert torch.equal(resumed.classifier.weight, model.classifier.weight)
     assert json.loads((voice_run / "train_config.json").read_text())["clip_seconds"] == 3.0
-    assert latest_checkpoint(voice_run).name == "step-00000017"
+    assert latest_checkpoint(voice_run).name == "step-00000042"
 
 
 def test_command_line_errors_exit_2(shards, tmp_path, capsys):
@@ -527,3 +527,38 @@ def test_fit_runs_bf16_autocast_on_cpu(toy, tmp_path):
     mixed = module.run(tmp_path / "bf16", steps=4, log_every=2, amp="bf16")
     assert mixed.train_loss != exact.train_loss
     assert mixed.train_loss == pytest.approx(exact.train_loss, rel=3e-2)
+
+
+def test_voice_encoder_predicts_in_the_training_features_coordinates():
+    """With a standardising decoder, the voice encoder's output is ``mean + spread / sqrt(D)
+    * y`` (numpy statistics), so a fresh encoder predicts near the training faces' mean,
+    within about their spread, where an unscaled one starts far from every face."""
+    from speech2face.face_decoder import FeatureCode
+    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
+    rng = np.random.default_rng(0)
+    train = (rng.normal(size=128) + 0.1 * rng.normal(size=(50, 128))).astype(np.float32)
+    mean = train.mean(axis=0)
+    spread = np.sqrt(((train - mean) ** 2).sum(axis=1).mean())
+    f_dec = FeatureCode(128, 16, standardize=True)
+    f_dec.set_standardization(torch.from_numpy(train))
+    spec = torch.randn(8, 2, VoiceEncoderConfig.tiny().min_frames(), 257,
+                       generator=torch.Generator().manual_seed(1))
+
+    torch.manual_seed(0)
+    voice = VoiceEncoder(VoiceEncoderConfig.tiny(128))
+    with torch.no_grad():
+        standardization, voice.output_standardization = voice.output_standardization, None
+        raw = voice(spec)  # the network before the last step
+        voice.output_standardization = standardization
+        unscaled = voice(spec).numpy()  # statistics not set yet: the identity
+        np.testing.assert_allclose(unscaled, raw.numpy(), rtol=1e-6, atol=1e-6)
+        assert voice.output_standardization.copy_from(f_dec)
+        out = voice(spec).numpy()
+    np.testing.assert_allclose(out, mean + spread / np.sqrt(128) * raw.double().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    started = np.linalg.norm(out - mean, axis=1)
+    assert started.max() < 2 * spread < np.linalg.norm(unscaled - mean, axis=1).min()
+    # a decoder without the statistics (an older bundle) leaves the output as it is
+    fresh = VoiceEncoder(VoiceEncoderConfig.tiny(128)).output_standardization
+    assert not fresh.copy_from(FeatureCode(128, 16))
