@@ -185,10 +185,11 @@ def _marker_settings(marker: Path) -> dict | None:
     return content.get("settings") if isinstance(content, dict) else None
 
 
-def _train_config(steps: int, overrides: dict, seed: int):
+def _train_config(stage: str, steps: int, overrides: dict, seed: int):
     from speech2face.train import TrainConfig
 
-    return TrainConfig.tiny(steps=steps, seed=seed, device="cpu", **overrides)
+    # the stage's own preset (the decoder's differs in Adam's epsilon, docs/training.md)
+    return TrainConfig.tiny(stage, steps=steps, seed=seed, device="cpu", **overrides)
 
 
 def _held_out_faces(corpus: Path, shards: Path, model, count: int) -> tuple[str, dict[str, bytes]]:
@@ -334,11 +335,12 @@ def run_demo(
         overrides = train_overrides or {}
         stages.run("decoder", f"training the face decoder ({decoder_steps} steps)",
                    train_decoder, shards, out / "runs" / "decoder",
-                   _train_config(decoder_steps, {**DECODER_OVERRIDES, **overrides}, seed),
+                   _train_config("decoder", decoder_steps, {**DECODER_OVERRIDES, **overrides},
+                                 seed),
                    resume=True, progress=progress)
         stages.run("voice", f"training the voice encoder ({voice_steps} steps)", train_voice,
                    shards, out / "runs" / "decoder", out / "runs" / "voice",
-                   _train_config(voice_steps, {**VOICE_OVERRIDES, **overrides}, seed),
+                   _train_config("voice", voice_steps, {**VOICE_OVERRIDES, **overrides}, seed),
                    resume=True, progress=progress)
         bundle = out / "runs" / "voice" / "model"
         report = out / "report"

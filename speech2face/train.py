@@ -759,9 +759,12 @@ def fit(
                 sums, window_steps, window_start = {}, 0, time.perf_counter()
             bar.update(1)
 
+            validating = val_data is not None and config.val_batches > 0 and (
+                loop.step % config.val_every == 0 or loop.step == config.steps)
+            if validating or loop.step == config.steps:
+                precise_batchnorm(stage, train_data, config.precise_bn_batches, device, autocast)
             val_loss = None
-            if val_data is not None and config.val_batches > 0 and (
-                    loop.step % config.val_every == 0 or loop.step == config.steps):
+            if validating:
                 val_loss = _validate(stage, val_data, config, run, loop.step, log, device,
                                      placement, autocast)
             is_best = val_loss is not None and (loop.best_val_loss is None
@@ -788,6 +791,47 @@ def fit(
         dist.barrier()
     return FitResult(step=loop.step, train_loss=last_loss, best_val_loss=loop.best_val_loss,
                      best_step=loop.best_step, model_dir=model_dir)
+
+
+def precise_batchnorm(stage: Stage, data, batches: int, device: torch.device,
+                      autocast=nullcontext) -> bool:
+    """Re-estimate the BatchNorm running statistics of ``stage.trainable`` with its
+    current weights ("precise BN", Wu & Johnson 2021): a cumulative average over the
+    first ``batches`` micro-batches of ``data``'s epoch 0, forward only.
+
+    The running averages that training keeps (momentum 0.1) trail weights that still
+    change quickly, and evaluation uses them. Epoch 0's order is fixed, so a resumed run
+    gets the same statistics. Under DDP every process averages its own batches and the
+    results are averaged over processes. Returns False when there is nothing to do.
+    """
+    norms = [m for m in stage.trainable.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches <= 0:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    modes = [(m, m.training) for m in stage.trainable.modules()]
+    stage.trainable.train()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(data.batches(0, 0)):
+                if i == batches:
+                    break
+                with autocast():
+                    stage.loss(stage.trainable, stage.on_device(batch, device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        for m, training in modes:
+            m.train(training)
+    if dist.is_initialized():
+        for m in norms:
+            for stat in (m.running_mean, m.running_var):
+                dist.all_reduce(stat)
+                stat.div_(dist.get_world_size())
+    return True
 
 
 def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
@@ -909,6 +953,8 @@ class ShardData:
             # Training draws one of the sample's stored crops (prepare's crops_per_sample)
             # per visit, with its own landmarks and feature; validation uses the first.
             random_crop=self.shuffle,
+            # Training uses audio only as spectrograms (stage 2); stage 1 never decodes it.
+            audio=self.spectrogram,
             rank=self.placement.rank, world_size=self.placement.world_size)
         dataset.set_epoch(epoch)
         return dataset

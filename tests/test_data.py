@@ -292,6 +292,12 @@ def test_loader_batches_match_the_contract(reference):
     ]
     spec = next(iter(data.ShardDataset(reference, "test", batch_size=2, spectrogram=True)))
     assert spec["spectrogram"].shape == (2, 2, 598, 257) and "wave" not in spec
+    # audio=False (the face decoder's stage): the same samples, the audio never decoded
+    faces_only = next(iter(data.ShardDataset(reference, "test", batch_size=2, audio=False)))
+    with_audio = next(iter(data.ShardDataset(reference, "test", batch_size=2)))
+    assert "wave" not in faces_only and "spectrogram" not in faces_only
+    for key in ("feature", "face", "landmarks", "identity_index"):
+        assert torch.equal(faces_only[key], with_audio[key]), key
     whole = data.load_split(reference, "test")
     assert len(whole["meta"]) == manifest["splits"]["test"]["samples"] == whole["face"].shape[0]
     with pytest.raises(DataError, match="no 'nope' split"):

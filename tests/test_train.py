@@ -562,3 +562,37 @@ def test_voice_encoder_predicts_in_the_training_features_coordinates():
     # a decoder without the statistics (an older bundle) leaves the output as it is
     fresh = VoiceEncoder(VoiceEncoderConfig.tiny(128)).output_standardization
     assert not fresh.copy_from(FeatureCode(128, 16))
+
+
+def test_precise_batchnorm_matches_numpy_batch_statistics():
+    """Running statistics re-estimated as the average of the first batches' own mean and
+    unbiased variance (numpy), whatever the running averages held before."""
+    from torch import nn
+
+    from speech2face.train import Stage, precise_batchnorm
+
+    class Norm(Stage):
+        name = "norm"
+
+        def __init__(self):
+            self.model = self.trainable = nn.Sequential(nn.BatchNorm1d(4))
+
+        def loss(self, forward, batch):
+            out = forward(batch["x"])
+            return out.pow(2).mean(), {}
+
+    g = torch.Generator().manual_seed(0)
+    x = 3 + 2 * torch.randn(64, 4, generator=g)
+    data = InMemoryData({"x": x}, 8, shuffle=False)
+    stage = Norm()
+    bn = stage.trainable[0]
+    bn.running_mean.fill_(100.0)  # stale averages
+    bn.eval()
+    assert precise_batchnorm(stage, data, batches=5, device=torch.device("cpu"))
+    chunks = x.double().numpy()[:40].reshape(5, 8, 4)
+    np.testing.assert_allclose(bn.running_mean.numpy(), chunks.mean(axis=1).mean(axis=0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(bn.running_var.numpy(),
+                               chunks.var(axis=1, ddof=1).mean(axis=0), rtol=1e-5)
+    assert bn.momentum == 0.1 and not bn.training  # restored
+    assert not precise_batchnorm(stage, data, batches=0, device=torch.device("cpu"))

@@ -17,11 +17,14 @@ from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_ma
 from speech2face.errors import DataError
 
 
-def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0) -> dict:
+def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
+                  audio: bool = True) -> dict:
     """Decode one raw sample: ``wave (N,)`` float32 (fitted to ``seconds``), ``face``
     uint8 ``(224, 224, 3)``, ``landmarks (68, 2)``, ``feature (D,)`` and ``meta``.
 
     crop: which stored crop to use (0: ``face.jpg``; k: ``face.k.jpg``).
+    audio: False leaves the audio undecoded (no ``wave``): the face decoder's stage
+    trains on faces and features only.
     """
     import soundfile as sf
 
@@ -29,9 +32,12 @@ def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0) -> di
 
     suffix = "" if crop == 0 else f".{crop}"
     try:
-        wave, _ = sf.read(io.BytesIO(raw["flac"]), dtype="float32")
+        sample = {}
+        if audio:
+            wave, _ = sf.read(io.BytesIO(raw["flac"]), dtype="float32")
+            sample["wave"] = fit_duration(wave, seconds)
         return {
-            "wave": fit_duration(wave, seconds),
+            **sample,
             "face": _decode_jpeg(raw[f"face{suffix}.jpg"]),
             "landmarks": np.load(io.BytesIO(raw[f"landmarks{suffix}.npy"]), allow_pickle=False),
             "feature": np.load(io.BytesIO(raw[f"feature{suffix}.npy"]), allow_pickle=False),
@@ -47,11 +53,11 @@ def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0) -> di
 def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bool = False) -> dict:
     """Stack decoded samples into the batch of docs/architecture.md "Shards".
 
-    Returns ``wave (B, N)`` (or ``spectrogram (B, 2, T, 257)``), ``feature (B, D)``,
+    Returns ``wave (B, N)`` (or ``spectrogram (B, 2, T, 257)``; neither for samples
+    decoded without audio), ``feature (B, D)``,
     ``face (B, 3, 224, 224)`` float in [0, 1], ``landmarks (B, 68, 2)``,
     ``identity_index (B,)`` int64 and ``meta`` (list of dicts).
     """
-    wave = torch.from_numpy(np.stack([s["wave"] for s in samples]))
     batch = {
         "feature": torch.from_numpy(np.stack([s["feature"] for s in samples])),
         "face": torch.from_numpy(np.stack([s["face"] for s in samples]))
@@ -62,6 +68,9 @@ def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bo
         "identity_index": torch.tensor([identity_index[s["meta"]["identity"]] for s in samples]),
         "meta": [s["meta"] for s in samples],
     }
+    if "wave" not in samples[0]:
+        return batch
+    wave = torch.from_numpy(np.stack([s["wave"] for s in samples]))
     if spectrogram:
         from speech2face.audio import spectrogram as compute
 
@@ -88,6 +97,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     path: the prepare output folder or its manifest.json. split: "train", "val" or "test".
     random_crop: pick one of the stored crops at random (with ``crops_per_sample > 1``).
+    audio: False skips decoding the audio (batches without ``wave``/``spectrogram``).
     """
 
     def __init__(
@@ -103,6 +113,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         repeat: bool = False,
         drop_last: bool = False,
         random_crop: bool = False,
+        audio: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -123,7 +134,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         }
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.seconds, self.spectrogram, self.repeat = seconds, spectrogram, repeat
-        self.drop_last, self.random_crop = drop_last, random_crop
+        self.drop_last, self.random_crop, self.audio = drop_last, random_crop, audio
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -192,7 +203,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.random_crop:
             n = sum(1 for k in raw if k.startswith("face") and k.endswith(".jpg"))
             crop = int(rng.integers(n)) if n > 1 else 0
-        return decode_sample(raw, self.seconds, crop)
+        return decode_sample(raw, self.seconds, crop, self.audio)
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
