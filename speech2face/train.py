@@ -942,12 +942,17 @@ class ShardData:
         self.spectrogram = spectrogram
         self.shuffle = shuffle
 
-    def dataset(self, epoch: int):
-        """The :class:`speech2face.data.ShardDataset` of one epoch of this process."""
-        from speech2face.data import ShardDataset
+    def loader(self, epoch: int):
+        """The DataLoader (:func:`speech2face.data.make_loader`) of one epoch of this
+        process. Batches are collated (and spectrograms computed) in
+        ``config.num_workers`` worker processes; the DataLoader takes the workers'
+        batches round-robin, so the order is fixed for a given worker count."""
+        from speech2face.data import make_loader
 
-        dataset = ShardDataset(
+        return make_loader(
             self.root, self.split, batch_size=self.micro_batch,
+            num_workers=self.config.num_workers if self.shuffle else 0,
+            pin_memory=torch.cuda.is_available(), epoch=epoch,
             shuffle=self.config.shuffle_buffer if self.shuffle else 0, seed=self.config.seed,
             spectrogram=self.spectrogram, drop_last=self.shuffle, seconds=self.config.clip_seconds,
             # Training draws one of the sample's stored crops (prepare's crops_per_sample)
@@ -956,21 +961,10 @@ class ShardData:
             # Training uses audio only as spectrograms (stage 2); stage 1 never decodes it.
             audio=self.spectrogram,
             rank=self.placement.rank, world_size=self.placement.world_size)
-        dataset.set_epoch(epoch)
-        return dataset
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
-        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out.
-
-        Batches are collated (and spectrograms computed) in ``config.num_workers``
-        worker processes; the DataLoader takes the workers' batches round-robin, so
-        the order is fixed for a given worker count.
-        """
-        workers = self.config.num_workers if self.shuffle else 0
-        loader = torch.utils.data.DataLoader(
-            self.dataset(epoch), batch_size=None, num_workers=workers,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
-        stream = iter(loader)
+        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out."""
+        stream = iter(self.loader(epoch))
         for _ in range(skip):
             if next(stream, None) is None:
                 return

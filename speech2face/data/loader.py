@@ -226,13 +226,17 @@ def make_loader(
     num_workers: int = 0,
     *,
     pin_memory: bool = False,
+    epoch: int = 0,
     **dataset_options,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`ShardDataset`; batching happens in the worker processes.
 
+    epoch: the pass whose shuffled order to stream (:meth:`ShardDataset.set_epoch`).
     dataset_options: passed to ShardDataset (shuffle, seed, spectrogram, repeat, ...).
+    Training reads its batches through this too (``train.ShardData``).
     """
     dataset = ShardDataset(path, split, batch_size=batch_size, **dataset_options)
+    dataset.set_epoch(epoch)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
