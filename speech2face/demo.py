@@ -14,10 +14,10 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 953fb05) on the shared
-two-core machine under load (load average about 14): 343-356 s of CPU time (corpus 22-24,
-prepare 59-63, decoder 107-110, voice encoder 124-128, evaluation 27-33), 820-834 s
-wall with the three running side by side; over the 4-minute target, see docs/results.md.
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit 18acf95) run side by
+side, with the test suite of a fourth clone beside them on the shared two-core machine:
+275-285 s of CPU time (corpus 19-20, prepare 41-44, decoder 76-77, voice encoder 114,
+evaluation 24-30), 624-637 s wall; over the 4-minute target, see docs/results.md.
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -86,11 +86,11 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = 10": (17.7, 12.8, 24.4),
-    "angle v_s to v_f": (60.3, 59.7, 60.9),
-    "gender agreement": (68.6, 57.6, 80.8),
-    "decoder identification": (30.0, 20.0, 40.0),
-    "craniofacial r (mean of 11)": (0.56, 0.51, 0.63),
+    "cosine R@1, M = 10": (40.9, 33.2, 45.4),
+    "angle v_s to v_f": (19.2, 18.6, 19.6),
+    "gender agreement": (62.9, 55.8, 73.9),
+    "decoder identification": (63.3, 60.0, 70.0),
+    "craniofacial r (mean of 11)": (0.35, 0.26, 0.40),
 }
 
 
