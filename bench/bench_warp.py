@@ -38,6 +38,7 @@ import torch
 
 from bench.common import load_average, timed_ms
 from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
+from speech2face.runtime import torch_threads
 from speech2face.warp import boundary_points, dense_image_warp, phi, sparse_image_warp
 
 BATCH, SIZE, POINTS = 8, 224, 68
@@ -72,16 +73,6 @@ def naive_warp(image, source, dest, order=ORDER, reg=REGULARIZATION, k=BOUNDARY)
 
 def ours(image, source, dest):
     return sparse_image_warp(image, source, dest, ORDER, REGULARIZATION, BOUNDARY)
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
@@ -169,7 +160,7 @@ def threads_child(threads: int, repeats: int) -> dict:
     with torch.no_grad():
         for _ in range(repeats + 1):  # the first round warms up
             for n in (1, threads):
-                with _threads(n):
+                with torch_threads(n):
                     runs[str(n)].append(timed_ms(lambda: ours(image, source, dest), 1))
     return {n: {k: statistics.median(r[k] for r in rs[1:]) for k in rs[0]}
             for n, rs in runs.items()}
@@ -223,7 +214,7 @@ def run(quick: bool, with_tf: bool = False) -> dict:
 
     # Ours against the naive port, 1 thread.
     t = {}
-    with _threads(1):
+    with torch_threads(1):
         with torch.no_grad():
             t["ours_forward"] = timed_ms(lambda: ours(image, source, dest), repeats)
             t["naive_forward"] = timed_ms(lambda: naive_warp(image, source, dest), repeats)
@@ -261,7 +252,7 @@ def run(quick: bool, with_tf: bool = False) -> dict:
         tf_times = {}
         for n in (1, threads):
             tf_times[n], arrays = run_tf(inputs, n, repeats)
-            with _threads(n), torch.no_grad():
+            with torch_threads(n), torch.no_grad():
                 tf_times[n]["ours_forward"] = timed_ms(lambda: ours(image, source, dest),
                                                        repeats)
         accuracy["tensorflow_addons"] = errors(arrays["warped"].astype(np.float64),
@@ -310,7 +301,7 @@ def run(quick: bool, with_tf: bool = False) -> dict:
             "target": "" if not competing or policy == "spinning" else
             ">= 1x" + (" (met)" if one["wall_ms"] >= many["wall_ms"] else " (NOT met)")})
 
-    with _threads(1):
+    with torch_threads(1):
         paper_fwd, paper_fb = _decoder_ms(FaceDecoderConfig.paper(), BATCH, 2 if quick else 5)
         tiny_fwd, tiny_fb = _decoder_ms(FaceDecoderConfig.tiny(), 16, repeats)
     rows += [

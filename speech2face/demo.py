@@ -27,7 +27,6 @@ voice-to-face mapping where one exists, not how well it does on real people.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
+from speech2face.runtime import torch_threads
 from speech2face.utils import output_entries, read_json, temp_dir_beside
 
 DEFAULT_OUT = "demo_out"
@@ -128,18 +128,6 @@ class _Stages:
         self.log(f"[{self.done}/{self.total}] {what}: {self.seconds[name]:.1f} s "
                  f"({self.cpu[name]:.1f} s CPU)")
         return result
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _cpu_seconds() -> float:
@@ -320,7 +308,7 @@ def run_demo(
     # OpenMP threads spin-wait for each other (5-10x slower, the CPU time inflated by the
     # spinning); one thread also keeps the numbers the same whatever the machine's load.
     # Data preparation still runs `workers` processes.
-    with _torch_threads(1):
+    with torch_threads(1):
         torch.manual_seed(seed)
         workers = min(2, os.cpu_count() or 1)
         corpus = out / "corpus"

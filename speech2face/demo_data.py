@@ -755,8 +755,9 @@ def make_demo_data(
 
     Returns ``out`` as a Path. Raises DataError if ``out`` exists and is not empty.
     """
-    import torch
     from tqdm import tqdm
+
+    from speech2face.runtime import torch_threads
 
     out = Path(out)
     if speakers < 1 or frames < 1 or min(videos) < 1 or min(clips) < 1:
@@ -766,32 +767,29 @@ def make_demo_data(
     tmp = temp_dir_beside(out)
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
     # (10-50x slower with 2 threads under load). Restored on the way out.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rng = np.random.default_rng(seed)
-        people = _make_speakers(speakers, rng)
-        base = base_face()
-        # Speakers are independent (each has its own generator), so threads can write
-        # them in any order: numpy, PIL and the warp release the GIL for their heavy work.
-        # The corpus is the same for any number of workers.
-        with ThreadPoolExecutor(max(1, min(workers, speakers))) as pool:
-            jobs = [
-                pool.submit(_write_speaker, tmp, person, base, seed, videos, clips, frames)
-                for person in people
-            ]
-            for job in tqdm(
-                as_completed(jobs), total=len(jobs), desc="make-demo-data", unit="speaker",
-                disable=not progress,
-            ):
-                job.result()
-        _write_metadata(tmp, people, seed)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1):
+        try:
+            rng = np.random.default_rng(seed)
+            people = _make_speakers(speakers, rng)
+            base = base_face()
+            # Speakers are independent (each has its own generator), so threads can write
+            # them in any order: numpy, PIL and the warp release the GIL for their heavy
+            # work. The corpus is the same for any number of workers.
+            with ThreadPoolExecutor(max(1, min(workers, speakers))) as pool:
+                jobs = [
+                    pool.submit(_write_speaker, tmp, person, base, seed, videos, clips, frames)
+                    for person in people
+                ]
+                for job in tqdm(
+                    as_completed(jobs), total=len(jobs), desc="make-demo-data", unit="speaker",
+                    disable=not progress,
+                ):
+                    job.result()
+            _write_metadata(tmp, people, seed)
+            publish_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 

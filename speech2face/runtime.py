@@ -30,6 +30,7 @@ set, the thread policy is.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -111,3 +112,20 @@ def setup_process() -> None:
     """What every command does at start-up: :func:`passive_threads`, :func:`tune_allocator`."""
     passive_threads()
     tune_allocator()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the ``with`` block on ``count`` torch threads, then restore the previous count.
+
+    Small operations (the demo's tiny models, the corpus's warps) run fastest on one
+    thread on a busy machine: more threads wait on each other (see above).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

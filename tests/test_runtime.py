@@ -118,3 +118,15 @@ def test_passive_threads_only_before_torch_and_unless_chosen():
     assert run("import torch") == ["False", "None"]  # too late: OpenMP has read it
     assert run("", OMP_WAIT_POLICY="ACTIVE") == ["False", "ACTIVE"]
     assert run("import speech2face, speech2face.cli") == ["True", "PASSIVE"]
+
+
+def test_torch_threads_sets_and_restores_the_count_even_on_error():
+    import torch
+
+    from speech2face.runtime import torch_threads
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
