@@ -17,9 +17,9 @@ CPU cores:
 Measured from three fresh clones (``make demo SEED=0/1/2``, commit 18acf95) run side by
 side, with the test suite of a fourth clone beside them on the shared two-core machine:
 275-285 s of CPU time (corpus 19-20, prepare 41-44, decoder 76-77, voice encoder 114,
-evaluation 24-30), 624-637 s wall. Alone on the idle machine (seed 0, final main): 267 s
-of CPU (corpus 19, prepare 39, decoder 67, voice encoder 118, evaluation 24), 240 s wall;
-over the 4-minute CPU target, see docs/results.md.
+evaluation 24-30), 624-637 s wall. Alone on the idle machine (seed 0, final main, two
+runs): 267-288 s of CPU (the faster: corpus 19, prepare 39, decoder 67, voice encoder 118,
+evaluation 24), 240-262 s wall; over the 4-minute CPU target, see docs/results.md.
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
