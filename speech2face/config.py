@@ -107,10 +107,11 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     # Weights of a VGG-Face encoder when the shards' features came from it.
     face_encoder_weights: str | None = None
-    # L2 penalty of the stand-in identity classifier (dlib features; see
-    # face_encoders.fit_identity_classifier): its temperature is calibrated afterwards
-    # on held-out clips, so this matters little unless far too large.
-    classifier_weight_decay: float = 1e-4
+    # L2 penalty of the stand-in identity classifier against its summed cross-entropy
+    # (dlib features; scikit-learn's 1 / C; face_encoders.CLASSIFIER_L2 says why summed).
+    # Its temperature is calibrated afterwards on held-out clips, so this matters little
+    # unless far too large.
+    classifier_l2: float = 16.0
     # All loss weights (speech2face.losses.LossConfig).
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -137,7 +138,7 @@ class TrainConfig:
             problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if not self.clip_seconds > 0:
             problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
-        for name in ("grad_clip", "classifier_weight_decay"):
+        for name in ("grad_clip", "classifier_l2"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.grad_accum >= 1 and self.batch_size % self.grad_accum:

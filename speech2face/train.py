@@ -1181,7 +1181,7 @@ def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
         # Fitted once per run: rank 0 fits, the other processes receive the weights.
         features, identities = _training_features(data, progress)
         fit = fit_identity_classifier(features, identities, seed=config.seed,
-                                      weight_decay=config.classifier_weight_decay,
+                                      l2=config.classifier_l2,
                                       progress=progress)
         linear = fit.linear
         if fit.heldout_nll is not None:

@@ -396,21 +396,23 @@ def test_identity_classifier_matches_scipy_and_is_reproducible():
     labels = rng.integers(0, 4, 80)
     features = (centres[labels] + rng.normal(0, 0.8, (80, 8))).astype(np.float32)
     ids = names[labels]
-    weight_decay = 0.05
-    linear = E.train_identity_classifier(features, ids, seed=0, weight_decay=weight_decay,
-                                         holdout=0)
+    l2 = 2.0
+    linear = E.train_identity_classifier(features, ids, seed=0, l2=l2, holdout=0)
     assert isinstance(linear, torch.nn.Linear) and linear.weight.shape == (4, 8)
     # Classes are the sorted identity names: alice, bob, carol, dave.
     y = np.searchsorted(np.sort(names), ids)
     x64 = features.astype(np.float64)
-    w, b = _reference_classifier(x64, y, 4, weight_decay)
+    # The penalty is l2 / 2 |W~|^2 on the summed cross-entropy, W~ the weights of the
+    # features divided by their RMS spread s: on raw features and the mean, (l2 s^2 / N).
+    spread = np.sqrt(np.mean((x64 - x64.mean(0)) ** 2))
+    w, b = _reference_classifier(x64, y, 4, l2 * spread**2 / len(x64))
     reference = special.softmax(x64 @ w.T + b, axis=1)
     ours = torch.softmax(linear(torch.from_numpy(features)), 1).double().numpy()
     np.testing.assert_allclose(ours, reference, atol=2e-3)
     accuracy = (ours.argmax(1) == y).mean()
     assert accuracy > 0.8
     again = E.train_identity_classifier(
-        torch.from_numpy(features), list(ids), seed=0, weight_decay=weight_decay, holdout=0
+        torch.from_numpy(features), list(ids), seed=0, l2=l2, holdout=0
     )
     torch.testing.assert_close(again.weight, linear.weight, rtol=0, atol=0)
     assert not linear.weight.requires_grad
@@ -432,20 +434,22 @@ def _identities(n_classes, per_class, dim, seed, noise=0.35, noise_seed=None):
 
 
 def test_identity_classifier_with_thousands_of_classes_matches_scikit_learn():
-    """2,000 identities in minibatches of 256 (so never all logits at once): the same
+    """1,000 identities fitted by the minibatch code path: the same
     training and test accuracy as scikit-learn's full-batch multinomial fit of the same
     penalised objective, and probabilities close to its."""
     from sklearn.linear_model import LogisticRegression
 
     x, y = _identities(1000, 4, 8, seed=1, noise=0.12)
     test_x, test_y = _identities(1000, 1, 8, seed=1, noise=0.12, noise_seed=99)  # unseen clips
-    weight_decay = 1e-3
+    l2 = 30.0
     # Minibatches of 4,000 clips (of 4,000 here): the same code path as at scale, with
     # enough steps to converge on 1,000 classes in seconds.
-    fit = E.fit_identity_classifier(x, y, weight_decay=weight_decay, holdout=0, batch_size=4000,
+    fit = E.fit_identity_classifier(x, y, l2=l2, holdout=0, batch_size=4000,
                                     epochs=150, min_steps=0, lr=0.1)
-    # scikit-learn minimises C * sum(CE) + |W|^2 / 2: the same optimum for C = 1 / (wd N).
-    reference = LogisticRegression(C=1 / (weight_decay * len(x)), max_iter=500, tol=1e-6)
+    # scikit-learn minimises C * sum(CE) + |W|^2 / 2; ours penalises the weights of the
+    # features scaled by their RMS spread s, so C = 1 / (l2 s^2) on the raw features.
+    spread = float(np.sqrt(np.mean((x - x.mean(0)) ** 2)))
+    reference = LogisticRegression(C=1 / (l2 * spread**2), max_iter=500, tol=1e-6)
     reference.fit(x, y)
 
     def accuracy(predict, features, labels):
@@ -472,8 +476,7 @@ def test_identity_classifier_calibration_lowers_heldout_nll():
     identities and 150 passes the temperature came out 0.74).
     """
     x, y = _identities(200, 6, 8, seed=2, noise=0.3)
-    fit = E.fit_identity_classifier(x, y, weight_decay=1e-5, holdout=0.2, seed=3,
-                                    min_steps=1000)
+    fit = E.fit_identity_classifier(x, y, l2=0.05, holdout=0.2, seed=3, min_steps=1000)
     held = E.heldout_split(torch.as_tensor(y), 0.2, 3).numpy()
     assert fit.heldout_samples == held.sum() > 200
     assert set(np.unique(y[~held])) == set(range(200))  # every identity keeps clips to fit
