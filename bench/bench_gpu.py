@@ -110,7 +110,8 @@ def tiny_stage(voice: bool, seed: int = 0):
 def train_losses(voice: bool, amp: str, device: str, steps: int, out: Path,
                  batch_size: int = 8) -> list[float]:
     """The logged mean training losses of a run of ``steps`` steps."""
-    from speech2face.train import InMemoryData, TrainConfig, fit
+    from speech2face.data import InMemoryData
+    from speech2face.train import TrainConfig, fit
 
     stage = tiny_stage(voice)
     mean = stage.model.face_decoder.mean_landmarks.cpu()

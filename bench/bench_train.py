@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from speech2face.data import InMemoryData
 from speech2face.losses import LossConfig
-from speech2face.train import DecoderStage, InMemoryData, TrainConfig, VoiceStage, fit
+from speech2face.train import DecoderStage, TrainConfig, VoiceStage, fit
 
 PAPER_FEATURE_DIM = 4096  # VGG-Face fc7, the paper's face feature (section 3)
 
@@ -120,8 +121,8 @@ class _TimedData:
 
 def loader_cost(quick: bool, workers: int) -> dict:
     """Tiny stage-2 step time reading shards vs the same samples from memory."""
-    from speech2face.data import load_split
-    from speech2face.train import ShardData, voice_stage
+    from speech2face.data import ShardData, load_split
+    from speech2face.train import voice_stage
 
     steps = 24 if quick else 60
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +159,7 @@ def loader_cost(quick: bool, workers: int) -> dict:
 
 def loader_batch_time(quick: bool) -> float:
     """Seconds for the shard loader to give one batch of 8 with 6-s spectrograms (1 process)."""
-    from speech2face.train import ShardData
+    from speech2face.data import ShardData
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = _demo_shards(Path(tmp), 8)

@@ -17,7 +17,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_gpu import LOG_EVERY, _logged_totals, tiny_stage, voice_data  # noqa: E402
-from speech2face.train import InMemoryData, TrainConfig, fit, shutdown_distributed  # noqa: E402
+from speech2face.data import InMemoryData  # noqa: E402
+from speech2face.distributed import shutdown_distributed  # noqa: E402
+from speech2face.train import TrainConfig, fit  # noqa: E402
 
 
 def main() -> None:

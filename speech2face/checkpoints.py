@@ -1,30 +1,111 @@
-"""A training checkpoint read back and checked before any of it is restored.
+"""The training checkpoint's folder format, and a checkpoint read back and checked before
+any of it is restored.
 
 A checkpoint folder (``RUN/checkpoints/step-NNNNNNNN``, written by
 ``train.save_checkpoint``) is a model bundle plus ``optimizer.safetensors``,
-``rng.safetensors`` and ``state.json``. ``--resume`` trusts none of it: every value is
-held to what this run's model, Adam optimiser and StepLR scheduler expect before
-anything is applied, so a damaged or edited checkpoint stops the run with one line
-naming the file (exit 2), instead of a KeyError from deep inside torch or a run that
-continues half-restored.
+``rng.safetensors`` and ``state.json``. The first part of this module turns the
+optimiser's and the random generators' state into those files and back
+(:func:`optimizer_to_files`, :func:`gather_rng`), and finds and prunes a run's
+checkpoint folders; :mod:`speech2face.train` decides when to save and what to restore.
+
+``--resume`` trusts none of it: every value is held to what this run's model, Adam
+optimiser and StepLR scheduler expect before anything is applied, so a damaged or
+edited checkpoint stops the run with one line naming the file (exit 2), instead of a
+KeyError from deep inside torch or a run that continues half-restored.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from speech2face.errors import DataError
 
+CHECKPOINTS_DIR = "checkpoints"  # RUN/checkpoints/
+CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-NNNNNNNN
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 MAX_STATE_BYTES = 64 << 20  # state.json holds settings and scalars: kilobytes, not gigabytes
 # Adam's per-parameter state (torch.optim.Adam); ``max_exp_avg_sq`` only with amsgrad.
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+# ---------------------------------------------------------------------------- the files
+
+
+def checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of a run's complete checkpoints (those with a state), oldest first."""
+    folder = run / CHECKPOINTS_DIR
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            name = path.name
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() \
+                    and (path / STATE_FILE).is_file():
+                found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
+    return sorted(found)
+
+
+def prune_checkpoints(run: Path, keep_last: int, best_step: int | None) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints, and the best one."""
+    found = checkpoint_dirs(run)
+    for step, path in found[:-keep_last]:
+        if step != best_step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An optimiser state split into JSON (param groups, scalars) and tensors (safetensors)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
+
+
+def optimizer_from_files(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The optimiser ``state_dict`` that :func:`optimizer_to_files` split, joined again."""
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def gather_rng(device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every process's RNG states, on every process (rank order)."""
+    mine = _rng_states(device)
+    if not dist.is_initialized():
+        return [mine]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {k: v.tolist() for k, v in mine.items()})
+    return [{k: torch.tensor(v, dtype=torch.uint8) for k, v in item.items()} for item in everyone]
+
+
+# ---------------------------------------------------------------------------- the checks
 
 
 def _bad(file: Path, problem: str) -> DataError:

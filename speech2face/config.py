@@ -50,7 +50,7 @@ class TrainConfig:
 
     # Model sizes of the voice encoder and face decoder: "paper" or "tiny" (tests, CPU demos).
     preset: str = "paper"
-    # The voice encoder of stage 2, built by train.build_voice_encoder: "paper" is the
+    # The voice encoder of stage 2, built by model.build_voice_encoder: "paper" is the
     # network of paper Table 1 (sized by `preset`); "resemblyzer" the pretrained-speaker-
     # embedding baseline (speech2face.resemblyzer_encoder). Other names are registered there.
     encoder: str = "paper"

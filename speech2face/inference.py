@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from speech2face.errors import AudioError, WeightsError
-from speech2face.utils import cache_dir, find_inputs, staged_writes
+from speech2face.utils import cache_dir, find_inputs, png_bytes, staged_writes
 
 OUTPUT_SIZE = 224  # side of the returned face, the paper's crop size (section 3)
 DEMO_MODEL_NAME = "demo"  # cache_dir() / "models" / DEMO_MODEL_NAME holds the demo's bundle
@@ -173,17 +173,6 @@ def draw_landmarks(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     for x, y in landmarks:
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(0, 255, 0))
     return np.asarray(canvas)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """uint8 ``(H, W, 3)`` -> the bytes of a PNG file."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _output_paths(inputs: list[tuple[Path, Path]], out: Path) -> list[Path]:

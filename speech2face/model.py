@@ -9,7 +9,10 @@ A bundle is a directory (docs/architecture.md, "Model bundle")::
                         classifier.*     (the identity classifier, when there is one)
 
 Training writes one at ``RUN/model`` (and every checkpoint directory is one too);
-:func:`load_model` reads either a bundle directory or a training run's directory.
+:func:`load_model` reads either a bundle directory or a training run's directory. The
+networks are built here too: :func:`build_model` from a bundle's config, and
+:func:`build_voice_encoder` a fresh voice encoder from a training config, so the kinds
+of voice encoder (``config.encoder``, a bundle's ``kind``) are listed in one place.
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from speech2face.errors import WeightsError
+from speech2face.errors import ConfigError, WeightsError
 from speech2face.utils import atomic_write, cache_dir, temp_dir_beside
+
+if TYPE_CHECKING:
+    from speech2face.config import TrainConfig
 
 BUNDLE_FORMAT = "speech2face-bundle"
 BUNDLE_VERSION = 1
@@ -446,6 +454,39 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: 
         raise WeightsError(file, "weights do not match the config: " + problem)
     check_finite(state, file)
     module.load_state_dict(state)
+
+
+def _paper_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
+    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
+    sizes = VoiceEncoderConfig.tiny if config.preset == "tiny" else VoiceEncoderConfig.paper
+    return VoiceEncoder(sizes(feature_dim))
+
+
+def _resemblyzer_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
+    from speech2face.resemblyzer_encoder import ResemblyzerEncoder, ResemblyzerEncoderConfig
+
+    return ResemblyzerEncoder(ResemblyzerEncoderConfig(output_dim=feature_dim,
+                                                       standardize_output=True))
+
+
+# config.encoder -> builder(config, feature_dim) of the stage-2 voice encoder: spectrogram
+# (B, 2, T, 257) in, (B, feature_dim) face feature out. Register a new encoder here (and
+# its bundle config's "kind" in _voice_encoder_from_config, so that its bundles load).
+VOICE_ENCODERS: dict[str, Callable[[TrainConfig, int], nn.Module]] = {
+    "paper": _paper_voice_encoder,
+    "resemblyzer": _resemblyzer_voice_encoder,
+}
+
+
+def build_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
+    """A fresh voice encoder of the kind ``config.encoder`` names (``config.preset`` size),
+    predicting ``feature_dim``-D features: what stage 2 trains."""
+    builder = VOICE_ENCODERS.get(config.encoder)
+    if builder is None:
+        raise ConfigError(None, f"encoder: unknown voice encoder {config.encoder!r}; known: "
+                                f"{', '.join(sorted(VOICE_ENCODERS))}")
+    return builder(config, feature_dim)
 
 
 def _voice_encoder_from_config(data, file: Path | None) -> nn.Module:

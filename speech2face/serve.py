@@ -244,7 +244,8 @@ class FaceServer:
     def details(self, path: Path, name: str) -> dict:
         """What the page shows: face, face with landmarks, spectrogram, nearest faces."""
         from speech2face.audio import spectrogram
-        from speech2face.inference import draw_landmarks, png_bytes
+        from speech2face.inference import draw_landmarks
+        from speech2face.utils import png_bytes
 
         wave, result = self.reconstruct_file(path, name)
         neighbours = []
@@ -390,7 +391,7 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
             shutil.rmtree(folder, ignore_errors=True)
 
     def png(path, name):
-        from speech2face.inference import png_bytes
+        from speech2face.utils import png_bytes
 
         return Response(png_bytes(server.reconstruct_file(path, name)[1].image),
                         media_type="image/png")

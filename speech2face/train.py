@@ -15,20 +15,26 @@ epoch)``; ``--resume`` re-creates that epoch's order and skips the consumed
 micro-batches. A checkpoint holds the weights (safetensors), the optimiser state
 (tensors in safetensors, the rest in JSON), the scheduler, the AMP scaler, the data
 position and every process's RNG state, and is renamed into place only when complete.
+
+The file reads top to bottom as the stages, :func:`fit`, checkpoints, the two stages'
+entry points and the command line. What the loop uses but is not the loop lives beside
+it: the process's place, device and autocast dtype in :mod:`speech2face.distributed`;
+the batches in :mod:`speech2face.data` (:class:`~speech2face.data.ShardData`,
+:class:`~speech2face.data.InMemoryData`); the logs and validation grids in
+:mod:`speech2face.train_log`; the checkpoint files in :mod:`speech2face.checkpoints`; the
+voice encoder registry in :mod:`speech2face.model`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import gc
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,191 +43,64 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from speech2face.checkpoints import (
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    check_checkpoint,
+    checkpoint_dirs,
+    gather_rng,
+    optimizer_from_files,
+    optimizer_to_files,
+    prune_checkpoints,
+    read_state,
+)
+
 # TrainConfig and load_config are re-exported: `from speech2face.train import TrainConfig`.
 from speech2face.config import TrainConfig, load_config
+from speech2face.data import load_manifest, training_data, training_features
+from speech2face.distributed import (
+    Placement,
+    amp_dtype,
+    broadcast_linear,
+    init_distributed,
+    reduce_device,
+    resolve_device,
+    set_deterministic,
+    shutdown_distributed,
+)
 from speech2face.errors import ConfigError, DataError
 from speech2face.losses import LossConfig
 from speech2face.model import (
     CONFIG_NAME,
     RUN_MODEL_DIR,
+    VOICE_ENCODERS,
     WEIGHTS_NAME,
     Speech2Face,
+    build_voice_encoder,
     load_state_checked,
     read_safetensors,
     replace_dir,
     state_dict_for_safetensors,
     write_bundle_files,
 )
+from speech2face.train_log import (
+    MetricsLog,
+    accumulate,
+    term_shares,
+    validation_grid,
+    window_means,
+    write_png,
+)
 from speech2face.utils import atomic_write, temp_dir_beside
 
-CHECKPOINTS_DIR = "checkpoints"
 BEST_FILE = "best.json"
-METRICS_FILE = "metrics.csv"
 TRAIN_CONFIG_FILE = "train_config.json"
-CHECKPOINT_PREFIX = "step-"
 # Training features read to standardise the face decoder's input (FeatureCode): enough for
 # a mean and a spread, few enough to read in seconds from a million-clip split.
 STANDARDIZATION_SAMPLES = 20_000
-
-
-# ---------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where this process sits in a (possibly distributed) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def micro_batch(self, config: TrainConfig) -> int:
-        """Samples per micro-batch of this process: batch_size / (world_size * grad_accum)."""
-        share = self.world_size * config.grad_accum
-        if config.batch_size % share:
-            raise ConfigError(None, f"batch_size {config.batch_size} is not divisible by "
-                                    f"{self.world_size} processes x grad_accum {config.grad_accum}")
-        return config.batch_size // share
-
-
-def init_distributed(device: str = "auto") -> Placement:
-    """Join the process group that ``torchrun`` describes in the environment (if any).
-
-    NCCL when this process trains on a GPU, gloo on CPU. A run launched by ``torchrun``
-    joins its group even with one process (DDP and SyncBatchNorm then run as they would
-    on many GPUs: the GPU check uses that); otherwise, without ``WORLD_SIZE`` > 1, this is
-    a single-process run and nothing is initialised. Safe to call twice.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    if launched and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    return Placement(rank=rank, world_size=world_size, local_rank=local_rank)
-
-
-def resolve_device(config: TrainConfig, placement: Placement) -> torch.device:
-    if config.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", placement.local_rank)
-        return torch.device("cpu")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        raise ConfigError(None, f"device: not a torch device: {config.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(None, "device: CUDA requested but no GPU is available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", placement.local_rank)
-    return device
-
-
-def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``config.amp`` on ``device`` (``None``: float32).
-
-    ``auto``: bf16 on a GPU that has it, else fp16 (with loss scaling); float32 on CPU.
-    ``bf16`` runs on CPU too (CPU autocast: the tests compare it with float32); ``fp16``
-    on CPU is a :class:`ConfigError`.
-    """
-    if config.amp == "none":
-        return None
-    if device.type == "cpu":
-        if config.amp == "fp16":
-            raise ConfigError(None, "amp: fp16 needs a CUDA GPU (on CPU use amp=bf16 or "
-                                    "amp=none)")
-        return torch.bfloat16 if config.amp == "bf16" else None
-    if device.type != "cuda":
-        return None  # other accelerators train in float32
-    if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def set_deterministic(config: TrainConfig) -> None:
-    """With ``config.deterministic``: deterministic cuDNN and torch algorithms (a process-
-    wide setting; an operation with no deterministic version then raises)."""
-    if not config.deterministic:
-        return
-    # cuBLAS needs a fixed workspace for repeatable results; read when CUDA starts.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
-
-
-def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
-
-
-# ---------------------------------------------------------------------------- data
-
-
-class InMemoryData:
-    """Batches from tensors held in memory, in the loop's deterministic order.
-
-    Every epoch is a permutation drawn from ``(seed, epoch)``; it is cut into global
-    batches of ``micro_batch * world_size * grad_accum`` samples (the tail that does not
-    fill one is dropped), and micro-batch ``a * world_size + rank`` of each global batch
-    goes to accumulation step ``a`` of process ``rank``. Any split of the same global
-    batch over processes and accumulation steps therefore sees the same samples, which
-    makes a 2-process run comparable to a 1-process run with 2 accumulation steps.
-
-    Args:
-        tensors: name -> ``(N, ...)`` tensor, all with the same N.
-        micro_batch: samples per micro-batch of one process.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], micro_batch: int, seed: int = 0,
-                 placement: Placement | None = None, grad_accum: int = 1, shuffle: bool = True):
-        sizes = {len(v) for v in tensors.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"all tensors need the same first dimension, got {sorted(sizes)}")
-        self.tensors = tensors
-        self.size = sizes.pop()
-        self.micro_batch = micro_batch
-        self.seed = seed
-        self.placement = placement or Placement()
-        self.grad_accum = grad_accum
-        self.shuffle = shuffle
-
-    def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.size)
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        return torch.randperm(self.size, generator=generator)
-
-    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
-        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out."""
-        world, rank = self.placement.world_size, self.placement.rank
-        per_step = self.micro_batch * world * self.grad_accum
-        order = self.order(epoch)
-        count = 0
-        for step in range(self.size // per_step):
-            for a in range(self.grad_accum):
-                if count >= skip:
-                    start = step * per_step + (a * world + rank) * self.micro_batch
-                    index = order[start:start + self.micro_batch]
-                    yield {k: v[index] for k, v in self.tensors.items()}
-                count += 1
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's sample order: a fixed function of the run seed and the epoch."""
-    return (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63)
 
 
 # ---------------------------------------------------------------------------- stages
@@ -347,252 +226,6 @@ class VoiceStage(Stage):
                 decoder(self.model.voice_encoder(batch["spectrogram"])).image]
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_dirs(run: Path) -> list[tuple[int, Path]]:
-    folder = run / CHECKPOINTS_DIR
-    found = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            name = path.name
-            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() \
-                    and (path / "state.json").is_file():
-                found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory of a run, or ``None``."""
-    found = _checkpoint_dirs(Path(run))
-    return found[-1][1] if found else None
-
-
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """An optimiser state split into JSON (param groups, scalars) and tensors (safetensors)."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous().clone()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
-
-
-def _optimizer_from_files(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = []
-    for group in meta["param_groups"]:
-        group = dict(group)
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
-def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def _gather_rng(device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Every process's RNG states, on every process (rank order)."""
-    mine = _rng_states(device)
-    if not dist.is_initialized():
-        return [mine]
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {k: v.tolist() for k, v in mine.items()})
-    return [{k: torch.tensor(v, dtype=torch.uint8) for k, v in item.items()} for item in everyone]
-
-
-@dataclass
-class LoopState:
-    """The loop's position: what a checkpoint restores besides tensors."""
-
-    step: int = 0
-    epoch: int = 0
-    epoch_step: int = 0  # optimiser steps done within ``epoch`` (the data position)
-    best_val_loss: float | None = None
-    best_step: int | None = None
-
-
-def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop: LoopState,
-                    config: TrainConfig, placement: Placement, device: torch.device,
-                    val_loss: float | None = None) -> Path:
-    """Write ``RUN/checkpoints/step-NNNNNNNN`` (all processes call this; rank 0 writes).
-
-    The directory is a model bundle (``config.json`` + ``model.safetensors``) plus
-    ``optimizer.safetensors``, ``rng.safetensors`` and ``state.json``; it is assembled
-    under a temporary name and renamed into place, so a kill leaves no partial checkpoint.
-    """
-    from safetensors.torch import save
-
-    rng = _gather_rng(device)
-    final = run / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{loop.step:08d}"
-    if not placement.is_main:
-        return final
-    tmp = temp_dir_beside(final)
-    try:
-        write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
-        opt_meta, opt_tensors = _optimizer_to_files(optimizer)
-        with atomic_write(tmp / "optimizer.safetensors") as f:
-            f.write(save(opt_tensors) if opt_tensors else save({"_empty": torch.zeros(0)}))
-        rng_tensors = {f"{name}.rank{r}": t.contiguous() for r, item in enumerate(rng)
-                       for name, t in item.items()}
-        with atomic_write(tmp / "rng.safetensors") as f:
-            f.write(save(rng_tensors))
-        state = {
-            **dataclasses.asdict(loop),
-            "val_loss": val_loss,
-            "world_size": placement.world_size,
-            "grad_accum": config.grad_accum,
-            "optimizer": opt_meta,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "train_config": config.to_dict(),
-        }
-        with atomic_write(tmp / "state.json", "w") as f:
-            json.dump(state, f, indent=1)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _prune_checkpoints(run, config.keep_last, loop.best_step)
-    return final
-
-
-def _prune_checkpoints(run: Path, keep_last: int, best_step: int | None) -> None:
-    found = _checkpoint_dirs(run)
-    for step, path in found[:-keep_last]:
-        if step != best_step:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, placement: Placement,
-                    device: torch.device) -> LoopState:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position."""
-    from speech2face.checkpoints import check_checkpoint, read_state
-
-    # Everything is read and checked before anything is restored (speech2face.checkpoints).
-    state = read_state(path)
-    weights = read_safetensors(path / WEIGHTS_NAME)
-    opt_tensors = read_safetensors(path / "optimizer.safetensors")
-    opt_tensors.pop("_empty", None)
-    rng = read_safetensors(path / "rng.safetensors")
-    # The same process count restores each process's own stream; otherwise rank 0's.
-    rng_key = check_checkpoint(path, state, opt_tensors, rng, optimizer, scheduler,
-                               placement.rank)
-    load_state_checked(stage.model, weights, path / WEIGHTS_NAME)
-    optimizer.load_state_dict(_optimizer_from_files(state["optimizer"], opt_tensors))
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(rng[rng_key])
-    cuda_key = rng_key.replace("cpu.", "cuda.")
-    if device.type == "cuda" and cuda_key in rng:
-        torch.cuda.set_rng_state(rng[cuda_key], device)
-    if state["world_size"] != placement.world_size:
-        # The shard loader splits shards by process, so another process count reads
-        # another order: training goes on correctly but is not bit-identical.
-        print(f"speech2face: resuming a {state['world_size']}-process checkpoint with "
-              f"{placement.world_size} processes: the data order changes from here",
-              file=sys.stderr)
-    names = {f.name for f in dataclasses.fields(LoopState)}
-    return LoopState(**{k: v for k, v in state.items() if k in names})
-
-
-# ---------------------------------------------------------------------------- logging
-
-
-class MetricsLog:
-    """Scalars to ``RUN/metrics.csv`` (step, split, name, value) and TensorBoard (rank 0 only).
-
-    On resume, rows after the resumed step (written by the interrupted process) are
-    dropped and TensorBoard events after it are purged, so the logs read as one run.
-    """
-
-    def __init__(self, run: Path, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        self.csv_path = run / METRICS_FILE
-        rows = []
-        if self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if len(r) == 4 and r[0].isdigit() and int(r[0]) <= start_step]
-        with atomic_write(self.csv_path, "w") as f:
-            out = csv.writer(f)
-            out.writerow(["step", "split", "name", "value"])
-            out.writerows(rows)
-        self.file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self.csv = csv.writer(self.file)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:  # tensorboard is a dependency, but the CSV is enough to go on
-            self.writer = None
-
-    def scalars(self, step: int, split: str, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for name, value in values.items():
-            self.csv.writerow([step, split, name, f"{value:.8g}"])
-            if self.writer is not None:
-                self.writer.add_scalar(f"{split}/{name}", value, step)
-        self.file.flush()
-
-    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
-        if self.enabled and self.writer is not None:
-            self.writer.add_image(tag, grid, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.writer is not None:
-                self.writer.close()
-
-
-def image_grid(columns: list[torch.Tensor], size: int | None = None, pad: int = 2) -> torch.Tensor:
-    """Rows of faces side by side: ``columns`` of ``(B, 3, H, W)`` -> ``(3, H', W')`` in [0, 1].
-
-    Every face is resized to ``size`` (default: the size the decoder renders, i.e. the
-    largest column after the first, which holds the true 224 faces).
-    """
-    import torch.nn.functional as F
-
-    size = size or max(c.shape[-2] for c in (columns[1:] or columns))
-    columns = [F.interpolate(c.detach().float().cpu(), size=(size, size), mode="bilinear",
-                             align_corners=False) if c.shape[-2:] != (size, size)
-               else c.detach().float().cpu() for c in columns]
-    b = columns[0].shape[0]
-    cell = size + pad
-    grid = torch.ones(3, b * cell + pad, len(columns) * cell + pad)
-    for j, column in enumerate(columns):
-        for i in range(b):
-            top, left = pad + i * cell, pad + j * cell
-            grid[:, top:top + size, left:left + size] = column[i].clamp(0, 1)
-    return grid
-
-
-def write_png(grid: torch.Tensor, path: Path) -> None:
-    """Save a ``(3, H, W)`` image in [0, 1] as PNG, atomically."""
-    from PIL import Image
-
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    with atomic_write(path) as f:
-        Image.fromarray(array).save(f, format="PNG", compress_level=1)
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -652,7 +285,7 @@ def fit(
         stage: the :class:`Stage` (model, trainable part, loss, validation images).
         train_data: has ``batches(epoch, skip) -> iterator of dict`` giving this process's
             micro-batches of ``epoch`` in a fixed order, the first ``skip`` left out
-            (:class:`InMemoryData`, :class:`ShardData`).
+            (:class:`speech2face.data.InMemoryData`, :class:`speech2face.data.ShardData`).
         val_data: the same interface, or ``None``; rank 0 validates on the first
             ``config.val_batches`` batches of its epoch 0.
         config: the :class:`TrainConfig`.
@@ -731,12 +364,12 @@ def fit(
                     scaled = total / accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 # Summed on the device and read only when logged: no host sync per step.
-                _accumulate(sums, {"total": total, **terms}, 1 / accum)
+                accumulate(sums, {"total": total, **terms}, 1 / accum)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if config.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                _accumulate(sums, {"grad_norm": grad_norm})
+                accumulate(sums, {"grad_norm": grad_norm})
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -749,8 +382,8 @@ def fit(
             window_steps += 1
 
             if loop.step % config.log_every == 0 or loop.step == config.steps:
-                values = _window_means(sums, window_steps, device)
-                values.update(_shares(values, stage.term_weights()))
+                values = window_means(sums, window_steps, device)
+                values.update(term_shares(values, stage.term_weights()))
                 elapsed = time.perf_counter() - window_start
                 rate = window_steps * config.batch_size / max(elapsed, 1e-9)
                 log.scalars(loop.step, "train", {**values, "lr": lr, "samples_per_s": rate})
@@ -834,39 +467,6 @@ def precise_batchnorm(stage: Stage, data, batches: int, device: torch.device,
     return True
 
 
-def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
-                scale: float = 1.0) -> None:
-    """Add detached float32 ``values * scale`` to ``sums``, staying on their device."""
-    for name, value in values.items():
-        value = value.detach().float() * scale
-        sums[name] = sums[name] + value if name in sums else value
-
-
-def _window_means(sums: dict[str, torch.Tensor], steps: int,
-                  device: torch.device) -> dict[str, float]:
-    """Means over a logging window, averaged over processes: the one host sync."""
-    names = sorted(sums)
-    stacked = torch.stack([sums[n] for n in names]).to(_reduce_device(device), torch.float64)
-    mean = _all_reduce_mean(stacked / steps)
-    return dict(zip(names, mean.tolist(), strict=True))
-
-
-def _shares(values: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
-    """Each weighted term's share of the total loss (``share_<term>``), e.g. to see one
-    term drowning the others (the distillation term against a near-uniform teacher)."""
-    total = sum(weight * values[name] for name, weight in weights.items() if name in values)
-    if not total:
-        return {}
-    return {f"share_{name}": weight * values[name] / total
-            for name, weight in weights.items() if name in values}
-
-
-def _reduce_device(device: torch.device) -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return device
-    return torch.device("cpu")
-
-
 def _export(stage: Stage, folder: Path) -> None:
     """Write the stage's model to ``folder`` (a bundle when the model is a Speech2Face)."""
     tmp = temp_dir_beside(folder)
@@ -892,7 +492,7 @@ def _validate(stage: Stage, val_data, config: TrainConfig, run: Path, step: int,
             batch = stage.on_device(batch, device)
             with autocast():
                 total, terms = stage.loss(stage.trainable, batch)
-            _accumulate(sums, {"total": total, **terms})
+            accumulate(sums, {"total": total, **terms})
             count += 1
             if first is None:
                 first = batch
@@ -907,127 +507,115 @@ def _validate(stage: Stage, val_data, config: TrainConfig, run: Path, step: int,
                                     for k, v in first.items()})
             columns = [c.float().clamp(0, 1) for c in columns]
             if columns:
-                grid = image_grid(columns)
+                grid = validation_grid(columns)
                 write_png(grid, run / "images" / f"val-{step:08d}.png")
                 log.image(step, "val/faces", grid)
     if dist.is_initialized():
         # Every process needs the loss: a new best means a checkpoint, which all join.
         shared = torch.tensor([math.nan if loss is None else loss], dtype=torch.float64,
-                              device=_reduce_device(device))
+                              device=reduce_device(device))
         dist.broadcast(shared, src=0)
         loss = None if math.isnan(shared.item()) else shared.item()
     return loss
 
 
-# ---------------------------------------------------------------------------- shards
+# ---------------------------------------------------------------------------- checkpoints
 
 
-class ShardData:
-    """Batches from ``prepare``'s shards (:class:`speech2face.data.ShardDataset`) in a fixed order.
+def latest_checkpoint(run: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of a run, or ``None``."""
+    found = checkpoint_dirs(Path(run))
+    return found[-1][1] if found else None
 
-    Epoch ``e`` streams with the shuffle seed ``epoch_seed(seed, e)``, so its order is a
-    function of the run seed, the epoch, the process count and the worker count; resuming
-    re-creates it and skips the consumed micro-batches (they are read and dropped, which
-    costs reading time but keeps the order exact).
+
+@dataclass
+class LoopState:
+    """The loop's position: what a checkpoint restores besides tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # optimiser steps done within ``epoch`` (the data position)
+    best_val_loss: float | None = None
+    best_step: int | None = None
+
+
+def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop: LoopState,
+                    config: TrainConfig, placement: Placement, device: torch.device,
+                    val_loss: float | None = None) -> Path:
+    """Write ``RUN/checkpoints/step-NNNNNNNN`` (all processes call this; rank 0 writes).
+
+    The directory is a model bundle (``config.json`` + ``model.safetensors``) plus
+    ``optimizer.safetensors``, ``rng.safetensors`` and ``state.json``; it is assembled
+    under a temporary name and renamed into place, so a kill leaves no partial checkpoint.
     """
+    from safetensors.torch import save
 
-    def __init__(self, root: str | os.PathLike, split: str, micro_batch: int, config: TrainConfig,
-                 placement: Placement | None = None, spectrogram: bool = False,
-                 shuffle: bool = True):
-        self.root = Path(root)
-        self.split = split
-        self.micro_batch = micro_batch
-        self.config = config
-        self.placement = placement or Placement()
-        self.spectrogram = spectrogram
-        self.shuffle = shuffle
+    rng = gather_rng(device)
+    final = run / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{loop.step:08d}"
+    if not placement.is_main:
+        return final
+    tmp = temp_dir_beside(final)
+    try:
+        write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
+        opt_meta, opt_tensors = optimizer_to_files(optimizer)
+        with atomic_write(tmp / OPTIMIZER_FILE) as f:
+            f.write(save(opt_tensors) if opt_tensors else save({"_empty": torch.zeros(0)}))
+        rng_tensors = {f"{name}.rank{r}": t.contiguous() for r, item in enumerate(rng)
+                       for name, t in item.items()}
+        with atomic_write(tmp / RNG_FILE) as f:
+            f.write(save(rng_tensors))
+        state = {
+            **dataclasses.asdict(loop),
+            "val_loss": val_loss,
+            "world_size": placement.world_size,
+            "grad_accum": config.grad_accum,
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "train_config": config.to_dict(),
+        }
+        with atomic_write(tmp / STATE_FILE, "w") as f:
+            json.dump(state, f, indent=1)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(run, config.keep_last, loop.best_step)
+    return final
 
-    def loader(self, epoch: int):
-        """The DataLoader (:func:`speech2face.data.make_loader`) of one epoch of this
-        process. Batches are collated (and spectrograms computed) in
-        ``config.num_workers`` worker processes; the DataLoader takes the workers'
-        batches round-robin, so the order is fixed for a given worker count."""
-        from speech2face.data import make_loader
 
-        return make_loader(
-            self.root, self.split, batch_size=self.micro_batch,
-            num_workers=self.config.num_workers if self.shuffle else 0,
-            pin_memory=torch.cuda.is_available(), epoch=epoch,
-            shuffle=self.config.shuffle_buffer if self.shuffle else 0, seed=self.config.seed,
-            spectrogram=self.spectrogram, drop_last=self.shuffle, seconds=self.config.clip_seconds,
-            # Training draws one of the sample's stored crops (prepare's crops_per_sample)
-            # per visit, with its own landmarks and feature; validation uses the first.
-            random_crop=self.shuffle,
-            # Training uses audio only as spectrograms (stage 2); stage 1 never decodes it.
-            audio=self.spectrogram,
-            rank=self.placement.rank, world_size=self.placement.world_size)
-
-    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
-        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out."""
-        stream = iter(self.loader(epoch))
-        for _ in range(skip):
-            if next(stream, None) is None:
-                return
-        yield from stream
+def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, placement: Placement,
+                    device: torch.device) -> LoopState:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position."""
+    # Everything is read and checked before anything is restored (speech2face.checkpoints).
+    state = read_state(path)
+    weights = read_safetensors(path / WEIGHTS_NAME)
+    opt_tensors = read_safetensors(path / OPTIMIZER_FILE)
+    opt_tensors.pop("_empty", None)
+    rng = read_safetensors(path / RNG_FILE)
+    # The same process count restores each process's own stream; otherwise rank 0's.
+    rng_key = check_checkpoint(path, state, opt_tensors, rng, optimizer, scheduler,
+                               placement.rank)
+    load_state_checked(stage.model, weights, path / WEIGHTS_NAME)
+    optimizer.load_state_dict(optimizer_from_files(state["optimizer"], opt_tensors))
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(rng[rng_key])
+    cuda_key = rng_key.replace("cpu.", "cuda.")
+    if device.type == "cuda" and cuda_key in rng:
+        torch.cuda.set_rng_state(rng[cuda_key], device)
+    if state["world_size"] != placement.world_size:
+        # The shard loader splits shards by process, so another process count reads
+        # another order: training goes on correctly but is not bit-identical.
+        print(f"speech2face: resuming a {state['world_size']}-process checkpoint with "
+              f"{placement.world_size} processes: the data order changes from here",
+              file=sys.stderr)
+    names = {f.name for f in dataclasses.fields(LoopState)}
+    return LoopState(**{k: v for k, v in state.items() if k in names})
 
 
 # ---------------------------------------------------------------------------- the two stages
-
-
-def _preset(cls, config: TrainConfig, dim: int):
-    return cls.tiny(dim) if config.preset == "tiny" else cls.paper(dim)
-
-
-def _paper_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
-    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
-
-    return VoiceEncoder(_preset(VoiceEncoderConfig, config, feature_dim))
-
-
-def _resemblyzer_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
-    from speech2face.resemblyzer_encoder import ResemblyzerEncoder, ResemblyzerEncoderConfig
-
-    return ResemblyzerEncoder(ResemblyzerEncoderConfig(output_dim=feature_dim,
-                                                       standardize_output=True))
-
-
-# config.encoder -> builder(config, feature_dim) of the stage-2 voice encoder: spectrogram
-# (B, 2, T, 257) in, (B, feature_dim) face feature out. Register a new encoder here.
-VOICE_ENCODERS: dict[str, Callable[[TrainConfig, int], nn.Module]] = {
-    "paper": _paper_voice_encoder,
-    "resemblyzer": _resemblyzer_voice_encoder,
-}
-
-
-def build_voice_encoder(config: TrainConfig, feature_dim: int) -> nn.Module:
-    """The voice encoder ``config.encoder`` names, predicting ``feature_dim``-D features."""
-    builder = VOICE_ENCODERS.get(config.encoder)
-    if builder is None:
-        raise ConfigError(None, f"encoder: unknown voice encoder {config.encoder!r}; known: "
-                                f"{', '.join(sorted(VOICE_ENCODERS))}")
-    return builder(config, feature_dim)
-
-
-def _manifest(data: Path) -> dict:
-    from speech2face.data import load_manifest
-
-    return load_manifest(data)
-
-
-def _validation_split(data: Path, manifest: dict, config: TrainConfig) -> str | None:
-    """The split validation reads: ``val`` (``None`` with ``val_batches=0``).
-
-    Never ``test``: the best checkpoint is chosen by the validation loss, so validating
-    on test would select on test data. ``prepare`` carves ``val`` out of the training
-    identities by hash unless a split file says otherwise.
-    """
-    if config.val_batches == 0:
-        return None
-    if not manifest["splits"].get("val", {}).get("samples"):
-        raise ConfigError(data, "has no 'val' split to validate on (validation never reads "
-                                "'test'); give some identities the val split in prepare's "
-                                "split file, or set val_batches=0 to train without validation")
-    return "val"
 
 
 def _face_encoder_for_loss(manifest: dict, config: TrainConfig, device: torch.device):
@@ -1039,17 +627,6 @@ def _face_encoder_for_loss(manifest: dict, config: TrainConfig, device: torch.de
 
     encoder = load_face_encoder(name, weights=config.face_encoder_weights, device=device)
     return encoder.eval().requires_grad_(False)
-
-
-def _data_pair(data: Path, manifest: dict, config: TrainConfig, placement: Placement,
-               spectrogram: bool):
-    train = ShardData(data, "train", placement.micro_batch(config), config, placement,
-                      spectrogram=spectrogram)
-    split = _validation_split(data, manifest, config)
-    val = None if split is None else ShardData(
-        data, split, max(1, min(config.batch_size, config.val_images)), config, Placement(),
-        spectrogram=spectrogram, shuffle=False)
-    return train, val
 
 
 def _check_fresh(out: Path, resume: bool) -> None:
@@ -1064,14 +641,15 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
     (``config.preset`` size, seeded) for the manifest's feature size and mean landmarks."""
     from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
 
-    manifest = _manifest(Path(data))
+    manifest = load_manifest(Path(data))
     torch.manual_seed(config.seed)
-    decoder = FaceDecoder(_preset(FaceDecoderConfig, config, int(manifest["feature_dim"])),
+    sizes = FaceDecoderConfig.tiny if config.preset == "tiny" else FaceDecoderConfig.paper
+    decoder = FaceDecoder(sizes(int(manifest["feature_dim"])),
                           torch.as_tensor(manifest["mean_landmarks"], dtype=torch.float32))
     if decoder.config.standardize_input:
         # From a sample of the training features (shards are written in mixed order, so
         # the first ones are representative); a resumed run loads them from its checkpoint.
-        features, _ = _training_features(Path(data), progress=False,
+        features, _ = training_features(Path(data), progress=False,
                                          max_samples=STANDARDIZATION_SAMPLES)
         decoder.f_dec.set_standardization(torch.from_numpy(features))
     model = Speech2Face(decoder, face_encoder_name=manifest["encoder"])
@@ -1090,7 +668,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
     from speech2face.model import load_model
 
     data = Path(data)
-    manifest = _manifest(data)
+    manifest = load_manifest(data)
     base = load_model(decoder)
     dim = int(manifest["feature_dim"])
     if base.feature_dim != dim or base.face_encoder_name != manifest["encoder"]:
@@ -1139,7 +717,7 @@ def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
     data, out = Path(data), Path(out)
     placement, device = _setup(config, out, resume)
     stage = decoder_stage(data, config, device)
-    train, val = _data_pair(data, _manifest(data), config, placement, spectrogram=False)
+    train, val = training_data(data, load_manifest(data), config, placement, spectrogram=False)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
 
 
@@ -1160,7 +738,7 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
         build_voice_encoder(config, 0)  # the error, before anything is read or fitted
     checkpoint = latest_checkpoint(out) if resume else None
     stage = voice_stage(data, decoder, config, checkpoint, progress)
-    train, val = _data_pair(data, _manifest(data), config, placement, spectrogram=True)
+    train, val = training_data(data, load_manifest(data), config, placement, spectrogram=True)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
 
 
@@ -1179,7 +757,7 @@ def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
     linear = None
     if placement.is_main:
         # Fitted once per run: rank 0 fits, the other processes receive the weights.
-        features, identities = _training_features(data, progress)
+        features, identities = training_features(data, progress)
         fit = fit_identity_classifier(features, identities, seed=config.seed,
                                       l2=config.classifier_l2,
                                       progress=progress)
@@ -1190,24 +768,7 @@ def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
                   f"{fit.heldout_accuracy:.1%}, temperature {fit.temperature:.3g}, held-out "
                   f"NLL {fit.heldout_nll:.3f} (uncalibrated {fit.heldout_nll_uncalibrated:.3f})",
                   file=sys.stderr)
-    return _broadcast_linear(linear, resolve_device(config, placement))
-
-
-def _broadcast_linear(linear: nn.Linear | None, device: torch.device) -> nn.Linear:
-    """Rank 0's ``linear`` on every process (a no-op outside a process group)."""
-    if not dist.is_initialized():
-        return linear
-    where = _reduce_device(device)
-    shape = torch.tensor(list(linear.weight.shape) if linear is not None else [0, 0],
-                         device=where)
-    dist.broadcast(shape, src=0)
-    if linear is None:
-        linear = nn.Linear(int(shape[1]), int(shape[0])).requires_grad_(False)
-    for tensor in (linear.weight, linear.bias):
-        moved = tensor.detach().to(where)
-        dist.broadcast(moved, src=0)
-        tensor.data.copy_(moved.cpu())
-    return linear
+    return broadcast_linear(linear, resolve_device(config, placement))
 
 
 def _as_linear(module: nn.Module) -> nn.Linear:
@@ -1219,45 +780,6 @@ def _as_linear(module: nn.Module) -> nn.Linear:
     if len(linears) != 1:
         raise ValueError("the face encoder's classifier is not a single linear layer")
     return _as_linear(linears[0])
-
-
-def _training_features(data: Path, progress: bool, max_samples: int | None = None):
-    """Every training sample's face feature ``(N, D)`` and identity, read from the shards
-    (the first ``max_samples`` only, if given).
-
-    Only the ``feature.npy`` and ``json`` members are decoded (no audio, no images).
-    """
-    import io
-
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from speech2face.data import iterate_tar, load_manifest
-
-    manifest = load_manifest(data)
-    split = manifest["splits"].get("train")
-    if not split or not split["samples"]:
-        raise DataError(Path(manifest["root"]), "has no training samples")
-    features, identities = [], []
-    total = split["samples"] if max_samples is None else min(max_samples, split["samples"])
-    bar = tqdm(total=total, desc="training features",
-               unit="sample", disable=not progress or int(os.environ.get("RANK", "0")) != 0)
-    for shard in split["shards"]:
-        for raw in iterate_tar(Path(manifest["root"]) / shard["path"]):
-            try:
-                # The first crop only: other crops of a clip are near copies, which would
-                # leak into the held-out clips the classifier is calibrated on.
-                features.append(np.load(io.BytesIO(raw["feature.npy"]), allow_pickle=False))
-                identities.append(json.loads(raw["json"])["identity"])
-            except (KeyError, ValueError) as error:
-                raise DataError(raw.get("__key__"), f"undecodable sample ({error})") from None
-            bar.update(1)
-            if len(features) == total:
-                break
-        if len(features) == total:
-            break
-    bar.close()
-    return np.stack(features).astype(np.float32), identities
 
 
 # ---------------------------------------------------------------------------- command line
@@ -1288,20 +810,6 @@ def _config_from_args(args, stage: str) -> TrainConfig:
     if args.resume and saved.is_file():
         base = load_config(saved, stage=stage)
     return load_config(args.config, args.overrides, base=base, stage=stage)
-
-
-def shutdown_distributed() -> None:
-    """End a torchrun process cleanly: free what holds the process group, then destroy it.
-
-    DDP's reference cycles keep the gloo process group alive past
-    ``destroy_process_group`` until the garbage collector runs; if that is at interpreter
-    exit, gloo's threads are torn down with it and the process aborts ("terminate called
-    without an active exception", about 1 run in 4 on a busy machine with torch 2.13),
-    so a finished training run exits non-zero. Collecting first avoids it.
-    """
-    if dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def _finish(result: FitResult, placement_is_main: bool) -> int:

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, output-folder locks and the user cache directory."""
+"""Small shared helpers: atomic writes, PNG bytes, output-folder locks and the user cache
+directory."""
 
 from __future__ import annotations
 
@@ -73,6 +74,20 @@ def temp_dir_beside(path: str | os.PathLike, tag: str = "") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def png_bytes(image, compress_level: int = -1) -> bytes:
+    """uint8 ``(H, W, 3)`` array -> the bytes of a PNG file.
+
+    compress_level: zlib's 0 (none) to 9 (smallest); -1, Pillow's default, is zlib's 6.
+    """
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
 
 
 @functools.lru_cache(maxsize=1)

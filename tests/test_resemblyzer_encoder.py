@@ -142,8 +142,9 @@ def test_bundle_round_trip_needs_no_resemblyzer_file(tmp_path, monkeypatch):
 
 
 def test_selected_in_training_as_encoder_resemblyzer():
+    from speech2face.config import load_config
     from speech2face.errors import ConfigError
-    from speech2face.train import build_voice_encoder, load_config
+    from speech2face.model import build_voice_encoder
 
     config = load_config(overrides=["preset=tiny", "encoder=resemblyzer"], stage="voice")
     assert config.encoder == "resemblyzer"

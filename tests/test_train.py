@@ -16,15 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from speech2face.data import InMemoryData
+from speech2face.distributed import Placement
 from speech2face.errors import ConfigError
-from speech2face.train import (
-    InMemoryData,
-    Placement,
-    TrainConfig,
-    fit,
-    latest_checkpoint,
-    load_config,
-)
+from speech2face.train import TrainConfig, fit, latest_checkpoint, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 TOY_STAGE = '''
 import torch
 from torch import nn
-from speech2face.train import InMemoryData, Stage, TrainConfig, fit, init_distributed
+from speech2face.data import InMemoryData
+from speech2face.distributed import init_distributed
+from speech2face.train import Stage, TrainConfig, fit
 
 class ToyStage(Stage):
     name = "toy"
@@ -77,7 +74,7 @@ if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args.pop("threads"))
     run(**args)
-    from speech2face.train import shutdown_distributed
+    from speech2face.distributed import shutdown_distributed
 
     shutdown_distributed()  # as the CLI does; exits cleanly
 '''

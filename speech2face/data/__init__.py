@@ -5,7 +5,8 @@ The stages, one module each:
 - :mod:`.datasets`: VoxCeleb1 / VoxCeleb2 / AVSpeech layouts as lists of videos, and splits
 - :mod:`.prepare`: per-video processing (audio, faces, features), shard writing, resuming
 - :mod:`.shards`: the shard format: manifest, reading and checking tar shards
-- :mod:`.loader`: shards to batches (:func:`make_loader` is the public streaming API)
+- :mod:`.loader`: shards to batches (:func:`make_loader` is the public streaming API), and
+  the training loop's batches in a fixed order (:class:`ShardData`, :class:`InMemoryData`)
 
 Everything public is re-exported here, so ``from speech2face.data import make_loader``
 is the way to use it. The loader's names are imported on first use: it needs torch, and
@@ -51,7 +52,9 @@ from speech2face.data.shards import (
     verify_shards,
 )
 
-_LOADER = ("ShardDataset", "collate", "decode_sample", "load_split", "make_loader")
+_LOADER = ("InMemoryData", "ShardData", "ShardDataset", "collate", "decode_sample", "epoch_seed",
+           "load_split", "make_loader", "training_data", "training_features",
+           "validation_split")
 
 
 def __getattr__(name: str):
@@ -63,9 +66,10 @@ def __getattr__(name: str):
 __all__ = [
     "CLIP_SECONDS", "CROPS_PER_SAMPLE", "DATASETS", "FORMAT_VERSION", "FRAMES_PER_VIDEO",
     "MANIFEST", "PARTS_DIR", "SAMPLES_PER_SHARD", "SPLITS", "SPLIT_FILE", "VAL_FRACTION",
-    "VOX1_TEST_IDENTITIES", "Clip", "Frame", "Options", "ShardDataset", "Unit",
-    "add_prepare_arguments", "collate", "decode_sample", "iterate_tar", "list_avspeech",
-    "list_units", "list_voxceleb1", "list_voxceleb2", "load_manifest", "load_split",
-    "make_loader", "merge_manifests", "prepare", "prepare_command", "read_video_frame",
-    "stable_hash", "verify_shards",
+    "VOX1_TEST_IDENTITIES", "Clip", "Frame", "InMemoryData", "Options", "ShardData",
+    "ShardDataset", "Unit", "add_prepare_arguments", "collate", "decode_sample", "epoch_seed",
+    "iterate_tar", "list_avspeech", "list_units", "list_voxceleb1", "list_voxceleb2",
+    "load_manifest", "load_split", "make_loader", "merge_manifests", "prepare",
+    "prepare_command", "read_video_frame", "stable_hash", "training_data", "training_features",
+    "validation_split", "verify_shards",
 ]

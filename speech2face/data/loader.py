@@ -1,20 +1,33 @@
-"""Shards to training batches: :class:`ShardDataset`, :func:`make_loader`, :func:`load_split`."""
+"""Shards to training batches: :class:`ShardDataset`, :func:`make_loader`, :func:`load_split`.
+
+The end of the module is what the training loop reads (:func:`speech2face.train.fit`):
+:class:`ShardData` and :class:`InMemoryData` give each process its micro-batches in an
+order fixed by ``(seed, epoch)``, so a resumed run re-creates it; :func:`training_data`
+picks the training and validation splits; :func:`training_features` reads only the face
+features and identities of the training split (standardisation, the identity classifier).
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from speech2face.data.datasets import CLIP_SECONDS
 from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_manifest
-from speech2face.errors import DataError
+from speech2face.distributed import Placement
+from speech2face.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from speech2face.config import TrainConfig
 
 
 def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
@@ -233,7 +246,7 @@ def make_loader(
 
     epoch: the pass whose shuffled order to stream (:meth:`ShardDataset.set_epoch`).
     dataset_options: passed to ShardDataset (shuffle, seed, spectrogram, repeat, ...).
-    Training reads its batches through this too (``train.ShardData``).
+    Training reads its batches through this too (:class:`ShardData`).
     """
     dataset = ShardDataset(path, split, batch_size=batch_size, **dataset_options)
     dataset.set_epoch(epoch)
@@ -285,3 +298,173 @@ def load_split(
         merged = {k: v[:max_samples] for k, v in merged.items()}
     return merged
 
+
+
+# ---------------------------------------------------------------------------- training's data
+# What :func:`speech2face.train.fit` reads: batches in an order fixed by ``(seed, epoch)``,
+# cut by process and accumulation step (:class:`InMemoryData`, :class:`ShardData`), and the
+# training and validation splits of a shard folder (:func:`training_data`).
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's sample order: a fixed function of the run seed and the epoch."""
+    return (seed * 1_000_003 + epoch * 7919 + 12345) % (2**63)
+
+
+class InMemoryData:
+    """Batches from tensors held in memory, in the loop's deterministic order.
+
+    Every epoch is a permutation drawn from ``(seed, epoch)``; it is cut into global
+    batches of ``micro_batch * world_size * grad_accum`` samples (the tail that does not
+    fill one is dropped), and micro-batch ``a * world_size + rank`` of each global batch
+    goes to accumulation step ``a`` of process ``rank``. Any split of the same global
+    batch over processes and accumulation steps therefore sees the same samples, which
+    makes a 2-process run comparable to a 1-process run with 2 accumulation steps.
+
+    Args:
+        tensors: name -> ``(N, ...)`` tensor, all with the same N.
+        micro_batch: samples per micro-batch of one process.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], micro_batch: int, seed: int = 0,
+                 placement: Placement | None = None, grad_accum: int = 1, shuffle: bool = True):
+        sizes = {len(v) for v in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"all tensors need the same first dimension, got {sorted(sizes)}")
+        self.tensors = tensors
+        self.size = sizes.pop()
+        self.micro_batch = micro_batch
+        self.seed = seed
+        self.placement = placement or Placement()
+        self.grad_accum = grad_accum
+        self.shuffle = shuffle
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        return torch.randperm(self.size, generator=generator)
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out."""
+        world, rank = self.placement.world_size, self.placement.rank
+        per_step = self.micro_batch * world * self.grad_accum
+        order = self.order(epoch)
+        count = 0
+        for step in range(self.size // per_step):
+            for a in range(self.grad_accum):
+                if count >= skip:
+                    start = step * per_step + (a * world + rank) * self.micro_batch
+                    index = order[start:start + self.micro_batch]
+                    yield {k: v[index] for k, v in self.tensors.items()}
+                count += 1
+
+
+class ShardData:
+    """Batches from ``prepare``'s shards (:class:`ShardDataset`) in a fixed order.
+
+    Epoch ``e`` streams with the shuffle seed ``epoch_seed(seed, e)``, so its order is a
+    function of the run seed, the epoch, the process count and the worker count; resuming
+    re-creates it and skips the consumed micro-batches (they are read and dropped, which
+    costs reading time but keeps the order exact).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, micro_batch: int, config: TrainConfig,
+                 placement: Placement | None = None, spectrogram: bool = False,
+                 shuffle: bool = True):
+        self.root = Path(root)
+        self.split = split
+        self.micro_batch = micro_batch
+        self.config = config
+        self.placement = placement or Placement()
+        self.spectrogram = spectrogram
+        self.shuffle = shuffle
+
+    def loader(self, epoch: int):
+        """The DataLoader (:func:`make_loader`) of one epoch of this process. Batches are
+        collated (and spectrograms computed) in ``config.num_workers`` worker processes;
+        the DataLoader takes the workers' batches round-robin, so the order is fixed for a
+        given worker count."""
+        return make_loader(
+            self.root, self.split, batch_size=self.micro_batch,
+            num_workers=self.config.num_workers if self.shuffle else 0,
+            pin_memory=torch.cuda.is_available(), epoch=epoch,
+            shuffle=self.config.shuffle_buffer if self.shuffle else 0, seed=self.config.seed,
+            spectrogram=self.spectrogram, drop_last=self.shuffle, seconds=self.config.clip_seconds,
+            # Training draws one of the sample's stored crops (prepare's crops_per_sample)
+            # per visit, with its own landmarks and feature; validation uses the first.
+            random_crop=self.shuffle,
+            # Training uses audio only as spectrograms (stage 2); stage 1 never decodes it.
+            audio=self.spectrogram,
+            rank=self.placement.rank, world_size=self.placement.world_size)
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out."""
+        stream = iter(self.loader(epoch))
+        for _ in range(skip):
+            if next(stream, None) is None:
+                return
+        yield from stream
+
+
+def validation_split(data: Path, manifest: dict, config: TrainConfig) -> str | None:
+    """The split validation reads: ``val`` (``None`` with ``val_batches=0``).
+
+    Never ``test``: the best checkpoint is chosen by the validation loss, so validating
+    on test would select on test data. ``prepare`` carves ``val`` out of the training
+    identities by hash unless a split file says otherwise.
+    """
+    if config.val_batches == 0:
+        return None
+    if not manifest["splits"].get("val", {}).get("samples"):
+        raise ConfigError(data, "has no 'val' split to validate on (validation never reads "
+                                "'test'); give some identities the val split in prepare's "
+                                "split file, or set val_batches=0 to train without validation")
+    return "val"
+
+
+def training_data(data: Path, manifest: dict, config: TrainConfig, placement: Placement,
+                  spectrogram: bool) -> tuple[ShardData, ShardData | None]:
+    """``(train, val)``: this process's share of the training split, and the validation
+    split (read whole by rank 0, in order; ``None`` without validation)."""
+    train = ShardData(data, "train", placement.micro_batch(config), config, placement,
+                      spectrogram=spectrogram)
+    split = validation_split(data, manifest, config)
+    val = None if split is None else ShardData(
+        data, split, max(1, min(config.batch_size, config.val_images)), config, Placement(),
+        spectrogram=spectrogram, shuffle=False)
+    return train, val
+
+
+def training_features(data: Path, progress: bool, max_samples: int | None = None):
+    """Every training sample's face feature ``(N, D)`` and identity, read from the shards
+    (the first ``max_samples`` only, if given).
+
+    Only the ``feature.npy`` and ``json`` members are decoded (no audio, no images).
+    """
+    from tqdm.auto import tqdm
+
+    manifest = load_manifest(data)
+    split = manifest["splits"].get("train")
+    if not split or not split["samples"]:
+        raise DataError(Path(manifest["root"]), "has no training samples")
+    features, identities = [], []
+    total = split["samples"] if max_samples is None else min(max_samples, split["samples"])
+    bar = tqdm(total=total, desc="training features",
+               unit="sample", disable=not progress or int(os.environ.get("RANK", "0")) != 0)
+    for shard in split["shards"]:
+        for raw in iterate_tar(Path(manifest["root"]) / shard["path"]):
+            try:
+                # The first crop only: other crops of a clip are near copies, which would
+                # leak into the held-out clips the classifier is calibrated on.
+                features.append(np.load(io.BytesIO(raw["feature.npy"]), allow_pickle=False))
+                identities.append(json.loads(raw["json"])["identity"])
+            except (KeyError, ValueError) as error:
+                raise DataError(raw.get("__key__"), f"undecodable sample ({error})") from None
+            bar.update(1)
+            if len(features) == total:
+                break
+        if len(features) == total:
+            break
+    bar.close()
+    return np.stack(features).astype(np.float32), identities
