@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import ConfigError, ImageError, NoFaceError
+from speech2face.face_resnet import DESCRIPTOR_DIM
 
 # SPEC.md "Face front end" / paper section 3: faces are cropped and resized to 224 x 224.
 CROP_SIZE = 224
@@ -67,7 +68,6 @@ UPSAMPLE_MAX_SIDE = 800
 # 1.2 s for a 640 x 480 frame as is, 5 s upsampled), so only small images are upsampled.
 CNN_UPSAMPLE_MAX_SIDE = 400
 DETECTORS = ("hog", "cnn")
-DESCRIPTOR_DIM = 128  # dlib_face_recognition_resnet_model_v1's face descriptor
 # dlib's face chip: 150 x 150 with 25 % padding, as dlib_face_recognition_resnet_model_v1
 # was trained (dlib's defaults for compute_face_descriptor).
 DLIB_CHIP_PADDING = 0.25
@@ -317,11 +317,15 @@ def face_descriptors(crops) -> np.ndarray:
     crops: uint8 ``(B, S, S, 3)`` (or a list of ``(S, S, 3)``) as :func:`align_face` cuts
     them. Returns float32 ``(B, 128)``. The face is where the crop geometry put it
     (:func:`aligned_face_box`), so the 68-point shape predictor runs in that box and no
-    detector is needed; dlib cuts its own 150 x 150 chip from those points and runs its
-    ResNet on all chips at once. Needs numpy and dlib only (prepare's workers use it
-    without importing torch); ``face_encoders.DlibFaceEncoder`` wraps it.
+    detector is needed; dlib cuts its 150 x 150 chip from those points, and its ResNet
+    runs on all chips at once in numpy (:mod:`speech2face.face_resnet`: dlib's weights and
+    arithmetic, about 5x less CPU than dlib-bin's own convolutions), on one BLAS thread
+    (callers parallelise across processes). Needs numpy and dlib only (prepare's workers
+    use it without importing torch); ``face_encoders.DlibFaceEncoder`` wraps it.
     """
     import dlib
+
+    from speech2face.face_resnet import CHIP_SIZE, face_resnet
 
     images = np.ascontiguousarray(np.stack(crops) if isinstance(crops, (list, tuple)) else crops)
     if len(images) == 0:
@@ -333,16 +337,23 @@ def face_descriptors(crops) -> np.ndarray:
         raise ValueError(f"expected square aligned crops, got {height} x {width}")
     rect = dlib.rectangle(*(int(round(v)) for v in aligned_face_box(width)))
     predictor = dlib_model("landmarks68")
-    shapes = []
-    for image in images:
-        one = dlib.full_object_detections()
-        one.append(predictor(image, rect))
-        shapes.append(one)
-    # The batch form takes one list of faces per image and answers one list per image.
-    vectors = dlib_model("recognition").compute_face_descriptor(
-        list(images), shapes, 0, DLIB_CHIP_PADDING
-    )
-    return np.array([list(per_image[0]) for per_image in vectors], np.float32)
+    # The chip compute_face_descriptor would cut (dlib's defaults: 150 px, 25 % padding).
+    chips = np.stack([dlib.get_face_chip(image, predictor(image, rect), size=CHIP_SIZE,
+                                         padding=DLIB_CHIP_PADDING) for image in images])
+    with _blas_threads(1):
+        return face_resnet()(chips)
+
+
+@functools.cache
+def _thread_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _blas_threads(count: int):
+    """A context limiting numpy's BLAS to ``count`` threads (cheap once set up)."""
+    return _thread_controller().limit(limits=count, user_api="blas")
 
 
 def _resize(image: np.ndarray, scale: float) -> np.ndarray:
