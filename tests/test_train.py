@@ -333,10 +333,10 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
-def _train_totals(run: Path) -> list[float]:
+def _train_totals(run: Path, name: str = "total") -> list[float]:
     with open(run / "metrics.csv", newline="") as f:
         return [float(r["value"]) for r in csv.DictReader(f)
-                if r["split"] == "train" and r["name"] == "total"]
+                if r["split"] == "train" and r["name"] == name]
 
 
 def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
@@ -360,14 +360,19 @@ def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
 
     # 3-s clips: half the cost of the paper's 6 s, and the encoder takes any length. The
     # encoder starts at the mean face (OutputStandardization), so the loss starts low and
-    # falls as the encoder learns to tell the 5 training speakers apart (334 -> 196
-    # measured over 40 steps).
+    # falls as the encoder learns to tell the 5 training speakers apart. Most of the total
+    # is lambda2 times the teacher's entropy, which no student can remove (the distillation
+    # term minus it is the KL divergence): what is left falls to about half over 40 steps
+    # (121 -> 57 measured; the total 332 -> 269).
     assert main(["train", "--data", str(shards), "--decoder", str(decoder_run),
                  "--out", str(voice_run), *common, "steps=40", "lr=3e-3", "clip_seconds=3",
                  "val_every=40", "checkpoint_every=40", "val_batches=1"]) == 0
     assert "model bundle in" in capsys.readouterr().out
-    totals = _train_totals(voice_run)
-    assert len(totals) == 8 and totals[-1] < 0.75 * totals[0], totals
+    from speech2face.losses import LAMBDA2
+
+    entropy = _train_totals(voice_run, "teacher_entropy")
+    learnable = [total - LAMBDA2 * h for total, h in zip(_train_totals(voice_run), entropy)]
+    assert len(learnable) == 8 and learnable[-1] < 0.65 * learnable[0], learnable
     model = load_model(voice_run)
     assert model.num_identities == 5  # the training identities of the 8-speaker corpus
     # the decoder was frozen in stage 2
