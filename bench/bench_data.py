@@ -1,7 +1,8 @@
 """Data pipeline throughput: prepare's CPU per clip and its workers; the loader vs training.
 
 1. **Per clip, old path vs new path** (issue 17 item 4): every video of the demo corpus
-   (``make-demo-data --speakers 8 --seed 0``) through prepare's per-video processing as
+   (what ``speech2face demo`` generates: ``make-demo-data --speakers 40 --seed 0``; quick:
+   8 speakers) through prepare's per-video processing as
    it was (every frame detected at full size, upsampled once, every frame processed,
    dlib-bin's own face ResNet) and as it is (face-crop frames detected at 200 px, only
    the frames the clips use, dlib's ResNet in numpy: ``speech2face.face_resnet``), in
@@ -240,12 +241,12 @@ def run(quick: bool = False) -> dict:
     rows, details = [], {"load_average_at_start": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # The demo corpus as `speech2face make-demo-data --speakers 8 --seed 0` makes it,
+        # The demo's corpus (`speech2face demo` generates 40 speakers with seed 0),
         # and a 2-speaker one whose run is mostly start-up.
-        sizes = {"demo": 8, "small": 2}
+        sizes = {"demo": 8 if quick else 40, "small": 2}
         corpora = {name: make_demo_data(tmp / name, speakers=n, seed=0, progress=False)
                    for name, n in sizes.items()}
-        per_clip, ms = _per_clip(corpora["demo"], repeats=1 if quick else 2)
+        per_clip, ms = _per_clip(corpora["demo"], repeats=1)
         details["prepare_per_clip"] = per_clip
         old, new = ms["old"], ms["new"]
         rows.append({

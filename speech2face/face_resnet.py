@@ -43,7 +43,7 @@ INPUT_SCALE = 256.0
 STEM_FILTERS = 32
 BLOCKS = ((32, False),) * 3 + ((64, True),) + ((64, False),) * 3 + ((128, True),) \
     + ((128, False),) * 2 + ((256, True),) + ((256, False),) * 2 + ((256, True),)
-# The layer records the file holds, in order, as (kind, details) after parsing.
+# The record names of the layers this network uses, and the kind each is read as.
 _KINDS = {b"con_4": "con", b"affine_": "affine", b"relu_": "relu", b"max_pool_2": "max_pool",
           b"avg_pool_2": "avg_pool", b"add_prev_": "add_prev", b"fc_2": "fc"}
 # A record starts with its name as a dlib string: a one-byte length (0x01 LEN), the name.

@@ -371,7 +371,8 @@ def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
     from speech2face.losses import LAMBDA2
 
     entropy = _train_totals(voice_run, "teacher_entropy")
-    learnable = [total - LAMBDA2 * h for total, h in zip(_train_totals(voice_run), entropy)]
+    learnable = [total - LAMBDA2 * h for total, h in
+                 zip(_train_totals(voice_run), entropy, strict=True)]
     assert len(learnable) == 8 and learnable[-1] < 0.65 * learnable[0], learnable
     model = load_model(voice_run)
     assert model.num_identities == 5  # the training identities of the 8-speaker corpus
