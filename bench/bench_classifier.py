@@ -85,6 +85,5 @@ def run(quick: bool = False) -> dict:
                "peak_rss_gb": peak_gb, "bare_matmul_s": floor,
                "temperature": fit.temperature, "heldout_accuracy": fit.heldout_accuracy,
                "train_accuracy": fit.train_accuracy, "heldout_nll": fit.heldout_nll,
-               "heldout_nll_uncalibrated": fit.heldout_nll_uncalibrated,
-               "load_note": "shared 2-core machine, several other jobs running"}
+               "heldout_nll_uncalibrated": fit.heldout_nll_uncalibrated}
     return {"rows": rows, "details": details}

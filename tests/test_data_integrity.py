@@ -91,7 +91,8 @@ def test_manifest_paths_outside_the_dataset_folder_are_refused(shards, bad):
         data.load_manifest(shards)
 
 
-@pytest.mark.parametrize("text", [b"\xff\xfe binary", b"[1, 2]", b'{"format": 2, "splits": 3}'])
+@pytest.mark.parametrize("text", [b"\xff\xfe binary", b"[1, 2]", b'{"format": 2, "splits": 3}',
+                                  b"[" * 100_000 + b"]" * 100_000])  # too deep for json
 def test_malformed_manifests_are_one_error(shards, text):
     (shards / "manifest.json").write_bytes(text)
     with pytest.raises(DataError, match="manifest"):

@@ -45,7 +45,7 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise DataError(path, f"manifest not found{hint}")
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise DataError(path, f"unreadable manifest ({type(error).__name__}: {error})") from None
     if not isinstance(manifest, dict):
         raise DataError(path, "malformed manifest (not a JSON object)")
