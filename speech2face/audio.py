@@ -329,17 +329,13 @@ def _padded_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def _compress(x: torch.Tensor, exponent: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``sign(x)|x|^p`` into ``out`` (a new tensor if None), without autograd."""
-    # Written as x * |x|^(p-1), with |x|^(p-1) = exp((p-1) log|x|): PyTorch's vectorised
-    # log and exp together cost a third of its pow with a fractional exponent, which was
-    # most of the front end's time (issue 17), and multiplying by x restores the sign for
-    # less than copysign, the dearest of the passes (0.16 ms of a 6-s clip's 0.50). |x| is
-    # first clamped to the dtype's smallest normal number, so x = 0 gives 0 x finite = 0,
-    # as pow does; a sub-normal x (float32: |x| < 1.2e-38, which a spectrum never holds
-    # but at exact zeros) gives x * 1.2e-38^(p-1), under 1e-11 away from |x|^p.
+    # |x|^p as exp(p log|x|): PyTorch's vectorised log and exp together cost a third of
+    # its pow with a fractional exponent, which was most of the front end's time
+    # (issue 17). At x = 0, log gives -inf and exp(-inf) = 0, as pow does.
     import torch
 
     y = x.abs() if out is None else torch.abs(x, out=out)
-    return y.clamp_min_(torch.finfo(x.dtype).tiny).log_().mul_(exponent - 1).exp_().mul_(x)
+    return y.log_().mul_(exponent).exp_().copysign_(x)
 
 
 @functools.cache

@@ -6,7 +6,7 @@ project's default face encoder. The prebuilt ``dlib-bin`` wheel runs it with dli
 convolution code, built without a BLAS: about 120 ms of CPU per face, most of what
 ``prepare`` and the evaluation's face recognition cost (issue 17). This module reads the
 same weights from dlib's own model file and runs the same arithmetic as im2col
-convolutions on numpy's BLAS, about 5x less CPU per face. The descriptors equal dlib's to
+convolutions on numpy's BLAS, about 6x less CPU per face. The descriptors equal dlib's to
 float32 rounding (tests/test_face_resnet.py compares them with ``compute_face_descriptor``
 on the same chips); dlib still cuts the chips (``dlib.get_face_chip``), so the whole
 path equals dlib's.

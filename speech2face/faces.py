@@ -318,8 +318,8 @@ def face_descriptors(crops) -> np.ndarray:
     them. Returns float32 ``(B, 128)``. The face is where the crop geometry put it
     (:func:`aligned_face_box`), so the 68-point shape predictor runs in that box and no
     detector is needed; dlib cuts its 150 x 150 chip from those points, and its ResNet
-    runs on all chips at once in numpy (:mod:`speech2face.face_resnet`: dlib's weights and
-    arithmetic, about 5x less CPU than dlib-bin's own convolutions), on one BLAS thread
+    runs on the chips in numpy (:mod:`speech2face.face_resnet`: dlib's weights and
+    arithmetic, about 6x less CPU than dlib-bin's own convolutions), on one BLAS thread
     (callers parallelise across processes). Needs numpy and dlib only (prepare's workers
     use it without importing torch); ``face_encoders.DlibFaceEncoder`` wraps it.
     """
