@@ -14,12 +14,13 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 18acf95) run side by
-side, with the test suite of a fourth clone beside them on the shared two-core machine:
-275-285 s of CPU time (corpus 19-20, prepare 41-44, decoder 76-77, voice encoder 114,
-evaluation 24-30), 624-637 s wall. Alone on the idle machine (seed 0, final main, two
-runs): 267-288 s of CPU (the faster: corpus 19, prepare 39, decoder 67, voice encoder 118,
-evaluation 24), 240-262 s wall; over the 4-minute CPU target, see docs/results.md.
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit ad1b6ca) run side by
+side on the shared two-core machine: 265-271 s of CPU time each (corpus 23-25, prepare
+17-18, decoder 84-85, voice encoder 127-128, evaluation 14-16), 405-411 s wall. Alone on
+the otherwise idle machine, seed 0 (fresh clone at 2cfa656, the same numbers): 270 s of
+CPU, 268 s wall (corpus 24, prepare 16, decoder 84, voice encoder 133, evaluation 12),
+while the machine ran about 1.3x slower than an hour before, when the same demo took
+220 s of CPU and 207 s wall (decoder 66 s).
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -94,11 +95,11 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = 10": (40.9, 33.2, 45.4),
-    "angle v_s to v_f": (19.2, 18.6, 19.6),
-    "gender agreement": (62.9, 55.8, 73.9),
-    "decoder identification": (63.3, 60.0, 70.0),
-    "craniofacial r (mean of 11)": (0.35, 0.26, 0.40),
+    "cosine R@1, M = 10": (41.1, 32.6, 45.6),
+    "angle v_s to v_f": (18.5, 18.4, 18.7),
+    "gender agreement": (57.4, 55.1, 59.8),
+    "decoder identification": (50.0, 40.0, 60.0),
+    "craniofacial r (mean of 11)": (0.40, 0.38, 0.42),
 }
 
 
