@@ -68,6 +68,9 @@ UPSAMPLE_MAX_SIDE = 800
 # 1.2 s for a 640 x 480 frame as is, 5 s upsampled), so only small images are upsampled.
 CNN_UPSAMPLE_MAX_SIDE = 400
 DETECTORS = ("hog", "cnn")
+# The pluggable face encoders (speech2face.face_encoders), named here, without torch, so
+# that prepare's main process can check a name before it starts its workers.
+FACE_ENCODERS = ("dlib", "vggface")
 # dlib's face chip: 150 x 150 with 25 % padding, as dlib_face_recognition_resnet_model_v1
 # was trained (dlib's defaults for compute_face_descriptor).
 DLIB_CHIP_PADDING = 0.25

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from speech2face.errors import ConfigError, WeightsError
+from speech2face.faces import FACE_ENCODERS
 from speech2face.utils import atomic_write, cache_dir, temp_dir_beside
 
 if TYPE_CHECKING:
@@ -257,7 +258,6 @@ MAX_VOICE_FRAMES = 6000  # the voice encoder's shortest input: 60 s (paper: 598 
 # (decoder); this allows 14 times that, 512 MB of float32 per clip.
 MAX_ACTIVATION = 1 << 27
 MAX_WEIGHTS_BYTES = 8 << 30  # the paper's full model is about 0.6 GB
-FACE_ENCODERS = ("dlib", "vggface")
 
 # (field, kind, low, high) per config section; kind "int", "float" or "ints" (a list).
 _DECODER_FIELDS = (

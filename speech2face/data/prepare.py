@@ -581,10 +581,11 @@ def prepare(
             or mix_clips < 1):
         raise DataError(None, "samples per shard, workers, crops and frames must be >= 1")
     from speech2face.errors import ConfigError
-    from speech2face.face_encoders import ENCODERS
+    from speech2face.faces import FACE_ENCODERS  # not face_encoders: that imports torch
 
-    if encoder not in ENCODERS:
-        raise ConfigError(None, f"unknown face encoder {encoder!r}; expected one of {ENCODERS}")
+    if encoder not in FACE_ENCODERS:
+        raise ConfigError(None, f"unknown face encoder {encoder!r}; "
+                                f"expected one of {FACE_ENCODERS}")
     out = Path(out)
     options = Options(
         dataset=dataset,
