@@ -28,7 +28,6 @@ voice-to-face mapping where one exists, not how well it does on real people.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ import numpy as np
 
 from speech2face.errors import DataError
 from speech2face.runtime import torch_threads
-from speech2face.utils import output_entries, read_json, temp_dir_beside
+from speech2face.utils import output_entries, png_bytes, read_json, temp_dir_beside
 
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
@@ -217,13 +216,13 @@ def _held_out_faces(corpus: Path, shards: Path, model, count: int) -> tuple[str,
         face = reconstruct(clips[0], model)
         with Image.open(frames[0]) as frame:
             photo = np.asarray(frame.convert("RGB").resize((224, 224)))
-        files[f"reconstructions/{identity}.png"] = _png(face)
+        files[f"reconstructions/{identity}.png"] = png_bytes(face)
         rows.append((identity, clips[0].relative_to(corpus), photo, face))
     if not rows:
         return "", {}
     strip = np.concatenate([np.concatenate([photo, face], axis=0) for *_, photo, face in rows],
                            axis=1)
-    files["held_out.png"] = _png(strip)
+    files["held_out.png"] = png_bytes(strip)
     lines = ["## Held-out speakers, from their audio files", "",
              "`speech2face reconstruct` on one clip of each of these test speakers, whom "
              "training never saw. Top: a video frame of the speaker; bottom: the face "
@@ -237,14 +236,6 @@ def _held_out_faces(corpus: Path, shards: Path, model, count: int) -> tuple[str,
 
 def _split_identities(manifest: dict, split: str) -> list[str]:
     return list(manifest["splits"].get(split, {}).get("identities", []))
-
-
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def install_model(bundle: Path, target: Path | None = None) -> Path:

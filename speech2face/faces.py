@@ -582,10 +582,9 @@ def faces_command(args) -> int:
     least one image was processed, else an ImageError (exit 2) with the first reason."""
     import io
 
-    from PIL import Image
     from tqdm import tqdm
 
-    from speech2face.utils import atomic_write, read_json, staged_writes
+    from speech2face.utils import atomic_write, png_bytes, read_json, staged_writes
 
     if args.weights is not None and args.encoder != "vggface":
         raise ConfigError(None, f"--weights is for --encoder vggface; the {args.encoder} "
@@ -622,8 +621,8 @@ def faces_command(args) -> int:
             skipped.append((path, error.problem))
             continue
         outputs = {
-            ".crop.png": _png_bytes(Image, io, crop),
-            ".landmarks.png": _png_bytes(Image, io, draw_landmarks(crop, landmarks)),
+            ".crop.png": png_bytes(crop),
+            ".landmarks.png": png_bytes(draw_landmarks(crop, landmarks)),
             ".landmarks.npy": _npy_bytes(io, landmarks),
         }
         if encoder is not None:
@@ -647,12 +646,6 @@ def faces_command(args) -> int:
     already = f" ({done} done by an earlier run)" if done else ""
     print(f"faces: {processed} processed, {len(skipped)} skipped{already}, written to {out}")
     return 0
-
-
-def _png_bytes(Image, io, array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _npy_bytes(io, array: np.ndarray) -> bytes:
