@@ -613,6 +613,7 @@ class Recognizer:
     @staticmethod
     def _check_dlib() -> None:
         from speech2face.errors import WeightsError
+        from speech2face.face_resnet import MODEL_FILE
         from speech2face.faces import model_dir
 
         try:
@@ -622,8 +623,7 @@ class Recognizer:
         except ImportError as error:
             raise WeightsError(None, f"the dlib face recognizer is missing ({error}): "
                                      "pip install dlib-bin face-recognition-models") from None
-        for name in ("dlib_face_recognition_resnet_model_v1.dat",
-                     "shape_predictor_68_face_landmarks.dat"):
+        for name in (MODEL_FILE, "shape_predictor_68_face_landmarks.dat"):
             if not (folder / name).is_file():
                 raise WeightsError(folder / name, "the dlib face recognizer's model file is "
                                                   "missing: pip install face-recognition-models")

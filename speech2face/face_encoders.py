@@ -29,9 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from speech2face.errors import WeightsError
+from speech2face.face_resnet import DESCRIPTOR_DIM as DLIB_FEATURE_DIM
 from speech2face.faces import FACE_ENCODERS as ENCODERS
-
-DLIB_FEATURE_DIM = 128  # faces.DESCRIPTOR_DIM
 
 # VGG-Face = VGG-16 "D" (Parkhi et al. 2015, Table 3): conv widths, "M" = 2x2 max pool.
 VGG_FACE_LAYERS = (

@@ -32,6 +32,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from speech2face.errors import WeightsError
 
+# The network's file in the face-recognition-models package.
+MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 CHIP_SIZE = 150  # input_rgb_image_sized<150>
 DESCRIPTOR_DIM = 128
 # dlib's input_rgb_image: (pixel - mean) / 256 per channel, in RGB order.
@@ -46,6 +48,8 @@ BLOCKS = ((32, False),) * 3 + ((64, True),) + ((64, False),) * 3 + ((128, True),
 # The record names of the layers this network uses, and the kind each is read as.
 _KINDS = {b"con_4": "con", b"affine_": "affine", b"relu_": "relu", b"max_pool_2": "max_pool",
           b"avg_pool_2": "avg_pool", b"add_prev_": "add_prev", b"fc_2": "fc"}
+# dlib's layer_mode of an affine layer that scales each channel (CONV_MODE), not each value.
+_PER_CHANNEL = 0
 # A record starts with its name as a dlib string: a one-byte length (0x01 LEN), the name.
 _RECORD = re.compile(rb"\x01([\x04-\x0a])(" + b"|".join(_KINDS) + rb")")
 
@@ -203,7 +207,7 @@ def _conv(records: list, i: int, filters: int, inputs: int, size: int, stride: i
     if kind != "con" or next_kind != "affine" or con["fields"] != expected \
             or con["weight"].shape != (filters, inputs, size, size) \
             or con["bias"].shape != (filters,) or affine["gamma"].shape != (filters,) \
-            or affine["beta"].shape != (filters,):
+            or affine["beta"].shape != (filters,) or affine["mode"] != _PER_CHANNEL:
         raise ValueError(f"layer {i} is not the expected {size}x{size}/{stride} convolution "
                          f"with {filters} filters")
     gamma, beta = affine["gamma"], affine["beta"]
@@ -276,4 +280,4 @@ def face_resnet() -> FaceResNet:
     """The network from the ``face-recognition-models`` package, loaded once per process."""
     from speech2face.faces import model_dir
 
-    return load_face_resnet(model_dir() / "dlib_face_recognition_resnet_model_v1.dat")
+    return load_face_resnet(model_dir() / MODEL_FILE)

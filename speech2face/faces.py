@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import ConfigError, ImageError, NoFaceError
-from speech2face.face_resnet import DESCRIPTOR_DIM
+from speech2face.face_resnet import DESCRIPTOR_DIM, MODEL_FILE
 
 # SPEC.md "Face front end" / paper section 3: faces are cropped and resized to 224 x 224.
 CROP_SIZE = 224
@@ -128,7 +128,7 @@ def dlib_model(name: str):
         "cnn": ("cnn_face_detection_model_v1", "mmod_human_face_detector.dat"),
         "landmarks68": ("shape_predictor", "shape_predictor_68_face_landmarks.dat"),
         "landmarks5": ("shape_predictor", "shape_predictor_5_face_landmarks.dat"),
-        "recognition": ("face_recognition_model_v1", "dlib_face_recognition_resnet_model_v1.dat"),
+        "recognition": ("face_recognition_model_v1", MODEL_FILE),
     }
     if name == "hog":
         return dlib.get_frontal_face_detector()

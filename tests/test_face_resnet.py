@@ -15,7 +15,7 @@ from speech2face import face_resnet as R
 from speech2face import faces as F
 from speech2face.errors import WeightsError
 
-MODEL = "dlib_face_recognition_resnet_model_v1.dat"
+MODEL = R.MODEL_FILE
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,15 @@ def _flip_filter_count(data: bytes) -> bytes:
     return data[:position] + b"\x01\x1f" + data[position + 2:]
 
 
+def _per_value_affine(data: bytes) -> bytes:
+    """The first affine layer's mode (per channel, 0) written as per value (1)."""
+    reader = R._Reader(data, data.index(b"affine_") + len(b"affine_"))
+    reader.tensor(), reader.alias(), reader.alias()
+    position = reader.position  # the mode: 0x01 0x00
+    assert data[position:position + 2] == b"\x01\x00"
+    return data[:position] + b"\x01\x01" + data[position + 2:]
+
+
 def _nan_weight(data: bytes) -> bytes:
     """A NaN in the first convolution's weights."""
     reader = R._Reader(data, data.index(b"con_4") + len(b"con_4"))
@@ -77,6 +86,7 @@ def _nan_weight(data: bytes) -> bytes:
     (lambda d: b"", "not dlib's face recognition network"),
     (lambda d: b"\x00" * 100, "not dlib's face recognition network"),
     (_flip_filter_count, "layer 0 is not the expected 7x7/2 convolution"),
+    (_per_value_affine, "layer 0 is not the expected 7x7/2 convolution"),
     (_nan_weight, "NaN or infinite"),
 ])
 def test_damaged_weights_are_refused_with_one_line(tmp_path, weights_bytes, damage, problem):

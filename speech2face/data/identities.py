@@ -38,6 +38,7 @@ import numpy as np
 
 from speech2face.data.datasets import processing_order
 from speech2face.errors import DataError, Speech2FaceError
+from speech2face.face_resnet import DESCRIPTOR_DIM
 
 # dlib's guidance for its 128-D face descriptor: faces at Euclidean distance < 0.6 are the
 # same person (dlib's face_recognition example; 99.38 % on LFW).
@@ -192,7 +193,6 @@ def merge_names(
 # ============================================================== per-video face features
 
 DESCRIPTOR_SUFFIX = ".face.npy"  # beside a segment file: written by `speech2face download`
-DESCRIPTOR_DIM = 128
 SPLIT_PREFERENCE = ("test", "val", "train")  # a tie goes to the first: never train on doubt
 
 
