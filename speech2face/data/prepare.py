@@ -122,7 +122,8 @@ class _Processor:
 
     The dlib path (the default) needs numpy, dlib, PIL, soundfile and PyAV, not torch:
     worker processes start without importing it. ``single_thread``: a torch encoder
-    (vggface) runs on one thread, as a worker must when there is one worker per core.
+    (vggface) runs on one thread, as each process must when there is one per core (the
+    thread count is restored after each call: the parent process is one of them).
     """
 
     def __init__(self, options: Options, single_thread: bool = False):
@@ -137,15 +138,16 @@ class _Processor:
         if self.options.encoder == "dlib":
             return faces.face_descriptors(crops)
         if self._embed is None:
-            import torch
-
             from speech2face.face_encoders import load_face_encoder
 
-            if self.single_thread:
-                torch.set_num_threads(1)  # one process per core: no oversubscription
             encoder = load_face_encoder(self.options.encoder, weights=self.options.encoder_weights)
             self._embed = lambda x: encoder.embed(x).detach().cpu().numpy().astype(np.float32)
-        return self._embed(crops)
+        if not self.single_thread:
+            return self._embed(crops)
+        from speech2face.runtime import torch_threads
+
+        with torch_threads(1):  # one process per core: no oversubscription
+            return self._embed(crops)
 
     def __call__(self, unit: Unit) -> UnitResult:
         result = UnitResult([], [])
@@ -746,18 +748,57 @@ def _read_json(path: Path):
 
 
 def _results(units: list[Unit], options: Options, workers: int) -> Iterator[UnitResult]:
-    """Process units in order; with workers > 1 in a process pool, still yielded in order."""
+    """Process units in ``workers`` processes, results yielded in the units' order.
+
+    With more than one, this process works too, beside a pool of ``workers - 1``: a run
+    pays for one spawned start-up fewer (a worker's imports and models cost about as
+    much CPU as 20 clips of the demo corpus). Units are handed out as they are needed:
+    the pool always has one waiting per worker, and this process, between writing
+    results, takes the next unit nobody has taken whenever the one it must write next is
+    not finished, so neither side waits while the other has work. A unit's result does
+    not depend on which process computes it: the shards are the same for every count.
+    """
     if workers == 1 or len(units) <= 1:
         processor = _Processor(options)
         return (processor(u) for u in units)
     import multiprocessing as mp
+    from multiprocessing.pool import AsyncResult
 
     # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would break.
-    pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(options,))
+    pool = mp.get_context("spawn").Pool(workers - 1, initializer=_worker_init,
+                                         initargs=(options,))
+    mine = _Processor(options, single_thread=True)
+    queued = 2 * (workers - 1)  # one running and one waiting per pool worker
+    ahead = 4 * workers  # finished results held for writing, at most
 
     def generate():
+        taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
+        untaken = 0  # units before it are in ``taken`` or written
+
+        def take_here() -> None:
+            nonlocal untaken
+            taken[untaken] = mine(units[untaken])
+            untaken += 1
+
         try:
-            yield from pool.imap(_worker_run, units, chunksize=1)
+            for want in range(len(units)):
+                while True:
+                    pending = sum(isinstance(r, AsyncResult) and not r.ready()
+                                  for r in taken.values())
+                    for _ in range(min(queued - pending, len(units) - untaken)):
+                        taken[untaken] = pool.apply_async(_worker_run, (units[untaken],))
+                        untaken += 1
+                    result = taken.get(want)
+                    if result is None:  # the pool is full and this one is nobody's yet
+                        take_here()
+                    elif not isinstance(result, AsyncResult) or result.ready():
+                        break
+                    elif untaken < len(units) and len(taken) < ahead:
+                        take_here()
+                    else:
+                        result.wait()
+                result = taken.pop(want)
+                yield result.get() if isinstance(result, AsyncResult) else result
         finally:
             pool.terminate()
             pool.join()
