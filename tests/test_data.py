@@ -497,13 +497,15 @@ def test_two_shard_indices_together_equal_one_run(corpus, reference, tmp_path):
 
 
 def test_cluster_sequence_with_local_processes(corpus, reference, tmp_path):
-    """A job array as local processes: three parts at once into one --out, then --merge."""
+    """A job array as local processes: three parts at once into one --out, then --merge.
+    Part 0 runs two workers: a command that has not imported torch forks its worker."""
     out = tmp_path / "shards"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     base = [sys.executable, "-m", "speech2face", "prepare", "voxceleb1", "--root", str(corpus),
             "--out", str(out), "--samples-per-shard", str(PER_SHARD), "--mix-clips", str(MIX),
             "--num-shards", "3"]
-    jobs = [subprocess.Popen([*base, "--shard-index", str(i)], env=env,
+    jobs = [subprocess.Popen([*base, "--shard-index", str(i), "--workers", str(2 - min(i, 1))],
+                             env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for i in range(3)]
     for job in jobs:

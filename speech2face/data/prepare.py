@@ -149,6 +149,16 @@ class _Processor:
         with torch_threads(1):  # one process per core: no oversubscription
             return self._embed(crops)
 
+    def load_models(self) -> None:
+        """Load the dlib path's models now (each is loaded once per process)."""
+        from speech2face import faces
+        from speech2face.face_resnet import face_resnet
+
+        for name in (self.options.detector, "landmarks68"):
+            faces.dlib_model(name)
+        face_resnet()
+        faces._thread_controller()
+
     def __call__(self, unit: Unit) -> UnitResult:
         result = UnitResult([], [])
         if unit.skip is not None:
@@ -761,13 +771,10 @@ def _results(units: list[Unit], options: Options, workers: int) -> Iterator[Unit
     if workers == 1 or len(units) <= 1:
         processor = _Processor(options)
         return (processor(u) for u in units)
-    import multiprocessing as mp
     from multiprocessing.pool import AsyncResult
 
-    # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would break.
-    pool = mp.get_context("spawn").Pool(workers - 1, initializer=_worker_init,
-                                         initargs=(options,))
     mine = _Processor(options, single_thread=True)
+    pool = _pool(workers - 1, options, mine)
     queued = 2 * (workers - 1)  # one running and one waiting per pool worker
     ahead = 4 * workers  # finished results held for writing, at most
 
@@ -804,6 +811,24 @@ def _results(units: list[Unit], options: Options, workers: int) -> Iterator[Unit
             pool.join()
 
     return generate()
+
+
+def _pool(processes: int, options: Options, mine: _Processor):
+    """The worker pool. Forked from this process after it has loaded the dlib path's
+    models, where that is safe, so that the workers start at once with the models in
+    shared memory (a spawned worker spends about 2 s of CPU importing and loading them:
+    as much as 60 clips of the demo corpus). Spawned where this process has imported
+    torch (its OpenMP threads do not survive a fork) or where a worker needs torch (the
+    vggface encoder), and where the system has no fork."""
+    import multiprocessing as mp
+    import sys
+
+    fork = (options.encoder == "dlib" and "torch" not in sys.modules
+            and "fork" in mp.get_all_start_methods())
+    if fork:
+        mine.load_models()
+    return mp.get_context("fork" if fork else "spawn").Pool(
+        processes, initializer=_worker_init, initargs=(options,))
 
 
 def _remove_leftovers(out: Path, prefix: str, part: str) -> None:
