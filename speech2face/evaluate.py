@@ -68,6 +68,10 @@ GENDERS = ("female", "male")
 # Rows of the example grid: one per test identity, every one of them up to this many
 # (a grid of a few dozen faces is still read at a glance; VoxCeleb1's test split has 40).
 GRID_ROWS = 64
+# The decoder identification rate in pixels compares decoder(v_f) with the true face
+# crops as RGB images of this side (the tiny decoder's; larger ones are reduced to it):
+# whether the decoder reproduces the face it was given, as a person would compare them.
+THUMBNAIL_SIZE = 64
 
 # --------------------------------------------------------------------------- craniofacial
 
@@ -351,6 +355,10 @@ def _recall_over_galleries(queries, ids, gallery_of, gallery_size, draws, ks, me
 # --------------------------------------------------------------------------- identity
 
 
+# Rows converted to float64 at once where a whole array could be large (thumbnails).
+_ROWS = 1024
+
+
 def identity_means(embeddings: np.ndarray, identities: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """Mean embedding of each identity.
 
@@ -360,10 +368,11 @@ def identity_means(embeddings: np.ndarray, identities: Sequence) -> tuple[np.nda
     Returns:
         ``(labels (U,), means (U, E))``, labels in ``np.unique`` order.
     """
-    x = np.asarray(embeddings, dtype=np.float64)
+    x = np.asarray(embeddings)
     labels, index = np.unique(np.asarray(identities), return_inverse=True)
     sums = np.zeros((len(labels), x.shape[1]))
-    np.add.at(sums, index, x)
+    for start in range(0, len(x), _ROWS):  # in float64 a few rows at a time (thumbnails)
+        np.add.at(sums, index[start:start + _ROWS], x[start:start + _ROWS].astype(np.float64))
     return labels, sums / np.bincount(index, minlength=len(labels))[:, None]
 
 
@@ -477,16 +486,17 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
                         gallery: np.ndarray, metric: str) -> dict:
     """Share of queries (and of identities) whose nearest gallery item is their own.
 
-    Used for the decoder identification rate: the queries embed decoder(true face
-    feature), the gallery holds each identity's mean real-face embedding. A tie with
-    another identity counts as a miss. Per identity, the query embeddings are averaged
+    Used for the decoder identification rate: the queries are decoder(true face feature)
+    as recognizer embeddings or as pixels (:func:`thumbnails`), the gallery holds each
+    identity's mean real face, the same way. A tie with another identity counts as a
+    miss. Per identity, the query embeddings are averaged
     first, one decision per identity.
 
     Returns:
         ``{"samples", "identities_rate"}`` in %, ``"identified"`` (identities
         identified), ``"identities"`` (U), ``"chance"`` 100/U %, ``"metric"``.
     """
-    q = np.asarray(queries, dtype=np.float64)
+    q = np.asarray(queries)
     ids = np.asarray(identities)
     own = _own_index(ids, labels)
 
@@ -496,7 +506,8 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
         closer_or_tied[np.arange(len(d)), own] = False
         return ~closer_or_tied.any(axis=1)
 
-    per_sample = hits(distance_matrix(q, gallery, metric), own)
+    per_sample = hits(np.concatenate([distance_matrix(q[start:start + _ROWS], gallery, metric)
+                                      for start in range(0, max(len(q), 1), _ROWS)]), own)
     query_labels, query_means = identity_means(q, ids)
     per_identity = hits(distance_matrix(query_means, gallery, metric),
                         _own_index(query_labels, labels))
@@ -504,6 +515,20 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
             "identities_rate": 100.0 * float(per_identity.mean()),
             "identified": int(per_identity.sum()), "identities": int(len(query_labels)),
             "chance": 100.0 / len(labels), "metric": metric}
+
+
+def thumbnails(images, size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """``(B, 3, S, S)`` images in [0, 1] -> uint8 ``(B, size * size * 3)`` RGB rows,
+    reduced with antialiasing (bilinear) when S is larger, enlarged bilinearly when smaller."""
+    import torch
+
+    from speech2face.inference import to_uint8_images
+
+    images = torch.as_tensor(images).detach().float()
+    if images.shape[-1] > size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+    return to_uint8_images(images, size).reshape(len(images), -1)
 
 
 # --------------------------------------------------------------------------- attributes
@@ -665,6 +690,10 @@ class Collected:
     recon_embeddings: np.ndarray | None = None
     canon_embeddings: np.ndarray | None = None
     recognizer: str | None = None  # its name
+    # :func:`thumbnails` of the true face crops and of decoder(v_f), uint8 (N, P); None
+    # in a collection resumed from a state that did not keep them.
+    face_thumbnails: np.ndarray | None = None
+    canon_thumbnails: np.ndarray | None = None
     # Each sample's gender from the dataset's metadata (None where it has none).
     meta_genders: list[str | None] = field(default_factory=list)
 
@@ -708,6 +737,8 @@ class _Collector:
         for name, value in (("pred", pred), ("true", true), ("rec_lm", recon.landmarks),
                             ("can_lm", canon.landmarks)):
             self.parts[name].append(value.float().cpu().numpy())
+        self.parts["face_px"].append(thumbnails(batch["face"]))
+        self.parts["can_px"].append(thumbnails(canon.image))
         ids = [_identity_of(batch, i) for i in range(len(pred))]
         self.ids.extend(ids)
         self.meta_genders.extend(_meta_gender(batch, i) for i in range(len(pred)))
@@ -743,6 +774,7 @@ class _Collector:
         if not self.parts["pred"]:
             raise DataError(None, "no samples to evaluate")
         arrays = {k: np.concatenate(v) for k, v in self.parts.items() if v}
+        whole = {k: v for k, v in arrays.items() if len(v) == len(arrays["pred"])}
         return Collected(pred=arrays["pred"], true=arrays["true"],
                          identities=np.asarray(self.ids), recon_landmarks=arrays["rec_lm"],
                          canon_landmarks=arrays["can_lm"], genders=self.genders,
@@ -751,7 +783,9 @@ class _Collector:
                          recon_embeddings=arrays.get("rec_emb"),
                          canon_embeddings=arrays.get("can_emb"),
                          recognizer=None if self.recognizer is None else self.recognizer.name,
-                         meta_genders=list(self.meta_genders))
+                         meta_genders=list(self.meta_genders),
+                         face_thumbnails=whole.get("face_px"),
+                         canon_thumbnails=whole.get("can_px"))
 
     def save(self, folder: Path, key: str) -> None:
         """Write the state to ``folder``: arrays first, then ``state.json`` naming them."""
@@ -799,7 +833,8 @@ class _Collector:
         return collector
 
 
-_ARRAYS = ("pred", "true", "rec_lm", "can_lm", "face_emb", "rec_emb", "can_emb")
+_ARRAYS = ("pred", "true", "rec_lm", "can_lm", "face_emb", "rec_emb", "can_emb", "face_px",
+           "can_px")
 
 
 def _meta_gender(batch: dict, i: int) -> str | None:
@@ -907,8 +942,9 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
     """All metrics from collected per-sample results (JSON-ready dict).
 
     Section 4's (feature similarity, retrieval, craniofacial, attributes), 1:2 matching
-    of the features, and with recognizer embeddings the image-based ones
-    (:func:`image_metrics`).
+    of the features, the decoder identification rate in pixels (decoder(v_f) against
+    each test identity's mean true face crop, both :func:`thumbnails`, L2), and with
+    recognizer embeddings the image-based ones (:func:`image_metrics`).
     """
     metrics = {
         "samples": int(len(c.pred)),
@@ -934,6 +970,11 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
     metrics["feature_matching"] = _matching(c.pred, c, labels, mean_true, "cosine", genders)
     metrics["gender_source"] = source
     metrics["grid_identities"] = [row[3] for row in c.grid]
+    if c.face_thumbnails is not None and c.canon_thumbnails is not None:
+        labels, mean_faces = identity_means(c.face_thumbnails, c.identities)
+        metrics["decoder_identification_pixels"] = {
+            **identification_rate(c.canon_thumbnails, c.identities, labels, mean_faces, "l2"),
+            "size": THUMBNAIL_SIZE}
     if c.face_embeddings is not None:
         metrics.update(image_metrics(c, identity_gallery_sizes, draws, seed, training_encoder))
     return metrics

@@ -398,6 +398,64 @@ def test_identification_rate_hand_built():
         assert perfect["samples"] == perfect["identities_rate"] == 100.0
 
 
+def test_thumbnails_match_pil_resize():
+    """Antialiased reduction to THUMBNAIL_SIZE, as PIL's bilinear resize does it."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = rng.random((2, 3, 224, 224)).astype(np.float32)
+    ours = ev.thumbnails(torch.from_numpy(images))
+    size = ev.THUMBNAIL_SIZE
+    assert ours.dtype == np.uint8 and ours.shape == (2, size * size * 3)
+    for image, row in zip(images, ours, strict=True):
+        channels = [np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR))
+                    for c in image]  # float32 "F" images, one per channel
+        reference = np.clip(np.stack(channels, axis=-1) * 255 + 0.5, 0, 255).astype(np.int16)
+        assert np.abs(row.reshape(size, size, 3).astype(np.int16) - reference).max() <= 1
+
+
+def _ref_pixel_identification(decoded, faces, ids):
+    """Loops: each identity's mean face, each identity's mean decoded image, nearest."""
+    labels = sorted(set(ids))
+    mean = lambda x, i: np.mean([x[j].astype(float) for j in range(len(ids)) if ids[j] == i],
+                                axis=0)  # noqa: E731
+    gallery = [mean(faces, i) for i in labels]
+    hits = 0
+    for i in labels:
+        d = [np.sqrt(((mean(decoded, i) - g) ** 2).sum()) for g in gallery]
+        hits += int(np.argmin(d) == labels.index(i) and sorted(d)[0] < sorted(d)[1])
+    return 100.0 * hits / len(labels)
+
+
+def test_decoder_identification_in_pixels_matches_loops():
+    rng = np.random.default_rng(8)
+    n, ids = 30, np.arange(30) % 6
+    faces = rng.integers(0, 256, size=(6, 48), dtype=np.uint8)[ids]
+    # Decoded images: a face plus noise, identities 0-2 their own, 3-5 another's.
+    shown = np.where(ids < 3, ids, (ids + 1) % 6)
+    noise = rng.normal(scale=20.0, size=(n, 48))
+    decoded = np.clip(faces[np.argsort(ids[:6])][shown] + noise, 0, 255).astype(np.uint8)
+    c = ev.Collected(pred=rng.normal(size=(n, 4)), true=rng.normal(size=(n, 4)), identities=ids,
+                     recon_landmarks=_random_landmarks(n), canon_landmarks=_random_landmarks(n),
+                     face_thumbnails=faces, canon_thumbnails=decoded)
+    result = ev.compute_metrics(c, draws=2)["decoder_identification_pixels"]
+    assert result["identities_rate"] == pytest.approx(
+        _ref_pixel_identification(decoded, faces, list(ids)))
+    assert result["identities_rate"] == pytest.approx(50.0)  # 0-2 only
+    assert result["samples"] == pytest.approx(50.0)
+    assert result["chance"] == pytest.approx(100 / 6) and result["identities"] == 6
+    # Rows are taken a chunk at a time: the same result whatever the chunk.
+    import speech2face.evaluate as module
+
+    small = pytest.MonkeyPatch()
+    small.setattr(module, "_ROWS", 7)
+    try:
+        assert ev.compute_metrics(c, draws=2)["decoder_identification_pixels"] == result
+    finally:
+        small.undo()
+
+
 def test_identity_genders_prefers_metadata_then_classifier_majority():
     c = ev.Collected(pred=np.zeros((4, 2)), true=np.zeros((4, 2)),
                      identities=np.array([1, 1, 1, 2]), recon_landmarks=np.zeros((4, 68, 2)),

@@ -30,6 +30,8 @@ def _collected(n: int = 24, seed: int = 14) -> ev.Collected:
         face_embeddings=true[:, :4] * 2, recon_embeddings=true[:, :4] + 0.5,
         canon_embeddings=true[:, :4] * 2 + 0.1, recognizer="dlib",
         meta_genders=[None] * n,
+        face_thumbnails=rng.integers(0, 256, size=(n, 12), dtype=np.uint8),
+        canon_thumbnails=rng.integers(0, 256, size=(n, 12), dtype=np.uint8),
     )
 
 
@@ -54,8 +56,10 @@ def test_report_files_and_contents(tmp_path):
     assert loaded["feature_similarity"] == metrics["feature_similarity"]
     # The image-based sections name the recognizer and say it is not independent here.
     assert metrics["recognizer"]["same_as_training_features"] is False
-    ident = metrics["decoder_identification"]
-    assert f"({ident['identified']} of {ident['identities']})" in text
+    for key in ("decoder_identification", "decoder_identification_pixels"):
+        ident = metrics[key]
+        assert f"({ident['identified']} of {ident['identities']})" in text
+    assert "| pixels (64 x 64 RGB, L2) |" in text and "| dlib embedding (l2) |" in text
     assert "Identity from the image" in text and "**dlib** (4-D)" in text
     assert "1:2 voice-face matching" in text and "chance" in text
     assert "classifier on the true faces" in text  # genders for the constrained test
