@@ -418,8 +418,10 @@ def test_thumbnails_match_pil_resize():
 def _ref_pixel_identification(decoded, faces, ids):
     """Loops: each identity's mean face, each identity's mean decoded image, nearest."""
     labels = sorted(set(ids))
-    mean = lambda x, i: np.mean([x[j].astype(float) for j in range(len(ids)) if ids[j] == i],
-                                axis=0)  # noqa: E731
+
+    def mean(x, i):
+        return np.mean([x[j].astype(float) for j in range(len(ids)) if ids[j] == i], axis=0)
+
     gallery = [mean(faces, i) for i in labels]
     hits = 0
     for i in labels:
