@@ -278,9 +278,16 @@ def _map_chunks(fn, height: int, step: int, device: torch.device) -> list:
     threads = min(before, len(chunks)) if device.type == "cpu" else 1
     if threads < 2 or not _TASKS.acquire(blocking=False):
         return [fn(r0, r1) for r0, r1 in chunks]
+    # Grad and inference modes belong to a thread: the tasks run in the caller's.
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def task(chunk: tuple[int, int]):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(*chunk)
+
     try:
         torch.set_num_threads(1)
-        return list(_task_pool(threads).map(lambda chunk: fn(*chunk), chunks))
+        return list(_task_pool(threads).map(task, chunks))
     finally:
         torch.set_num_threads(before)
         _TASKS.release()

@@ -354,3 +354,20 @@ def test_chunk_tasks_give_the_same_bits_for_any_thread_count(monkeypatch):
     one, three = _warp_and_gradients(1), _warp_and_gradients(3)
     for a, b in zip(one, three, strict=True):
         assert torch.equal(a, b)
+
+
+def test_chunk_tasks_run_in_the_callers_inference_mode(monkeypatch):
+    """Inference mode belongs to a thread: the tasks must take the caller's (writing
+    into a tensor made in inference mode is refused outside it)."""
+    import speech2face.warp as warp_module
+    from speech2face.runtime import torch_threads
+
+    monkeypatch.setattr(warp_module, "_CHUNK_ELEMENTS", 1 << 14)  # several chunks
+
+    image = torch.rand(1, 3, 64, 64)
+    points = 10 + 40 * torch.rand(1, 68, 2, generator=torch.Generator().manual_seed(2))
+    with torch_threads(1), torch.inference_mode():
+        one, _ = sparse_image_warp(image, points, points + 1.0, 1, 0.1, 2)
+    with torch_threads(2), torch.inference_mode():
+        two, _ = sparse_image_warp(image, points, points + 1.0, 1, 0.1, 2)
+    assert torch.equal(one, two)
