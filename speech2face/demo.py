@@ -14,13 +14,11 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit ad1b6ca) run side by
-side on the shared two-core machine: 265-271 s of CPU time each (corpus 23-25, prepare
-17-18, decoder 84-85, voice encoder 127-128, evaluation 14-16), 405-411 s wall. Alone on
-the otherwise idle machine, seed 0 (fresh clone at 2cfa656, the same numbers): 270 s of
-CPU, 268 s wall (corpus 24, prepare 16, decoder 84, voice encoder 133, evaluation 12),
-while the machine ran about 1.3x slower than an hour before, when the same demo took
-220 s of CPU and 207 s wall (decoder 66 s).
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit e2ff1cc) run side by
+side on the shared two-core machine: 237-245 s of CPU time each (corpus 19-22, prepare
+13-14, decoder 68-70, voice encoder 121-127, evaluation 12-14), 353-362 s wall. The
+machine's speed drifts by about 1.3x within a session (docs/benchmarks.md): earlier
+versions of the demo took 220-270 s of CPU alone, as the machine ran faster or slower.
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -98,11 +96,12 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = 10": (41.1, 32.6, 45.6),
-    "angle v_s to v_f": (18.5, 18.4, 18.7),
-    "gender agreement": (57.4, 55.1, 59.8),
-    "decoder identification, dlib": (50.0, 40.0, 60.0),
-    "craniofacial r (mean of 11)": (0.40, 0.38, 0.42),
+    "cosine R@1, M = 10": (34.9, 30.8, 41.0),
+    "angle v_s to v_f": (18.8, 18.4, 19.2),
+    "gender agreement": (65.0, 54.5, 75.0),
+    "decoder identification, px": (86.7, 70.0, 100.0),
+    "decoder identification, dlib": (56.7, 50.0, 60.0),
+    "craniofacial r (mean of 11)": (0.46, 0.44, 0.47),
 }
 
 
