@@ -760,9 +760,9 @@ def _read_json(path: Path):
 def _results(units: list[Unit], options: Options, workers: int) -> Iterator[UnitResult]:
     """Process units in ``workers`` processes, results yielded in the units' order.
 
-    With more than one, this process works too, beside a pool of ``workers - 1``: a run
-    pays for one spawned start-up fewer (a worker's imports and models cost about as
-    much CPU as 20 clips of the demo corpus). Units are handed out as they are needed:
+    With more than one, this process works too, beside a pool of ``workers - 1``
+    (:func:`_pool`), so that a run pays for one worker start-up fewer. Units are handed
+    out as they are needed:
     the pool always has one waiting per worker, and this process, between writing
     results, takes the next unit nobody has taken whenever the one it must write next is
     not finished, so neither side waits while the other has work. A unit's result does
