@@ -459,7 +459,9 @@ def dense_image_warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         # fused operation (forward and backward) instead of four gathers and three lerps:
         # about 5x faster on a CPU. Its coordinates are normalised to [-1, 1]
         # (align_corners: -1 and 1 are the centres of the first and last pixels), which
-        # costs about 1e-5 pixel in float32.
+        # costs about 1e-5 pixel in float32. Unlike TensorFlow, a sample exactly on the
+        # first or last row/column passes no gradient to that flow component (zero flow
+        # at the border: every destination point on its source; docs/warp.md).
         grid = torch.stack([(cols[None, :] - flow[..., 1]) * (2.0 / (w - 1)) - 1,
                             (rows[:, None] - flow[..., 0]) * (2.0 / (h - 1)) - 1], dim=-1)
         return torch.nn.functional.grid_sample(image, grid, mode="bilinear",
