@@ -690,7 +690,8 @@ def prepare(
         unit="video",
         disable=not progress,
     )
-    results = _results([u for w in windows[start:] for u in w], options, workers)
+    results = _results([u for w in windows[start:] for u in w], options, workers,
+                       meanwhile=_import_writer)
     try:
         for index in range(start, len(windows)):
             window = windows[index]
@@ -757,16 +758,24 @@ def _read_json(path: Path):
                               "use a new --out") from None
 
 
-def _results(units: list[Unit], options: Options, workers: int) -> Iterator[UnitResult]:
+def _import_writer() -> None:
+    """Import what ``_SplitWriter`` needs (webdataset imports torch: 1.4 s of CPU)."""
+    import webdataset  # noqa: F401
+
+
+def _results(units: list[Unit], options: Options, workers: int,
+             meanwhile=None) -> Iterator[UnitResult]:
     """Process units in ``workers`` processes, results yielded in the units' order.
 
     With more than one, this process works too, beside a pool of ``workers - 1``
     (:func:`_pool`), so that a run pays for one worker start-up fewer. Units are handed
-    out as they are needed:
-    the pool always has one waiting per worker, and this process, between writing
-    results, takes the next unit nobody has taken whenever the one it must write next is
-    not finished, so neither side waits while the other has work. A unit's result does
-    not depend on which process computes it: the shards are the same for every count.
+    out as they are needed: the pool always has one waiting per worker, and this
+    process, between writing results, takes the next unit nobody has taken whenever the
+    one it must write next is not finished, so neither side waits while the other has
+    work. ``meanwhile`` (prepare: importing the shard writer, which imports torch, 1.4 s
+    of CPU, and must come after the pool is forked) runs here first, while the pool has
+    16 units per worker to do. A unit's result does not depend on which process
+    computes it: the shards are the same for every count.
     """
     if workers == 1 or len(units) <= 1:
         processor = _Processor(options)
@@ -776,7 +785,8 @@ def _results(units: list[Unit], options: Options, workers: int) -> Iterator[Unit
     mine = _Processor(options, single_thread=True)
     pool = _pool(workers - 1, options, mine)
     queued = 2 * (workers - 1)  # one running and one waiting per pool worker
-    ahead = 4 * workers  # finished results held for writing, at most
+    first = 16 * (workers - 1) if meanwhile else 0  # the pool's work during ``meanwhile``
+    ahead = 2 * first + 4 * workers  # units taken and not yet written, at most
 
     def generate():
         taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
@@ -788,6 +798,11 @@ def _results(units: list[Unit], options: Options, workers: int) -> Iterator[Unit
             untaken += 1
 
         try:
+            for untaken in range(min(first, len(units))):
+                taken[untaken] = pool.apply_async(_worker_run, (units[untaken],))
+            untaken = len(taken)
+            if meanwhile is not None:
+                meanwhile()
             for want in range(len(units)):
                 while True:
                     pending = sum(isinstance(r, AsyncResult) and not r.ready()
