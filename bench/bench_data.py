@@ -15,9 +15,11 @@
    a fresh process as users run it, on the demo corpus and on a 2-speaker one, twice in
    alternating order (the faster of the two runs counts); wall and CPU seconds (the
    command and its workers) of each run. The whole-run ratio is what a
-   user sees on the demo corpus; the difference of the two corpora's times cancels the
-   fixed start-up (importing torch in the command, dlib's models, spawning workers) and
-   gives the steady-state ratio a dataset-sized run gets. The shards of 1 and 2 workers
+   user sees on the demo corpus (the target). The difference of the two corpora's times
+   is meant to cancel the fixed start-up (the command's imports, dlib's models, the
+   worker pool) and estimate the ratio a dataset-sized run gets; the two runs' start-ups
+   overlap the work differently, so the estimate can be biased, and a figure above 2x
+   is refused rather than printed. The shards of 1 and 2 workers
    are checked to be identical. A worker's start-up is timed phase by phase in a fresh
    interpreter, with the torch import it no longer does timed after it for comparison.
 3. The loader (``ShardDataset``: tar reading, FLAC and JPEG decoding, ``fit_duration``,
