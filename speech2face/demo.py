@@ -16,9 +16,11 @@ CPU cores:
 
 Measured from three fresh clones (``make demo SEED=0/1/2``, commit e2ff1cc) run side by
 side on the shared two-core machine: 237-245 s of CPU time each (corpus 19-22, prepare
-13-14, decoder 68-70, voice encoder 121-127, evaluation 12-14), 353-362 s wall. The
-machine's speed drifts by about 1.3x within a session (docs/benchmarks.md): earlier
-versions of the demo took 220-270 s of CPU alone, as the machine ran faster or slower.
+13-14, decoder 68-70, voice encoder 121-127, evaluation 12-14), 353-362 s wall. Alone on
+the otherwise idle machine, a fresh clone of the final code (seed 0, the same numbers):
+216 s of CPU, 203 s wall (corpus 17, prepare 11, decoder 59, voice encoder 117,
+evaluation 12). The machine's speed drifts by about 1.3x within a session
+(docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
