@@ -314,6 +314,18 @@ def fit_landmarks(image: np.ndarray, box, predictor: str = "landmarks68") -> np.
     return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
 
 
+def load_models(detector: str = "hog") -> None:
+    """Load now what :func:`detect_faces` (with ``detector``), :func:`fit_landmarks` and
+    :func:`face_descriptors` otherwise load on first use, once per process: e.g. before
+    forking workers, which then start with them in shared memory."""
+    from speech2face.face_resnet import face_resnet
+
+    for name in (detector, "landmarks68"):
+        dlib_model(name)
+    face_resnet()
+    _thread_controller()
+
+
 def face_descriptors(crops) -> np.ndarray:
     """dlib's 128-D face descriptors of aligned crops, in one batched call.
 

@@ -149,16 +149,6 @@ class _Processor:
         with torch_threads(1):  # one process per core: no oversubscription
             return self._embed(crops)
 
-    def load_models(self) -> None:
-        """Load the dlib path's models now (each is loaded once per process)."""
-        from speech2face import faces
-        from speech2face.face_resnet import face_resnet
-
-        for name in (self.options.detector, "landmarks68"):
-            faces.dlib_model(name)
-        face_resnet()
-        faces._thread_controller()
-
     def __call__(self, unit: Unit) -> UnitResult:
         result = UnitResult([], [])
         if unit.skip is not None:
@@ -783,7 +773,7 @@ def _results(units: list[Unit], options: Options, workers: int,
     from multiprocessing.pool import AsyncResult
 
     mine = _Processor(options, single_thread=True)
-    pool = _pool(workers - 1, options, mine)
+    pool = _pool(workers - 1, options)
     queued = 2 * (workers - 1)  # one running and one waiting per pool worker
     first = 16 * (workers - 1) if meanwhile else 0  # the pool's work during ``meanwhile``
     ahead = 2 * first + 4 * workers  # units taken and not yet written, at most
@@ -792,15 +782,16 @@ def _results(units: list[Unit], options: Options, workers: int,
         taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
         untaken = 0  # units before it are in ``taken`` or written
 
-        def take_here() -> None:
+        def take(here: bool) -> None:
+            """The next unit nobody has taken: computed here, or handed to the pool."""
             nonlocal untaken
-            taken[untaken] = mine(units[untaken])
+            unit = units[untaken]
+            taken[untaken] = mine(unit) if here else pool.apply_async(_worker_run, (unit,))
             untaken += 1
 
         try:
-            for untaken in range(min(first, len(units))):
-                taken[untaken] = pool.apply_async(_worker_run, (units[untaken],))
-            untaken = len(taken)
+            for _ in range(min(first, len(units))):
+                take(here=False)
             if meanwhile is not None:
                 meanwhile()
             for want in range(len(units)):
@@ -808,15 +799,14 @@ def _results(units: list[Unit], options: Options, workers: int,
                     pending = sum(isinstance(r, AsyncResult) and not r.ready()
                                   for r in taken.values())
                     for _ in range(min(queued - pending, len(units) - untaken)):
-                        taken[untaken] = pool.apply_async(_worker_run, (units[untaken],))
-                        untaken += 1
+                        take(here=False)
                     result = taken.get(want)
                     if result is None:  # the pool is full and this one is nobody's yet
-                        take_here()
+                        take(here=True)
                     elif not isinstance(result, AsyncResult) or result.ready():
                         break
                     elif untaken < len(units) and len(taken) < ahead:
-                        take_here()
+                        take(here=True)
                     else:
                         result.wait()
                 result = taken.pop(want)
@@ -828,7 +818,7 @@ def _results(units: list[Unit], options: Options, workers: int,
     return generate()
 
 
-def _pool(processes: int, options: Options, mine: _Processor):
+def _pool(processes: int, options: Options):
     """The worker pool. Forked from this process after it has loaded the dlib path's
     models, where that is safe, so that the workers start at once with the models in
     shared memory (a spawned worker spends about 2 s of CPU importing and loading them:
@@ -841,7 +831,9 @@ def _pool(processes: int, options: Options, mine: _Processor):
     fork = (options.encoder == "dlib" and "torch" not in sys.modules
             and "fork" in mp.get_all_start_methods())
     if fork:
-        mine.load_models()
+        from speech2face import faces
+
+        faces.load_models(options.detector)
     return mp.get_context("fork" if fork else "spawn").Pool(
         processes, initializer=_worker_init, initargs=(options,))
 
