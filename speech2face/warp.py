@@ -293,17 +293,23 @@ def _map_chunks(fn, height: int, step: int, device: torch.device) -> list:
         _TASKS.release()
 
 
-class _ChunkBuffer:
-    """One kernel block per thread, reused by its chunks: a fresh multi-megabyte
-    allocation per chunk costs page faults comparable to the arithmetic."""
+class _ChunkDistances:
+    """``r2(r0, r1)``: squared distances from the pixels of grid rows ``r0:r1`` to every
+    centre, ``(B, r, W, N)``, from the separable ``dy2 (B, H, N)`` and ``dx2 (B, W, N)``.
 
-    def __init__(self, like: torch.Tensor, shape: tuple):
-        self.like, self.shape, self.local = like, shape, threading.local()
+    Written into one kernel block per thread, reused by its chunks: a fresh
+    multi-megabyte allocation per chunk costs page faults comparable to the arithmetic.
+    """
 
-    def get(self) -> torch.Tensor:
-        if not hasattr(self.local, "tensor"):
-            self.local.tensor = self.like.new_empty(self.shape)
-        return self.local.tensor
+    def __init__(self, dy2: torch.Tensor, dx2: torch.Tensor, rows: int):
+        self.dy2, self.dx2, self.local = dy2, dx2, threading.local()
+        self.shape = (dy2.shape[0], rows, dx2.shape[1], dy2.shape[2])
+
+    def r2(self, r0: int, r1: int) -> torch.Tensor:
+        if not hasattr(self.local, "block"):
+            self.local.block = self.dy2.new_empty(self.shape)
+        return torch.add(self.dy2[:, r0:r1, None, :], self.dx2[:, None, :, :],
+                         out=self.local.block[:, : r1 - r0])
 
 
 def _sum_in_order(tensors) -> torch.Tensor:
@@ -334,12 +340,10 @@ class _GridRBF(torch.autograd.Function):
         out = centers.new_empty(b, k, height, width)
         w_t = w.transpose(1, 2).contiguous()  # (B, K, N)
         step = _rows_per_chunk(b, width, n, centers.device)
-        buffer = _ChunkBuffer(centers, (b, min(step, height), width, n))
+        distances = _ChunkDistances(dy2, dx2, min(step, height))
 
         def chunk(r0: int, r1: int) -> None:
-            r2 = torch.add(dy2[:, r0:r1, None, :], dx2[:, None, :, :],
-                           out=buffer.get()[:, : r1 - r0])  # (B, r, W, N)
-            kern, _ = _phi_and_grad_(r2, order, need_grad=False)
+            kern, _ = _phi_and_grad_(distances.r2(r0, r1), order, need_grad=False)
             out[:, :, r0:r1] = torch.bmm(w_t, kern.view(b, -1, n).transpose(1, 2)).view(
                 b, k, r1 - r0, width)
 
@@ -365,14 +369,13 @@ class _GridRBF(torch.autograd.Function):
         near_rows = (dy2 <= KERNEL_EPSILON).any(-1) if order == 1 else None  # (B, H)
         near_cols = bool((dx2 <= KERNEL_EPSILON).any()) if order == 1 else False
         step = _rows_per_chunk(b, width, n, centers.device)
-        buffer = _ChunkBuffer(centers, (b, min(step, height), width, n))
+        distances = _ChunkDistances(dy2, dx2, min(step, height))
 
         def chunk(r0: int, r1: int) -> tuple:
             """This chunk's g^T kern (B, K, N) (the big kernel block is never transposed)
             and its d(loss)/d(r2) summed over rows, per column (B, W, N)."""
             g_t = grad_out[:, :, r0:r1].reshape(b, w.shape[-1], -1)  # (B, K, r*W)
-            r2 = torch.add(dy2[:, r0:r1, None, :], dx2[:, None, :, :],
-                           out=buffer.get()[:, : r1 - r0])  # (B, r, W, N)
+            r2 = distances.r2(r0, r1)  # (B, r, W, N)
             on_centre = None
             if need_c and order == 1 and near_cols and bool(near_rows[:, r0:r1].any()):
                 on_centre = r2 <= KERNEL_EPSILON
