@@ -39,7 +39,7 @@ import numpy as np
 
 from speech2face.errors import DataError
 from speech2face.runtime import torch_threads
-from speech2face.utils import output_entries, png_bytes, read_json, temp_dir_beside
+from speech2face.utils import output_entries, png_bytes, read_json
 
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
@@ -246,16 +246,11 @@ def _split_identities(manifest: dict, split: str) -> list[str]:
 def install_model(bundle: Path, target: Path | None = None) -> Path:
     """Copy a bundle to the cache where ``reconstruct`` looks by default (atomically)."""
     from speech2face.inference import default_model_path
-    from speech2face.model import replace_dir
+    from speech2face.model import replacing_dir
 
     target = target or default_model_path()
-    tmp = temp_dir_beside(target)
-    try:
+    with replacing_dir(target) as tmp:
         shutil.copytree(bundle, tmp, dirs_exist_ok=True)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -17,6 +17,7 @@ of voice encoder (``config.encoder``, a bundle's ``kind``) are listed in one pla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -189,6 +190,20 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def replacing_dir(final: Path):
+    """A new folder beside ``final`` to fill in the ``with`` block: it then replaces
+    ``final`` (:func:`replace_dir`); after an error it is deleted and ``final`` is left
+    as it was. A crash leaves the old folder or the new one, never a mix."""
+    tmp = temp_dir_beside(final)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model: Speech2Face, path: str | os.PathLike) -> Path:
     """Write ``model`` as a bundle directory at ``path`` (replacing an older bundle there).
 
@@ -196,13 +211,8 @@ def save_model(model: Speech2Face, path: str | os.PathLike) -> Path:
     place, so a crash leaves the old bundle or the new one, never a mix.
     """
     path = Path(path)
-    tmp = temp_dir_beside(path)
-    try:
+    with replacing_dir(path) as tmp:
         write_bundle_files(tmp, model.bundle_config(), state_dict_for_safetensors(model))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

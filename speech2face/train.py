@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -82,7 +81,7 @@ from speech2face.model import (
     build_voice_encoder,
     load_state_checked,
     read_safetensors,
-    replace_dir,
+    replacing_dir,
     state_dict_for_safetensors,
     write_bundle_files,
 )
@@ -94,7 +93,7 @@ from speech2face.train_log import (
     window_means,
     write_png,
 )
-from speech2face.utils import atomic_write, temp_dir_beside
+from speech2face.utils import atomic_write
 
 BEST_FILE = "best.json"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -469,13 +468,8 @@ def precise_batchnorm(stage: Stage, data, batches: int, device: torch.device,
 
 def _export(stage: Stage, folder: Path) -> None:
     """Write the stage's model to ``folder`` (a bundle when the model is a Speech2Face)."""
-    tmp = temp_dir_beside(folder)
-    try:
+    with replacing_dir(folder) as tmp:
         write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @torch.no_grad()
@@ -554,8 +548,7 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
     final = run / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{loop.step:08d}"
     if not placement.is_main:
         return final
-    tmp = temp_dir_beside(final)
-    try:
+    with replacing_dir(final) as tmp:
         write_bundle_files(tmp, stage.bundle_config(), state_dict_for_safetensors(stage.model))
         opt_meta, opt_tensors = optimizer_to_files(optimizer)
         with atomic_write(tmp / OPTIMIZER_FILE) as f:
@@ -576,10 +569,6 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
         }
         with atomic_write(tmp / STATE_FILE, "w") as f:
             json.dump(state, f, indent=1)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prune_checkpoints(run, config.keep_last, loop.best_step)
     return final
 
