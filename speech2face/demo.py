@@ -19,8 +19,8 @@ side on the shared two-core machine: 237-245 s of CPU time each (corpus 19-22, p
 13-14, decoder 68-70, voice encoder 121-127, evaluation 12-14), 353-362 s wall. Alone on
 the otherwise idle machine, a fresh clone of the final code (seed 0, the same numbers):
 216 s of CPU, 203 s wall (corpus 17, prepare 11, decoder 59, voice encoder 117,
-evaluation 12). The machine's speed drifts by about 1.3x within a session
-(docs/benchmarks.md).
+evaluation 12), and 272 s of CPU 25 minutes later: the machine's speed drifts by about
+1.3x within a session (docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
