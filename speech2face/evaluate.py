@@ -671,7 +671,8 @@ class Collected:
     Arrays have one row per sample: ``pred``/``true`` ``(N, D)`` features,
     ``recon_landmarks``/``canon_landmarks`` ``(N, 68, 2)``, ``identities`` ``(N,)``;
     ``genders``/``ages`` hold the attribute classifier's answers for the true face and
-    the reconstruction (empty when attributes are skipped); ``grid`` holds
+    the reconstruction (empty when attributes are skipped), ``canon_genders`` its
+    genders of decoder(v_f), the decoder's image of the true feature; ``grid`` holds
     ``(true, canonical, reconstruction, label)`` image rows, one per identity (up to
     ``GRID_ROWS``).
     """
@@ -696,6 +697,9 @@ class Collected:
     canon_thumbnails: np.ndarray | None = None
     # Each sample's gender from the dataset's metadata (None where it has none).
     meta_genders: list[str | None] = field(default_factory=list)
+    # The attribute classifier's gender of decoder(v_f) (empty when attributes are skipped,
+    # or in a collection resumed from a state that did not keep them).
+    canon_genders: list[str] = field(default_factory=list)
 
 
 def _identity_of(batch: dict, i: int):
@@ -716,6 +720,7 @@ class _Collector:
         self.ids: list = []
         self.meta_genders: list = []
         self.genders: tuple[list, list] = ([], [])
+        self.canon_genders: list = []
         self.ages: tuple[list, list] = ([], [])
         self.grid: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
         self.shown: set = set()
@@ -746,7 +751,6 @@ class _Collector:
         if self.classifier is not None or need_canon:
             faces = to_uint8_images(batch["face"].float())
             recon_images = to_uint8_images(recon.image)
-        if need_canon:
             canon_images = to_uint8_images(canon.image)
         if self.recognizer is not None:
             # Shards made with this recognizer hold its embedding of these very crops
@@ -760,6 +764,7 @@ class _Collector:
                 g, a = self.classifier(images)
                 self.genders[store].extend(g)
                 self.ages[store].extend(a)
+            self.canon_genders.extend(self.classifier(canon_images)[0])
         if len(self.grid) < self.grid_rows:
             for i, identity in enumerate(ids):
                 if identity not in self.shown and len(self.grid) < self.grid_rows:
@@ -784,6 +789,7 @@ class _Collector:
                          canon_embeddings=arrays.get("can_emb"),
                          recognizer=None if self.recognizer is None else self.recognizer.name,
                          meta_genders=list(self.meta_genders),
+                         canon_genders=list(self.canon_genders),
                          face_thumbnails=whole.get("face_px"),
                          canon_thumbnails=whole.get("can_px"))
 
@@ -800,7 +806,8 @@ class _Collector:
         state = {"key": key, "batches": self.batches, "arrays": name, "ids": self.ids,
                  "meta_genders": self.meta_genders,
                  "shown": sorted(self.shown, key=str), "genders": self.genders,
-                 "ages": self.ages, "grid_labels": [row[3] for row in self.grid]}
+                 "ages": self.ages, "canon_genders": self.canon_genders,
+                 "grid_labels": [row[3] for row in self.grid]}
         with atomic_write(folder / "state.json", "w") as f:
             json.dump(state, f)
         for old in folder.glob("collected-*.npz"):
@@ -827,6 +834,7 @@ class _Collector:
         collector.shown = set(state["shown"])
         collector.genders = tuple(state["genders"])
         collector.ages = tuple(state["ages"])
+        collector.canon_genders = state.get("canon_genders", [])
         collector.grid = [(arrays[f"grid{i}_true"], arrays[f"grid{i}_canon"],
                            arrays[f"grid{i}_recon"], label)
                           for i, label in enumerate(state["grid_labels"])]
@@ -964,6 +972,12 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
             "gender": gender_agreement(*c.genders),
             "age": age_agreement(*c.ages),
         }
+        if len(c.canon_genders) == len(c.genders[0]):
+            # A reference: how legible the decoder makes gender from the true feature.
+            # Not a ceiling: a prediction from speech is typical of its class, which
+            # the classifier can read more easily than a real individual's feature.
+            metrics["attributes"]["gender_decoder_true_feature"] = gender_agreement(
+                c.genders[0], c.canon_genders)
     # 1:2 matching in the feature space: v_s against identities' mean v_f.
     labels, genders, source = identity_genders(c)
     _, mean_true = identity_means(c.true, c.identities)

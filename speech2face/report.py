@@ -246,6 +246,7 @@ def render_markdown(metrics: dict, title: str = "Speech2Face evaluation",
             "| | ours | paper |", "|---|---|---|",
             f"| gender agreement (%) | {_fmt(gender['agreement'], None, 1)} | "
             f"{PAPER_GENDER_AGREEMENT} |",
+            *_decoder_gender_lines(metrics["attributes"]),
             f"| age: same bucket (%) | {_fmt(age['agreement'], None, 1)} | n/a |",
             f"| age: Pearson r | {_fmt(age['pearson'])} | n/a |",
             f"| age: mean abs. difference (years) | {_fmt(age['mean_abs_diff'], None, 1)} | n/a |",
@@ -347,6 +348,16 @@ def _image_metric_lines(metrics: dict) -> list[str]:
         lines.append(f"| {m} | chance | " + " | ".join(
             _fmt(result["cosine"][str(k)]["chance"], None, 1) for k in RECALL_KS) + " |")
     return lines + [""]
+
+
+def _decoder_gender_lines(attributes: dict) -> list[str]:
+    """The attribute table's row for decoder(v_f): the gender agreement the decoder reaches
+    from the true face feature, a reference for how legible its images make gender."""
+    if "gender_decoder_true_feature" not in attributes:
+        return []
+    from_true = attributes["gender_decoder_true_feature"]["agreement"]
+    return [f"| gender agreement of decoder(v_f), from the true feature (%) | "
+            f"{_fmt(from_true, None, 1)} | n/a |"]
 
 
 def _decoder_identification_lines(metrics: dict) -> list[str]:
@@ -452,7 +463,11 @@ def summary(metrics: dict) -> str:
             f"{metrics['craniofacial']['mean']['r']:.2f} (shuffled "
             f"{metrics['craniofacial']['mean']['shuffled']:.2f})")
     if "attributes" in metrics:
-        line += f"; gender agreement {_fmt(metrics['attributes']['gender']['agreement'], None, 0)}%"
+        attributes = metrics["attributes"]
+        line += f"; gender agreement {_fmt(attributes['gender']['agreement'], None, 0)}%"
+        if "gender_decoder_true_feature" in attributes:
+            from_true = attributes["gender_decoder_true_feature"]["agreement"]
+            line += f" (decoder(v_f) {_fmt(from_true, None, 0)}%)"
     for key, judge in (("decoder_identification_pixels", "pixels"),
                        ("decoder_identification", metrics.get("recognizer", {}).get("name"))):
         if key in metrics:
@@ -511,6 +526,10 @@ def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     if "attributes" in metrics:
         rows.append(("gender agreement, reconstruction vs true face (%)",
                      _cell(metrics["attributes"]["gender"]["agreement"]), "", ""))
+        from_true = _get(metrics, "attributes", "gender_decoder_true_feature", "agreement")
+        if from_true is not None:
+            rows.append(("gender agreement, decoder(v_f) vs true face (%)", _cell(from_true),
+                         "", ""))
     return rows
 
 

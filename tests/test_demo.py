@@ -162,3 +162,21 @@ def test_demo_refuses_a_read_only_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "speech2face-demo" in err and "cannot" in err
     assert not out.exists()
+
+
+def test_band_lines_name_the_gallery_and_show_the_band_only_for_default_settings():
+    from speech2face import demo
+
+    metrics = {"retrieval": {"gallery_size": 20, "cosine": {"1": {"mean": 18.3, "chance": 5.0}}},
+               "attributes": {"gender": {"agreement": 46.5},
+                              "gender_decoder_true_feature": {"agreement": 70.0}}}
+    default = demo.band_lines(metrics)
+    r1 = next(line for line in default if "R@1" in line)
+    assert "M = 20" in r1 and "18.3%" in r1 and "chance 5.0%" in r1
+    low, high = demo.BAND["cosine R@1, M = {M}"][1:]
+    assert f"({low:.1f}-{high:.1f})" in r1
+    from_true = next(line for line in default if "decoder(v_f)" in line)
+    assert "70.0%" in from_true and "chance 50.0%" in from_true
+    other = demo.band_lines(metrics, default_settings=False)
+    assert "not shown" in other[0] and f"({low:.1f}-{high:.1f})" not in "\n".join(other)
+    assert len(other) == len(default) == 2 + 3  # title, header, the 3 numbers present

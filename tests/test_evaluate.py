@@ -575,3 +575,45 @@ def test_collector_reuses_shard_features_made_by_the_recognizer(tmp_path):
         np.testing.assert_array_equal(c.face_embeddings, expected)
         assert c.recon_embeddings.shape == c.canon_embeddings.shape == (2, 3)
         assert c.meta_genders == ["female", "male"] and len(c.grid) == 1
+
+
+def test_collector_classifies_the_decoders_own_output_and_keeps_it_on_resume(tmp_path):
+    """The gender of decoder(v_f) (how legible the decoder makes gender) comes from the
+    classifier run on the decoder's image of the true feature, survives a saved and
+    reloaded state, and its agreement with the true faces is the share of equal labels."""
+    import torch
+
+    from speech2face.inference import to_uint8_images
+    from speech2face.model import load_model
+
+    model = load_model(_tiny_bundle(tmp_path / "model"))
+    seen = []
+
+    def by_brightness(images):  # a stand-in classifier: a deterministic label per image
+        seen.append(np.stack(images))
+        return (["male" if image.mean() > 127 else "female" for image in images],
+                [30.0] * len(images))
+
+    torch.manual_seed(2)
+    batch = {"spectrogram": torch.randn(4, 2, 300, 257), "feature": torch.randn(4, 16),
+             "face": torch.rand(4, 3, 224, 224), "identity_index": torch.tensor([0, 1, 2, 3]),
+             "meta": [{"identity": k} for k in "abcd"]}
+    collector = ev._Collector(attributes=True, grid_rows=0)
+    collector.classifier = by_brightness
+    with torch.inference_mode():
+        collector.add(model, batch)
+        canon = to_uint8_images(model.decode(batch["feature"]).image)
+    np.testing.assert_array_equal(seen[-1], np.stack(canon))  # decoder(v_f), not v_s
+    expected = ["male" if image.mean() > 127 else "female" for image in canon]
+    collector.save(tmp_path / "state", "k")
+    c = ev._Collector.load(tmp_path / "state", "k", True, 0).result()
+    assert c.canon_genders == expected
+    true = c.genders[0]
+    agreement = 100 * sum(a == b for a, b in zip(true, expected, strict=True)) / len(true)
+    metrics = ev.compute_metrics(c, draws=2)
+    from_true = metrics["attributes"]["gender_decoder_true_feature"]
+    assert from_true["agreement"] == pytest.approx(agreement)
+    assert int(np.trace(np.asarray(from_true["matrix"]))) == round(agreement * len(true) / 100)
+    # A state saved before these genders were kept: the measure is left out, not wrong.
+    c.canon_genders = []
+    assert "gender_decoder_true_feature" not in ev.compute_metrics(c, draws=2)["attributes"]

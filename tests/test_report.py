@@ -32,6 +32,7 @@ def _collected(n: int = 24, seed: int = 14) -> ev.Collected:
         meta_genders=[None] * n,
         face_thumbnails=rng.integers(0, 256, size=(n, 12), dtype=np.uint8),
         canon_thumbnails=rng.integers(0, 256, size=(n, 12), dtype=np.uint8),
+        canon_genders=["male", "female", "male", "male", "male", "male"] * (n // 6),
     )
 
 
@@ -40,6 +41,9 @@ def test_report_files_and_contents(tmp_path):
     metrics = ev.compute_metrics(c, gallery_size=100, draws=5)
     assert metrics["retrieval"]["gallery_size"] == 12
     assert metrics["attributes"]["gender"]["agreement"] == pytest.approx(50.0)
+    # decoder(v_f)'s genders against the true faces' (a pattern of period 6: 4 agree)
+    from_true = metrics["attributes"]["gender_decoder_true_feature"]
+    assert from_true["agreement"] == pytest.approx(100 * 4 / 6)
     files = report.render_report(metrics, c, notice="Results on generated data.")
     out = report.write_outputs(tmp_path / "report", files)
     names = {p.name for p in out.iterdir()}
@@ -63,6 +67,8 @@ def test_report_files_and_contents(tmp_path):
     assert "Identity from the image" in text and "**dlib** (4-D)" in text
     assert "1:2 voice-face matching" in text and "chance" in text
     assert "classifier on the true faces" in text  # genders for the constrained test
+    assert "| gender agreement of decoder(v_f), from the true feature (%) | 66.7 |" in text
+    assert "gender agreement 50% (decoder(v_f) 67%)" in report.summary(metrics)
     same = metrics["feature_matching"]["same_gender"]
     assert f"{same['accuracy']:.1f} ({same['trials']} trials)" in text
     assert "not comparable¹" in text and "0.78" in text  # the paper's L2 is explained
