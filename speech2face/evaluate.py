@@ -820,12 +820,17 @@ class _Collector:
         """The state saved in ``folder`` for the same ``key``, else None."""
         try:
             state = json.loads((folder / "state.json").read_text())
-            if state.get("key") != key:
+            if not isinstance(state, dict) or state.get("key") != key \
+                    or not _valid_state(state):
                 return None
             with np.load(folder / state["arrays"], allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except (OSError, ValueError, KeyError):
             return None
+        if len(arrays.get("pred", ())) != len(state["ids"]) or any(
+                f"grid{i}_{part}" not in arrays for i in range(len(state["grid_labels"]))
+                for part in ("true", "canon", "recon")):
+            return None  # arrays and state from different saves: start over
         collector = cls(attributes, grid_rows, recognizer)
         collector.batches = state["batches"]
         collector.meta_genders = state["meta_genders"]
@@ -839,6 +844,30 @@ class _Collector:
                            arrays[f"grid{i}_recon"], label)
                           for i, label in enumerate(state["grid_labels"])]
         return collector
+
+
+def _valid_state(state: dict) -> bool:
+    """Whether a saved evaluation state (``state.json``) has the fields and types that
+    :meth:`_Collector.save` writes; anything else is ignored and the evaluation starts
+    over."""
+    def strings(x):
+        return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+    def numbers(x):
+        return isinstance(x, list) and all(isinstance(v, (int, float)) for v in x)
+
+    def pair(x, kind):
+        return isinstance(x, list) and len(x) == 2 and all(kind(v) for v in x)
+
+    n = len(state.get("ids") or [])
+    return (isinstance(state.get("batches"), int) and isinstance(state.get("arrays"), str)
+            and "/" not in state["arrays"] and isinstance(state.get("ids"), list)
+            and all(isinstance(v, (int, str)) for v in state["ids"])
+            and isinstance(state.get("meta_genders"), list) and len(state["meta_genders"]) == n
+            and all(v is None or isinstance(v, str) for v in state["meta_genders"])
+            and isinstance(state.get("shown"), list) and pair(state.get("genders"), strings)
+            and pair(state.get("ages"), numbers)
+            and strings(state.get("canon_genders", [])) and strings(state.get("grid_labels")))
 
 
 _ARRAYS = ("pred", "true", "rec_lm", "can_lm", "face_emb", "rec_emb", "can_emb", "face_px",

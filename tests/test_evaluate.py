@@ -617,3 +617,38 @@ def test_collector_classifies_the_decoders_own_output_and_keeps_it_on_resume(tmp
     # A state saved before these genders were kept: the measure is left out, not wrong.
     c.canon_genders = []
     assert "gender_decoder_true_feature" not in ev.compute_metrics(c, draws=2)["attributes"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.update(genders=[["male"], "female"]),
+    lambda s: s.update(ages=[[30.0], ["old"]]),
+    lambda s: s.update(canon_genders=[1, 2]),
+    lambda s: s.update(ids=s["ids"][:-1]),  # fewer ids than saved rows
+    lambda s: s.update(arrays="../elsewhere.npz"),
+    lambda s: s.update(batches="2"),
+    lambda s: s.update(grid_labels=["a", "b"]),  # rows the arrays do not have
+    lambda s: s.clear(),
+])
+def test_collector_ignores_a_damaged_saved_state(tmp_path, damage):
+    """A saved evaluation state is validated before use: one that does not match what
+    save() writes is ignored (the evaluation starts over), not trusted."""
+    import torch
+
+    from speech2face.model import load_model
+
+    model = load_model(_tiny_bundle(tmp_path / "model"))
+    torch.manual_seed(3)
+    batch = {"spectrogram": torch.randn(2, 2, 300, 257), "feature": torch.randn(2, 16),
+             "face": torch.rand(2, 3, 224, 224), "identity_index": torch.tensor([0, 1]),
+             "meta": [{"identity": "a"}, {"identity": "b"}]}
+    collector = ev._Collector(attributes=True, grid_rows=1)
+    collector.classifier = lambda images: (["male"] * len(images), [30.0] * len(images))
+    with torch.inference_mode():
+        collector.add(model, batch)
+    collector.save(tmp_path / "state", "k")
+    assert ev._Collector.load(tmp_path / "state", "k", True, 1) is not None
+    path = tmp_path / "state" / "state.json"
+    state = json.loads(path.read_text())
+    damage(state)
+    path.write_text(json.dumps(state))
+    assert ev._Collector.load(tmp_path / "state", "k", True, 1) is None
