@@ -14,13 +14,12 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit e2ff1cc) run side by
-side on the shared two-core machine: 237-245 s of CPU time each (corpus 19-22, prepare
-13-14, decoder 68-70, voice encoder 121-127, evaluation 12-14), 353-362 s wall. Alone on
-the otherwise idle machine, a fresh clone of the final code (seed 0, the same numbers):
-216 s of CPU, 203 s wall (corpus 17, prepare 11, decoder 59, voice encoder 117,
-evaluation 12), and 272 s of CPU 25 minutes later: the machine's speed drifts by about
-1.3x within a session (docs/benchmarks.md).
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit 29fda09) run side by
+side on the shared two-core machine: 214-220 s of CPU time each (corpus 17-18, prepare
+12-13, decoder 62-64, voice encoder 111-113, evaluation 11-12), 325-329 s wall. The same
+code's earlier form (800 decoder steps of 16) took 237-245 s side by side an hour
+before and 216-272 s alone: the machine's speed drifts by about 1.3x within a session
+(docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -103,13 +102,13 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (34.9, 30.8, 41.0),
-    "angle v_s to v_f": (18.8, 18.4, 19.2),
-    "gender agreement": (65.0, 54.5, 75.0),
-    "gender agreement, decoder(v_f)": (74.9, 64.9, 89.1),
-    "decoder identification, px": (86.7, 70.0, 100.0),
-    "decoder identification, dlib": (56.7, 50.0, 60.0),
-    "craniofacial r (mean of 11)": (0.46, 0.44, 0.47),
+    "cosine R@1, M = {M}": (36.3, 25.6, 43.4),
+    "angle v_s to v_f": (19.6, 17.5, 21.3),
+    "gender agreement": (64.1, 55.1, 76.1),
+    "gender agreement, decoder(v_f)": (68.7, 37.2, 87.0),
+    "decoder identification, px": (90.0, 90.0, 90.0),
+    "decoder identification, dlib": (56.7, 40.0, 70.0),
+    "craniofacial r (mean of 11)": (0.37, 0.32, 0.44),
 }
 
 
