@@ -16,10 +16,11 @@ CPU cores:
 
 Measured from three fresh clones (``make demo SEED=0/1/2``, commit 29fda09) run side by
 side on the shared two-core machine: 214-220 s of CPU time each (corpus 17-18, prepare
-12-13, decoder 62-64, voice encoder 111-113, evaluation 11-12), 325-329 s wall. The same
-code's earlier form (800 decoder steps of 16) took 237-245 s side by side an hour
-before and 216-272 s alone: the machine's speed drifts by about 1.3x within a session
-(docs/benchmarks.md).
+12-13, decoder 62-64, voice encoder 111-113, evaluation 11-12), 325-329 s wall. Alone on
+the otherwise idle machine, a fresh clone of the final code (seed 0, the same numbers):
+228 s of CPU, 213 s wall (corpus 20, prepare 12, decoder 70, voice encoder 115,
+evaluation 11). The machine's speed drifts by about 1.3x within a session
+(docs/benchmarks.md): the previous settings took 216 and 272 s alone, 25 minutes apart.
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
