@@ -865,7 +865,9 @@ def _valid_state(state: dict) -> bool:
             and all(isinstance(v, (int, str)) for v in state["ids"])
             and isinstance(state.get("meta_genders"), list) and len(state["meta_genders"]) == n
             and all(v is None or isinstance(v, str) for v in state["meta_genders"])
-            and isinstance(state.get("shown"), list) and pair(state.get("genders"), strings)
+            and isinstance(state.get("shown"), list)
+            and all(isinstance(v, (int, str)) for v in state["shown"])
+            and pair(state.get("genders"), strings)
             and pair(state.get("ages"), numbers)
             and strings(state.get("canon_genders", [])) and strings(state.get("grid_labels")))
 

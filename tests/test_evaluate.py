@@ -626,6 +626,7 @@ def test_collector_classifies_the_decoders_own_output_and_keeps_it_on_resume(tmp
     lambda s: s.update(ids=s["ids"][:-1]),  # fewer ids than saved rows
     lambda s: s.update(arrays="../elsewhere.npz"),
     lambda s: s.update(batches="2"),
+    lambda s: s.update(shown=[["a"]]),  # not hashable: would fail building the set
     lambda s: s.update(grid_labels=["a", "b"]),  # rows the arrays do not have
     lambda s: s.clear(),
 ])
