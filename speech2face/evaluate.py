@@ -859,11 +859,11 @@ def _valid_state(state: dict) -> bool:
     def pair(x, kind):
         return isinstance(x, list) and len(x) == 2 and all(kind(v) for v in x)
 
-    n = len(state.get("ids") or [])
     return (isinstance(state.get("batches"), int) and isinstance(state.get("arrays"), str)
             and "/" not in state["arrays"] and isinstance(state.get("ids"), list)
             and all(isinstance(v, (int, str)) for v in state["ids"])
-            and isinstance(state.get("meta_genders"), list) and len(state["meta_genders"]) == n
+            and isinstance(state.get("meta_genders"), list)
+            and len(state["meta_genders"]) == len(state["ids"])
             and all(v is None or isinstance(v, str) for v in state["meta_genders"])
             and isinstance(state.get("shown"), list)
             and all(isinstance(v, (int, str)) for v in state["shown"])

@@ -624,6 +624,7 @@ def test_collector_classifies_the_decoders_own_output_and_keeps_it_on_resume(tmp
     lambda s: s.update(ages=[[30.0], ["old"]]),
     lambda s: s.update(canon_genders=[1, 2]),
     lambda s: s.update(ids=s["ids"][:-1]),  # fewer ids than saved rows
+    lambda s: s.update(ids=5),  # not a list: must not be measured before it is checked
     lambda s: s.update(arrays="../elsewhere.npz"),
     lambda s: s.update(batches="2"),
     lambda s: s.update(shown=[["a"]]),  # not hashable: would fail building the set
