@@ -1009,6 +1009,15 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
             # the classifier can read more easily than a real individual's feature.
             metrics["attributes"]["gender_decoder_true_feature"] = gender_agreement(
                 c.genders[0], c.canon_genders)
+        if len(c.meta_genders) == len(c.genders[0]) and all(
+                g in GENDERS for g in c.meta_genders):
+            # How far the classifier's reading of the true faces can be trusted as the
+            # reference: both the true faces and the reconstructions against the
+            # dataset's own gender labels (rows: the label).
+            metrics["attributes"]["gender_true_face_vs_dataset"] = gender_agreement(
+                c.meta_genders, c.genders[0])
+            metrics["attributes"]["gender_reconstruction_vs_dataset"] = gender_agreement(
+                c.meta_genders, c.genders[1])
     # 1:2 matching in the feature space: v_s against identities' mean v_f.
     labels, genders, source = identity_genders(c)
     _, mean_true = identity_means(c.true, c.identities)

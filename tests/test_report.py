@@ -36,6 +36,32 @@ def _collected(n: int = 24, seed: int = 14) -> ev.Collected:
     )
 
 
+def test_genders_are_checked_against_the_dataset_labels():
+    """Where the dataset labels every sample's gender, the classifier's readings of the
+    true faces and of the reconstructions are each compared with those labels; the
+    report and the comparison table show both. Without labels, neither is made up."""
+    c = _collected()
+    labels = ["male", "male", "female"] * (len(c.true) // 3)
+    c.meta_genders = labels
+    attributes = ev.compute_metrics(c, draws=2)["attributes"]
+    for key, read in (("gender_true_face_vs_dataset", c.genders[0]),
+                      ("gender_reconstruction_vs_dataset", c.genders[1])):
+        same = sum(a == b for a, b in zip(labels, read, strict=True))
+        assert attributes[key]["agreement"] == pytest.approx(100 * same / len(labels))
+        # rows: the dataset's label, columns: the classifier's reading
+        pairs = list(zip(labels, read, strict=True))
+        assert attributes[key]["matrix"][0][1] == pairs.count(("female", "male"))
+    metrics = ev.compute_metrics(c, draws=2)
+    text = report.render_report(metrics, c)["report.md"].decode()
+    true_face = attributes["gender_true_face_vs_dataset"]["agreement"]
+    assert (f"| gender of the true face, classifier vs dataset label (%) | {true_face:.1f} |"
+            in text)
+    rows = {row[0]: row[1] for row in report.comparison_rows(metrics)}
+    assert rows["gender of the reconstruction vs dataset label (%)"] == f"{100 * 16 / 24:.1f}"
+    c.meta_genders = labels[:-1] + [None]
+    assert "gender_true_face_vs_dataset" not in ev.compute_metrics(c, draws=2)["attributes"]
+
+
 def test_report_files_and_contents(tmp_path):
     c = _collected()
     metrics = ev.compute_metrics(c, gallery_size=100, draws=5)
