@@ -14,13 +14,14 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 29fda09) run side by
-side on the shared two-core machine: 214-220 s of CPU time each (corpus 17-18, prepare
-12-13, decoder 62-64, voice encoder 111-113, evaluation 11-12), 325-329 s wall. Alone on
-the otherwise idle machine, a fresh clone of the final code (seed 0, the same numbers):
-228 s of CPU, 213 s wall (corpus 20, prepare 12, decoder 70, voice encoder 115,
-evaluation 11). The machine's speed drifts by about 1.3x within a session
-(docs/benchmarks.md): the previous settings took 216 and 272 s alone, 25 minutes apart.
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit 165d934) run side by
+side on the shared two-core machine: 244-247 s of CPU time each (corpus 18-20, prepare
+14-15, decoder 75-77, voice encoder 123-126, evaluation 11-13), 385-391 s wall, each
+run slowed by the other two. Alone on the otherwise idle machine, a fresh clone of
+edcc021 (seed 0, the same numbers): 211 s of CPU, 199 s wall (corpus 17, prepare 11,
+decoder 67, voice encoder 106, evaluation 10). The machine's speed drifts by about 1.3x
+within a session (docs/benchmarks.md): the previous settings took 216 and 272 s alone,
+25 minutes apart.
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -90,6 +91,10 @@ REPORTED = (
     ("gender agreement", ("attributes", "gender", "agreement"), "%", ("chance", 50.0)),
     ("gender agreement, decoder(v_f)", ("attributes", "gender_decoder_true_feature",
                                         "agreement"), "%", ("chance", 50.0)),
+    ("gender, true face vs label", ("attributes", "gender_true_face_vs_dataset",
+                                    "agreement"), "%", ("chance", 50.0)),
+    ("gender, reconstruction vs label", ("attributes", "gender_reconstruction_vs_dataset",
+                                         "agreement"), "%", ("chance", 50.0)),
     ("decoder identification, px", ("decoder_identification_pixels", "identities_rate"), "%",
      ("chance", ("decoder_identification_pixels", "chance"))),
     ("decoder identification, dlib", ("decoder_identification", "identities_rate"), "%",
@@ -100,13 +105,15 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (36.3, 25.6, 43.4),
-    "angle v_s to v_f": (19.6, 17.5, 21.3),
-    "gender agreement": (64.1, 55.1, 76.1),
+    "cosine R@1, M = {M}": (41.9, 33.0, 48.6),
+    "angle v_s to v_f": (18.2, 17.8, 18.5),
+    "gender agreement": (63.8, 55.1, 80.4),
     "gender agreement, decoder(v_f)": (68.7, 37.2, 87.0),
+    "gender, true face vs label": (80.8, 76.6, 83.7),
+    "gender, reconstruction vs label": (70.4, 55.1, 79.3),
     "decoder identification, px": (90.0, 90.0, 90.0),
     "decoder identification, dlib": (56.7, 40.0, 70.0),
-    "craniofacial r (mean of 11)": (0.37, 0.32, 0.44),
+    "craniofacial r (mean of 11)": (0.42, 0.35, 0.47),
 }
 
 
