@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_gpu import LOG_EVERY, _logged_totals, tiny_stage, voice_data  # noqa: E402
 from speech2face.data import InMemoryData  # noqa: E402
-from speech2face.distributed import shutdown_distributed  # noqa: E402
+from speech2face.distributed import leave_launched_process  # noqa: E402
 from speech2face.train import TrainConfig, fit  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(json.dumps({**seen, "ddp": seen.get("backend") is not None,
                           "losses": _logged_totals(out)}))
-    shutdown_distributed()
+    leave_launched_process(0)  # as the CLI does
 
 
 if __name__ == "__main__":

@@ -144,6 +144,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if "speech2face.distributed" in sys.modules:  # a training command (torch is loaded)
+        from speech2face.distributed import leave_launched_process
+
+        leave_launched_process(code)  # under torchrun: does not return
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     setup_process()  # keep freed memory, sleeping threads (runtime.py): before torch loads
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)

@@ -74,9 +74,9 @@ if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args.pop("threads"))
     run(**args)
-    from speech2face.distributed import shutdown_distributed
+    from speech2face.distributed import leave_launched_process
 
-    shutdown_distributed()  # as the CLI does; exits cleanly
+    leave_launched_process(0)  # as the CLI does: under torchrun, the process ends here
 '''
 
 
@@ -242,6 +242,20 @@ def test_grad_accumulation_matches_one_big_batch_without_batchnorm(toy, tmp_path
     fit(stage_b, data, None, config, tmp_path / "b", progress=False)
     for p, q in zip(stage_a.model.parameters(), stage_b.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_torchrun_worker_leaves_with_its_code_and_its_output_flushed():
+    """Under torchrun the finished command's process ends in ``leave_launched_process``
+    (no interpreter teardown, where gloo's threads can abort it) with the command's exit
+    code and everything it printed; outside torchrun the function returns."""
+    code = ("from speech2face.distributed import leave_launched_process; "
+            "print('written', end=''); leave_launched_process(3); print(' and after')")
+    for extra, returncode, output in (({"TORCHELASTIC_RUN_ID": "t"}, 3, "written"),
+                                      ({}, 0, "written and after\n")):
+        env = {k: v for k, v in _env(1).items() if k != "TORCHELASTIC_RUN_ID"}
+        result = subprocess.run([sys.executable, "-c", code], env={**env, **extra},
+                                capture_output=True, text=True, timeout=120)
+        assert (result.returncode, result.stdout) == (returncode, output), result.stderr
 
 
 def test_ddp_two_processes_equal_one_process(toy, tmp_path):
