@@ -260,8 +260,12 @@ def _next_group(stream, loop: LoopState, data, accum: int):
         if complete.item():
             return stream, group
         if loop.epoch_step == 0:
+            processes = dist.get_world_size() if dist.is_initialized() else 1
+            hint = "" if processes == 1 else (
+                f"; each of the {processes} processes reads whole shards: the split needs "
+                f"at least {processes} shards (prepare --samples-per-shard)")
             raise DataError(None, "the training data has too few samples for one step "
-                                  f"({accum} micro-batch(es) on every process)")
+                                  f"({accum} micro-batch(es) on every process){hint}")
         loop.epoch += 1
         loop.epoch_step = 0
         stream = iter(data.batches(loop.epoch, 0))
