@@ -916,6 +916,11 @@ def collect(model, batches: Iterable[dict], attributes: bool = True,
     return collector.result()
 
 
+def _every_sample_has_a_gender(genders: Sequence[str | None], samples: int) -> bool:
+    """Whether ``genders`` gives one of ``GENDERS`` for each of the ``samples``."""
+    return len(genders) == samples and all(g in GENDERS for g in genders)
+
+
 def identity_genders(c: Collected) -> tuple[np.ndarray, np.ndarray | None, str | None]:
     """Each identity's gender, for the gender-constrained matching.
 
@@ -928,7 +933,7 @@ def identity_genders(c: Collected) -> tuple[np.ndarray, np.ndarray | None, str |
     """
     labels, index = np.unique(c.identities, return_inverse=True)
     for source, per_sample in (("metadata", c.meta_genders), ("classifier", c.genders[0])):
-        if len(per_sample) == len(labels[index]) and all(g in GENDERS for g in per_sample):
+        if _every_sample_has_a_gender(per_sample, len(c.identities)):
             male = np.bincount(index, weights=[g == "male" for g in per_sample],
                                minlength=len(labels))
             count = np.bincount(index, minlength=len(labels))
@@ -1009,8 +1014,7 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
             # the classifier can read more easily than a real individual's feature.
             metrics["attributes"]["gender_decoder_true_feature"] = gender_agreement(
                 c.genders[0], c.canon_genders)
-        if len(c.meta_genders) == len(c.genders[0]) and all(
-                g in GENDERS for g in c.meta_genders):
+        if _every_sample_has_a_gender(c.meta_genders, len(c.identities)):
             # How far the classifier's reading of the true faces can be trusted as the
             # reference: both the true faces and the reconstructions against the
             # dataset's own gender labels (rows: the label).
