@@ -477,6 +477,9 @@ def summary(metrics: dict) -> str:
         if "gender_decoder_true_feature" in attributes:
             from_true = attributes["gender_decoder_true_feature"]["agreement"]
             line += f" (decoder(v_f) {_fmt(from_true, None, 0)}%)"
+        if "gender_true_face_vs_dataset" in attributes:  # the classifier's own accuracy
+            on_labels = attributes["gender_true_face_vs_dataset"]["agreement"]
+            line += f"; true faces read as labelled {_fmt(on_labels, None, 0)}%"
     for key, judge in (("decoder_identification_pixels", "pixels"),
                        ("decoder_identification", metrics.get("recognizer", {}).get("name"))):
         if key in metrics:

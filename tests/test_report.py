@@ -58,8 +58,11 @@ def test_genders_are_checked_against_the_dataset_labels():
             in text)
     rows = {row[0]: row[1] for row in report.comparison_rows(metrics)}
     assert rows["gender of the reconstruction vs dataset label (%)"] == f"{100 * 16 / 24:.1f}"
+    assert f"true faces read as labelled {true_face:.0f}%" in report.summary(metrics)
     c.meta_genders = labels[:-1] + [None]
-    assert "gender_true_face_vs_dataset" not in ev.compute_metrics(c, draws=2)["attributes"]
+    unlabelled = ev.compute_metrics(c, draws=2)
+    assert "gender_true_face_vs_dataset" not in unlabelled["attributes"]
+    assert "read as labelled" not in report.summary(unlabelled)
 
 
 def test_report_files_and_contents(tmp_path):
