@@ -103,6 +103,11 @@ class TrainConfig:
     # Seconds of speech per example (paper section 3.1: 6 s; it also reports 3 s). The
     # voice encoder averages over time, so a model trained on one length runs on others.
     clip_seconds: float = 6.0
+    # Stage 2: train on a random window of this many seconds of each clip, a new window
+    # at each visit (None: the whole clip_seconds from its start, as the paper). Fewer
+    # frames make a step cheaper, and the windows vary what the encoder hears of a
+    # speaker; validation and evaluation keep clip_seconds.
+    train_seconds: float | None = None
     # Shuffle buffer of the shard loader, in samples (bigger mixes more, costs memory).
     shuffle_buffer: int = 1000
     # Weights of a VGG-Face encoder when the shards' features came from it.
@@ -138,6 +143,9 @@ class TrainConfig:
             problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if not self.clip_seconds > 0:
             problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
+        if self.train_seconds is not None and not 0 < self.train_seconds <= self.clip_seconds:
+            problems.append(f"train_seconds must be positive and at most clip_seconds "
+                            f"({self.clip_seconds}), got {self.train_seconds}")
         for name in ("grad_clip", "classifier_l2"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

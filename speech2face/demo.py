@@ -52,17 +52,19 @@ DEMO_SPEAKERS = 40
 # small batches, twice as many steps for the same CPU: the decoder 8 (9/9/9 of 10
 # held-out speakers told apart in pixels on seeds 0/1/2, against 10/7/9 with 16), the
 # voice encoder 4 (R@1 48.6/44.2/33.0 %, against 40.0/43.4/25.6 with 8; batches of 2
-# were worse). docs/results.md has the settings tried.
+# were worse). The voice encoder hears random 3-s windows of its 6-s clips (train_seconds;
+# evaluation hears all 6 s): a step costs half, so it takes 400, the rate falling to 0.3x
+# for the last 150. docs/results.md has the settings tried.
 # Validation only at the end (it costs time here); checkpoints every 25 steps, so that
 # a killed demo resumes (a tiny model's checkpoint costs milliseconds).
 DECODER_STEPS = 1600
-VOICE_STEPS = 200
+VOICE_STEPS = 400
 DECODER_OVERRIDES = {"batch_size": 8, "lr": 5e-3, "lr_decay": 0.5, "lr_decay_steps": 400,
                      "val_every": 100_000, "checkpoint_every": 25, "val_batches": 1,
                      "log_every": 10}
-VOICE_OVERRIDES = {"batch_size": 4, "lr": 1.5e-3, "lr_decay_steps": 100_000,
-                   "val_every": 100_000, "checkpoint_every": 25, "val_batches": 1,
-                   "log_every": 10}
+VOICE_OVERRIDES = {"batch_size": 4, "lr": 1.5e-3, "lr_decay": 0.3, "lr_decay_steps": 250,
+                   "train_seconds": 3.0, "val_every": 100_000, "checkpoint_every": 25,
+                   "val_batches": 1, "log_every": 10}
 # The distillation weight of the voice loss (paper: 200, for VGG-Face's fc8 over 2,622
 # identities). With the demo's 26 training identities and 128-D dlib features, 200 makes
 # the distillation term about 97 % of the loss; 50 leaves the feature and decoder terms

@@ -670,6 +670,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
                                          f"hold {dim}-D {manifest['encoder']} features")
     torch.manual_seed(config.seed)
     voice = build_voice_encoder(config, dim)
+    _check_example_length(voice, config)
     standardization = getattr(voice, "output_standardization", None)
     if standardization is not None:
         # the decoder's statistics of the training features (a resumed run loads the same
@@ -684,6 +685,27 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
         classifier = _identity_classifier(data, manifest, config, progress)
     model = Speech2Face(base.face_decoder, voice, classifier.float(), manifest["encoder"])
     return VoiceStage(model, config.loss)
+
+
+def _check_example_length(voice: nn.Module, config: TrainConfig) -> None:
+    """A ConfigError, before any training, where ``clip_seconds`` or ``train_seconds`` give
+    the voice encoder fewer spectrogram frames than its convolutions need."""
+    from speech2face.audio import HOP_LENGTH, SAMPLE_RATE, WIN_LENGTH
+
+    encoder_config = getattr(voice, "config", None)
+    if not hasattr(encoder_config, "min_frames"):
+        return
+    need = encoder_config.min_frames()
+    for name in ("clip_seconds", "train_seconds"):
+        seconds = getattr(config, name)
+        if seconds is None:
+            continue
+        frames = (int(round(seconds * SAMPLE_RATE)) - WIN_LENGTH) // HOP_LENGTH + 1
+        if frames < need:
+            shortest = ((need - 1) * HOP_LENGTH + WIN_LENGTH) / SAMPLE_RATE
+            raise ConfigError(None, f"{name}={seconds:g} gives {max(frames, 0)} spectrogram "
+                                    f"frames; the voice encoder needs at least {need} "
+                                    f"({shortest:.3f} s)")
 
 
 def _setup(config: TrainConfig, out: Path, resume: bool) -> tuple[Placement, torch.device]:

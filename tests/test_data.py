@@ -334,6 +334,34 @@ def test_loader_readers_get_disjoint_shards(reference):
     assert order(0) == order(0) and sorted(order(0)) == sorted(order(1)) and order(0) != order(1)
 
 
+def test_training_windows_are_random_slices_of_the_clip(reference):
+    """``window_seconds`` (training's ``train_seconds``): each sample's audio is a stretch
+    of that length cut, sample for sample, out of its whole clip; where it starts varies
+    between samples and between epochs, and the same seed repeats it."""
+    whole = data.load_split(reference, "train")
+    clips = {f"{m['identity']}/{m['video']}/{m['clip']}": w.numpy()
+             for m, w in zip(whole["meta"], whole["wave"], strict=True)}
+
+    def starts(epoch, seed=0):
+        dataset = data.ShardDataset(reference, "train", batch_size=4, shuffle=5, seed=seed,
+                                    window_seconds=2.5, random_crop=True)
+        dataset.set_epoch(epoch)
+        found = {}
+        for batch in dataset:
+            assert batch["wave"].shape[1] == 40000
+            for m, w in zip(batch["meta"], batch["wave"].numpy(), strict=True):
+                clip = clips[f"{m['identity']}/{m['video']}/{m['clip']}"]
+                candidates = np.flatnonzero(clip[: len(clip) - len(w) + 1] == w[0])
+                at = [i for i in candidates if np.array_equal(clip[i:i + len(w)], w)]
+                assert at, "not a stretch of its clip"
+                found[f"{m['identity']}/{m['video']}/{m['clip']}"] = at[0]
+        return found
+
+    first = starts(0)
+    assert sorted(first) == sorted(clips) and len(set(first.values())) > 1
+    assert starts(0) == first and starts(1) != first
+
+
 # ------------------------------------------------------------------- faults and skips
 
 

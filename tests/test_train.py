@@ -162,12 +162,36 @@ def test_config_file_and_overrides(tmp_path):
     (["amp=fp8"], "amp must be one of"),
     (["preset=huge"], "preset must be one of"),
     (["batch_size=8", "grad_accum=3"], "not a multiple of grad_accum"),
+    (["train_seconds=7"], "train_seconds must be positive and at most clip_seconds (6.0)"),
+    (["clip_seconds=3", "train_seconds=4"], "at most clip_seconds (3.0), got 4.0"),
+    (["train_seconds=0"], "train_seconds must be positive"),
     (["steps"], "expected key=value"),
 ])
 def test_bad_overrides_are_config_errors(items, words):
     with pytest.raises(ConfigError, match="<command line>") as error:
         load_config(None, items)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_examples_too_short_for_the_voice_encoder_are_refused():
+    """clip_seconds and train_seconds are checked against the encoder's convolutions before
+    training starts; the shortest length allowed is one the encoder itself accepts."""
+    from speech2face.audio import SAMPLE_RATE, spectrogram
+    from speech2face.train import _check_example_length
+    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
+    encoder = VoiceEncoder(VoiceEncoderConfig.tiny()).eval()
+    with pytest.raises(ConfigError, match=r"train_seconds=2.6 gives 258 .* at least 259"):
+        _check_example_length(encoder, TrainConfig.tiny(train_seconds=2.6))
+    with pytest.raises(ConfigError, match="clip_seconds=1 gives 98"):
+        _check_example_length(encoder, TrainConfig.tiny(clip_seconds=1.0))
+    shortest = 2.605  # 259 frames: 258 hops of 10 ms and one 25-ms window
+    _check_example_length(encoder, TrainConfig.tiny(train_seconds=shortest))
+    samples = int(round(shortest * SAMPLE_RATE))
+    with torch.no_grad():
+        assert encoder(spectrogram(torch.zeros(1, samples))).shape == (1, 128)
+        with pytest.raises(ValueError, match="at least 259"):
+            encoder(spectrogram(torch.zeros(1, samples - 1)))
 
 
 def test_bad_config_file_names_the_file(tmp_path):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from speech2face.audio import SAMPLE_RATE
 from speech2face.data.datasets import CLIP_SECONDS
 from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_manifest
 from speech2face.distributed import Placement
@@ -110,6 +111,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     path: the prepare output folder or its manifest.json. split: "train", "val" or "test".
     random_crop: pick one of the stored crops at random (with ``crops_per_sample > 1``).
+    window_seconds: a random window of this many seconds of the ``seconds`` of audio, a
+    new one at each visit (training's ``train_seconds``); None keeps all ``seconds``.
     audio: False skips decoding the audio (batches without ``wave``/``spectrogram``).
     """
 
@@ -126,6 +129,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         repeat: bool = False,
         drop_last: bool = False,
         random_crop: bool = False,
+        window_seconds: float | None = None,
         audio: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
@@ -148,6 +152,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.seconds, self.spectrogram, self.repeat = seconds, spectrogram, repeat
         self.drop_last, self.random_crop, self.audio = drop_last, random_crop, audio
+        self.window = None if window_seconds is None else int(round(window_seconds * SAMPLE_RATE))
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -216,7 +221,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if self.random_crop:
             n = sum(1 for k in raw if k.startswith("face") and k.endswith(".jpg"))
             crop = int(rng.integers(n)) if n > 1 else 0
-        return decode_sample(raw, self.seconds, crop, self.audio)
+        sample = decode_sample(raw, self.seconds, crop, self.audio)
+        if self.window is not None and "wave" in sample:
+            start = int(rng.integers(len(sample["wave"]) - self.window + 1))
+            sample["wave"] = sample["wave"][start:start + self.window]
+        return sample
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
@@ -394,6 +403,8 @@ class ShardData:
             # Training draws one of the sample's stored crops (prepare's crops_per_sample)
             # per visit, with its own landmarks and feature; validation uses the first.
             random_crop=self.shuffle,
+            # Training may hear a random window of each clip (train_seconds), validation all.
+            window_seconds=self.config.train_seconds if self.shuffle else None,
             # Training uses audio only as spectrograms (stage 2); stage 1 never decodes it.
             audio=self.spectrogram,
             rank=self.placement.rank, world_size=self.placement.world_size)
