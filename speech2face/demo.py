@@ -14,14 +14,13 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 165d934) run side by
-side on the shared two-core machine: 244-247 s of CPU time each (corpus 18-20, prepare
-14-15, decoder 75-77, voice encoder 123-126, evaluation 11-13), 385-391 s wall, each
-run slowed by the other two. Alone on the otherwise idle machine, a fresh clone of
-edcc021 (seed 0, the same numbers): 211 s of CPU, 199 s wall (corpus 17, prepare 11,
-decoder 67, voice encoder 106, evaluation 10). The machine's speed drifts by about 1.3x
-within a session (docs/benchmarks.md): the previous settings took 216 and 272 s alone,
-25 minutes apart.
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit b92df49) run side by
+side on the shared two-core machine: 210-213 s of CPU time each (corpus 18-19, prepare
+12-13, decoder 63-65, voice encoder 104, evaluation 12-13), 316-320 s wall, each run
+slowed by the other two. Alone on the otherwise idle machine, another fresh clone of
+b92df49 (seed 0, the same numbers): 197 s of CPU, 185 s wall (corpus 16, prepare 11,
+decoder 61, voice encoder 100, evaluation 10). The machine's speed drifts by about 1.3x
+within a session (docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -107,15 +106,15 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (41.9, 33.0, 48.6),
-    "angle v_s to v_f": (18.2, 17.8, 18.5),
-    "gender agreement": (63.8, 55.1, 80.4),
+    "cosine R@1, M = {M}": (50.9, 48.4, 55.4),
+    "angle v_s to v_f": (18.6, 18.2, 18.8),
+    "gender agreement": (70.6, 62.8, 81.5),
     "gender agreement, decoder(v_f)": (68.7, 37.2, 87.0),
     "gender, true face vs label": (80.8, 76.6, 83.7),
-    "gender, reconstruction vs label": (70.4, 55.1, 79.3),
+    "gender, reconstruction vs label": (69.5, 60.3, 78.3),
     "decoder identification, px": (90.0, 90.0, 90.0),
     "decoder identification, dlib": (56.7, 40.0, 70.0),
-    "craniofacial r (mean of 11)": (0.42, 0.35, 0.47),
+    "craniofacial r (mean of 11)": (0.46, 0.35, 0.57),
 }
 
 
