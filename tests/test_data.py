@@ -360,6 +360,8 @@ def test_training_windows_are_random_slices_of_the_clip(reference):
     first = starts(0)
     assert sorted(first) == sorted(clips) and len(set(first.values())) > 1
     assert starts(0) == first and starts(1) != first
+    with pytest.raises(ValueError, match="at most seconds"):
+        data.ShardDataset(reference, "train", seconds=3.0, window_seconds=4.0)
 
 
 # ------------------------------------------------------------------- faults and skips
