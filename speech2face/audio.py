@@ -291,6 +291,16 @@ def _ffmpeg_reason(error: Exception) -> str:
 # ------------------------------------------------------------------------- durations
 
 
+def spectrogram_frames(samples: int) -> int:
+    """Frames :func:`spectrogram` makes of ``samples`` samples (0 below one window)."""
+    return max(0, 1 + (samples - WIN_LENGTH) // HOP_LENGTH)
+
+
+def frames_seconds(frames: int) -> float:
+    """Seconds of the shortest waveform that gives ``frames`` spectrogram frames."""
+    return ((frames - 1) * HOP_LENGTH + WIN_LENGTH) / SAMPLE_RATE
+
+
 def fit_duration(
     wave: np.ndarray | torch.Tensor,
     seconds: float = CLIP_SECONDS,

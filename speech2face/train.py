@@ -690,7 +690,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
 def _check_example_length(voice: nn.Module, config: TrainConfig) -> None:
     """A ConfigError, before any training, where ``clip_seconds`` or ``train_seconds`` give
     the voice encoder fewer spectrogram frames than its convolutions need."""
-    from speech2face.audio import HOP_LENGTH, SAMPLE_RATE, WIN_LENGTH
+    from speech2face.audio import SAMPLE_RATE, frames_seconds, spectrogram_frames
 
     encoder_config = getattr(voice, "config", None)
     if not hasattr(encoder_config, "min_frames"):
@@ -700,12 +700,11 @@ def _check_example_length(voice: nn.Module, config: TrainConfig) -> None:
         seconds = getattr(config, name)
         if seconds is None:
             continue
-        frames = (int(round(seconds * SAMPLE_RATE)) - WIN_LENGTH) // HOP_LENGTH + 1
+        frames = spectrogram_frames(int(round(seconds * SAMPLE_RATE)))
         if frames < need:
-            shortest = ((need - 1) * HOP_LENGTH + WIN_LENGTH) / SAMPLE_RATE
-            raise ConfigError(None, f"{name}={seconds:g} gives {max(frames, 0)} spectrogram "
-                                    f"frames; the voice encoder needs at least {need} "
-                                    f"({shortest:.3f} s)")
+            raise ConfigError(None, f"{name}={seconds:g} gives {frames} spectrogram frames; "
+                                    f"the voice encoder needs at least {need} "
+                                    f"({frames_seconds(need):.3f} s)")
 
 
 def _setup(config: TrainConfig, out: Path, resume: bool) -> tuple[Placement, torch.device]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from speech2face.audio import N_FREQ
+from speech2face.audio import N_FREQ, frames_seconds
 
 KERNEL = 4  # all convolutions are 4x4 (Table 1)
 POOL = "M"  # a 2x1 max-pool over time (Table 1)
@@ -181,7 +181,7 @@ class VoiceEncoder(nn.Module):
             need = self.config.min_frames()
             raise ValueError(
                 f"input has {spec.shape[2]} frames; the voice encoder needs at least {need} "
-                f"(about {(need - 1) * 0.01 + 0.025:.2f} s of audio)"
+                f"(about {frames_seconds(need):.2f} s of audio)"
             )
         # Channels-last lets oneDNN (CPU) and cuDNN pick their fastest convolutions: about
         # 1.35x the NCHW speed on CPU (bench/bench_voice_encoder.py).
