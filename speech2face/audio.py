@@ -108,7 +108,7 @@ def load_audio(
 
         wave = soxr.resample(wave, native_rate, sample_rate, quality="HQ")
     if max_seconds is not None:
-        wave = wave[: int(round(max_seconds * sample_rate))]
+        wave = wave[: seconds_samples(max_seconds, sample_rate)]
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
@@ -291,6 +291,11 @@ def _ffmpeg_reason(error: Exception) -> str:
 # ------------------------------------------------------------------------- durations
 
 
+def seconds_samples(seconds: float, sample_rate: int = SAMPLE_RATE) -> int:
+    """Samples in ``seconds`` of audio at ``sample_rate``, to the nearest sample."""
+    return int(round(seconds * sample_rate))
+
+
 def spectrogram_frames(samples: int) -> int:
     """Frames :func:`spectrogram` makes of ``samples`` samples (0 below one window)."""
     return max(0, 1 + (samples - WIN_LENGTH) // HOP_LENGTH)
@@ -310,7 +315,7 @@ def fit_duration(
 
     Works on the last axis of a numpy array or tensor ``(..., N) -> (..., seconds*rate)``.
     """
-    target = int(round(seconds * sample_rate))
+    target = seconds_samples(seconds, sample_rate)
     n = wave.shape[-1]
     if n == 0:
         raise ValueError("cannot fit an empty waveform to a duration")

@@ -690,7 +690,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
 def _check_example_length(voice: nn.Module, config: TrainConfig) -> None:
     """A ConfigError, before any training, where ``clip_seconds`` or ``train_seconds`` give
     the voice encoder fewer spectrogram frames than its convolutions need."""
-    from speech2face.audio import SAMPLE_RATE, frames_seconds, spectrogram_frames
+    from speech2face.audio import frames_seconds, seconds_samples, spectrogram_frames
 
     encoder_config = getattr(voice, "config", None)
     if not hasattr(encoder_config, "min_frames"):
@@ -700,7 +700,7 @@ def _check_example_length(voice: nn.Module, config: TrainConfig) -> None:
         seconds = getattr(config, name)
         if seconds is None:
             continue
-        frames = spectrogram_frames(int(round(seconds * SAMPLE_RATE)))
+        frames = spectrogram_frames(seconds_samples(seconds))
         if frames < need:
             raise ConfigError(None, f"{name}={seconds:g} gives {frames} spectrogram frames; "
                                     f"the voice encoder needs at least {need} "

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from speech2face.audio import SAMPLE_RATE
+from speech2face.audio import seconds_samples
 from speech2face.data.datasets import CLIP_SECONDS
 from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_manifest
 from speech2face.distributed import Placement
@@ -155,7 +155,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if window_seconds is not None and not 0 < window_seconds <= seconds:
             raise ValueError(f"window_seconds must be positive and at most seconds ({seconds}), "
                              f"got {window_seconds}")
-        self.window = None if window_seconds is None else int(round(window_seconds * SAMPLE_RATE))
+        self.window = None if window_seconds is None else seconds_samples(window_seconds)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 

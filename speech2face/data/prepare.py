@@ -268,7 +268,7 @@ class _Processor:
         return faces.detect_faces(image, detector=detector)
 
     def _audio(self, unit: Unit, result: UnitResult) -> list[tuple[Clip, bytes]]:
-        from speech2face.audio import SAMPLE_RATE, fit_duration, load_audio
+        from speech2face.audio import fit_duration, load_audio, seconds_samples
         from speech2face.errors import AudioError
 
         seconds = self.options.seconds
@@ -298,7 +298,7 @@ class _Processor:
                 continue
             if clip.end is not None:
                 end = min(clip.end, clip.start + seconds)
-                wave = wave[int(round(clip.start * SAMPLE_RATE)) : int(round(end * SAMPLE_RATE))]
+                wave = wave[seconds_samples(clip.start) : seconds_samples(end)]
                 if wave.size == 0 or not wave.any():
                     result.skipped.append(
                         (f"{clip.path}@{clip.start:.2f}s", "segment has no audio")
