@@ -5,8 +5,8 @@ gender). The same latents drive
 
 * the **voice**, synthesised with numpy by a source-filter model: a glottal pulse train
   at the speaker's pitch (with its own amount of intonation), aspiration noise for
-  breathiness, vowel formants scaled by the speaker's vocal-tract length, syllables at
-  the speaker's speaking rate; and
+  breathiness, vowel formants scaled by the speaker's vocal-tract length (the upper
+  formants also by body size), syllables at the speaker's speaking rate; and
 * the **face**: one real public-domain photograph (``assets/face.jpg``, NASA's portrait
   of Eileen Collins, see ``assets/README.md``) made into each speaker's face in two
   steps. Its 68 landmarks are moved and the photograph warped with the project's own
@@ -141,6 +141,11 @@ def speaker_attributes(latent: np.ndarray, gender: str) -> tuple[dict, dict]:
     fast speech) and age (``a[4]``, breathy voice); every face parameter depends on
     latents that also change the voice, with large effects on both sides, so a voice
     encoder can infer the face: a low, slow, breathy voice belongs to a big, older man.
+    Body size sets the upper formants as well as the pitch: a pitch difference within a
+    gender hardly shows in the paper's spectrogram (its 25-ms window does not resolve the
+    harmonics of a low voice), and a small voice encoder trained for minutes on a CPU
+    learns the spectral envelope first (on the demo's data, body size was recovered from
+    its predictions at r = 0.2 when it set only the pitch; docs/results.md).
     Returns ``(voice, face)`` dicts of floats.
     """
     a = np.asarray(latent, dtype=np.float64)
@@ -150,8 +155,11 @@ def speaker_attributes(latent: np.ndarray, gender: str) -> tuple[dict, dict]:
         "pitch_hz": (115.0 if g > 0 else 210.0) * float(np.exp(-0.16 * a[0])),
         # Semitones of intonation (std of the pitch contour).
         "pitch_variation": float(1.0 + 2.5 / (1.0 + np.exp(-1.5 * a[1]))),
-        # Longer vocal tract -> lower formants (female tracts ~15 % shorter).
-        "formant_scale": (1.0 if g > 0 else 1.15) * float(np.exp(-0.08 * a[2])),
+        # Longer vocal tract -> lower formants; women's 25 % higher (real voices: about
+        # 15-20 %; a wider gap lets a small voice encoder read gender from the envelope).
+        "formant_scale": (1.0 if g > 0 else 1.25) * float(np.exp(-0.08 * a[2])),
+        # A bigger head and throat -> lower upper formants (F4, F5) besides that.
+        "high_formant_scale": float(np.exp(-0.10 * a[0])),
         "syllables_per_second": float(4.0 * np.exp(0.25 * a[3])),
         "breathiness": float(0.05 + 0.55 / (1.0 + np.exp(-1.5 * a[4]))),
     }
@@ -223,7 +231,8 @@ def synthesize_speech(voice: dict, seconds: float, rng: np.random.Generator) -> 
     voice: as :func:`speaker_attributes` returns it. Returns ``(round(seconds * 16000),)``
     float32 in [-1, 1]: phrases of syllables (a fricative or stop, then a vowel) with
     pauses, a glottal source at the speaker's pitch with intonation and aspiration noise,
-    filtered by five formants scaled by the speaker's vocal-tract length.
+    filtered by five formants scaled by the speaker's vocal-tract length (the upper two
+    also by body size).
     """
     n = int(round(seconds * SAMPLE_RATE))
     n_frames = n // _HOP + 1
@@ -310,7 +319,8 @@ def synthesize_speech(voice: dict, seconds: float, rng: np.random.Generator) -> 
     fricative_source = fric_s * 0.25 * rng.standard_normal(n)
 
     freqs = np.fft.rfftfreq(_N_FFT, 1.0 / SAMPLE_RATE)  # (257,)
-    all_formants = np.concatenate([formants, np.broadcast_to(_HIGH_FORMANTS, (n_frames, 2))], 1)
+    high = _HIGH_FORMANTS * voice["high_formant_scale"]
+    all_formants = np.concatenate([formants, np.broadcast_to(high, (n_frames, 2))], 1)
     all_formants = all_formants * voice["formant_scale"]  # (F, 5)
     bandwidths = _BANDWIDTHS * voice["formant_scale"]
     # Product of second-order resonator magnitudes |H(f)| = F^2 / sqrt((F^2 - f^2)^2 +

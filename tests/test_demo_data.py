@@ -113,6 +113,31 @@ def test_voices_carry_pitch_and_vocal_tract(corpus):
     assert np.exp(shifts[int(np.argmax(scores))] * step) == pytest.approx(1.2, abs=0.07)
 
 
+def test_body_size_moves_only_the_upper_formants():
+    # Same utterance, upper-formant scale 1.0 and 0.85 (a bigger speaker): above 2.9 kHz
+    # the spectral centroid falls (F4, F5 at 3.3 / 3.75 kHz move down to 2.8 / 3.2 kHz);
+    # below 2.2 kHz, where F1-F3 lie, the envelope stays as it was.
+    voice, _ = demo_data.speaker_attributes(np.zeros(demo_data.N_LATENTS), "m")
+    freqs = np.fft.rfftfreq(1024, 1 / 16000)
+
+    def spectrum(scale):
+        wave = demo_data.synthesize_speech(
+            dict(voice, high_formant_scale=scale), 4.0, np.random.default_rng(0)
+        )
+        frames = np.lib.stride_tricks.sliding_window_view(wave, 1024)[::256] * np.hanning(1024)
+        return np.mean(np.abs(np.fft.rfft(frames, axis=1)) ** 2, axis=0)
+
+    small, big = spectrum(1.0), spectrum(0.85)
+    upper = (freqs >= 2500) & (freqs <= 4500)
+
+    def centroid(power):
+        return np.sum(freqs[upper] * power[upper]) / np.sum(power[upper])
+
+    assert centroid(small) - centroid(big) > 150  # Hz
+    lower = (freqs >= 300) & (freqs <= 2200)
+    assert np.corrcoef(np.log(small[lower]), np.log(big[lower]))[0, 1] > 0.98
+
+
 def test_faces_are_detected_and_carry_identity(corpus):
     from speech2face import faces
     from speech2face.face_encoders import load_face_encoder
