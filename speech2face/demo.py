@@ -14,12 +14,12 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit b92df49) run side by
-side on the shared two-core machine: 210-213 s of CPU time each (corpus 18-19, prepare
-12-13, decoder 63-65, voice encoder 104, evaluation 12-13), 316-320 s wall, each run
-slowed by the other two. Alone on the otherwise idle machine, another fresh clone of
-b92df49 (seed 0, the same numbers): 197 s of CPU, 185 s wall (corpus 16, prepare 11,
-decoder 61, voice encoder 100, evaluation 10). The machine's speed drifts by about 1.3x
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit cfdabd9) run side by
+side on the shared two-core machine: 213-220 s of CPU time each (corpus 18-19, prepare
+12-13, decoder 65-66, voice encoder 106-108, evaluation 12-14), 321-327 s wall, each run
+slowed by the other two. Alone on the otherwise idle machine, the seed-0 clone again
+(the same numbers): 201 s of CPU, 189 s wall (corpus 16, prepare 10, decoder 62, voice
+encoder 102, evaluation 11). The machine's speed drifts by about 1.3x
 within a session (docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
@@ -106,15 +106,15 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (50.9, 48.4, 55.4),
-    "angle v_s to v_f": (18.6, 18.2, 18.8),
-    "gender agreement": (70.6, 62.8, 81.5),
+    "cosine R@1, M = {M}": (58.1, 50.0, 65.4),
+    "angle v_s to v_f": (17.1, 16.4, 18.1),
+    "gender agreement": (69.0, 57.1, 85.9),
     "gender agreement, decoder(v_f)": (68.7, 37.2, 87.0),
     "gender, true face vs label": (80.8, 76.6, 83.7),
-    "gender, reconstruction vs label": (69.5, 60.3, 78.3),
+    "gender, reconstruction vs label": (73.6, 64.9, 89.1),
     "decoder identification, px": (90.0, 90.0, 90.0),
     "decoder identification, dlib": (56.7, 40.0, 70.0),
-    "craniofacial r (mean of 11)": (0.46, 0.35, 0.57),
+    "craniofacial r (mean of 11)": (0.67, 0.51, 0.82),
 }
 
 
