@@ -14,12 +14,12 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit cfdabd9) run side by
-side on the shared two-core machine: 213-220 s of CPU time each (corpus 18-19, prepare
-12-13, decoder 65-66, voice encoder 106-108, evaluation 12-14), 321-327 s wall, each run
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit 6d03088) run side by
+side on the shared two-core machine: 227-231 s of CPU time each (corpus 17-19, prepare
+13-14, decoder 82-83, voice encoder 104-105, evaluation 11-12), 342-348 s wall, each run
 slowed by the other two. Alone on the otherwise idle machine, the seed-0 clone again
-(the same numbers): 201 s of CPU, 189 s wall (corpus 16, prepare 10, decoder 62, voice
-encoder 102, evaluation 11). The machine's speed drifts by about 1.3x
+(the same numbers): 223 s of CPU, 211 s wall (corpus 16, prepare 10, decoder 77, voice
+encoder 108, evaluation 12). The machine's speed drifts by about 1.3x
 within a session (docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
@@ -106,15 +106,15 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (58.1, 50.0, 65.4),
-    "angle v_s to v_f": (17.1, 16.4, 18.1),
-    "gender agreement": (69.0, 57.1, 85.9),
-    "gender agreement, decoder(v_f)": (68.7, 37.2, 87.0),
+    "cosine R@1, M = {M}": (65.2, 60.8, 70.0),
+    "angle v_s to v_f": (17.3, 16.8, 18.3),
+    "gender agreement": (72.1, 63.6, 85.9),
+    "gender agreement, decoder(v_f)": (76.1, 68.8, 82.6),
     "gender, true face vs label": (80.8, 76.6, 83.7),
-    "gender, reconstruction vs label": (73.6, 64.9, 89.1),
-    "decoder identification, px": (90.0, 90.0, 90.0),
-    "decoder identification, dlib": (56.7, 40.0, 70.0),
-    "craniofacial r (mean of 11)": (0.67, 0.51, 0.82),
+    "gender, reconstruction vs label": (82.4, 69.2, 93.5),
+    "decoder identification, px": (83.3, 80.0, 90.0),
+    "decoder identification, dlib": (73.3, 60.0, 90.0),
+    "craniofacial r (mean of 11)": (0.70, 0.60, 0.76),
 }
 
 
