@@ -185,8 +185,8 @@ def _patch(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
 
 def test_faces_show_gender_age_and_skin_tone(corpus):
     """The traits a person sees, measured on the frames with dlib's landmarks and numpy:
-    skin darkness follows ``tone``, grey hair follows ``age``, and men's chins are darker
-    (beard) than women's."""
+    skin darkness follows ``tone``, grey hair follows ``age``, men's chins are darker
+    (beard) than women's, and women's upper lids bluer (eye shadow)."""
     from speech2face import faces
 
     attributes = demo_data.load_demo_attributes(corpus)
@@ -203,7 +203,10 @@ def test_faces_show_gender_age_and_skin_tone(corpus):
         chin = _patch(image, lm[8, 0], 0.5 * (lm[8, 1] + lm[57, 1]), small)
         crown = _patch(image, lm[27, 0], lm[19:25, 1].min() - 0.45 * width, large)
         saturation = np.mean(crown.max(1) - crown.min(1))
-        rows.append((speaker, cheeks.mean(), saturation, chin.mean() / cheeks.mean()))
+        lids = np.concatenate([_patch(image, *(0.6 * lm[38] + 0.4 * lm[20]), small),
+                               _patch(image, *(0.6 * lm[43] + 0.4 * lm[23]), small)])
+        rows.append((speaker, cheeks.mean(), saturation, chin.mean() / cheeks.mean(),
+                     np.mean(lids[:, 2] - lids[:, 1])))
     tone = [s.face["tone"] for s, *_ in rows]
     age = [s.face["age"] for s, *_ in rows]
     assert np.corrcoef(tone, [r[1] for r in rows])[0, 1] < -0.7  # darker skin
@@ -212,6 +215,8 @@ def test_faces_show_gender_age_and_skin_tone(corpus):
     assert male.any() and not male.all()
     chin_ratio = np.array([r[3] for r in rows])
     assert chin_ratio[male].max() < chin_ratio[~male].min()  # beard: a darker chin
+    lid_blue = np.array([r[4] for r in rows])
+    assert lid_blue[~male].min() > lid_blue[male].max()  # eye shadow
 
 
 def test_refuses_non_empty_output_and_cli(tmp_path, capsys):
