@@ -14,12 +14,12 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 6d03088) run side by
-side on the shared two-core machine: 227-231 s of CPU time each (corpus 17-19, prepare
-13-14, decoder 82-83, voice encoder 104-105, evaluation 11-12), 342-348 s wall, each run
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit 0de3fdd) run side by
+side on the shared two-core machine: 228-231 s of CPU time each (corpus 17-19, prepare
+12-13, decoder 80-81, voice encoder 106, evaluation 12-13), 344-346 s wall, each run
 slowed by the other two. Alone on the otherwise idle machine, the seed-0 clone again
-(the same numbers): 223 s of CPU, 211 s wall (corpus 16, prepare 10, decoder 77, voice
-encoder 108, evaluation 12). The machine's speed drifts by about 1.3x
+(the same numbers): 217 s of CPU, 205 s wall (corpus 16, prepare 11, decoder 77, voice
+encoder 102, evaluation 11). The machine's speed drifts by about 1.3x
 within a session (docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
@@ -106,15 +106,15 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (65.2, 60.8, 70.0),
-    "angle v_s to v_f": (17.3, 16.8, 18.3),
-    "gender agreement": (72.1, 63.6, 85.9),
-    "gender agreement, decoder(v_f)": (76.1, 68.8, 82.6),
-    "gender, true face vs label": (80.8, 76.6, 83.7),
-    "gender, reconstruction vs label": (82.4, 69.2, 93.5),
+    "cosine R@1, M = {M}": (56.9, 55.6, 58.2),
+    "angle v_s to v_f": (17.8, 16.6, 19.0),
+    "gender agreement": (77.0, 66.7, 83.7),
+    "gender agreement, decoder(v_f)": (81.2, 75.6, 84.8),
+    "gender, true face vs label": (90.5, 88.5, 93.5),
+    "gender, reconstruction vs label": (83.0, 67.9, 90.9),
     "decoder identification, px": (83.3, 80.0, 90.0),
-    "decoder identification, dlib": (73.3, 60.0, 90.0),
-    "craniofacial r (mean of 11)": (0.70, 0.60, 0.76),
+    "decoder identification, dlib": (76.7, 70.0, 80.0),
+    "craniofacial r (mean of 11)": (0.67, 0.52, 0.82),
 }
 
 
