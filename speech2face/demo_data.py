@@ -414,6 +414,11 @@ def _face_outline(p: np.ndarray, brow_lift: float) -> np.ndarray:
     return np.concatenate([p[_JAW], top])
 
 
+def _face_width(p: np.ndarray) -> float:
+    """Width in px of the jaw line of landmarks ``p`` (68, 2): the unit of the painted traits."""
+    return p[_JAW, 0].max() - p[_JAW, 0].min()
+
+
 def _polygon_mask(size: int, points: np.ndarray, blur: float = 0.0) -> np.ndarray:
     from PIL import Image, ImageDraw
 
@@ -566,7 +571,7 @@ def _brow_mask(size: int, p: np.ndarray, weight: float) -> np.ndarray:
     """The brows as bands along their landmarks, thicker for a higher ``weight``."""
     from PIL import Image, ImageDraw
 
-    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    unit = _face_width(p)
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     width = max(2, int(round(unit * (0.03 + 0.02 * weight))))
@@ -584,7 +589,7 @@ def _wrinkles(rgb: np.ndarray, p: np.ndarray, age: float, darkness: float) -> np
     if strength <= 0:
         return rgb
     size = rgb.shape[0]
-    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    unit = _face_width(p)
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
 
@@ -613,7 +618,7 @@ def _wrinkles(rgb: np.ndarray, p: np.ndarray, age: float, darkness: float) -> np
 def _long_hair(rgb, p, colour, length, face_mask, rng) -> np.ndarray:
     """Hair from the temples down past the jaw to the shoulders, behind the face."""
     size = rgb.shape[0]
-    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    unit = _face_width(p)
     top = p[_BROWS, 1].min() - 0.05 * unit
     bottom = min(size + 10.0, p[_JAW[8], 1] + (0.25 + 0.75 * length) * unit)
     spread = (0.12 + 0.1 * length) * unit
@@ -643,7 +648,7 @@ def _make_up(rgb, p) -> np.ndarray:
     outside it (with lipstick only, it read 77-84 % of the true faces as labelled; with
     these, 89-94 %: docs/results.md)."""
     size = rgb.shape[0]
-    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    unit = _face_width(p)
     shadow = np.zeros((size, size), np.float32)
     for lid, brow in ((p[36:40], p[17:22]), (p[42:46], p[22:27])):
         upper = lid[::-1] + (brow.mean(0) - lid.mean(0)) * 0.55
@@ -660,7 +665,7 @@ def _make_up(rgb, p) -> np.ndarray:
 def _beard(rgb, p, colour, amount, rng) -> np.ndarray:
     """Stubble (small ``amount``) to a full beard and moustache, leaving the lips bare."""
     size = rgb.shape[0]
-    unit = p[_JAW, 0].max() - p[_JAW, 0].min()
+    unit = _face_width(p)
     nose_base = p[33, 1]
     jaw = p[_JAW[2:15]] + np.array([0.0, 0.02 * unit]) * np.sin(np.linspace(0, np.pi, 13))[:, None]
     upper = np.array([
@@ -680,7 +685,7 @@ def _beard(rgb, p, colour, amount, rng) -> np.ndarray:
 def face_landmarks(base: np.ndarray, face: dict) -> np.ndarray:
     """Move the base landmarks ``(68, 2)`` (x, y) by a speaker's face parameters."""
     p = np.array(base, dtype=np.float64)
-    unit = p[_JAW, 0].max() - p[_JAW, 0].min()  # face width in px
+    unit = _face_width(p)
     centre_x = p[:, 0].mean()
     top = p[_BROWS, 1].min()
     height = p[_JAW, 1].max() - top
