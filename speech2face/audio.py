@@ -39,7 +39,6 @@ WIN_LENGTH = 400  # 25 ms window (paper 3.1)
 HOP_LENGTH = 160  # 10 ms hop (paper 3.1)
 N_FFT = 512  # FFT size (paper 3.1)
 N_FREQ = N_FFT // 2 + 1  # 257 frequency bins
-N_FRAMES = 1 + (CLIP_SAMPLES - WIN_LENGTH) // HOP_LENGTH  # 598 frames for 6 s
 POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
 MAX_SECONDS = 600.0  # longest clip the spectrogram command makes
 
@@ -304,6 +303,9 @@ def spectrogram_frames(samples: int) -> int:
 def frames_seconds(frames: int) -> float:
     """Seconds of the shortest waveform that gives ``frames`` spectrogram frames."""
     return ((frames - 1) * HOP_LENGTH + WIN_LENGTH) / SAMPLE_RATE
+
+
+N_FRAMES = spectrogram_frames(CLIP_SAMPLES)  # 598 frames for 6 s
 
 
 def fit_duration(

@@ -54,10 +54,10 @@ from pathlib import Path
 
 import numpy as np
 
+from speech2face.audio import SAMPLE_RATE, seconds_samples
 from speech2face.errors import DataError
 from speech2face.utils import output_entries, publish_dir, temp_dir_beside
 
-SAMPLE_RATE = 16_000  # Hz, VoxCeleb's rate (and the paper's, section 3.1)
 FRAME_SIZE = 320  # px, side of the square face frames (moderate: generation and detection speed)
 VIDEOS_PER_SPEAKER = (2, 3)  # inclusive range
 CLIPS_PER_VIDEO = (2, 4)  # inclusive range
@@ -234,7 +234,7 @@ def synthesize_speech(voice: dict, seconds: float, rng: np.random.Generator) -> 
     filtered by five formants scaled by the speaker's vocal-tract length (the upper two
     also by body size).
     """
-    n = int(round(seconds * SAMPLE_RATE))
+    n = seconds_samples(seconds)
     n_frames = n // _HOP + 1
     frame_s = _HOP / SAMPLE_RATE
 
