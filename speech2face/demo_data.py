@@ -46,7 +46,6 @@ import csv
 import functools
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -56,7 +55,7 @@ import numpy as np
 
 from speech2face.audio import SAMPLE_RATE, seconds_samples
 from speech2face.errors import DataError
-from speech2face.utils import output_entries, publish_dir, temp_dir_beside
+from speech2face.utils import output_entries, publishing_dir
 
 FRAME_SIZE = 320  # px, side of the square face frames (moderate: generation and detection speed)
 VIDEOS_PER_SPEAKER = (2, 3)  # inclusive range
@@ -800,32 +799,26 @@ def make_demo_data(
         raise DataError(out, "speakers, videos, clips and frames must each be at least 1")
     if out.exists() and (not out.is_dir() or output_entries(out)):
         raise DataError(out, "output folder exists and is not empty")
-    tmp = temp_dir_beside(out)
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
     # (10-50x slower with 2 threads under load). Restored on the way out.
-    with torch_threads(1):
-        try:
-            rng = np.random.default_rng(seed)
-            people = _make_speakers(speakers, rng)
-            base = base_face()
-            # Speakers are independent (each has its own generator), so threads can write
-            # them in any order: numpy, PIL and the warp release the GIL for their heavy
-            # work. The corpus is the same for any number of workers.
-            with ThreadPoolExecutor(max(1, min(workers, speakers))) as pool:
-                jobs = [
-                    pool.submit(_write_speaker, tmp, person, base, seed, videos, clips, frames)
-                    for person in people
-                ]
-                for job in tqdm(
-                    as_completed(jobs), total=len(jobs), desc="make-demo-data", unit="speaker",
-                    disable=not progress,
-                ):
-                    job.result()
-            _write_metadata(tmp, people, seed)
-            publish_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with torch_threads(1), publishing_dir(out) as tmp:
+        rng = np.random.default_rng(seed)
+        people = _make_speakers(speakers, rng)
+        base = base_face()
+        # Speakers are independent (each has its own generator), so threads can write
+        # them in any order: numpy, PIL and the warp release the GIL for their heavy
+        # work. The corpus is the same for any number of workers.
+        with ThreadPoolExecutor(max(1, min(workers, speakers))) as pool:
+            jobs = [
+                pool.submit(_write_speaker, tmp, person, base, seed, videos, clips, frames)
+                for person in people
+            ]
+            for job in tqdm(
+                as_completed(jobs), total=len(jobs), desc="make-demo-data", unit="speaker",
+                disable=not progress,
+            ):
+                job.result()
+        _write_metadata(tmp, people, seed)
     return out
 
 

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from speech2face.evaluate import (
     Collected,
     _unit,
 )
-from speech2face.utils import atomic_write, output_entries, publish_dir, temp_dir_beside
+from speech2face.utils import atomic_write, output_entries, publishing_dir
 
 # Paper numbers, 6-s input, for context in the report (Oh et al. 2019). Its L2 and L1
 # (0.18, 9.42) are not shown beside ours: the paper does not say on what scale they are
@@ -443,15 +442,10 @@ def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
     if out.exists() and not out.is_dir():
         raise DataError(out, "output exists and is not a folder")
     if not output_entries(out):  # new, or holding only the lock of this run
-        tmp = temp_dir_beside(out)
-        try:
+        with publishing_dir(out) as tmp:
             for name in order:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(files[name])
-            publish_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
     for name in order:
         with atomic_write(out / name) as f:

@@ -314,6 +314,20 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         raise Speech2FaceError(out, "another run started writing here meanwhile") from None
 
 
+@contextlib.contextmanager
+def publishing_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A new folder beside ``out`` to fill in the ``with`` block, then published as ``out``
+    (:func:`publish_dir`: ``out`` missing, or holding only this run's lock). After an
+    error it is deleted and nothing appears at ``out``: no partial output."""
+    tmp = temp_dir_beside(out)
+    try:
+        yield tmp
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _remove_empty(folders: list[Path]) -> None:
     """Remove those of ``folders`` that are empty, deepest first; keep the others."""
     for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):

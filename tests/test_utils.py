@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from speech2face.utils import atomic_write, staged_writes
+from speech2face.utils import atomic_write, publishing_dir, staged_writes
 
 
 def test_staged_writes_commit_together(tmp_path):
@@ -39,6 +39,19 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with atomic_write(target) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_publishing_dir_shows_the_folder_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt), publishing_dir(out) as tmp:
+        (tmp / "a.png").write_bytes(b"half")
+        assert not out.exists()  # nothing at the destination while it is being filled
+        raise KeyboardInterrupt  # a killed run
+    assert os.listdir(tmp_path) == []  # no partial output, no temporary folder
+    with publishing_dir(out) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.json").write_text("{}")
+    assert os.listdir(tmp_path) == ["report"] and (out / "sub" / "b.json").read_text() == "{}"
 
 
 def test_outputs_get_ordinary_permissions_not_private_ones(tmp_path):
