@@ -17,7 +17,6 @@ of voice encoder (``config.encoder``, a bundle's ``kind``) are listed in one pla
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,7 +31,7 @@ from torch import nn
 
 from speech2face.errors import ConfigError, WeightsError
 from speech2face.faces import FACE_ENCODERS
-from speech2face.utils import atomic_write, cache_dir, temp_dir_beside
+from speech2face.utils import atomic_write, cache_dir, publishing_dir, temp_dir_beside
 
 if TYPE_CHECKING:
     from speech2face.config import TrainConfig
@@ -190,18 +189,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@contextlib.contextmanager
 def replacing_dir(final: Path):
     """A new folder beside ``final`` to fill in the ``with`` block: it then replaces
     ``final`` (:func:`replace_dir`); after an error it is deleted and ``final`` is left
     as it was. A crash leaves the old folder or the new one, never a mix."""
-    tmp = temp_dir_beside(final)
-    try:
-        yield tmp
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return publishing_dir(final, replace_dir)
 
 
 def save_model(model: Speech2Face, path: str | os.PathLike) -> Path:

@@ -315,14 +315,16 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def publishing_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """A new folder beside ``out`` to fill in the ``with`` block, then published as ``out``
-    (:func:`publish_dir`: ``out`` missing, or holding only this run's lock). After an
-    error it is deleted and nothing appears at ``out``: no partial output."""
+def publishing_dir(out: str | os.PathLike,
+                   publish: Callable[[Path, Path], None] = publish_dir) -> Iterator[Path]:
+    """A new folder beside ``out`` to fill in the ``with`` block, then ``publish(tmp, out)``
+    (by default :func:`publish_dir`: ``out`` missing, or holding only this run's lock).
+    After an error it is deleted and ``out`` is left as it was: no partial output."""
+    out = Path(out)
     tmp = temp_dir_beside(out)
     try:
         yield tmp
-        publish_dir(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

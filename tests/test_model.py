@@ -47,7 +47,11 @@ def _spectrogram(model: Speech2Face) -> torch.Tensor:
     return torch.randn(2, 2, frames, 257, generator=torch.Generator().manual_seed(1))
 
 
-def test_round_trip_gives_identical_outputs(tmp_path):
+# The bit-for-bit comparisons run on one torch thread, where the project promises the same
+# bits run to run: on two, the warp's small float64 solve (torch.linalg.solve, MKL's LAPACK)
+# gave other bits in its first call than in its second in 18 of 80 fresh processes beside
+# a busy one, and the decoded images then differ in the last bit.
+def test_round_trip_gives_identical_outputs(tmp_path, one_thread):
     model = _model()
     path = save_model(model, tmp_path / "bundle")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
@@ -91,7 +95,7 @@ def test_weights_file_holds_every_tensor_exactly(tmp_path):
         np.testing.assert_array_equal(array.reshape(info["shape"]), state[key].numpy())
 
 
-def test_stage_one_bundle_and_run_directory(tmp_path):
+def test_stage_one_bundle_and_run_directory(tmp_path, one_thread):
     model = _model(voice=False, classes=None)
     save_model(model, tmp_path / "run" / "model")
     loaded = load_model(tmp_path / "run")  # a training run's directory: RUN/model
