@@ -604,8 +604,7 @@ def _wrinkles(rgb: np.ndarray, p: np.ndarray, age: float, darkness: float) -> np
             start = p[corner] + [side * 0.03 * unit, 0]
             line([start, start + [side * 0.06 * unit, (dy * 1.5) * unit]], width=1)
     for eye in (_RIGHT_EYE, _LEFT_EYE):  # bags: an arc under each eye
-        lower = p[eye[[3, 4, 5, 0]]] if eye is _RIGHT_EYE else p[eye[[3, 4, 5, 0]]]
-        line(lower + [0, 0.045 * unit])
+        line(p[eye[[3, 4, 5, 0]]] + [0, 0.045 * unit])
     top = p[_BROWS, 1].min()
     for k in (1, 2):  # forehead lines (where the fringe leaves skin)
         y = top - 0.05 * k * unit
@@ -649,13 +648,13 @@ def _make_up(rgb, p) -> np.ndarray:
     size = rgb.shape[0]
     unit = _face_width(p)
     shadow = np.zeros((size, size), np.float32)
-    for lid, brow in ((p[36:40], p[17:22]), (p[42:46], p[22:27])):
+    for lid, brow in ((p[_RIGHT_EYE[:4]], p[_BROWS[:5]]), (p[_LEFT_EYE[:4]], p[_BROWS[5:]])):
         upper = lid[::-1] + (brow.mean(0) - lid.mean(0)) * 0.55
         shadow = np.maximum(shadow, _polygon_mask(size, np.concatenate([lid, upper]), blur=2.0))
     rgb = rgb + (np.array([0.35, 0.22, 0.40]) - rgb) * (0.45 * shadow)[..., None]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     blush = np.zeros((size, size), np.float32)
-    for eye, mouth in ((p[36], p[48]), (p[45], p[54])):
+    for eye, mouth in ((p[_RIGHT_EYE[0]], p[_MOUTH[0]]), (p[_LEFT_EYE[3]], p[_MOUTH[6]])):
         centre = 0.45 * eye + 0.55 * mouth + [np.sign(eye[0] - mouth[0]) * 0.06 * unit, 0.0]
         blush += np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * (0.07 * unit) ** 2))
     return rgb + (np.array([0.85, 0.35, 0.40]) - rgb) * (0.3 * np.clip(blush, 0, 1))[..., None]
