@@ -219,6 +219,28 @@ def test_faces_show_gender_age_and_skin_tone(corpus):
     assert lid_blue[~male].min() > lid_blue[male].max()  # eye shadow
 
 
+def test_average_faces_read_as_their_gender(corpus):
+    """The evaluation's gender classifier reads each gender's average face, at the tiny
+    decoder's 64 px, as that gender: a decoder drawing a speaker blurred and drawn toward
+    the average face still shows the gender (with faint make-up and stubble, the average
+    woman of the demo's corpus read as a man)."""
+    from PIL import Image
+
+    from speech2face import faces
+    from speech2face.evaluate import AttributeClassifier
+
+    attributes = demo_data.load_demo_attributes(corpus)
+    by_name = {s.name: s for s in attributes.values()}
+    small = {"f": [], "m": []}
+    for frame in sorted((corpus / "unzippedFaces").rglob("*.jpg")):
+        crop, _ = faces.align_face(frame, faces.detect_faces(frame)[0])
+        thumbnail = Image.fromarray(crop).resize((64, 64), Image.Resampling.BOX)
+        small[by_name[frame.parts[-4]].gender].append(np.asarray(thumbnail, np.float64))
+    means = [np.asarray(Image.fromarray(np.uint8(np.mean(small[g], 0) + 0.5)).resize(
+        (224, 224), Image.Resampling.BILINEAR)) for g in ("f", "m")]
+    assert AttributeClassifier()(means)[0] == ["female", "male"]
+
+
 def test_refuses_non_empty_output_and_cli(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
