@@ -14,12 +14,12 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 0de3fdd) run side by
-side on the shared two-core machine: 228-231 s of CPU time each (corpus 17-19, prepare
-12-13, decoder 80-81, voice encoder 106, evaluation 12-13), 344-346 s wall, each run
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit c689d7d) run side by
+side on the shared two-core machine: 224-228 s of CPU time each (corpus 17-18, prepare
+11-12, decoder 79-81, voice encoder 104-106, evaluation 11-13), 338-345 s wall, each run
 slowed by the other two. Alone on the otherwise idle machine, the seed-0 clone again
-(the same numbers): 217 s of CPU, 205 s wall (corpus 16, prepare 11, decoder 77, voice
-encoder 102, evaluation 11). The machine's speed drifts by about 1.3x
+(the same numbers): 215 s of CPU, 203 s wall (corpus 17, prepare 11, decoder 73, voice
+encoder 104, evaluation 10). The machine's speed drifts by about 1.3x
 within a session (docs/benchmarks.md).
 
 The numbers are results on generated data: they show that the pipeline learns a
@@ -60,8 +60,8 @@ DECODER_STEPS = 1600
 VOICE_STEPS = 400
 # The decoder's rate, 3.5e-3: with the women's make-up at full strength, seeds 0 / 1 / 2
 # (the same corpora) gave at 5e-3 gender agreement 91 / 91 / 88 % but 8 / 6 / 9 of 10
-# held-out speakers told apart in pixels, at 4e-3 8 / 6 / 9, at 3.5e-3 85 / 90 / 79 % and
-# 8 / 8 / 9, at 2.5e-3 80 / 91 / 79 % and 9 / 8 / 9 (docs/results.md).
+# held-out speakers told apart in pixels, at 4e-3 91 / 94 / 83 % and 8 / 6 / 9, at 3.5e-3
+# 85 / 90 / 79 % and 8 / 8 / 9, at 2.5e-3 80 / 91 / 79 % and 9 / 8 / 9 (docs/results.md).
 DECODER_OVERRIDES = {"batch_size": 8, "lr": 3.5e-3, "lr_decay": 0.5, "lr_decay_steps": 400,
                      "val_every": 100_000, "checkpoint_every": 25, "val_batches": 1,
                      "log_every": 10}
@@ -110,15 +110,15 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (56.9, 55.6, 58.2),
-    "angle v_s to v_f": (17.8, 16.6, 19.0),
-    "gender agreement": (77.0, 66.7, 83.7),
-    "gender agreement, decoder(v_f)": (81.2, 75.6, 84.8),
-    "gender, true face vs label": (90.5, 88.5, 93.5),
-    "gender, reconstruction vs label": (83.0, 67.9, 90.9),
+    "cosine R@1, M = {M}": (62.5, 54.2, 67.2),
+    "angle v_s to v_f": (17.9, 16.4, 20.0),
+    "gender agreement": (84.7, 79.2, 90.2),
+    "gender agreement, decoder(v_f)": (88.2, 82.6, 93.5),
+    "gender, true face vs label": (98.7, 97.4, 100.0),
+    "gender, reconstruction vs label": (86.0, 80.5, 90.2),
     "decoder identification, px": (83.3, 80.0, 90.0),
-    "decoder identification, dlib": (76.7, 70.0, 80.0),
-    "craniofacial r (mean of 11)": (0.67, 0.52, 0.82),
+    "decoder identification, dlib": (80.0, 70.0, 90.0),
+    "craniofacial r (mean of 11)": (0.69, 0.63, 0.74),
 }
 
 

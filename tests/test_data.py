@@ -209,7 +209,10 @@ def test_round_trip(corpus, reference):
         reference_vector = np.array(
             faces.dlib_model("recognition").compute_face_descriptor(image, shape)
         )
-        assert np.linalg.norm(reference_vector - feature) < 0.15  # same person: < 0.6
+        # same person: < 0.6 (dlib); two speakers of this corpus: about 0.4 apart. The two
+        # paths differ most on the made-up faces: up to 0.17, the others 0.03-0.08 (all
+        # under 0.08 when the make-up was half as strong).
+        assert np.linalg.norm(reference_vector - feature) < 0.2
         checked_faces += 1
     assert checked_faces == SPEAKERS * VIDEOS
     # In the 224-px crop: on average under a pixel (the full pipeline on frames moved by
