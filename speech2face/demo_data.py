@@ -423,6 +423,12 @@ def _face_width(p: np.ndarray) -> float:
     return p[_JAW, 0].max() - p[_JAW, 0].min()
 
 
+def _paint(rgb: np.ndarray, colour, opacity: np.ndarray) -> np.ndarray:
+    """``colour`` (RGB, or an image like ``rgb``) laid over ``rgb`` (S, S, 3) with
+    ``opacity`` (S, S) in [0, 1]."""
+    return rgb + (colour - rgb) * opacity[..., None]
+
+
 def _polygon_mask(size: int, points: np.ndarray, blur: float = 0.0) -> np.ndarray:
     from PIL import Image, ImageDraw
 
@@ -498,8 +504,7 @@ def identity_face(
     gains = darkness ** np.array([0.8, 1.0, 1.25]) * warmth
     skin_rgb = np.clip(skin_rgb, 0, 1) ** (1.0 + 0.5 * (1.0 - darkness)) * gains
     neck = _neck_mask(size, dest)
-    tone_mask = np.clip(skin + neck * (1.0 - hair), 0.0, 1.0)[..., None]
-    rgb = rgb + (skin_rgb - rgb) * tone_mask
+    rgb = _paint(rgb, skin_rgb, np.clip(skin + neck * (1.0 - hair), 0.0, 1.0))
     rgb = _wrinkles(rgb, dest, face["age"], darkness)
 
     # Hair: recolour the photograph's hair by its own shading, then length.
@@ -511,21 +516,18 @@ def identity_face(
         temples = dest[_BROWS, 1].mean() + 0.15 * (dest[_JAW, 1].max() - dest[_BROWS, 1].min())
         rows = np.arange(size, dtype=np.float32)[:, None]
         cut = hair * np.clip((rows - temples) / 8.0, 0.0, 1.0)
-        rgb = rgb + (background - rgb) * cut[..., None]
+        rgb = _paint(rgb, background, cut)
         hair = hair * (1.0 - cut)
-    rgb = rgb + (np.clip(shade * colour, 0, 1) - rgb) * hair[..., None]
+    rgb = _paint(rgb, np.clip(shade * colour, 0, 1), hair)
 
     # Brows: heavier and darker for men, in the hair's colour.
     brows = _brow_mask(size, dest, face["beard"])
     brow_colour = colour * 0.6
-    rgb = rgb + (brow_colour - rgb) * (brows * (0.35 + 0.45 * (face["beard"] > 0)))[..., None]
+    rgb = _paint(rgb, brow_colour, brows * (0.35 + 0.45 * (face["beard"] > 0)))
     if face["beard"] > 0:
         rgb = _beard(rgb, dest, colour, face["beard"], rng)
-    else:  # lipstick: the outer lip line minus the open mouth
-        lips = _polygon_mask(size, dest[_MOUTH[:12]], 1.0) - _polygon_mask(size, dest[_MOUTH[12:]])
-        lip_colour = np.array([0.78, 0.18, 0.25]) * np.clip(shade * 0.9, 0.4, 1.2)
-        rgb = rgb + (lip_colour - rgb) * (_LIPSTICK * np.clip(lips, 0, 1))[..., None]
-        rgb = _make_up(rgb, dest)
+    else:
+        rgb = _make_up(rgb, dest, shade)
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -642,28 +644,33 @@ def _long_hair(rgb, p, colour, length, face_mask, rng) -> np.ndarray:
     mask *= 1.0 - np.clip(face_mask * 1.5, 0.0, 1.0)  # behind the face, not over it
     strands = _streaks(rgb.shape[:2], rng, stretch=24)
     texture = colour * (0.55 + 0.9 * strands[..., None])
-    return rgb + (np.clip(texture, 0, 1) - rgb) * mask[..., None]
+    return _paint(rgb, np.clip(texture, 0, 1), mask)
 
 
-def _make_up(rgb, p) -> np.ndarray:
-    """Eye shadow on the upper lids and blush on the cheeks (the women's): cues that the
-    gender classifier of the evaluation reads in its 32-px chip, where the long hair lies
-    outside it (docs/results.md: with half-opaque lipstick only, it read 77-84 % of the
-    held-out true faces of seeds 0-2 as labelled; with faint shadow and blush besides,
-    89-94 %; at ``_EYE_SHADOW`` and ``_BLUSH``, 97-100 %)."""
+def _make_up(rgb, p, shade) -> np.ndarray:
+    """The women's lipstick (shaded by ``shade``, the photograph's own lighting), eye
+    shadow on the upper lids and blush on the cheeks: cues that the gender classifier of
+    the evaluation reads in its 32-px chip, where the long hair lies outside it
+    (docs/results.md: with half-opaque lipstick only, it read 77-84 % of the held-out true
+    faces of seeds 0-2 as labelled; with faint shadow and blush besides, 89-94 %; at
+    ``_LIPSTICK``, ``_EYE_SHADOW`` and ``_BLUSH``, 97-100 %)."""
     size = rgb.shape[0]
     unit = _face_width(p)
+    # Lipstick: the outer lip line minus the open mouth.
+    lips = _polygon_mask(size, p[_MOUTH[:12]], 1.0) - _polygon_mask(size, p[_MOUTH[12:]])
+    lip_colour = np.array([0.78, 0.18, 0.25]) * np.clip(shade * 0.9, 0.4, 1.2)
+    rgb = _paint(rgb, lip_colour, _LIPSTICK * np.clip(lips, 0, 1))
     shadow = np.zeros((size, size), np.float32)
     for lid, brow in ((p[_RIGHT_EYE[:4]], p[_BROWS[:5]]), (p[_LEFT_EYE[:4]], p[_BROWS[5:]])):
         upper = lid[::-1] + (brow.mean(0) - lid.mean(0)) * 0.55
         shadow = np.maximum(shadow, _polygon_mask(size, np.concatenate([lid, upper]), blur=2.0))
-    rgb = rgb + (np.array([0.35, 0.22, 0.40]) - rgb) * (_EYE_SHADOW * shadow)[..., None]
+    rgb = _paint(rgb, np.array([0.35, 0.22, 0.40]), _EYE_SHADOW * shadow)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     blush = np.zeros((size, size), np.float32)
     for eye, mouth in ((p[_RIGHT_EYE[0]], p[_MOUTH[0]]), (p[_LEFT_EYE[3]], p[_MOUTH[6]])):
         centre = 0.45 * eye + 0.55 * mouth + [np.sign(eye[0] - mouth[0]) * 0.06 * unit, 0.0]
         blush += np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * (0.07 * unit) ** 2))
-    return rgb + (np.array([0.85, 0.35, 0.40]) - rgb) * (_BLUSH * np.clip(blush, 0, 1))[..., None]
+    return _paint(rgb, np.array([0.85, 0.35, 0.40]), _BLUSH * np.clip(blush, 0, 1))
 
 
 def _beard(rgb, p, colour, amount, rng) -> np.ndarray:
@@ -683,7 +690,7 @@ def _beard(rgb, p, colour, amount, rng) -> np.ndarray:
     strands = _streaks(rgb.shape[:2], rng, stretch=3)
     alpha = region * (0.15 + 0.35 * amount) * (0.55 + 0.6 * strands)
     beard_colour = colour * 0.5
-    return rgb + (beard_colour - rgb) * alpha[..., None]
+    return _paint(rgb, beard_colour, alpha)
 
 
 def face_landmarks(base: np.ndarray, face: dict) -> np.ndarray:
