@@ -108,14 +108,6 @@ class TrainConfig:
     # frames make a step cheaper, and the windows vary what the encoder hears of a
     # speaker; validation and evaluation keep clip_seconds.
     train_seconds: float | None = None
-    # Stage 1: mixup (Zhang et al., ICLR 2018) of the decoder's training pairs, with this
-    # Beta(a, a) parameter (0: off, as Cole et al. and the paper). Each face feature is
-    # blended with another of its batch, and so are its targets: the landmarks, and the
-    # texture registered to the mean face, where a blend of two faces is a face. The
-    # decoder learns to render what lies between the training faces, where unseen
-    # people and the voice encoder's predictions fall. Worth it with few training
-    # identities (the demo's 26); speech2face.train.mix_batch has the details.
-    mixup: float = 0.0
     # Shuffle buffer of the shard loader, in samples (bigger mixes more, costs memory).
     shuffle_buffer: int = 1000
     # Weights of a VGG-Face encoder when the shards' features came from it.
@@ -154,7 +146,7 @@ class TrainConfig:
         if self.train_seconds is not None and not 0 < self.train_seconds <= self.clip_seconds:
             problems.append(f"train_seconds must be positive and at most clip_seconds "
                             f"({self.clip_seconds}), got {self.train_seconds}")
-        for name in ("grad_clip", "classifier_l2", "mixup"):
+        for name in ("grad_clip", "classifier_l2"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.grad_accum >= 1 and self.batch_size % self.grad_accum:

@@ -20,7 +20,9 @@ side on the shared two-core machine: 224-228 s of CPU time each (corpus 17-18, p
 slowed by the other two. Alone on the otherwise idle machine, the seed-0 clone again
 (the same numbers): 215 s of CPU, 203 s wall (corpus 17, prepare 11, decoder 73, voice
 encoder 104, evaluation 10). The machine's speed drifts by about 1.3x
-within a session (docs/benchmarks.md).
+within a session (docs/benchmarks.md). On a slower two-core machine (Intel Xeon at
+2.8 GHz, 2026-12-01), seed 2 alone: 337 s of CPU, 319 s wall (corpus 27, prepare 20,
+decoder 119, voice encoder 155, evaluation 16), the same numbers.
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -62,12 +64,9 @@ VOICE_STEPS = 400
 # (the same corpora) gave at 5e-3 gender agreement 91 / 91 / 88 % but 8 / 6 / 9 of 10
 # held-out speakers told apart in pixels, at 4e-3 91 / 94 / 83 % and 8 / 6 / 9, at 3.5e-3
 # 85 / 90 / 79 % and 8 / 8 / 9, at 2.5e-3 80 / 91 / 79 % and 9 / 8 / 9 (docs/results.md).
-# Mixup of the decoder's training pairs (TrainConfig.mixup): 26 training faces are too
-# few for the decoder to render unseen people, or the voice encoder's predictions, which
-# fall between them; at 3.5e-3 it gave gender agreement 85 / 92 / 83 % and 9 / 8 / 9.
 DECODER_OVERRIDES = {"batch_size": 8, "lr": 3.5e-3, "lr_decay": 0.5, "lr_decay_steps": 400,
-                     "mixup": 0.4, "val_every": 100_000, "checkpoint_every": 25,
-                     "val_batches": 1, "log_every": 10}
+                     "val_every": 100_000, "checkpoint_every": 25, "val_batches": 1,
+                     "log_every": 10}
 VOICE_OVERRIDES = {"batch_size": 4, "lr": 1.5e-3, "lr_decay": 0.3, "lr_decay_steps": 250,
                    "train_seconds": 3.0, "val_every": 100_000, "checkpoint_every": 25,
                    "val_batches": 1, "log_every": 10}

@@ -152,12 +152,11 @@ class DecoderStage(Stage):
     name = "decoder"
 
     def __init__(self, model: Speech2Face, loss_config: LossConfig,
-                 face_encoder: nn.Module | None = None, mixup: float = 0.0):
+                 face_encoder: nn.Module | None = None):
         self.model = model
         self.trainable = model.face_decoder
         self.loss_config = loss_config
         self.face_encoder = face_encoder if getattr(face_encoder, "differentiable", False) else None
-        self.mixup = mixup  # TrainConfig.mixup
 
     def term_weights(self):
         c = self.loss_config
@@ -178,37 +177,12 @@ class DecoderStage(Stage):
         from speech2face.losses import decoder_loss
 
         texture = self._targets(batch)
-        features, landmarks = batch["feature"], batch["landmarks"]
-        # Training batches only; precise BatchNorm (also in training mode) then sees the
-        # batches that training saw. Validation sees the faces as they are.
-        if self.mixup and self.trainable.training:
-            features, texture, landmarks = mix_batch(self.mixup, features, texture, landmarks)
-        decoded = forward(features)
-        return decoder_loss(decoded, texture, landmarks, self.loss_config,
-                            encoder=self.face_encoder, features=features)
+        decoded = forward(batch["feature"])
+        return decoder_loss(decoded, texture, batch["landmarks"], self.loss_config,
+                            encoder=self.face_encoder, features=batch["feature"])
 
     def images(self, batch):
         return [batch["face"], self.model.face_decoder(batch["feature"]).image]
-
-
-def mix_batch(alpha: float, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Mixup (Zhang et al., ICLR 2018) within a batch: ``lam * x + (1 - lam) * x[perm]``.
-
-    One weight per sample, ``lam ~ Beta(alpha, alpha)`` folded into [0.5, 1] (each
-    sample stays the larger part of its blend, so a batch still holds its own faces),
-    and one random permutation of the batch; both the same for every tensor, whose
-    first dimension is the batch. Drawn from torch's global generator on the CPU, so a
-    resumed run (its checkpoint holds that generator) draws the same.
-    """
-    count = tensors[0].shape[0]
-    lam = torch.distributions.Beta(alpha, alpha).sample((count,))
-    lam = torch.maximum(lam, 1 - lam)
-    perm = torch.randperm(count)
-    mixed = []
-    for x in tensors:
-        weight = lam.to(x.device).view(-1, *[1] * (x.dim() - 1))
-        mixed.append(weight * x + (1 - weight) * x[perm.to(x.device)])
-    return tuple(mixed)
 
 
 class VoiceStage(Stage):
@@ -424,8 +398,9 @@ def fit(
             validating = val_data is not None and config.val_batches > 0 and (
                 loop.step % config.val_every == 0 or loop.step == config.steps)
             val_loss = None
-            # Neither draws from training's random stream (mixup draws from it), so that a
-            # run that ends here, validated, and resumes draws what an unbroken run draws.
+            # Neither draws from training's random stream (a stage may draw from it, e.g.
+            # dropout; precise BatchNorm runs in training mode), so that a run that ends
+            # here, validated, and is resumed draws what an unbroken run draws.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if validating or loop.step == config.steps:
                     precise_batchnorm(stage, train_data, config.precise_bn_batches, device,
@@ -677,7 +652,7 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
         decoder.f_dec.set_standardization(torch.from_numpy(features))
     model = Speech2Face(decoder, face_encoder_name=manifest["encoder"])
     encoder = _face_encoder_for_loss(manifest, config, device or torch.device("cpu"))
-    return DecoderStage(model, config.loss, encoder, mixup=config.mixup)
+    return DecoderStage(model, config.loss, encoder)
 
 
 def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: TrainConfig,

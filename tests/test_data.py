@@ -307,6 +307,15 @@ def test_loader_batches_match_the_contract(reference):
         data.ShardDataset(reference, "nope")
 
 
+def test_a_new_loader_iterator_leaves_torchs_random_stream_alone(reference):
+    """Training may draw from torch's global generator (dropout); a resumed run starts
+    its loader's iterator at another point of that stream, so the iterator must not draw."""
+    loader = data.make_loader(reference, "train", batch_size=2)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_loader_readers_get_disjoint_shards(reference):
     """Two ranks x two DataLoader workers together read every sample exactly once."""
     everything = [

@@ -271,7 +271,7 @@ def make_loader(
         prefetch_factor=4 if num_workers > 0 else None,
         # The dataset seeds its own order and crops (seed, epoch). A generator of its own
         # keeps each new iterator from drawing its workers' base seed from torch's global
-        # one, which training draws from (mixup): a resumed run, which starts its
+        # one, which training may draw from (dropout): a resumed run, which starts its
         # iterator at another point of that stream, would then draw otherwise.
         generator=torch.Generator().manual_seed(0),
     )
