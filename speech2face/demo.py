@@ -211,7 +211,7 @@ def _train_config(stage: str, steps: int, overrides: dict, seed: int):
     if stage == "voice":
         overrides = {"loss": LossConfig(lambda2=VOICE_LAMBDA2), **overrides}
     # the stage's own preset (the decoder's differs in Adam's epsilon, docs/training.md)
-    return TrainConfig.tiny(stage, steps=steps, seed=seed, device="cpu", **overrides)
+    return TrainConfig.tiny(stage, **{"steps": steps, "seed": seed, "device": "cpu", **overrides})
 
 
 def _held_out_faces(corpus: Path, shards: Path, model, count: int) -> tuple[str, dict[str, bytes]]:

@@ -182,3 +182,14 @@ def test_band_lines_name_the_gallery_and_show_the_band_only_for_default_settings
     assert len(other) == len(default) == 2 + 3  # title, header, the 3 numbers present
     # every number printed has its documented band, and every band a number
     assert {label for label, *_ in demo.REPORTED} == set(demo.BAND)
+
+
+def test_train_overrides_reach_every_setting_of_both_stages():
+    """``train_overrides`` win over the demo's own settings, the seed and steps included
+    (another training seed on the same corpus: the spread of the training draws)."""
+    from speech2face import demo
+
+    for stage in ("decoder", "voice"):
+        config = demo._train_config(stage, 10, {"seed": 7, "steps": 3, "lr": 0.5}, seed=2)
+        assert (config.seed, config.steps, config.lr) == (7, 3, 0.5)
+        assert demo._train_config(stage, 10, {}, seed=2).seed == 2
