@@ -650,4 +650,3 @@ def test_precise_batchnorm_matches_numpy_batch_statistics():
                                chunks.var(axis=1, ddof=1).mean(axis=0), rtol=1e-5)
     assert bn.momentum == 0.1 and not bn.training  # restored
     assert not precise_batchnorm(stage, data, batches=0, device=torch.device("cpu"))
-
