@@ -138,27 +138,37 @@ def test_body_size_moves_only_the_upper_formants():
     assert np.corrcoef(np.log(small[lower]), np.log(big[lower]))[0, 1] > 0.98
 
 
-def test_faces_are_detected_and_carry_identity(corpus):
+@pytest.fixture(scope="module")
+def detected(corpus) -> list[tuple]:
+    """Every face frame of the corpus as ``(frame, speaker, face, crop)``: dlib's first
+    detection and its aligned crop, or None and None where nothing was found. Detected
+    once for the tests below."""
     from speech2face import faces
+
+    by_name = {s.name: s for s in demo_data.load_demo_attributes(corpus).values()}
+    rows = []
+    for frame in sorted((corpus / "unzippedFaces").rglob("*.jpg")):
+        found = faces.detect_faces(frame)
+        crop = faces.align_face(frame, found[0])[0] if found else None
+        rows.append((frame, by_name[frame.parts[-4]], found[0] if found else None, crop))
+    return rows
+
+
+def test_faces_are_detected_and_carry_identity(corpus, detected):
     from speech2face.face_encoders import load_face_encoder
 
     attributes = demo_data.load_demo_attributes(corpus)
-    by_name = {s.name: s for s in attributes.values()}
     crops, owners, widths = [], [], {}
-    frames = sorted((corpus / "unzippedFaces").rglob("*.jpg"))
-    for frame in frames:
-        found = faces.detect_faces(frame)
-        if not found:
+    for _, speaker, face, crop in detected:
+        if face is None:
             continue
-        speaker = by_name[frame.parts[-4]]
-        crop, _ = faces.align_face(frame, found[0])
         crops.append(crop)
         owners.append(speaker.identity)
-        lm = found[0].landmarks
+        lm = face.landmarks
         # Face width relative to the distance between the eyes, from dlib's landmarks.
         eyes = np.linalg.norm(lm[42:48].mean(0) - lm[36:42].mean(0))
         widths.setdefault(speaker.identity, []).append(np.ptp(lm[0:17, 0]) / eyes)
-    assert len(crops) == len(frames)  # every generated face is found
+    assert len(crops) == len(detected)  # every generated face is found
     # The generated face width shows in the measured geometry.
     ids = sorted(widths)
     measured = [np.mean(widths[i]) for i in ids]
@@ -183,19 +193,16 @@ def _patch(image: np.ndarray, x: float, y: float, half: int) -> np.ndarray:
     return image[int(y) - half : int(y) + half, int(x) - half : int(x) + half].reshape(-1, 3)
 
 
-def test_faces_show_gender_age_and_skin_tone(corpus):
+def test_faces_show_gender_age_and_skin_tone(detected):
     """The traits a person sees, measured on the frames with dlib's landmarks and numpy:
     skin darkness follows ``tone``, grey hair follows ``age``, men's chins are darker
     (beard) than women's, and women's upper lids bluer (eye shadow)."""
     from speech2face import faces
 
-    attributes = demo_data.load_demo_attributes(corpus)
-    by_name = {s.name: s for s in attributes.values()}
     rows = []
-    for frame in sorted((corpus / "unzippedFaces").rglob("*.jpg")):
-        speaker = by_name[frame.parts[-4]]
+    for frame, speaker, face, _ in detected:
         image = faces.load_image(frame).astype(np.float64) / 255.0
-        lm = faces.detect_faces(frame)[0].landmarks
+        lm = face.landmarks
         width = np.ptp(lm[0:17, 0])
         small, large = max(2, int(0.04 * width)), max(2, int(0.08 * width))
         cheeks = np.concatenate([_patch(image, *(0.5 * (lm[2] + lm[31])), small),
@@ -219,23 +226,19 @@ def test_faces_show_gender_age_and_skin_tone(corpus):
     assert lid_blue[~male].min() > lid_blue[male].max()  # eye shadow
 
 
-def test_average_faces_read_as_their_gender(corpus):
+def test_average_faces_read_as_their_gender(detected):
     """The evaluation's gender classifier reads each gender's average face, at the tiny
     decoder's 64 px, as that gender: a decoder drawing a speaker blurred and drawn toward
     the average face still shows the gender (with faint make-up and stubble, the average
     woman of the demo's corpus read as a man)."""
     from PIL import Image
 
-    from speech2face import faces
     from speech2face.evaluate import AttributeClassifier
 
-    attributes = demo_data.load_demo_attributes(corpus)
-    by_name = {s.name: s for s in attributes.values()}
     small = {"f": [], "m": []}
-    for frame in sorted((corpus / "unzippedFaces").rglob("*.jpg")):
-        crop, _ = faces.align_face(frame, faces.detect_faces(frame)[0])
+    for _, speaker, _, crop in detected:
         thumbnail = Image.fromarray(crop).resize((64, 64), Image.Resampling.BOX)
-        small[by_name[frame.parts[-4]].gender].append(np.asarray(thumbnail, np.float64))
+        small[speaker.gender].append(np.asarray(thumbnail, np.float64))
     means = [np.asarray(Image.fromarray(np.uint8(np.mean(small[g], 0) + 0.5)).resize(
         (224, 224), Image.Resampling.BILINEAR)) for g in ("f", "m")]
     assert AttributeClassifier()(means)[0] == ["female", "male"]
