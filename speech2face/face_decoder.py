@@ -148,15 +148,19 @@ class FeatureCode(nn.Sequential):
         if not self.standardize:
             raise ValueError("this f_dec was built without input standardisation")
         features = torch.as_tensor(features, dtype=torch.float64)
-        mean = features.mean(dim=0)
-        spread = (features - mean).pow(2).sum(dim=1).mean().sqrt()
-        self.shift.copy_(mean)
-        self.scale.copy_(spread.clamp_min(1e-12))
+        self.shift.copy_(features.mean(dim=0))
+        self.scale.fill_(max(feature_spread(features), 1e-12))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.standardize:
             features = (features - self.shift.to(features.dtype)) / self.scale.to(features.dtype)
         return super().forward(features)
+
+
+def feature_spread(features) -> float:
+    """The root-mean-square distance of ``(N, D)`` features to their mean (float64)."""
+    features = torch.as_tensor(features, dtype=torch.float64)
+    return float((features - features.mean(dim=0)).pow(2).sum(dim=1).mean().sqrt())
 
 
 def crop_to_grid(points: torch.Tensor, size: int, crop_size: int = CROP_SIZE) -> torch.Tensor:

@@ -152,11 +152,14 @@ class DecoderStage(Stage):
     name = "decoder"
 
     def __init__(self, model: Speech2Face, loss_config: LossConfig,
-                 face_encoder: nn.Module | None = None):
+                 face_encoder: nn.Module | None = None, feature_noise: float = 0.0):
         self.model = model
         self.trainable = model.face_decoder
         self.loss_config = loss_config
         self.face_encoder = face_encoder if getattr(face_encoder, "differentiable", False) else None
+        # The longest training noise vector's standard deviation per feature dimension
+        # (TrainConfig's feature_noise times the spread, over sqrt(D)).
+        self.feature_noise = feature_noise
 
     def term_weights(self):
         c = self.loss_config
@@ -177,7 +180,12 @@ class DecoderStage(Stage):
         from speech2face.losses import decoder_loss
 
         texture = self._targets(batch)
-        decoded = forward(batch["feature"])
+        features = batch["feature"]
+        if self.feature_noise and self.trainable.training and torch.is_grad_enabled():
+            # drawn from torch's generator, which checkpoints keep: a resumed run draws on
+            length = self.feature_noise * torch.rand(len(features), 1)
+            features = features + length.to(features) * torch.randn_like(features)
+        decoded = forward(features)
         return decoder_loss(decoded, texture, batch["landmarks"], self.loss_config,
                             encoder=self.face_encoder, features=batch["feature"])
 
@@ -637,22 +645,26 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
                   device: torch.device | None = None) -> DecoderStage:
     """Stage 1's :class:`DecoderStage` for the shards in ``data``: a fresh face decoder
     (``config.preset`` size, seeded) for the manifest's feature size and mean landmarks."""
-    from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig
+    from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig, feature_spread
 
     manifest = load_manifest(Path(data))
     torch.manual_seed(config.seed)
     sizes = FaceDecoderConfig.tiny if config.preset == "tiny" else FaceDecoderConfig.paper
     decoder = FaceDecoder(sizes(int(manifest["feature_dim"])),
                           torch.as_tensor(manifest["mean_landmarks"], dtype=torch.float32))
-    if decoder.config.standardize_input:
+    noise = 0.0
+    if decoder.config.standardize_input or config.feature_noise:
         # From a sample of the training features (shards are written in mixed order, so
-        # the first ones are representative); a resumed run loads them from its checkpoint.
+        # the first ones are representative); a resumed run loads the standardisation
+        # from its checkpoint, and computes the same noise scale again.
         features, _ = training_features(Path(data), progress=False,
                                          max_samples=STANDARDIZATION_SAMPLES)
-        decoder.f_dec.set_standardization(torch.from_numpy(features))
+        if decoder.config.standardize_input:
+            decoder.f_dec.set_standardization(torch.from_numpy(features))
+        noise = config.feature_noise * feature_spread(features) / features.shape[1] ** 0.5
     model = Speech2Face(decoder, face_encoder_name=manifest["encoder"])
     encoder = _face_encoder_for_loss(manifest, config, device or torch.device("cpu"))
-    return DecoderStage(model, config.loss, encoder)
+    return DecoderStage(model, config.loss, encoder, feature_noise=noise)
 
 
 def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: TrainConfig,

@@ -247,6 +247,24 @@ def test_worker_processes_a_video_without_importing_torch(corpus):
     assert run.stdout.strip() == "[]"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are Linux's")
+def test_the_worker_pools_result_pipe_holds_whole_results():
+    # A result (a video's JPEGs, FLAC and features: about 0.4 MB on the demo corpus) must
+    # not block its worker until this process's result thread gets the GIL to read it.
+    import fcntl
+
+    from speech2face.data.prepare import RESULT_PIPE_BYTES, _pool
+
+    pool = _pool(1, data.Options("voxceleb1"))
+    try:
+        size = fcntl.fcntl(pool._outqueue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+    finally:
+        pool.terminate()
+        pool.join()
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    assert size >= min(RESULT_PIPE_BYTES, limit) and size > 64 * 1024
+
+
 def test_only_the_frames_the_clips_use_are_processed(corpus):
     # One clip uses one crop: the first frame with a face; the others are not read.
     from dataclasses import replace

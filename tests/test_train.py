@@ -446,6 +446,70 @@ def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
     assert latest_checkpoint(voice_run).name == "step-00000042"
 
 
+def test_decoder_feature_noise_is_as_long_as_configured_and_only_in_training(shards):
+    """feature_noise=0.5: the decoder trains on features moved by Gaussian noise vectors
+    of lengths uniform between 0 and half the features' spread (root-mean-square distance
+    to their mean, re-derived in float64 numpy from the shards), and validates on the
+    clean features."""
+    from speech2face.data.loader import training_features
+    from speech2face.train import decoder_stage
+
+    features, _ = training_features(shards, progress=False)
+    spread = np.sqrt(((features.astype(np.float64) - features.mean(0)) ** 2).sum(1).mean())
+    stage = decoder_stage(shards, TrainConfig.tiny("decoder", feature_noise=0.5))
+    decoder = stage.trainable
+    batch = {"feature": torch.from_numpy(features[:8]), "face": torch.rand(8, 3, 224, 224),
+             "landmarks": 40 + 144 * torch.rand(8, 68, 2)}
+    seen = []
+
+    def forward(x):
+        seen.append(x.detach().clone())
+        return decoder(x)
+
+    torch.manual_seed(0)
+    draws = []
+    for _ in range(50):
+        stage.loss(forward, batch)
+        draws.append((seen[-1] - batch["feature"]).numpy())
+    noise = np.concatenate(draws).astype(np.float64)  # 400 vectors
+    lengths = np.sqrt((noise ** 2).sum(1)) / spread
+    # uniform on [0, 0.5]: mean 0.25, deciles 0.05 apart (a 128-D Gaussian's length
+    # varies by 6 % around its expectation)
+    assert abs(lengths.mean() - 0.25) < 0.02 and lengths.max() < 0.6
+    assert np.allclose(np.quantile(lengths, [0.1, 0.5, 0.9]), [0.05, 0.25, 0.45], atol=0.03)
+    directions = noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    # no preferred direction: each coordinate's mean over 400 random unit vectors in 128-D
+    # has a standard deviation of 1 / sqrt(128 * 400) = 0.0044
+    assert np.abs(directions.mean(0)).max() < 0.02
+    decoder.eval()
+    stage.loss(forward, batch)
+    assert torch.equal(seen[-1], batch["feature"])
+    decoder.train()
+    with torch.no_grad():
+        stage.loss(forward, batch)
+    assert torch.equal(seen[-1], batch["feature"])
+    # none by default
+    plain = decoder_stage(shards, TrainConfig.tiny("decoder"))
+    plain.loss(forward, batch)
+    assert torch.equal(seen[-1], batch["feature"])
+
+
+def test_decoder_with_feature_noise_resumes_to_the_same_weights(shards, tmp_path):
+    from speech2face.cli import main
+
+    common = ["--no-progress", "preset=tiny", "feature_noise=0.5", "checkpoint_every=3",
+              "val_every=3", "val_batches=1", "log_every=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train-decoder", "--data", str(shards), "--out", str(straight), *common,
+                 "steps=6"]) == 0
+    assert main(["train-decoder", "--data", str(shards), "--out", str(split), *common,
+                 "steps=3"]) == 0
+    assert main(["train-decoder", "--data", str(shards), "--out", str(split), "--resume",
+                 "--no-progress", "steps=6"]) == 0
+    a, b = _weights(straight), _weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_command_line_errors_exit_2(shards, tmp_path, capsys):
     from speech2face.cli import main
 

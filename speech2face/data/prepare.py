@@ -834,8 +834,42 @@ def _pool(processes: int, options: Options):
         from speech2face import faces
 
         faces.load_models(options.detector)
-    return mp.get_context("fork" if fork else "spawn").Pool(
+    pool = mp.get_context("fork" if fork else "spawn").Pool(
         processes, initializer=_worker_init, initargs=(options,))
+    _widen_result_pipe(pool)
+    return pool
+
+
+# A unit's result (its clips' JPEG frames, FLAC audio and features) is about 0.4 MB on
+# the demo corpus; Linux's default pipe holds 64 kB.
+RESULT_PIPE_BYTES = 1 << 20
+
+
+def _widen_result_pipe(pool) -> None:
+    """Let the pool's result pipe hold a few whole results (Linux; elsewhere a no-op).
+
+    A worker hands its result to this process through a pipe, and blocks while the pipe
+    is full until this process's result thread reads it. That thread needs the GIL,
+    which this process's own work holds for tens of milliseconds at a time (dlib's
+    detector and shape predictor do not release it), so with the default 64 kB pipe the
+    worker waited about 10 ms after every video: 0.5 s of a 2-worker run of the demo
+    corpus (docs/benchmarks.md). Best effort: the pipe is the pool's own (a private
+    attribute), and a kernel that refuses the size keeps its default.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    reader = getattr(getattr(pool, "_outqueue", None), "_reader", None)
+    if setpipe is None or reader is None or not hasattr(reader, "fileno"):
+        return
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        limit = RESULT_PIPE_BYTES
+    with contextlib.suppress(OSError, ValueError):
+        fcntl.fcntl(reader.fileno(), setpipe, min(RESULT_PIPE_BYTES, limit))
 
 
 def _remove_leftovers(out: Path, prefix: str, part: str) -> None:
