@@ -14,15 +14,14 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit c689d7d) run side by
-side on the shared two-core machine: 224-228 s of CPU time each (corpus 17-18, prepare
-11-12, decoder 79-81, voice encoder 104-106, evaluation 11-13), 338-345 s wall, each run
-slowed by the other two. Alone on the otherwise idle machine, the seed-0 clone again
-(the same numbers): 215 s of CPU, 203 s wall (corpus 17, prepare 11, decoder 73, voice
-encoder 104, evaluation 10). The machine's speed drifts by about 1.3x
-within a session (docs/benchmarks.md). On a slower two-core machine (Intel Xeon at
-2.8 GHz, 2026-12-01), seed 2 alone: 337 s of CPU, 319 s wall (corpus 27, prepare 20,
-decoder 119, voice encoder 155, evaluation 16), the same numbers.
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit 43dd9c7) run side by
+side on a two-core Intel Xeon at 2.8 GHz (2026-12-01): 338-343 s of CPU time each (corpus
+23-25, prepare 17, decoder 118, voice encoder 163-164, evaluation 16-19), 513-518 s wall,
+each run slowed by the other two. On the faster two-core machine of the earlier band
+(c689d7d, the same stages and steps), 215 s of CPU alone (203 s wall), 224-228 s each
+with three side by side; on the Xeon, that code took 337 s of CPU alone (319 s wall).
+The numbers do not depend on the machine (one thread; the Xeon gave the earlier band's
+to the last digit).
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -118,15 +117,15 @@ REPORTED = (
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` (docs/results.md has the runs and the commands).
 BAND = {
-    "cosine R@1, M = {M}": (62.5, 54.2, 67.2),
-    "angle v_s to v_f": (17.9, 16.4, 20.0),
-    "gender agreement": (84.7, 79.2, 90.2),
-    "gender agreement, decoder(v_f)": (88.2, 82.6, 93.5),
+    "cosine R@1, M = {M}": (60.5, 50.6, 68.6),
+    "angle v_s to v_f": (18.1, 17.1, 18.8),
+    "gender agreement": (90.0, 84.6, 95.7),
+    "gender agreement, decoder(v_f)": (86.6, 73.9, 96.2),
     "gender, true face vs label": (98.7, 97.4, 100.0),
-    "gender, reconstruction vs label": (86.0, 80.5, 90.2),
-    "decoder identification, px": (83.3, 80.0, 90.0),
+    "gender, reconstruction vs label": (91.2, 87.2, 95.7),
+    "decoder identification, px": (86.7, 80.0, 90.0),
     "decoder identification, dlib": (80.0, 70.0, 90.0),
-    "craniofacial r (mean of 11)": (0.69, 0.63, 0.74),
+    "craniofacial r (mean of 11)": (0.72, 0.69, 0.74),
 }
 
 
