@@ -17,9 +17,10 @@ CPU cores:
 Measured from three fresh clones (``make demo SEED=0/1/2``, commit 43dd9c7) run side by
 side on a two-core Intel Xeon at 2.8 GHz (2026-12-01): 338-343 s of CPU time each (corpus
 23-25, prepare 17, decoder 118, voice encoder 163-164, evaluation 16-19), 513-518 s wall,
-each run slowed by the other two. On the faster two-core machine of the earlier band
-(c689d7d, the same stages and steps), 215 s of CPU alone (203 s wall), 224-228 s each
-with three side by side; on the Xeon, that code took 337 s of CPU alone (319 s wall).
+each run slowed by the other two; seed 0 alone, 344 s of CPU and 328 s wall. On the
+faster two-core machine of the earlier band (c689d7d, the same stages and steps), 215 s
+of CPU alone (203 s wall), 224-228 s each with three side by side; on the Xeon, that
+code took 337 s of CPU alone (319 s wall).
 The numbers do not depend on the machine (one thread; the Xeon gave the earlier band's
 to the last digit).
 

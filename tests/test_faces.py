@@ -83,6 +83,57 @@ def test_cnn_detector_agrees_with_hog(astronaut, astronaut_face):
     assert np.abs(found[0].landmarks - astronaut_face.landmarks).mean() < 4.0
 
 
+def _detections(detector, image):
+    boxes, scores, kinds = detector.run(image, 1, -0.5)  # weak candidates too
+    return [(b.left(), b.top(), b.right(), b.bottom()) for b in boxes], scores, kinds
+
+
+def test_hog_detector_from_the_cache_finds_what_dlibs_own_finds(
+        astronaut, hopper_path, tmp_path, monkeypatch):
+    import dlib
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = F._frontal_face_detector()  # built by dlib, and its copy saved
+    saved = tmp_path / "speech2face" / "dlib" / f"frontal_face_detector-{dlib.__version__}.svm"
+    assert saved.is_file() and saved.with_name(saved.name + ".sha256").is_file()
+    reference = dlib.get_frontal_face_detector()
+    calls = []
+    monkeypatch.setattr(dlib, "get_frontal_face_detector", lambda: calls.append(1))
+    cached = F._frontal_face_detector()
+    assert not calls  # read from the copy, not built again
+    images = [astronaut, F.load_image(hopper_path), data.chelsea(),
+              np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)]
+    for image in images:
+        want = _detections(reference, image)
+        assert _detections(built, image) == want
+        assert _detections(cached, image) == want
+    assert len(_detections(reference, astronaut)[0]) >= 1
+
+
+def test_a_damaged_or_unwritable_detector_cache_is_not_used(astronaut, tmp_path, monkeypatch):
+    import dlib
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    F._frontal_face_detector()
+    saved = tmp_path / "speech2face" / "dlib" / f"frontal_face_detector-{dlib.__version__}.svm"
+    good = saved.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    saved.write_bytes(bytes(damaged))
+    build = dlib.get_frontal_face_detector
+    calls = []
+    monkeypatch.setattr(dlib, "get_frontal_face_detector", lambda: calls.append(1) or build())
+    detector = F._frontal_face_detector()
+    assert calls == [1]  # the damaged copy was refused and dlib built the detector
+    assert saved.read_bytes() == good  # and the copy was written again
+    assert len(_detections(detector, astronaut)[0]) >= 1
+    # a cache that cannot be written: the detector all the same
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    assert len(_detections(F._frontal_face_detector(), astronaut)[0]) >= 1
+
+
 def test_no_face_is_an_empty_list_or_a_typed_error():
     assert F.detect_faces(data.chelsea()) == []  # a cat
     assert F.detect_faces(np.full((300, 400, 3), 128, np.uint8)) == []
