@@ -153,7 +153,7 @@ def _frontal_face_detector():
 
     import dlib
 
-    from speech2face.utils import atomic_write, cache_dir
+    from speech2face.utils import cache_dir, staged_writes
 
     path = cache_dir() / "dlib" / f"frontal_face_detector-{dlib.__version__}.svm"
     digest_path = path.with_name(path.name + ".sha256")
@@ -169,10 +169,11 @@ def _frontal_face_detector():
             saved = Path(scratch) / path.name
             detector.save(str(saved))
             data = saved.read_bytes()
-        with atomic_write(path) as f:
-            f.write(data)
-        with atomic_write(digest_path, "w") as f:
-            f.write(hashlib.sha256(data).hexdigest() + "\n")
+        with staged_writes() as stage:  # the copy and its digest, both or neither
+            with stage(path) as f:
+                f.write(data)
+            with stage(digest_path, "w") as f:
+                f.write(hashlib.sha256(data).hexdigest() + "\n")
     except (OSError, RuntimeError):
         pass  # a read-only cache: built again next time
     return detector
