@@ -142,6 +142,19 @@ class Stage:
                 for k, v in batch.items()}
 
 
+def draw_feature_noise(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Stage 1's training noise for ``features`` (B, D): per row, a Gaussian vector of
+    standard deviation ``scale`` per dimension times a length uniform in [0, 1].
+
+    Drawn from torch's CPU generator, which checkpoints keep (a resumed run draws on),
+    in float64: torch's float32 normal draw takes another code path on CPUs with AVX2
+    than on those without it or with AVX-512, which differ in the last bits, and the
+    demo's training carries such differences into its printed numbers.
+    """
+    length = scale * torch.rand(len(features), 1, dtype=torch.float64)
+    return (length * torch.randn(tuple(features.shape), dtype=torch.float64)).to(features)
+
+
 class DecoderStage(Stage):
     """Stage 1: the face decoder learns to render the registered face of a face feature.
 
@@ -182,9 +195,7 @@ class DecoderStage(Stage):
         texture = self._targets(batch)
         features = batch["feature"]
         if self.feature_noise and self.trainable.training and torch.is_grad_enabled():
-            # drawn from torch's generator, which checkpoints keep: a resumed run draws on
-            length = self.feature_noise * torch.rand(len(features), 1)
-            features = features + length.to(features) * torch.randn_like(features)
+            features = features + draw_feature_noise(features, self.feature_noise)
         decoded = forward(features)
         return decoder_loss(decoded, texture, batch["landmarks"], self.loss_config,
                             encoder=self.face_encoder, features=batch["feature"])

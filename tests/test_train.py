@@ -494,6 +494,29 @@ def test_decoder_feature_noise_is_as_long_as_configured_and_only_in_training(sha
     assert torch.equal(seen[-1], batch["feature"])
 
 
+def test_feature_noise_draws_the_same_bits_whichever_kernels_the_cpu_gets():
+    """torch picks its CPU kernels by the instruction sets the CPU has; its float32 normal
+    draw differs in the last bits between them, and the demo's training carries such bits
+    into its printed numbers. The training noise is drawn the same on every CPU: here with
+    the kernels this CPU gets and with torch's baseline ones (ATEN_CPU_CAPABILITY=default).
+    """
+    code = ("import hashlib, torch; from speech2face.train import draw_feature_noise; "
+            "torch.manual_seed(3); x = draw_feature_noise(torch.zeros(8, 128), 0.7); "
+            "print(torch.backends.cpu.get_cpu_capability(), "
+            "hashlib.sha256(x.numpy().tobytes()).hexdigest())")
+    digests = {}
+    for capability in (None, "default"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        kernels, digest = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                         capture_output=True, text=True).stdout.split()
+        digests[kernels] = digest
+    if len(digests) == 1:
+        pytest.skip("this CPU gets torch's baseline kernels only")
+    assert len(set(digests.values())) == 1, digests
+
+
 def test_decoder_with_feature_noise_resumes_to_the_same_weights(shards, tmp_path):
     from speech2face.cli import main
 
