@@ -21,7 +21,9 @@
    worker pool), which both runs overlap with work the same way (each has far more
    videos than the pool holds): it estimates the throughput of a dataset-sized run. A
    figure above 2x is refused rather than printed. The shards of 1 and 2 workers
-   are checked to be identical. A worker's start-up is timed phase by phase in a fresh
+   are checked to be identical. Before each round, the machine's own 2-process speed-up
+   on a fixed numpy job (two copies at once against one alone): what any 2-worker run
+   can reach in that round. A worker's start-up is timed phase by phase in a fresh
    interpreter, with the torch import it no longer does timed after it for comparison.
 3. The loader (``ShardDataset``: tar reading, FLAC and JPEG decoding, ``fit_duration``,
    batching and on-the-fly spectrograms, batch 8) with 0 and 2 DataLoader workers, in
@@ -174,17 +176,49 @@ def _worker_start_up() -> dict:
     return json.loads(run.stdout)
 
 
-def _workers(corpora: dict[str, Path], clips: dict[str, int], tmp: Path) -> dict:
+# A fixed CPU-bound job for the machine's own 2-process speed-up: numpy matrix products on
+# one BLAS thread, as prepare's face ResNet runs them (about 2 s alone on the 2-core AMD
+# EPYC Zen 5 of 2026-12-01).
+_PAIR_JOB = ("import numpy as np; a = np.random.default_rng(0).random((256, 256), "
+             "dtype=np.float32)\nfor _ in range({n}): a @ a")
+_PAIR_ITERATIONS = 8000
+
+
+def _pair_ratio(iterations: int) -> float:
+    """Throughput of two copies of a fixed job run at once against one alone: what two
+    processes can get from this machine at this moment (a virtual machine's two cores
+    may share a physical core, or its host, with others). The ceiling of the round's
+    2-worker ratio."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", _PAIR_JOB.format(n=iterations)]
+    with Clock() as one:
+        subprocess.run(command, check=True, env=env)
+    with Clock() as two:
+        pair = [subprocess.Popen(command, env=env) for _ in range(2)]
+        if any(process.wait() for process in pair):
+            raise RuntimeError("the 2-process reference job failed")
+    return 2 * one.wall / two.wall
+
+
+def _workers(corpora: dict[str, Path], clips: dict[str, int], tmp: Path,
+             pair_iterations: int = _PAIR_ITERATIONS) -> dict:
     """``speech2face prepare voxceleb1`` with 1 and 2 workers, each in a fresh process as
     a user runs it: wall and CPU seconds (the command and its workers), per round."""
     import subprocess
     import sys
 
     runs: dict[tuple[str, int], list[Clock]] = {}
+    machine = []  # the machine's own 2-process speed-up, per round
     # ROUNDS rounds, the worker counts alternating in order. The machine's speed drifts
     # from minute to minute (by 1.3x within a session): a ratio is taken within a round,
     # between runs minutes apart, and the median over rounds is reported.
     for round_ in range(ROUNDS):
+        machine.append(_pair_ratio(pair_iterations))
         for name, corpus in corpora.items():
             for workers in ((1, 2) if round_ % 2 == 0 else (2, 1)):
                 out = tmp / f"shards-{name}-{workers}"
@@ -213,6 +247,8 @@ def _workers(corpora: dict[str, Path], clips: dict[str, int], tmp: Path) -> dict
                "ratio_per_round": [round(x[2] / x[1], 3) for x in rounds]}
         for kind, rounds in per_round.items()
     }
+    summary["machine"] = {"ratio": float(np.median(machine)),
+                          "ratio_per_round": [round(x, 3) for x in machine]}
     cpu = {key: float(np.median([c.cpu for c in clocks])) for key, clocks in runs.items()}
     steady_cpu = {w: (cpu[big, w] - cpu[small, w]) / (clips[big] - clips[small])
                   for w in (1, 2)}
@@ -305,7 +341,8 @@ def run(quick: bool = False) -> dict:
         counts = {name: len(data.list_units("voxceleb1", c)) for name, c in corpora.items()}
         clips = {name: sum(len(u.clips) for u in data.list_units("voxceleb1", c))
                  for name, c in corpora.items()}
-        details["prepare_workers"] = _workers(corpora, clips, tmp)
+        details["prepare_workers"] = _workers(corpora, clips, tmp,
+                                              _PAIR_ITERATIONS // 10 if quick else _PAIR_ITERATIONS)
         details["prepare_workers"]["videos"] = counts
         details["prepare_worker_start_up_cpu_s"] = _worker_start_up()
         work = details["prepare_workers"]
@@ -331,6 +368,16 @@ def run(quick: bool = False) -> dict:
                 "ratio": _workers_ratio(measured["ratio"]),
                 "target": ">= 1.8x (on 2 free cores)",
             })
+        machine = throughput["machine"]
+        rows.append({
+            "benchmark": "the machine's own 2-process speed-up: two copies of a fixed numpy job "
+                         "(1 BLAS thread) at once vs one alone, before each round's prepare "
+                         f"runs; median of {len(machine['ratio_per_round'])} rounds (ratios "
+                         f"{', '.join(f'{x:.2f}' for x in machine['ratio_per_round'])})",
+            "result": "", "reference": "",
+            "ratio": _workers_ratio(machine["ratio"]),
+            "target": "(the ceiling of the 3 rows above, round by round)",
+        })
         shards = tmp / "shards-demo-1"
         loader = {w: _loader_rate(shards, w, 64 if quick else 256) for w in (0, 2)}
         batch = 2 if quick else 8

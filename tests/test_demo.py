@@ -179,7 +179,9 @@ def test_band_lines_name_the_gallery_and_show_the_band_only_for_default_settings
     assert "70.0%" in from_true and "chance 50.0%" in from_true
     other = demo.band_lines(metrics, default_settings=False)
     assert "not shown" in other[0] and f"({low:.1f}-{high:.1f})" not in "\n".join(other)
-    assert len(other) == len(default) == 2 + 3  # title, header, the 3 numbers present
+    # title, header, the 3 numbers present; with the band, where it was measured
+    assert len(other) == len(default) - 1 == 2 + 3
+    assert demo.BAND_MACHINE in default[-1] and demo.BAND_MACHINE not in "\n".join(other)
     # every number printed has its documented band, and every band a number
     assert {label for label, *_ in demo.REPORTED} == set(demo.BAND)
 
