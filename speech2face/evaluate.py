@@ -494,7 +494,10 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
 
     Returns:
         ``{"samples", "identities_rate"}`` in %, ``"identified"`` (identities
-        identified), ``"identities"`` (U), ``"chance"`` 100/U %, ``"metric"``.
+        identified), ``"identities"`` (U), ``"chance"`` 100/U %, ``"metric"``, and
+        ``"misses"``: for each identity not identified, ``{"identity", "nearest"}``
+        (the gallery identity its mean query lies nearest to, another or, on a tie,
+        its own).
     """
     q = np.asarray(queries)
     ids = np.asarray(identities)
@@ -509,12 +512,40 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
     per_sample = hits(np.concatenate([distance_matrix(q[start:start + _ROWS], gallery, metric)
                                       for start in range(0, max(len(q), 1), _ROWS)]), own)
     query_labels, query_means = identity_means(q, ids)
-    per_identity = hits(distance_matrix(query_means, gallery, metric),
-                        _own_index(query_labels, labels))
+    d = distance_matrix(query_means, gallery, metric)
+    per_identity = hits(d, _own_index(query_labels, labels))
+    misses = [{"identity": _plain(query_labels[i]), "nearest": _plain(labels[np.argmin(d[i])])}
+              for i in np.flatnonzero(~per_identity)]
     return {"samples": 100.0 * float(per_sample.mean()),
             "identities_rate": 100.0 * float(per_identity.mean()),
             "identified": int(per_identity.sum()), "identities": int(len(query_labels)),
-            "chance": 100.0 / len(labels), "metric": metric}
+            "chance": 100.0 / len(labels), "metric": metric, "misses": misses}
+
+
+def _plain(label):
+    """A numpy label as a JSON-ready int or str."""
+    return label.item() if isinstance(label, np.generic) else label
+
+
+def feature_look_alikes(features: np.ndarray, identities: Sequence) -> dict:
+    """Each identity's nearest other identity by the cosine of their mean features.
+
+    What a decoder of the features can tell apart at best: two identities whose mean
+    features nearly coincide get nearly the same input. Returns ``{"nearest": {label:
+    (other label, cosine)}, "median_cosine"}``, the median over identities of the
+    cosine to their nearest other (None with fewer than two identities).
+    """
+    labels, means = identity_means(features, identities)
+    if len(labels) < 2:
+        return {"nearest": {}, "median_cosine": None}
+    unit = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    cosine = unit @ unit.T
+    np.fill_diagonal(cosine, -np.inf)
+    nearest = cosine.argmax(axis=1)
+    best = cosine[np.arange(len(labels)), nearest]
+    return {"nearest": {_plain(label): (_plain(labels[j]), float(c))
+                        for label, j, c in zip(labels, nearest, best, strict=True)},
+            "median_cosine": float(np.median(best))}
 
 
 def thumbnails(images, size: int = THUMBNAIL_SIZE) -> np.ndarray:
@@ -1030,9 +1061,16 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
     metrics["grid_identities"] = [row[3] for row in c.grid]
     if c.face_thumbnails is not None and c.canon_thumbnails is not None:
         labels, mean_faces = identity_means(c.face_thumbnails, c.identities)
+        pixels = identification_rate(c.canon_thumbnails, c.identities, labels, mean_faces, "l2")
+        # Beside each miss, the identity whose face feature is nearest its own: a decoder
+        # cannot separate identities whose features nearly coincide.
+        look_alikes = feature_look_alikes(c.true, c.identities)
+        for miss in pixels["misses"]:
+            miss["look_alike"], miss["feature_cosine"] = \
+                look_alikes["nearest"][miss["identity"]]
         metrics["decoder_identification_pixels"] = {
-            **identification_rate(c.canon_thumbnails, c.identities, labels, mean_faces, "l2"),
-            "size": THUMBNAIL_SIZE}
+            **pixels, "size": THUMBNAIL_SIZE,
+            "median_nearest_feature_cosine": look_alikes["median_cosine"]}
     if c.face_embeddings is not None:
         metrics.update(image_metrics(c, identity_gallery_sizes, draws, seed, training_encoder))
     return metrics
@@ -1191,12 +1229,28 @@ def evaluate(
     metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws, seed=seed,
                                    identity_gallery_sizes=identity_gallery_sizes,
                                    training_encoder=loaded.face_encoder_name))
+    _name_misses(metrics, Path(data))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     files = render_report(metrics, collected, title=title, notice=notice, extra=extra,
                           extra_files=extra_files)
     write_outputs(out, files)
     shutil.rmtree(partial, ignore_errors=True)
     return metrics
+
+
+def _name_misses(metrics: dict, data: Path) -> None:
+    """The decoder identification's misses by identity name (the shards' manifest lists
+    the identities in index order) rather than by index."""
+    from speech2face.data import load_manifest
+
+    names = load_manifest(data)["identities"]
+
+    def name(label):
+        return names[label] if isinstance(label, int) and 0 <= label < len(names) else label
+
+    for miss in metrics.get("decoder_identification_pixels", {}).get("misses", []):
+        for key in ("identity", "nearest", "look_alike"):
+            miss[key] = name(miss[key])
 
 
 def _run_key(model, data: Path, **settings) -> str:

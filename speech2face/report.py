@@ -396,6 +396,24 @@ def _decoder_identification_lines(metrics: dict) -> list[str]:
         lines.append(f"| {name} | {_fmt(ident['identities_rate'], None, 1)} % "
                      f"({ident['identified']} of {ident['identities']}) | "
                      f"{_fmt(ident['samples'], None, 1)} % | {_fmt(ident['chance'], None, 1)} % |")
+    return lines + [""] + _misses_lines(pixels)
+
+
+def _misses_lines(pixels: dict | None) -> list[str]:
+    """The identities the decoder's images miss in pixels, each beside the test identity
+    whose face feature is nearest its own: identities whose features nearly coincide get
+    nearly the same decoder input, and no decoder can tell them apart."""
+    misses = (pixels or {}).get("misses")
+    if not misses or "look_alike" not in misses[0]:
+        return []
+    lines = ["Missed in pixels, each with the test identity whose mean face feature is "
+             "nearest its own (cosine; a decoder gets nearly the same input for a pair "
+             "near 1). Half the test identities have their nearest other at cosine "
+             f"{_fmt(pixels['median_nearest_feature_cosine'], None, 4)} or less.", "",
+             "| identity | its image is nearest to | nearest face feature | cosine |",
+             "|---|---|---|---|"]
+    lines += [f"| {m['identity']} | {m['nearest']} | {m['look_alike']} | "
+              f"{_fmt(m['feature_cosine'], None, 4)} |" for m in misses]
     return lines + [""]
 
 

@@ -392,6 +392,8 @@ def test_identification_rate_hand_built():
     assert result["identified"] == 2 and result["identities"] == 3
     assert result["identities_rate"] == pytest.approx(200 / 3)
     assert result["chance"] == pytest.approx(100 / 3)
+    # the tie is a miss; its mean query (0, 2) is as near 0 as its own: 0 comes first
+    assert result["misses"] == [{"identity": 2, "nearest": 0}]
     for metric in ev.RETRIEVAL_METRICS:
         perfect = ev.identification_rate(gallery + 1, [0, 1, 2], np.arange(3), gallery + 1,
                                          metric)
@@ -447,6 +449,22 @@ def test_decoder_identification_in_pixels_matches_loops():
     assert result["identities_rate"] == pytest.approx(50.0)  # 0-2 only
     assert result["samples"] == pytest.approx(50.0)
     assert result["chance"] == pytest.approx(100 / 6) and result["identities"] == 6
+    # 3-5 drawn as the next identity's face, each beside its nearest other by mean feature
+    # (scikit-learn's cosine over the loops' means: an independent reference).
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    means = np.stack([c.true[ids == i].mean(axis=0) for i in range(6)])
+    cosine = cosine_similarity(means)
+    np.fill_diagonal(cosine, -2)
+    assert [m["identity"] for m in result["misses"]] == [3, 4, 5]
+    for miss in result["misses"]:
+        i = miss["identity"]
+        assert miss["nearest"] == (i + 1) % 6
+        assert miss["look_alike"] == int(cosine[i].argmax())
+        assert miss["feature_cosine"] == pytest.approx(cosine[i].max(), abs=1e-12)
+    assert result["median_nearest_feature_cosine"] == pytest.approx(
+        np.median(cosine.max(axis=1)), abs=1e-12)
+    json.dumps(result)  # plain types, for metrics.json
     # Rows are taken a chunk at a time: the same result whatever the chunk.
     import speech2face.evaluate as module
 

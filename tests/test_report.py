@@ -179,3 +179,20 @@ def test_compare_command_puts_runs_side_by_side(tmp_path, capsys):
                for row in rows)
     assert main(["compare", f"x={tmp_path / 'nothing'}"]) == 2
     assert "metrics.json" in capsys.readouterr().err
+
+
+def test_decoder_identification_misses_are_listed_with_their_feature_look_alikes():
+    pixels = {"identities_rate": 70.0, "identified": 7, "identities": 10, "samples": 78.3,
+              "chance": 10.0, "size": 64, "median_nearest_feature_cosine": 0.9712,
+              "misses": [{"identity": "id10008", "nearest": "id10010",
+                          "look_alike": "id10015", "feature_cosine": 0.99451}]}
+    lines = report._decoder_identification_lines({"decoder_identification_pixels": pixels})
+    text = "\n".join(lines)
+    assert "(7 of 10)" in text and "cosine 0.9712 or less" in text
+    assert "| id10008 | id10010 | id10015 | 0.9945 |" in text
+    # without misses (or from an older metrics.json without look-alikes), no table
+    for fewer in ({**pixels, "misses": []},
+                  {**pixels, "misses": [{"identity": "a", "nearest": "b"}]}):
+        text = "\n".join(report._decoder_identification_lines(
+            {"decoder_identification_pixels": fewer}))
+        assert "nearest face feature" not in text
