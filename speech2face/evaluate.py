@@ -538,8 +538,7 @@ def feature_look_alikes(features: np.ndarray, identities: Sequence) -> dict:
     labels, means = identity_means(features, identities)
     if len(labels) < 2:
         return {"nearest": {}, "median_cosine": None}
-    unit = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-    cosine = unit @ unit.T
+    cosine = _unit(means) @ _unit(means).T
     np.fill_diagonal(cosine, -np.inf)
     nearest = cosine.argmax(axis=1)
     best = cosine[np.arange(len(labels)), nearest]
@@ -1239,7 +1238,7 @@ def evaluate(
 
 
 def _name_misses(metrics: dict, data: Path) -> None:
-    """The decoder identification's misses by identity name (the shards' manifest lists
+    """Both decoder identifications' misses by identity name (the shards' manifest lists
     the identities in index order) rather than by index."""
     from speech2face.data import load_manifest
 
@@ -1248,9 +1247,11 @@ def _name_misses(metrics: dict, data: Path) -> None:
     def name(label):
         return names[label] if isinstance(label, int) and 0 <= label < len(names) else label
 
-    for miss in metrics.get("decoder_identification_pixels", {}).get("misses", []):
-        for key in ("identity", "nearest", "look_alike"):
-            miss[key] = name(miss[key])
+    for key in ("decoder_identification_pixels", "decoder_identification"):
+        for miss in metrics.get(key, {}).get("misses", []):
+            for field_ in ("identity", "nearest", "look_alike"):
+                if field_ in miss:
+                    miss[field_] = name(miss[field_])
 
 
 def _run_key(model, data: Path, **settings) -> str:

@@ -672,3 +672,14 @@ def test_collector_ignores_a_damaged_saved_state(tmp_path, damage):
     damage(state)
     path.write_text(json.dumps(state))
     assert ev._Collector.load(tmp_path / "state", "k", True, 1) is None
+
+
+def test_misses_are_named_from_the_manifest_for_both_judges(tmp_path):
+    shards = _manifest(tmp_path / "shards", ["id1", "id2", "id3"], 16)
+    metrics = {"decoder_identification_pixels": {"misses": [
+                   {"identity": 0, "nearest": 2, "look_alike": 1, "feature_cosine": 0.9}]},
+               "decoder_identification": {"misses": [{"identity": 2, "nearest": 0}]}}
+    ev._name_misses(metrics, shards)
+    assert metrics["decoder_identification_pixels"]["misses"] == [
+        {"identity": "id1", "nearest": "id3", "look_alike": "id2", "feature_cosine": 0.9}]
+    assert metrics["decoder_identification"]["misses"] == [{"identity": "id3", "nearest": "id1"}]
