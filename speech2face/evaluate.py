@@ -483,14 +483,16 @@ def matching_accuracy(queries: np.ndarray, identities: Sequence, labels: np.ndar
 
 
 def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.ndarray,
-                        gallery: np.ndarray, metric: str) -> dict:
+                        gallery: np.ndarray, metric: str, origin: np.ndarray | None = None
+                        ) -> dict:
     """Share of queries (and of identities) whose nearest gallery item is their own.
 
     Used for the decoder identification rate: the queries are decoder(true face feature)
     as recognizer embeddings or as pixels (:func:`thumbnails`), the gallery holds each
     identity's mean real face, the same way. A tie with another identity counts as a
     miss. Per identity, the query embeddings are averaged
-    first, one decision per identity.
+    first, one decision per identity. With ``origin``, queries and gallery are compared
+    as departures from that point (with ``cosine``: by the direction of the departure).
 
     Returns:
         ``{"samples", "identities_rate"}`` in %, ``"identified"`` (identities
@@ -503,16 +505,22 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
     ids = np.asarray(identities)
     own = _own_index(ids, labels)
 
+    def moved(x: np.ndarray) -> np.ndarray:  # a chunk at a time: queries may be many
+        return x if origin is None else np.asarray(x, dtype=np.float64) - origin
+
+    gallery = moved(gallery)
+
     def hits(d: np.ndarray, own: np.ndarray) -> np.ndarray:
         mine = d[np.arange(len(d)), own][:, None]
         closer_or_tied = d <= mine + TIE_TOLERANCE * np.maximum(1.0, np.abs(mine))
         closer_or_tied[np.arange(len(d)), own] = False
         return ~closer_or_tied.any(axis=1)
 
-    per_sample = hits(np.concatenate([distance_matrix(q[start:start + _ROWS], gallery, metric)
-                                      for start in range(0, max(len(q), 1), _ROWS)]), own)
+    per_sample = hits(np.concatenate([
+        distance_matrix(moved(q[start:start + _ROWS]), gallery, metric)
+        for start in range(0, max(len(q), 1), _ROWS)]), own)
     query_labels, query_means = identity_means(q, ids)
-    d = distance_matrix(query_means, gallery, metric)
+    d = distance_matrix(moved(query_means), gallery, metric)
     per_identity = hits(d, _own_index(query_labels, labels))
     misses = [{"identity": _plain(query_labels[i]), "nearest": _plain(labels[np.argmin(d[i])])}
               for i in np.flatnonzero(~per_identity)]
@@ -1060,7 +1068,13 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
     metrics["grid_identities"] = [row[3] for row in c.grid]
     if c.face_thumbnails is not None and c.canon_thumbnails is not None:
         labels, mean_faces = identity_means(c.face_thumbnails, c.identities)
-        pixels = identification_rate(c.canon_thumbnails, c.identities, labels, mean_faces, "l2")
+        # Each image as its departure from the average test face, compared by direction:
+        # a decoder trained on pixel losses shrinks its images toward the average face,
+        # and by plain L2 a shrunken image lies nearest whichever real face is itself
+        # nearest the average (docs/evaluation.md). Plain L2 is kept beside it.
+        pixels = identification_rate(c.canon_thumbnails, c.identities, labels, mean_faces,
+                                     "cosine", origin=mean_faces.mean(axis=0))
+        l2 = identification_rate(c.canon_thumbnails, c.identities, labels, mean_faces, "l2")
         # Beside each miss, the identity whose face feature is nearest its own: a decoder
         # cannot separate identities whose features nearly coincide.
         look_alikes = feature_look_alikes(c.true, c.identities)
@@ -1068,7 +1082,8 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
             miss["look_alike"], miss["feature_cosine"] = \
                 look_alikes["nearest"][miss["identity"]]
         metrics["decoder_identification_pixels"] = {
-            **pixels, "size": THUMBNAIL_SIZE,
+            **pixels, "size": THUMBNAIL_SIZE, "origin": "average test face",
+            "l2": {k: l2[k] for k in ("samples", "identities_rate", "identified")},
             "median_nearest_feature_cosine": look_alikes["median_cosine"]}
     if c.face_embeddings is not None:
         metrics.update(image_metrics(c, identity_gallery_sizes, draws, seed, training_encoder))

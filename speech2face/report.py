@@ -373,7 +373,14 @@ def _decoder_identification_lines(metrics: dict) -> list[str]:
     rows = []
     pixels = metrics.get("decoder_identification_pixels")
     if pixels is not None:
-        rows.append((f"pixels ({pixels['size']} x {pixels['size']} RGB, L2)", pixels))
+        size = f"{pixels['size']} x {pixels['size']} RGB"
+        if "origin" in pixels:  # older metrics.json files hold plain L2 only
+            rows.append((f"pixels ({size}, departure from the average face, cosine)", pixels))
+            pixels_l2 = {**pixels["l2"], "chance": pixels["chance"],
+                         "identities": pixels["identities"]}
+            rows.append((f"pixels ({size}, L2)", pixels_l2))
+        else:
+            rows.append((f"pixels ({size}, L2)", pixels))
     if "decoder_identification" in metrics:
         ident = metrics["decoder_identification"]
         rows.append((f"{metrics['recognizer']['name']} embedding ({ident['metric']})", ident))
@@ -384,9 +391,12 @@ def _decoder_identification_lines(metrics: dict) -> list[str]:
         "Does the face decoder reproduce who someone is? For each test identity, its "
         "reconstructions from the true face feature, decoder(v_f), are averaged and compared "
         "with every test identity's mean true face crop: identified when its own is strictly "
-        "the nearest (per sample: each reconstruction alone). **In pixels**, the images are "
-        "compared as they are: what the decoder is trained to reproduce (texture and shape), "
-        "judged as a person comparing two pictures would. **By the recognizer**, both are "
+        "the nearest (per sample: each reconstruction alone). **In pixels**: what the decoder "
+        "is trained to reproduce (texture and shape), judged as a person comparing two "
+        "pictures would; first (the headline) each image as its departure from the average "
+        "test face, compared by direction, since a decoder trained on pixel losses draws "
+        "every face part-way toward the average; then plain L2, where such a drawn-in image "
+        "lies nearest whichever real face is nearest the average. **By the recognizer**, both are "
         "embedded first: a stricter judge of identity, built to ignore lighting, tone and "
         "image quality, and so also blind to part of what tells generated faces apart "
         "while sensitive to the blur of a small decoder's output.", "",

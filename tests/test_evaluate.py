@@ -417,17 +417,26 @@ def test_thumbnails_match_pil_resize():
         assert np.abs(row.reshape(size, size, 3).astype(np.int16) - reference).max() <= 1
 
 
-def _ref_pixel_identification(decoded, faces, ids):
-    """Loops: each identity's mean face, each identity's mean decoded image, nearest."""
+def _ref_pixel_identification(decoded, faces, ids, centred=False):
+    """Loops: each identity's mean face, each identity's mean decoded image, nearest by L2,
+    or (centred) by the cosine of their departures from the mean of the mean faces."""
     labels = sorted(set(ids))
 
     def mean(x, i):
         return np.mean([x[j].astype(float) for j in range(len(ids)) if ids[j] == i], axis=0)
 
     gallery = [mean(faces, i) for i in labels]
+    average = np.mean(gallery, axis=0)
+
+    def distance(a, b):
+        if not centred:
+            return np.sqrt(((a - b) ** 2).sum())
+        a, b = a - average, b - average
+        return 1.0 - np.dot(a, b) / np.sqrt(np.dot(a, a) * np.dot(b, b))
+
     hits = 0
     for i in labels:
-        d = [np.sqrt(((mean(decoded, i) - g) ** 2).sum()) for g in gallery]
+        d = [distance(mean(decoded, i), g) for g in gallery]
         hits += int(np.argmin(d) == labels.index(i) and sorted(d)[0] < sorted(d)[1])
     return 100.0 * hits / len(labels)
 
@@ -445,8 +454,11 @@ def test_decoder_identification_in_pixels_matches_loops():
                      face_thumbnails=faces, canon_thumbnails=decoded)
     result = ev.compute_metrics(c, draws=2)["decoder_identification_pixels"]
     assert result["identities_rate"] == pytest.approx(
+        _ref_pixel_identification(decoded, faces, list(ids), centred=True))
+    assert result["l2"]["identities_rate"] == pytest.approx(
         _ref_pixel_identification(decoded, faces, list(ids)))
     assert result["identities_rate"] == pytest.approx(50.0)  # 0-2 only
+    assert result["l2"]["identities_rate"] == pytest.approx(50.0)
     assert result["samples"] == pytest.approx(50.0)
     assert result["chance"] == pytest.approx(100 / 6) and result["identities"] == 6
     # 3-5 drawn as the next identity's face, each beside its nearest other by mean feature
@@ -474,6 +486,37 @@ def test_decoder_identification_in_pixels_matches_loops():
         assert ev.compute_metrics(c, draws=2)["decoder_identification_pixels"] == result
     finally:
         small.undo()
+
+
+
+def test_decoder_identification_in_pixels_sees_through_the_pull_to_the_average():
+    # Six faces around an average, one of them (identity 5) close to it. Each decoded
+    # image is its own face drawn 70 % of the way to the average, as a decoder trained on
+    # pixel losses draws it: by L2 the drawn-in images of the faces farthest out lie
+    # nearer face 5 than their own; their departures from the average still point their
+    # own way.
+    rng = np.random.default_rng(4)
+    average = rng.uniform(90, 160, size=48)
+    departures = rng.normal(scale=40.0, size=(6, 48))
+    departures[5] *= 0.1
+    faces = np.clip(average + departures, 0, 255).astype(np.uint8)
+    ids = np.repeat(np.arange(6), 2)
+    centre = faces.astype(float).mean(axis=0)
+    decoded = np.round(centre + 0.3 * (faces.astype(float) - centre))[ids].astype(np.uint8)
+    c = ev.Collected(pred=rng.normal(size=(12, 4)), true=rng.normal(size=(12, 4)),
+                     identities=ids, recon_landmarks=_random_landmarks(12),
+                     canon_landmarks=_random_landmarks(12), face_thumbnails=faces[ids],
+                     canon_thumbnails=decoded)
+    result = ev.compute_metrics(c, draws=2)["decoder_identification_pixels"]
+    # scipy's distances on the centred means: an independent reference
+    from scipy.spatial.distance import cdist
+
+    gallery = faces.astype(float)
+    centred = cdist(decoded[::2] - centre, gallery - centre, "cosine")
+    plain = cdist(decoded[::2].astype(float), gallery, "euclidean")
+    assert result["identified"] == int((centred.argmin(axis=1) == np.arange(6)).sum()) == 6
+    assert result["l2"]["identified"] == int((plain.argmin(axis=1) == np.arange(6)).sum()) < 6
+    assert result["origin"] == "average test face"
 
 
 def test_identity_genders_prefers_metadata_then_classifier_majority():

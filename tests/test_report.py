@@ -93,6 +93,10 @@ def test_report_files_and_contents(tmp_path):
         ident = metrics[key]
         assert f"({ident['identified']} of {ident['identities']})" in text
     assert "| pixels (64 x 64 RGB, L2) |" in text and "| dlib embedding (l2) |" in text
+    pixels = metrics["decoder_identification_pixels"]
+    assert ("| pixels (64 x 64 RGB, departure from the average face, cosine) | "
+            f"{pixels['identities_rate']:.1f} % ({pixels['identified']} of 12) |") in text
+    assert f"{pixels['l2']['identities_rate']:.1f} % ({pixels['l2']['identified']} of 12)" in text
     assert "Identity from the image" in text and "**dlib** (4-D)" in text
     assert "1:2 voice-face matching" in text and "chance" in text
     assert "classifier on the true faces" in text  # genders for the constrained test
