@@ -14,12 +14,13 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 652fec3) on a two-core
-AMD EPYC (Zen 5, AVX-512; 2026-12-01): seed 0 alone, 198 s of CPU time and 187 s wall
-after the install (corpus 14, prepare 12, decoder 76, voice encoder 85, evaluation 11);
-216-220 s of CPU each with five runs side by side. The same stages and steps took 344 s of
-CPU alone on a two-core Intel Xeon at 2.8 GHz (43dd9c7) and 376 s on a two-core AMD EPYC
-Zen 3 (AVX2; 9748ba4): issue 13's four minutes hold on the first machine only.
+Measured from three fresh clones (``make demo SEED=0/1/2``, commit 61291cb) on a two-core
+AMD EPYC (Zen 4, AVX-512; 2026-12-02): seed 0 alone, 209 s of CPU time and 199 s wall
+after the install (corpus 13, prepare 10, decoder 70, voice encoder 106, evaluation 10);
+220-222 s of CPU each with two runs side by side. The same stages and steps took 198 s
+of CPU alone on a two-core AMD EPYC Zen 5 (652fec3), 344 s on a two-core Intel Xeon at
+2.8 GHz (43dd9c7) and 376 s on a two-core AMD EPYC Zen 3 (AVX2; 9748ba4): issue 13's
+four minutes hold on the two newer AMD machines only.
 
 On one kind of machine the numbers reproduce to the last digit (one thread; whatever the
 load; after a resume). On a CPU whose vector kernels differ (AVX2 against AVX-512, other
@@ -120,17 +121,17 @@ REPORTED = (
 )
 # The documented band: mean, min and max over seeds 0, 1, 2, each a fresh clone's
 # `make demo` on BAND_MACHINE (docs/results.md has the runs and the commands).
-BAND_MACHINE = "a 2-core AMD EPYC Zen 5 (AVX-512), commit 652fec3"
+BAND_MACHINE = "a 2-core AMD EPYC Zen 4 (AVX-512), commit 61291cb"
 BAND = {
-    "cosine R@1, M = {M}": (56.6, 45.2, 66.6),
-    "angle v_s to v_f": (17.9, 16.5, 19.6),
-    "gender agreement": (90.8, 84.6, 95.7),
-    "gender agreement, decoder(v_f)": (86.6, 79.3, 97.4),
+    "cosine R@1, M = {M}": (58.5, 52.4, 66.4),
+    "angle v_s to v_f": (18.2, 17.0, 18.9),
+    "gender agreement": (89.8, 88.3, 91.3),
+    "gender agreement, decoder(v_f)": (86.7, 78.3, 96.2),
     "gender, true face vs label": (100.0, 100.0, 100.0),
-    "gender, reconstruction vs label": (90.8, 84.6, 95.7),
-    "decoder identification, px": (83.3, 70.0, 100.0),
-    "decoder identification, dlib": (70.0, 70.0, 70.0),
-    "craniofacial r (mean of 11)": (0.67, 0.64, 0.69),
+    "gender, reconstruction vs label": (89.8, 88.3, 91.3),
+    "decoder identification, px": (90.0, 90.0, 90.0),
+    "decoder identification, dlib": (86.7, 80.0, 100.0),
+    "craniofacial r (mean of 11)": (0.66, 0.62, 0.70),
 }
 
 
