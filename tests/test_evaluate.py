@@ -509,8 +509,6 @@ def test_decoder_identification_in_pixels_sees_through_the_pull_to_the_average()
                      canon_thumbnails=decoded)
     result = ev.compute_metrics(c, draws=2)["decoder_identification_pixels"]
     # scipy's distances on the centred means: an independent reference
-    from scipy.spatial.distance import cdist
-
     gallery = faces.astype(float)
     centred = cdist(decoded[::2] - centre, gallery - centre, "cosine")
     plain = cdist(decoded[::2].astype(float), gallery, "euclidean")
@@ -726,3 +724,17 @@ def test_misses_are_named_from_the_manifest_for_both_judges(tmp_path):
     assert metrics["decoder_identification_pixels"]["misses"] == [
         {"identity": "id1", "nearest": "id3", "look_alike": "id2", "feature_cosine": 0.9}]
     assert metrics["decoder_identification"]["misses"] == [{"identity": "id3", "nearest": "id1"}]
+
+
+def test_the_attribute_classifiers_runtime_leaves_nothing_in_tmp():
+    # onnxruntime 1.29 and 1.30 write an empty /tmp/mat-debug-<pid>.log on import
+    # (pyproject.toml excludes them); a process that loads the attribute classifier must
+    # leave no file behind.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import os, onnxruntime; print(os.getpid())"],
+        capture_output=True, text=True, check=True)
+    assert not Path(f"/tmp/mat-debug-{child.stdout.strip()}.log").exists()
