@@ -122,7 +122,7 @@ def to_uint8_images(images: torch.Tensor, size: int = OUTPUT_SIZE) -> np.ndarray
     if images.shape[-1] != size or images.shape[-2] != size:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
                                                  align_corners=False)
-    array = (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+    array = (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)  # to nearest, ties up
     return array.permute(0, 2, 3, 1).cpu().numpy()
 
 

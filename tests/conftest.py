@@ -5,6 +5,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_user_cache(tmp_path_factory):
+    """The tests never write the user's own cache (~/.cache/speech2face: the detector
+    copy, the demo's model); commands they start inherit the setting. Tests that need
+    their own cache set ``XDG_CACHE_HOME`` again."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def one_thread():
     """Small problems: on a busy 2-core machine, thread hand-offs cost more than the maths."""

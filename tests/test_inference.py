@@ -119,12 +119,23 @@ def test_reconstruct_face_landmarks_in_224_frame(audio_files, bundle):
 
 
 def test_to_uint8_images_rounds_and_upsamples():
-    x = torch.rand(2, 3, 224, 224)
-    expected = np.round(x.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    # Scaled in float32, then to nearest with ties up: 255 x here lands on 226.5 in
+    # float32 (numpy's round would take it to even, 226; an unseeded draw hit such a tie
+    # now and then), and one float32 step lower on 226.49998.
+    x[0, 0, 0, :2] = torch.tensor([np.float32(226.5 / 255),
+                                   np.nextafter(np.float32(226.5 / 255), np.float32(0))])
+    scaled = x.permute(0, 2, 3, 1).numpy() * np.float32(255)
+    assert scaled[0, 0, 0, 0] == 226.5 and scaled[0, 0, 1, 0] < 226.5
+    whole = np.floor(scaled)
+    expected = (whole + (scaled - whole >= 0.5)).astype(np.uint8)
+    assert expected[0, 0, 0, 0] == 227 and expected[0, 0, 1, 0] == 226
     np.testing.assert_array_equal(inference.to_uint8_images(x), expected)
-    small = torch.full((1, 3, 64, 64), 0.5)
+    # Upsampled bilinearly: a flat image stays flat (0.6 x 255 = 153, away from a tie;
+    # the interpolation's float32 weights move a flat 0.5 to either side of 127.5).
+    small = torch.full((1, 3, 64, 64), 0.6)
     up = inference.to_uint8_images(small)
-    assert up.shape == (1, 224, 224, 3) and np.all(up == 128)
+    assert up.shape == (1, 224, 224, 3) and np.all(up == 153)
 
 
 def test_bad_arrays_are_audio_errors(bundle):
