@@ -118,6 +118,10 @@ class TrainConfig:
     feature_noise: float = 0.0
     # Shuffle buffer of the shard loader, in samples (bigger mixes more, costs memory).
     shuffle_buffer: int = 1000
+    # With num_workers=0, shards read and samples decoded are kept in memory for later
+    # epochs up to this many MiB (0: never); a split that does not fit is read from disk
+    # every epoch. The batches are the same either way (data.loader.SampleCache).
+    sample_cache_mb: int = 1024
     # Weights of a VGG-Face encoder when the shards' features came from it.
     face_encoder_weights: str | None = None
     # L2 penalty of the stand-in identity classifier against its summed cross-entropy
@@ -138,7 +142,7 @@ class TrainConfig:
                      "val_every", "checkpoint_every", "keep_last", "val_images", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("val_batches", "num_workers", "precise_bn_batches"):
+        for name in ("val_batches", "num_workers", "precise_bn_batches", "sample_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("lr", "eps"):

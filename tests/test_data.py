@@ -394,6 +394,59 @@ def test_training_windows_are_random_slices_of_the_clip(reference):
         data.ShardDataset(reference, "train", seconds=3.0, window_seconds=4.0)
 
 
+def test_kept_samples_give_the_same_batches_and_read_each_shard_once(reference, monkeypatch):
+    """Training without loader workers keeps shards and decoded samples across epochs
+    (``sample_cache_mb``): the batches of every epoch (order, crops, audio windows,
+    spectrograms) equal those read from disk, each shard is read once, a cache too small
+    for the split empties itself and reads from disk, and kept arrays cannot be changed."""
+    from speech2face.config import TrainConfig
+    from speech2face.data import loader
+
+    reads = []
+    real = loader.iterate_tar
+    monkeypatch.setattr(loader, "iterate_tar",
+                        lambda path, *a: reads.append(path) or real(path, *a))
+
+    def epochs(cache_mb):
+        config = TrainConfig.tiny("voice", sample_cache_mb=cache_mb, train_seconds=2.0,
+                                  clip_seconds=3.0, shuffle_buffer=5)
+        train = loader.ShardData(reference, "train", 2, config, spectrogram=True)
+        return train, [[b for b in train.batches(epoch)] for epoch in range(3)]
+
+    shards = len(data.load_manifest(reference)["splits"]["train"]["shards"])
+    _, uncached = epochs(0)
+    assert len(reads) == 3 * shards
+    reads.clear()
+    train, cached = epochs(1024)
+    assert len(reads) == len(set(reads)) == shards
+    assert train.cache.bytes > 0 and not train.cache.full
+    for a, b in zip(uncached, cached, strict=True):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            assert x["meta"] == y["meta"]
+            for key in ("spectrogram", "feature", "face", "landmarks", "identity_index"):
+                assert torch.equal(x[key], y[key]), key
+    # decoded arrays are shared between epochs, so they are read-only
+    kept = next(iter(train.cache._decoded.values()))
+    with pytest.raises(ValueError, match="read-only"):
+        kept["face"][0, 0, 0] = 1
+    # each stored crop of a sample is decoded once, and kept apart from the others
+    calls, crops = [], loader.SampleCache(2**20)
+    raw = {"__url__": "s.tar", "__key__": "k"}
+    got = [crops.decoded(raw, c, lambda c=c: calls.append(c) or {"face": np.full(3, c), "meta": {}})
+           for c in (0, 1, 0, 1)]
+    assert calls == [0, 1] and [int(g["face"][0]) for g in got] == [0, 1, 0, 1]
+    # a budget smaller than the split: emptied, and every epoch reads the shards again
+    reads.clear()
+    small, too_small = epochs(1)
+    assert small.cache.full and small.cache.bytes > 2**20 and not small.cache._decoded
+    assert len(reads) == 3 * shards
+    for a, b in zip(uncached, too_small, strict=True):
+        assert [x["meta"] for x in a] == [y["meta"] for y in b]
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x["spectrogram"], y["spectrogram"])
+
+
 # ------------------------------------------------------------------- faults and skips
 
 
