@@ -484,19 +484,18 @@ class ShardData:
         self.shuffle = shuffle
         # Without loader workers the samples are read in this process, which can keep
         # them from epoch to epoch (SampleCache); workers start afresh every epoch.
-        workers = config.num_workers if shuffle else 0
+        self.workers = config.num_workers if shuffle else 0
         self.cache = (SampleCache(config.sample_cache_mb * 2**20)
-                      if workers == 0 and config.sample_cache_mb > 0 else None)
+                      if self.workers == 0 and config.sample_cache_mb > 0 else None)
 
     def loader(self, epoch: int):
         """The DataLoader (:func:`make_loader`) of one epoch of this process. Batches are
-        collated (and spectrograms computed) in ``config.num_workers`` worker processes;
-        the DataLoader takes the workers' batches round-robin, so the order is fixed for a
-        given worker count."""
+        collated (and spectrograms computed) in ``config.num_workers`` worker processes
+        (none for validation); the DataLoader takes the workers' batches round-robin, so
+        the order is fixed for a given worker count."""
         return make_loader(
             self.root, self.split, batch_size=self.micro_batch,
-            num_workers=self.config.num_workers if self.shuffle else 0,
-            pin_memory=torch.cuda.is_available(), epoch=epoch,
+            num_workers=self.workers, pin_memory=torch.cuda.is_available(), epoch=epoch,
             shuffle=self.config.shuffle_buffer if self.shuffle else 0, seed=self.config.seed,
             spectrogram=self.spectrogram, drop_last=self.shuffle, seconds=self.config.clip_seconds,
             # Training draws one of the sample's stored crops (prepare's crops_per_sample)
