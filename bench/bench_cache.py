@@ -1,6 +1,6 @@
 """What keeping samples across epochs (``sample_cache_mb``, ``data.loader.SampleCache``) saves.
 
-The demo trains on a 191-clip split for about 67 epochs (decoder) and 17 (voice encoder),
+The demo trains on a 191-clip split for about 67 epochs (decoder) and 8 (voice encoder),
 without loader workers. Without the cache every epoch reads each shard again (size and
 SHA-256 checked), decodes its JPEGs, landmarks and FLAC, and cuts the audio; with it,
 epochs after the first take the decoded samples from memory and only draw the crops,
@@ -13,6 +13,11 @@ spectrograms), with and without the cache, alternating in rounds so the machine'
 falls on both alike. Epochs after the first are compared; the first, which fills the
 cache, is reported beside them. The saving over the demo's whole run is that per-epoch
 difference times the demo's epochs.
+
+A third row does the same for the face decoder's texture targets
+(``train.KeptTargets``): CPU seconds an epoch spends in the decoder stage's
+``_targets`` (each face warped to the mean landmarks at 64 pixels), kept after the first
+epoch or warped at every step.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import torch
 from speech2face.config import TrainConfig
 from speech2face.data import load_manifest, prepare
 from speech2face.data.loader import ShardData
-from speech2face.demo import DECODER_STEPS, VOICE_STEPS
+from speech2face.demo import DECODER_OVERRIDES, DECODER_STEPS, VOICE_OVERRIDES, VOICE_STEPS
 from speech2face.demo_data import make_demo_data
 
+# The demo's batch sizes, which set its epochs (steps * batch / clips).
+_BATCH = {"decoder": DECODER_OVERRIDES["batch_size"], "voice": VOICE_OVERRIDES["batch_size"]}
 ROUNDS = 3
 EPOCHS = 4  # per round and setting; the first fills the cache
 
@@ -37,7 +44,7 @@ EPOCHS = 4  # per round and setting; the first fills the cache
 def _epochs(shards: Path, stage: str, cache_mb: int, epochs: int) -> list[float]:
     """CPU seconds of each of ``epochs`` epochs of ``stage``'s training batches."""
     voice = stage == "voice"
-    config = TrainConfig.tiny(stage, sample_cache_mb=cache_mb,
+    config = TrainConfig.tiny(stage, sample_cache_mb=cache_mb, batch_size=_BATCH[stage],
                               train_seconds=3.0 if voice else None)
     train = ShardData(shards, "train", config.batch_size, config, spectrogram=voice)
     seconds = []
@@ -46,6 +53,25 @@ def _epochs(shards: Path, stage: str, cache_mb: int, epochs: int) -> list[float]
         for _ in train.batches(epoch):
             pass
         seconds.append(time.process_time() - start)
+    return seconds
+
+
+def _target_epochs(shards: Path, keep: bool, epochs: int) -> list[float]:
+    """CPU seconds the decoder stage spends on its texture targets in each epoch."""
+    from speech2face.train import KeptTargets, decoder_stage
+
+    config = TrainConfig.tiny("decoder", batch_size=_BATCH["decoder"])
+    stage = decoder_stage(shards, config)
+    stage.kept_targets = KeptTargets((1 << 30) if keep else 0)
+    train = ShardData(shards, "train", config.batch_size, config)
+    seconds = []
+    for epoch in range(epochs):
+        spent = 0.0
+        for batch in train.batches(epoch):
+            start = time.process_time()
+            stage._targets(batch)
+            spent += time.process_time() - start
+        seconds.append(spent)
     return seconds
 
 
@@ -65,12 +91,15 @@ def run(quick: bool = False) -> dict:
                 for cache_mb in (0, 1024):
                     runs.setdefault(f"{stage}_{cache_mb}", []).append(
                         _epochs(shards, stage, cache_mb, epochs))
+            for keep in (False, True):
+                runs.setdefault(f"targets_{keep}", []).append(
+                    _target_epochs(shards, keep, epochs))
     rows, details = [], {"runs": runs, "train_clips": clips}
     for stage, steps in (("decoder", DECODER_STEPS), ("voice", VOICE_STEPS)):
         read, kept = (statistics.median(s for r in runs[f"{stage}_{mb}"] for s in r[1:])
                       for mb in (0, 1024))
         first = statistics.median(r[0] for r in runs[f"{stage}_1024"])
-        demo_epochs = steps * TrainConfig.tiny(stage).batch_size / clips
+        demo_epochs = steps * _BATCH[stage] / clips
         saved = demo_epochs * (read - kept)
         details[stage] = {"later_epoch_cpu_s": {"read": read, "kept": kept},
                           "first_epoch_cached_cpu_s": first, "demo_epochs": demo_epochs,
@@ -88,4 +117,23 @@ def run(quick: bool = False) -> dict:
             "ratio": f"{read / kept:.1f}x less CPU",
             "target": "",
         })
+    warped, kept = (statistics.median(s for r in runs[f"targets_{keep}"] for s in r[1:])
+                    for keep in (False, True))
+    first = statistics.median(r[0] for r in runs["targets_True"])
+    demo_epochs = DECODER_STEPS * _BATCH["decoder"] / clips
+    saved = demo_epochs * (warped - kept)
+    details["targets"] = {"later_epoch_cpu_s": {"warped": warped, "kept": kept},
+                          "first_epoch_kept_cpu_s": first, "demo_cpu_s_saved": saved}
+    rows.append({
+        "benchmark": f"decoder stage's texture targets, an epoch of the demo train split "
+                     f"({clips} clips), 1 thread: kept per sample (train.KeptTargets) vs "
+                     f"warped at every step; median of epochs 2-{epochs} over {rounds} "
+                     f"alternating rounds (the first epoch, which warps them all: "
+                     f"{first:.2f} s); over the demo's {demo_epochs:.0f} epochs {saved:.0f} s "
+                     f"of CPU saved",
+        "result": f"{kept:.3f} s CPU",
+        "reference": f"{warped:.3f} s CPU",
+        "ratio": f"{warped / max(kept, 1e-6):.0f}x less CPU",
+        "target": "",
+    })
     return {"rows": rows, "details": details}

@@ -120,7 +120,8 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     # With num_workers=0, shards read and samples decoded are kept in memory for later
     # epochs up to this many MiB (0: never); a split that does not fit is read from disk
-    # every epoch. The batches are the same either way (data.loader.SampleCache).
+    # every epoch. The batches are the same either way (data.loader.SampleCache). The face
+    # decoder's texture targets are kept up to the same budget (train.KeptTargets).
     sample_cache_mb: int = 1024
     # Weights of a VGG-Face encoder when the shards' features came from it.
     face_encoder_weights: str | None = None

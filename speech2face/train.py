@@ -155,17 +155,63 @@ def draw_feature_noise(features: torch.Tensor, scale: float) -> torch.Tensor:
     return (length * torch.randn(tuple(features.shape), dtype=torch.float64)).to(features)
 
 
+class KeptTargets:
+    """Each face's texture target, computed once and kept while they fit in ``budget_bytes``.
+
+    A face's registered texture (:func:`~speech2face.face_decoder.register_texture`, its
+    crop warped to the decoder's mean landmarks) depends on that sample and crop alone, and
+    a row comes out the same to the last bit whatever else is in its batch. A split seen
+    over many epochs (the demo's decoder: 67) therefore need not warp the same faces again:
+    that was a fifth of the demo's decoder step. Rows are keyed by the sample's ``meta``
+    (dataset, split, identity, video, clip and crop: the shard loader's batches); batches
+    without it (in-memory data) are computed every time. Once the kept rows pass
+    ``budget_bytes`` they are dropped and nothing more is kept (a split too big to hold).
+    The targets depend on the decoder's mean landmarks and size, which do not change
+    during a run; a stage keeps its own.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.bytes = 0
+        self.full = budget_bytes <= 0
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def get(self, batch: dict, compute: Callable[[torch.Tensor | None], torch.Tensor]):
+        """The batch's targets; ``compute(index)`` makes those of the rows ``index`` of
+        the batch (``None``: all)."""
+        metas = batch.get("meta")
+        if self.full or not isinstance(metas, list) or not all(
+                isinstance(m, dict) and "crop" in m for m in metas):
+            return compute(None)
+        keys = [json.dumps(m, sort_keys=True) for m in metas]
+        missing = sorted({key: i for i, key in enumerate(keys) if key not in self._rows}.values())
+        fresh = {}
+        if missing:
+            fresh = dict(zip([keys[i] for i in missing], compute(torch.tensor(missing)),
+                             strict=True))
+        targets = torch.stack([fresh[key] if key in fresh else self._rows[key] for key in keys])
+        self.bytes += sum(row.nbytes for row in fresh.values())
+        if self.bytes > self.budget:
+            self.full = True
+            self._rows.clear()
+        else:  # clones: a row of the fresh batch would keep all of it alive
+            self._rows.update((key, row.clone()) for key, row in fresh.items())
+        return targets
+
+
 class DecoderStage(Stage):
     """Stage 1: the face decoder learns to render the registered face of a face feature.
 
     Targets per face (Cole et al.): its landmarks, and its texture registered to the mean
-    landmarks. ``face_encoder`` (differentiable ones only) adds the perceptual term.
+    landmarks (kept across epochs up to ``keep_targets_bytes``: :class:`KeptTargets`).
+    ``face_encoder`` (differentiable ones only) adds the perceptual term.
     """
 
     name = "decoder"
 
     def __init__(self, model: Speech2Face, loss_config: LossConfig,
-                 face_encoder: nn.Module | None = None, feature_noise: float = 0.0):
+                 face_encoder: nn.Module | None = None, feature_noise: float = 0.0,
+                 keep_targets_bytes: int = 0):
         self.model = model
         self.trainable = model.face_decoder
         self.loss_config = loss_config
@@ -173,6 +219,7 @@ class DecoderStage(Stage):
         # The longest training noise vector's standard deviation per feature dimension
         # (TrainConfig's feature_noise times the spread, over sqrt(D)).
         self.feature_noise = feature_noise
+        self.kept_targets = KeptTargets(keep_targets_bytes)
 
     def term_weights(self):
         c = self.loss_config
@@ -185,9 +232,17 @@ class DecoderStage(Stage):
         from speech2face.face_decoder import register_texture
 
         decoder = self.model.face_decoder
-        with torch.no_grad():
-            return register_texture(batch["face"].float(), batch["landmarks"].float(),
-                                    decoder.mean_landmarks, size=decoder.config.image_size)
+
+        def compute(index: torch.Tensor | None) -> torch.Tensor:
+            faces, landmarks = batch["face"], batch["landmarks"]
+            if index is not None:
+                index = index.to(faces.device)
+                faces, landmarks = faces[index], landmarks[index]
+            with torch.no_grad():
+                return register_texture(faces.float(), landmarks.float(),
+                                        decoder.mean_landmarks, size=decoder.config.image_size)
+
+        return self.kept_targets.get(batch, compute)
 
     def loss(self, forward, batch):
         from speech2face.losses import decoder_loss
@@ -675,7 +730,8 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
         noise = config.feature_noise * feature_spread(features) / features.shape[1] ** 0.5
     model = Speech2Face(decoder, face_encoder_name=manifest["encoder"])
     encoder = _face_encoder_for_loss(manifest, config, device or torch.device("cpu"))
-    return DecoderStage(model, config.loss, encoder, feature_noise=noise)
+    return DecoderStage(model, config.loss, encoder, feature_noise=noise,
+                        keep_targets_bytes=config.sample_cache_mb << 20)
 
 
 def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: TrainConfig,

@@ -494,6 +494,56 @@ def test_decoder_feature_noise_is_as_long_as_configured_and_only_in_training(sha
     assert torch.equal(seen[-1], batch["feature"])
 
 
+def test_decoder_targets_are_kept_per_sample_and_crop_and_equal_fresh_ones(shards, monkeypatch):
+    """The decoder's texture targets are warped once per (sample, crop) and kept across
+    epochs (``sample_cache_mb``): each equals register_texture of its own batch to the
+    last bit, every crop has its own, a budget too small for the split keeps nothing, and
+    batches without the loader's meta are computed every time."""
+    from speech2face import face_decoder
+    from speech2face.data.loader import ShardData
+    from speech2face.train import KeptTargets, decoder_stage
+
+    real = face_decoder.register_texture
+    rows = []
+    monkeypatch.setattr(face_decoder, "register_texture",
+                        lambda images, *a, **k: rows.append(len(images)) or real(images, *a, **k))
+    config = TrainConfig.tiny("decoder", batch_size=4)
+    stage = decoder_stage(shards, config)
+    decoder = stage.model.face_decoder
+
+    def fresh(batch):
+        return real(batch["face"], batch["landmarks"].float(), decoder.mean_landmarks,
+                    size=decoder.config.image_size)
+
+    train = ShardData(shards, "train", 4, config)
+    keys = set()
+    for epoch in range(4):
+        for batch in train.batches(epoch):
+            assert torch.equal(stage._targets(batch), fresh(batch))
+            keys.update(json.dumps(meta, sort_keys=True) for meta in batch["meta"])
+    assert all('"crop": 0' in key for key in keys)
+    assert sum(rows) == len(keys) == len(stage.kept_targets._rows) > 4
+    # another crop of the same samples is another target, warped from its own face
+    flipped = {**batch, "face": batch["face"].flip(-1),
+               "meta": [{**meta, "crop": 1} for meta in batch["meta"]]}
+    rows.clear()
+    assert torch.equal(stage._targets(flipped), fresh(flipped)) and sum(rows) == 4
+    # too small a budget: nothing kept, every batch warped afresh
+    stage.kept_targets = KeptTargets(1)
+    rows.clear()
+    batches = list(train.batches(0))
+    for batch in batches:
+        assert torch.equal(stage._targets(batch), fresh(batch))
+    assert stage.kept_targets.full and not stage.kept_targets._rows
+    assert sum(rows) == sum(len(b["meta"]) for b in batches)
+    # in-memory batches carry no meta: computed every time
+    stage.kept_targets = KeptTargets(2**30)
+    plain = {k: v for k, v in batches[0].items() if k != "meta"}
+    rows.clear()
+    assert torch.equal(stage._targets(plain), fresh(plain)) and sum(rows) == len(plain["face"])
+    assert not stage.kept_targets._rows
+
+
 def test_feature_noise_draws_the_same_bits_whichever_kernels_the_cpu_gets():
     """torch picks its CPU kernels by the instruction sets the CPU has; its float32 normal
     draw differs in the last bits between them, and the demo's training carries such bits
