@@ -255,6 +255,11 @@ def test_bad_options(server, tmp_path, capsys):
     (tmp_path / "list.csv").write_text(TRAIN_ROWS[0] + "\n")
     code, _, err = _run(_download_args([str(tmp_path / "list.csv")], root, server), capsys)
     assert code == 2 and "list.csv: cannot tell the split" in err
+    # a path that does not exist is named as such, whatever its name says
+    for missing in ("avspeech_train.csv", "list.csv"):
+        code, _, err = _run(_download_args([str(tmp_path / "none" / missing)], root, server),
+                            capsys)
+        assert code == 2 and f"{missing}: CSV file not found" in err, err
     assert not root.exists()
 
 

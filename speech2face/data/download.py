@@ -149,9 +149,9 @@ def split_of_csv(path: str | os.PathLike) -> str:
 def read_csv(path: str | os.PathLike, split: str | None = None) -> list[Segment]:
     """The rows of an AVSpeech CSV, validated (DataError naming the line otherwise)."""
     path = Path(path)
-    split = split or split_of_csv(path)
     if not path.is_file():
         raise DataError(path, "CSV file not found")
+    split = split or split_of_csv(path)
     segments = []
     try:
         with open(path, newline="") as f:
@@ -645,6 +645,9 @@ def download_avspeech(
     csvs = [Path(p) for p in csvs]
     if not csvs:
         raise ConfigError("--csv", "give at least one AVSpeech CSV")
+    for path in csvs:  # before the names' splits: a mistyped path is the likelier error
+        if not path.is_file():
+            raise DataError(path, "CSV file not found")
     splits = [split_of_csv(p) for p in csvs]
     if len(set(splits)) < len(splits):
         raise ConfigError("--csv", f"two CSVs of one split: {[str(p) for p in csvs]}")
