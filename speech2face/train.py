@@ -160,7 +160,8 @@ class KeptTargets:
 
     A face's registered texture (:func:`~speech2face.face_decoder.register_texture`, its
     crop warped to the decoder's mean landmarks) depends on that sample and crop alone, and
-    a row comes out the same to the last bit whatever else is in its batch. A split seen
+    on the CPU a row comes out the same to the last bit whatever else is in its batch
+    (tests/test_train.py compares kept and fresh targets). A split seen
     over many epochs (the demo's decoder: 67) therefore need not warp the same faces again:
     that was a fifth of the demo's decoder step. Rows are keyed by the sample's ``meta``
     (dataset, split, identity, video, clip and crop: the shard loader's batches); batches
