@@ -507,7 +507,7 @@ def summary(metrics: dict) -> str:
         if key in metrics:
             ident = metrics[key]
             line += (f"; decoder identification {ident['identified']}/{ident['identities']} "
-                     f"identities ({judge})")
+                     f"identities" + (f" ({judge})" if judge else ""))
     return line
 
 

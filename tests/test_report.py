@@ -102,6 +102,12 @@ def test_report_files_and_contents(tmp_path):
     assert "classifier on the true faces" in text  # genders for the constrained test
     assert "| gender agreement of decoder(v_f), from the true feature (%) | 66.7 |" in text
     assert "gender agreement 50% (decoder(v_f) 67%)" in report.summary(metrics)
+    dlib, pixels = metrics["decoder_identification"], metrics["decoder_identification_pixels"]
+    assert (f"decoder identification {pixels['identified']}/12 identities (pixels); decoder "
+            f"identification {dlib['identified']}/12 identities (dlib)") in report.summary(metrics)
+    # a metrics.json from before the recognizer was recorded names no judge
+    older = {k: v for k, v in metrics.items() if k != "recognizer"}
+    assert report.summary(older).endswith(f"{dlib['identified']}/12 identities")
     same = metrics["feature_matching"]["same_gender"]
     assert f"{same['accuracy']:.1f} ({same['trials']} trials)" in text
     assert "not comparable¹" in text and "0.78" in text  # the paper's L2 is explained
