@@ -732,7 +732,19 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
     model = Speech2Face(decoder, face_encoder_name=manifest["encoder"])
     encoder = _face_encoder_for_loss(manifest, config, device or torch.device("cpu"))
     return DecoderStage(model, config.loss, encoder, feature_noise=noise,
-                        keep_targets_bytes=config.sample_cache_mb << 20)
+                        keep_targets_bytes=_target_budget(manifest, decoder, config))
+
+
+def _target_budget(manifest: dict, decoder, config: TrainConfig) -> int:
+    """The bytes the decoder stage may keep its texture targets in: ``sample_cache_mb``
+    when the training and validation splits' targets all fit in it, else none (a
+    VoxCeleb-sized split would fill the budget in its first steps only to drop it)."""
+    budget = config.sample_cache_mb << 20
+    samples = sum(int(manifest["splits"].get(split, {}).get("samples", 0))
+                  for split in ("train", "val"))
+    side = decoder.config.image_size
+    need = samples * int(manifest.get("crops_per_sample", 1)) * 3 * side * side * 4
+    return budget if need <= budget else 0
 
 
 def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: TrainConfig,

@@ -523,6 +523,10 @@ def test_decoder_targets_are_kept_per_sample_and_crop_and_equal_fresh_ones(shard
             keys.update(json.dumps(meta, sort_keys=True) for meta in batch["meta"])
     assert all('"crop": 0' in key for key in keys)
     assert sum(rows) == len(keys) == len(stage.kept_targets._rows) > 4
+    # a split whose targets cannot all fit keeps none from the start
+    side = decoder.config.image_size
+    assert len(keys) * 3 * side * side * 4 > 2**20
+    assert decoder_stage(shards, TrainConfig.tiny("decoder", sample_cache_mb=1)).kept_targets.full
     # another crop of the same samples is another target, warped from its own face
     flipped = {**batch, "face": batch["face"].flip(-1),
                "meta": [{**meta, "crop": 1} for meta in batch["meta"]]}
