@@ -164,8 +164,8 @@ class KeptTargets:
     (tests/test_train.py compares kept and fresh targets). A split seen
     over many epochs (the demo's decoder: 67) therefore need not warp the same faces again:
     that was a fifth of the demo's decoder step. Rows are keyed by the sample's ``meta``
-    (dataset, split, identity, video, clip and crop: the shard loader's batches); batches
-    without it (in-memory data) are computed every time. Once the kept rows pass
+    (its shard key and crop among the rest: the shard loader's batches); batches without
+    them (in-memory data) are computed every time. Once the kept rows pass
     ``budget_bytes`` they are dropped and nothing more is kept (a split too big to hold).
     The targets depend on the decoder's mean landmarks and size, which do not change
     during a run; a stage keeps its own.
@@ -182,7 +182,7 @@ class KeptTargets:
         the batch (``None``: all)."""
         metas = batch.get("meta")
         if self.full or not isinstance(metas, list) or not all(
-                isinstance(m, dict) and "crop" in m for m in metas):
+                isinstance(m, dict) and "key" in m and "crop" in m for m in metas):
             return compute(None)
         keys = [json.dumps(m, sort_keys=True) for m in metas]
         missing = sorted({key: i for i, key in enumerate(keys) if key not in self._rows}.values())

@@ -521,7 +521,7 @@ def test_decoder_targets_are_kept_per_sample_and_crop_and_equal_fresh_ones(shard
         for batch in train.batches(epoch):
             assert torch.equal(stage._targets(batch), fresh(batch))
             keys.update(json.dumps(meta, sort_keys=True) for meta in batch["meta"])
-    assert all('"crop": 0' in key for key in keys)
+    assert all('"crop": 0' in key and '"key": "id' in key for key in keys)
     assert sum(rows) == len(keys) == len(stage.kept_targets._rows) > 4
     # a split whose targets cannot all fit keeps none from the start
     side = decoder.config.image_size
@@ -545,7 +545,12 @@ def test_decoder_targets_are_kept_per_sample_and_crop_and_equal_fresh_ones(shard
     plain = {k: v for k, v in batches[0].items() if k != "meta"}
     rows.clear()
     assert torch.equal(stage._targets(plain), fresh(plain)) and sum(rows) == len(plain["face"])
-    assert not stage.kept_targets._rows
+    # nor does a meta without the shard key, which may not tell two samples apart
+    keyless = {**batches[0], "meta": [{k: v for k, v in m.items() if k != "key"}
+                                      for m in batches[0]["meta"]]}
+    rows.clear()
+    assert torch.equal(stage._targets(keyless), fresh(keyless))
+    assert sum(rows) == len(keyless["face"]) and not stage.kept_targets._rows
 
 
 def test_feature_noise_draws_the_same_bits_whichever_kernels_the_cpu_gets():

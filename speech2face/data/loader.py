@@ -71,7 +71,7 @@ def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bo
     decoded without audio), ``feature (B, D)``,
     ``face (B, 3, 224, 224)`` float in [0, 1], ``landmarks (B, 68, 2)``,
     ``identity_index (B,)`` int64 and ``meta`` (list of dicts; the loader adds each
-    sample's ``crop``).
+    sample's shard ``key`` and ``crop``).
     """
     batch = {
         "feature": torch.from_numpy(np.stack([s["feature"] for s in samples])),
@@ -239,7 +239,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             return decode_sample(raw, self.seconds, crop, self.audio)
 
         sample = decode() if self.cache is None else self.cache.decoded(raw, crop, decode)
-        sample = {**sample, "meta": {**sample["meta"], "crop": crop}}
+        # which stored sample and crop this is (train.KeptTargets keys on them)
+        sample = {**sample, "meta": {**sample["meta"], "key": raw.get("__key__"), "crop": crop}}
         if self.window is not None and "wave" in sample:
             start = int(rng.integers(len(sample["wave"]) - self.window + 1))
             sample["wave"] = sample["wave"][start:start + self.window]
