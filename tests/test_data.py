@@ -569,6 +569,14 @@ def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
     # window and drop its first four samples.
     assert (state["next_window"], state["samples_done"]) == (0, 4)
     monkeypatch.setattr(_Processor, "__call__", original)
+    # another version of prepare's processing does not continue it (nor write anything)
+    module = sys.modules[_Processor.__module__]
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with monkeypatch.context() as m:
+        m.setattr(module, "PROCESSING_VERSION", module.PROCESSING_VERSION + 1)
+        with pytest.raises(DataError, match="begun by another version of prepare"):
+            prepare_vox1(corpus, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     prepare_vox1(corpus, out)
     assert shard_files(out) == shard_files(reference)
     assert data.load_manifest(out) == {**data.load_manifest(reference), "root": str(out)}

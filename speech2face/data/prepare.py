@@ -69,6 +69,12 @@ from speech2face.data.shards import (
 from speech2face.errors import DataError, Speech2FaceError
 from speech2face.utils import atomic_write, output_entries
 
+# What a video's processing produces (its frames chosen, detection, landmarks, crops,
+# features, audio): raise it with any change to that output. An unfinished part begun by
+# another processing is not continued, so that one folder never mixes samples of two
+# (a finished part stays valid: a rerun over it is still a no-op).
+# 2: detection at the size it needs, only the frames the clips use (issue 17 item 4).
+PROCESSING_VERSION = 2
 SAMPLES_PER_SHARD = 1000  # ~150 MB shards: 6 s of FLAC is ~100-150 kB, a crop ~15 kB
 CROPS_PER_SAMPLE = 1
 # Samples are written in a mixed order, not sorted by identity: consecutive samples of a
@@ -638,6 +644,13 @@ def prepare(
                 f"holds an unfinished part {part} with other arguments or inputs; "
                 "use a new --out or rerun with the same arguments",
             )
+        if saved.get("processing") != PROCESSING_VERSION:
+            raise DataError(
+                out,
+                f"holds an unfinished part {part} begun by another version of prepare "
+                f"(its processing {saved.get('processing', 'not recorded')}, this one's "
+                f"{PROCESSING_VERSION}); finish it with that version or use a new --out",
+            )
         state = saved["state"]
     elif (
         any(p for p in output_entries(out) if p.name != PARTS_DIR) and not parts.is_dir()
@@ -664,7 +677,7 @@ def prepare(
         if state["landmarks_count"]:
             state["landmarks_sum"] = landmarks_sum.tolist()
         with atomic_write(progress_path, "w") as f:
-            json.dump({"run": run_id, "state": state}, f)
+            json.dump({"run": run_id, "processing": PROCESSING_VERSION, "state": state}, f)
 
     def on_shard(entry: dict) -> None:
         state["splits"][writer.split]["shards"].append(entry)
