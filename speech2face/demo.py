@@ -19,7 +19,8 @@ AMD EPYC (Zen 4, AVX-512; 2026-12-02): seed 0 alone, 209 s of CPU time and 199 s
 after the install (corpus 13, prepare 10, decoder 70, voice encoder 106, evaluation 10);
 220-222 s of CPU each with two runs side by side. The same stages and steps took 198 s
 of CPU alone on a two-core AMD EPYC Zen 5 (652fec3), 344 s on a two-core Intel Xeon at
-2.8 GHz (43dd9c7), 315-355 s on a two-core Intel Xeon (Ice Lake) at 2.6 GHz (7b18c5e) and
+2.8 GHz (43dd9c7), 315-355 s on a two-core Intel Xeon (Ice Lake) at 2.6 GHz (7b18c5e to
+f013c21) and
 339-385 s on two-core AMD EPYC Zen 3s (AVX2; 1d37855, 9748ba4):
 issue 13's four minutes hold on the two newer AMD machines only.
 
