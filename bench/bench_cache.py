@@ -75,6 +75,13 @@ def _target_epochs(shards: Path, keep: bool, epochs: int) -> list[float]:
     return seconds
 
 
+def _medians(runs: dict, without: str, kept: str) -> tuple[float, float, float]:
+    """Median CPU seconds of the later epochs without and with keeping, and of the first
+    epoch with keeping (the one that fills what is kept)."""
+    later = (statistics.median(s for r in runs[name] for s in r[1:]) for name in (without, kept))
+    return (*later, statistics.median(r[0] for r in runs[kept]))
+
+
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,9 +103,7 @@ def run(quick: bool = False) -> dict:
                     _target_epochs(shards, keep, epochs))
     rows, details = [], {"runs": runs, "train_clips": clips}
     for stage, steps in (("decoder", DECODER_STEPS), ("voice", VOICE_STEPS)):
-        read, kept = (statistics.median(s for r in runs[f"{stage}_{mb}"] for s in r[1:])
-                      for mb in (0, 1024))
-        first = statistics.median(r[0] for r in runs[f"{stage}_1024"])
+        read, kept, first = _medians(runs, f"{stage}_0", f"{stage}_1024")
         demo_epochs = steps * _BATCH[stage] / clips
         saved = demo_epochs * (read - kept)
         details[stage] = {"later_epoch_cpu_s": {"read": read, "kept": kept},
@@ -117,9 +122,7 @@ def run(quick: bool = False) -> dict:
             "ratio": f"{read / kept:.1f}x less CPU",
             "target": "",
         })
-    warped, kept = (statistics.median(s for r in runs[f"targets_{keep}"] for s in r[1:])
-                    for keep in (False, True))
-    first = statistics.median(r[0] for r in runs["targets_True"])
+    warped, kept, first = _medians(runs, "targets_False", "targets_True")
     demo_epochs = DECODER_STEPS * _BATCH["decoder"] / clips
     saved = demo_epochs * (warped - kept)
     details["targets"] = {"later_epoch_cpu_s": {"warped": warped, "kept": kept},

@@ -60,6 +60,7 @@ from speech2face.checkpoints import (
 # TrainConfig and load_config are re-exported: `from speech2face.train import TrainConfig`.
 from speech2face.config import TrainConfig, load_config
 from speech2face.data import load_manifest, training_data, training_features
+from speech2face.data.loader import MemoryBudget
 from speech2face.distributed import (
     Placement,
     amp_dtype,
@@ -155,7 +156,7 @@ def draw_feature_noise(features: torch.Tensor, scale: float) -> torch.Tensor:
     return (length * torch.randn(tuple(features.shape), dtype=torch.float64)).to(features)
 
 
-class KeptTargets:
+class KeptTargets(MemoryBudget):
     """Each face's texture target, computed once and kept while they fit in ``budget_bytes``.
 
     A face's registered texture (:func:`~speech2face.face_decoder.register_texture`, its
@@ -172,10 +173,11 @@ class KeptTargets:
     """
 
     def __init__(self, budget_bytes: int):
-        self.budget = budget_bytes
-        self.bytes = 0
-        self.full = budget_bytes <= 0
+        super().__init__(budget_bytes)
         self._rows: dict[str, torch.Tensor] = {}
+
+    def _drop(self) -> None:
+        self._rows.clear()
 
     def get(self, batch: dict, compute: Callable[[torch.Tensor | None], torch.Tensor]):
         """The batch's targets; ``compute(index)`` makes those of the rows ``index`` of
@@ -191,11 +193,8 @@ class KeptTargets:
             fresh = dict(zip([keys[i] for i in missing], compute(torch.tensor(missing)),
                              strict=True))
         targets = torch.stack([fresh[key] if key in fresh else self._rows[key] for key in keys])
-        self.bytes += sum(row.nbytes for row in fresh.values())
-        if self.bytes > self.budget:
-            self.full = True
-            self._rows.clear()
-        else:  # clones: a row of the fresh batch would keep all of it alive
+        self._keep(sum(row.nbytes for row in fresh.values()))
+        if not self.full:  # clones: a row of the fresh batch would keep all of it alive
             self._rows.update((key, row.clone()) for key, row in fresh.items())
         return targets
 

@@ -146,11 +146,18 @@ def split_of_csv(path: str | os.PathLike) -> str:
     raise DataError(path, "cannot tell the split from the name: call it *_train.csv or *_test.csv")
 
 
-def read_csv(path: str | os.PathLike, split: str | None = None) -> list[Segment]:
-    """The rows of an AVSpeech CSV, validated (DataError naming the line otherwise)."""
+def _csv_file(path: str | os.PathLike) -> Path:
+    """``path``, refused (DataError) unless it is a file: checked before anything else
+    about a CSV, since a mistyped path is the likelier error."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "CSV file not found")
+    return path
+
+
+def read_csv(path: str | os.PathLike, split: str | None = None) -> list[Segment]:
+    """The rows of an AVSpeech CSV, validated (DataError naming the line otherwise)."""
+    path = _csv_file(path)
     split = split or split_of_csv(path)
     segments = []
     try:
@@ -642,12 +649,9 @@ def download_avspeech(
         raise ConfigError("--rate-limit", f"must be > 0 requests a minute, got {rate_limit}")
     if not timeout > 0:
         raise ConfigError("--timeout", f"must be > 0 s, got {timeout}")
-    csvs = [Path(p) for p in csvs]
+    csvs = [_csv_file(p) for p in csvs]
     if not csvs:
         raise ConfigError("--csv", "give at least one AVSpeech CSV")
-    for path in csvs:  # before the names' splits: a mistyped path is the likelier error
-        if not path.is_file():
-            raise DataError(path, "CSV file not found")
     splits = [split_of_csv(p) for p in csvs]
     if len(set(splits)) < len(splits):
         raise ConfigError("--csv", f"two CSVs of one split: {[str(p) for p in csvs]}")

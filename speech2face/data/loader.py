@@ -260,7 +260,29 @@ class ShardDataset(torch.utils.data.IterableDataset):
         )(self.samples())
 
 
-class SampleCache:
+class MemoryBudget:
+    """What a cache keeps while it fits in ``budget_bytes``: :meth:`_keep` counts the bytes
+    it takes on; once they pass the budget the cache is ``full``, :meth:`_drop` empties it,
+    and it keeps nothing more. :class:`SampleCache` and ``train.KeptTargets`` share it."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.bytes = 0
+        self.full = budget_bytes <= 0
+
+    def _keep(self, nbytes: int) -> None:
+        if self.full:
+            return
+        self.bytes += nbytes
+        if self.bytes > self.budget:
+            self.full = True
+            self._drop()
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+
+class SampleCache(MemoryBudget):
     """Shards read and samples decoded, kept in memory across epochs while they fit.
 
     Training on a small split (the demo: 191 clips, 67 passes of the decoder) otherwise
@@ -278,9 +300,7 @@ class SampleCache:
     """
 
     def __init__(self, budget_bytes: int):
-        self.budget = budget_bytes
-        self.bytes = 0
-        self.full = budget_bytes <= 0
+        super().__init__(budget_bytes)
         self._shards: dict[str, list[dict]] = {}
         self._decoded: dict[tuple[str, str, int], dict] = {}
         self._binding = None
@@ -323,14 +343,9 @@ class SampleCache:
             self._decoded[key] = sample
         return {**sample, "meta": dict(sample["meta"])}
 
-    def _keep(self, nbytes: int) -> None:
-        if self.full:
-            return
-        self.bytes += nbytes
-        if self.bytes > self.budget:
-            self.full = True
-            self._shards.clear()
-            self._decoded.clear()
+    def _drop(self) -> None:
+        self._shards.clear()
+        self._decoded.clear()
 
 
 def make_loader(
