@@ -1,4 +1,6 @@
-"""What keeping samples across epochs (``sample_cache_mb``, ``data.loader.SampleCache``) saves.
+"""Work the demo's training does not redo: what keeping samples across epochs
+(``sample_cache_mb``, ``data.loader.SampleCache``), keeping texture targets and not
+rendering unused images save.
 
 The demo trains on a 191-clip split for about 67 epochs (decoder) and 8 (voice encoder),
 without loader workers. Without the cache every epoch reads each shard again (size and
@@ -18,6 +20,10 @@ A third row does the same for the face decoder's texture targets
 (``train.KeptTargets``): CPU seconds an epoch spends in the decoder stage's
 ``_targets`` (each face warped to the mean landmarks at 64 pixels), kept after the first
 epoch or warped at every step.
+
+A fourth row times a whole decoder training step (tiny decoder, the demo's batch of 8, its
+targets kept, Adam) that leaves out the rendered image, as the stage does when no
+perceptual term needs it, against the same step rendering it as every step did before.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from speech2face.demo_data import make_demo_data
 _BATCH = {"decoder": DECODER_OVERRIDES["batch_size"], "voice": VOICE_OVERRIDES["batch_size"]}
 ROUNDS = 3
 EPOCHS = 4  # per round and setting; the first fills the cache
+STEPS = 60  # decoder steps per round and setting
 
 
 def _epochs(shards: Path, stage: str, cache_mb: int, epochs: int) -> list[float]:
@@ -75,6 +82,29 @@ def _target_epochs(shards: Path, keep: bool, epochs: int) -> list[float]:
     return seconds
 
 
+def _decoder_steps(shards: Path, render: bool, steps: int) -> list[float]:
+    """CPU seconds of each of ``steps`` decoder training steps on one demo batch."""
+    from speech2face.train import KeptTargets, decoder_stage
+
+    config = TrainConfig.tiny("decoder", batch_size=_BATCH["decoder"])
+    stage = decoder_stage(shards, config)
+    stage.kept_targets = KeptTargets(1 << 30)
+    batch = next(iter(ShardData(shards, "train", config.batch_size, config).batches(0)))
+    decoder = stage.trainable
+    # The stage renders only for a perceptual term; the reference renders every step.
+    forward = (lambda x, **_: decoder(x)) if render else decoder
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr, foreach=True)
+    seconds = []
+    for _ in range(steps + 2):  # two to warm up (and keep the targets)
+        start = time.process_time()
+        total, _ = stage.loss(forward, batch)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        seconds.append(time.process_time() - start)
+    return seconds[2:]
+
+
 def _medians(runs: dict, without: str, kept: str) -> tuple[float, float, float]:
     """Median CPU seconds of the later epochs without and with keeping, and of the first
     epoch with keeping (the one that fills what is kept)."""
@@ -101,6 +131,9 @@ def run(quick: bool = False) -> dict:
             for keep in (False, True):
                 runs.setdefault(f"targets_{keep}", []).append(
                     _target_epochs(shards, keep, epochs))
+            for render in (True, False):
+                runs.setdefault(f"render_{render}", []).append(
+                    _decoder_steps(shards, render, 10 if quick else STEPS))
     rows, details = [], {"runs": runs, "train_clips": clips}
     for stage, steps in (("decoder", DECODER_STEPS), ("voice", VOICE_STEPS)):
         read, kept, first = _medians(runs, f"{stage}_0", f"{stage}_1024")
@@ -137,6 +170,21 @@ def run(quick: bool = False) -> dict:
         "result": f"{kept:.3f} s CPU",
         "reference": f"{warped:.3f} s CPU",
         "ratio": f"{warped / max(kept, 1e-6):.0f}x less CPU",
+        "target": "",
+    })
+    rendered, bare = (statistics.median(s for r in runs[f"render_{render}"] for s in r)
+                      for render in (True, False))
+    saved = DECODER_STEPS * (rendered - bare)
+    details["render"] = {"step_cpu_s": {"rendered": rendered, "not_rendered": bare},
+                         "demo_cpu_s_saved": saved}
+    rows.append({
+        "benchmark": f"decoder training step, tiny, batch {_BATCH['decoder']}, 1 thread, "
+                     f"targets kept: without the rendered image (no perceptual term) vs "
+                     f"rendering it at every step; median step over {rounds} alternating "
+                     f"rounds; over the demo's {DECODER_STEPS} steps {saved:.0f} s of CPU saved",
+        "result": f"{1e3 * bare:.1f} ms CPU",
+        "reference": f"{1e3 * rendered:.1f} ms CPU",
+        "ratio": f"{rendered / bare:.2f}x less CPU",
         "target": "",
     })
     return {"rows": rows, "details": details}

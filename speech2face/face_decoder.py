@@ -111,13 +111,14 @@ class FaceDecoderConfig:
 class DecodedFace(NamedTuple):
     """Output of :class:`FaceDecoder`.
 
-    ``image`` and ``texture``: ``(B, 3, S, S)`` in [0, 1]; ``landmarks``: ``(B, 68, 2)``
-    (x, y) pixels in the 224 crop frame. All three are float32 under autocast too (the
+    ``image`` and ``texture``: ``(B, 3, S, S)`` in [0, 1] (``image`` is None when the
+    decoder was asked not to render it); ``landmarks``: ``(B, 68, 2)`` (x, y) pixels in the
+    224 crop frame. All three are float32 under autocast too (the
     decoder's layers run in the autocast dtype, its outputs and rendering do not): the
     losses and the warp then see the precision they were written for.
     """
 
-    image: torch.Tensor
+    image: torch.Tensor | None
     texture: torch.Tensor
     landmarks: torch.Tensor
 
@@ -297,8 +298,13 @@ class FaceDecoder(nn.Module):
         self.texture_up = nn.Sequential(*ups)
         self.to_rgb = nn.Conv2d(c_in, 3, 1)
 
-    def forward(self, features: torch.Tensor) -> DecodedFace:
-        """``(B, D)`` features -> image and texture ``(B, 3, S, S)``, landmarks ``(B, 68, 2)``."""
+    def forward(self, features: torch.Tensor, render_image: bool = True) -> DecodedFace:
+        """``(B, D)`` features -> image and texture ``(B, 3, S, S)``, landmarks ``(B, 68, 2)``.
+
+        ``render_image=False`` leaves out the warp (``image`` is None): Cole et al.'s
+        texture and landmark losses do not need it, and in the demo's decoder training it
+        was a seventh of each step.
+        """
         if features.dim() != 2 or features.shape[1] != self.config.feature_dim:
             raise ValueError(f"features must be (B, {self.config.feature_dim}), got "
                              f"{tuple(features.shape)}")
@@ -314,7 +320,8 @@ class FaceDecoder(nn.Module):
         # (the sigmoid too: bf16 keeps 3 significant digits, the loss compares pixels).
         texture = torch.sigmoid(self.to_rgb(self.texture_up(x)).float())  # (B, 3, S, S)
 
-        image = render(texture, landmarks, self.mean_landmarks, self.config)
+        image = (render(texture, landmarks, self.mean_landmarks, self.config)
+                 if render_image else None)
         return DecodedFace(image=image, texture=texture, landmarks=landmarks)
 
 

@@ -168,6 +168,9 @@ def decoder_loss(decoded, texture_target: torch.Tensor, landmarks_target: torch.
         if features is None:
             raise ValueError("decoder_loss: the perceptual term needs the input features")
         image = decoded.image
+        if image is None:
+            raise ValueError("decoder_loss: the perceptual term needs the rendered image "
+                             "(the decoder was called with render_image=False)")
         if image.shape[-1] != CROP_SIZE or image.shape[-2] != CROP_SIZE:
             image = F.interpolate(image, size=(CROP_SIZE, CROP_SIZE), mode="bilinear",
                                   align_corners=False)

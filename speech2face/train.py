@@ -251,7 +251,8 @@ class DecoderStage(Stage):
         features = batch["feature"]
         if self.feature_noise and self.trainable.training and torch.is_grad_enabled():
             features = features + draw_feature_noise(features, self.feature_noise)
-        decoded = forward(features)
+        # The rendered image enters the loss only through the perceptual term.
+        decoded = forward(features, render_image=self.face_encoder is not None)
         return decoder_loss(decoded, texture, batch["landmarks"], self.loss_config,
                             encoder=self.face_encoder, features=batch["feature"])
 
@@ -386,8 +387,10 @@ def fit(
 
     stage.model.to(device)
     params = [p for p in stage.trainable.parameters() if p.requires_grad]
+    # foreach: one operation per step for all tensors, not one per tensor (on CPU too, where
+    # it is not the default); the same arithmetic, the same weights to the last bit.
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2),
-                                 eps=config.eps)
+                                 eps=config.eps, foreach=True)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_steps, config.lr_decay)
     # fp16 needs loss scaling (its small gradients underflow); bf16 has float32's range.
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None

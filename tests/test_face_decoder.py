@@ -97,6 +97,11 @@ def test_tiny_decoder_shapes_range_and_frames(face):
     torch.testing.assert_close(out.landmarks, mean.expand(5, 68, 2))
     code = decoder.f_dec(torch.ones(1, 128))
     assert code.shape == (1, 256) and code.min() >= 0
+    # Without the warp: no image, the same texture and landmarks.
+    features = torch.randn(3, 128)
+    full, bare = decoder(features), decoder(features, render_image=False)
+    assert bare.image is None and full.image.shape == (3, 3, 64, 64)
+    assert torch.equal(bare.texture, full.texture) and torch.equal(bare.landmarks, full.landmarks)
     with pytest.raises(ValueError):
         decoder(torch.randn(5, 64))
     with pytest.raises(ValueError):

@@ -462,9 +462,9 @@ def test_decoder_feature_noise_is_as_long_as_configured_and_only_in_training(sha
              "landmarks": 40 + 144 * torch.rand(8, 68, 2)}
     seen = []
 
-    def forward(x):
+    def forward(x, **options):
         seen.append(x.detach().clone())
-        return decoder(x)
+        return decoder(x, **options)
 
     torch.manual_seed(0)
     draws = []
@@ -685,6 +685,50 @@ def _tiny_stages():
                    "spectrogram": torch.randn(4, 2, 300, 257, generator=g)}
     return [(DecoderStage(Speech2Face(decoder), LossConfig()), face_batch),
             (VoiceStage(voice, LossConfig()), voice_batch)]
+
+
+def test_decoder_stage_renders_the_image_only_for_the_perceptual_term(monkeypatch):
+    """Cole et al.'s texture and landmark losses never see the rendered image: the stage
+    leaves the warp out then (same loss and gradient as with it), and renders once per
+    step when a differentiable face encoder adds the perceptual term."""
+    from speech2face import face_decoder
+    from speech2face.losses import decoder_loss
+
+    (stage, batch), _ = _tiny_stages()
+    decoder = stage.trainable
+    target = stage._targets(batch)
+    rendered = []
+    real_render = face_decoder.render
+    monkeypatch.setattr(face_decoder, "render",
+                        lambda *a, **k: rendered.append(1) or real_render(*a, **k))
+
+    def loss_and_grad(compute):
+        decoder.zero_grad(set_to_none=True)
+        total, _ = compute()
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in decoder.parameters()]
+
+    total, grads = loss_and_grad(lambda: stage.loss(decoder, batch))
+    assert rendered == []
+    ref_total, ref_grads = loss_and_grad(lambda: decoder_loss(
+        decoder(batch["feature"]), target, batch["landmarks"], stage.loss_config))
+    assert rendered == [1]  # the reference did render
+    assert torch.equal(total, ref_total)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+    class Encoder(torch.nn.Module):  # a differentiable stand-in: mean colour per channel
+        differentiable = True
+
+        def embed(self, image):
+            return torch.cat([image.mean(dim=(2, 3)), torch.ones(len(image), 125)], dim=1)
+
+    stage.face_encoder = Encoder()
+    rendered.clear()
+    _, terms = stage.loss(decoder, batch)
+    assert rendered == [1] and float(terms["perceptual"]) != 0  # 0 without the encoder
+    with pytest.raises(ValueError, match="rendered image"):
+        decoder_loss(decoder(batch["feature"], render_image=False), target, batch["landmarks"],
+                     stage.loss_config, encoder=Encoder(), features=batch["feature"])
 
 
 def test_one_step_of_each_stage_under_bf16_autocast_tracks_float32():
