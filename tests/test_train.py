@@ -714,7 +714,7 @@ def test_decoder_stage_renders_the_image_only_for_the_perceptual_term(monkeypatc
         decoder(batch["feature"]), target, batch["landmarks"], stage.loss_config))
     assert rendered == [1]  # the reference did render
     assert torch.equal(total, ref_total)
-    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
 
     class Encoder(torch.nn.Module):  # a differentiable stand-in: mean colour per channel
         differentiable = True
