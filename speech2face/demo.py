@@ -22,8 +22,8 @@ of CPU alone on a two-core AMD EPYC Zen 5 (652fec3), 344 s on a two-core Intel X
 2.8 GHz (43dd9c7), 315-355 s on a two-core Intel Xeon (Ice Lake) at 2.6 GHz (7b18c5e to
 f013c21) and 339-385 s on two-core AMD EPYC Zen 3s (AVX2; 1d37855, 9748ba4). Since
 099d875 the face decoder's training no longer renders images no loss uses: on that Xeon
-three runs took 228, 275 and 275 s of CPU (212-260 s wall) within half an hour as the
-host's speed moved, and a run of the code before, between them, 260 s. Issue 13's four
+four runs took 228-275 s of CPU (212-260 s wall) within 40 minutes as the host's speed
+moved, and a run of the code before, between them, 260 s. Issue 13's four
 minutes hold on the two newer AMD machines, on that Xeon only at its faster times.
 
 On one kind of machine the numbers reproduce to the last digit (one thread; whatever the
