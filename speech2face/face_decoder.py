@@ -303,7 +303,7 @@ class FaceDecoder(nn.Module):
 
         ``render_image=False`` leaves out the warp (``image`` is None): Cole et al.'s
         texture and landmark losses do not need it, and in the demo's decoder training it
-        was a seventh of each step.
+        was a fifth of each step (bench_cache.py: 8 of 40.5 ms).
         """
         if features.dim() != 2 or features.shape[1] != self.config.feature_dim:
             raise ValueError(f"features must be (B, {self.config.feature_dim}), got "
