@@ -17,7 +17,7 @@ import sys
 
 from speech2face.errors import Speech2FaceError
 from speech2face.runtime import setup_process
-from speech2face.utils import output_lock
+from speech2face.utils import IMAGE_SUFFIXES, output_lock
 
 # command name -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,7 +51,8 @@ def bounded(kind: type, low=None, high=None, what: str = "value"):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: {text!r}") from None
+            kind_name = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {kind_name}: {text!r}") from None
         if value != value or (low is not None and value < low) or \
                 (high is not None and value > high):
             span = f"from {low} to {high}" if high is not None else f"at least {low}"
@@ -60,6 +61,16 @@ def bounded(kind: type, low=None, high=None, what: str = "value"):
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def seed(text: str) -> int:
+    """An argparse ``type`` for ``--seed``: an integer the generators take (utils.MAX_SEED)."""
+    from speech2face.utils import MAX_SEED
+
+    return bounded(int, 0, MAX_SEED, "seed")(text)
+
+
+seed.__name__ = "int"
 
 
 def device(text: str) -> str:
@@ -86,8 +97,9 @@ def device(text: str) -> str:
 
 
 # Commands whose -o/--out names a file instead of a folder: always (None), or when it has
-# one of these suffixes.
-FILE_OUTPUTS: dict[str, tuple[str, ...] | None] = {"reconstruct": (".png",), "compare": None}
+# one of these suffixes (reconstruct writes PNG, and refuses another image type).
+FILE_OUTPUTS: dict[str, tuple[str, ...] | None] = {"reconstruct": IMAGE_SUFFIXES,
+                                                   "compare": None}
 
 
 def _check_out(command: str, out) -> bool:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from speech2face.errors import ConfigError
 from speech2face.losses import LossConfig
+from speech2face.utils import seed_problem
 
 # Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
 LEARNING_RATE = 1e-3
@@ -152,6 +154,19 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if seed_problem(self.seed):
+            problems.append(seed_problem(self.seed))
+        # A negative weight rewards the error it measures; temperature 0 divides by zero
+        # (every loss NaN from the first step).
+        for name in ("lambda1", "lambda2", "texture_weight", "landmark_weight",
+                     "perceptual_weight"):
+            value = getattr(self.loss, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                problems.append(f"loss.{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.loss.temperature, (int, float))
+                and 0 < self.loss.temperature < math.inf):
+            problems.append(f"loss.temperature must be a finite number > 0, "
+                            f"got {self.loss.temperature!r}")
         if not 0 < self.lr_decay <= 1:
             problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if not self.clip_seconds > 0:

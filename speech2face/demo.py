@@ -49,7 +49,7 @@ import numpy as np
 
 from speech2face.errors import DataError
 from speech2face.runtime import torch_threads
-from speech2face.utils import output_entries, png_bytes, read_json
+from speech2face.utils import output_entries, png_bytes, read_json, seed_problem
 
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
@@ -328,6 +328,13 @@ def run_demo(
     if not MIN_SPEAKERS <= speakers <= MAX_SPEAKERS:
         raise DataError(None, f"--speakers must be between {MIN_SPEAKERS} and {MAX_SPEAKERS} "
                               f"(a CPU demo), got {speakers}")
+    if seed_problem(seed, "--seed"):
+        raise DataError(None, seed_problem(seed, "--seed"))
+    # Both stages' settings are checked before any work (steps, overrides).
+    configs = {"decoder": _train_config("decoder", decoder_steps,
+                                        {**DECODER_OVERRIDES, **(train_overrides or {})}, seed),
+               "voice": _train_config("voice", voice_steps,
+                                      {**VOICE_OVERRIDES, **(train_overrides or {})}, seed)}
     log = log or (lambda message: print(message, flush=True))
     out = Path(out)
     _check_out_writable(out)
@@ -356,15 +363,11 @@ def run_demo(
         stages.run("prepare", "preparing shards (faces, landmarks, features)", prepare,
                    "voxceleb1", corpus, shards, workers=workers,
                    progress=progress)
-        overrides = train_overrides or {}
         stages.run("decoder", f"training the face decoder ({decoder_steps} steps)",
-                   train_decoder, shards, out / "runs" / "decoder",
-                   _train_config("decoder", decoder_steps, {**DECODER_OVERRIDES, **overrides},
-                                 seed),
+                   train_decoder, shards, out / "runs" / "decoder", configs["decoder"],
                    resume=True, progress=progress)
         stages.run("voice", f"training the voice encoder ({voice_steps} steps)", train_voice,
-                   shards, out / "runs" / "decoder", out / "runs" / "voice",
-                   _train_config("voice", voice_steps, {**VOICE_OVERRIDES, **overrides}, seed),
+                   shards, out / "runs" / "decoder", out / "runs" / "voice", configs["voice"],
                    resume=True, progress=progress)
         bundle = out / "runs" / "voice" / "model"
         report = out / "report"
@@ -460,15 +463,18 @@ def _check_out_writable(out: Path) -> None:
 
 
 def add_demo_arguments(parser) -> None:
+    from speech2face.cli import bounded, seed
+
+    steps = bounded(int, 1, None, "number of steps")
     parser.add_argument("-o", "--out", default=DEFAULT_OUT,
                         help=f"working folder (default {DEFAULT_OUT}; a previous demo's folder "
                              "is overwritten)")
     parser.add_argument("--speakers", type=int, default=DEMO_SPEAKERS,
                         help=f"generated speakers, a quarter held out (default {DEMO_SPEAKERS})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data and training")
-    parser.add_argument("--decoder-steps", type=int, default=DECODER_STEPS,
+    parser.add_argument("--seed", type=seed, default=0, help="seed of data and training")
+    parser.add_argument("--decoder-steps", type=steps, default=DECODER_STEPS,
                         help=f"face decoder training steps (default {DECODER_STEPS})")
-    parser.add_argument("--voice-steps", type=int, default=VOICE_STEPS,
+    parser.add_argument("--voice-steps", type=steps, default=VOICE_STEPS,
                         help=f"voice encoder training steps (default {VOICE_STEPS})")
     parser.add_argument("--no-install", dest="install", action="store_false",
                         help="do not copy the model to the user cache for `reconstruct`")

@@ -55,7 +55,7 @@ import numpy as np
 
 from speech2face.audio import SAMPLE_RATE, seconds_samples
 from speech2face.errors import DataError
-from speech2face.utils import output_entries, publishing_dir
+from speech2face.utils import output_entries, publishing_dir, seed_problem
 
 FRAME_SIZE = 320  # px, side of the square face frames (moderate: generation and detection speed)
 VIDEOS_PER_SPEAKER = (2, 3)  # inclusive range
@@ -809,6 +809,8 @@ def make_demo_data(
     out = Path(out)
     if speakers < 1 or frames < 1 or min(videos) < 1 or min(clips) < 1:
         raise DataError(out, "speakers, videos, clips and frames must each be at least 1")
+    if seed_problem(seed):
+        raise DataError(None, seed_problem(seed))
     if out.exists() and (not out.is_dir() or output_entries(out)):
         raise DataError(out, "output folder exists and is not empty")
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
@@ -918,21 +920,25 @@ def load_demo_attributes(root: str | os.PathLike) -> dict[str, Speaker]:
 
 
 def add_make_demo_data_arguments(parser) -> None:
+    from speech2face.cli import bounded, seed
+
+    count = bounded(int, 1, None, "count")
+
     parser.add_argument(
         "-o", "--out", required=True, help="output folder (must not exist or be empty)"
     )
     parser.add_argument(
-        "--speakers", type=int, default=40, help="number of identities (default 40)"
+        "--speakers", type=count, default=40, help="number of identities (default 40)"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed; same seed, same corpus (default 0)"
+        "--seed", type=seed, default=0, help="random seed; same seed, same corpus (default 0)"
     )
     parser.add_argument(
-        "--workers", type=int, default=2, help="threads writing speakers (default 2)"
+        "--workers", type=count, default=2, help="threads writing speakers (default 2)"
     )
     parser.add_argument(
         "--frames",
-        type=int,
+        type=count,
         default=FRAMES_PER_VIDEO,
         help=f"face frames per video (default {FRAMES_PER_VIDEO})",
     )

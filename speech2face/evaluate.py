@@ -1284,6 +1284,8 @@ def _run_key(model, data: Path, **settings) -> str:
 
 
 def add_evaluate_arguments(parser) -> None:
+    from speech2face.cli import device, seed
+
     parser.add_argument("--model", required=True,
                         help="model bundle or training run (with a voice encoder)")
     parser.add_argument("--data", required=True, metavar="SHARDS",
@@ -1295,7 +1297,7 @@ def add_evaluate_arguments(parser) -> None:
                              "fewer when the split has fewer)")
     parser.add_argument("--draws", type=int, default=GALLERY_DRAWS,
                         help=f"random galleries averaged (default {GALLERY_DRAWS})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of galleries and subsets")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of galleries and subsets")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="evaluate a random subset of this many samples")
@@ -1307,8 +1309,6 @@ def add_evaluate_arguments(parser) -> None:
                              "--recognizer-weights; none skips them)")
     parser.add_argument("--recognizer-weights", default=None, metavar="FILE",
                         help="VGG-Face weights for --recognizer vggface")
-    from speech2face.cli import device
-
     parser.add_argument("--device", type=device, default="cpu",
                         help="torch device: cpu (default), cuda, cuda:N or mps")
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from speech2face.errors import ConfigError, ImageError, NoFaceError
 from speech2face.face_resnet import DESCRIPTOR_DIM, MODEL_FILE
+from speech2face.utils import IMAGE_SUFFIXES
 
 # SPEC.md "Face front end" / paper section 3: faces are cropped and resized to 224 x 224.
 CROP_SIZE = 224
@@ -75,7 +76,6 @@ FACE_ENCODERS = ("dlib", "vggface")
 # was trained (dlib's defaults for compute_face_descriptor).
 DLIB_CHIP_PADDING = 0.25
 FACES_STATE = ".faces.json"  # the options an output folder of `speech2face faces` was made with
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # Groups of the 68 iBUG landmarks (0-based, end-exclusive).
 LEFT_EYE = slice(36, 42)  # the subject's right eye, on the left of the picture

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from speech2face.errors import AudioError, WeightsError
-from speech2face.utils import cache_dir, find_inputs, png_bytes, staged_writes
+from speech2face.utils import IMAGE_SUFFIXES, cache_dir, find_inputs, png_bytes, staged_writes
 
 OUTPUT_SIZE = 224  # side of the returned face, the paper's crop size (section 3)
 DEMO_MODEL_NAME = "demo"  # cache_dir() / "models" / DEMO_MODEL_NAME holds the demo's bundle
@@ -177,8 +177,19 @@ def draw_landmarks(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
 
 def _output_paths(inputs: list[tuple[Path, Path]], out: Path) -> list[Path]:
     """One PNG per ``(input, stem)``: ``OUT`` itself for a single input when it is named
-    ``*.png``, else ``OUT/<stem>.png`` (stems from ``utils.find_inputs``)."""
-    if len(inputs) == 1 and out.suffix.lower() == ".png":
+    ``*.png``, else ``OUT/<stem>.png`` (stems from ``utils.find_inputs``).
+
+    Refuses (ConfigError) an ``OUT`` named like an image file where it would become a
+    folder: another image type (the faces are written as PNG), or several inputs."""
+    from speech2face.errors import ConfigError
+
+    suffix = out.suffix.lower()
+    if suffix in IMAGE_SUFFIXES and not out.is_dir():
+        if suffix != ".png":
+            raise ConfigError(out, "reconstruct writes PNG images; name a .png file or a folder")
+        if len(inputs) > 1:
+            raise ConfigError(out, f"names one image, but {len(inputs)} inputs were given; "
+                                   "name a folder for them")
         return [out]
     return [out / f"{stem}.png" for _, stem in inputs]
 
@@ -214,6 +225,7 @@ def reconstruct_command(args) -> int:
     inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError)
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
+    pngs = _output_paths(inputs, args.out)
     waves = [prepare_audio(path) for path, _ in tqdm(inputs, desc="audio", unit="file",
                                                      disable=len(inputs) < 4)]
     model = resolve_model(args.model)
@@ -222,7 +234,6 @@ def reconstruct_command(args) -> int:
     for start in tqdm(range(0, len(waves), BATCH_SIZE), desc="faces", unit="batch",
                       disable=len(waves) <= BATCH_SIZE):
         results += reconstruct_waves(np.stack(waves[start:start + BATCH_SIZE]), model)
-    pngs = _output_paths(inputs, args.out)
     files: dict[Path, bytes] = {}
     for png, result in zip(pngs, results, strict=True):
         files[png] = png_bytes(result.image)

@@ -769,7 +769,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
                                          f"hold {dim}-D {manifest['encoder']} features")
     torch.manual_seed(config.seed)
     voice = build_voice_encoder(config, dim)
-    _check_example_length(voice, config)
+    _check_example_length(voice, config, manifest.get("seconds"))
     standardization = getattr(voice, "output_standardization", None)
     if standardization is not None:
         # the decoder's statistics of the training features (a resumed run loads the same
@@ -786,10 +786,18 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
     return VoiceStage(model, config.loss)
 
 
-def _check_example_length(voice: nn.Module, config: TrainConfig) -> None:
+def _check_example_length(voice: nn.Module, config: TrainConfig,
+                          stored_seconds: float | None = None) -> None:
     """A ConfigError, before any training, where ``clip_seconds`` or ``train_seconds`` give
-    the voice encoder fewer spectrogram frames than its convolutions need."""
+    the voice encoder fewer spectrogram frames than its convolutions need, or where
+    ``clip_seconds`` is longer than the shards' clips (``stored_seconds``, the manifest's:
+    the loader would repeat each clip to fill it, at that much more cost)."""
     from speech2face.audio import frames_seconds, seconds_samples, spectrogram_frames
+
+    if stored_seconds is not None and config.clip_seconds > stored_seconds:
+        raise ConfigError(None, f"clip_seconds={config.clip_seconds:g} is longer than the "
+                                f"shards' clips ({stored_seconds:g} s, prepare's); each clip "
+                                "would be repeated to fill it")
 
     encoder_config = getattr(voice, "config", None)
     if not hasattr(encoder_config, "min_frames"):

@@ -17,6 +17,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Image files the commands read (faces), and that an -o naming one file may name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+# Seeds reach numpy's generators, which refuse negative ones, and torch's, which take at
+# most 64 bits: every seed option and setting is checked against this range up front.
+MAX_SEED = 2**63 - 1
+
+
+def seed_problem(seed, name: str = "seed") -> str | None:
+    """Why ``seed`` cannot seed the generators (a line naming ``name``), or None."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        return f"{name} must be an integer from 0 to {MAX_SEED}, got {seed!r}"
+    return None
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:

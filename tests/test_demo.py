@@ -144,6 +144,70 @@ def test_demo_refuses_a_speaker_count_out_of_range(tmp_path, capsys, count):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def _exit_code(argv: list[str]) -> int:
+    """``main``'s exit code; a usage error exits from argparse (SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--seed", str(2**63)),
+                                           ("--decoder-steps", "0"), ("--voice-steps", "-3")])
+def test_demo_refuses_a_bad_seed_or_step_count_before_any_work(tmp_path, capsys, option, value):
+    out = tmp_path / "demo"
+    assert _exit_code(["demo", "--out", str(out), option, value, "--no-install"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err and value in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_seed_is_checked_where_it_is_given(tmp_path, capsys):
+    """numpy refuses negative seeds and torch takes 64 bits: a bad seed is one line and
+    exit 2 in every command that takes one, before anything is written; the Python API
+    and the training settings refuse it too."""
+    from speech2face import demo, demo_data
+    from speech2face.config import TrainConfig
+    from speech2face.errors import ConfigError, DataError
+
+    for argv in (["make-demo-data", "-o", str(tmp_path / "c")],
+                 ["prepare", "voxceleb1", "--root", str(tmp_path), "-o", str(tmp_path / "s")],
+                 ["evaluate", "--model", "m", "--data", "d", "-o", str(tmp_path / "r")]):
+        assert _exit_code([*argv, "--seed", "-7"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--seed" in err and "-7" in err, err
+    for stage in ("train", "train-decoder"):
+        argv = [stage, "--data", str(tmp_path), "-o", str(tmp_path / "run"), "seed=-7"]
+        if stage == "train":
+            argv += ["--decoder", str(tmp_path)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "seed" in err and "-7" in err, err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match="seed"):
+        TrainConfig.tiny("voice", seed=-1)
+    with pytest.raises(DataError, match="seed"):
+        demo_data.make_demo_data(tmp_path / "c", seed=-1)
+    with pytest.raises(DataError, match="seed"):
+        demo.run_demo(tmp_path / "d", seed=2**63, install=False)
+    assert list(tmp_path.iterdir()) == []
+    assert TrainConfig.tiny("voice", seed=2**63 - 1).seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["make-demo-data", "--workers", "0"], "--workers"),
+    (["make-demo-data", "--frames", "0"], "--frames"),
+    (["make-demo-data", "--speakers", "-2"], "--speakers"),
+    (["prepare", "avspeech", "--root", ".", "--identity-threshold", "-1"], "--identity-threshold"),
+    (["prepare", "avspeech", "--root", ".", "--identity-threshold", "nan"], "--identity-threshold"),
+])
+def test_counts_and_thresholds_out_of_range_are_usage_errors(tmp_path, capsys, argv, option):
+    assert _exit_code([*argv, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_refuses_a_read_only_folder(tmp_path, capsys):
     import os
 

@@ -218,3 +218,20 @@ def test_cli_bad_file_exits_2_without_output(tmp_path, audio_files, bundle, caps
     assert main(["reconstruct", str(tmp_path / "missing.flac"), "-o", str(out),
                  "--model", str(bundle)]) == 2
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, count, problem", [("face.jpg", 1, "PNG"),
+                                                  ("face.png", 2, "2 inputs")])
+def test_cli_refuses_an_image_name_it_would_make_a_folder_of(tmp_path, audio_files, bundle,
+                                                             capsys, name, count, problem):
+    """-o naming another image type, or one .png for several inputs, is a usage error
+    (it used to become a folder of that name); a folder so named is still a folder."""
+    inputs = [str(audio_files[1][kind]) for kind in ("wav", "flac")[:count]]
+    out = tmp_path / name
+    assert main(["reconstruct", *inputs, "-o", str(out), "--model", str(bundle)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and problem in err
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    assert main(["reconstruct", *inputs, "-o", str(out), "--model", str(bundle)]) == 0
+    assert len(list(out.glob("*.png"))) == count

@@ -165,6 +165,11 @@ def test_config_file_and_overrides(tmp_path):
     (["train_seconds=7"], "train_seconds must be positive and at most clip_seconds (6.0)"),
     (["clip_seconds=3", "train_seconds=4"], "at most clip_seconds (3.0), got 4.0"),
     (["train_seconds=0"], "train_seconds must be positive"),
+    (["seed=-1"], "seed must be an integer from 0"),
+    (["loss.lambda1=-1"], "loss.lambda1 must be a finite number >= 0, got -1.0"),
+    (["loss.perceptual_weight=nan"], "loss.perceptual_weight must be a finite number >= 0"),
+    (["loss.temperature=0"], "loss.temperature must be a finite number > 0, got 0.0"),
+    (["loss.temperature=inf"], "loss.temperature must be a finite number > 0, got inf"),
     (["steps"], "expected key=value"),
 ])
 def test_bad_overrides_are_config_errors(items, words):
@@ -185,6 +190,10 @@ def test_examples_too_short_for_the_voice_encoder_are_refused():
         _check_example_length(encoder, TrainConfig.tiny(train_seconds=2.6))
     with pytest.raises(ConfigError, match="clip_seconds=1 gives 98"):
         _check_example_length(encoder, TrainConfig.tiny(clip_seconds=1.0))
+    # Longer than the shards' clips: the loader would repeat each clip to fill it.
+    with pytest.raises(ConfigError, match=r"clip_seconds=10 is longer than the shards' clips"):
+        _check_example_length(encoder, TrainConfig.tiny(clip_seconds=10.0), 6.0)
+    _check_example_length(encoder, TrainConfig.tiny(clip_seconds=6.0), 6.0)
     shortest = 2.605  # 259 frames: 258 hops of 10 ms and one 25-ms window
     _check_example_length(encoder, TrainConfig.tiny(train_seconds=shortest))
     samples = int(round(shortest * SAMPLE_RATE))

@@ -1007,6 +1007,8 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
 
 
 def add_prepare_arguments(parser) -> None:
+    from speech2face.cli import bounded, seed
+
     parser.add_argument(
         "dataset",
         nargs="?",
@@ -1061,7 +1063,7 @@ def add_prepare_arguments(parser) -> None:
     )
     parser.add_argument(
         "--identity-threshold",
-        type=float,
+        type=bounded(float, 0, None, "identity threshold"),
         default=SAME_PERSON_DISTANCE,
         help="AVSpeech: videos whose faces are this close (dlib distance) are one person "
         f"(default {SAME_PERSON_DISTANCE}, dlib's guidance; 0: each video its own identity)",
@@ -1074,7 +1076,7 @@ def add_prepare_arguments(parser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="seed of the mixed order in which samples are written (default 0)",
     )

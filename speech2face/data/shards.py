@@ -72,6 +72,10 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
         return "'feature_dim' is not a positive integer"
     if not isinstance(manifest.get("encoder"), str):
         return "'encoder' is not a name"
+    seconds = manifest.get("seconds")
+    if seconds is not None and not (isinstance(seconds, (int, float))
+                                    and not isinstance(seconds, bool) and 0 < seconds < 1e6):
+        return "'seconds' is not a positive number of seconds"
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not set(splits) <= set(_SPLITS):
         return f"'splits' is not a mapping of {_SPLITS}"
