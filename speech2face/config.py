@@ -154,8 +154,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if seed_problem(self.seed):
-            problems.append(seed_problem(self.seed))
+        if problem := seed_problem(self.seed):
+            problems.append(problem)
         # A negative weight rewards the error it measures; temperature 0 divides by zero
         # (every loss NaN from the first step).
         for name in ("lambda1", "lambda2", "texture_weight", "landmark_weight",

@@ -328,8 +328,8 @@ def run_demo(
     if not MIN_SPEAKERS <= speakers <= MAX_SPEAKERS:
         raise DataError(None, f"--speakers must be between {MIN_SPEAKERS} and {MAX_SPEAKERS} "
                               f"(a CPU demo), got {speakers}")
-    if seed_problem(seed, "--seed"):
-        raise DataError(None, seed_problem(seed, "--seed"))
+    if problem := seed_problem(seed, "--seed"):
+        raise DataError(None, problem)
     # Both stages' settings are checked before any work (steps, overrides).
     configs = {"decoder": _train_config("decoder", decoder_steps,
                                         {**DECODER_OVERRIDES, **(train_overrides or {})}, seed),

@@ -809,8 +809,8 @@ def make_demo_data(
     out = Path(out)
     if speakers < 1 or frames < 1 or min(videos) < 1 or min(clips) < 1:
         raise DataError(out, "speakers, videos, clips and frames must each be at least 1")
-    if seed_problem(seed):
-        raise DataError(None, seed_problem(seed))
+    if problem := seed_problem(seed):
+        raise DataError(None, problem)
     if out.exists() and (not out.is_dir() or output_entries(out)):
         raise DataError(out, "output folder exists and is not empty")
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
