@@ -149,8 +149,8 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("lr", "eps"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -169,14 +169,17 @@ class TrainConfig:
                             f"got {self.loss.temperature!r}")
         if not 0 < self.lr_decay <= 1:
             problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not self.clip_seconds > 0:
-            problems.append(f"clip_seconds must be positive, got {self.clip_seconds}")
+        if not 0 < self.clip_seconds < math.inf:
+            problems.append(f"clip_seconds must be a finite number > 0, got {self.clip_seconds}")
         if self.train_seconds is not None and not 0 < self.train_seconds <= self.clip_seconds:
             problems.append(f"train_seconds must be positive and at most clip_seconds "
                             f"({self.clip_seconds}), got {self.train_seconds}")
-        for name in ("grad_clip", "classifier_l2", "feature_noise"):
-            if not getattr(self, name) >= 0:
-                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        # grad_clip 0 turns clipping off; an infinite one is the same and allowed.
+        if not self.grad_clip >= 0:
+            problems.append(f"grad_clip must not be negative, got {self.grad_clip}")
+        for name in ("classifier_l2", "feature_noise"):
+            if not 0 <= getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.grad_accum >= 1 and self.batch_size % self.grad_accum:
             problems.append(f"batch_size {self.batch_size} is not a multiple of grad_accum "
                             f"{self.grad_accum}")
