@@ -424,21 +424,21 @@ def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"waveform has {x.shape[-1]} samples, at least {WIN_LENGTH} are needed")
     # torch.stft frames are N_FFT long; pad the end so the last 400-sample TF frame fits
     # in a 512 frame, and put the window in the first 400 samples of each frame.
-    x = torch.nn.functional.pad(x, (0, N_FFT - WIN_LENGTH))
+    pad = (0, N_FFT - WIN_LENGTH)
     window = _padded_window(x.device, x.dtype)
     # The power law runs on the FFT's own memory order and the result is only permuted:
     # de-interleaving real and imaginary parts into a (B, 2, T, F) copy cost half as much
     # as the FFT itself.
     if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
-        # One clip at a time into one output: each clip's frames and FFT stay in the
-        # core's cache, so a batch costs per clip what a single clip does (done at once,
-        # a batch of 64 streams every intermediate through memory: ~1.2x per clip).
-        frames = 1 + (x.shape[-1] - N_FFT) // HOP_LENGTH
-        out = x.new_empty(x.shape[0], frames, N_FREQ, 2)
+        # One clip at a time into one output, padded one at a time too: each clip's
+        # samples, frames and FFT stay in the core's cache, so a batch costs per clip what
+        # a single clip does (done at once, a batch of 64 streams every intermediate
+        # through memory: ~1.2x per clip; padding the whole batch first, ~1.1x).
+        out = x.new_empty(x.shape[0], spectrogram_frames(x.shape[-1]), N_FREQ, 2)
         for clip, dest in zip(x, out, strict=True):
-            _compress(_stft(clip, window), POWER_LAW, out=dest)
+            _compress(_stft(torch.nn.functional.pad(clip, pad), window), POWER_LAW, out=dest)
     else:
-        out = power_law(_stft(x, window))  # (B, T, F, 2)
+        out = power_law(_stft(torch.nn.functional.pad(x, pad), window))  # (B, T, F, 2)
     out = out.permute(0, 3, 1, 2)  # (B, 2, T, F), channels-last memory
     return out[0] if single else out
 
