@@ -200,9 +200,18 @@ def test_every_seed_is_checked_where_it_is_given(tmp_path, capsys):
     (["make-demo-data", "--speakers", "-2"], "--speakers"),
     (["prepare", "avspeech", "--root", ".", "--identity-threshold", "-1"], "--identity-threshold"),
     (["prepare", "avspeech", "--root", ".", "--identity-threshold", "nan"], "--identity-threshold"),
+    (["prepare", "voxceleb1", "--root", ".", "--workers", "0"], "--workers"),
+    (["prepare", "voxceleb1", "--root", ".", "--num-shards", "0"], "--num-shards"),
+    (["prepare", "voxceleb1", "--root", ".", "--shard-index", "-1"], "--shard-index"),
+    (["prepare", "voxceleb1", "--root", ".", "--samples-per-shard", "0"], "--samples-per-shard"),
+    (["prepare", "voxceleb1", "--root", ".", "--mix-clips", "x"], "--mix-clips"),
+    (["download", "avspeech", "--csv", "a_train.csv", "--num-shards", "0"], "--num-shards"),
+    (["download", "avspeech", "--csv", "a_train.csv", "--workers", "0"], "--workers"),
+    (["download", "avspeech", "--csv", "a_train.csv", "--max-attempts", "0"], "--max-attempts"),
 ])
 def test_counts_and_thresholds_out_of_range_are_usage_errors(tmp_path, capsys, argv, option):
-    assert _exit_code([*argv, "-o", str(tmp_path / "out")]) == 2
+    out = ["--out" if argv[0] == "download" else "-o", str(tmp_path / "out")]
+    assert _exit_code([*argv, *out]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and option in err
     assert list(tmp_path.iterdir()) == []

@@ -709,6 +709,8 @@ def download_avspeech(
 
 
 def add_download_arguments(parser) -> None:
+    from speech2face.cli import bounded
+
     parser.add_argument("dataset", choices=["avspeech"], help="the dataset to fetch")
     parser.add_argument(
         "--csv", action="append", required=True, metavar="CSV",
@@ -720,20 +722,24 @@ def add_download_arguments(parser) -> None:
         "--url-template", default=YOUTUBE_URL,
         help="URL of a video, {id} replaced by the CSV's id (default: the YouTube watch URL)",
     )
-    parser.add_argument("--workers", type=int, default=WORKERS,
+    parser.add_argument("--workers", type=bounded(int, 1, None, "number of workers"),
+                        default=WORKERS,
                         help="videos fetched at once (threads; default %(default)s)")
     parser.add_argument("--rate-limit", type=float, default=None, metavar="PER_MINUTE",
                         help="at most this many video requests a minute (default: no limit)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S,
                         help="seconds without data before a request fails (default %(default)s)")
-    parser.add_argument("--max-attempts", type=int, default=MAX_ATTEMPTS,
+    parser.add_argument("--max-attempts", type=bounded(int, 1, None, "number of attempts"),
+                        default=MAX_ATTEMPTS,
                         help="tries of a segment that fails for a transient reason "
                         "(timeout, network, truncated) before it is given up (default %(default)s)")
-    parser.add_argument("--max-height", type=int, default=MAX_HEIGHT,
+    parser.add_argument("--max-height", type=bounded(int, 1, None, "height"),
+                        default=MAX_HEIGHT,
                         help="tallest video format fetched, in pixels (default %(default)s)")
-    parser.add_argument("--shard-index", type=int, default=0,
+    parser.add_argument("--shard-index", type=bounded(int, 0, None, "shard index"), default=0,
                         help="this job's index in a job array (default 0)")
-    parser.add_argument("--num-shards", type=int, default=1,
+    parser.add_argument("--num-shards", type=bounded(int, 1, None, "number of shards"),
+                        default=1,
                         help="jobs in the array; each takes the videos whose hash is its "
                         "index mod this (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

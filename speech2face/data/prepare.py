@@ -1020,17 +1020,18 @@ def add_prepare_arguments(parser) -> None:
         "-o", "--out", required=True, help="output folder for shards and manifest.json"
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="processes working on videos (default 1)"
+        "--workers", type=bounded(int, 1, None, "number of workers"), default=1,
+        help="processes working on videos (default 1)"
     )
     parser.add_argument(
         "--shard-index",
-        type=int,
+        type=bounded(int, 0, None, "shard index"),
         default=0,
         help="this machine's index in [0, --num-shards) (default 0)",
     )
     parser.add_argument(
         "--num-shards",
-        type=int,
+        type=bounded(int, 1, None, "number of shards"),
         default=1,
         help="machines splitting the videos between them (default 1)",
     )
@@ -1045,19 +1046,19 @@ def add_prepare_arguments(parser) -> None:
     )
     parser.add_argument(
         "--samples-per-shard",
-        type=int,
+        type=bounded(int, 1, None, "number of samples"),
         default=SAMPLES_PER_SHARD,
         help=f"samples per tar shard (default {SAMPLES_PER_SHARD})",
     )
     parser.add_argument(
         "--frames-per-video",
-        type=int,
+        type=bounded(int, 1, None, "number of frames"),
         default=FRAMES_PER_VIDEO,
         help=f"face frames used per video (default {FRAMES_PER_VIDEO})",
     )
     parser.add_argument(
         "--crops-per-sample",
-        type=int,
+        type=bounded(int, 1, None, "number of crops"),
         default=CROPS_PER_SAMPLE,
         help=f"face crops stored with each clip (default {CROPS_PER_SAMPLE})",
     )
@@ -1082,7 +1083,7 @@ def add_prepare_arguments(parser) -> None:
     )
     parser.add_argument(
         "--mix-clips",
-        type=int,
+        type=bounded(int, 1, None, "number of clips"),
         default=MIX_CLIPS,
         help=f"clips per mixing window, held in memory (~150 kB each; default {MIX_CLIPS})",
     )
