@@ -1202,9 +1202,14 @@ def evaluate(
     """
     import torch
 
+    from speech2face.errors import ConfigError
     from speech2face.inference import resolve_model
     from speech2face.report import render_report, write_outputs
 
+    for name, value, least in (("gallery_size", gallery_size, 2), ("draws", draws, 1),
+                               ("batch_size", batch_size, 1), ("max_samples", max_samples, 3)):
+        if value is not None and not value >= least:
+            raise ConfigError(None, f"{name} must be at least {least}, got {value}")
     source = str(model) if isinstance(model, (str, os.PathLike)) else \
         getattr(model, "source", type(model).__name__)
     loaded = resolve_model(model).to(device)
@@ -1284,7 +1289,7 @@ def _run_key(model, data: Path, **settings) -> str:
 
 
 def add_evaluate_arguments(parser) -> None:
-    from speech2face.cli import device, seed
+    from speech2face.cli import bounded, device, seed
 
     parser.add_argument("--model", required=True,
                         help="model bundle or training run (with a voice encoder)")
@@ -1292,14 +1297,18 @@ def add_evaluate_arguments(parser) -> None:
                         help="folder written by `speech2face prepare`")
     parser.add_argument("-o", "--out", required=True, help="report folder to write")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
-    parser.add_argument("--gallery-size", type=int, default=GALLERY_SIZE,
+    parser.add_argument("--gallery-size", type=bounded(int, 2, None, "gallery size"),
+                        default=GALLERY_SIZE,
                         help=f"identities per retrieval gallery (default {GALLERY_SIZE}; "
                              "fewer when the split has fewer)")
-    parser.add_argument("--draws", type=int, default=GALLERY_DRAWS,
+    parser.add_argument("--draws", type=bounded(int, 1, None, "number of draws"),
+                        default=GALLERY_DRAWS,
                         help=f"random galleries averaged (default {GALLERY_DRAWS})")
     parser.add_argument("--seed", type=seed, default=0, help="seed of galleries and subsets")
-    parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass")
-    parser.add_argument("--max-samples", type=int, default=None,
+    parser.add_argument("--batch-size", type=bounded(int, 1, None, "batch size"), default=16,
+                        help="clips per forward pass")
+    parser.add_argument("--max-samples", type=bounded(int, 3, None, "number of samples"),
+                        default=None,
                         help="evaluate a random subset of this many samples")
     parser.add_argument("--no-attributes", dest="attributes", action="store_false",
                         help="skip the gender/age classifiers")
@@ -1314,13 +1323,8 @@ def add_evaluate_arguments(parser) -> None:
 
 
 def evaluate_command(args) -> int:
-    from speech2face.errors import ConfigError
     from speech2face.report import summary
 
-    if args.gallery_size < 2 or args.draws < 1 or args.batch_size < 1:
-        raise ConfigError(None, "--gallery-size must be >= 2, --draws and --batch-size >= 1")
-    if args.max_samples is not None and args.max_samples < 3:
-        raise ConfigError(None, "--max-samples must be at least 3")
     metrics = evaluate(args.model, args.data, args.out, split=args.split,
                        gallery_size=args.gallery_size, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, max_samples=args.max_samples,

@@ -208,6 +208,9 @@ def test_every_seed_is_checked_where_it_is_given(tmp_path, capsys):
     (["download", "avspeech", "--csv", "a_train.csv", "--num-shards", "0"], "--num-shards"),
     (["download", "avspeech", "--csv", "a_train.csv", "--workers", "0"], "--workers"),
     (["download", "avspeech", "--csv", "a_train.csv", "--max-attempts", "0"], "--max-attempts"),
+    (["evaluate", "--model", "m", "--data", "d", "--gallery-size", "1"], "--gallery-size"),
+    (["evaluate", "--model", "m", "--data", "d", "--max-samples", "2"], "--max-samples"),
+    (["evaluate", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
 ])
 def test_counts_and_thresholds_out_of_range_are_usage_errors(tmp_path, capsys, argv, option):
     out = ["--out" if argv[0] == "download" else "-o", str(tmp_path / "out")]

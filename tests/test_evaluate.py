@@ -601,6 +601,20 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, mon
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"gallery_size": 1}, "gallery_size must be at least 2, got 1"),
+    ({"draws": 0}, "draws must be at least 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ({"max_samples": 2}, "max_samples must be at least 3, got 2"),
+])
+def test_evaluate_refuses_bad_settings_before_loading_anything(tmp_path, setting, message):
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        ev.evaluate(tmp_path / "no-model", tmp_path / "no-data", tmp_path / "report", **setting)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_collector_reuses_shard_features_made_by_the_recognizer(tmp_path):
     import torch
 
