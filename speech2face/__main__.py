@@ -1,3 +1,3 @@
-from speech2face.cli import main
+from speech2face.cli import run
 
-raise SystemExit(main())
+run()

@@ -155,6 +155,36 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The ``speech2face`` console command: :func:`main`, then :func:`exit_now`."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` without tearing the interpreter down.
+
+    A normal exit frees every object one by one and runs C++ destructors before the
+    process gives all its memory back anyway: 0.5 s of CPU with torch imported, 1 s with
+    ``torch._dynamo`` (which ``torch.optim`` imports), on every command
+    (docs/benchmarks.md). What a normal exit does that matters still happens, in its
+    order: threads that are not daemons are waited for, the ``atexit`` handlers run
+    (multiprocessing's, which stops daemonic children such as DataLoader workers, among
+    them), and the standard streams are flushed. The commands close every file they
+    write before they return.
+    """
+    import atexit
+    import threading
+
+    # What Py_FinalizeEx does first, in its order: threading's own exit hooks (which stop
+    # idle executor threads) and the joins of non-daemon threads, then the atexit handlers.
+    threading._shutdown()  # noqa: SLF001
+    atexit._run_exitfuncs()  # noqa: SLF001
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more can be said
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if "speech2face.distributed" in sys.modules:  # a training command (torch is loaded)
@@ -203,4 +233,4 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()
