@@ -613,7 +613,8 @@ def test_page_in_chromium(browser, page_server, clips, tmp_path):
     browser.get(page_server.url)
     upload = browser.find_element(By.ID, "file")
     _wait(browser, lambda d: upload.is_enabled())
-    audio = Path(os.environ.get("SPEECH2FACE_SERVE_AUDIO") or clips["voice3"])
+    # absolute: the browser's file input takes no relative path
+    audio = Path(os.environ.get("SPEECH2FACE_SERVE_AUDIO") or clips["voice3"]).resolve()
     upload.send_keys(str(audio))
     assert _wait(browser, lambda d: _face_shown(d, audio.name)) == [224, 224]
     shown = _data_url_image(browser.find_element(By.ID, "face").get_attribute("src"))
