@@ -164,13 +164,13 @@ def exit_now(code: int) -> None:
     """End the process with ``code`` without tearing the interpreter down.
 
     A normal exit frees every object one by one and runs C++ destructors before the
-    process gives all its memory back anyway: 0.5 s of CPU with torch imported, 1 s with
-    ``torch._dynamo`` (which ``torch.optim`` imports), on every command
-    (docs/benchmarks.md). What a normal exit does that matters still happens, in its
-    order: threads that are not daemons are waited for, the ``atexit`` handlers run
-    (multiprocessing's, which stops daemonic children such as DataLoader workers, among
-    them), and the standard streams are flushed. The commands close every file they
-    write before they return.
+    process gives all its memory back anyway: 0.4 s of CPU with torch imported, 0.8 s
+    with ``torch._dynamo`` (which ``torch.optim`` imports), on every command
+    (``bench/bench_exit.py``, docs/benchmarks.md). What a normal exit does that matters
+    still happens, in its order: threads that are not daemons are waited for, the
+    ``atexit`` handlers run (multiprocessing's, which stops daemonic children such as
+    DataLoader workers, among them), and the standard streams are flushed. The commands
+    close every file they write before they return.
     """
     import atexit
     import threading
