@@ -10,8 +10,9 @@ kernel had to map and zero afresh).
   Adam (each code's as its training loop made it: multi-tensor ``foreach`` now, one
   tensor at a time then). Target (issue 17): >= 1.4x faster than the code the issue
   measured (commit ``TODAY``, extracted from git history into a temporary folder and
-  run, with glibc's default allocator as it ran then, in the same rounds). The tuned against default
-  allocator ratio of today's code is shown beside it: what the allocator alone is worth.
+  run, with glibc's default allocator as it ran then, in the same rounds). The tuned
+  against default allocator ratio of today's code is shown beside it: what the
+  allocator alone is worth.
 - ``spectrogram()`` of a batch of 64 clips against one clip at a time, per clip (tuned).
   Target: the batch no slower per clip. The two take turns call by call in one process.
 
@@ -132,18 +133,18 @@ def _old_code(commit: str):
         yield Path(tmp)
 
 
-def _ratio(slow: list[dict], fast: list[dict]) -> tuple[float, list[float]]:
-    """Median over rounds of each round's CPU-time ratio, and the rounds' ratios: the
-    host's speed drifts between rounds more than within one (docs/benchmarks.md)."""
-    ratios = [a["cpu_s"] / b["cpu_s"] for a, b in zip(slow, fast, strict=True)]
-    return statistics.median(ratios), ratios
+def _ratio(slow: list[dict], fast: list[dict]) -> tuple[float, str]:
+    """:func:`bench.common.round_ratios` of the runs' CPU times (imported here: the child
+    processes load this file by its path, where ``bench`` is not importable)."""
+    from bench.common import round_ratios
+
+    return round_ratios([r["cpu_s"] for r in slow], [r["cpu_s"] for r in fast])
 
 
 def _row(name, tuned, default, ratios, target, ratio_ok) -> dict:
     ratio, rounds = ratios
     return {
-        "benchmark": f"{name}; median of {len(rounds)} rounds' ratios "
-                     f"({', '.join(f'{r:.2f}' for r in rounds)})",
+        "benchmark": f"{name}; {rounds}",
         "result": f"{1000 * tuned['wall_s']:.0f} ms (CPU {1000 * tuned['cpu_s']:.0f}), "
                   f"{tuned['minor_faults']:.0f} faults",
         "reference": f"{1000 * default['wall_s']:.0f} ms (CPU {1000 * default['cpu_s']:.0f}), "
@@ -195,11 +196,10 @@ def run(quick: bool = False) -> dict:
     for setting in ("tuned", "default"):
         batch, single = spec[setting]["batch"], spec[setting]["single"]
         runs = results[f"spectrogram_{setting}"]
-        ratio, ratios = _ratio([r["single"] for r in runs], [r["batch"] for r in runs])
+        ratio, rounds = _ratio([r["single"] for r in runs], [r["batch"] for r in runs])
         rows.append({
             "benchmark": f"spectrogram() per clip, batch of {SPECTROGRAM_BATCH} vs one clip at "
-                         f"a time, 1 thread, allocator {setting}; median of {len(ratios)} "
-                         f"rounds' ratios ({', '.join(f'{r:.2f}' for r in ratios)})",
+                         f"a time, 1 thread, allocator {setting}; {rounds}",
             "result": f"{1000 * batch['wall_s']:.2f} ms (CPU {1000 * batch['cpu_s']:.2f}), "
                       f"{batch['minor_faults']:.0f} faults",
             "reference": f"{1000 * single['wall_s']:.2f} ms (CPU {1000 * single['cpu_s']:.2f})"

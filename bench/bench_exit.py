@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import round_ratios
+
 NORMAL = "import sys; from speech2face.cli import main; raise SystemExit(main(sys.argv[1:]))"
 QUICK = "import sys; from speech2face.cli import main, exit_now; exit_now(main(sys.argv[1:]))"
 
@@ -48,16 +50,15 @@ def _compare(name: str, normal, quick, rounds: int) -> dict:
         order = (("normal", normal), ("quick", quick))
         for label, run in order[::-1] if index % 2 else order:
             times[label].append(run())
-    ratios = [a / b for a, b in zip(times["normal"], times["quick"], strict=True)]
+    ratio, text = round_ratios(times["normal"], times["quick"])
     saved = statistics.median(a - b for a, b in zip(times["normal"], times["quick"],
                                                     strict=True))
     return {
         "benchmark": f"{name}: fresh process ended by exit_now vs a normal interpreter exit, "
-                     f"CPU s; median of {rounds} rounds' ratios "
-                     f"({', '.join(f'{r:.2f}' for r in ratios)}); {saved:.2f} s saved",
+                     f"CPU s; {text}; {saved:.2f} s saved",
         "result": f"{statistics.median(times['quick']):.2f} s CPU",
         "reference": f"normal exit {statistics.median(times['normal']):.2f} s CPU",
-        "ratio": f"{statistics.median(ratios):.2f}x less CPU",
+        "ratio": f"{ratio:.2f}x less CPU",
         "target": "",
         "_times": times,
     }

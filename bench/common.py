@@ -134,6 +134,15 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def round_ratios(slow: list[float], fast: list[float]) -> tuple[float, str]:
+    """The median over rounds of each round's ``slow / fast``, and a text naming it with
+    every round's ratio: the host's speed drifts between rounds more than within one, so
+    a ratio is taken within a round (docs/benchmarks.md)."""
+    ratios = [a / b for a, b in zip(slow, fast, strict=True)]
+    rounds = ", ".join(f"{r:.2f}" for r in ratios)
+    return statistics.median(ratios), f"median of {len(ratios)} rounds' ratios ({rounds})"
+
+
 def timed_ms(fn, repeats: int) -> dict:
     """Median wall and CPU milliseconds of ``fn`` (after one warm-up call), and minima.
 
