@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from speech2face.config import FLOAT32_MAX, FLOAT32_TINY
 from speech2face.errors import DataError
 
 CHECKPOINTS_DIR = "checkpoints"  # RUN/checkpoints/
@@ -31,6 +32,7 @@ CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-NNNNNNNN
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+MAX_STEPS = 2**53
 MAX_STATE_BYTES = 64 << 20  # state.json holds settings and scalars: kilobytes, not gigabytes
 # Adam's per-parameter state (torch.optim.Adam); ``max_exp_avg_sq`` only with amsgrad.
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
@@ -152,6 +154,7 @@ def check_checkpoint(folder: Path, state: dict, optimizer_tensors: dict[str, tor
     _check_optimizer(folder / STATE_FILE, folder / OPTIMIZER_FILE, state["optimizer"],
                      optimizer_tensors, optimizer)
     _like(folder / STATE_FILE, "scheduler", state["scheduler"], scheduler.state_dict())
+    _check_settings(folder / STATE_FILE, state)
     file = folder / RNG_FILE
     key = f"cpu.rank{rank}" if f"cpu.rank{rank}" in rng else "cpu.rank0"
     want = torch.get_rng_state()
@@ -200,6 +203,43 @@ def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
                                     f"parameter needs {want}")
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise _bad(tensor_file, f"{key} is not finite floating-point state")
+
+
+# Ranges of the optimiser's and scheduler's settings in state.json, which a resumed run
+# takes over from the checkpoint: (where, key, low, high), both ends included. Rates are
+# float32 numbers Adam can hold (config.FLOAT32_TINY/MAX), the current ones down to 0 (a
+# long decay may take them below float32's range); a step count beyond 2^53 is not one
+# a run reaches (and not one a float64 or a log file holds exactly).
+_RATE = (FLOAT32_TINY, FLOAT32_MAX)
+_SETTINGS = (
+    ("optimizer.param_groups", "lr", 0.0, FLOAT32_MAX),
+    ("optimizer.param_groups", "initial_lr", *_RATE),
+    ("optimizer.param_groups", "eps", *_RATE),
+    ("optimizer.param_groups", "betas", 0.0, 1 - 2.0 ** -24),
+    ("optimizer.param_groups", "weight_decay", 0.0, FLOAT32_MAX),
+    ("scheduler", "step_size", 1, MAX_STEPS),
+    ("scheduler", "gamma", FLOAT32_TINY, 1.0),
+    ("scheduler", "base_lrs", *_RATE),
+    ("scheduler", "_last_lr", 0.0, FLOAT32_MAX),
+    ("scheduler", "last_epoch", 0, MAX_STEPS),
+)
+
+
+def _check_settings(file: Path, state: dict) -> None:
+    """Refuse optimiser and scheduler settings no run has (betas of 5, a step size of 0,
+    a negative rate): torch would take them and fail later, or train on with them."""
+    for where, key, low, high in _SETTINGS:
+        section, _, sub = where.partition(".")
+        nodes = state[section][sub] if sub else [state[section]]
+        for i, node in enumerate(nodes):
+            values = node.get(key) if isinstance(node, dict) else None
+            for value in values if isinstance(values, list) else [values]:
+                if value is not None and not low <= value <= high:
+                    name = f"{where}[{i}].{key}" if sub else f"{where}.{key}"
+                    raise _bad(file, f"{name} must be in [{low:.3g}, {high:.3g}], "
+                                     f"got {value!r:.30}")
+    if state["step"] > MAX_STEPS:
+        raise _bad(file, f"step must be at most {MAX_STEPS}, got {state['step']!r:.30}")
 
 
 def _like(file: Path, where: str, value, own) -> None:

@@ -112,6 +112,8 @@ def _check_out(command: str, out) -> bool:
     is_file = suffixes is None or (path.suffix.lower() in suffixes and not path.is_dir())
     if path.exists() and not path.is_dir() and not is_file:
         raise Speech2FaceError(path, "-o/--out: exists and is not a folder")
+    if suffixes is None and path.is_dir():
+        raise Speech2FaceError(path, "-o/--out: is a folder; name the file to write")
     return is_file
 
 

@@ -22,6 +22,11 @@ from speech2face.errors import ConfigError
 from speech2face.losses import LossConfig
 from speech2face.utils import seed_problem
 
+# The smallest normal and the largest float32 (numpy.finfo(numpy.float32).tiny and .max).
+FLOAT32_TINY = 2.0 ** -126
+FLOAT32_MAX = (2 - 2.0 ** -23) * 2.0 ** 127
+MAX_LOADER_WORKERS = 1024
+
 # Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
 LEARNING_RATE = 1e-3
 ADAM_BETA1 = 0.5
@@ -148,9 +153,14 @@ class TrainConfig:
         for name in ("val_batches", "num_workers", "precise_bn_batches", "sample_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.num_workers > MAX_LOADER_WORKERS:  # each is a process
+            problems.append(f"num_workers must be at most {MAX_LOADER_WORKERS}, "
+                            f"got {self.num_workers}")
         for name in ("lr", "eps"):
-            if not 0 < getattr(self, name) < math.inf:
-                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+            # Adam holds them in float32: 1e308 overflows it, 1e-320 rounds to 0 there.
+            if not FLOAT32_TINY <= getattr(self, name) <= FLOAT32_MAX:
+                problems.append(f"{name} must be a float32 number in [{FLOAT32_TINY:.3g}, "
+                                f"{FLOAT32_MAX:.3g}], got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")

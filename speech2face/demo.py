@@ -71,6 +71,7 @@ DEMO_SPEAKERS = 40
 # a killed demo resumes (a tiny model's checkpoint costs milliseconds).
 DECODER_STEPS = 1600
 VOICE_STEPS = 400
+MAX_STEPS = 1_000_000  # hours of CPU per stage already; a typo beyond would run for ever
 # The decoder's rate, 3.5e-3: with the women's make-up at full strength, seeds 0 / 1 / 2
 # (the same corpora) gave at 5e-3 gender agreement 91 / 91 / 88 % but 8 / 6 / 9 of 10
 # held-out speakers told apart in pixels, at 4e-3 91 / 94 / 83 % and 8 / 6 / 9, at 3.5e-3
@@ -468,7 +469,7 @@ def _check_out_writable(out: Path) -> None:
 def add_demo_arguments(parser) -> None:
     from speech2face.cli import bounded, seed
 
-    steps = bounded(int, 1, None, "number of steps")
+    steps = bounded(int, 1, MAX_STEPS, "number of steps")
     parser.add_argument("-o", "--out", default=DEFAULT_OUT,
                         help=f"working folder (default {DEFAULT_OUT}; a previous demo's folder "
                              "is overwritten)")

@@ -61,6 +61,11 @@ FRAME_SIZE = 320  # px, side of the square face frames (moderate: generation and
 VIDEOS_PER_SPEAKER = (2, 3)  # inclusive range
 CLIPS_PER_VIDEO = (2, 4)  # inclusive range
 FRAMES_PER_VIDEO = 3
+# Upper bounds of the command's counts: VoxCeleb2's size in identities (6,112) many times
+# over, and a minute of video at 30 frames a second; a typo beyond them would fill the
+# memory or the disk.
+MAX_SPEAKERS = 100_000
+MAX_FRAMES = 1800
 CLIP_SECONDS_RANGE = (3.0, 9.0)  # utterance lengths: some shorter, some longer than 6 s
 N_LATENTS = 5  # hidden attributes per speaker besides gender
 GENERATED_LABEL = (
@@ -928,7 +933,8 @@ def add_make_demo_data_arguments(parser) -> None:
         "-o", "--out", required=True, help="output folder (must not exist or be empty)"
     )
     parser.add_argument(
-        "--speakers", type=count, default=40, help="number of identities (default 40)"
+        "--speakers", type=bounded(int, 1, MAX_SPEAKERS, "count"), default=40,
+        help="number of identities (default 40)"
     )
     parser.add_argument(
         "--seed", type=seed, default=0, help="random seed; same seed, same corpus (default 0)"
@@ -938,7 +944,7 @@ def add_make_demo_data_arguments(parser) -> None:
     )
     parser.add_argument(
         "--frames",
-        type=count,
+        type=bounded(int, 1, MAX_FRAMES, "count"),
         default=FRAMES_PER_VIDEO,
         help=f"face frames per video (default {FRAMES_PER_VIDEO})",
     )

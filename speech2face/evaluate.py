@@ -44,6 +44,9 @@ from speech2face.utils import atomic_write
 RECALL_KS = (1, 2, 5, 10)  # recall@K reported (paper Table 3)
 GALLERY_SIZE = 100  # identities per retrieval gallery (paper section 4.2)
 GALLERY_DRAWS = 50  # random galleries averaged (decision: the paper does not say how many)
+# Beyond this the mean no longer moves (its spread falls as 1/sqrt(draws)); a typo such as
+# 99999999999 would otherwise run for days.
+MAX_DRAWS = 100_000
 RETRIEVAL_METRICS = ("cosine", "l2", "l1")  # distances used for ranking (paper Table 3)
 CHECKPOINT_SECONDS = 60.0  # a running evaluation saves its progress this often
 SHUFFLES = 20  # random re-pairings averaged for the craniofacial baseline (decision)
@@ -1210,6 +1213,8 @@ def evaluate(
                                ("batch_size", batch_size, 1), ("max_samples", max_samples, 3)):
         if value is not None and not value >= least:
             raise ConfigError(None, f"{name} must be at least {least}, got {value}")
+    if draws > MAX_DRAWS:
+        raise ConfigError(None, f"draws must be at most {MAX_DRAWS}, got {draws}")
     source = str(model) if isinstance(model, (str, os.PathLike)) else \
         getattr(model, "source", type(model).__name__)
     loaded = resolve_model(model).to(device)
@@ -1301,7 +1306,7 @@ def add_evaluate_arguments(parser) -> None:
                         default=GALLERY_SIZE,
                         help=f"identities per retrieval gallery (default {GALLERY_SIZE}; "
                              "fewer when the split has fewer)")
-    parser.add_argument("--draws", type=bounded(int, 1, None, "number of draws"),
+    parser.add_argument("--draws", type=bounded(int, 1, MAX_DRAWS, "number of draws"),
                         default=GALLERY_DRAWS,
                         help=f"random galleries averaged (default {GALLERY_DRAWS})")
     parser.add_argument("--seed", type=seed, default=0, help="seed of galleries and subsets")

@@ -609,9 +609,16 @@ def compare_command(args) -> int:
             raise ConfigError(None, f"{item!r}: expected NAME=REPORT")
         path = Path(path)
         file = path / "metrics.json" if path.is_dir() else path
+        if name in runs:
+            raise ConfigError(None, f"{item!r}: the name {name!r} is given twice")
         metrics = read_json(file)
-        if not isinstance(metrics, dict) or "retrieval" not in metrics:
-            raise DataError(file, "missing, or not the metrics.json of `speech2face evaluate`")
+        try:  # the rows read every field the table shows, and check each value's kind
+            if not isinstance(metrics, dict) or "retrieval" not in metrics:
+                raise ValueError("no retrieval results")
+            comparison_rows(metrics)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+            raise DataError(file, "not the metrics.json of `speech2face evaluate` "
+                                  f"({type(error).__name__}: {error})") from None
         runs[name] = metrics
     table = render_comparison(runs)
     if args.out:

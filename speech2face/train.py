@@ -74,13 +74,13 @@ from speech2face.distributed import (
 from speech2face.errors import ConfigError, DataError
 from speech2face.losses import LossConfig
 from speech2face.model import (
-    CONFIG_NAME,
     RUN_MODEL_DIR,
     VOICE_ENCODERS,
     WEIGHTS_NAME,
     Speech2Face,
     build_voice_encoder,
     load_state_checked,
+    read_bundle_config,
     read_safetensors,
     replacing_dir,
     state_dict_for_safetensors,
@@ -777,7 +777,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
         standardization.copy_from(base.face_decoder.f_dec)
     classifier = base.classifier
     if classifier is None and checkpoint is not None:
-        saved = json.loads((checkpoint / CONFIG_NAME).read_text())
+        saved = read_bundle_config(checkpoint)  # checked like any bundle's config
         if saved.get("num_identities"):
             classifier = nn.Linear(dim, int(saved["num_identities"]))
     if classifier is None:
@@ -824,6 +824,16 @@ def _setup(config: TrainConfig, out: Path, resume: bool) -> tuple[Placement, tor
     return placement, device
 
 
+def _check_batch_fits(data: Path, config: TrainConfig) -> None:
+    """A ConfigError, before anything is fitted or written, where the training split has
+    fewer samples than one step takes (with several processes each also needs whole
+    shards of its own: :func:`fit` says so at its first step)."""
+    samples = int(load_manifest(data)["splits"].get("train", {}).get("samples", 0))
+    if samples < config.batch_size:
+        raise ConfigError(data, f"has {samples} training samples, fewer than one step's "
+                                f"batch_size={config.batch_size}")
+
+
 def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
                   config: TrainConfig | None = None, *, resume: bool = False,
                   progress: bool = True,
@@ -837,6 +847,7 @@ def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
     config = config or TrainConfig.paper("decoder")
     data, out = Path(data), Path(out)
     placement, device = _setup(config, out, resume)
+    _check_batch_fits(data, config)
     stage = decoder_stage(data, config, device)
     train, val = training_data(data, load_manifest(data), config, placement, spectrogram=False)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
@@ -855,6 +866,7 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
     config = config or TrainConfig.paper()
     data, out = Path(data), Path(out)
     placement, _ = _setup(config, out, resume)
+    _check_batch_fits(data, config)
     if config.encoder not in VOICE_ENCODERS:
         build_voice_encoder(config, 0)  # the error, before anything is read or fitted
     checkpoint = latest_checkpoint(out) if resume else None

@@ -153,7 +153,8 @@ def _exit_code(argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("option, value", [("--seed", "-1"), ("--seed", str(2**63)),
-                                           ("--decoder-steps", "0"), ("--voice-steps", "-3")])
+                                           ("--decoder-steps", "0"), ("--voice-steps", "-3"),
+                                           ("--decoder-steps", "99999999999")])
 def test_demo_refuses_a_bad_seed_or_step_count_before_any_work(tmp_path, capsys, option, value):
     out = tmp_path / "demo"
     assert _exit_code(["demo", "--out", str(out), option, value, "--no-install"]) == 2
@@ -198,6 +199,8 @@ def test_every_seed_is_checked_where_it_is_given(tmp_path, capsys):
     (["make-demo-data", "--workers", "0"], "--workers"),
     (["make-demo-data", "--frames", "0"], "--frames"),
     (["make-demo-data", "--speakers", "-2"], "--speakers"),
+    (["make-demo-data", "--speakers", "99999999999"], "--speakers"),
+    (["make-demo-data", "--frames", "99999999"], "--frames"),
     (["prepare", "avspeech", "--root", ".", "--identity-threshold", "-1"], "--identity-threshold"),
     (["prepare", "avspeech", "--root", ".", "--identity-threshold", "nan"], "--identity-threshold"),
     (["prepare", "voxceleb1", "--root", ".", "--workers", "0"], "--workers"),
@@ -211,6 +214,7 @@ def test_every_seed_is_checked_where_it_is_given(tmp_path, capsys):
     (["evaluate", "--model", "m", "--data", "d", "--gallery-size", "1"], "--gallery-size"),
     (["evaluate", "--model", "m", "--data", "d", "--max-samples", "2"], "--max-samples"),
     (["evaluate", "--model", "m", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    (["evaluate", "--model", "m", "--data", "d", "--draws", "99999999999"], "--draws"),
 ])
 def test_counts_and_thresholds_out_of_range_are_usage_errors(tmp_path, capsys, argv, option):
     out = ["--out" if argv[0] == "download" else "-o", str(tmp_path / "out")]

@@ -604,6 +604,7 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, mon
 @pytest.mark.parametrize("setting, message", [
     ({"gallery_size": 1}, "gallery_size must be at least 2, got 1"),
     ({"draws": 0}, "draws must be at least 1, got 0"),
+    ({"draws": 10**11}, "draws must be at most 100000, got 100000000000"),
     ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
     ({"max_samples": 2}, "max_samples must be at least 3, got 2"),
 ])

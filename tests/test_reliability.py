@@ -636,6 +636,16 @@ BAD_CHECKPOINTS = {
     "scheduler-empty": (_state_edit(_put("scheduler", {})), "state.json", "scheduler"),
     "scheduler-text": (_state_edit(_put("scheduler.last_epoch", "x")), "state.json",
                        "last_epoch"),
+    "betas-above-one": (_state_edit(_put("optimizer.param_groups.0.betas", [5, 5])),
+                        "state.json", "betas"),
+    "negative-lr": (_state_edit(_put("optimizer.param_groups.0.lr", -5)), "state.json",
+                    "param_groups[0].lr"),
+    "step-size-zero": (_state_edit(_put("scheduler.step_size", 0)), "state.json",
+                       "scheduler.step_size"),
+    "huge-gamma": (_state_edit(_put("scheduler.gamma", 1e300)), "state.json", "gamma"),
+    "negative-last-epoch": (_state_edit(_put("scheduler.last_epoch", -100)), "state.json",
+                            "last_epoch"),
+    "huge-step": (_state_edit(_put("step", 10**30)), "state.json", "step must be at most"),
     "scalars-text": (_state_edit(_put("optimizer.scalars", {"0.step": "x"})), "state.json",
                      "scalars"),
     "exp-avg-shape": (_tensors_edit("optimizer.safetensors", lambda t: t.update(
@@ -671,6 +681,26 @@ def test_corrupt_checkpoint_on_resume(case, decoder_run, tmp_path, capfd):
                            "--resume", *TRAIN, "steps=6"], capfd, name, words)
     assert "step-00000004" in line
     assert _snapshot(run) == before  # nothing restored half-way, nothing written
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{", "cannot read the bundle config"),
+    ('{"format": "speech2face-bundle"}', "version"),
+])
+def test_voice_checkpoint_config_is_checked_before_a_classifier_is_built(
+        text, words, decoder_run, tmp_path):
+    """A resumed voice run takes the classifier's size from its checkpoint's config.json:
+    read like any bundle's config (it once went straight to json.loads and nn.Linear)."""
+    from speech2face.errors import WeightsError
+    from speech2face.train import TrainConfig, voice_stage
+
+    checkpoint = tmp_path / "step-00000002"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(text)
+    with pytest.raises(WeightsError, match=words) as error:
+        voice_stage(decoder_run["shards"], decoder_run["run"] / "model",
+                    TrainConfig.tiny(), checkpoint, progress=False)
+    assert "config.json" in str(error.value)
 
 
 def test_grad_accum_zero(decoder_run, tmp_path, capfd):

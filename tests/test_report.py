@@ -191,6 +191,39 @@ def test_compare_command_puts_runs_side_by_side(tmp_path, capsys):
     assert "metrics.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m["retrieval"]["cosine"]["1"].update(mean="high"), "TypeError"),
+    (lambda m: m.update(retrieval=[1, 2]), "TypeError"),
+    (lambda m: m["retrieval"]["cosine"]["1"].pop("chance"), "'chance'"),
+    (lambda m: m.pop("craniofacial"), "'craniofacial'"),
+])
+def test_compare_refuses_a_damaged_metrics_file_in_one_line(edit, words, tmp_path, capsys):
+    from speech2face.cli import main
+
+    metrics = ev.compute_metrics(_collected(), draws=2, seed=1)
+    edit(metrics)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "table.md"
+    assert main(["compare", f"a={tmp_path}", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.json" in err and words in err
+    assert not out.exists()
+
+
+def test_compare_refuses_a_name_twice_and_a_folder_as_its_table(tmp_path, capsys):
+    from speech2face.cli import main
+
+    report.write_outputs(tmp_path / "a", report.render_report(
+        ev.compute_metrics(_collected(), draws=2, seed=1), _collected()))
+    assert main(["compare", f"x={tmp_path / 'a'}", f"x={tmp_path / 'a'}"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert main(["compare", f"x={tmp_path / 'a'}", "-o", str(tmp_path / "folder")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "folder"]
+
+
 def test_decoder_identification_misses_are_listed_with_their_feature_look_alikes():
     pixels = {"identities_rate": 70.0, "identified": 7, "identities": 10, "samples": 78.3,
               "chance": 10.0, "size": 64, "median_nearest_feature_cosine": 0.9712,

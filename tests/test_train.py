@@ -158,9 +158,11 @@ def test_config_file_and_overrides(tmp_path):
     (["loss.lambda1=big"], "loss.lambda1: Value 'big'"),
     (["steps.x=1"], "steps: Value"),
     (["steps=0"], "steps must be at least 1"),
-    (["lr=-1"], "lr must be a finite number > 0, got -1.0"),
-    (["lr=inf"], "lr must be a finite number > 0, got inf"),
-    (["eps=nan"], "eps must be a finite number > 0, got nan"),
+    (["lr=-1"], "lr must be a float32 number in [1.18e-38, 3.4e+38], got -1.0"),
+    (["lr=inf"], "lr must be a float32 number in [1.18e-38, 3.4e+38], got inf"),
+    (["lr=1e308"], "lr must be a float32 number in [1.18e-38, 3.4e+38], got 1e+308"),
+    (["eps=nan"], "eps must be a float32 number in [1.18e-38, 3.4e+38], got nan"),
+    (["eps=1e-320"], "eps must be a float32 number in [1.18e-38, 3.4e+38], got 1e-320"),
     (["clip_seconds=inf"], "clip_seconds must be a finite number > 0"),
     (["classifier_l2=inf"], "classifier_l2 must be a finite number >= 0, got inf"),
     (["feature_noise=-0.1"], "feature_noise must be a finite number >= 0"),
@@ -176,6 +178,7 @@ def test_config_file_and_overrides(tmp_path):
     (["loss.perceptual_weight=nan"], "loss.perceptual_weight must be a finite number >= 0"),
     (["loss.temperature=0"], "loss.temperature must be a finite number > 0, got 0.0"),
     (["loss.temperature=inf"], "loss.temperature must be a finite number > 0, got inf"),
+    (["num_workers=99999999999"], "num_workers must be at most 1024"),
     (["steps"], "expected key=value"),
 ])
 def test_bad_overrides_are_config_errors(items, words):
@@ -672,6 +675,20 @@ def test_amp_fp16_on_cpu_and_unknown_encoder_exit_2_writing_nothing(shards, tmp_
     err = capsys.readouterr().err.strip()
     assert "encoder" in err and "'whisper'" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_a_batch_bigger_than_the_training_split_is_refused_before_writing(shards, tmp_path,
+                                                                           capsys):
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    samples = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["samples"]
+    for command in (["train-decoder"], ["train", "--decoder", str(tmp_path)]):
+        assert main([*command, "--data", str(shards), "--out", str(out), "preset=tiny",
+                     f"batch_size={samples + 1}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"has {samples} training samples" in err and f"batch_size={samples + 1}" in err
+        assert "\n" not in err and not out.exists()
 
 
 # ---------------------------------------------------------------------------- mixed precision
