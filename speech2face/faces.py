@@ -307,6 +307,7 @@ def detect_faces(
     if upsample is None:
         limit = UPSAMPLE_MAX_SIDE if detector == "hog" else CNN_UPSAMPLE_MAX_SIDE
         upsample = 1 if max(small.shape[:2]) <= limit else 0
+    _check_upsample(upsample, small.shape[0] * small.shape[1])
     if detector == "hog":
         min_score = HOG_MIN_SCORE if min_score is None else min_score
         rects, scores, _ = dlib_model("hog").run(small, upsample, min_score)
@@ -474,6 +475,17 @@ def invert_matrix(matrix: np.ndarray) -> np.ndarray:
     return np.concatenate([linear, -(linear @ matrix[:, 2])[:, None]], axis=1)
 
 
+def _check_upsample(upsample, pixels: int) -> None:
+    """Each upsampling doubles both sides: the image dlib then builds must stay within
+    ``MAX_IMAGE_PIXELS`` (a 50 x 50 image upsampled 10 times needs 2.6 G pixels)."""
+    from speech2face.errors import ConfigError
+
+    if not isinstance(upsample, (int, np.integer)) or isinstance(upsample, bool) or \
+            upsample < 0 or pixels * 4 ** upsample > MAX_IMAGE_PIXELS:
+        raise ConfigError(None, f"upsample must be a whole number >= 0 that keeps the "
+                                f"image within {MAX_IMAGE_PIXELS:,} pixels, got {upsample!r}")
+
+
 def align_face(
     image, face: Face | np.ndarray, size: int = CROP_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -485,6 +497,11 @@ def align_face(
     """
     from PIL import Image
 
+    from speech2face.errors import ConfigError
+
+    if not isinstance(size, (int, np.integer)) or not MIN_CROP_SIZE <= size <= MAX_CROP_SIZE:
+        raise ConfigError(None, f"size must be a whole number of pixels from {MIN_CROP_SIZE} "
+                                f"to {MAX_CROP_SIZE}, got {size!r}")
     image = load_image(image)
     landmarks = face.landmarks if isinstance(face, Face) else np.asarray(face, dtype=np.float32)
     matrix = crop_matrix(landmarks, size)

@@ -166,6 +166,24 @@ def test_large_image_is_detected_downscaled_but_landmarked_in_full(astronaut, as
 # ---------------------------------------------------------------------------- alignment
 
 
+@pytest.mark.parametrize("size", [0, -5, 31, 4097, 64.0])
+def test_align_face_refuses_a_size_outside_its_bounds(astronaut, astronaut_face, size):
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="size must be a whole number of pixels"):
+        F.align_face(astronaut, astronaut_face, size=size)
+
+
+@pytest.mark.parametrize("upsample", [-1, 10, 1.5, True])
+def test_detect_faces_refuses_an_upsampling_that_cannot_fit(upsample):
+    """10 upsamplings of a 50 x 50 image would ask dlib for 2.6 G pixels (it ran out of
+    memory); a negative count was a pybind TypeError."""
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="upsample must be a whole number"):
+        F.detect_faces(np.zeros((50, 50, 3), np.uint8), upsample=upsample)
+
+
 def test_align_face_geometry(astronaut, astronaut_face):
     crop, lm = F.align_face(astronaut, astronaut_face)
     assert crop.shape == (F.CROP_SIZE, F.CROP_SIZE, 3) and crop.dtype == np.uint8
