@@ -105,9 +105,14 @@ TEST_ROWS = ["GoodVideo01,2.0,6.0,0.5,0.5"]
 
 
 def _csvs(tmp_path: Path, train=TRAIN_ROWS, test=TEST_ROWS) -> list[str]:
-    (tmp_path / "avspeech_train.csv").write_text("\n".join(train) + "\n")
-    (tmp_path / "avspeech_test.csv").write_text("\n".join(test) + "\n")
-    return [str(tmp_path / "avspeech_train.csv"), str(tmp_path / "avspeech_test.csv")]
+    """The CSVs of the splits with rows (an empty CSV is refused)."""
+    paths = []
+    for split, rows in (("train", train), ("test", test)):
+        if rows:
+            path = tmp_path / f"avspeech_{split}.csv"
+            path.write_text("\n".join(rows) + "\n")
+            paths.append(str(path))
+    return paths
 
 
 def _run(args: list[str], capsys) -> tuple[int, str, str]:
@@ -355,3 +360,196 @@ def test_jobs_of_an_array_run_side_by_side(server, tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---------------------------------------------- one CSV reader for download and prepare
+
+
+def _prepare(root: Path, tmp_path: Path, capsys) -> tuple[int, str, str]:
+    return _run(["prepare", "avspeech", "--root", str(root), "--out", str(tmp_path / "shards")],
+                capsys)
+
+
+@pytest.mark.parametrize(
+    "rows, problem",
+    [
+        (["../../outside,1.0,4.0,0.5,0.5"], "line 1: '../../outside' is not a video id"),
+        (["GoodVideo00,1.0,4.0,0.5,0.5", ",1.0,4.0,0.5,0.5"], "line 2: '' is not a video id"),
+        (["GoodVideo00,1.0,4.0,0.5,0.5,extra"], "line 1: expected 5 columns"),
+        (["GoodVideo00,1.0,4_0,0.5,0.5"], "line 1: start, end, x, y must be plain numbers"),
+        (["GoodVideo00,1.0,4.0,0.5,0.5", "GoodVideo00,1.0,6.0,0.5,0.5"],
+         "line 2: segment GoodVideo00/s000001000 is also at "),
+    ],
+)
+def test_download_and_prepare_refuse_the_same_rows(server, tmp_path, capsys, rows, problem):
+    csvs = _csvs(tmp_path, train=rows, test=[])
+    root = tmp_path / "avspeech"
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"avspeech_train.csv: {problem}" in err
+    assert not root.exists()
+    # prepare reads a folder with that CSV the same way: nothing outside --root is read,
+    # nothing is written.
+    root.mkdir()
+    (root / "avspeech_train.csv").write_text("\n".join(rows) + "\n")
+    code, _, err = _prepare(root, tmp_path, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"avspeech_train.csv: {problem}" in err
+    assert not (tmp_path / "shards").exists()
+    if "is also at" in problem:  # both lines are named
+        assert "avspeech_train.csv:1 " in err
+
+
+def test_a_repeated_row_is_one_segment(server, tmp_path, capsys):
+    from speech2face import data
+
+    row = "GoodVideo00,1.0,4.0,0.5,0.5"
+    csvs = _csvs(tmp_path, train=[row, "GoodVideo00,1.000,4.0,0.50,0.5"], test=[])
+    root = tmp_path / "avspeech"
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0 and "1 fetched" in out, err
+    (unit,) = data.list_avspeech(root)
+    assert [(c.name, c.end) for c in unit.clips] == [("s000001000", 3.0)]
+
+
+@pytest.mark.parametrize("template", [
+    "http://127.0.0.1:9/{{id}}.mp4",  # a literal "{id}": every video would 404
+    "file:///tmp/{id}.mp4", "ftp://127.0.0.1/{id}.mp4", "/tmp/{id}.mp4",
+    "http://127.0.0.1:9/{id!r}.mp4",
+])
+def test_url_template_must_be_http_with_an_id_field(server, tmp_path, capsys, template):
+    csvs = _csvs(tmp_path)
+    root = tmp_path / "avspeech"
+    args = _download_args(csvs, root, server)
+    args[args.index("--url-template") + 1] = template
+    code, _, err = _run(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--url-template: " in err
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--timeout", "inf"), ("--timeout", "1e300"), ("--timeout", "0"),
+    ("--rate-limit", "1e-300"), ("--rate-limit", "inf"), ("--rate-limit", "nan"),
+])
+def test_timing_options_are_bounded(server, tmp_path, capsys, option, value):
+    csvs = _csvs(tmp_path)
+    root = tmp_path / "avspeech"
+    with pytest.raises(SystemExit) as usage:  # an argparse usage error: one line, exit 2
+        cli.main(_download_args(csvs, root, server, option, value))
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"argument {option}" in err
+    assert not root.exists()
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=option):  # the library checks them too
+        download.download_avspeech(csvs, root, **{option[2:].replace("-", "_"): float(value)})
+
+
+@pytest.mark.parametrize("code_", [errno.EROFS, errno.EACCES, errno.EPERM])
+def test_unwritable_output_stops_cleanly(server, tmp_path, capsys, monkeypatch, code_):
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
+    root = tmp_path / "avspeech"
+
+    def unwritable(f, *args):
+        raise OSError(code_, "cannot write")
+
+    monkeypatch.setattr(download, "_write_segment", unwritable)
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "s000001000.mkv: cannot write" in err
+    assert not (root / "download_log").exists()  # not the video's fault: not logged
+    assert not list((root / "segments").rglob("*.*"))
+
+
+def test_rerun_removes_the_temp_files_of_a_killed_write(server, tmp_path, capsys):
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
+    root = tmp_path / "avspeech"
+    folder = root / "segments" / "GoodVideo00"
+    folder.mkdir(parents=True)
+    stale = [folder / ".s000001000.mkv.ab12cd34.tmp", folder / ".s000001000.face.npy.x1y2z3w4.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a segment")
+    other = folder / ".s000004500.mkv.ab12cd34.tmp"  # another segment's: not this write's
+    other.write_bytes(b"")
+    code, out, err = _run(_download_args(csvs, root, server, "--num-shards", "2",
+                                         "--shard-index", str(download.stable_hash("GoodVideo00")
+                                                              % 2)), capsys)
+    assert code == 0 and "1 fetched" in out, err
+    assert sorted(p.name for p in folder.iterdir()) == [
+        other.name, "s000001000.face.npy", "s000001000.mkv"]
+
+
+@pytest.mark.parametrize("obstacle", [
+    "download_log/shard-00000-of-00001.jsonl/", "download_log", "avspeech_train.csv/",
+    "segments",
+])
+def test_obstacles_in_out_are_named(server, tmp_path, capsys, obstacle):
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
+    root = tmp_path / "avspeech"
+    path = root / obstacle.rstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if obstacle.endswith("/"):
+        path.mkdir()
+    else:
+        path.write_text("")
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{path}: is in the way" in err
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if not p.name.startswith(".")) == sorted(
+        {obstacle.rstrip("/"), *[p.as_posix() for p in Path(obstacle.rstrip("/")).parents
+                                 if p.name]})
+
+
+def test_csv_details(server, tmp_path, capsys):
+    root = tmp_path / "avspeech"
+    # a byte-order mark is not part of the first id
+    bom = tmp_path / "bom_train.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + TRAIN_ROWS[0].encode() + b"\n")
+    code, out, err = _run(_download_args([str(bom)], root, server), capsys)
+    assert code == 0 and "1 fetched" in out, err
+    # a folder is named as one, an empty CSV is refused
+    (tmp_path / "dir_train.csv").mkdir()
+    (tmp_path / "empty_test.csv").write_text("\n\n")
+    for name, problem in (("dir_train.csv", "is a folder"), ("empty_test.csv", "no rows")):
+        code, _, err = _run(_download_args([str(tmp_path / name)], tmp_path / "x", server),
+                            capsys)
+        assert code == 2 and f"{name}: {problem}" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_failure_kind_is_documented():
+    import re
+
+    source = Path(download.__file__).read_text()
+    kinds = {k for k, _, _ in download._FAILURE_KINDS} | set(
+        re.findall(r'Failure\(\s*"([a-z-]+)"', source))
+    docs = (Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    assert {k for k in kinds if f"| `{k}` |" not in docs} == set()
+
+
+def test_audio_without_timed_frames_says_so():
+    """A decode that yields no timed audio frame is "truncated", with no made-up time."""
+
+    class Stream:
+        rate = 16000
+
+    class Container:
+        duration = None
+        streams = type("S", (), {"audio": [Stream()]})()
+
+        def seek(self, *args, **kwargs):
+            pass
+
+        def decode(self, stream):
+            return iter(())
+
+    segment = download.Segment("GoodVideo00", 1.0, 4.0, 0.5, 0.5, "train", "x.csv:1")
+    fetcher = download._Fetcher(Path("."), download.YOUTUBE_URL, 1.0, 720,
+                                download._RateLimit(None), None)
+    with pytest.raises(download.Failure) as failure:
+        fetcher._audio(Container(), segment)
+    assert failure.value.kind == "truncated"
+    assert "no timed" in failure.value.message and "0.00 s" not in failure.value.message

@@ -12,8 +12,9 @@ import hashlib
 import io
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -382,25 +383,9 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
                 downloaded.setdefault(p.stem, p)
     segments: dict[str, list[tuple[float, float, float, float]]] = {}
     split_of: dict[str, str] = {}
-    for split, path in tables.items():
-        if not path.is_file():
-            continue
-        for line, row in enumerate(csv.reader(io.StringIO(_read_text(path))), 1):
-            if not row or not row[0].strip():
-                continue
-            try:
-                ytid = row[0].strip()
-                start, end, x, y = (float(v) for v in row[1:5])
-            except (ValueError, IndexError):
-                raise DataError(
-                    path, f"line {line}: expected id,start,end,x,y, got {row[:5]}"
-                ) from None
-            if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end
-                    and 0 <= x <= 1 and 0 <= y <= 1):
-                raise DataError(path, f"line {line}: expected 0 <= start < end (s) and a face "
-                                      f"centre x, y in [0, 1], got {row[1:5]}")
-            segments.setdefault(ytid, []).append((start, end, x, y))
-            split_of[ytid] = split
+    for row in read_avspeech_csvs((p, split) for split, p in tables.items() if p.is_file()):
+        segments.setdefault(row.video, []).append((row.start, row.end, row.x, row.y))
+        split_of[row.video] = row.split
     overrides = _read_split_file(root / SPLIT_FILE) if (root / SPLIT_FILE).exists() else {}
     val = _carve_validation([v for v, s in split_of.items() if s == "train"])
     units = []
@@ -429,6 +414,98 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
             continue
         units.append(Unit(ytid, ytid, split, None, clips, frames))
     return units
+
+
+# An AVSpeech id becomes a folder and a file name: YouTube ids are 11 of [A-Za-z0-9_-].
+AVSPEECH_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class AvspeechSegment:
+    """One AVSpeech CSV row: ``[start, end)`` seconds of a video, the face centre as
+    fractions of the frame, the split of its CSV and where it is ("file:line")."""
+
+    video: str
+    start: float
+    end: float
+    x: float
+    y: float
+    split: str
+    row: str = field(compare=False)  # "file:line", for messages
+
+    @property
+    def clip(self) -> str:
+        """The segment's clip name (``segment_name``)."""
+        return segment_name(self.start)
+
+    @property
+    def key(self) -> str:
+        return f"{self.video}/{self.clip}"
+
+    @property
+    def middle(self) -> float:
+        return (self.start + self.end) / 2
+
+
+def read_avspeech_csvs(tables: Iterable[tuple[str | os.PathLike, str]]) -> list[AvspeechSegment]:
+    """The rows of AVSpeech CSVs, ``(path, split)`` pairs, validated: the one reader of
+    ``download avspeech`` and ``prepare avspeech``.
+
+    Blank lines are skipped. Anything else that is not ``id,start,end,x,y`` with an id of
+    ``[A-Za-z0-9_-]``, ``0 <= start < end`` and ``x, y`` in ``[0, 1]`` is a DataError
+    naming the file and line. A row repeated exactly (in any of the CSVs) is one segment;
+    two rows for one segment (same id, same start to the ms) that differ otherwise are
+    refused, naming both lines.
+    """
+    segments: list[AvspeechSegment] = []
+    seen: dict[str, AvspeechSegment] = {}
+    for path, split in tables:
+        path = Path(path)
+        try:
+            rows = list(csv.reader(io.StringIO(_read_text(path))))
+        except csv.Error as error:
+            raise DataError(path, f"not a CSV text file ({error})") from None
+        for line, row in enumerate(rows, 1):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            segment = _avspeech_row(path, line, row, split)
+            first = seen.setdefault(segment.key, segment)
+            if first is segment:
+                segments.append(segment)
+            elif segment != first:
+                raise DataError(
+                    path, f"line {line}: segment {segment.key} is also at {first.row} with "
+                    "another start, end, face centre or split: keep one of the rows"
+                )
+    return segments
+
+
+def _avspeech_row(path: Path, line: int, row: list[str], split: str) -> AvspeechSegment:
+    where = f"line {line}"
+    shown = ",".join(row)[:80]
+    if len(row) != 5:
+        raise DataError(
+            path, f"{where}: expected 5 columns (YouTube id, start, end, face x, face y; "
+            f"no header), got {len(row)}: {shown!r}"
+        )
+    video = row[0].strip()
+    if not AVSPEECH_ID.fullmatch(video):
+        raise DataError(path, f"{where}: {video!r} is not a video id ([A-Za-z0-9_-]): {shown!r}")
+    if any("_" in v for v in row[1:]):  # float() would read "4_0" as 40
+        raise DataError(path, f"{where}: start, end, x, y must be plain numbers, without '_': "
+                        f"{shown!r}")
+    try:
+        start, end, x, y = (float(v) for v in row[1:])
+    except ValueError:
+        hint = " (AVSpeech CSVs have no header row)" if line == 1 else ""
+        raise DataError(
+            path, f"{where}: start, end, x, y must be numbers: {shown!r}{hint}"
+        ) from None
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
+        raise DataError(path, f"{where}: need 0 <= start < end, got {start}, {end}")
+    if not (0 <= x <= 1 and 0 <= y <= 1):
+        raise DataError(path, f"{where}: face centre x, y must be fractions in [0, 1]: {shown!r}")
+    return AvspeechSegment(video, start, end, x, y, split, f"{path}:{line}")
 
 
 def segment_name(start: float) -> str:

@@ -22,21 +22,21 @@ so a segment whose files exist is done, whatever happened to the run. A failure 
 appended to the log with its kind: permanent ones (private, removed, geo-blocked, no
 audio track, no face at the middle...) are not tried again; transient ones (timeout,
 network, truncated download, rate limited) are retried by the next run, up to
-``max_attempts`` in all. A full disk stops the run with one line naming the file; the
-rerun continues where it stopped. ``shard_index``/``num_shards`` take the videos whose
-stable hash is ``shard_index`` mod ``num_shards``, so a job array needs no coordination.
+``max_attempts`` in all. A full disk, or an output that cannot be written, stops the run
+with one line naming the file; the rerun continues where it stopped.
+``shard_index``/``num_shards`` take the videos whose stable hash is ``shard_index`` mod
+``num_shards``, so a job array needs no coordination.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import io
 import json
-import math
 import os
 import re
+import string
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
@@ -45,10 +45,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from speech2face.data.datasets import SEGMENTS_DIR, segment_name, stable_hash
+from speech2face.data.datasets import (
+    SEGMENTS_DIR,
+    AvspeechSegment,
+    read_avspeech_csvs,
+    stable_hash,
+)
 from speech2face.data.identities import DESCRIPTOR_SUFFIX, face_descriptor
 from speech2face.errors import ConfigError, DataError
 
@@ -69,9 +75,10 @@ RANGE_BYTES = 256 * 1024
 CACHED_RANGES = 16  # per open file: the index at the front and the segment's ranges
 MAX_ATTEMPTS = 3  # transient failures of one segment before it is given up
 TIMEOUT_S = 30.0
+MAX_TIMEOUT_S = 86_400.0  # one day
+# --rate-limit, requests a minute: the slowest spaces requests 1000 min (< 1 day) apart.
+MIN_RATE_LIMIT, MAX_RATE_LIMIT = 0.001, 1_000_000.0
 WORKERS = 4
-# An id becomes a folder and a file name: YouTube ids are 11 of [A-Za-z0-9_-].
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # yt-dlp error text -> failure kind, first match wins; (kind, transient, lowercase parts).
 _FAILURE_KINDS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("private", False, ("private video", "video is private", "members-only", "join this channel")),
@@ -91,30 +98,8 @@ _FAILURE_KINDS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Segment:
-    """One CSV row: ``[start, end)`` seconds of a video, the face centre as fractions."""
-
-    video: str
-    start: float
-    end: float
-    x: float
-    y: float
-    split: str
-    row: str  # "file:line", for messages
-
-    @property
-    def clip(self) -> str:
-        """The clip name prepare gives this segment (data.list_avspeech)."""
-        return segment_name(self.start)
-
-    @property
-    def key(self) -> str:
-        return f"{self.video}/{self.clip}"
-
-    @property
-    def middle(self) -> float:
-        return (self.start + self.end) / 2
+# One CSV row (datasets.read_avspeech_csvs, shared with prepare).
+Segment = AvspeechSegment
 
 
 class Failure(Exception):
@@ -150,60 +135,30 @@ def _csv_file(path: str | os.PathLike) -> Path:
     """``path``, refused (DataError) unless it is a file: checked before anything else
     about a CSV, since a mistyped path is the likelier error."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, "is a folder, expected a CSV file")
     if not path.is_file():
         raise DataError(path, "CSV file not found")
     return path
 
 
-def read_csv(path: str | os.PathLike, split: str | None = None) -> list[Segment]:
-    """The rows of an AVSpeech CSV, validated (DataError naming the line otherwise)."""
-    path = _csv_file(path)
-    split = split or split_of_csv(path)
-    segments = []
-    try:
-        with open(path, newline="") as f:
-            for line, row in enumerate(csv.reader(f), 1):
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                segments.append(_parse_row(path, line, row, split))
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise DataError(path, f"not a CSV text file ({error})") from None
-    return segments
-
-
-def _parse_row(path: Path, line: int, row: list[str], split: str) -> Segment:
-    where = f"line {line}"
-    shown = ",".join(row)[:80]
-    if len(row) != 5:
-        raise DataError(
-            path, f"{where}: expected 5 columns (YouTube id, start, end, face x, face y; "
-            f"no header), got {len(row)}: {shown!r}"
-        )
-    video = row[0].strip()
-    if not _ID.fullmatch(video):
-        raise DataError(path, f"{where}: {video!r} is not a video id ([A-Za-z0-9_-]): {shown!r}")
-    try:
-        start, end, x, y = (float(v) for v in row[1:])
-    except ValueError:
-        hint = " (AVSpeech CSVs have no header row)" if line == 1 else ""
-        raise DataError(
-            path, f"{where}: start, end, x, y must be numbers: {shown!r}{hint}"
-        ) from None
-    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
-        raise DataError(path, f"{where}: need 0 <= start < end, got {start}, {end}")
-    if not (0 <= x <= 1 and 0 <= y <= 1):
-        raise DataError(path, f"{where}: face centre x, y must be fractions in [0, 1]: {shown!r}")
-    return Segment(video, start, end, x, y, split, f"{path}:{line}")
-
-
 def check_url_template(template: str) -> str:
-    """The template, or ConfigError if it lacks ``{id}`` or names other fields."""
+    """The template, or ConfigError unless it is an http(s) URL with a plain ``{id}``
+    field and no other (``{{id}}`` is a literal "{id}", not a field)."""
     try:
-        filled = template.format(id="ID")
-    except (KeyError, IndexError, ValueError) as error:
+        fields = [(name, spec, conversion) for _, name, spec, conversion
+                  in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:  # a lone "{" or "}"
         raise ConfigError("--url-template", f"only {{id}} may be filled in: {error}") from None
-    if "{id}" not in template or filled == template:
+    other = [field[0] for field in fields if field != ("id", "", None)]
+    if other:
+        raise ConfigError("--url-template", f"only {{id}} may be filled in, got {other[0]!r} "
+                          f"in {template!r}")
+    if not fields:
         raise ConfigError("--url-template", f"must contain {{id}}, got {template!r}")
+    url = urlsplit(template.format(id="ID"))
+    if url.scheme.lower() not in ("http", "https") or not url.netloc:
+        raise ConfigError("--url-template", f"must be an http:// or https:// URL, got {template!r}")
     return template
 
 
@@ -219,7 +174,12 @@ def read_failures(root: str | os.PathLike) -> dict[str, list[dict]]:
 
     A line a killed run left half-written is not JSON and is ignored."""
     failures: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted((Path(root) / LOG_DIR).glob("*.jsonl")):
+    folder = Path(root) / LOG_DIR
+    if folder.exists() and not folder.is_dir():
+        raise DataError(folder, "is in the way: expected the folder of download logs")
+    for path in sorted(folder.glob("*.jsonl")):
+        if not path.is_file():
+            raise DataError(path, "is in the way: expected a download log file")
         with open(path, errors="replace") as f:
             for line in f:
                 try:
@@ -261,12 +221,17 @@ class _Log:
 
 @contextlib.contextmanager
 def _disk_errors(path: Path):
-    """A full disk (or quota) stops the run: one line naming the file, no traceback."""
+    """A full disk (or quota) or an output that cannot be written (read-only, no
+    permission) stops the run: one line naming the file, no traceback. It is no fault of
+    the video, so nothing is logged against it."""
     try:
         yield
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(path, "no space left on device; free some and rerun") from None
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise DataError(path, f"cannot write ({error.strerror}); make the folder "
+                            "writable and rerun") from None
         raise
 
 
@@ -287,7 +252,7 @@ class _RateLimit:
     """At most ``per_minute`` video requests a minute, spaced evenly, across threads."""
 
     def __init__(self, per_minute: float | None):
-        self.gap = 60.0 / per_minute if per_minute else 0.0
+        self.gap = 60.0 / per_minute if per_minute else 0.0  # finite: see MIN_RATE_LIMIT
         self._next = 0.0
         self._lock = threading.Lock()
 
@@ -436,13 +401,13 @@ class _Fetcher:
             raise Failure("truncated", f"audio: {_av_message(error)}", transient=True) from None
         rate = stream.rate
         wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-        t0 = t0 or 0.0
-        got = t0 + wave.size / rate
-        if got < segment.end - 0.05:
+        got = None if t0 is None else t0 + wave.size / rate
+        if got is None or got < segment.end - 0.05:
             if duration is not None and segment.end > duration + 0.05:
                 raise Failure("outside-video", f"segment ends at {segment.end:.2f} s, after the "
                               f"video's end ({duration:.2f} s)")
-            raise Failure("truncated", f"audio stops at {got:.2f} s, before the segment's end "
+            stops = "has no timed frame" if got is None else f"stops at {got:.2f} s"
+            raise Failure("truncated", f"audio {stops}, before the segment's end "
                           f"({segment.end:.2f} s)", transient=True)
         first = max(0, int(round((segment.start - t0) * rate)))
         last = int(round((segment.end - t0) * rate))
@@ -494,14 +459,19 @@ class _Fetcher:
         return descriptor
 
     def _write(self, segment: Segment, wave: np.ndarray, frames, descriptor: np.ndarray) -> None:
-        from speech2face.utils import staged_writes
+        from speech2face.utils import remove_stale_temps, staged_writes
 
         folder = self.root / SEGMENTS_DIR / segment.video
         media = folder / f"{segment.clip}{SEGMENT_SUFFIX}"
+        face = folder / f"{segment.clip}{DESCRIPTOR_SUFFIX}"
+        # A run killed while writing this segment left its temporary files; no other run
+        # writes this segment now (one job per video and the output's lock), so they go.
+        for path in (media, face):
+            remove_stale_temps(path, folder=False)
         with _disk_errors(media), staged_writes() as stage:
             with stage(media) as f:
                 _write_segment(f, wave, frames)
-            with stage(folder / f"{segment.clip}{DESCRIPTOR_SUFFIX}") as f:
+            with stage(face) as f:
                 np.save(f, descriptor, allow_pickle=False)
 
 
@@ -645,41 +615,55 @@ def download_avspeech(
     for option, value in (("--workers", workers), ("--max-attempts", max_attempts)):
         if value < 1:
             raise ConfigError(option, f"must be at least 1, got {value}")
-    if rate_limit is not None and not rate_limit > 0:
-        raise ConfigError("--rate-limit", f"must be > 0 requests a minute, got {rate_limit}")
-    if not timeout > 0:
-        raise ConfigError("--timeout", f"must be > 0 s, got {timeout}")
+    if rate_limit is not None and not MIN_RATE_LIMIT <= rate_limit <= MAX_RATE_LIMIT:
+        raise ConfigError("--rate-limit", f"must be from {MIN_RATE_LIMIT} to {MAX_RATE_LIMIT:g} "
+                          f"requests a minute, got {rate_limit}")
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ConfigError("--timeout", f"must be > 0 and at most {MAX_TIMEOUT_S:g} s, "
+                          f"got {timeout}")
     csvs = [_csv_file(p) for p in csvs]
     if not csvs:
         raise ConfigError("--csv", "give at least one AVSpeech CSV")
     splits = [split_of_csv(p) for p in csvs]
     if len(set(splits)) < len(splits):
         raise ConfigError("--csv", f"two CSVs of one split: {[str(p) for p in csvs]}")
-    segments = [s for path, split in zip(csvs, splits, strict=True) for s in read_csv(path, split)]
+    tables = list(zip(csvs, splits, strict=True))
+    segments = read_avspeech_csvs(tables)
+    for path, split in tables:  # one CSV a split
+        if not any(s.split == split for s in segments):
+            raise DataError(path, "no rows: expected YouTube id, start, end, face x, face y")
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise DataError(root, "output exists and is not a folder")
+    # Everything in the way is found before anything is written.
+    segments_dir = root / SEGMENTS_DIR
+    if segments_dir.exists() and not segments_dir.is_dir():
+        raise DataError(segments_dir, "is in the way: expected the folder of segments")
+    failures = read_failures(root)
     # prepare reads each video's split from these copies.
-    for path, split in zip(csvs, splits, strict=True):
+    copies = []
+    for path, split in tables:
         copy = root / f"avspeech_{split}.csv"
         data = path.read_bytes()
-        if copy.is_file():
-            if copy.read_bytes() != data:
-                raise DataError(copy, f"already holds a different CSV than {path}; "
-                                "use another --out or remove it")
-            continue
-        with _disk_errors(copy), atomic_write(copy) as f:
-            f.write(data)
+        if copy.exists() and not copy.is_file():
+            raise DataError(copy, f"is in the way: expected a copy of {path}")
+        if copy.is_file() and copy.read_bytes() != data:
+            raise DataError(copy, f"already holds a different CSV than {path}; "
+                            "use another --out or remove it")
+        copies.append((copy, data))
+    for copy, data in copies:
+        if not copy.is_file():
+            with _disk_errors(copy), atomic_write(copy) as f:
+                f.write(data)
 
     by_video: dict[str, list[Segment]] = defaultdict(list)
     for segment in segments:
         if stable_hash(segment.video) % num_shards == shard_index:
             by_video[segment.video].append(segment)
-    failures = read_failures(root)
     counts: Counter = Counter()
     todo: dict[str, list[Segment]] = {}
     for video, group in sorted(by_video.items()):
-        for segment in {s.key: s for s in group}.values():  # a repeated row is one segment
+        for segment in group:  # one per segment: read_avspeech_csvs drops repeated rows
             media = root / SEGMENTS_DIR / video / f"{segment.clip}{SEGMENT_SUFFIX}"
             if media.is_file():
                 counts["done"] += 1
@@ -725,9 +709,11 @@ def add_download_arguments(parser) -> None:
     parser.add_argument("--workers", type=bounded(int, 1, None, "number of workers"),
                         default=WORKERS,
                         help="videos fetched at once (threads; default %(default)s)")
-    parser.add_argument("--rate-limit", type=float, default=None, metavar="PER_MINUTE",
+    parser.add_argument("--rate-limit", default=None, metavar="PER_MINUTE",
+                        type=bounded(float, MIN_RATE_LIMIT, MAX_RATE_LIMIT, "rate limit"),
                         help="at most this many video requests a minute (default: no limit)")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT_S,
+    parser.add_argument("--timeout", default=TIMEOUT_S,
+                        type=bounded(float, 0.001, MAX_TIMEOUT_S, "timeout in seconds"),
                         help="seconds without data before a request fails (default %(default)s)")
     parser.add_argument("--max-attempts", type=bounded(int, 1, None, "number of attempts"),
                         default=MAX_ATTEMPTS,
