@@ -38,6 +38,7 @@ CLIP_SAMPLES = int(SAMPLE_RATE * CLIP_SECONDS)  # 96,000
 WIN_LENGTH = 400  # 25 ms window (paper 3.1)
 HOP_LENGTH = 160  # 10 ms hop (paper 3.1)
 N_FFT = 512  # FFT size (paper 3.1)
+MIN_SECONDS = WIN_LENGTH / SAMPLE_RATE  # the shortest clip load_audio accepts: one window
 N_FREQ = N_FFT // 2 + 1  # 257 frequency bins
 POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
 MAX_SECONDS = 600.0  # longest clip the spectrogram command makes
@@ -108,7 +109,15 @@ def load_audio(
         wave = soxr.resample(wave, native_rate, sample_rate, quality="HQ")
     if max_seconds is not None:
         wave = wave[: seconds_samples(max_seconds, sample_rate)]
+    _check_long_enough(path, wave.shape[0], sample_rate)
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _check_long_enough(path: Path, samples: int, sample_rate: int) -> None:
+    """Raise unless the decoded clip fills at least one spectrogram window (25 ms)."""
+    if samples < seconds_samples(MIN_SECONDS, sample_rate):
+        raise AudioError(path, f"too short: {samples / sample_rate:.4f} s of audio at "
+                               f"{sample_rate} Hz, at least {MIN_SECONDS} s is needed")
 
 
 def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | None, int | None]:
@@ -133,7 +142,7 @@ def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | N
             rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return None, None
-    _check_complete(path, data.shape[0] / rate, want / rate)
+    _check_complete(path, data.shape[0] / rate, want / rate, declared / rate)
     return _downmix(data), rate
 
 
@@ -217,9 +226,8 @@ def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
     if not chunks:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
     if declared is not None:
-        _check_complete(
-            path, total / rate, declared if max_seconds is None else min(declared, max_seconds)
-        )
+        wanted = declared if max_seconds is None else min(declared, max_seconds)
+        _check_complete(path, total / rate, wanted, declared)
     return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)
 
 
@@ -262,10 +270,12 @@ def _frames(seconds: float, rate: int) -> int:
     return int(math.ceil(seconds * rate)) + 1
 
 
-def _check_complete(path: Path, got_seconds: float, declared_seconds: float) -> None:
-    """Raise if far less audio decoded than the header declares (a truncated download)."""
+def _check_complete(path: Path, got_seconds: float, wanted_seconds: float,
+                    declared_seconds: float) -> None:
+    """Raise if far less audio decoded than was asked for (``wanted_seconds``: the header's
+    ``declared_seconds``, or less with ``max_seconds``): a truncated download."""
     # Codec priming and padding make declared and decoded lengths differ by a few frames.
-    if got_seconds < 0.98 * declared_seconds - 0.1:
+    if got_seconds < 0.98 * wanted_seconds - 0.1:
         raise AudioError(
             path,
             f"truncated: header declares {declared_seconds:.2f} s of audio, "
@@ -317,10 +327,12 @@ def fit_duration(
 
     Works on the last axis of a numpy array or tensor ``(..., N) -> (..., seconds*rate)``.
     """
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise AudioError(None, f"seconds must be a positive number, got {seconds!r}")
     target = seconds_samples(seconds, sample_rate)
     n = wave.shape[-1]
     if n == 0:
-        raise ValueError("cannot fit an empty waveform to a duration")
+        raise AudioError(None, "cannot fit an empty waveform to a duration")
     repeats = -(-target // n)  # ceil
     if repeats > 1:
         reps = (1,) * (wave.ndim - 1) + (repeats,)

@@ -64,6 +64,9 @@ def resolve_model(model=None):
         WeightsError: no model given and no demo model cached, or a bad bundle.
     """
     if model is not None and not isinstance(model, (str, os.PathLike)):
+        if not isinstance(model, torch.nn.Module):
+            raise WeightsError(None, f"model must be a Speech2Face model or a bundle path, "
+                                     f"got {type(model).__name__}")
         if getattr(model, "voice_encoder", None) is None:
             raise WeightsError(None, "this model has no voice encoder (a stage-1, decoder-only "
                                      "bundle); pass a bundle trained with `speech2face train`")
@@ -106,9 +109,11 @@ def prepare_audio(audio, seconds: float | None = None) -> np.ndarray:
             raise AudioError(None, "audio array is empty")
         if not np.issubdtype(wave.dtype, np.floating):
             raise AudioError(None, f"audio array must be float in [-1, 1], got {wave.dtype}")
+        with np.errstate(over="ignore"):  # checked after the cast: 1e39 overflows to inf
+            wave = wave.astype(np.float32)
         if not np.isfinite(wave).all():
-            raise AudioError(None, "audio array contains NaN or infinite samples")
-        wave = wave.astype(np.float32)
+            raise AudioError(None, "audio array contains NaN or infinite samples "
+                                   "(or values beyond float32's range)")
     return np.ascontiguousarray(fit_duration(wave, seconds=seconds))
 
 

@@ -110,7 +110,7 @@ def load_gallery(shards: str | os.PathLike, split: str | None = None) -> Gallery
     seen: set[str] = set()
     for name in [split] if split is not None else sorted(splits):
         for shard in splits[name]["shards"]:
-            for raw in data.iterate_tar(root / shard["path"]):
+            for raw in data.iterate_tar(root / shard["path"], shard["size"], shard["sha256"]):
                 try:
                     identity = str(json.loads(raw["json"])["identity"])
                     if identity in seen:
@@ -292,6 +292,7 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
         _TooLarge: the body is over ``cap`` (from Content-Length, before reading it).
         AudioError: not multipart, no ``file`` part, or an empty one.
     """
+    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     kind, params = parse_options_header(request.headers.get("content-type", ""))
@@ -301,7 +302,8 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
     if length.isdigit() and int(length) > cap + FRAMING_BYTES:
         raise _TooLarge
     part = {"headers": {}, "field": b"", "value": b""}
-    upload = {"file": None, "path": None, "name": None, "size": 0, "writing": False}
+    upload = {"file": None, "path": None, "name": None, "size": 0, "received": 0,
+              "writing": False}
 
     def on_part_begin():
         part["headers"] = {}
@@ -328,10 +330,12 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
         upload["writing"] = True
 
     def on_part_data(data, start, end):
+        # every part counts toward the cap, not only the 'file' one
+        upload["received"] += end - start
+        if upload["received"] > cap:
+            raise _TooLarge
         if upload["writing"]:
             upload["size"] += end - start
-            if upload["size"] > cap:
-                raise _TooLarge
             upload["file"].write(data[start:end])
 
     def on_part_end():
@@ -348,6 +352,9 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
+    except FormParserError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AudioError(None, f"malformed multipart/form-data body ({reason})") from None
     finally:
         if upload["file"] is not None:
             upload["file"].close()
@@ -465,6 +472,8 @@ def _port(text: str) -> int:
 
 
 def add_serve_arguments(parser) -> None:
+    from speech2face.cli import device
+
     parser.add_argument("--model", default=None,
                         help="model bundle or training run (default: the model trained by "
                              "`speech2face demo`, in the user cache)")
@@ -484,7 +493,8 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument("--max-seconds", type=_positive, default=MAX_SECONDS,
                         help="files whose header declares a longer duration are refused "
                              f"without decoding (default {MAX_SECONDS:g})")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="torch device (default cpu)")
 
 
 def serve_command(args) -> int:

@@ -347,3 +347,36 @@ def test_cli_takes_folders_and_keeps_same_named_inputs_apart(tmp_path):
     assert written == ["clip_wav-2.npy", "clip_wav.npy", "sub/talk.npy"]
     expected = spectrogram(fit_duration(load_audio(tmp_path / "a" / "clip.wav")))
     np.testing.assert_array_equal(np.load(out / "clip_wav.npy"), expected)
+
+
+def test_a_clip_shorter_than_one_window_after_resampling_is_refused(tmp_path):
+    one = tmp_path / "one_sample_48k.wav"
+    sf.write(one, np.array([0.5], np.float32), 48000)
+    with pytest.raises(AudioError, match=r"one_sample_48k.wav: too short"):
+        load_audio(one)
+    short = tmp_path / "short.wav"
+    sf.write(short, speechlike(1.0, 16000)[:399], 16000)
+    with pytest.raises(AudioError, match="too short"):
+        load_audio(short)
+    sf.write(short, speechlike(1.0, 16000)[:400], 16000)
+    assert load_audio(short).shape == (400,)
+
+
+def test_truncated_wav_message_gives_the_headers_duration(tmp_path):
+    import struct
+
+    path = tmp_path / "liar.wav"
+    sf.write(path, speechlike(1.0, 16000), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data") + 4
+    data[at:at + 4] = struct.pack("<I", 0xFFFFFFF0)  # declares about 134,218 s
+    path.write_bytes(bytes(data))
+    with pytest.raises(AudioError, match=r"header declares 134217\.\d\d s") as info:
+        load_audio(path, max_seconds=6.0)
+    assert "6.05" not in str(info.value)
+
+
+@pytest.mark.parametrize("seconds", [-1, 0, float("nan")])
+def test_fit_duration_refuses_a_duration_that_is_not_positive(seconds):
+    with pytest.raises(AudioError, match="seconds must be a positive number"):
+        fit_duration(np.ones(96000, np.float32), seconds)

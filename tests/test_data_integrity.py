@@ -266,3 +266,141 @@ def test_no_samples_at_all_is_an_error(small_corpus, tmp_path, capsys):
     code, err = cli(capsys, "prepare", "voxceleb1", "--root", str(root),
                     "--out", str(tmp_path / "out"))
     assert code == 2 and "no samples" in err and "no face found" in err, err
+
+
+# ---------------------------------------------------------------- sample contents, arguments
+
+
+def _npy(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _flac(wave, rate: int) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, rate, format="FLAC")
+    return buffer.getvalue()
+
+
+def _jpeg(size: int = 224) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bomb_jpeg(width: int, height: int) -> bytes:
+    blob = bytearray(_jpeg(8))
+    at = blob.index(b"\xff\xc0")
+    blob[at + 5:at + 7] = height.to_bytes(2, "big")
+    blob[at + 7:at + 9] = width.to_bytes(2, "big")
+    return bytes(blob)
+
+
+def _one_sample_split(root: Path, **members: bytes) -> Path:
+    """One sample (``tiny_files`` with ``members`` replaced) in a shard, and its manifest."""
+    from speech2face.data.prepare import _SplitWriter
+
+    entries: list[dict] = []
+    writer = _SplitWriter(root, "train", "", 0, 8, entries.append)
+    writer.write({"key": "id00000/v00/00000", "files": {**tiny_files("id00000/v00/00000"),
+                                                        **members}})
+    writer.close()
+    manifest = {"format": data.FORMAT_VERSION, "encoder": "dlib", "feature_dim": 136,
+                "identities": ["id00000"],
+                "splits": {"train": {"samples": 1, "identities": [], "shards": entries}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+BAD_MEMBERS = {
+    "stereo audio": ({"flac": _flac(np.full((200, 2), 0.1, np.float32), 16000)}, "2 channel"),
+    "8 kHz audio": ({"flac": _flac(np.full(800, 0.1, np.float32), 8000)}, "8000 Hz"),
+    "decompression bomb": ({"face.jpg": _bomb_jpeg(60000, 60000)}, "too large"),
+    "small face": ({"face.jpg": _jpeg(4)}, "4 x 4 pixels"),
+    "json list": ({"json": b"[1, 2]"}, "json is not an object"),
+    "unknown identity": ({"json": b'{"identity": "ghost"}'}, "'ghost' is not in"),
+    "short feature": ({"feature.npy": _npy(np.zeros(5, np.float32))}, r"feature is float32 \(5,\)"),
+    "NaN feature": ({"feature.npy": _npy(np.full(136, np.nan, np.float32))}, "finite"),
+    "landmarks (3,)": ({"landmarks.npy": _npy(np.zeros(3, np.float32))}, "landmarks are"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MEMBERS)
+def test_sample_members_are_checked_against_the_format_and_manifest(tmp_path, case):
+    members, expected = BAD_MEMBERS[case]
+    root = _one_sample_split(tmp_path, **members)
+    with pytest.raises(DataError, match=expected) as error:
+        stream(root)
+    message = str(error.value)
+    assert str(root / "train" / "train-000000.tar") in message
+    assert "id00000/v00/00000" in message and "\n" not in message
+
+
+def test_a_workers_data_error_comes_out_as_data_error(tmp_path):
+    root = _one_sample_split(tmp_path, **{"face.jpg": b"\xff\xd8garbage"})
+    with pytest.raises(DataError, match="id00000/v00/00000") as error:
+        list(data.make_loader(root, "train", batch_size=1, num_workers=1, seconds=0.01))
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+
+
+@pytest.mark.parametrize(("call", "name"), [
+    (lambda root: data.make_loader(root, "train", batch_size=0), "batch_size"),
+    (lambda root: data.make_loader(root, "train", batch_size=-3), "batch_size"),
+    (lambda root: data.make_loader(root, "train", seconds=-1), "seconds"),
+    (lambda root: data.make_loader(root, "train", seconds=0), "seconds"),
+    (lambda root: data.load_split(root, "train", max_samples=-1), "max_samples"),
+    (lambda root: data.make_loader(root, "train", rank=0, world_size=0), "world_size"),
+    (lambda root: data.make_loader(root, "train", rank=5, world_size=2), "rank"),
+])
+def test_reading_arguments_are_checked(shards, call, name):
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{name} must"):
+        call(shards)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"feature_dim": None}, "feature_dim"),
+    ({"feature_dim": 10**7}, "feature_dim"),
+    ({"feature_dim": "128"}, "feature_dim"),
+    ({"mean_landmarks": [[1.0, "x"]] * 68}, "mean_landmarks"),
+    ({"mean_landmarks": [[1.0, 2.0]] * 3}, "mean_landmarks"),
+    ({"crops_per_sample": "2"}, "crops_per_sample"),
+])
+def test_manifest_fields_are_checked(shards, change, expected):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(DataError, match=f"malformed manifest: '{expected}'"):
+        data.load_manifest(shards)
+
+
+def test_manifest_without_feature_dim_is_refused(shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["feature_dim"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="'feature_dim'"):
+        data.load_manifest(shards)
+
+
+def test_manifest_nul_byte_and_unknown_split_identity_are_refused(shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["identities"] = ["ghost"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="identities that are not in 'identities'"):
+        data.load_manifest(shards)
+    manifest["splits"]["train"]["identities"] = []
+    manifest["splits"]["train"]["shards"][0]["path"] = "train/a\0b.tar"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="NUL byte"):
+        data.load_manifest(shards)

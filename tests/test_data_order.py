@@ -90,14 +90,16 @@ def test_order_is_seeded_and_independent_of_listing_order():
 
 
 def tiny_files(key: str) -> dict[str, bytes]:
-    """A valid sample small enough for 30,000 of them: 10 ms of audio, a 4x4 face."""
-    flac, jpeg, npy = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    """A valid sample small enough for 30,000 of them: 10 ms of audio, a blank face,
+    a 136-D feature (the manifest's feature_dim)."""
+    flac, jpeg, npy, feature = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
     sf.write(flac, np.full(160, 0.1, np.float32), 16000, format="FLAC")
-    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(jpeg, format="JPEG")
+    Image.fromarray(np.zeros((224, 224, 3), np.uint8)).save(jpeg, format="JPEG")
     np.save(npy, np.zeros((68, 2), np.float32))
+    np.save(feature, np.zeros(136, np.float32))
     meta = {"identity": identity(key), "video": key.split("/")[1], "clip": key.rsplit("/")[-1]}
     return {"flac": flac.getvalue(), "face.jpg": jpeg.getvalue(), "landmarks.npy": npy.getvalue(),
-            "feature.npy": npy.getvalue(), "json": json.dumps(meta).encode()}
+            "feature.npy": feature.getvalue(), "json": json.dumps(meta).encode()}
 
 
 def write_split(out: Path, keys: list[str], per_shard: int = 1000,

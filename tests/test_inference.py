@@ -145,6 +145,15 @@ def test_bad_arrays_are_audio_errors(bundle):
         inference.reconstruct(np.full(1000, np.nan, np.float32), bundle)
     with pytest.raises(AudioError, match="empty"):
         inference.reconstruct(np.zeros(0, np.float32), bundle)
+    # float64 beyond float32's range would become inf (a black face) after the cast
+    with pytest.raises(AudioError, match="infinite"):
+        inference.reconstruct(np.full(1000, 1e39), bundle)
+
+
+def test_a_model_argument_that_is_no_model_is_named(audio_files):
+    with pytest.raises(WeightsError, match="model must be a Speech2Face model or a bundle "
+                                           "path, got int"):
+        inference.reconstruct(audio_files[1]["wav"], model=123)
 
 
 def test_no_model_says_how_to_get_one(tmp_path, monkeypatch, audio_files, capsys):

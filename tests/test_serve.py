@@ -311,6 +311,40 @@ def test_oversize_bodies_are_refused_before_they_are_read(running):
     connection.close()
 
 
+def test_malformed_multipart_bodies_get_one_line_400(running):
+    kind = "multipart/form-data; boundary=XyZ"
+    bodies = {
+        "not multipart": b"this is not multipart at all\r\n\r\n",
+        "header without colon": b"--XyZ\r\nNoColonHeader\r\n\r\nabc\r\n--XyZ--\r\n",
+        "junk after boundary": (b'--XyZjunk\r\nContent-Disposition: form-data; name="file"; '
+                                b'filename="a.wav"\r\n\r\nabc\r\n--XyZ--\r\n'),
+        "oversized header": b"--XyZ\r\nX-Long: " + b"a" * 100_000 + b"\r\n\r\nabc\r\n--XyZ--\r\n",
+    }
+    for name, body in bodies.items():
+        for path in ("/reconstruct", "/api/reconstruct"):
+            status, content, reply = _request(running, "POST", path, body,
+                                              {"Content-Type": kind})
+            assert "multipart" in _error(status, content, reply), name
+
+
+def test_chunked_bodies_count_every_part_toward_the_cap(running):
+    boundary = "XyZ"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="padding"\r\n\r\n'.encode()
+    body = head + b"A" * (4 * int(CAP_MB * 1e6)) + f"\r\n--{boundary}--\r\n".encode()
+    connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+    pieces = (body[i:i + (1 << 16)] for i in range(0, len(body), 1 << 16))
+    try:
+        connection.request("POST", "/reconstruct", body=pieces, encode_chunked=True,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    response = connection.getresponse()
+    assert "larger than the 1 MB cap" in _error(response.status,
+                                                response.getheader("Content-Type"),
+                                                response.read())
+    connection.close()
+
+
 def test_a_two_hour_recording_is_refused_undecoded(running, tmp_path, monkeypatch):
     # Two hours at 8 kHz, silent so that FLAC stores it in a few hundred kB.
     path = tmp_path / "lecture.flac"
@@ -466,6 +500,19 @@ def test_gallery_holds_one_face_per_identity_from_the_shards(shards):
         serve.load_gallery(shards, "nope")
 
 
+def test_gallery_checks_each_shards_size_and_sha256(shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar = sorted(copy.glob("*/*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[-1] ^= 1  # tar padding: still a readable tar, but not the manifest's bytes
+    tar.write_bytes(bytes(data))
+    with pytest.raises(serve.DataError, match="SHA-256"):
+        serve.load_gallery(copy)
+
+
 def test_serve_command_errors_are_one_line(shards, bundle, tmp_path, capsys):
     def error(*argv) -> str:
         assert main(["serve", *argv]) == 2
@@ -483,7 +530,8 @@ def test_serve_command_errors_are_one_line(shards, bundle, tmp_path, capsys):
                                         str(busy.getsockname()[1]))
     finally:
         busy.close()
-    for argv in (["--port", "99999"], ["--max-upload-mb", "0"], ["--max-seconds", "nan"]):
+    for argv in (["--port", "99999"], ["--max-upload-mb", "0"], ["--max-seconds", "nan"],
+                 ["--device", "banana"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["serve", *argv])
         assert exit_info.value.code == 2

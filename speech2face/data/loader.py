@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,47 +23,94 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from speech2face.audio import seconds_samples
+from speech2face.audio import SAMPLE_RATE, fit_duration, seconds_samples
 from speech2face.data.datasets import CLIP_SECONDS
 from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_manifest
 from speech2face.distributed import Placement
 from speech2face.errors import ConfigError, DataError
+from speech2face.faces import CROP_SIZE
 
 if TYPE_CHECKING:
     from speech2face.config import TrainConfig
 
 
 def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
-                  audio: bool = True) -> dict:
+                  audio: bool = True, *, feature_dim: int | None = None,
+                  identities=None) -> dict:
     """Decode one raw sample: ``wave (N,)`` float32 (fitted to ``seconds``), ``face``
     uint8 ``(224, 224, 3)``, ``landmarks (68, 2)``, ``feature (D,)`` and ``meta``.
 
     crop: which stored crop to use (0: ``face.jpg``; k: ``face.k.jpg``).
     audio: False leaves the audio undecoded (no ``wave``): the face decoder's stage
     trains on faces and features only.
+    feature_dim, identities: the manifest's; the sample's feature length and identity
+    are checked against them when given.
+
+    Raises:
+        DataError: naming the shard and the key, for a member that is missing, cannot be
+            decoded or is not what the shard format says (docs/data.md "Shard format").
     """
-    import soundfile as sf
-
-    from speech2face.audio import fit_duration
-
-    suffix = "" if crop == 0 else f".{crop}"
     try:
         sample = {}
         if audio:
-            wave, _ = sf.read(io.BytesIO(raw["flac"]), dtype="float32")
-            sample["wave"] = fit_duration(wave, seconds)
-        return {
-            **sample,
-            "face": _decode_jpeg(raw[f"face{suffix}.jpg"]),
-            "landmarks": np.load(io.BytesIO(raw[f"landmarks{suffix}.npy"]), allow_pickle=False),
-            "feature": np.load(io.BytesIO(raw[f"feature{suffix}.npy"]), allow_pickle=False),
+            sample["wave"] = fit_duration(_decode_flac(raw["flac"]), seconds)
+        sample.update({
+            "face": _decode_jpeg(raw[f"face{_suffix(crop)}.jpg"]),
+            "landmarks": _load_npy(raw[f"landmarks{_suffix(crop)}.npy"]),
+            "feature": _load_npy(raw[f"feature{_suffix(crop)}.npy"]),
             "meta": json.loads(raw["json"]),
-        }
+        })
+        problem = _sample_problem(sample, feature_dim, identities)
     except (KeyError, ValueError, RuntimeError, OSError) as error:
-        raise DataError(
-            raw.get("__url__"),
-            f"undecodable sample {raw.get('__key__')} ({type(error).__name__}: {error})",
-        ) from None
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        raise DataError(raw.get("__url__"), f"undecodable sample {raw.get('__key__')} ({problem})")
+    return sample
+
+
+def _suffix(crop: int) -> str:
+    """The member name suffix of a stored crop (0: ``face.jpg``; k: ``face.k.jpg``)."""
+    return "" if crop == 0 else f".{crop}"
+
+
+def _decode_flac(data: bytes) -> np.ndarray:
+    """A sample's audio: mono at 16 kHz, as prepare writes it (ValueError otherwise)."""
+    import soundfile as sf
+
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        if f.channels != 1 or f.samplerate != SAMPLE_RATE:
+            raise ValueError(f"audio is {f.channels} channel(s) at {f.samplerate} Hz, "
+                             f"the format is mono at {SAMPLE_RATE} Hz")
+        wave = f.read(dtype="float32")
+    if wave.size == 0:
+        raise ValueError("audio has no samples")
+    return wave
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _sample_problem(sample: dict, feature_dim: int | None, identities) -> str | None:
+    """What in a decoded sample is not what the shard format says, or None."""
+    meta, feature, landmarks = sample["meta"], sample["feature"], sample["landmarks"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("identity"), str):
+        return "json is not an object with an 'identity' name"
+    if identities is not None and meta["identity"] not in identities:
+        return f"identity {meta['identity']!r} is not in the manifest's identities"
+    if sample["face"].shape != (CROP_SIZE, CROP_SIZE, 3):
+        return f"face is {sample['face'].shape[1]} x {sample['face'].shape[0]} pixels, " \
+               f"not {CROP_SIZE} x {CROP_SIZE}"
+    if landmarks.shape != (68, 2) or not _finite_floats(landmarks):
+        return f"landmarks are {landmarks.dtype} {landmarks.shape}, not finite floats (68, 2)"
+    if (feature.ndim != 1 or feature_dim not in (None, len(feature))
+            or not _finite_floats(feature)):
+        return f"feature is {feature.dtype} {feature.shape}, not {feature_dim or 'D'} finite floats"
+    return None
+
+
+def _finite_floats(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating) and bool(np.isfinite(array).all())
 
 
 def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bool = False) -> dict:
@@ -93,6 +142,25 @@ def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bo
     else:
         batch["wave"] = wave
     return batch
+
+
+def _check_count(name: str, value, low: int = 1) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is None or an integer >= ``low``."""
+    if value is not None and not (isinstance(value, (int, np.integer))
+                                  and not isinstance(value, bool) and value >= low):
+        raise ConfigError(None, f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_reading(batch_size, seconds, rank, world_size) -> None:
+    """Raise ConfigError naming the first argument of a split's reading that is invalid."""
+    _check_count("batch_size", batch_size)
+    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            and math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(None, f"seconds must be a positive number, got {seconds!r}")
+    _check_count("world_size", world_size)
+    _check_count("rank", rank, 0)
+    if rank is not None and world_size is not None and rank >= world_size:
+        raise ConfigError(None, f"rank must be below world_size ({world_size}), got {rank}")
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -139,6 +207,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         cache: SampleCache | None = None,
     ):
         super().__init__()
+        _check_reading(batch_size, seconds, rank, world_size)
         self.manifest = load_manifest(path)
         if split not in self.manifest["splits"]:
             raise DataError(
@@ -236,7 +305,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             n = sum(1 for k in raw if k.startswith("face") and k.endswith(".jpg"))
             crop = int(rng.integers(n)) if n > 1 else 0
         def decode():
-            return decode_sample(raw, self.seconds, crop, self.audio)
+            return decode_sample(raw, self.seconds, crop, self.audio,
+                                 feature_dim=self.manifest["feature_dim"],
+                                 identities=self.identity_index)
 
         sample = decode() if self.cache is None else self.cache.decoded(raw, crop, decode)
         # which stored sample and crop this is (train.KeptTargets keys on them)
@@ -366,7 +437,7 @@ def make_loader(
     """
     dataset = ShardDataset(path, split, batch_size=batch_size, **dataset_options)
     dataset.set_epoch(epoch)
-    return torch.utils.data.DataLoader(
+    return _Loader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
@@ -379,6 +450,37 @@ def make_loader(
         # iterator at another point of that stream, would then draw otherwise.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers' errors come out as the project's own.
+
+    torch re-raises a worker's exception as ``type(msg)`` with the worker's traceback
+    for a message; an error of speech2face.errors takes two arguments, so that turns it
+    into a RuntimeError. Here it becomes the original class with its one-line message.
+    """
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        if self.num_workers == 0:
+            return iterator
+        return _worker_errors(iterator)
+
+
+def _worker_errors(iterator) -> Iterator:
+    from speech2face import errors
+
+    try:
+        yield from iterator
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        caught = re.match(r"Caught (\w+) in DataLoader worker", lines[0] if lines else "")
+        kind = getattr(errors, caught.group(1), None) if caught else None
+        prefix = f"{kind.__module__}.{kind.__name__}: " if kind else ""
+        if not (isinstance(kind, type) and issubclass(kind, errors.Speech2FaceError)
+                and lines[-1].startswith(prefix)):
+            raise
+        raise kind(None, lines[-1][len(prefix):]) from None
 
 
 def load_split(
@@ -394,6 +496,7 @@ def load_split(
 
     For evaluation: no shuffling, single process. ``max_samples`` stops early.
     """
+    _check_count("max_samples", max_samples)
     dataset = ShardDataset(
         path,
         split,
@@ -580,13 +683,14 @@ def training_features(data: Path, progress: bool, max_samples: int | None = None
     bar = tqdm(total=total, desc="training features",
                unit="sample", disable=not progress or int(os.environ.get("RANK", "0")) != 0)
     for shard in split["shards"]:
-        for raw in iterate_tar(Path(manifest["root"]) / shard["path"]):
+        for raw in iterate_tar(Path(manifest["root"]) / shard["path"], shard["size"],
+                               shard["sha256"]):
             try:
                 # The first crop only: other crops of a clip are near copies, which would
                 # leak into the held-out clips the classifier is calibrated on.
                 features.append(np.load(io.BytesIO(raw["feature.npy"]), allow_pickle=False))
                 identities.append(json.loads(raw["json"])["identity"])
-            except (KeyError, ValueError) as error:
+            except (KeyError, ValueError, TypeError) as error:
                 raise DataError(raw.get("__key__"), f"undecodable sample ({error})") from None
             bar.update(1)
             if len(features) == total:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 JPEG_QUALITY = 95
 _SPLITS = ("train", "val", "test")
+MAX_FEATURE_DIM = 1_000_000
 
 
 def load_manifest(path: str | os.PathLike) -> dict:
@@ -59,38 +62,63 @@ def load_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def _is_int(v, low=0, high=None) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool) and v >= low
+            and (high is None or v <= high))
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(i, str) for i in v)
+
+
+def _is_landmarks(v) -> bool:
+    """A finite ``(68, 2)`` list of numbers."""
+    return (isinstance(v, list) and len(v) == 68 and all(
+        isinstance(p, list) and len(p) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            for x in p) for p in v))
+
+
 def _manifest_problem(manifest: dict, root: Path) -> str | None:
     """What is wrong with a parsed manifest, or None."""
-    def is_int(v, low=0):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-    if not isinstance(manifest.get("identities"), list) or not all(
-        isinstance(i, str) for i in manifest["identities"]
-    ):
+    if not _is_names(manifest.get("identities")):
         return "'identities' is not a list of names"
-    if not is_int(manifest.get("feature_dim"), 1) and manifest.get("feature_dim") is not None:
-        return "'feature_dim' is not a positive integer"
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not set(splits) <= set(_SPLITS):
+        return f"'splits' is not a mapping of {_SPLITS}"
+    empty = all(isinstance(s, dict) and s.get("samples") == 0 for s in splits.values())
+    # null only in a manifest without samples (prepare found no face feature to size)
+    if not (_is_int(manifest.get("feature_dim"), 1, MAX_FEATURE_DIM)
+            or (empty and manifest.get("feature_dim") is None)):
+        return f"'feature_dim' is not an integer from 1 to {MAX_FEATURE_DIM:,}"
+    if manifest.get("mean_landmarks") is not None and not _is_landmarks(manifest["mean_landmarks"]):
+        return "'mean_landmarks' is not a (68, 2) list of finite numbers"
+    if "crops_per_sample" in manifest and not _is_int(manifest["crops_per_sample"], 1):
+        return "'crops_per_sample' is not a positive integer"
     if not isinstance(manifest.get("encoder"), str):
         return "'encoder' is not a name"
     seconds = manifest.get("seconds")
     if seconds is not None and not (isinstance(seconds, (int, float))
                                     and not isinstance(seconds, bool) and 0 < seconds < 1e6):
         return "'seconds' is not a positive number of seconds"
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict) or not set(splits) <= set(_SPLITS):
-        return f"'splits' is not a mapping of {_SPLITS}"
     inside = root.resolve()
+    known = set(manifest["identities"])
     for name, split in splits.items():
-        if not isinstance(split, dict) or not is_int(split.get("samples")):
+        if not isinstance(split, dict) or not _is_int(split.get("samples")):
             return f"split {name!r} has no sample count"
+        if "identities" in split and not (_is_names(split["identities"])
+                                          and set(split["identities"]) <= known):
+            return f"split {name!r} names identities that are not in 'identities'"
         shards = split.get("shards")
         if not isinstance(shards, list):
             return f"split {name!r} has no shard list"
         for shard in shards:
             if not (isinstance(shard, dict) and isinstance(shard.get("path"), str)
-                    and is_int(shard.get("samples")) and is_int(shard.get("size"))
+                    and _is_int(shard.get("samples")) and _is_int(shard.get("size"))
                     and isinstance(shard.get("sha256"), str) and len(shard["sha256"]) == 64):
                 return f"split {name!r} has a shard entry without path, samples, size, sha256"
+            if "\0" in shard["path"]:
+                return f"shard path {shard['path']!r} contains a NUL byte"
             if not (root / shard["path"]).resolve().is_relative_to(inside):
                 return f"shard path {shard['path']!r} is outside the dataset folder"
     return None
@@ -158,6 +186,21 @@ def _encode_jpeg(image: np.ndarray) -> bytes:
 
 
 def _decode_jpeg(data: bytes) -> np.ndarray:
+    """A JPEG member as uint8 RGB; ValueError for one over faces.MAX_IMAGE_PIXELS
+    (a decompression bomb), before its pixels are decoded."""
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    from speech2face.faces import MAX_IMAGE_PIXELS
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image too large ({error})") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image of {width} x {height} pixels is over the "
+                             f"{MAX_IMAGE_PIXELS:,}-pixel limit")
+        return np.asarray(image.convert("RGB"))
