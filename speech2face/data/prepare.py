@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -64,10 +65,10 @@ from speech2face.data.shards import (
     PARTS_DIR,
     _decode_jpeg,
     _encode_jpeg,
-    load_manifest,
+    _manifest_problem,
 )
 from speech2face.errors import DataError, Speech2FaceError
-from speech2face.utils import atomic_write, output_entries
+from speech2face.utils import atomic_write, output_entries, staged_writes
 
 # What a video's processing produces (its frames chosen, detection, landmarks, crops,
 # features, audio): raise it with any change to that output. An unfinished part begun by
@@ -144,9 +145,7 @@ class _Processor:
         if self.options.encoder == "dlib":
             return faces.face_descriptors(crops)
         if self._embed is None:
-            from speech2face.face_encoders import load_face_encoder
-
-            encoder = load_face_encoder(self.options.encoder, weights=self.options.encoder_weights)
+            encoder = _face_encoder(self.options.encoder, self.options.encoder_weights)
             self._embed = lambda x: encoder.embed(x).detach().cpu().numpy().astype(np.float32)
         if not self.single_thread:
             return self._embed(crops)
@@ -315,6 +314,15 @@ class _Processor:
                 out.append((clip, _encode_flac(fit_duration(wave, seconds))))
             result.counts.update(clips=1)
         return out
+
+
+@functools.lru_cache(maxsize=1)
+def _face_encoder(name: str, weights: str | None):
+    """A torch face encoder, loaded once per process (``prepare`` loads it before it
+    creates anything, so that missing or bad weights are refused at once)."""
+    from speech2face.face_encoders import load_face_encoder
+
+    return load_face_encoder(name, weights=weights)
 
 
 def _key_names(clips: list[str]) -> list[str]:
@@ -606,6 +614,8 @@ def prepare(
         seed=seed,
         mix_clips=mix_clips,
     )
+    if encoder != "dlib":  # the weights are refused now, not after --out is made
+        _face_encoder(encoder, options.encoder_weights)
     all_units = list_units(dataset, root, frames_per_video)
     merging = None  # AVSpeech: one identity per person, not per video (data/identities.py)
     if dataset == "avspeech" and identity_threshold > 0:
@@ -620,42 +630,34 @@ def prepare(
         "options": asdict(options),
         "part": part,
         "units": _fingerprint([asdict(u) for u in units]),
+        # of every part: parts of other inputs are not merged (_merge)
+        "inputs": _inputs_fingerprint(all_units, root),
         "identity_merging": merging,
     }
     run_id["options"].pop("encoder_weights")  # where the weights lie is not what they are
+    run_id = json.loads(json.dumps(run_id))  # as it reads back from a file (tuples: lists)
     parts = out / PARTS_DIR
     part_manifest_path = parts / f"manifest-{part}.json"
     progress_path = parts / f"progress-{part}.json"
 
+    other_counts = _part_counts(out) - {num_shards}
+    if other_counts:
+        raise DataError(out, f"holds parts of a run with --num-shards {max(other_counts)}; "
+                             "use a new --out (or that --num-shards)")
     if part_manifest_path.is_file():
-        done = _read_json(part_manifest_path)
-        if done.get("run") != run_id:
+        done = _read_part(part_manifest_path, out)
+        if done["run"] != run_id:
             raise DataError(
                 out, f"holds part {part} prepared with other arguments or inputs; use a new --out"
             )
         _maybe_merge(out, num_shards)
         return done
-    state = _new_state()
     if progress_path.is_file():
-        saved = _read_json(progress_path)
-        if saved.get("run") != run_id:
-            raise DataError(
-                out,
-                f"holds an unfinished part {part} with other arguments or inputs; "
-                "use a new --out or rerun with the same arguments",
-            )
-        if saved.get("processing") != PROCESSING_VERSION:
-            raise DataError(
-                out,
-                f"holds an unfinished part {part} begun by another version of prepare "
-                f"(its processing {saved.get('processing', 'not recorded')}, this one's "
-                f"{PROCESSING_VERSION}); finish it with that version or use a new --out",
-            )
-        state = saved["state"]
-    elif (
-        any(p for p in output_entries(out) if p.name != PARTS_DIR) and not parts.is_dir()
-    ):
+        state = _resume_state(progress_path, run_id, windows, out)
+    elif any(p for p in output_entries(out) if p.name != PARTS_DIR) and not parts.is_dir():
         raise DataError(out, "output folder exists, is not empty and is not a prepare output")
+    else:
+        state = _new_state()
     prefix = "" if num_shards == 1 else f"p{shard_index:05d}-"
     _remove_leftovers(out, prefix, part)
     parts.mkdir(parents=True, exist_ok=True)  # marks the folder as a prepare output at once
@@ -746,19 +748,180 @@ def prepare(
         if hasattr(results, "close"):
             results.close()
     manifest = _part_manifest(state, run_id, options, dataset, part)
-    with atomic_write(part_manifest_path, "w") as f:
-        json.dump(manifest, f, indent=1)
+    # The merge (when this is the last part) is checked before anything is written.
+    merged = None
+    if all(p == part_manifest_path or p.is_file() for p in _part_paths(out, num_shards)):
+        try:
+            merged = _merge(out, num_shards, pending=(part_manifest_path, manifest))
+        except DataError:
+            if not any(s["samples"] for s in manifest["splits"].values()):
+                progress_path.unlink(missing_ok=True)  # nothing to keep: the rerun starts afresh
+            raise
+    with staged_writes() as stage:
+        with stage(part_manifest_path, "w") as f:
+            json.dump(manifest, f, indent=1)
+        if merged is not None:
+            with stage(out / MANIFEST, "w") as f:
+                json.dump(merged, f, indent=1)
     progress_path.unlink(missing_ok=True)
-    _maybe_merge(out, num_shards)
+    if merged is None:  # the other parts may have finished meanwhile (a job array)
+        _maybe_merge(out, num_shards)
     return manifest
 
 
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise DataError(path, f"unreadable ({type(error).__name__}: {error}); "
                               "use a new --out") from None
+
+
+def _inputs_fingerprint(units: list[Unit], root: str | os.PathLike) -> str:
+    """The whole input listing's fingerprint, the same on machines that mount the
+    dataset at different paths."""
+    text = json.dumps([asdict(u) for u in units], sort_keys=True, default=str)
+    return hashlib.sha256(text.replace(json.dumps(str(root))[1:-1], "").encode()).hexdigest()
+
+
+# ======================================================== validating what a file holds
+#
+# Nothing read back from a progress file or a part manifest is used before it is
+# checked here: a damaged or edited file is refused in one line naming it.
+
+_REDO = "remove it to redo this part, or use a new --out"
+
+
+def _is_count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _record_problem(record: dict, out: Path) -> str | None:
+    """What is wrong with the samples written so far as a progress file's state or a
+    part manifest records them, or None. Shard entries are checked as the loader checks
+    a manifest (paths inside ``out``), and must be on disk with their recorded size."""
+    splits = record.get("splits")
+    names = sorted({i for split in splits.values() if isinstance(split, dict)
+                    and _is_names(split.get("identities")) for i in split["identities"]}
+                   if isinstance(splits, dict) else ())
+    view = {"identities": names, "encoder": "", "feature_dim": record.get("feature_dim"),
+            "splits": splits}
+    problem = _manifest_problem(view, out)
+    if problem:
+        return problem
+    for name, split in splits.items():
+        if not _is_names(split.get("identities")):
+            return f"split {name!r} has no list of identities"
+        held = sum(shard["samples"] for shard in split["shards"])
+        if split["samples"] != held:
+            return f"split {name!r} counts {split['samples']} samples, its shards {held}"
+        for shard in split["shards"]:
+            path = out / shard["path"]
+            if not path.is_file() or path.stat().st_size != shard["size"]:
+                return f"shard {shard['path']} is missing or not of its recorded size"
+    counts = record.get("counts")
+    if not (isinstance(counts, dict) and all(_is_count(v) for v in counts.values())):
+        return "'counts' is not a mapping of counts"
+    skipped = record.get("skipped")
+    if not (isinstance(skipped, list)
+            and all(_is_names(s) and len(s) == 2 for s in skipped)):
+        return "'skipped' is not a list of [item, reason] pairs"
+    train = splits.get("train", {}).get("samples", 0)
+    if record.get("landmarks_count") != train or not _is_count(train):
+        return f"'landmarks_count' is not the number of training samples ({train})"
+    if not _is_landmarks_sum(record.get("landmarks_sum"), train):
+        return "'landmarks_sum' is not a (68, 2) sum of landmarks"
+    return None
+
+
+def _is_landmarks_sum(value, count: int) -> bool:
+    if count == 0:
+        return value is None
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return array.shape == (68, 2) and bool(np.isfinite(array).all())
+
+
+def _part_problem(part, out: Path) -> str | None:
+    """What is wrong with a part manifest, or None."""
+    if not isinstance(part, dict):
+        return "not a JSON object"
+    if part.get("format") != FORMAT_VERSION:
+        return f"format {part.get('format')!r}, this version writes {FORMAT_VERSION}"
+    if not isinstance(part.get("run"), dict):
+        return "'run' is not a JSON object"
+    for key in ("part", "dataset", "encoder"):
+        if not isinstance(part.get(key), str):
+            return f"{key!r} is not a name"
+    for key in ("samples_per_shard", "crops_per_sample"):
+        if not _is_count(part.get(key), 1):
+            return f"{key!r} is not a positive integer"
+    seconds = part.get("seconds")
+    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            and 0 < seconds < 1e6):
+        return "'seconds' is not a positive number of seconds"
+    return _record_problem(part, out)
+
+
+def _read_part(path: Path, out: Path) -> dict:
+    """A part manifest, validated (DataError naming it otherwise)."""
+    part = _read_json(path)
+    problem = _part_problem(part, out)
+    if problem is None and path.name != f"manifest-{part['part']}.json":
+        problem = f"it is part {part['part']!r}"
+    if problem:
+        raise DataError(path, f"malformed part manifest: {problem}; {_REDO}")
+    return part
+
+
+def _state_problem(state, windows: list[list[Unit]], out: Path) -> str | None:
+    """What is wrong with a progress file's state for this run's windows, or None."""
+    if not isinstance(state, dict):
+        return "'state' is not a JSON object"
+    problem = _record_problem(state, out)
+    if problem:
+        return problem
+    window, done = state.get("next_window"), state.get("samples_done")
+    if not (_is_count(window) and window <= len(windows)):
+        return f"'next_window' is not a window number in [0, {len(windows)}]"
+    clips = [sum(len(u.clips) for u in w) for w in windows] + [0]
+    if not (_is_count(done) and done <= clips[window]):
+        return f"'samples_done' is not in [0, {clips[window]}] (window {window}'s clips)"
+    written = sum(split["samples"] for split in state["splits"].values())
+    if not done <= written <= sum(clips[:window]) + done:
+        return f"its shards hold {written} samples, more or fewer than its windows can"
+    return None
+
+
+def _resume_state(path: Path, run_id: dict, windows: list[list[Unit]], out: Path) -> dict:
+    """The validated state of the progress file of an unfinished part."""
+    saved = _read_json(path)
+    if not isinstance(saved, dict):
+        raise DataError(path, f"malformed progress file: not a JSON object; {_REDO}")
+    part = path.stem[len("progress-"):]
+    if saved.get("run") != run_id:
+        raise DataError(
+            out,
+            f"holds an unfinished part {part} with other arguments or inputs; "
+            "use a new --out or rerun with the same arguments",
+        )
+    if saved.get("processing") != PROCESSING_VERSION:
+        raise DataError(
+            out,
+            f"holds an unfinished part {part} begun by another version of prepare "
+            f"(its processing {saved.get('processing', 'not recorded')}, this one's "
+            f"{PROCESSING_VERSION}); finish it with that version or use a new --out",
+        )
+    problem = _state_problem(saved.get("state"), windows, out)
+    if problem:
+        raise DataError(path, f"malformed progress file: {problem}; {_REDO}")
+    return saved["state"]
 
 
 def _import_writer() -> None:
@@ -928,11 +1091,31 @@ def _part_manifest(state: dict, run_id: dict, options: Options, dataset: str, pa
     }
 
 
+_PART_FILE = re.compile(r"(?:manifest|progress)-(\d{5})-of-(\d{5})\.json")
+
+
+def _part_paths(out: Path, num_shards: int) -> list[Path]:
+    return [out / PARTS_DIR / f"manifest-{_part_name(i, num_shards)}.json"
+            for i in range(num_shards)]
+
+
+def _part_counts(out: Path) -> set[int]:
+    """The ``--num-shards`` of the parts, finished or not, in ``out/parts``."""
+    folder = out / PARTS_DIR
+    counts = set()
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if not path.name.startswith(("manifest-", "progress-")):
+            continue  # lock and temporary files
+        match = _PART_FILE.fullmatch(path.name)
+        if match is None or int(match[1]) >= int(match[2]):
+            raise DataError(path, "not a part file of prepare "
+                                  "(manifest-I-of-N.json or progress-I-of-N.json); remove it")
+        counts.add(int(match[2]))
+    return counts
+
+
 def _maybe_merge(out: Path, num_shards: int) -> None:
-    paths = [
-        out / PARTS_DIR / f"manifest-{_part_name(i, num_shards)}.json" for i in range(num_shards)
-    ]
-    if all(p.is_file() for p in paths):
+    if all(p.is_file() for p in _part_paths(out, num_shards)):
         merge_manifests(out, num_shards)
 
 
@@ -941,25 +1124,47 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
 
     Shards are listed part by part; identities, skipped inputs and counts are merged
     (sorted), the mean landmarks are the landmark sum over all training crops divided by
-    their number. Raises DataError when a part is missing or parts disagree.
+    their number. ``num_shards``: the parts' count (default: the only one in the folder).
+    Raises DataError when a part is missing, malformed or parts disagree, and when no part
+    has a sample; then nothing is written.
     """
     out = Path(out)
-    parts_dir = out / PARTS_DIR
-    found = sorted(parts_dir.glob("manifest-*-of-*.json")) if parts_dir.is_dir() else []
     if num_shards is None:
-        if not found:
+        counts = _part_counts(out)
+        if not counts:
             raise DataError(out, "no part manifests to merge (run prepare first)")
-        num_shards = int(found[0].stem.rsplit("-of-", 1)[1])
+        if len(counts) > 1:
+            raise DataError(out / PARTS_DIR, f"holds parts of runs with --num-shards "
+                                             f"{sorted(counts)}; give the one to merge")
+        num_shards = counts.pop()
+    manifest = _merge(out, num_shards)
+    with atomic_write(out / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def _shared_run(run: dict) -> dict:
+    """What all parts of one run share: all of its identity but the part's own."""
+    return {k: v for k, v in run.items() if k not in ("part", "units")}
+
+
+def _merge(out: Path, num_shards: int, pending: tuple[Path, dict] | None = None) -> dict:
+    """The merged manifest of the ``num_shards`` parts, validated, not written.
+    ``pending``: a part manifest (path, content) not written yet."""
+    paths = _part_paths(out, num_shards)
     parts = []
-    for i in range(num_shards):
-        path = parts_dir / f"manifest-{_part_name(i, num_shards)}.json"
-        if not path.is_file():
+    for i, path in enumerate(paths):
+        if pending is not None and path == pending[0]:
+            parts.append(pending[1])
+        elif path.is_file():
+            parts.append(_read_part(path, out))
+        else:
             raise DataError(path, f"part {i} of {num_shards} is not complete yet")
-        parts.append(json.loads(path.read_text()))
     first = parts[0]
-    for p in parts[1:]:
-        if p["run"]["options"] != first["run"]["options"]:
-            raise DataError(out, "part manifests were prepared with different arguments")
+    for path, p in zip(paths[1:], parts[1:], strict=True):
+        if _shared_run(p["run"]) != _shared_run(first["run"]):
+            raise DataError(path, f"was prepared from other inputs or arguments than "
+                                  f"{paths[0]}; prepare all parts with the same ones")
     feature_dims = {p["feature_dim"] for p in parts if p["feature_dim"] is not None}
     if len(feature_dims) > 1:
         raise DataError(out, f"parts disagree on the feature size: {sorted(feature_dims)}")
@@ -998,8 +1203,12 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
         "mean_landmarks": mean,
         "identity_merging": first["run"].get("identity_merging"),
     }
-    with atomic_write(out / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
+    problem = _manifest_problem(manifest, out)
+    if problem:
+        raise DataError(out / MANIFEST, f"the merged manifest would be malformed: {problem}")
+    if not sum(s["samples"] for s in splits.values()):
+        raise DataError(out, "no samples: every input was skipped "
+                             f"({manifest['skipped_by_reason']})")
     return manifest
 
 
@@ -1032,8 +1241,9 @@ def add_prepare_arguments(parser) -> None:
     parser.add_argument(
         "--num-shards",
         type=bounded(int, 1, None, "number of shards"),
-        default=1,
-        help="machines splitting the videos between them (default 1)",
+        default=None,
+        help="machines splitting the videos between them (default 1; with --merge: the "
+        "count of the parts in --out)",
     )
     parser.add_argument(
         "--encoder", default="dlib", help="face encoder for the stored features (default dlib)"
@@ -1099,7 +1309,7 @@ def prepare_output(args) -> tuple[Path, bool]:
     part of a cluster run (``--num-shards`` > 1), since the other machines write their
     parts into the same folder at the same time."""
     out = Path(args.out)
-    if args.num_shards > 1 and not args.merge:
+    if (args.num_shards or 1) > 1 and not args.merge:
         return out / PARTS_DIR / _part_name(args.shard_index, args.num_shards), False
     return out, True
 
@@ -1107,7 +1317,7 @@ def prepare_output(args) -> tuple[Path, bool]:
 def prepare_command(args) -> int:
     start = time.perf_counter()
     if args.merge:
-        manifest = merge_manifests(args.out)
+        manifest = merge_manifests(args.out, args.num_shards)
     elif args.dataset is None or args.root is None:
         raise DataError(None, "give the dataset and --root (or --merge to merge finished parts)")
     else:
@@ -1117,7 +1327,7 @@ def prepare_command(args) -> int:
             args.out,
             workers=args.workers,
             shard_index=args.shard_index,
-            num_shards=args.num_shards,
+            num_shards=args.num_shards or 1,
             encoder=args.encoder,
             samples_per_shard=args.samples_per_shard,
             encoder_weights=args.encoder_weights,
@@ -1131,11 +1341,6 @@ def prepare_command(args) -> int:
         )
         manifest = part
     sizes = ", ".join(f"{s}: {v['samples']}" for s, v in manifest["splits"].items())
-    if (Path(args.out) / MANIFEST).is_file() and not sum(
-        v["samples"] for v in load_manifest(args.out)["splits"].values()
-    ):
-        reasons = load_manifest(args.out)["skipped_by_reason"]
-        raise DataError(args.root or args.out, f"no samples: every input was skipped ({reasons})")
     skipped = len(manifest["skipped"])
     print(
         f"{args.out}: samples {sizes or 'none'}; {skipped} inputs skipped "

@@ -1,0 +1,254 @@
+"""What prepare reads back from its own files is validated before it is used.
+
+Part manifests and progress files that are damaged or edited, parts of other inputs or
+of another ``--num-shards``, a run without samples, bad encoder weights: each is refused
+in one line naming the file or option, and nothing is written that is then refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speech2face import data
+from speech2face.cli import main
+from speech2face.data.prepare import _Processor
+from speech2face.demo_data import make_demo_data
+from speech2face.errors import DataError, WeightsError
+
+PART = "parts/manifest-00000-of-00001.json"
+PROGRESS = "parts/progress-00000-of-00001.json"
+OPTIONS = {"samples_per_shard": 2, "mix_clips": 3, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("validation") / "corpus"
+    make_demo_data(root, speakers=3, seed=7, videos=(1, 1), clips=(3, 3), frames=1,
+                   progress=False)
+    return root
+
+
+def prepare(corpus: Path, out: Path, **options) -> dict:
+    return data.prepare("voxceleb1", corpus, out, **{**OPTIONS, **options})
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "shards"
+    prepare(corpus, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted(corpus, tmp_path_factory) -> Path:
+    """A run killed in its third video (windows of one video): a progress file and shards."""
+    out = tmp_path_factory.mktemp("interrupted") / "shards"
+    calls = {"n": 0}
+    original = _Processor.__call__
+
+    def crash_on_third(self, unit):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, unit)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Processor, "__call__", crash_on_third)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(corpus, out)
+    assert (out / PROGRESS).is_file()
+    return out
+
+
+def copy(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(folder, out)
+    return out
+
+
+def edit(path: Path, change) -> None:
+    """Rewrite a JSON file with ``change(content)``: its return value when not None (a
+    string: the file's text), else the content it changed."""
+    content = json.loads(path.read_text())
+    changed = change(content)
+    if changed is None:
+        changed = content
+    path.write_text(changed if isinstance(changed, str) else json.dumps(changed))
+
+
+def one_line(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    lines = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines()
+             if x.strip() and not re.search(r"\|\s*\d+/\d+ \[", x)]
+    assert len(lines) <= 1, lines
+    return code, "".join(lines)
+
+
+def first_shard(record: dict) -> dict:
+    return record["splits"]["train"]["shards"][0]
+
+
+# -------------------------------------------------------------------- part manifests
+
+PART_DAMAGE = {
+    "invalid JSON": lambda m: '{"run": ',
+    "a list": lambda m: [1, 2],
+    "empty": lambda m: {},
+    "samples a string": lambda m: m["splits"]["train"].update(samples="many"),
+    "samples not its shards'": lambda m: m["splits"]["train"].update(samples=1),
+    "shard path outside": lambda m: first_shard(m).update(path="../../../etc/passwd"),
+    "shard missing": lambda m: first_shard(m).update(path="train/nothing.tar"),
+    "skipped triples": lambda m: m.update(skipped=[["a", "b", "c"]]),
+    "counts a list": lambda m: m.update(counts=[1]),
+    "landmarks of another shape": lambda m: m.update(landmarks_sum=[[0, 0]]),
+    "other part": lambda m: m.update(part="00001-of-00002"),
+}
+
+
+@pytest.mark.parametrize("damage", PART_DAMAGE.values(), ids=PART_DAMAGE.keys())
+def test_a_damaged_part_manifest_is_refused_before_merging(finished, tmp_path, capsys, damage):
+    out = copy(finished, tmp_path)
+    (out / "manifest.json").unlink()
+    part = out / PART
+    edit(part, damage)
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(out))
+    assert code == 2 and str(part) in err, err
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_rerun_over_a_damaged_part_manifest_names_it(corpus, finished, tmp_path):
+    out = copy(finished, tmp_path)
+    (out / PART).write_text("[1, 2]")
+    with pytest.raises(DataError, match="manifest-00000-of-00001.json: malformed part manifest"):
+        prepare(corpus, out)
+
+
+def test_an_odd_part_file_name_is_refused(finished, tmp_path, capsys):
+    out = copy(finished, tmp_path)
+    (out / "manifest.json").unlink()
+    (out / PART).rename(out / "parts" / "manifest-00000-of-0000x.json")
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(out))
+    assert code == 2 and "manifest-00000-of-0000x.json: not a part file" in err, err
+    assert not (out / "manifest.json").exists()
+
+
+# -------------------------------------------------------------------- progress files
+
+def state(change):
+    return lambda saved: change(saved["state"])
+
+
+PROGRESS_DAMAGE = {
+    "a list": lambda s: [1],
+    "null": lambda s: "null",
+    "state a string": lambda s: s.update(state="x"),
+    "next_window a string": state(lambda s: s.update(next_window="1")),
+    "next_window -1": state(lambda s: s.update(next_window=-1)),
+    "next_window 999": state(lambda s: s.update(next_window=999)),
+    "next_window ahead of its shards": state(lambda s: s.update(next_window=5)),
+    "samples_done 999": state(lambda s: s.update(samples_done=999)),
+    "samples_done -3": state(lambda s: s.update(samples_done=-3)),
+    "samples_done true": state(lambda s: s.update(samples_done=True)),
+    "splits a list": state(lambda s: s.update(splits=[])),
+    "counts a list": state(lambda s: s.update(counts=[1])),
+    "landmarks of another shape": state(lambda s: s.update(landmarks_sum=[[0, 0]])),
+    "landmarks_count off": state(lambda s: s.update(landmarks_count=99)),
+    "skipped triples": state(lambda s: s.update(skipped=[["a", "b", "c"]])),
+    "shard path outside": state(lambda s: first_shard(s).update(path="../../../etc/passwd")),
+    "shard of another size": state(lambda s: first_shard(s).update(size=1)),
+    "identities missing": state(lambda s: s["splits"]["train"].pop("identities")),
+}
+
+
+@pytest.mark.parametrize("damage", PROGRESS_DAMAGE.values(), ids=PROGRESS_DAMAGE.keys())
+def test_a_damaged_progress_file_is_refused(corpus, interrupted, tmp_path, damage):
+    out = copy(interrupted, tmp_path)
+    edit(out / PROGRESS, damage)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match=re.escape(str(out / PROGRESS))):
+        prepare(corpus, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_intact_progress_file_resumes_to_the_uninterrupted_shards(corpus, interrupted,
+                                                                     finished, tmp_path):
+    out = copy(interrupted, tmp_path)
+    prepare(corpus, out)
+    shards = {str(p.relative_to(out)): p.read_bytes() for p in out.glob("*/*.tar")}
+    assert shards == {str(p.relative_to(finished)): p.read_bytes()
+                      for p in finished.glob("*/*.tar")}
+
+
+# ------------------------------------------------------------------------- merging
+
+
+def test_parts_of_other_inputs_are_not_merged(corpus, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    clip = sorted(other.glob("wav/*/*/*.wav"))[0]
+    clip.rename(clip.with_name("00099.wav"))  # one clip renamed: another listing
+    out = tmp_path / "shards"
+    prepare(corpus, out, shard_index=0, num_shards=2)
+    with pytest.raises(DataError, match="manifest-00001-of-00002.json: was prepared from other"
+                                        ".*manifest-00000-of-00002.json"):
+        prepare(other, out, shard_index=1, num_shards=2)
+    assert not (out / "manifest.json").exists()
+    # the same inputs at another path (another machine's mount): the parts merge
+    moved, out = tmp_path / "moved", tmp_path / "merged"
+    shutil.copytree(corpus, moved)
+    prepare(corpus, out, shard_index=0, num_shards=2)
+    prepare(moved, out, shard_index=1, num_shards=2)
+    assert data.load_manifest(out)["num_parts"] == 2
+
+
+def test_one_out_holds_parts_of_one_count(corpus, finished, tmp_path, capsys):
+    out = copy(finished, tmp_path)
+    with pytest.raises(DataError, match="--num-shards 1"):
+        prepare(corpus, out, shard_index=1, num_shards=2)
+    assert not list(out.glob("*/*-p0000*"))
+    # Parts of two counts (left by hand): --merge needs --num-shards, and uses it.
+    two = tmp_path / "two"
+    for i in range(2):
+        prepare(corpus, two, shard_index=i, num_shards=2)
+    shutil.copy(out / PART, two / PART)
+    (two / "manifest.json").unlink()
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(two))
+    assert code == 2 and "--num-shards [1, 2]" in err, err
+    assert not (two / "manifest.json").exists()
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(two), "--num-shards", "2")
+    assert code == 0, err
+    assert data.load_manifest(two)["num_parts"] == 2
+
+
+# --------------------------------------------------------------- nothing half-written
+
+
+def test_no_samples_writes_no_manifest(corpus, tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "faceless"
+    shutil.copytree(corpus, root)
+    for frame in root.glob("unzippedFaces/*/*/*/*.jpg"):
+        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(frame)
+    out = tmp_path / "out"
+    argv = ["prepare", "voxceleb1", "--root", str(root), "--out", str(out)]
+    for _ in range(2):  # the rerun is refused for the same reason, not blocked
+        code, err = one_line(capsys, *argv)
+        assert code == 2 and "no samples" in err and "no face found" in err, err
+        assert not (out / "manifest.json").exists() and not (out / PART).exists()
+        assert not (out / PROGRESS).exists()
+
+
+@pytest.mark.parametrize("weights", ["missing.pth", "junk.pth"])
+def test_bad_encoder_weights_are_refused_before_out_is_made(corpus, tmp_path, weights):
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    out = tmp_path / "out"
+    with pytest.raises(WeightsError, match=re.escape(weights)):
+        prepare(corpus, out, encoder="vggface", encoder_weights=tmp_path / weights)
+    assert not out.exists()
