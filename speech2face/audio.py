@@ -425,15 +425,20 @@ def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     import torch
 
     x = torch.as_tensor(wave)
-    if not x.is_floating_point():
-        x = x.float()
+    if not x.is_floating_point():  # int16 PCM cast as it is would be 32,768 times too loud
+        raise AudioError(None, f"expected a float waveform in [-1, 1], got {x.dtype} "
+                               "(load_audio reads files as float)")
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        x = x.float()  # the CPU FFT has no half precision
     single = x.dim() == 1
     if single:
         x = x.unsqueeze(0)
     if x.dim() != 2:
-        raise ValueError(f"expected a waveform (N,) or a batch (B, N), got shape {tuple(x.shape)}")
+        raise AudioError(None, f"expected a waveform (N,) or a batch (B, N), got shape "
+                               f"{tuple(x.shape)}")
     if x.shape[-1] < WIN_LENGTH:
-        raise ValueError(f"waveform has {x.shape[-1]} samples, at least {WIN_LENGTH} are needed")
+        raise AudioError(None, f"waveform has {x.shape[-1]} samples, at least {WIN_LENGTH} "
+                               "are needed")
     # torch.stft frames are N_FFT long; pad the end so the last 400-sample TF frame fits
     # in a 512 frame, and put the window in the first 400 samples of each frame.
     pad = (0, N_FFT - WIN_LENGTH)

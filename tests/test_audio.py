@@ -1,5 +1,6 @@
 """Audio front end against an independent float64 numpy/scipy reference."""
 
+import re
 import struct
 import subprocess
 import sys
@@ -380,3 +381,22 @@ def test_truncated_wav_message_gives_the_headers_duration(tmp_path):
 def test_fit_duration_refuses_a_duration_that_is_not_positive(seconds):
     with pytest.raises(AudioError, match="seconds must be a positive number"):
         fit_duration(np.ones(96000, np.float32), seconds)
+
+
+@pytest.mark.parametrize("wave, words", [
+    (np.zeros(16000, np.int16), "expected a float waveform"),
+    (np.zeros((2, 3, 16000), np.float32), "expected a waveform (N,) or a batch"),
+    (np.zeros(399, np.float32), "399 samples, at least 400"),
+])
+def test_spectrogram_refuses_what_is_not_a_float_waveform(wave, words):
+    """int16 PCM was cast as it was (32,768 times too loud); shape errors were ValueErrors."""
+    with pytest.raises(AudioError, match=re.escape(words)):
+        spectrogram(wave)
+
+
+def test_spectrogram_of_half_precision_is_that_of_its_float32_values():
+    wave = np.random.default_rng(0).uniform(-1, 1, 16000).astype(np.float16)
+    expected = spectrogram(wave.astype(np.float32))
+    assert torch.equal(spectrogram(wave), expected)
+    assert torch.equal(spectrogram(torch.from_numpy(wave).bfloat16()),
+                       spectrogram(torch.from_numpy(wave).bfloat16().float()))
