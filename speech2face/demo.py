@@ -25,7 +25,8 @@ f013c21) and 339-385 s on two-core AMD EPYC Zen 3s (AVX2; 1d37855, 9748ba4). Sin
 four runs took 228-275 s of CPU (212-260 s wall) within 40 minutes as the host's speed
 moved, and a run of the code before, between them, 260 s. A fresh clone of fed83e1 on a
 two-core AMD EPYC Zen 5 (2026-12-03): 147 s of CPU, 137 s wall (corpus 12, prepare 12,
-decoder 34, voice encoder 78, evaluation 12); 124 s of CPU at 39b7b75, the host faster.
+decoder 34, voice encoder 78, evaluation 12); 124 s of CPU at 39b7b75, the host faster,
+and 162 s at 586bcfc, slower (the same numbers to the last digit each time).
 Issue 13's four minutes hold on the two newer AMD machines, on that Xeon only at its
 faster times.
 
