@@ -59,7 +59,7 @@ from speech2face.checkpoints import (
 
 # TrainConfig and load_config are re-exported: `from speech2face.train import TrainConfig`.
 from speech2face.config import TrainConfig, load_config
-from speech2face.data import load_manifest, training_data, training_features
+from speech2face.data import MANIFEST, load_manifest, training_data, training_features
 from speech2face.data.loader import MemoryBudget
 from speech2face.distributed import (
     Placement,
@@ -715,8 +715,16 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
     """Stage 1's :class:`DecoderStage` for the shards in ``data``: a fresh face decoder
     (``config.preset`` size, seeded) for the manifest's feature size and mean landmarks."""
     from speech2face.face_decoder import FaceDecoder, FaceDecoderConfig, feature_spread
+    from speech2face.face_encoders import ENCODERS
 
     manifest = load_manifest(Path(data))
+    file = Path(manifest["root"]) / MANIFEST
+    if manifest["encoder"] not in ENCODERS:
+        raise DataError(file, f"features of an unknown face encoder {manifest['encoder']!r} "
+                              f"(this version has {', '.join(ENCODERS)})")
+    if manifest.get("mean_landmarks") is None:
+        raise DataError(file, "has no mean_landmarks (prepare writes them from the "
+                              "training faces): the decoder cannot be built")
     torch.manual_seed(config.seed)
     sizes = FaceDecoderConfig.tiny if config.preset == "tiny" else FaceDecoderConfig.paper
     decoder = FaceDecoder(sizes(int(manifest["feature_dim"])),

@@ -12,6 +12,7 @@ tensor that is written as a PNG.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import torch
@@ -20,6 +21,17 @@ from speech2face.distributed import all_reduce_mean, reduce_device
 from speech2face.utils import atomic_write, png_bytes
 
 METRICS_FILE = "metrics.csv"
+
+
+def _is_row(row: list[str]) -> bool:
+    """A ``step, split, name, value`` row as :class:`MetricsLog` writes it."""
+    if len(row) != 4 or not (row[0].isascii() and row[0].isdigit()):
+        return False
+    try:
+        float(row[3])
+    except ValueError:
+        return False
+    return True
 
 
 class MetricsLog:
@@ -37,9 +49,11 @@ class MetricsLog:
         self.csv_path = run / METRICS_FILE
         rows = []
         if self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if len(r) == 4 and r[0].isdigit() and int(r[0]) <= start_step]
+            # Only well-formed rows up to the resumed step are kept: a damaged log (bytes
+            # that are not UTF-8, NULs, torn lines) costs its bad rows, not the resume.
+            text = self.csv_path.read_bytes().decode("utf-8", errors="replace")
+            rows = list(csv.reader(io.StringIO(text.replace("\0", ""))))[1:]
+            rows = [r for r in rows if _is_row(r) and int(r[0]) <= start_step]
         with atomic_write(self.csv_path, "w") as f:
             out = csv.writer(f)
             out.writerow(["step", "split", "name", "value"])

@@ -703,6 +703,35 @@ def test_voice_checkpoint_config_is_checked_before_a_classifier_is_built(
     assert "config.json" in str(error.value)
 
 
+def test_a_damaged_metrics_log_costs_its_bad_rows_not_the_resume(decoder_run, tmp_path, capfd):
+    run = _copy_run(decoder_run, tmp_path)
+    good = (run / "metrics.csv").read_text().splitlines()
+    damaged = b"\n\xff\xfe,\x00,x\n9,train,total,high\n"  # not UTF-8, a NUL, no number
+    (run / "metrics.csv").write_bytes("\n".join(good).encode() + damaged)
+    status, _, err, _ = run_cli(["train-decoder", "--data", decoder_run["shards"], "-o", run,
+                                 "--resume", *TRAIN, "steps=6"], capfd)
+    assert status == 0, err
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[:len(good)] == good and all(r.split(",")[0].isdigit() for r in rows[1:])
+    assert "high" not in "".join(rows) and "\ufffd" not in "".join(rows)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.update(encoder="arcface"), "unknown face encoder 'arcface'"),
+    (lambda m: m.pop("mean_landmarks"), "has no mean_landmarks"),
+])
+def test_a_manifest_the_decoder_cannot_be_built_from(edit, words, decoder_run, tmp_path, capfd):
+    import shutil
+
+    data = tmp_path / "shards"
+    shutil.copytree(decoder_run["shards"], data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    edit(manifest)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert_refused(["train-decoder", "--data", data, "-o", tmp_path / "run", *TRAIN],
+                   capfd, "manifest.json", words, absent=[tmp_path / "run"])
+
+
 def test_grad_accum_zero(decoder_run, tmp_path, capfd):
     out = tmp_path / "run"
     assert_refused(["train-decoder", "--data", decoder_run["shards"], "-o", out, *TRAIN,
