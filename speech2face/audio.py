@@ -486,9 +486,8 @@ def add_spectrogram_arguments(parser) -> None:
 
 
 def spectrogram_command(args) -> int:
-    from tqdm import tqdm
-
     from speech2face.utils import find_inputs, staged_writes
+    from speech2face.utils import progress as tqdm
 
     out = Path(args.out)
     inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError)

@@ -807,9 +807,8 @@ def make_demo_data(
 
     Returns ``out`` as a Path. Raises DataError if ``out`` exists and is not empty.
     """
-    from tqdm import tqdm
-
     from speech2face.runtime import torch_threads
+    from speech2face.utils import progress as tqdm
 
     out = Path(out)
     if speakers < 1 or frames < 1 or min(videos) < 1 or min(clips) < 1:

@@ -943,7 +943,8 @@ def collect(model, batches: Iterable[dict], attributes: bool = True,
             identity metrics (None skips them).
     """
     import torch
-    from tqdm import tqdm
+
+    from speech2face.utils import progress as tqdm
 
     collector = collector or _Collector(attributes, grid_rows, recognizer)
     model.eval()

@@ -725,7 +725,7 @@ def _minibatch_logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: 
     minibatch noise away (the end point is close to the full-batch optimum; the tests
     compare it with a float64 full-batch reference).
     """
-    from tqdm.auto import tqdm
+    from speech2face.utils import progress as tqdm
 
     generator = torch.Generator().manual_seed(seed)
     weight = torch.zeros(n_classes, x.shape[1], requires_grad=True)

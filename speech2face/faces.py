@@ -652,9 +652,8 @@ def faces_command(args) -> int:
     least one image was processed, else an ImageError (exit 2) with the first reason."""
     import io
 
-    from tqdm import tqdm
-
     from speech2face.utils import atomic_write, png_bytes, read_json, staged_writes
+    from speech2face.utils import progress as tqdm
 
     if args.weights is not None and args.encoder != "vggface":
         raise ConfigError(None, f"--weights is for --encoder vggface; the {args.encoder} "

@@ -221,9 +221,8 @@ def add_reconstruct_arguments(parser) -> None:
 
 
 def reconstruct_command(args) -> int:
-    from tqdm import tqdm
-
     from speech2face.audio import MEDIA_SUFFIXES
+    from speech2face.utils import progress as tqdm
 
     # Every input is decoded and the model loaded before anything is written: a bad
     # file stops the command with no partial output.

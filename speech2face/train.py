@@ -375,7 +375,7 @@ def fit(
     Under ``torchrun`` every process calls this; the trainable part is wrapped in
     ``DistributedDataParallel`` and only rank 0 writes files.
     """
-    from tqdm.auto import tqdm
+    from speech2face.utils import progress as tqdm
 
     run = Path(out)
     placement = init_distributed(config.device)

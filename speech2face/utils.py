@@ -32,6 +32,30 @@ def seed_problem(seed, name: str = "seed") -> str | None:
     return None
 
 
+def progress(*args, **kwargs):
+    """A tqdm progress bar (arguments as ``tqdm.tqdm``'s) that erases its line when an
+    error closes it, so that a failed command's error is the one line left on the
+    terminal instead of the line under a bar stopped part-way."""
+    return _progress_class()(*args, **kwargs)
+
+
+@functools.cache
+def _progress_class():
+    import sys
+
+    from tqdm.auto import tqdm
+
+    class Progress(tqdm):
+        def close(self):
+            # Closed by an error: from a ``with`` block's exit, a ``finally``, or the
+            # iteration ended by an exception in the loop's body (GeneratorExit).
+            if sys.exc_info()[1] is not None:
+                self.leave = False
+            super().close()
+
+    return Progress
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``path``; rename it onto ``path`` only on success.

@@ -48,3 +48,25 @@ def test_the_console_command_and_python_m_exit_through_exit_now():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "exit_now 2", result.stdout
+
+
+def test_a_command_that_fails_part_way_leaves_one_line_on_the_terminal(tmp_path, capfd):
+    """Its progress bar, drawn before the bad file was reached, is erased (carriage
+    return over blanks) rather than left as a line above the error."""
+    import numpy as np
+    import soundfile as sf
+
+    from speech2face import cli
+
+    noise = np.random.default_rng(0).uniform(-0.1, 0.1, 16000 * 7)
+    for i in range(4):
+        sf.write(tmp_path / f"a{i}.wav", noise, 16000)
+    (tmp_path / "z.wav").write_bytes(b"RIFFxxxxWAVEjunk")
+    capfd.readouterr()
+    assert cli.main(["spectrogram", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.split("\n") if line]
+    assert len(lines) == 1 and "spectrogram:" in lines[0]  # the bar was drawn
+    shown = lines[0].split("\r")[-1]  # what a terminal shows after the carriage returns
+    assert shown.startswith("speech2face spectrogram: error:") and "z.wav" in shown
+    assert "%|" not in shown

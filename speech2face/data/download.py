@@ -605,9 +605,8 @@ def download_avspeech(
     Returns counts: "ok" (fetched now), "done" (already there), "given-up" (failed for
     good before), and one count per failure kind of this run.
     """
-    from tqdm import tqdm
-
     from speech2face.utils import atomic_write
+    from speech2face.utils import progress as tqdm
 
     check_url_template(url_template)
     if num_shards < 1 or not 0 <= shard_index < num_shards:

@@ -251,10 +251,9 @@ def video_descriptors(
 
     The descriptors that ``download`` stored beside the segments are used when there;
     otherwise the unit's frames are read and embedded here (dlib, as download does)."""
-    from tqdm import tqdm
-
     from speech2face.data.prepare import read_video_frame
     from speech2face.face_encoders import load_face_encoder
+    from speech2face.utils import progress as tqdm
 
     encoder = None
     out = np.full((len(units), DESCRIPTOR_DIM), np.nan, np.float32)

@@ -672,7 +672,7 @@ def training_features(data: Path, progress: bool, max_samples: int | None = None
 
     Only the ``feature.npy`` and ``json`` members are decoded (no audio, no images).
     """
-    from tqdm.auto import tqdm
+    from speech2face.utils import progress as tqdm
 
     manifest = load_manifest(data)
     split = manifest["splits"].get("train")

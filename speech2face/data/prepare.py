@@ -589,7 +589,7 @@ def prepare(
     complete, ``out/manifest.json`` is written too (:func:`merge_manifests`).
     Raises DataError for a bad folder, and when ``out`` holds a run with other arguments.
     """
-    from tqdm import tqdm
+    from speech2face.utils import progress as tqdm
 
     if not 0 <= shard_index < num_shards:
         raise DataError(None, f"--shard-index {shard_index} is not in [0, {num_shards})")
