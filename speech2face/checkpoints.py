@@ -17,7 +17,6 @@ KeyError from deep inside torch or a run that continues half-restored.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from speech2face.config import FLOAT32_MAX, FLOAT32_TINY
 from speech2face.errors import DataError
+from speech2face.utils import is_number, is_whole
 
 CHECKPOINTS_DIR = "checkpoints"  # RUN/checkpoints/
 CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-NNNNNNNN
@@ -132,7 +132,7 @@ def read_state(folder: Path) -> dict:
         value = state.get(key)
         if value is None and optional:
             continue
-        if not _whole(value) or value < low:
+        if not is_whole(value) or value < low:
             raise _bad(file, f"{key} must be a whole number >= {low}, got {value!r:.40}")
     for key in ("best_val_loss", "val_loss"):  # NaN is possible: a diverged validation
         value = state.get(key)
@@ -180,7 +180,7 @@ def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
                                    f"this model's")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scalars = meta.get("scalars", {})
-    if not isinstance(scalars, dict) or not all(_number(v) for v in scalars.values()):
+    if not isinstance(scalars, dict) or not all(is_number(v) for v in scalars.values()):
         raise _bad(state_file, "optimizer.scalars must map names to numbers")
     names: dict[int, set[str]] = {}
     for key in [*tensors, *scalars]:
@@ -258,7 +258,7 @@ def _same_kind(value, mine) -> bool:
     if isinstance(mine, bool) or mine is None:
         return value is None or isinstance(value, bool)
     if isinstance(mine, (int, float)):
-        return _number(value)
+        return is_number(value)
     if isinstance(mine, (list, tuple)):
         return isinstance(value, list) and len(value) == len(mine) and \
             all(_same_kind(v, m) for v, m in zip(value, mine, strict=True))
@@ -267,10 +267,3 @@ def _same_kind(value, mine) -> bool:
     return True
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -31,7 +30,14 @@ from torch import nn
 
 from speech2face.errors import ConfigError, WeightsError
 from speech2face.faces import FACE_ENCODERS
-from speech2face.utils import atomic_write, cache_dir, publishing_dir, temp_dir_beside
+from speech2face.utils import (
+    atomic_write,
+    cache_dir,
+    is_number,
+    is_whole,
+    publishing_dir,
+    temp_dir_beside,
+)
 
 if TYPE_CHECKING:
     from speech2face.config import TrainConfig
@@ -289,9 +295,7 @@ _RESEMBLYZER_FIELDS = (
 
 
 def _check_number(value, kind: str, low, high, where: str, file: Path) -> None:
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    real = whole or (isinstance(value, float) and math.isfinite(value))
-    if not (whole if kind == "int" else real) or not low <= value <= high:
+    if not (is_whole if kind == "int" else is_number)(value, low, high):
         what = "a whole number" if kind == "int" else "a number"
         raise WeightsError(file, f"{where} must be {what} from {low} to {high}, got {value!r:.40}")
 

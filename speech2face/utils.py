@@ -1,5 +1,5 @@
-"""Small shared helpers: atomic writes, PNG bytes, output-folder locks and the user cache
-directory."""
+"""Small shared helpers: checks of values read from files, atomic writes, PNG bytes,
+output-folder locks and the user cache directory."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import fcntl
 import functools
 import glob
 import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -25,9 +27,28 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 MAX_SEED = 2**63 - 1
 
 
+def is_whole(value, low=None, high=None) -> bool:
+    """An integer (as JSON gives it, or numpy's; not a bool) from ``low`` to ``high``
+    where they are given."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and (low is None or value >= low) and (high is None or value <= high))
+
+
+def is_number(value, low=None, high=None) -> bool:
+    """A finite int or float (not a bool) from ``low`` to ``high`` where they are given."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (isinstance(value, int) or math.isfinite(value))  # a huge int: no float
+            and (low is None or value >= low) and (high is None or value <= high))
+
+
+def is_names(value) -> bool:
+    """A list of strings."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def seed_problem(seed, name: str = "seed") -> str | None:
     """Why ``seed`` cannot seed the generators (a line naming ``name``), or None."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if not (isinstance(seed, int) and is_whole(seed, 0, MAX_SEED)):
         return f"{name} must be an integer from 0 to {MAX_SEED}, got {seed!r}"
     return None
 

@@ -1,3 +1,4 @@
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def killed_in_video(n: int):
+    """``prepare`` killed (KeyboardInterrupt) when it starts its ``n``-th video."""
+    from speech2face.data.prepare import _Processor
+
+    calls = {"n": 0}
+    original = _Processor.__call__
+
+    def crash(self, unit):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, unit)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Processor, "__call__", crash)
+        yield
 
 
 # ------------------------------------------ videos of generated speakers (AVSpeech tests)

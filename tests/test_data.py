@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import killed_in_video
 
 from speech2face import data
 from speech2face.data.prepare import _Processor
@@ -551,24 +552,13 @@ def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
 ):
     """A crash (here: in the fourth video) after a shard that ended inside a window."""
     out = tmp_path / "shards"
-    calls = {"n": 0}
-    original = _Processor.__call__
-
-    def crash_on_fourth(self, unit):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, unit)
-
-    monkeypatch.setattr(_Processor, "__call__", crash_on_fourth)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_video(4), pytest.raises(KeyboardInterrupt):
         prepare_vox1(corpus, out)
     state = json.loads((out / "parts" / "progress-00000-of-00001.json").read_text())["state"]
     # Shards of 4 over windows of 6 samples (two videos): the crash in the second window
     # comes after a shard that ended inside the first, so the rerun must redo the first
     # window and drop its first four samples.
     assert (state["next_window"], state["samples_done"]) == (0, 4)
-    monkeypatch.setattr(_Processor, "__call__", original)
     # another version of prepare's processing does not continue it (nor write anything)
     module = sys.modules[_Processor.__module__]
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import killed_in_video
 
 from speech2face import data
 from speech2face.cli import main
-from speech2face.data.prepare import _Processor
 from speech2face.demo_data import make_demo_data
 from speech2face.errors import DataError, WeightsError
 
@@ -49,19 +49,8 @@ def finished(corpus, tmp_path_factory) -> Path:
 def interrupted(corpus, tmp_path_factory) -> Path:
     """A run killed in its third video (windows of one video): a progress file and shards."""
     out = tmp_path_factory.mktemp("interrupted") / "shards"
-    calls = {"n": 0}
-    original = _Processor.__call__
-
-    def crash_on_third(self, unit):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, unit)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_Processor, "__call__", crash_on_third)
-        with pytest.raises(KeyboardInterrupt):
-            prepare(corpus, out)
+    with killed_in_video(3), pytest.raises(KeyboardInterrupt):
+        prepare(corpus, out)
     assert (out / PROGRESS).is_file()
     return out
 

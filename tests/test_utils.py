@@ -1,10 +1,43 @@
-"""Shared helpers: all-or-nothing writes."""
+"""Shared helpers: checks of values read from files, all-or-nothing writes."""
 
+import json
 import os
 
+import numpy as np
 import pytest
 
-from speech2face.utils import atomic_write, publishing_dir, staged_writes
+from speech2face.utils import (
+    atomic_write,
+    is_names,
+    is_number,
+    is_whole,
+    publishing_dir,
+    seed_problem,
+    staged_writes,
+)
+
+
+@pytest.mark.parametrize("text, whole, number", [
+    ("3", True, True), ("-1", False, False), ("2.0", False, True), ("true", False, False),
+    ('"3"', False, False), ("null", False, False), ("NaN", False, False),
+    ("Infinity", False, False), ("1e400", False, False), ("1" + "0" * 400, False, False),
+    ("[3]", False, False),
+])
+def test_json_values_are_checked_as_json_gives_them(text, whole, number):
+    """Values as json.loads gives them (it reads NaN, Infinity, 1e400 as floats and a
+    400-digit integer as an int), checked against the range 0 to 10**6."""
+    value = json.loads(text)
+    assert is_whole(value, 0, 10**6) is whole
+    assert is_number(value, 0, 10**6) is number
+
+
+def test_value_checks_bounds_and_types():
+    assert is_whole(np.int64(5), 1) and not is_whole(np.float32(5))  # numpy's integers count
+    assert is_number(10**400) and not is_number(10**400, high=1e308)  # no float conversion
+    assert is_whole(-3) and not is_whole(-3, -2)
+    assert is_names(["a", "b"]) and is_names([]) and not is_names(["a", 1]) and not is_names("ab")
+    assert seed_problem(0) is None and seed_problem(np.int64(1)) is not None  # torch wants int
+    assert "seed" in seed_problem(-1) and seed_problem(True) is not None
 
 
 def test_staged_writes_commit_together(tmp_path):

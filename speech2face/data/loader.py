@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import re
@@ -29,6 +28,7 @@ from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_ma
 from speech2face.distributed import Placement
 from speech2face.errors import ConfigError, DataError
 from speech2face.faces import CROP_SIZE
+from speech2face.utils import is_number, is_whole
 
 if TYPE_CHECKING:
     from speech2face.config import TrainConfig
@@ -146,16 +146,14 @@ def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bo
 
 def _check_count(name: str, value, low: int = 1) -> None:
     """Raise ConfigError naming ``name`` unless ``value`` is None or an integer >= ``low``."""
-    if value is not None and not (isinstance(value, (int, np.integer))
-                                  and not isinstance(value, bool) and value >= low):
+    if value is not None and not is_whole(value, low):
         raise ConfigError(None, f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_reading(batch_size, seconds, rank, world_size) -> None:
     """Raise ConfigError naming the first argument of a split's reading that is invalid."""
     _check_count("batch_size", batch_size)
-    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-            and math.isfinite(seconds) and seconds > 0):
+    if not (is_number(seconds) and seconds > 0):
         raise ConfigError(None, f"seconds must be a positive number, got {seconds!r}")
     _check_count("world_size", world_size)
     _check_count("rank", rank, 0)

@@ -68,7 +68,14 @@ from speech2face.data.shards import (
     _manifest_problem,
 )
 from speech2face.errors import DataError, Speech2FaceError
-from speech2face.utils import atomic_write, output_entries, staged_writes
+from speech2face.utils import (
+    atomic_write,
+    is_names,
+    is_number,
+    is_whole,
+    output_entries,
+    staged_writes,
+)
 
 # What a video's processing produces (its frames chosen, detection, landmarks, crops,
 # features, audio): raise it with any change to that output. An unfinished part begun by
@@ -792,21 +799,13 @@ def _inputs_fingerprint(units: list[Unit], root: str | os.PathLike) -> str:
 _REDO = "remove it to redo this part, or use a new --out"
 
 
-def _is_count(value, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_names(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
 def _record_problem(record: dict, out: Path) -> str | None:
     """What is wrong with the samples written so far as a progress file's state or a
     part manifest records them, or None. Shard entries are checked as the loader checks
     a manifest (paths inside ``out``), and must be on disk with their recorded size."""
     splits = record.get("splits")
     names = sorted({i for split in splits.values() if isinstance(split, dict)
-                    and _is_names(split.get("identities")) for i in split["identities"]}
+                    and is_names(split.get("identities")) for i in split["identities"]}
                    if isinstance(splits, dict) else ())
     view = {"identities": names, "encoder": "", "feature_dim": record.get("feature_dim"),
             "splits": splits}
@@ -814,7 +813,7 @@ def _record_problem(record: dict, out: Path) -> str | None:
     if problem:
         return problem
     for name, split in splits.items():
-        if not _is_names(split.get("identities")):
+        if not is_names(split.get("identities")):
             return f"split {name!r} has no list of identities"
         held = sum(shard["samples"] for shard in split["shards"])
         if split["samples"] != held:
@@ -824,14 +823,14 @@ def _record_problem(record: dict, out: Path) -> str | None:
             if not path.is_file() or path.stat().st_size != shard["size"]:
                 return f"shard {shard['path']} is missing or not of its recorded size"
     counts = record.get("counts")
-    if not (isinstance(counts, dict) and all(_is_count(v) for v in counts.values())):
+    if not (isinstance(counts, dict) and all(is_whole(v, 0) for v in counts.values())):
         return "'counts' is not a mapping of counts"
     skipped = record.get("skipped")
     if not (isinstance(skipped, list)
-            and all(_is_names(s) and len(s) == 2 for s in skipped)):
+            and all(is_names(s) and len(s) == 2 for s in skipped)):
         return "'skipped' is not a list of [item, reason] pairs"
     train = splits.get("train", {}).get("samples", 0)
-    if record.get("landmarks_count") != train or not _is_count(train):
+    if record.get("landmarks_count") != train or not is_whole(train, 0):
         return f"'landmarks_count' is not the number of training samples ({train})"
     if not _is_landmarks_sum(record.get("landmarks_sum"), train):
         return "'landmarks_sum' is not a (68, 2) sum of landmarks"
@@ -860,11 +859,10 @@ def _part_problem(part, out: Path) -> str | None:
         if not isinstance(part.get(key), str):
             return f"{key!r} is not a name"
     for key in ("samples_per_shard", "crops_per_sample"):
-        if not _is_count(part.get(key), 1):
+        if not is_whole(part.get(key), 1):
             return f"{key!r} is not a positive integer"
     seconds = part.get("seconds")
-    if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-            and 0 < seconds < 1e6):
+    if not (is_number(seconds) and 0 < seconds < 1e6):
         return "'seconds' is not a positive number of seconds"
     return _record_problem(part, out)
 
@@ -888,10 +886,10 @@ def _state_problem(state, windows: list[list[Unit]], out: Path) -> str | None:
     if problem:
         return problem
     window, done = state.get("next_window"), state.get("samples_done")
-    if not (_is_count(window) and window <= len(windows)):
+    if not (is_whole(window, 0) and window <= len(windows)):
         return f"'next_window' is not a window number in [0, {len(windows)}]"
     clips = [sum(len(u.clips) for u in w) for w in windows] + [0]
-    if not (_is_count(done) and done <= clips[window]):
+    if not (is_whole(done, 0) and done <= clips[window]):
         return f"'samples_done' is not in [0, {clips[window]}] (window {window}'s clips)"
     written = sum(split["samples"] for split in state["splits"].values())
     if not done <= written <= sum(clips[:window]) + done:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import tarfile
 import warnings
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
+from speech2face.utils import is_names, is_number, is_whole
 
 # 2: samples in mixed order, keys without dots, shard sizes in the manifest.
 FORMAT_VERSION = 2
@@ -62,51 +62,39 @@ def load_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def _is_int(v, low=0, high=None) -> bool:
-    return (isinstance(v, int) and not isinstance(v, bool) and v >= low
-            and (high is None or v <= high))
-
-
-def _is_names(v) -> bool:
-    return isinstance(v, list) and all(isinstance(i, str) for i in v)
-
-
 def _is_landmarks(v) -> bool:
     """A finite ``(68, 2)`` list of numbers."""
     return (isinstance(v, list) and len(v) == 68 and all(
-        isinstance(p, list) and len(p) == 2 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-            for x in p) for p in v))
+        isinstance(p, list) and len(p) == 2 and all(is_number(x) for x in p) for p in v))
 
 
 def _manifest_problem(manifest: dict, root: Path) -> str | None:
     """What is wrong with a parsed manifest, or None."""
-    if not _is_names(manifest.get("identities")):
+    if not is_names(manifest.get("identities")):
         return "'identities' is not a list of names"
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not set(splits) <= set(_SPLITS):
         return f"'splits' is not a mapping of {_SPLITS}"
     empty = all(isinstance(s, dict) and s.get("samples") == 0 for s in splits.values())
     # null only in a manifest without samples (prepare found no face feature to size)
-    if not (_is_int(manifest.get("feature_dim"), 1, MAX_FEATURE_DIM)
+    if not (is_whole(manifest.get("feature_dim"), 1, MAX_FEATURE_DIM)
             or (empty and manifest.get("feature_dim") is None)):
         return f"'feature_dim' is not an integer from 1 to {MAX_FEATURE_DIM:,}"
     if manifest.get("mean_landmarks") is not None and not _is_landmarks(manifest["mean_landmarks"]):
         return "'mean_landmarks' is not a (68, 2) list of finite numbers"
-    if "crops_per_sample" in manifest and not _is_int(manifest["crops_per_sample"], 1):
+    if "crops_per_sample" in manifest and not is_whole(manifest["crops_per_sample"], 1):
         return "'crops_per_sample' is not a positive integer"
     if not isinstance(manifest.get("encoder"), str):
         return "'encoder' is not a name"
     seconds = manifest.get("seconds")
-    if seconds is not None and not (isinstance(seconds, (int, float))
-                                    and not isinstance(seconds, bool) and 0 < seconds < 1e6):
+    if seconds is not None and not (is_number(seconds) and 0 < seconds < 1e6):
         return "'seconds' is not a positive number of seconds"
     inside = root.resolve()
     known = set(manifest["identities"])
     for name, split in splits.items():
-        if not isinstance(split, dict) or not _is_int(split.get("samples")):
+        if not isinstance(split, dict) or not is_whole(split.get("samples"), 0):
             return f"split {name!r} has no sample count"
-        if "identities" in split and not (_is_names(split["identities"])
+        if "identities" in split and not (is_names(split["identities"])
                                           and set(split["identities"]) <= known):
             return f"split {name!r} names identities that are not in 'identities'"
         shards = split.get("shards")
@@ -114,7 +102,7 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
             return f"split {name!r} has no shard list"
         for shard in shards:
             if not (isinstance(shard, dict) and isinstance(shard.get("path"), str)
-                    and _is_int(shard.get("samples")) and _is_int(shard.get("size"))
+                    and is_whole(shard.get("samples"), 0) and is_whole(shard.get("size"), 0)
                     and isinstance(shard.get("sha256"), str) and len(shard["sha256"]) == 64):
                 return f"split {name!r} has a shard entry without path, samples, size, sha256"
             if "\0" in shard["path"]:
