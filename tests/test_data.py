@@ -27,7 +27,7 @@ from conftest import killed_in_video
 from speech2face import data
 from speech2face.data.prepare import _Processor
 from speech2face.demo_data import make_demo_data
-from speech2face.errors import DataError
+from speech2face.errors import ConfigError, DataError
 
 SPEAKERS, VIDEOS, CLIPS, FRAMES = 6, 2, 3, 2
 PER_SHARD = 4
@@ -391,8 +391,9 @@ def test_training_windows_are_random_slices_of_the_clip(reference):
     first = starts(0)
     assert sorted(first) == sorted(clips) and len(set(first.values())) > 1
     assert starts(0) == first and starts(1) != first
-    with pytest.raises(ValueError, match="at most seconds"):
-        data.ShardDataset(reference, "train", seconds=3.0, window_seconds=4.0)
+    for window in (4.0, 0, float("nan"), "2"):
+        with pytest.raises(ConfigError, match="window_seconds must be positive and at most"):
+            data.ShardDataset(reference, "train", seconds=3.0, window_seconds=window)
 
 
 def test_kept_samples_give_the_same_batches_and_read_each_shard_once(reference, monkeypatch):

@@ -223,9 +223,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.seconds, self.spectrogram, self.repeat = seconds, spectrogram, repeat
         self.drop_last, self.random_crop, self.audio = drop_last, random_crop, audio
-        if window_seconds is not None and not 0 < window_seconds <= seconds:
-            raise ValueError(f"window_seconds must be positive and at most seconds ({seconds}), "
-                             f"got {window_seconds}")
+        if window_seconds is not None and not (is_number(window_seconds)
+                                               and 0 < window_seconds <= seconds):
+            raise ConfigError(None, f"window_seconds must be positive and at most seconds "
+                                    f"({seconds}), got {window_seconds!r}")
         self.window = None if window_seconds is None else seconds_samples(window_seconds)
         self.rank, self.world_size = rank, world_size
         self.cache = cache
