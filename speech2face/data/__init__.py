@@ -4,6 +4,8 @@ The stages, one module each:
 
 - :mod:`.datasets`: VoxCeleb1 / VoxCeleb2 / AVSpeech layouts as lists of videos, and splits
 - :mod:`.prepare`: per-video processing (audio, faces, features), shard writing, resuming
+- :mod:`.parts`: a prepare run's progress file and part manifests, checked when read back,
+  and their merge into ``manifest.json``
 - :mod:`.shards`: the shard format: manifest, reading and checking tar shards
 - :mod:`.loader`: shards to batches (:func:`make_loader` is the public streaming API), and
   the training loop's batches in a fixed order (:class:`ShardData`, :class:`InMemoryData`)

@@ -1,0 +1,366 @@
+"""The files of a ``prepare`` run beside its shards: the progress file of an unfinished
+part, the part manifests, and their merge into ``manifest.json``.
+
+A run (one ``--shard-index`` of ``--num-shards``) is a *part*. While it runs, its
+progress file (``parts/progress-I-of-N.json``) records the run's identity (arguments and
+a fingerprint of its inputs), where it is (window and samples done) and what its
+completed shards hold; when it ends, its part manifest (``parts/manifest-I-of-N.json``)
+replaces it. The run that completes the last part merges them all. Nothing read back
+from these files is used before it is checked here (``docs/data.md``): a damaged or
+edited file is refused in one line naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from speech2face.data.datasets import SPLITS, Unit, _subdirs
+from speech2face.data.shards import FORMAT_VERSION, MANIFEST, PARTS_DIR, _manifest_problem
+from speech2face.errors import DataError
+from speech2face.utils import atomic_write, is_names, is_number, is_whole
+
+
+def part_name(shard_index: int, num_shards: int) -> str:
+    """"00003-of-00016": the part's name in its files' names."""
+    return f"{shard_index:05d}-of-{num_shards:05d}"
+
+
+def fingerprint(obj) -> str:
+    """SHA-256 of ``obj`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def new_state() -> dict:
+    """The progress state of a part that has written nothing yet."""
+    return {
+        "next_window": 0,
+        "samples_done": 0,
+        "splits": {},
+        "skipped": [],
+        "counts": {},
+        "landmarks_sum": None,
+        "landmarks_count": 0,
+        "feature_dim": None,
+    }
+
+
+def read_json(path: Path):
+    """A JSON file's content, or a DataError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as error:
+        raise DataError(path, f"unreadable ({type(error).__name__}: {error}); "
+                              "use a new --out") from None
+
+
+def inputs_fingerprint(units: list[Unit], root: str | os.PathLike) -> str:
+    """The whole input listing's fingerprint, the same on machines that mount the
+    dataset at different paths."""
+    text = json.dumps([asdict(u) for u in units], sort_keys=True, default=str)
+    return hashlib.sha256(text.replace(json.dumps(str(root))[1:-1], "").encode()).hexdigest()
+
+
+# ======================================================== validating what a file holds
+#
+# Nothing read back from a progress file or a part manifest is used before it is
+# checked here: a damaged or edited file is refused in one line naming it.
+
+_REDO = "remove it to redo this part, or use a new --out"
+
+
+def _record_problem(record: dict, out: Path) -> str | None:
+    """What is wrong with the samples written so far as a progress file's state or a
+    part manifest records them, or None. Shard entries are checked as the loader checks
+    a manifest (paths inside ``out``), and must be on disk with their recorded size."""
+    splits = record.get("splits")
+    names = sorted({i for split in splits.values() if isinstance(split, dict)
+                    and is_names(split.get("identities")) for i in split["identities"]}
+                   if isinstance(splits, dict) else ())
+    view = {"identities": names, "encoder": "", "feature_dim": record.get("feature_dim"),
+            "splits": splits}
+    problem = _manifest_problem(view, out)
+    if problem:
+        return problem
+    for name, split in splits.items():
+        if not is_names(split.get("identities")):
+            return f"split {name!r} has no list of identities"
+        held = sum(shard["samples"] for shard in split["shards"])
+        if split["samples"] != held:
+            return f"split {name!r} counts {split['samples']} samples, its shards {held}"
+        for shard in split["shards"]:
+            path = out / shard["path"]
+            if not path.is_file() or path.stat().st_size != shard["size"]:
+                return f"shard {shard['path']} is missing or not of its recorded size"
+    counts = record.get("counts")
+    if not (isinstance(counts, dict) and all(is_whole(v, 0) for v in counts.values())):
+        return "'counts' is not a mapping of counts"
+    skipped = record.get("skipped")
+    if not (isinstance(skipped, list)
+            and all(is_names(s) and len(s) == 2 for s in skipped)):
+        return "'skipped' is not a list of [item, reason] pairs"
+    train = splits.get("train", {}).get("samples", 0)
+    if record.get("landmarks_count") != train or not is_whole(train, 0):
+        return f"'landmarks_count' is not the number of training samples ({train})"
+    if not _is_landmarks_sum(record.get("landmarks_sum"), train):
+        return "'landmarks_sum' is not a (68, 2) sum of landmarks"
+    return None
+
+
+def _is_landmarks_sum(value, count: int) -> bool:
+    if count == 0:
+        return value is None
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return array.shape == (68, 2) and bool(np.isfinite(array).all())
+
+
+def _part_problem(part, out: Path) -> str | None:
+    """What is wrong with a part manifest, or None."""
+    if not isinstance(part, dict):
+        return "not a JSON object"
+    if part.get("format") != FORMAT_VERSION:
+        return f"format {part.get('format')!r}, this version writes {FORMAT_VERSION}"
+    if not isinstance(part.get("run"), dict):
+        return "'run' is not a JSON object"
+    for key in ("part", "dataset", "encoder"):
+        if not isinstance(part.get(key), str):
+            return f"{key!r} is not a name"
+    for key in ("samples_per_shard", "crops_per_sample"):
+        if not is_whole(part.get(key), 1):
+            return f"{key!r} is not a positive integer"
+    seconds = part.get("seconds")
+    if not (is_number(seconds) and 0 < seconds < 1e6):
+        return "'seconds' is not a positive number of seconds"
+    return _record_problem(part, out)
+
+
+def read_part(path: Path, out: Path) -> dict:
+    """A part manifest, validated (DataError naming it otherwise)."""
+    part = read_json(path)
+    problem = _part_problem(part, out)
+    if problem is None and path.name != f"manifest-{part['part']}.json":
+        problem = f"it is part {part['part']!r}"
+    if problem:
+        raise DataError(path, f"malformed part manifest: {problem}; {_REDO}")
+    return part
+
+
+def _state_problem(state, windows: list[list[Unit]], out: Path) -> str | None:
+    """What is wrong with a progress file's state for this run's windows, or None."""
+    if not isinstance(state, dict):
+        return "'state' is not a JSON object"
+    problem = _record_problem(state, out)
+    if problem:
+        return problem
+    window, done = state.get("next_window"), state.get("samples_done")
+    if not (is_whole(window, 0) and window <= len(windows)):
+        return f"'next_window' is not a window number in [0, {len(windows)}]"
+    clips = [sum(len(u.clips) for u in w) for w in windows] + [0]
+    if not (is_whole(done, 0) and done <= clips[window]):
+        return f"'samples_done' is not in [0, {clips[window]}] (window {window}'s clips)"
+    written = sum(split["samples"] for split in state["splits"].values())
+    if not done <= written <= sum(clips[:window]) + done:
+        return f"its shards hold {written} samples, more or fewer than its windows can"
+    return None
+
+
+def resume_state(path: Path, run_id: dict, processing: int, windows: list[list[Unit]],
+                 out: Path) -> dict:
+    """The validated state of the progress file of an unfinished part begun with
+    ``run_id`` by prepare's ``processing`` version."""
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise DataError(path, f"malformed progress file: not a JSON object; {_REDO}")
+    part = path.stem[len("progress-"):]
+    if saved.get("run") != run_id:
+        raise DataError(
+            out,
+            f"holds an unfinished part {part} with other arguments or inputs; "
+            "use a new --out or rerun with the same arguments",
+        )
+    if saved.get("processing") != processing:
+        raise DataError(
+            out,
+            f"holds an unfinished part {part} begun by another version of prepare "
+            f"(its processing {saved.get('processing', 'not recorded')}, this one's "
+            f"{processing}); finish it with that version or use a new --out",
+        )
+    problem = _state_problem(saved.get("state"), windows, out)
+    if problem:
+        raise DataError(path, f"malformed progress file: {problem}; {_REDO}")
+    return saved["state"]
+
+
+def remove_leftovers(out: Path, prefix: str, part: str) -> None:
+    """Delete what a killed run of this part left behind: temporary shards, and the
+    temporary files of its progress and part manifest (``utils.atomic_write``)."""
+    if not out.is_dir():
+        return
+    for split_dir in _subdirs(out):
+        pattern = re.compile(
+            rf"\.{re.escape(split_dir.name)}-{re.escape(prefix)}\d{{6}}\.tar\.partial"
+        )
+        for path in split_dir.iterdir():
+            if pattern.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+    for name in (f"progress-{part}.json", f"manifest-{part}.json"):
+        for path in (out / PARTS_DIR).glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
+
+
+def part_manifest(state: dict, run_id: dict, options, dataset: str, part: str) -> dict:
+    """A finished part's manifest from its state (``options``: prepare's Options)."""
+    splits = {}
+    for split, done in state["splits"].items():
+        splits[split] = {
+            "samples": done.get("samples", 0),
+            "identities": done.get("identities", []),
+            "shards": done["shards"],
+        }
+    return {
+        "format": FORMAT_VERSION,
+        "run": run_id,
+        "part": part,
+        "dataset": dataset,
+        "encoder": options.encoder,
+        "feature_dim": state["feature_dim"],
+        "samples_per_shard": options.samples_per_shard,
+        "crops_per_sample": options.crops_per_sample,
+        "seconds": options.seconds,
+        "splits": splits,
+        "counts": state["counts"],
+        "skipped": state["skipped"],
+        "landmarks_sum": state["landmarks_sum"],
+        "landmarks_count": state["landmarks_count"],
+    }
+
+
+_PART_FILE = re.compile(r"(?:manifest|progress)-(\d{5})-of-(\d{5})\.json")
+
+
+def part_paths(out: Path, num_shards: int) -> list[Path]:
+    return [out / PARTS_DIR / f"manifest-{part_name(i, num_shards)}.json"
+            for i in range(num_shards)]
+
+
+def part_counts(out: Path) -> set[int]:
+    """The ``--num-shards`` of the parts, finished or not, in ``out/parts``."""
+    folder = out / PARTS_DIR
+    counts = set()
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if not path.name.startswith(("manifest-", "progress-")):
+            continue  # lock and temporary files
+        match = _PART_FILE.fullmatch(path.name)
+        if match is None or int(match[1]) >= int(match[2]):
+            raise DataError(path, "not a part file of prepare "
+                                  "(manifest-I-of-N.json or progress-I-of-N.json); remove it")
+        counts.add(int(match[2]))
+    return counts
+
+
+def maybe_merge(out: Path, num_shards: int) -> None:
+    if all(p.is_file() for p in part_paths(out, num_shards)):
+        merge_manifests(out, num_shards)
+
+
+def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> dict:
+    """Merge the part manifests of ``out/parts`` into ``out/manifest.json`` and return it.
+
+    Shards are listed part by part; identities, skipped inputs and counts are merged
+    (sorted), the mean landmarks are the landmark sum over all training crops divided by
+    their number. ``num_shards``: the parts' count (default: the only one in the folder).
+    Raises DataError when a part is missing, malformed or parts disagree, and when no part
+    has a sample; then nothing is written.
+    """
+    out = Path(out)
+    if num_shards is None:
+        counts = part_counts(out)
+        if not counts:
+            raise DataError(out, "no part manifests to merge (run prepare first)")
+        if len(counts) > 1:
+            raise DataError(out / PARTS_DIR, f"holds parts of runs with --num-shards "
+                                             f"{sorted(counts)}; give the one to merge")
+        num_shards = counts.pop()
+    manifest = merge(out, num_shards)
+    with atomic_write(out / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def _shared_run(run: dict) -> dict:
+    """What all parts of one run share: all of its identity but the part's own."""
+    return {k: v for k, v in run.items() if k not in ("part", "units")}
+
+
+def merge(out: Path, num_shards: int, pending: tuple[Path, dict] | None = None) -> dict:
+    """The merged manifest of the ``num_shards`` parts, validated, not written.
+    ``pending``: a part manifest (path, content) not written yet."""
+    paths = part_paths(out, num_shards)
+    parts = []
+    for i, path in enumerate(paths):
+        if pending is not None and path == pending[0]:
+            parts.append(pending[1])
+        elif path.is_file():
+            parts.append(read_part(path, out))
+        else:
+            raise DataError(path, f"part {i} of {num_shards} is not complete yet")
+    first = parts[0]
+    for path, p in zip(paths[1:], parts[1:], strict=True):
+        if _shared_run(p["run"]) != _shared_run(first["run"]):
+            raise DataError(path, f"was prepared from other inputs or arguments than "
+                                  f"{paths[0]}; prepare all parts with the same ones")
+    feature_dims = {p["feature_dim"] for p in parts if p["feature_dim"] is not None}
+    if len(feature_dims) > 1:
+        raise DataError(out, f"parts disagree on the feature size: {sorted(feature_dims)}")
+    splits: dict[str, dict] = {}
+    for split in SPLITS:
+        entries = [p["splits"][split] for p in parts if split in p["splits"]]
+        if entries:
+            splits[split] = {
+                "samples": sum(e["samples"] for e in entries),
+                "identities": sorted({i for e in entries for i in e["identities"]}),
+                "shards": [s for e in entries for s in e["shards"]],
+            }
+    counts: Counter = Counter()
+    for p in parts:
+        counts.update(p["counts"])
+    skipped = sorted({(item, reason) for p in parts for item, reason in p["skipped"]})
+    total = sum(p["landmarks_count"] for p in parts)
+    mean = None
+    if total:
+        mean = sum(np.asarray(p["landmarks_sum"]) for p in parts if p["landmarks_count"]) / total
+        mean = np.asarray(mean, dtype=np.float32).tolist()
+    manifest = {
+        "format": FORMAT_VERSION,
+        "dataset": first["dataset"],
+        "encoder": first["encoder"],
+        "feature_dim": next(iter(feature_dims), None),
+        "samples_per_shard": first["samples_per_shard"],
+        "crops_per_sample": first["crops_per_sample"],
+        "seconds": first["seconds"],
+        "num_parts": num_shards,
+        "identities": sorted({i for s in splits.values() for i in s["identities"]}),
+        "splits": splits,
+        "counts": dict(sorted(counts.items())),
+        "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
+        "skipped_by_reason": dict(sorted(Counter(reason for _, reason in skipped).items())),
+        "mean_landmarks": mean,
+        "identity_merging": first["run"].get("identity_merging"),
+    }
+    problem = _manifest_problem(manifest, out)
+    if problem:
+        raise DataError(out / MANIFEST, f"the merged manifest would be malformed: {problem}")
+    if not sum(s["samples"] for s in splits.values()):
+        raise DataError(out, "no samples: every input was skipped "
+                             f"({manifest['skipped_by_reason']})")
+    return manifest
