@@ -424,6 +424,8 @@ def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     """
     import torch
 
+    if isinstance(wave, np.ndarray) and any(step < 0 for step in wave.strides):
+        wave = np.ascontiguousarray(wave)  # a reversed view (x[::-1]): torch takes none
     x = torch.as_tensor(wave)
     if not x.is_floating_point():  # int16 PCM cast as it is would be 32,768 times too loud
         raise AudioError(None, f"expected a float waveform in [-1, 1], got {x.dtype} "

@@ -126,13 +126,12 @@ def craniofacial_measurements(landmarks: np.ndarray) -> np.ndarray:
     face_h = _dist(lm, 27, 8)
     nose_w = _dist(lm, 31, 35)
     u, v = lm[:, 4] - lm[:, 8], lm[:, 12] - lm[:, 8]
-    cos = (u * v).sum(-1) / np.maximum(np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1),
-                                       EPS)
-    jaw_angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
     right_eye, left_eye = tuple(range(36, 42)), tuple(range(42, 48))
     # Degenerate (collapsed) faces give NaN measures rather than warnings; the
     # correlation then reports NaN for that measure.
     with np.errstate(divide="ignore", invalid="ignore"):
+        cos = (u * v).sum(-1) / (np.linalg.norm(u, axis=-1) * np.linalg.norm(v, axis=-1))
+        jaw_angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))  # NaN stays NaN
         columns = {
             "face_width_height": face_w / face_h,
             "lower_face_height": _dist(lm, 33, 8) / face_h,
@@ -178,13 +177,26 @@ def _spread(x: np.ndarray, centred: np.ndarray) -> np.ndarray:
     return centred.std(axis=0) > CONSTANT_TOLERANCE * scale
 
 
+def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A random permutation of ``range(n)`` that moves every index (``n >= 2``), uniform
+    over such permutations (drawn until one is: about e draws): the pairing of the
+    shuffled-pairs baselines, each sample with another sample's face, never its own
+    (a plain permutation leaves about one sample in place)."""
+    if n < 2:
+        raise ValueError(f"shuffled pairs need at least 2 samples, got {n}")
+    while True:
+        order = rng.permutation(n)
+        if not np.any(order == np.arange(n)):
+            return order
+
+
 def craniofacial_correlations(
     reconstructed: np.ndarray, true: np.ndarray, shuffles: int = SHUFFLES, seed: int = 0
 ) -> dict:
     """Per-measure Pearson r between faces from speech and true canonical faces.
 
     The baseline pairs each reconstruction with another test sample's true face
-    (a random permutation), averaged over ``shuffles`` permutations: what the
+    (:func:`derangement`), averaged over ``shuffles`` pairings: what the
     correlation is when voice and face are unrelated (paper: about 0.02).
 
     Args:
@@ -200,7 +212,7 @@ def craniofacial_correlations(
     r = pearson(m_rec, m_true)
     rng = np.random.default_rng(seed)
     shuffled = np.mean(
-        [pearson(m_rec, m_true[rng.permutation(len(m_true))]) for _ in range(shuffles)], axis=0
+        [pearson(m_rec, m_true[derangement(rng, len(m_true))]) for _ in range(shuffles)], axis=0
     )
     result = {name: {"r": float(r[i]), "shuffled": float(shuffled[i])}
               for i, name in enumerate(CRANIOFACIAL_NAMES)}
@@ -259,11 +271,29 @@ def distance_matrix(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np
     if metric == "cosine":
         return 1.0 - _unit(q) @ _unit(g).T
     if metric == "l2":
-        sq = (q * q).sum(1)[:, None] + (g * g).sum(1)[None, :] - 2.0 * q @ g.T
-        return np.sqrt(np.maximum(sq, 0.0))
+        return _l2_distances(q, g)
     if metric == "l1":
         return np.abs(q[:, None, :] - g[None, :, :]).sum(-1)
     raise ValueError(f"unknown metric {metric!r}; expected one of {RETRIEVAL_METRICS}")
+
+
+# Below this share of |q|^2 + |g|^2, a squared distance from the expansion
+# |q|^2 + |g|^2 - 2 q.g has lost too many digits to cancellation (identical 4096-D
+# features of scale 30 came out 6e-5 apart, not 0): those pairs are summed directly.
+_L2_CANCELLATION = 1e-4
+
+
+def _l2_distances(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Euclidean distances, float64 ``(Q, G)``: by matrix product (fast), and summed
+    directly for the pairs so close that the product's rounding matters, so that equal
+    vectors are exactly 0 apart and ties are ties."""
+    qq, gg = (q * q).sum(1)[:, None], (g * g).sum(1)[None, :]
+    sq = np.maximum(qq + gg - 2.0 * q @ g.T, 0.0)
+    rows, cols = np.nonzero(sq <= _L2_CANCELLATION * (qq + gg))
+    for start in range(0, len(rows), _ROWS):  # a few pairs' differences at a time
+        i, j = rows[start:start + _ROWS], cols[start:start + _ROWS]
+        sq[i, j] = ((q[i] - g[j]) ** 2).sum(1)
+    return np.sqrt(sq)
 
 
 def retrieval_ranks(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np.ndarray:
@@ -398,7 +428,8 @@ def identity_similarity(queries: np.ndarray, identities: Sequence, labels: np.nd
     Returns:
         ``{"own": {"cosine", "l2", "l1"}, "other": {...}}``, each ``{"mean", "std"}`` over
         the N queries: cosine *similarity* (higher is closer), L2 and L1 distances on the
-        raw embeddings. ``other`` averages, per query, over every other identity's mean.
+        raw embeddings. ``other`` averages, per query, over every other identity's mean
+        (NaN when there is no other identity).
     """
     q = np.asarray(queries, dtype=np.float64)
     own = _own_index(identities, labels)
@@ -409,7 +440,8 @@ def identity_similarity(queries: np.ndarray, identities: Sequence, labels: np.nd
     result: dict = {"own": {}, "other": {}}
     for name, d in distances.items():
         mine = d[np.arange(len(q)), own]
-        rest = np.where(others, d, 0.0).sum(1) / np.maximum(others.sum(1), 1)
+        with np.errstate(invalid="ignore"):  # one identity: no other, NaN (not 0)
+            rest = np.where(others, d, 0.0).sum(1) / others.sum(1)
         result["own"][name] = {"mean": float(mine.mean()), "std": float(mine.std())}
         result["other"][name] = {"mean": float(rest.mean()), "std": float(rest.std())}
     return result
@@ -501,8 +533,8 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
         ``{"samples", "identities_rate"}`` in %, ``"identified"`` (identities
         identified), ``"identities"`` (U), ``"chance"`` 100/U %, ``"metric"``, and
         ``"misses"``: for each identity not identified, ``{"identity", "nearest"}``
-        (the gallery identity its mean query lies nearest to, another or, on a tie,
-        its own).
+        (the other gallery identity its mean query lies nearest to: closer than its
+        own, or tied with it).
     """
     q = np.asarray(queries)
     ids = np.asarray(identities)
@@ -525,7 +557,10 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
     query_labels, query_means = identity_means(q, ids)
     d = distance_matrix(moved(query_means), gallery, metric)
     per_identity = hits(d, _own_index(query_labels, labels))
-    misses = [{"identity": _plain(query_labels[i]), "nearest": _plain(labels[np.argmin(d[i])])}
+    mine = _own_index(query_labels, labels)
+    misses = [{"identity": _plain(query_labels[i]),
+               "nearest": _plain(labels[np.argmin(np.where(np.arange(len(labels)) == mine[i],
+                                                           np.inf, d[i]))])}
               for i in np.flatnonzero(~per_identity)]
     return {"samples": 100.0 * float(per_sample.mean()),
             "identities_rate": 100.0 * float(per_identity.mean()),
@@ -1043,7 +1078,7 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
                                                   seed=seed),
     }
     # Baseline for the feature similarity: each prediction against another sample's face.
-    perm = np.random.default_rng(seed).permutation(len(c.true))
+    perm = derangement(np.random.default_rng(seed), len(c.true))
     metrics["feature_similarity_shuffled"] = feature_similarity(c.pred, c.true[perm])
     if c.genders[0]:
         metrics["attributes"] = {

@@ -93,8 +93,10 @@ def speech2face_loss(
         dec_target = _frozen_call(f_dec, target)
     decoder_term = (dec_target - _frozen_call(f_dec, pred)).abs().sum(dim=1).mean()
 
-    unit_pred = F.normalize(pred, dim=1, eps=NORM_EPS)
-    unit_target = F.normalize(target, dim=1, eps=NORM_EPS)
+    # In float32 (or float64) whatever v_s's type: in bf16 the normalisation rounds v_s
+    # to 3 significant digits, which near cos 0.999 is the whole of the term.
+    unit_pred = F.normalize(_at_least_float32(pred), dim=1, eps=NORM_EPS)
+    unit_target = F.normalize(_at_least_float32(target), dim=1, eps=NORM_EPS)
     feature_term = (unit_target - unit_pred).pow(2).sum(dim=1).mean()
 
     terms = {}

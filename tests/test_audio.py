@@ -400,3 +400,9 @@ def test_spectrogram_of_half_precision_is_that_of_its_float32_values():
     assert torch.equal(spectrogram(wave), expected)
     assert torch.equal(spectrogram(torch.from_numpy(wave).bfloat16()),
                        spectrogram(torch.from_numpy(wave).bfloat16().float()))
+
+
+def test_spectrogram_of_a_reversed_view_is_that_of_its_values():
+    """A negatively strided numpy view (``x[::-1]``), which torch cannot wrap."""
+    wave = speechlike(2.0, 16000)[::-1]
+    compare_compressed(spectrogram(wave), reference_spectrogram(np.ascontiguousarray(wave)))

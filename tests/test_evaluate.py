@@ -68,6 +68,53 @@ def test_distance_matrix_matches_scipy(metric, scipy_name):
                                atol=1e-9)
 
 
+def test_l2_distance_of_equal_large_features_is_zero_and_their_tie_counts():
+    """VGG-Face-like features (4096-D, ReLU'd, scale 30): the expansion |q|^2 + |g|^2 -
+    2 q.g left identical vectors up to 6e-5 apart, so a tie at distance 0 between two
+    identities sharing one face feature was not a tie. Reference: scipy's cdist, which
+    sums the differences."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        g = np.abs(rng.normal(size=(12, 4096))) * 30.0
+        g[7] = g[3]  # two identities with one face feature
+        q = g.copy()  # perfect predictions
+        d = ev.distance_matrix(q, g, "l2")
+        np.testing.assert_allclose(d, cdist(q, g), rtol=1e-12, atol=0)
+        assert np.all(np.diag(d) == 0.0) and d[3, 7] == d[7, 3] == 0.0
+        ranks = ev.retrieval_ranks(q, g, "l2")
+        assert ranks[3] == ranks[7] == 1 and not np.delete(ranks, [3, 7]).any()
+        # near, not equal: still the directly summed distance
+        near = g + rng.normal(scale=1e-3, size=g.shape)
+        np.testing.assert_allclose(ev.distance_matrix(near, g, "l2"), cdist(near, g),
+                                   rtol=1e-9, atol=0)
+
+
+def test_derangement_pairs_every_sample_with_another():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 40):
+        for _ in range(50):
+            order = ev.derangement(rng, n)
+            assert sorted(order) == list(range(n)) and not np.any(order == np.arange(n))
+    # uniform over the two derangements of 3 items (chi-square-free check: both common)
+    counts = {tuple(ev.derangement(rng, 3)) for _ in range(200)}
+    assert counts == {(1, 2, 0), (2, 0, 1)}
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.derangement(rng, 1)
+
+
+def test_shuffled_feature_baseline_never_meets_its_own_face():
+    """Three samples: the baseline pairs them by one of the two cyclic shifts (the only
+    pairings of each sample with another's face); a plain permutation left one or all
+    of them with their own face two times in three."""
+    rng = np.random.default_rng(3)
+    pred, true = rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
+    allowed = [ev.feature_similarity(pred, true[list(order)]) for order in ((1, 2, 0), (2, 0, 1))]
+    for seed in range(8):
+        c = ev.Collected(pred=pred, true=true, identities=np.array(["a", "b", "c"]),
+                         recon_landmarks=_random_landmarks(3), canon_landmarks=_random_landmarks(3))
+        assert ev.compute_metrics(c, draws=2, seed=seed)["feature_similarity_shuffled"] in allowed
+
+
 def test_retrieval_ranks_hand_built():
     gallery = np.array([[0.0], [1.0], [3.0]])
     queries = np.array([[0.9], [1.1], [1.9]])  # nearest items: 1, 1, 1 (then 3)
@@ -208,6 +255,12 @@ def test_craniofacial_hand_built_values():
     assert m["mouth_nose_width"] == pytest.approx(2.0)
 
 
+def test_a_collapsed_face_has_no_measures():
+    """Every point in one place: each measure NaN (the jaw angle was 90 degrees)."""
+    m = ev.craniofacial_measurements(np.full((2, 68, 2), 50.0))
+    assert np.isnan(m).all()
+
+
 def test_craniofacial_correlations_perfect_noisy_and_shuffled():
     true = _random_landmarks(300, seed=11)
     same = ev.craniofacial_correlations(true, true, shuffles=10)
@@ -286,6 +339,15 @@ def test_identity_means_and_similarity_match_loops():
         assert sim["own"][key]["mean"] == pytest.approx(np.mean(own), rel=1e-9)
         assert sim["own"][key]["std"] == pytest.approx(np.std(own), rel=1e-9)
         assert sim["other"][key]["mean"] == pytest.approx(np.mean(other), rel=1e-9)
+
+
+def test_identity_similarity_with_one_identity_has_no_other():
+    """No other identity: ``other`` is NaN, not 0 ("identical to every other face")."""
+    faces = np.random.default_rng(1).normal(size=(3, 4))
+    labels, means = ev.identity_means(faces, ["a"] * 3)
+    sim = ev.identity_similarity(faces + 0.1, ["a"] * 3, labels, means)
+    assert all(math.isnan(sim["other"][k]["mean"]) for k in ("cosine", "l2", "l1"))
+    assert all(math.isfinite(sim["own"][k]["mean"]) for k in ("cosine", "l2", "l1"))
 
 
 def _ref_recall_all(queries, ids, labels, means, metric, k):
@@ -394,6 +456,10 @@ def test_identification_rate_hand_built():
     assert result["chance"] == pytest.approx(100 / 3)
     # the tie is a miss; its mean query (0, 2) is as near 0 as its own: 0 comes first
     assert result["misses"] == [{"identity": 2, "nearest": 0}]
+    # a tie of identity 0 with identity 2: the miss names 2, not its own 0 (first)
+    tied = ev.identification_rate(np.array([[0.0, 2.0]]), [0], np.arange(3),
+                                  np.array([[0.0, 0.0], [9.0, 9.0], [0.0, 4.0]]), "l2")
+    assert tied["misses"] == [{"identity": 0, "nearest": 2}]
     for metric in ev.RETRIEVAL_METRICS:
         perfect = ev.identification_rate(gallery + 1, [0, 1, 2], np.arange(3), gallery + 1,
                                          metric)

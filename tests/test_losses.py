@@ -124,3 +124,20 @@ def test_gradient_matches_finite_differences_of_reference():
             2 * eps
         )
     np.testing.assert_allclose(p.grad.numpy(), numeric, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("closeness", [0.0, 0.99, 0.999])
+def test_feature_term_of_a_bf16_prediction_is_taken_in_float32(closeness):
+    """v_s from an encoder under bf16 autocast: the feature term is that of its values
+    (float64 reference on the same rounded numbers), not of a bf16 normalisation (off by
+    130 % near cos 0.999)."""
+    f_dec, f_cls = make_heads()
+    rng = np.random.default_rng(4)
+    target = rng.standard_normal((6, 16)).astype(np.float32)
+    pred = closeness * target + (1 - closeness) * rng.standard_normal((6, 16)).astype(np.float32)
+    pred_bf16 = torch.from_numpy(pred).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs it
+        _, terms = speech2face_loss(pred_bf16, torch.from_numpy(target), f_dec, f_cls)
+    _, (_, feature, _) = reference_loss(pred_bf16.float().numpy(), target,
+                                        *numpy_weights(f_dec, f_cls))
+    assert terms["feature"].item() == pytest.approx(feature, rel=1e-4)
