@@ -285,8 +285,13 @@ def _one_line(error: Exception) -> str:
 
 
 def _settings_text(values: dict) -> dict:
-    """Command-line strings as OmegaConf expects them: "none"/"null"/"" are None."""
-    return {k: None if isinstance(v, str) and v.lower() in ("none", "null", "") else v
+    """Command-line strings as OmegaConf expects them: "none"/"null"/"" are None for the
+    settings that can be None; elsewhere they stay words (``amp=none`` is a mode)."""
+    optional = {f.name for f in dataclasses.fields(TrainConfig) if "None" in str(f.type)}
+    optional |= {f"loss.{f.name}" for f in dataclasses.fields(LossConfig)
+                 if "None" in str(f.type)}
+    return {k: None if k in optional and isinstance(v, str)
+            and v.lower() in ("none", "null", "") else v
             for k, v in values.items()}
 
 

@@ -94,7 +94,7 @@ from speech2face.train_log import (
     window_means,
     write_png,
 )
-from speech2face.utils import atomic_write
+from speech2face.utils import atomic_write, is_whole
 
 BEST_FILE = "best.json"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -398,7 +398,8 @@ def fit(
     loop = LoopState()
     checkpoint = latest_checkpoint(run) if resume else None
     if checkpoint is not None:
-        loop = load_checkpoint(checkpoint, stage, optimizer, scheduler, scaler, placement, device)
+        loop = load_checkpoint(checkpoint, stage, optimizer, scheduler, scaler, placement, device,
+                               config)
     if placement.is_main:
         run.mkdir(parents=True, exist_ok=True)
         with atomic_write(run / TRAIN_CONFIG_FILE, "w") as f:
@@ -660,8 +661,14 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
 
 
 def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, placement: Placement,
-                    device: torch.device) -> LoopState:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position."""
+                    device: torch.device, config: TrainConfig | None = None) -> LoopState:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position.
+
+    With ``config`` (the resumed run's settings), what the run changed takes effect:
+    the optimiser's and the schedule's settings (:func:`_follow_settings`), a new
+    ``batch_size`` (the position within the epoch is re-counted in its batches), and a
+    new process or loader-worker count (the shards' order changes: one line says so).
+    """
     # Everything is read and checked before anything is restored (speech2face.checkpoints).
     state = read_state(path)
     weights = read_safetensors(path / WEIGHTS_NAME)
@@ -680,14 +687,71 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
     cuda_key = rng_key.replace("cpu.", "cuda.")
     if device.type == "cuda" and cuda_key in rng:
         torch.cuda.set_rng_state(rng[cuda_key], device)
-    if state["world_size"] != placement.world_size:
-        # The shard loader splits shards by process, so another process count reads
-        # another order: training goes on correctly but is not bit-identical.
-        print(f"speech2face: resuming a {state['world_size']}-process checkpoint with "
-              f"{placement.world_size} processes: the data order changes from here",
-              file=sys.stderr)
     names = {f.name for f in dataclasses.fields(LoopState)}
-    return LoopState(**{k: v for k, v in state.items() if k in names})
+    loop = LoopState(**{k: v for k, v in state.items() if k in names})
+    saved = state.get("train_config")
+    saved = saved if isinstance(saved, dict) else {}  # informative only: checked as used
+    say = (lambda line: print(f"speech2face: {line}", file=sys.stderr)) if placement.is_main \
+        else (lambda line: None)
+    # The shard loader splits shards by process and by loader worker: another count
+    # reads another order, and the rest of this epoch may repeat or miss a few samples.
+    order = []
+    if state["world_size"] != placement.world_size:
+        order.append(f"a {state['world_size']}-process checkpoint resumed with "
+                     f"{placement.world_size} processes")
+    if config is not None and is_whole(saved.get("num_workers"), 0) \
+            and saved["num_workers"] != config.num_workers:
+        order.append(f"num_workers {saved['num_workers']} -> {config.num_workers}")
+    if order:
+        say(f"{'; '.join(order)}: the shard loader's order changes from here (this epoch "
+            "may repeat or miss a few samples)")
+    if config is None:
+        return loop
+    for line in _follow_settings(optimizer, scheduler, config, loop.step):
+        say(line)
+    old_batch = saved.get("batch_size")
+    if is_whole(old_batch, 1) and old_batch != config.batch_size and loop.epoch_step:
+        done = loop.epoch_step * old_batch  # samples of this epoch already trained on
+        if done % config.batch_size:
+            raise ConfigError(path, f"batch_size {config.batch_size} cannot continue this "
+                                    f"epoch: {done} samples of it were trained in batches of "
+                                    f"{old_batch}, not a multiple of {config.batch_size}; "
+                                    f"resume with batch_size={old_batch}, or from a "
+                                    "checkpoint where they are")
+        loop.epoch_step = done // config.batch_size
+        say(f"batch_size {old_batch} -> {config.batch_size}: this epoch goes on after its "
+            f"first {done} samples")
+    return loop
+
+
+def _follow_settings(optimizer, scheduler, config: TrainConfig, step: int) -> list[str]:
+    """Make a restored optimiser and schedule follow the resumed run's settings.
+
+    A checkpoint restores Adam's and StepLR's settings as they were; a resumed run may
+    change ``lr``, ``lr_decay``, ``lr_decay_steps``, ``beta1``, ``beta2`` and ``eps``,
+    and from here the rate is the new schedule's at ``step`` (``lr * lr_decay **
+    (step // lr_decay_steps)``). Nothing is touched when nothing changed (the restored
+    rate is bit-identical to an unbroken run's). Returns a line per change.
+    """
+    group = optimizer.param_groups[0]
+    was = {"lr": scheduler.base_lrs[0], "lr_decay": scheduler.gamma,
+           "lr_decay_steps": scheduler.step_size, "beta1": group["betas"][0],
+           "beta2": group["betas"][1], "eps": group["eps"]}
+    now = {"lr": config.lr, "lr_decay": config.lr_decay,
+           "lr_decay_steps": config.lr_decay_steps, "beta1": config.beta1,
+           "beta2": config.beta2, "eps": config.eps}
+    changed = [name for name in was if was[name] != now[name]]
+    if not changed:
+        return []
+    lr = config.lr * config.lr_decay ** (step // config.lr_decay_steps)
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    scheduler.gamma, scheduler.step_size = config.lr_decay, config.lr_decay_steps
+    scheduler._last_lr = [lr] * len(optimizer.param_groups)
+    for g in optimizer.param_groups:
+        g.update(lr=lr, initial_lr=config.lr, betas=(config.beta1, config.beta2),
+                 eps=config.eps)
+    return [f"resuming with {', '.join(f'{n} {now[n]:g} (was {was[n]:g})' for n in changed)}: "
+            f"the learning rate from step {step} is {lr:g}"]
 
 
 # ---------------------------------------------------------------------------- the two stages

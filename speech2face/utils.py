@@ -257,7 +257,8 @@ def output_lock(path: str | os.PathLike, folder: bool = True) -> Iterator[None]:
         try:
             yield
         finally:
-            _held_locks[key][1] -= 1
+            if key in _held_locks:  # not in a forked child
+                _held_locks[key][1] -= 1
         return
     lock = lock_file_for(key, folder)
     made = [p for p in reversed(lock.parents) if not p.exists()]
@@ -274,14 +275,31 @@ def output_lock(path: str | os.PathLike, folder: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        del _held_locks[key]
-        if not folder or (made and not output_entries(lock.parent)):
-            # Unlinked while still held: a process that opened this file and waits for it
-            # finds, once it gets it, that the name is gone, and starts again (_acquire).
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
-        os.close(fd)
-        _remove_empty(made)
+        if _held_locks.pop(key, None) is not None:  # None: a forked child, closed already
+            if not folder or (made and not output_entries(lock.parent)):
+                # Unlinked while still held: a process that opened this file and waits for
+                # it finds, once it gets it, that the name is gone, and starts again
+                # (_acquire).
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+            os.close(fd)
+            _remove_empty(made)
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader or pool worker): close its copies of the lock
+    files. A flock belongs to the open file, which a child's copy keeps locked after the
+    parent is killed until the child exits too (DataLoader workers outlive a killed
+    training process by seconds), and a resume started at once was refused. The
+    parent's lock is unaffected: it lasts while any copy of its own stays open."""
+    for fd, _ in _held_locks.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _acquire(lock: Path, path, made: list[Path]) -> int:

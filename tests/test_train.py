@@ -141,6 +141,12 @@ def test_config_file_and_overrides(tmp_path):
     assert config.loss.lambda1 == 0.5 and config.loss.lambda2 == 3.0
     assert config.amp == "bf16" and config.face_encoder_weights is None
     assert config.log_every == TrainConfig.tiny().log_every  # the preset's value
+    # "none" is None only where a setting can be None: amp=none is a mode
+    config = load_config(None, ["amp=none", "train_seconds=None", "face_encoder_weights="])
+    assert config.amp == "none" and config.train_seconds is None
+    assert config.face_encoder_weights is None
+    with pytest.raises(ConfigError, match="<command line>"):
+        load_config(None, ["steps=none"])
 
     js = tmp_path / "run.json"
     js.write_text(json.dumps({"batch_size": 16, "grad_accum": 4, "loss": {"temperature": 3}}))
@@ -872,3 +878,54 @@ def test_precise_batchnorm_matches_numpy_batch_statistics():
                                chunks.var(axis=1, ddof=1).mean(axis=0), rtol=1e-5)
     assert bn.momentum == 0.1 and not bn.training  # restored
     assert not precise_batchnorm(stage, data, batches=0, device=torch.device("cpu"))
+
+
+def _logged(run: Path, name: str) -> dict[int, float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f)
+                if r["split"] == "train" and r["name"] == name}
+
+
+def test_a_resumed_run_follows_its_new_optimiser_and_schedule_settings(toy, tmp_path, capfd):
+    """Resumed with other lr, lr_decay, lr_decay_steps and eps: from the resumed step the
+    rate is the new schedule's, lr * decay ** (step // decay_steps), as train_config.json
+    records; the checkpoint's own settings (lr 0.03 halved every 4) no longer apply."""
+    module, _ = toy
+    run = tmp_path / "run"
+    module.run(run, steps=10, log_every=1)
+    capfd.readouterr()
+    module.run(run, resume=True, steps=14, log_every=1, lr=0.01, lr_decay=0.25,
+               lr_decay_steps=2, eps=1e-3)
+    assert "resuming with lr 0.01 (was 0.03)" in capfd.readouterr().err
+    lr = _logged(run, "lr")
+    for step in range(1, 11):  # the lr used for step s, after s - 1 scheduler steps
+        assert lr[step] == pytest.approx(0.03 * 0.5 ** ((step - 1) // 4))
+    for step in range(11, 15):
+        assert lr[step] == pytest.approx(0.01 * 0.25 ** ((step - 1) // 2))
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert state["scheduler"]["base_lrs"] == [0.01] and state["scheduler"]["step_size"] == 2
+    assert state["optimizer"]["param_groups"][0]["eps"] == 1e-3
+
+
+def test_a_resumed_run_with_a_new_batch_size_goes_on_where_its_samples_end(toy, tmp_path):
+    """The data position is the samples trained on this epoch: 4 steps of 4 are 2 of 8;
+    3 steps of 4 (12 samples) cannot go on in batches of 8, and nothing is written."""
+    module, _ = toy
+    run = tmp_path / "run"
+    module.run(run, steps=3, batch_size=4)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="batch_size 8 cannot continue this epoch: 12 "):
+        module.run(run, resume=True, steps=5, batch_size=8)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    module.run(run, resume=True, steps=4, batch_size=4)
+    module.run(run, resume=True, steps=6, batch_size=8)
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert (state["epoch"], state["epoch_step"]) == (0, 2 + 2)  # 16 samples, then 2 of 8
+
+
+def test_a_resumed_run_with_other_loader_workers_says_the_order_changes(toy, tmp_path, capfd):
+    module, _ = toy
+    module.run(tmp_path / "run", steps=5)
+    capfd.readouterr()
+    module.run(tmp_path / "run", resume=True, steps=6, num_workers=2)
+    assert "num_workers 0 -> 2: the shard loader's order changes" in capfd.readouterr().err

@@ -1,5 +1,6 @@
-"""Shared helpers: checks of values read from files, all-or-nothing writes."""
+"""Shared helpers: checks of values read from files, all-or-nothing writes, locks."""
 
+import contextlib
 import json
 import os
 
@@ -104,3 +105,42 @@ def test_outputs_get_ordinary_permissions_not_private_ones(tmp_path):
     finally:
         os.umask(previous)
         utils._umask.cache_clear()
+
+
+def test_a_killed_writers_forked_children_do_not_keep_its_lock(tmp_path):
+    """A process holding an output lock forks a child (as a DataLoader worker is) and is
+    killed; the child lives on. The next run gets the lock at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from speech2face.errors import Speech2FaceError
+    from speech2face.utils import output_lock
+
+    out = tmp_path / "run"
+    code = (
+        "import multiprocessing as mp, sys, time\n"
+        "from speech2face.utils import output_lock\n"
+        f"with output_lock({str(out)!r}):\n"
+        "    child = mp.get_context('fork').Process(target=time.sleep, args=(60,))\n"
+        "    child.start()\n"
+        "    print(child.pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(writer.stdout.readline())
+    try:
+        with pytest.raises(Speech2FaceError, match="another run is writing"):
+            with output_lock(out):
+                pass
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        time.sleep(0.2)
+        os.kill(child, 0)  # the child still runs
+        with output_lock(out):
+            pass
+    finally:
+        writer.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
