@@ -425,6 +425,18 @@ def fit(
     window_steps, window_start = 0, time.perf_counter()
     last_loss = None
 
+    def log_window(lr: float) -> None:
+        """Log the means of the steps since the last row (every process takes part)."""
+        nonlocal sums, window_steps, window_start, last_loss
+        values = window_means(sums, window_steps, device)
+        values.update(term_shares(values, stage.term_weights()))
+        elapsed = time.perf_counter() - window_start
+        rate = window_steps * config.batch_size / max(elapsed, 1e-9)
+        log.scalars(loop.step, "train", {**values, "lr": lr, "samples_per_s": rate})
+        last_loss = values["total"]
+        bar.set_postfix(loss=f"{last_loss:.4g}", samples_s=f"{rate:.1f}", refresh=False)
+        sums, window_steps, window_start = {}, 0, time.perf_counter()
+
     def autocast():
         if autocast_dtype is None:
             return nullcontext()
@@ -463,14 +475,7 @@ def fit(
             window_steps += 1
 
             if loop.step % config.log_every == 0 or loop.step == config.steps:
-                values = window_means(sums, window_steps, device)
-                values.update(term_shares(values, stage.term_weights()))
-                elapsed = time.perf_counter() - window_start
-                rate = window_steps * config.batch_size / max(elapsed, 1e-9)
-                log.scalars(loop.step, "train", {**values, "lr": lr, "samples_per_s": rate})
-                last_loss = values["total"]
-                bar.set_postfix(loss=f"{last_loss:.4g}", samples_s=f"{rate:.1f}", refresh=False)
-                sums, window_steps, window_start = {}, 0, time.perf_counter()
+                log_window(lr)
             bar.update(1)
 
             validating = val_data is not None and config.val_batches > 0 and (
@@ -491,6 +496,8 @@ def fit(
             if is_best:
                 loop.best_val_loss, loop.best_step = val_loss, loop.step
             if is_best or loop.step % config.checkpoint_every == 0 or loop.step == config.steps:
+                if window_steps:  # no logging window spans a checkpoint: a resumed run's
+                    log_window(lr)  # rows are those of an unbroken run
                 save_checkpoint(run, stage, optimizer, scheduler, scaler, loop, config, placement,
                                 device, val_loss)
                 if is_best and placement.is_main:

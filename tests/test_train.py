@@ -929,3 +929,27 @@ def test_a_resumed_run_with_other_loader_workers_says_the_order_changes(toy, tmp
     capfd.readouterr()
     module.run(tmp_path / "run", resume=True, steps=6, num_workers=2)
     assert "num_workers 0 -> 2: the shard loader's order changes" in capfd.readouterr().err
+
+
+def _train_rows(run: Path) -> dict[tuple[str, str], float]:
+    with open(run / "metrics.csv", newline="") as f:
+        return {(r["step"], r["name"]): float(r["value"]) for r in csv.DictReader(f)
+                if r["split"] == "train" and r["name"] != "samples_per_s"}
+
+
+def test_a_resumed_runs_log_reads_as_the_unbroken_runs(toy, tmp_path):
+    """Rows every 4 steps, checkpoints every 5, killed at 12 and resumed from 10: the
+    logged means equal the unbroken run's (the row at 12 covered steps 11-12 only, and
+    steps 9-10 were never logged, when a window could span a checkpoint)."""
+    module, script = toy
+    settings = {"log_every": 4, "checkpoint_every": 5, "val_every": 100}
+    module.run(tmp_path / "straight", **settings)
+    killed = _run_script(script, {"out": str(tmp_path / "killed"), "kill_at": 12, **settings})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _run_script(script, {"out": str(tmp_path / "killed"), "resume": True, **settings})
+    assert resumed.returncode == 0, _failure(resumed)
+    straight, split = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "killed")
+    assert split.keys() == straight.keys()
+    assert {step for step, _ in straight} >= {"5", "8", "10", "12"}
+    for key, value in straight.items():
+        assert split[key] == pytest.approx(value, rel=1e-6), key
