@@ -325,7 +325,7 @@ def run_demo(
     import torch
 
     from speech2face.data import prepare
-    from speech2face.demo_data import make_demo_data
+    from speech2face.demo_data import ATTRIBUTES_FILE, make_demo_data
     from speech2face.evaluate import evaluate
     from speech2face.model import load_model
     from speech2face.train import train_decoder, train_voice
@@ -357,7 +357,7 @@ def run_demo(
         torch.manual_seed(seed)
         workers = min(2, os.cpu_count() or 1)
         corpus = out / "corpus"
-        if (corpus / "demo_attributes.json").is_file():  # written last, renamed into place
+        if (corpus / ATTRIBUTES_FILE).is_file():  # written last, renamed into place
             log(f"[1/6] corpus of {speakers} speakers: already generated")
             stages.done += 1
         else:

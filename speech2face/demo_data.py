@@ -68,6 +68,7 @@ MAX_SPEAKERS = 100_000
 MAX_FRAMES = 1800
 CLIP_SECONDS_RANGE = (3.0, 9.0)  # utterance lengths: some shorter, some longer than 6 s
 N_LATENTS = 5  # hidden attributes per speaker besides gender
+ATTRIBUTES_FILE = "demo_attributes.json"  # written last: a finished corpus has it
 GENERATED_LABEL = (
     "Generated face (speech2face make-demo-data): an edit of NASA's public-domain portrait "
     "of Eileen Collins (S94-42431), not a photograph of a person."
@@ -815,7 +816,15 @@ def make_demo_data(
         raise DataError(out, "speakers, videos, clips and frames must each be at least 1")
     if problem := seed_problem(seed):
         raise DataError(None, problem)
+    settings = {"speakers": speakers, "seed": seed, "videos": list(videos),
+                "clips": list(clips), "frames": frames}
     if out.exists() and (not out.is_dir() or output_entries(out)):
+        made = _corpus_settings(out)
+        if made == settings:  # a finished corpus of these settings: a rerun is a no-op
+            return out
+        if made is not None:
+            raise DataError(out, f"holds a demo corpus made with other settings ({made}); "
+                                 "use a new --out")
         raise DataError(out, "output folder exists and is not empty")
     # The warps are small: one thread avoids OpenMP spin-waiting on a busy machine
     # (10-50x slower with 2 threads under load). Restored on the way out.
@@ -836,8 +845,17 @@ def make_demo_data(
                 disable=not progress,
             ):
                 job.result()
-        _write_metadata(tmp, people, seed)
+        _write_metadata(tmp, people, seed, settings)
     return out
+
+
+def _corpus_settings(root: Path) -> dict | None:
+    """The settings a finished demo corpus was made with, or None (not one)."""
+    try:
+        made = json.loads((root / ATTRIBUTES_FILE).read_text()).get("settings")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return made if isinstance(made, dict) else None
 
 
 def _write_speaker(tmp: Path, person: Speaker, base, seed: int, videos, clips, frames) -> None:
@@ -876,7 +894,7 @@ def _write_wav(path: Path, wave: np.ndarray) -> None:
     sf.write(path, wave, SAMPLE_RATE, subtype="PCM_16")
 
 
-def _write_metadata(root: Path, people: list[Speaker], seed: int) -> None:
+def _write_metadata(root: Path, people: list[Speaker], seed: int, settings: dict) -> None:
     # VoxCeleb1's vox1_meta.csv is tab-separated with this header.
     with open(root / "vox1_meta.csv", "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -898,17 +916,18 @@ def _write_metadata(root: Path, people: list[Speaker], seed: int) -> None:
             writer.writerow([p.identity, p.split])
     attributes = {
         "seed": seed,
+        "settings": settings,  # make_demo_data's arguments: a rerun of them does nothing
         "latent_dims": N_LATENTS,
         "sample_rate": SAMPLE_RATE,
         "frame_size": FRAME_SIZE,
         "speakers": [asdict(p) for p in people],
     }
-    (root / "demo_attributes.json").write_text(json.dumps(attributes, indent=1) + "\n")
+    (root / ATTRIBUTES_FILE).write_text(json.dumps(attributes, indent=1) + "\n")
 
 
 def load_demo_attributes(root: str | os.PathLike) -> dict[str, Speaker]:
     """The hidden attributes of a generated corpus, by identity (from demo_attributes.json)."""
-    path = Path(root) / "demo_attributes.json"
+    path = Path(root) / ATTRIBUTES_FILE
     if not path.is_file():
         raise DataError(path, "not found (is this a corpus written by make-demo-data?)")
     try:
@@ -929,7 +948,9 @@ def add_make_demo_data_arguments(parser) -> None:
     count = bounded(int, 1, None, "count")
 
     parser.add_argument(
-        "-o", "--out", required=True, help="output folder (must not exist or be empty)"
+        "-o", "--out", required=True,
+        help="output folder (must not exist or be empty; a corpus of the same settings "
+             "there is kept: the rerun does nothing)"
     )
     parser.add_argument(
         "--speakers", type=bounded(int, 1, MAX_SPEAKERS, "count"), default=40,
@@ -951,13 +972,12 @@ def add_make_demo_data_arguments(parser) -> None:
 
 def make_demo_data_command(args) -> int:
     start = time.perf_counter()
+    done = Path(args.out, ATTRIBUTES_FILE).is_file()
     out = make_demo_data(
         args.out, speakers=args.speakers, seed=args.seed, frames=args.frames, workers=args.workers
     )
     n_wav = sum(1 for _ in (out / "wav").rglob("*.wav"))
     n_jpg = sum(1 for _ in (out / "unzippedFaces").rglob("*.jpg"))
-    print(
-        f"{out}: {args.speakers} speakers, {n_wav} clips, {n_jpg} face frames "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    when = "already generated" if done else f"in {time.perf_counter() - start:.1f} s"
+    print(f"{out}: {args.speakers} speakers, {n_wav} clips, {n_jpg} face frames {when}")
     return 0

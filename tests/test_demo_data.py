@@ -257,3 +257,24 @@ def test_refuses_non_empty_output_and_cli(tmp_path, capsys):
     assert "1 speakers" in capsys.readouterr().out
     assert (tmp_path / "cli" / "vox1_meta.csv").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_a_rerun_over_a_finished_corpus_does_nothing_and_other_settings_are_refused(
+    tmp_path, capsys
+):
+    """As prepare and train: a rerun of the same command (e.g. after a kill that came
+    once the corpus was published) keeps the corpus; other settings are one line."""
+    out = tmp_path / "corpus"
+    argv = ["make-demo-data", "--out", str(out), "--speakers", "1", "--seed", "2"]
+    assert main(argv) == 0
+    def corpus():  # the lock file (rewritten with its pid by every run) aside
+        return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*")
+                if p.is_file() and p.name != ".speech2face.lock"}
+
+    files = corpus()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already generated" in capsys.readouterr().out
+    assert corpus() == files
+    assert main([*argv[:-1], "3"]) == 2
+    assert "made with other settings" in capsys.readouterr().err

@@ -8,6 +8,7 @@ in one line naming the file or option, and nothing is written that is then refus
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -241,3 +242,36 @@ def test_bad_encoder_weights_are_refused_before_out_is_made(corpus, tmp_path, we
     with pytest.raises(WeightsError, match=re.escape(weights)):
         prepare(corpus, out, encoder="vggface", encoder_weights=tmp_path / weights)
     assert not out.exists()
+
+
+def _rewrite_in_place(path: Path) -> None:
+    """The same name and size, other content (samples reversed), a later time."""
+    import soundfile as sf
+
+    wave, rate = sf.read(path, dtype="int16")
+    info = sf.info(path)
+    sf.write(path, wave[::-1].copy(), rate, subtype=info.subtype, format=info.format)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("state", ["finished", "interrupted"])
+def test_inputs_changed_in_place_are_refused(corpus, tmp_path, state):
+    """Every clip rewritten with the same name and size: a rerun (finishing or
+    continuing) refuses the folder instead of mixing old and new samples."""
+    root, out = tmp_path / "corpus", tmp_path / "shards"
+    shutil.copytree(corpus, root)
+    if state == "finished":
+        prepare(root, out)
+    else:
+        with killed_in_video(3), pytest.raises(KeyboardInterrupt):
+            prepare(root, out)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    wavs = sorted(root.rglob("*.wav"))
+    assert wavs
+    for wav in wavs:
+        size = wav.stat().st_size
+        _rewrite_in_place(wav)
+        assert wav.stat().st_size == size
+    with pytest.raises(DataError, match="other arguments or inputs"):
+        prepare(root, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files

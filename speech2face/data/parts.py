@@ -68,6 +68,24 @@ def inputs_fingerprint(units: list[Unit], root: str | os.PathLike) -> str:
     return hashlib.sha256(text.replace(json.dumps(str(root))[1:-1], "").encode()).hexdigest()
 
 
+def files_fingerprint(units: list[Unit]) -> str:
+    """Size and modification time of every file the units read: part of one part's run
+    identity, so that a rerun after inputs were changed in place (same names and sizes,
+    e.g. audio normalised) is refused instead of mixing old and new samples. Not in the
+    fingerprint parts share (:func:`inputs_fingerprint`): parts may run on machines
+    whose copies of the dataset have other times."""
+    paths = sorted({c.path for u in units for c in u.clips} | {f.path for u in units
+                                                                for f in u.frames})
+    stats = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+            stats.append([info.st_size, info.st_mtime_ns])
+        except OSError:
+            stats.append(None)
+    return fingerprint([paths, stats])
+
+
 # ======================================================== validating what a file holds
 #
 # Nothing read back from a progress file or a part manifest is used before it is
@@ -299,7 +317,7 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
 
 def _shared_run(run: dict) -> dict:
     """What all parts of one run share: all of its identity but the part's own."""
-    return {k: v for k, v in run.items() if k not in ("part", "units")}
+    return {k: v for k, v in run.items() if k not in ("part", "units", "files")}
 
 
 def merge(out: Path, num_shards: int, pending: tuple[Path, dict] | None = None) -> dict:

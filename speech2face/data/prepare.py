@@ -58,6 +58,7 @@ from speech2face.data.datasets import (
 )
 from speech2face.data.identities import LINKAGES, SAME_PERSON_DISTANCE, merge_units
 from speech2face.data.parts import (
+    files_fingerprint,
     fingerprint,
     inputs_fingerprint,
     maybe_merge,
@@ -625,6 +626,7 @@ def prepare(
         "options": asdict(options),
         "part": part,
         "units": fingerprint([asdict(u) for u in units]),
+        "files": files_fingerprint(units),  # this part's files: changed in place, refused
         # of every part: parts of other inputs are not merged (_merge)
         "inputs": inputs_fingerprint(all_units, root),
         "identity_merging": merging,
