@@ -541,11 +541,13 @@ class _RangeReader(io.RawIOBase):
 
 
 def _write_segment(f, wave: np.ndarray, frames: list[tuple[float, np.ndarray]]) -> None:
-    """Matroska: FLAC audio (16-bit, SAMPLE_RATE, mono) and H.264 frames, times in ms."""
+    """Matroska: FLAC audio (16-bit, SAMPLE_RATE, mono) and H.264 frames, times in ms.
+    Bit-exact (no random track UIDs, no muxer version): the same segment gives the same
+    bytes on every run."""
     import av
 
     ms = Fraction(1, 1000)
-    with av.open(f, "w", format="matroska") as out:
+    with av.open(f, "w", format="matroska", options={"fflags": "+bitexact"}) as out:
         audio = out.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
         video = out.add_stream("libx264", options={"crf": str(VIDEO_CRF), "preset": "medium"})
         height, width = frames[0][1].shape[:2]
