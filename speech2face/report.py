@@ -28,6 +28,7 @@ from speech2face.evaluate import (
     RETRIEVAL_METRICS,
     Collected,
     _unit,
+    derangement,
 )
 from speech2face.utils import atomic_write, output_entries, publishing_dir
 
@@ -102,12 +103,13 @@ def plot_craniofacial(metrics: dict) -> bytes:
 
 
 def plot_features(c: Collected, seed: int = 0) -> bytes:
-    """Histogram of the angle between v_s and v_f, and between v_s and a random v_f."""
+    """Histogram of the angle between v_s and v_f, and between v_s and another sample's
+    v_f (the pairing of the metrics' shuffled baseline, :func:`evaluate.derangement`)."""
     def angles(a, b):
         cos = np.clip((_unit(a) * _unit(b)).sum(1), -1, 1)
         return np.degrees(np.arccos(cos))
 
-    perm = np.random.default_rng(seed).permutation(len(c.true))
+    perm = derangement(np.random.default_rng(seed), len(c.true))
     fig = _figure(5.5, 3.5)
     ax = fig.add_subplot()
     ax.hist(angles(c.pred, c.true), bins=30, alpha=0.7, label="own face")
