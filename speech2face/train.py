@@ -974,11 +974,14 @@ def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
                                       l2=config.classifier_l2,
                                       progress=progress)
         linear = fit.linear
+        about = f"speech2face: identity classifier on {len(features)} clips of " \
+                f"{len(fit.classes)} identities"
         if fit.heldout_nll is not None:
-            print(f"speech2face: identity classifier on {len(features)} clips of "
-                  f"{len(fit.classes)} identities: held-out accuracy "
-                  f"{fit.heldout_accuracy:.1%}, temperature {fit.temperature:.3g}, held-out "
-                  f"NLL {fit.heldout_nll:.3f} (uncalibrated {fit.heldout_nll_uncalibrated:.3f})",
+            print(f"{about}: held-out accuracy {fit.heldout_accuracy:.1%}, temperature "
+                  f"{fit.temperature:.3g}, held-out NLL {fit.heldout_nll:.3f} (uncalibrated "
+                  f"{fit.heldout_nll_uncalibrated:.3f})", file=sys.stderr)
+        else:  # every identity has too few clips for one to be drawn out
+            print(f"{about}: no clip held out, so not calibrated (temperature 1)",
                   file=sys.stderr)
     return broadcast_linear(linear, resolve_device(config, placement))
 

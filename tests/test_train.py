@@ -953,3 +953,22 @@ def test_a_resumed_runs_log_reads_as_the_unbroken_runs(toy, tmp_path):
     assert {step for step, _ in straight} >= {"5", "8", "10", "12"}
     for key, value in straight.items():
         assert split[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_an_uncalibrated_identity_classifier_is_said(shards, capfd):
+    """The 8-speaker corpus is too small for a clip to be held out: the run says the
+    classifier is not calibrated (it said nothing); with clips held out, it prints the
+    held-out figures."""
+    from speech2face.data import load_manifest
+    from speech2face.face_encoders import fit_identity_classifier
+    from speech2face.train import _identity_classifier, training_features
+
+    features, identities = training_features(shards, False)
+    fit = fit_identity_classifier(features, identities, seed=0, progress=False)
+    _identity_classifier(shards, load_manifest(shards), TrainConfig.tiny("voice"), False)
+    err = capfd.readouterr().err
+    assert f"identity classifier on {len(features)} clips" in err
+    if fit.heldout_samples:
+        assert "held-out accuracy" in err
+    else:
+        assert "no clip held out, so not calibrated (temperature 1)" in err
