@@ -273,9 +273,17 @@ def distance_matrix(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np
     if metric == "l2":
         return _l2_distances(q, g)
     if metric == "l1":
-        return np.abs(q[:, None, :] - g[None, :, :]).sum(-1)
+        # A few queries at a time: the differences of all at once are Q x G x D floats
+        # (VoxCeleb2's 36,000 test clips against 118 identities' 4096-D means: 140 GB).
+        out = np.empty((len(q), len(g)))
+        rows = max(1, _L1_ELEMENTS // max(1, g.size))
+        for start in range(0, len(q), rows):
+            out[start:start + rows] = np.abs(q[start:start + rows, None, :] - g[None]).sum(-1)
+        return out
     raise ValueError(f"unknown metric {metric!r}; expected one of {RETRIEVAL_METRICS}")
 
+
+_L1_ELEMENTS = 1 << 22  # differences held at once by the L1 distances (32 MB of float64)
 
 # Below this share of |q|^2 + |g|^2, a squared distance from the expansion
 # |q|^2 + |g|^2 - 2 q.g has lost too many digits to cancellation (identical 4096-D
