@@ -275,3 +275,26 @@ def test_inputs_changed_in_place_are_refused(corpus, tmp_path, state):
     with pytest.raises(DataError, match="other arguments or inputs"):
         prepare(root, out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_the_listing_fingerprint_sees_every_field_and_not_the_mount_point():
+    from dataclasses import replace
+
+    from speech2face.data.datasets import Clip, Frame, Unit
+    from speech2face.data.parts import listing_fingerprint
+
+    def listing(root: str) -> list[Unit]:
+        return [Unit("id1", "v1", "train", "m", (Clip("00001", f"{root}/wav/id1/v1/1.wav"),),
+                     (Frame(f"{root}/faces/id1/v1/1.jpg", None),))]
+
+    here, there = listing("/data/vox1"), listing("/mnt/o'brien/vox1")
+    assert listing_fingerprint(here, "/data/vox1") == listing_fingerprint(there,
+                                                                          "/mnt/o'brien/vox1")
+    assert listing_fingerprint(here) != listing_fingerprint(there)  # without root: paths count
+    base = listing_fingerprint(here, "/data/vox1")
+    unit = here[0]
+    for changed in (replace(unit, split="test"), replace(unit, gender="f"),
+                    replace(unit, clips=(replace(unit.clips[0], end=3.0),)),
+                    replace(unit, frames=(replace(unit.frames[0], time=1.0),)),
+                    replace(unit, skip="no frames")):
+        assert listing_fingerprint([changed], "/data/vox1") != base

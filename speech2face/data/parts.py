@@ -12,12 +12,12 @@ edited file is refused in one line naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +61,26 @@ def read_json(path: Path):
                               "use a new --out") from None
 
 
-def inputs_fingerprint(units: list[Unit], root: str | os.PathLike) -> str:
-    """The whole input listing's fingerprint, the same on machines that mount the
-    dataset at different paths."""
-    text = json.dumps([asdict(u) for u in units], sort_keys=True, default=str)
-    return hashlib.sha256(text.replace(json.dumps(str(root))[1:-1], "").encode()).hexdigest()
+def listing_fingerprint(units: list[Unit], root: str | os.PathLike | None = None) -> str:
+    """SHA-256 of a listing of units, every field of every unit, clip and frame in order
+    (as compact JSON, a unit at a time). With ``root``, the paths are taken without it:
+    the whole input listing's fingerprint that parts share, the same on machines that
+    mount the dataset at different paths. The JSON of a whole VoxCeleb2-size listing
+    (150,000 videos) at once took 15 s and 0.9 GB in every job of an array; this about
+    2 s and no copy."""
+    fields: dict[type, list[str]] = {}
+
+    def plain(item) -> list:  # a dataclass as the list of its fields' values
+        names = fields.setdefault(type(item), [f.name for f in dataclasses.fields(item)])
+        return [getattr(item, name) for name in names]
+
+    encoder = json.JSONEncoder(default=plain, separators=(",", ":"))
+    prefix = None if root is None else json.dumps(str(root))[1:-1]  # as JSON writes it
+    digest = hashlib.sha256()
+    for unit in units:
+        text = encoder.encode(unit)
+        digest.update((text.replace(prefix, "") if prefix else text).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def files_fingerprint(units: list[Unit]) -> str:

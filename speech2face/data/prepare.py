@@ -59,8 +59,7 @@ from speech2face.data.datasets import (
 from speech2face.data.identities import LINKAGES, SAME_PERSON_DISTANCE, merge_units
 from speech2face.data.parts import (
     files_fingerprint,
-    fingerprint,
-    inputs_fingerprint,
+    listing_fingerprint,
     maybe_merge,
     merge,
     merge_manifests,
@@ -625,10 +624,10 @@ def prepare(
         "format": FORMAT_VERSION,
         "options": asdict(options),
         "part": part,
-        "units": fingerprint([asdict(u) for u in units]),
+        "units": listing_fingerprint(units),
         "files": files_fingerprint(units),  # this part's files: changed in place, refused
         # of every part: parts of other inputs are not merged (_merge)
-        "inputs": inputs_fingerprint(all_units, root),
+        "inputs": listing_fingerprint(all_units, root),
         "identity_merging": merging,
     }
     run_id["options"].pop("encoder_weights")  # where the weights lie is not what they are
