@@ -87,7 +87,7 @@ def files_fingerprint(units: list[Unit]) -> str:
     """Size and modification time of every file the units read: part of one part's run
     identity, so that a rerun after inputs were changed in place (same names and sizes,
     e.g. audio normalised) is refused instead of mixing old and new samples. Not in the
-    fingerprint parts share (:func:`inputs_fingerprint`): parts may run on machines
+    fingerprint parts share (:func:`listing_fingerprint`): parts may run on machines
     whose copies of the dataset have other times."""
     paths = sorted({c.path for u in units for c in u.clips} | {f.path for u in units
                                                                 for f in u.frames})
