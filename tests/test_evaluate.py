@@ -124,6 +124,12 @@ def test_l1_distances_are_taken_a_few_queries_at_a_time(monkeypatch):
     np.testing.assert_allclose(ev.distance_matrix(q, g, "l1"), cdist(q, g, "cityblock"),
                                rtol=1e-12)
     assert ev.distance_matrix(q[:0], g, "l1").shape == (0, 7)
+    # and the queries go to float64 a chunk at a time, for every metric
+    monkeypatch.setattr(ev, "_ROWS", 4)
+    for metric, name in (("cosine", "cosine"), ("l2", "euclidean"), ("l1", "cityblock")):
+        np.testing.assert_allclose(ev.distance_matrix(q.astype(np.float32), g, metric),
+                                   cdist(q.astype(np.float32).astype(np.float64), g, name),
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_retrieval_ranks_hand_built():
