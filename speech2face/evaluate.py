@@ -577,8 +577,8 @@ def identification_rate(queries: np.ndarray, identities: Sequence, labels: np.nd
         for start in range(0, max(len(q), 1), _ROWS)]), own)
     query_labels, query_means = identity_means(q, ids)
     d = distance_matrix(moved(query_means), gallery, metric)
-    per_identity = hits(d, _own_index(query_labels, labels))
     mine = _own_index(query_labels, labels)
+    per_identity = hits(d, mine)
     misses = [{"identity": _plain(query_labels[i]),
                "nearest": _plain(labels[np.argmin(np.where(np.arange(len(labels)) == mine[i],
                                                            np.inf, d[i]))])}

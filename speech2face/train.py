@@ -668,10 +668,10 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
 
 
 def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, placement: Placement,
-                    device: torch.device, config: TrainConfig | None = None) -> LoopState:
+                    device: torch.device, config: TrainConfig) -> LoopState:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position.
 
-    With ``config`` (the resumed run's settings), what the run changed takes effect:
+    What the resumed run's settings (``config``) changed takes effect:
     the optimiser's and the schedule's settings (:func:`_follow_settings`), a new
     ``batch_size`` (the position within the epoch is re-counted in its batches), and a
     new process or loader-worker count (the shards' order changes: one line says so).
@@ -706,14 +706,11 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
     if state["world_size"] != placement.world_size:
         order.append(f"a {state['world_size']}-process checkpoint resumed with "
                      f"{placement.world_size} processes")
-    if config is not None and is_whole(saved.get("num_workers"), 0) \
-            and saved["num_workers"] != config.num_workers:
+    if is_whole(saved.get("num_workers"), 0) and saved["num_workers"] != config.num_workers:
         order.append(f"num_workers {saved['num_workers']} -> {config.num_workers}")
     if order:
         say(f"{'; '.join(order)}: the shard loader's order changes from here (this epoch "
             "may repeat or miss a few samples)")
-    if config is None:
-        return loop
     for line in _follow_settings(optimizer, scheduler, config, loop.step):
         say(line)
     old_batch = saved.get("batch_size")
@@ -738,7 +735,8 @@ def _follow_settings(optimizer, scheduler, config: TrainConfig, step: int) -> li
     change ``lr``, ``lr_decay``, ``lr_decay_steps``, ``beta1``, ``beta2`` and ``eps``,
     and from here the rate is the new schedule's at ``step`` (``lr * lr_decay **
     (step // lr_decay_steps)``). Nothing is touched when nothing changed (the restored
-    rate is bit-identical to an unbroken run's). Returns a line per change.
+    rate is bit-identical to an unbroken run's). Returns the line that says what
+    changed, or none.
     """
     group = optimizer.param_groups[0]
     was = {"lr": scheduler.base_lrs[0], "lr_decay": scheduler.gamma,
