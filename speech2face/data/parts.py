@@ -88,17 +88,18 @@ def files_fingerprint(units: list[Unit]) -> str:
     identity, so that a rerun after inputs were changed in place (same names and sizes,
     e.g. audio normalised) is refused instead of mixing old and new samples. Not in the
     fingerprint parts share (:func:`listing_fingerprint`): parts may run on machines
-    whose copies of the dataset have other times."""
+    whose copies of the dataset have other times. The paths themselves are in the
+    listing's fingerprint; here, a file at a time, only what ``stat`` says of them."""
     paths = sorted({c.path for u in units for c in u.clips} | {f.path for u in units
                                                                 for f in u.frames})
-    stats = []
+    digest = hashlib.sha256()
     for path in paths:
         try:
             info = os.stat(path)
-            stats.append([info.st_size, info.st_mtime_ns])
+            digest.update(f"{info.st_size} {info.st_mtime_ns}\n".encode())
         except OSError:
-            stats.append(None)
-    return fingerprint([paths, stats])
+            digest.update(b"-\n")
+    return digest.hexdigest()
 
 
 # ======================================================== validating what a file holds
