@@ -51,6 +51,24 @@ def test_blocks_and_chaining(monkeypatch):
     assert _canonical(average) == _scipy(x, 0.6, "average")
 
 
+def test_pairs_at_the_threshold_are_decided_exactly(monkeypatch):
+    # The distance blocks are float32 (error ~1e-4 here); pairs within 1e-7 of the
+    # threshold, far from the origin (where float32 cancels most), must still come out as
+    # scipy's float64 distances say, in every block.
+    rng = np.random.default_rng(1)
+    threshold = 0.6
+    base = 30.0 + rng.normal(size=(30, 128)) * 3.0  # people far apart
+    step = rng.normal(size=(30, 128))
+    step *= threshold * (1 + rng.choice([-1e-7, 1e-7], size=(30, 1))) / np.linalg.norm(
+        step, axis=1, keepdims=True)
+    x = np.concatenate([base, base + step])[rng.permutation(60)]
+    monkeypatch.setattr(identities, "_BLOCK", 16)
+    for method in identities.LINKAGES:
+        ours = identities.cluster_identities(x, threshold, method)
+        assert _canonical(ours) == _scipy(x, threshold, method)
+        assert 30 < len(set(ours)) < 60  # both sides of the threshold occur
+
+
 def test_merge_names_and_bad_options():
     x = np.array([[0.0, 0], [5, 5], [0.1, 0], [5, 5.1], [9, 9]])
     assert identities.merge_names(["vE", "vB", "vC", "vA", "vD"], x, 0.6) == {
