@@ -25,6 +25,7 @@ import torch
 from conftest import killed_in_video
 
 from speech2face import data
+from speech2face.data import datasets
 from speech2face.data.prepare import _Processor
 from speech2face.demo_data import make_demo_data
 from speech2face.errors import ConfigError, DataError
@@ -766,7 +767,8 @@ def test_voxceleb2_mp4_layout(corpus, tmp_path):
     assert batch["wave"].shape == (2, 96000) and batch["feature"].shape == (2, 128)
 
 
-def test_avspeech_segments(corpus, tmp_path):
+def test_avspeech_segments(corpus, tmp_path, monkeypatch):
+    real_read = datasets.read_avspeech_csvs
     root = tmp_path / "avspeech"
     frames, wave = _demo_face_and_voice(corpus, 0)
     _write_mp4(
@@ -791,3 +793,15 @@ def test_avspeech_segments(corpus, tmp_path):
         ("s000000000", 0.0, 1.5),
         ("s000002000", 2.0, 3.9),
     ]
+    # A video with segments in both CSVs is test, whichever CSV lists it first.
+    for first in ("train", "test"):
+        other = "test" if first == "train" else "train"
+        rows = {first: "AvSpeechVid1,0.000000,1.500000,0.5,0.45\n",
+                other: "AvSpeechVid1,2.000000,3.900000,0.5,0.45\n"}
+        tables = [(root / f"avspeech_{s}.csv", s) for s in (first, other)]
+        for path, s in tables:
+            path.write_text(rows[s])
+        monkeypatch.setattr(datasets, "read_avspeech_csvs",
+                            lambda _, order=tables: real_read(order))
+        (unit,) = [u for u in datasets.list_avspeech(root, 1) if u.video == "AvSpeechVid1"]
+        assert unit.split == "test" and len(unit.clips) == 2

@@ -385,7 +385,9 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
     split_of: dict[str, str] = {}
     for row in read_avspeech_csvs((p, split) for split, p in tables.items() if p.is_file()):
         segments.setdefault(row.video, []).append((row.start, row.end, row.x, row.y))
-        split_of[row.video] = row.split
+        # A video with segments in both CSVs is test: never train on a test video.
+        split_of[row.video] = "test" if "test" in (row.split, split_of.get(row.video)) \
+            else row.split
     overrides = _read_split_file(root / SPLIT_FILE) if (root / SPLIT_FILE).exists() else {}
     val = _carve_validation([v for v, s in split_of.items() if s == "train"])
     units = []
