@@ -23,9 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.data.datasets import SPLITS, Unit, _subdirs
-from speech2face.data.shards import FORMAT_VERSION, MANIFEST, PARTS_DIR, _manifest_problem
+from speech2face.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PARTS_DIR,
+    _manifest_problem,
+    is_clip_seconds,
+)
 from speech2face.errors import DataError
-from speech2face.utils import atomic_write, is_names, is_number, is_whole
+from speech2face.utils import atomic_write, is_names, is_whole
 
 
 def part_name(shard_index: int, num_shards: int) -> str:
@@ -172,8 +178,7 @@ def _part_problem(part, out: Path) -> str | None:
     for key in ("samples_per_shard", "crops_per_sample"):
         if not is_whole(part.get(key), 1):
             return f"{key!r} is not a positive integer"
-    seconds = part.get("seconds")
-    if not (is_number(seconds) and 0 < seconds < 1e6):
+    if not is_clip_seconds(part.get("seconds")):
         return "'seconds' is not a positive number of seconds"
     return _record_problem(part, out)
 

@@ -68,6 +68,11 @@ def _is_landmarks(v) -> bool:
         isinstance(p, list) and len(p) == 2 and all(is_number(x) for x in p) for p in v))
 
 
+def is_clip_seconds(value) -> bool:
+    """A clip length read from a manifest: a number of seconds above 0, below 1e6."""
+    return is_number(value) and 0 < value < 1e6
+
+
 def _manifest_problem(manifest: dict, root: Path) -> str | None:
     """What is wrong with a parsed manifest, or None."""
     if not is_names(manifest.get("identities")):
@@ -86,8 +91,7 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
         return "'crops_per_sample' is not a positive integer"
     if not isinstance(manifest.get("encoder"), str):
         return "'encoder' is not a name"
-    seconds = manifest.get("seconds")
-    if seconds is not None and not (is_number(seconds) and 0 < seconds < 1e6):
+    if manifest.get("seconds") is not None and not is_clip_seconds(manifest["seconds"]):
         return "'seconds' is not a positive number of seconds"
     inside = root.resolve()
     known = set(manifest["identities"])
