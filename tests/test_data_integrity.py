@@ -377,6 +377,10 @@ def test_reading_arguments_are_checked(shards, call, name):
     ({"mean_landmarks": [[1.0, "x"]] * 68}, "mean_landmarks"),
     ({"mean_landmarks": [[1.0, 2.0]] * 3}, "mean_landmarks"),
     ({"crops_per_sample": "2"}, "crops_per_sample"),
+    ({"seconds": 0}, "seconds"),
+    ({"seconds": float("nan")}, "seconds"),
+    ({"seconds": 1e9}, "seconds"),
+    ({"seconds": "6"}, "seconds"),
 ])
 def test_manifest_fields_are_checked(shards, change, expected):
     manifest = json.loads((shards / "manifest.json").read_text())
