@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
-                  audio: bool = True, *, feature_dim: int | None = None,
+                  audio: bool = True, *, faces: bool = True, feature_dim: int | None = None,
                   identities=None) -> dict:
     """Decode one raw sample: ``wave (N,)`` float32 (fitted to ``seconds``), ``face``
     uint8 ``(224, 224, 3)``, ``landmarks (68, 2)``, ``feature (D,)`` and ``meta``.
@@ -43,6 +43,8 @@ def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
     crop: which stored crop to use (0: ``face.jpg``; k: ``face.k.jpg``).
     audio: False leaves the audio undecoded (no ``wave``): the face decoder's stage
     trains on faces and features only.
+    faces: False leaves the face image undecoded (no ``face``): the voice encoder's
+    training batches need its feature, not its image.
     feature_dim, identities: the manifest's; the sample's feature length and identity
     are checked against them when given.
 
@@ -54,8 +56,9 @@ def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
         sample = {}
         if audio:
             sample["wave"] = fit_duration(_decode_flac(raw["flac"]), seconds)
+        if faces:
+            sample["face"] = _decode_jpeg(raw[f"face{_suffix(crop)}.jpg"])
         sample.update({
-            "face": _decode_jpeg(raw[f"face{_suffix(crop)}.jpg"]),
             "landmarks": _load_npy(raw[f"landmarks{_suffix(crop)}.npy"]),
             "feature": _load_npy(raw[f"feature{_suffix(crop)}.npy"]),
             "meta": json.loads(raw["json"]),
@@ -98,7 +101,7 @@ def _sample_problem(sample: dict, feature_dim: int | None, identities) -> str | 
         return "json is not an object with an 'identity' name"
     if identities is not None and meta["identity"] not in identities:
         return f"identity {meta['identity']!r} is not in the manifest's identities"
-    if sample["face"].shape != (CROP_SIZE, CROP_SIZE, 3):
+    if "face" in sample and sample["face"].shape != (CROP_SIZE, CROP_SIZE, 3):
         return f"face is {sample['face'].shape[1]} x {sample['face'].shape[0]} pixels, " \
                f"not {CROP_SIZE} x {CROP_SIZE}"
     if landmarks.shape != (68, 2) or not _finite_floats(landmarks):
@@ -118,20 +121,20 @@ def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bo
 
     Returns ``wave (B, N)`` (or ``spectrogram (B, 2, T, 257)``; neither for samples
     decoded without audio), ``feature (B, D)``,
-    ``face (B, 3, 224, 224)`` float in [0, 1], ``landmarks (B, 68, 2)``,
+    ``face (B, 3, 224, 224)`` float in [0, 1] (not for samples decoded without faces),
+    ``landmarks (B, 68, 2)``,
     ``identity_index (B,)`` int64 and ``meta`` (list of dicts; the loader adds each
     sample's shard ``key`` and ``crop``).
     """
     batch = {
         "feature": torch.from_numpy(np.stack([s["feature"] for s in samples])),
-        "face": torch.from_numpy(np.stack([s["face"] for s in samples]))
-        .permute(0, 3, 1, 2)
-        .float()
-        .div_(255.0),
         "landmarks": torch.from_numpy(np.stack([s["landmarks"] for s in samples])),
         "identity_index": torch.tensor([identity_index[s["meta"]["identity"]] for s in samples]),
         "meta": [s["meta"] for s in samples],
     }
+    if "face" in samples[0]:
+        faces = torch.from_numpy(np.stack([s["face"] for s in samples]))
+        batch["face"] = faces.permute(0, 3, 1, 2).float().div_(255.0)
     if "wave" not in samples[0]:
         return batch
     wave = torch.from_numpy(np.stack([s["wave"] for s in samples]))
@@ -181,6 +184,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     window_seconds: a random window of this many seconds of the ``seconds`` of audio, a
     new one at each visit (training's ``train_seconds``); None keeps all ``seconds``.
     audio: False skips decoding the audio (batches without ``wave``/``spectrogram``).
+    faces: False skips decoding the face images (batches without ``face``).
     cache: a :class:`SampleCache` that keeps shards read and samples decoded in this
     process for later epochs (no DataLoader workers: theirs would die with them).
     """
@@ -200,6 +204,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         random_crop: bool = False,
         window_seconds: float | None = None,
         audio: bool = True,
+        faces: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
         cache: SampleCache | None = None,
@@ -223,6 +228,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.seconds, self.spectrogram, self.repeat = seconds, spectrogram, repeat
         self.drop_last, self.random_crop, self.audio = drop_last, random_crop, audio
+        self.faces = faces
         if window_seconds is not None and not (is_number(window_seconds)
                                                and 0 < window_seconds <= seconds):
             raise ConfigError(None, f"window_seconds must be positive and at most seconds "
@@ -231,7 +237,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.cache = cache
         if cache is not None:
-            cache.bind((str(self.root), split, seconds, audio))
+            cache.bind((str(self.root), split, seconds, audio, faces))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -304,7 +310,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             n = sum(1 for k in raw if k.startswith("face") and k.endswith(".jpg"))
             crop = int(rng.integers(n)) if n > 1 else 0
         def decode():
-            return decode_sample(raw, self.seconds, crop, self.audio,
+            return decode_sample(raw, self.seconds, crop, self.audio, faces=self.faces,
                                  feature_dim=self.manifest["feature_dim"],
                                  identities=self.identity_index)
 
@@ -364,7 +370,7 @@ class SampleCache(MemoryBudget):
     ``budget_bytes`` the cache empties itself and keeps nothing more (a split too big to
     hold, as VoxCeleb2, is read from disk every epoch as without a cache).
 
-    One cache serves one (folder, split, seconds, audio): :meth:`bind` refuses another.
+    One cache serves one (folder, split, seconds, audio, faces): :meth:`bind` refuses another.
     Decoded arrays are handed out read-only, so that no consumer can change a later epoch's
     sample in place.
     """
@@ -625,6 +631,9 @@ class ShardData:
             window_seconds=self.config.train_seconds if self.shuffle else None,
             # Training uses audio only as spectrograms (stage 2); stage 1 never decodes it.
             audio=self.spectrogram,
+            # The voice stage's training batches need the faces' features, not their
+            # images (its validation draws them beside its reconstructions).
+            faces=not (self.spectrogram and self.shuffle),
             rank=self.placement.rank, world_size=self.placement.world_size, cache=self.cache)
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
