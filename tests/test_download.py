@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import http.server
 import json
+import os
 import socket
 import threading
 import time
@@ -293,6 +294,53 @@ def test_full_disk_stops_cleanly_and_rerun_continues(server, tmp_path, capsys, m
     assert code == 0 and "1 fetched, 1 already there" in out, err
 
 
+def test_a_full_disk_leaves_no_half_record_in_the_log(server, tmp_path, capsys, monkeypatch):
+    """The failure log's records are whole lines: a write that fills the disk part-way is
+    cut off again, and a line torn anyway (a crash mid-write) is cut before the next."""
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
+    root = tmp_path / "avspeech"
+    log = root / "download_log" / "shard-00000-of-00001.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_bytes(b'{"key": "Other/s1", "attempt": 1, "transient": true}\n{"key": "Oth')
+    real = os.write
+
+    def disk_fills(fd, data):
+        if os.fstat(fd).st_ino == log.stat().st_ino:
+            real(fd, bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    def cut_short(f, *args):
+        raise download.Failure("truncated", "cut short", transient=True)
+
+    monkeypatch.setattr(download, "_write_segment", cut_short)
+    monkeypatch.setattr(download.os, "write", disk_fills)
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 2 and "shard-00000-of-00001.jsonl: no space left on device" in err, err
+    # the torn line is gone, and so are the 10 bytes of the record that did not fit
+    assert log.read_bytes() == b'{"key": "Other/s1", "attempt": 1, "transient": true}\n'
+    monkeypatch.setattr(download.os, "write", real)
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["key"], r["attempt"]) for r in records] == [
+        ("Other/s1", 1), ("GoodVideo00/s000001000", 1)]
+
+
+def test_a_file_size_limit_stops_the_run(server, tmp_path, capsys, monkeypatch):
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
+    root = tmp_path / "avspeech"
+
+    def too_big(f, *args):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(download, "_write_segment", too_big)
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "s000001000.mkv: file too large" in err
+    assert not (root / "download_log").exists()  # not the video's fault: not logged
+
+
 def test_classify_failures():
     cases = {
         "[youtube] abc: Private video. Sign in if you've been granted access": "private",
@@ -304,6 +352,9 @@ def test_classify_failures():
         "Unable to download webpage: HTTP Error 429: Too Many Requests": "rate-limited",
         "Unable to download webpage: The read operation timed out": "timeout",
         "Unable to download webpage: HTTP Error 503: Service Unavailable": "network",
+        "Unable to download webpage: HTTP Error 403: Forbidden": "forbidden",
+        "Unsupported URL: http://127.0.0.1/page.html": "no-format",
+        "Invalid data found when processing input": "truncated",
         "something new": "error",
     }
     assert {m: download.classify(m).kind for m in cases} == cases
@@ -416,6 +467,8 @@ def test_a_repeated_row_is_one_segment(server, tmp_path, capsys):
     "http://127.0.0.1:9/{{id}}.mp4",  # a literal "{id}": every video would 404
     "file:///tmp/{id}.mp4", "ftp://127.0.0.1/{id}.mp4", "/tmp/{id}.mp4",
     "http://127.0.0.1:9/{id!r}.mp4",
+    "http://127.0.0.1:99999/{id}.mp4", "http://127.0.0.1:port/{id}.mp4",  # not a port
+    "http://:80/{id}.mp4",  # no host
 ])
 def test_url_template_must_be_http_with_an_id_field(server, tmp_path, capsys, template):
     csvs = _csvs(tmp_path)
@@ -483,7 +536,7 @@ def test_rerun_removes_the_temp_files_of_a_killed_write(server, tmp_path, capsys
 
 @pytest.mark.parametrize("obstacle", [
     "download_log/shard-00000-of-00001.jsonl/", "download_log", "avspeech_train.csv/",
-    "segments",
+    "segments", "segments/GoodVideo00",
 ])
 def test_obstacles_in_out_are_named(server, tmp_path, capsys, obstacle):
     csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])

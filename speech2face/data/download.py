@@ -85,12 +85,15 @@ _FAILURE_KINDS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("geo-blocked", False, ("in your country", "geo restrict", "geo-restrict")),
     ("age-restricted", False, ("confirm your age", "age-restricted", "age restricted")),
     ("rate-limited", True, ("http error 429", "too many requests", "not a bot")),
-    ("no-format", False, ("requested format is not available",)),
+    # YouTube also answers 403 to a bot check or an expired media link: worth a retry.
+    ("forbidden", True, ("http error 403", "forbidden")),
+    ("no-format", False, ("requested format is not available", "unsupported url")),
     ("removed", False, (
         "video unavailable", "has been removed", "no longer available", "account associated",
         "terminated", "http error 404", "http error 410", "does not exist",
     )),
     ("timeout", True, ("timed out", "timeout")),
+    ("truncated", True, ("invalid data found when processing input",)),
     ("network", True, (
         "connection", "temporary failure", "http error 5", "unreachable", "name resolution",
         "remote end closed", "incomplete read", "ssl", "broken pipe",
@@ -137,6 +140,8 @@ def _csv_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise DataError(path, "is a folder, expected a CSV file")
+    if path.exists() and not path.is_file():
+        raise DataError(path, "is not a regular file, expected a CSV file")
     if not path.is_file():
         raise DataError(path, "CSV file not found")
     return path
@@ -159,6 +164,12 @@ def check_url_template(template: str) -> str:
     url = urlsplit(template.format(id="ID"))
     if url.scheme.lower() not in ("http", "https") or not url.netloc:
         raise ConfigError("--url-template", f"must be an http:// or https:// URL, got {template!r}")
+    try:
+        url.port  # noqa: B018 (urlsplit checks the port only when asked)
+    except ValueError as error:
+        raise ConfigError("--url-template", f"{error}: {template!r}") from None
+    if not url.hostname:
+        raise ConfigError("--url-template", f"has no host name: {template!r}")
     return template
 
 
@@ -196,11 +207,31 @@ def _gave_up(records: Sequence[dict], max_attempts: int) -> bool:
 
 
 class _Log:
-    """Appends failure records; one ``write`` per line on an O_APPEND file."""
+    """Appends failure records, a line each, to an O_APPEND file that no other run writes
+    (the output's lock). A record is whole or absent: a write that fails part-way (a full
+    disk) is cut off again, and a line left half-written anyway (a crash in the middle of
+    a write) is cut off before the next record, which would otherwise join it."""
 
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
+        self._checked = False
+
+    def _cut_torn_line(self, fd: int) -> None:
+        """Once a run: cut the file after its last newline (a no-op when it ends in one)."""
+        if self._checked:
+            return
+        self._checked = True
+        end = size = os.fstat(fd).st_size
+        while end > 0:
+            start = max(0, end - 4096)
+            newline = os.pread(fd, end - start, start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            os.ftruncate(fd, end)
 
     def add(self, segment: Segment, failure: Failure, attempt: int) -> None:
         record = {
@@ -212,9 +243,17 @@ class _Log:
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         with self._lock, _disk_errors(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
             try:
-                os.write(fd, line)
+                self._cut_torn_line(fd)
+                size = os.fstat(fd).st_size
+                try:
+                    written = 0
+                    while written < len(line):
+                        written += os.write(fd, line[written:])
+                except OSError:
+                    os.ftruncate(fd, size)  # no half record left behind
+                    raise
             finally:
                 os.close(fd)
 
@@ -229,6 +268,12 @@ def _disk_errors(path: Path):
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(path, "no space left on device; free some and rerun") from None
+        if error.errno == errno.EFBIG:
+            raise DataError(path, "file too large for the file system or the process's "
+                            "file size limit (ulimit -f)") from None
+        if error.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise DataError(path, f"cannot be written: something in its way ({error.strerror}: "
+                            f"{error.filename})") from None
         if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise DataError(path, f"cannot write ({error.strerror}); make the folder "
                             "writable and rerun") from None
@@ -466,6 +511,8 @@ class _Fetcher:
         face = folder / f"{segment.clip}{DESCRIPTOR_SUFFIX}"
         # A run killed while writing this segment left its temporary files; no other run
         # writes this segment now (one job per video and the output's lock), so they go.
+        if folder.exists() and not folder.is_dir():
+            raise DataError(folder, "is in the way: expected the folder of a video's segments")
         for path in (media, face):
             remove_stale_temps(path, folder=False)
         with _disk_errors(media), staged_writes() as stage:
@@ -640,6 +687,13 @@ def download_avspeech(
     segments_dir = root / SEGMENTS_DIR
     if segments_dir.exists() and not segments_dir.is_dir():
         raise DataError(segments_dir, "is in the way: expected the folder of segments")
+    if segments_dir.is_dir():
+        videos = {segment.video for segment in segments}
+        with os.scandir(segments_dir) as entries:
+            for entry in entries:
+                if entry.name in videos and not entry.is_dir():
+                    raise DataError(Path(entry.path), "is in the way: expected the folder of "
+                                    "a video's segments")
     failures = read_failures(root)
     # prepare reads each video's split from these copies.
     copies = []
