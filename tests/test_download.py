@@ -413,6 +413,39 @@ def test_jobs_of_an_array_run_side_by_side(server, tmp_path, capsys):
         holder.wait()
 
 
+def test_runs_that_split_the_videos_otherwise_are_refused(server, tmp_path, capsys):
+    """While a job of a 2-shard array writes --out, an unsharded run or a 3-shard job
+    would fetch and log the same segments: refused in one line; another job of the same
+    array runs; once the job has ended, so does any run."""
+    import subprocess
+    import sys
+
+    csvs = _csvs(tmp_path, train=[TRAIN_ROWS[0]], test=[])
+    root = tmp_path / "avspeech"
+    holder = subprocess.Popen(  # job 1 of 2, still running (it only holds its claim)
+        [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
+         "from speech2face.data.download import _sharding_claim\n"
+         "with _sharding_claim(Path(sys.argv[1]), 2):\n print('held', flush=True); "
+         "time.sleep(60)", str(root)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for sharding in ([], ["--num-shards", "3", "--shard-index", "0"]):
+            code, _, err = _run(_download_args(csvs, root, server, *sharding), capsys)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert "another download into it splits the videos into 2 shard(s)" in err
+        assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
+        code, _, err = _run(_download_args(csvs, root, server, "--num-shards", "2",
+                                           "--shard-index", "0"), capsys)
+        assert code == 0, err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0 and ("1 already there" in out or "1 fetched" in out), (out, err)
+
+
 # ---------------------------------------------- one CSV reader for download and prepare
 
 

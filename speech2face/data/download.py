@@ -259,6 +259,43 @@ class _Log:
 
 
 @contextlib.contextmanager
+def _sharding_claim(root: Path, num_shards: int):
+    """Hold, for a run, the claim that runs writing ``root`` now split its videos into
+    ``num_shards`` shards. Jobs of one array (one ``--num-shards``, each its own index)
+    run side by side; a run that splits otherwise would fetch and log the same segments
+    as they do, so it is refused (DataError). The claim is a shared ``flock`` on
+    ``.speech2face.shards-N.lock`` in ``root``; another count's file that is locked
+    means a run of that count is alive (the kernel drops a dead run's locks)."""
+    import fcntl
+
+    own = root / f".speech2face.shards-{num_shards:05d}.lock"
+    with _disk_errors(own):
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(own, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        for path in sorted(root.glob(".speech2face.shards-*.lock")):
+            if path == own:
+                continue
+            try:
+                other = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                count = path.name.removeprefix(".speech2face.shards-").removesuffix(".lock")
+                raise DataError(root, f"another download into it splits the videos into "
+                                f"{int(count)} shard(s); runs into one folder at the same "
+                                f"time need the same --num-shards ({num_shards} here)") from None
+            finally:
+                os.close(other)  # and with it the probe's lock
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def _disk_errors(path: Path):
     """A full disk (or quota) or an output that cannot be written (read-only, no
     permission) stops the run: one line naming the file, no traceback. It is no fault of
@@ -655,7 +692,6 @@ def download_avspeech(
     good before), and one count per failure kind of this run.
     """
     from speech2face.utils import atomic_write
-    from speech2face.utils import progress as tqdm
 
     check_url_template(url_template)
     if num_shards < 1 or not 0 <= shard_index < num_shards:
@@ -706,10 +742,20 @@ def download_avspeech(
             raise DataError(copy, f"already holds a different CSV than {path}; "
                             "use another --out or remove it")
         copies.append((copy, data))
-    for copy, data in copies:
-        if not copy.is_file():
-            with _disk_errors(copy), atomic_write(copy) as f:
-                f.write(data)
+    with _sharding_claim(root, num_shards):
+        for copy, data in copies:
+            if not copy.is_file():
+                with _disk_errors(copy), atomic_write(copy) as f:
+                    f.write(data)
+        return _fetch(root, segments, failures, url_template, shard_index, num_shards, workers,
+                      rate_limit, timeout, max_attempts, max_height, progress)
+
+
+def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template: str,
+           shard_index: int, num_shards: int, workers: int, rate_limit: float | None,
+           timeout: float, max_attempts: int, max_height: int, progress: bool) -> Counter:
+    """The segments of this shard that are neither done nor given up, fetched."""
+    from speech2face.utils import progress as tqdm
 
     by_video: dict[str, list[Segment]] = defaultdict(list)
     for segment in segments:
