@@ -13,7 +13,8 @@ import io
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -422,7 +423,7 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
 AVSPEECH_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # millions of them: no __dict__ each
 class AvspeechSegment:
     """One AVSpeech CSV row: ``[start, end)`` seconds of a video, the face centre as
     fractions of the frame, the split of its CSV and where it is ("file:line")."""
@@ -463,14 +464,12 @@ def read_avspeech_csvs(tables: Iterable[tuple[str | os.PathLike, str]]) -> list[
     seen: dict[str, AvspeechSegment] = {}
     for path, split in tables:
         path = Path(path)
-        try:
-            rows = list(csv.reader(io.StringIO(_read_text(path))))
-        except csv.Error as error:
-            raise DataError(path, f"not a CSV text file ({error})") from None
-        for line, row in enumerate(rows, 1):
+        rows = csv.reader(io.StringIO(_read_text(path)))
+        source = str(path)  # one string shared by the rows' "file:line"
+        for line, row in enumerate(_csv_rows(path, rows), 1):
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
-            segment = _avspeech_row(path, line, row, split)
+            segment = _avspeech_row(path, source, line, row, split)
             first = seen.setdefault(segment.key, segment)
             if first is segment:
                 segments.append(segment)
@@ -482,7 +481,16 @@ def read_avspeech_csvs(tables: Iterable[tuple[str | os.PathLike, str]]) -> list[
     return segments
 
 
-def _avspeech_row(path: Path, line: int, row: list[str], split: str) -> AvspeechSegment:
+def _csv_rows(path: Path, rows) -> Iterator[list[str]]:
+    """The reader's rows, one at a time (a CSV's rows as lists take ~0.4 kB each)."""
+    try:
+        yield from rows
+    except csv.Error as error:
+        raise DataError(path, f"not a CSV text file ({error})") from None
+
+
+def _avspeech_row(path: Path, source: str, line: int, row: list[str],
+                  split: str) -> AvspeechSegment:
     where = f"line {line}"
     shown = ",".join(row)[:80]
     if len(row) != 5:
@@ -507,7 +515,7 @@ def _avspeech_row(path: Path, line: int, row: list[str], split: str) -> Avspeech
         raise DataError(path, f"{where}: need 0 <= start < end, got {start}, {end}")
     if not (0 <= x <= 1 and 0 <= y <= 1):
         raise DataError(path, f"{where}: face centre x, y must be fractions in [0, 1]: {shown!r}")
-    return AvspeechSegment(video, start, end, x, y, split, f"{path}:{line}")
+    return AvspeechSegment(video, start, end, x, y, sys.intern(split), f"{source}:{line}")
 
 
 def segment_name(start: float) -> str:
