@@ -177,6 +177,17 @@ def test_download_then_prepare(server, tmp_path, capsys):
     batch = data.load_split(shards, "test")
     assert [m["clip"] for m in batch["meta"]] == ["s000002000"]
 
+    # A segment that failed while others of its video came down is reported as skipped.
+    for suffix in (".mkv", ".face.npy"):
+        (root / "segments" / "GoodVideo00" / f"s000004500{suffix}").unlink()
+    shards = tmp_path / "shards-2"
+    data.prepare("avspeech", root, shards, progress=False, identity_threshold=0.2)
+    manifest = data.load_manifest(shards)
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 2
+    assert {"item": "GoodVideo00/GoodVideo00/s000004500",
+            "reason": "segment not downloaded"} in manifest["skipped"]
+    assert manifest["counts"]["clips_skipped"] == 1 + 5  # and the 5 failed videos' clips
+
 
 def test_fetches_only_the_segment(server, tmp_path, capsys):
     csvs = _csvs(tmp_path, train=["LongVideo00,60.0,63.0,0.5,0.5"], test=[])

@@ -79,6 +79,8 @@ class Unit:
     clips: tuple[Clip, ...]
     frames: tuple[Frame, ...]
     skip: str | None = None  # reason the whole video is skipped without processing
+    # clips the dataset lists that the folder lacks (AVSpeech segments not downloaded)
+    missing: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -404,6 +406,7 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
             )
         else:  # segment files, each timed from its segment's start
             files = {s: root / SEGMENTS_DIR / ytid / f"{segment_name(s)}.mkv" for s, *_ in segs}
+            missing = tuple(segment_name(s) for s, *_ in segs if not files[s].is_file())
             segs = [seg for seg in segs if files[seg[0]].is_file()]
             clips = tuple(
                 Clip(segment_name(s), str(files[s]), 0.0, e - s, offset=s) for s, e, _, _ in segs
@@ -413,9 +416,11 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
                 for s, e, x, y in _evenly(segs, frames_per_video)
             )
         if not clips:
-            units.append(Unit(ytid, ytid, None, None, (), (), skip="video not downloaded"))
+            units.append(Unit(ytid, ytid, None, None, (), (), skip="video not downloaded",
+                              missing=tuple(segment_name(s) for s, *_ in segments[ytid])))
             continue
-        units.append(Unit(ytid, ytid, split, None, clips, frames))
+        units.append(Unit(ytid, ytid, split, None, clips, frames,
+                          missing=() if path is not None else missing))
     return units
 
 

@@ -172,10 +172,14 @@ class _Processor:
 
     def __call__(self, unit: Unit) -> UnitResult:
         result = UnitResult([], [])
+        if unit.missing:
+            result.counts.update(clips_skipped=len(unit.missing))
         if unit.skip is not None:
             result.skipped.append((unit.key, unit.skip))
             result.counts.update(videos_skipped=1, clips_skipped=len(unit.clips))
             return result
+        result.skipped.extend((f"{unit.key}/{name}", "segment not downloaded")
+                              for name in unit.missing)
         needed = self._crops_needed(unit)
         crops, landmarks = [], []
         for frame in unit.frames:
