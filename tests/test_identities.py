@@ -90,25 +90,24 @@ def test_stored_descriptors_are_validated(tmp_path):
     np.save(folder / "s000002000.face.npy", np.zeros(127, np.float32))  # wrong size
     (folder / "s000003000.face.npy").write_bytes(b"not numpy")
     clips = tuple(Clip(f"s00000{k}000", str(folder / f"s00000{k}000.mkv")) for k in (1, 2, 3))
-    features, unreadable = identities.video_descriptors(
+    features, unreadable, sources = identities.video_descriptors(
         [Unit("vid", "vid", "train", None, clips, ())], progress=False
     )
+    assert sources == {"downloaded": 1}
     np.testing.assert_array_equal(features[0], good)
     assert sorted(Path(p).name for p in unreadable) == [
         "s000002000.face.npy", "s000003000.face.npy"
     ]
 
 
-def test_no_speaker_spans_two_splits(demo_speakers, tmp_path, capsys):
-    """Speaker 0 in three videos and speaker 1 in two, listed in both official CSVs;
-    speaker 2 in one. Merged, each speaker's videos land in one split."""
-    from speech2face import cli, data
+VIDEOS = {  # video -> (speaker, official split)
+    "Spk0VideoA": (0, "train"), "Spk0VideoB": (0, "test"), "Spk0VideoC": (0, "train"),
+    "Spk1VideoA": (1, "train"), "Spk1VideoB": (1, "test"), "Spk2VideoA": (2, "test"),
+}
 
-    root = tmp_path / "avspeech"
-    videos = {  # video -> (speaker, official split)
-        "Spk0VideoA": (0, "train"), "Spk0VideoB": (0, "test"), "Spk0VideoC": (0, "train"),
-        "Spk1VideoA": (1, "train"), "Spk1VideoB": (1, "test"), "Spk2VideoA": (2, "test"),
-    }
+
+def _avspeech_videos(root: Path, demo_speakers, videos=VIDEOS) -> None:
+    """An AVSpeech folder (videos/ layout) of generated speakers, one 3-s video each."""
     rows = {"train": [], "test": []}
     (root / "videos").mkdir(parents=True)
     for k, (video, (speaker, split)) in enumerate(sorted(videos.items())):
@@ -118,6 +117,79 @@ def test_no_speaker_spans_two_splits(demo_speakers, tmp_path, capsys):
         rows[split].append(f"{video},0.5,2.5,0.5,0.5")
     for split, lines in rows.items():
         (root / f"avspeech_{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_job_array_embeds_each_video_once(demo_speakers, tmp_path, capsys, monkeypatch):
+    """Step 1 (--descriptors-only, one job per shard) embeds each video's faces once into
+    OUT/parts/descriptors; the step-2 jobs find them there (no face embedded again), and
+    their merged shards and identities equal a single run's. A damaged store file is
+    removed and its videos embedded again."""
+    from speech2face import cli, data
+
+    root = tmp_path / "avspeech"
+    _avspeech_videos(root, demo_speakers)
+    common = ["--identity-threshold", "0.2", "--frames-per-video", "1"]
+    single = tmp_path / "single"
+    assert cli.main(["prepare", "avspeech", "--root", str(root), "--out", str(single),
+                     *common]) == 0
+    store = single / data.PARTS_DIR / identities.STORE_DIR
+    assert [p.name for p in store.iterdir()] == ["00000-of-00001-000000.npz"]
+    known, damaged = identities.read_store(store)
+    assert sorted(known) == sorted(VIDEOS) and damaged == []
+
+    calls = []
+    real = identities.face_descriptor
+    monkeypatch.setattr(identities, "face_descriptor",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    array = tmp_path / "array"
+    for index in (0, 1):
+        assert cli.main(["prepare", "avspeech", "--root", str(root), "--out", str(array),
+                         "--descriptors-only", "--shard-index", str(index),
+                         "--num-shards", "2", *common]) == 0
+    assert len(calls) == len(VIDEOS)  # each video once, across the two jobs
+    assert "videos embedded now" in capsys.readouterr().out
+    for index in (0, 1):
+        assert cli.main(["prepare", "avspeech", "--root", str(root), "--out", str(array),
+                         "--shard-index", str(index), "--num-shards", "2", *common]) == 0
+    assert len(calls) == len(VIDEOS)  # step 2 embedded nothing
+    merged, alone = data.load_manifest(array), data.load_manifest(single)
+    assert merged["identity_merging"] == alone["identity_merging"]
+    for split in alone["splits"]:
+        assert sorted(m["identity"] + m["video"] for m in data.load_split(array, split)["meta"]) \
+            == sorted(m["identity"] + m["video"] for m in data.load_split(single, split)["meta"])
+
+    # A damaged store file goes; its videos are embedded again, the result the same.
+    again = tmp_path / "again"
+    store = again / data.PARTS_DIR / identities.STORE_DIR
+    store.mkdir(parents=True)
+    (store / "00000-of-00001-000000.npz").write_bytes(b"PK not a zip")
+    calls.clear()
+    assert cli.main(["prepare", "avspeech", "--root", str(root), "--out", str(again),
+                     *common]) == 0
+    assert len(calls) == len(VIDEOS)
+    assert data.load_manifest(again)["identity_merging"] == alone["identity_merging"]
+    known, damaged = identities.read_store(store)
+    assert sorted(known) == sorted(VIDEOS) and damaged == []
+
+
+def test_descriptors_only_is_for_avspeech(tmp_path, capsys):
+    from speech2face import cli
+
+    code = cli.main(["prepare", "voxceleb1", "--root", str(tmp_path), "--out",
+                     str(tmp_path / "out"), "--descriptors-only"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--descriptors-only: is for avspeech" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_speaker_spans_two_splits(demo_speakers, tmp_path, capsys):
+    """Speaker 0 in three videos and speaker 1 in two, listed in both official CSVs;
+    speaker 2 in one. Merged, each speaker's videos land in one split."""
+    from speech2face import cli, data
+
+    root = tmp_path / "avspeech"
+    videos = VIDEOS
+    _avspeech_videos(root, demo_speakers)
 
     # Generated faces are far more alike than people (different speakers 0.3-0.7 apart in
     # dlib's space, one speaker's videos ~0.1), so the test uses a tighter threshold.

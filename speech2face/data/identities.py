@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
@@ -267,23 +268,99 @@ def read_descriptor(path: str | os.PathLike) -> np.ndarray:
     return value.astype(np.float32)
 
 
-def video_descriptors(
-    units, detector: str = "hog", progress: bool = True
-) -> tuple[np.ndarray, list[str]]:
-    """``(N, 128)`` mean face descriptor of each unit (a row of NaN: no face found), and
-    the stored descriptor files that were not valid (ignored).
+# prepare keeps the descriptors it computes from frames (videos/ layout, or segments
+# without download's .face.npy) under OUT/parts/descriptors, in files of STORE_CHUNK
+# videos: every job of an array needs all of them before it can split the corpus, and
+# a rerun after a kill should not embed them again.
+STORE_DIR = "descriptors"
+STORE_CHUNK = 1000
+_STORE_FILE = re.compile(r"(?P<tag>[0-9A-Za-z-]+)-(?P<chunk>\d{6})\.npz")
 
-    The descriptors that ``download`` stored beside the segments are used when there;
-    otherwise the unit's frames are read and embedded here (dlib, as download does)."""
+
+def read_store(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Video -> mean descriptor (all NaN: no face in its frames) from the store's files,
+    validated, and the files that were not valid (ignored: their videos are embedded
+    again). A store file holds ``videos`` (names) and ``descriptors`` ``(n, 128)``."""
+    known: dict[str, np.ndarray] = {}
+    invalid = []
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.npz")) if folder.is_dir() else ():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                videos, values = f["videos"], f["descriptors"]
+            ok = (_STORE_FILE.fullmatch(path.name) is not None and videos.ndim == 1
+                  and videos.dtype.kind == "U" and values.shape == (len(videos), DESCRIPTOR_DIM)
+                  and values.dtype == np.float32
+                  and bool(np.all(np.isfinite(values).all(1) | np.isnan(values).all(1))))
+        except (OSError, ValueError, KeyError, EOFError):
+            ok = False
+        if not ok:
+            invalid.append(str(path))
+            continue
+        known.update(zip(videos.tolist(), values, strict=True))
+    return known, invalid
+
+
+class _StoreWriter:
+    """Appends computed descriptors to ``folder`` as ``TAG-NNNNNN.npz`` files of
+    STORE_CHUNK videos (each written whole, atomically; a kill loses at most one)."""
+
+    def __init__(self, folder: Path, tag: str):
+        self.folder, self.tag = folder, tag
+        taken = [int(m["chunk"]) for p in folder.glob(f"{tag}-*.npz")
+                 if (m := _STORE_FILE.fullmatch(p.name)) and m["tag"] == tag]
+        self.next = max(taken, default=-1) + 1
+        self.videos: list[str] = []
+        self.values: list[np.ndarray] = []
+
+    def add(self, video: str, value: np.ndarray) -> None:
+        self.videos.append(video)
+        self.values.append(value)
+        if len(self.videos) >= STORE_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        from speech2face.utils import atomic_write
+
+        if not self.videos:
+            return
+        with atomic_write(self.folder / f"{self.tag}-{self.next:06d}.npz") as f:
+            np.savez(f, videos=np.array(self.videos),
+                     descriptors=np.stack(self.values).astype(np.float32))
+        self.next += 1
+        self.videos, self.values = [], []
+
+
+def video_descriptors(
+    units, detector: str = "hog", progress: bool = True, store: Path | None = None,
+    tag: str = "prepare",
+) -> tuple[np.ndarray, list[str], Counter]:
+    """``(N, 128)`` mean face descriptor of each unit (a row of NaN: no face found),
+    download's descriptor files that were not valid (ignored), and where the descriptors
+    came from (counts: ``stored``, ``downloaded``, ``computed``). Store files that are not
+    valid are removed (their videos are embedded and stored again).
+
+    In order: the store (``store``: prepare's, see STORE_DIR), the descriptors that
+    ``download`` put beside the segments, else the unit's frames, read and embedded here
+    (dlib, as download does), and added to the store under ``tag``."""
     from speech2face.data.prepare import read_video_frame
     from speech2face.face_encoders import load_face_encoder
     from speech2face.utils import progress as tqdm
 
+    known, damaged = read_store(store) if store is not None else ({}, [])
+    for path in damaged:  # ours, and written again below: not the inputs' fault
+        Path(path).unlink(missing_ok=True)
+    unreadable: list[str] = []
+    writer = _StoreWriter(store, tag) if store is not None else None
+    sources: Counter = Counter()
     encoder = None
     out = np.full((len(units), DESCRIPTOR_DIM), np.nan, np.float32)
-    unreadable = []
     for i, unit in enumerate(tqdm(units, desc="identities: faces", unit="video",
                                   disable=not progress)):
+        if unit.video in known:
+            out[i] = known[unit.video]
+            sources["stored"] += 1
+            continue
         found = []
         for path in (descriptor_path(c.path) for c in unit.clips):
             try:
@@ -291,23 +368,32 @@ def video_descriptors(
                     found.append(read_descriptor(path))
             except DataError:
                 unreadable.append(str(path))
-        if not found:
-            encoder = encoder or load_face_encoder("dlib")
-            for frame in unit.frames:
-                try:
-                    image = read_video_frame(frame.path, frame.time)
-                except Speech2FaceError:
-                    continue
-                one = face_descriptor(image, frame.centre, detector, encoder)
-                if one is not None:
-                    found.append(one)
         if found:
             out[i] = np.mean(found, axis=0)
-    return out, unreadable
+            sources["downloaded"] += 1
+            continue
+        encoder = encoder or load_face_encoder("dlib")
+        for frame in unit.frames:
+            try:
+                image = read_video_frame(frame.path, frame.time)
+            except Speech2FaceError:
+                continue
+            one = face_descriptor(image, frame.centre, detector, encoder)
+            if one is not None:
+                found.append(one)
+        if found:
+            out[i] = np.mean(found, axis=0)
+        sources["computed"] += 1
+        if writer is not None:
+            writer.add(unit.video, out[i])
+    if writer is not None:
+        writer.flush()
+    return out, unreadable, sources
 
 
 def merge_units(units, threshold: float = SAME_PERSON_DISTANCE, linkage: str = "average",
-                detector: str = "hog", progress: bool = True) -> tuple[list, dict]:
+                detector: str = "hog", progress: bool = True, store: Path | None = None,
+                tag: str = "prepare") -> tuple[list, dict]:
     """AVSpeech videos clustered by face into identities, before the split.
 
     units: ``data.Unit`` per video (identity = video). Returns the units (in processing
@@ -315,11 +401,14 @@ def merge_units(units, threshold: float = SAME_PERSON_DISTANCE, linkage: str = "
     ``identity`` = the cluster's name (its alphabetically first video) and ``split`` = the
     split most of its videos had (ties: test, then val), and a report: videos, identities,
     ``merged_videos`` (videos that joined another's identity), ``moved_videos`` (whose
-    split changed), videos without a face (left alone: prepare skips them), stored
-    descriptor files that were not valid (ignored), threshold, linkage.
+    split changed), videos without a face (left alone: prepare skips them), download's
+    descriptor files that were not valid (ignored), threshold, linkage; and
+    ``descriptor_sources`` (:func:`video_descriptors`' counts; not part of a run's
+    identity: a rerun finds in the store what the first run computed).
+    store, tag: :func:`video_descriptors`'.
     """
     listed = [u for u in units if u.skip is None]
-    features, unreadable = video_descriptors(listed, detector, progress)
+    features, unreadable, sources = video_descriptors(listed, detector, progress, store, tag)
     has_face = ~np.isnan(features).any(axis=1)
     names = [u.video for u, ok in zip(listed, has_face, strict=True) if ok]
     identity = merge_names(names, features[has_face], threshold, linkage)
@@ -348,5 +437,6 @@ def merge_units(units, threshold: float = SAME_PERSON_DISTANCE, linkage: str = "
         "unreadable_descriptor_files": unreadable,
         "threshold": threshold,
         "linkage": linkage,
+        "descriptor_sources": dict(sources),
     }
     return processing_order(out), report

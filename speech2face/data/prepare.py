@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -56,7 +57,13 @@ from speech2face.data.datasets import (
     list_units,
     stable_hash,
 )
-from speech2face.data.identities import LINKAGES, SAME_PERSON_DISTANCE, merge_units
+from speech2face.data.identities import (
+    LINKAGES,
+    SAME_PERSON_DISTANCE,
+    STORE_DIR,
+    merge_units,
+    video_descriptors,
+)
 from speech2face.data.parts import (
     files_fingerprint,
     listing_fingerprint,
@@ -79,7 +86,7 @@ from speech2face.data.shards import (
     _decode_jpeg,
     _encode_jpeg,
 )
-from speech2face.errors import DataError, Speech2FaceError
+from speech2face.errors import ConfigError, DataError, Speech2FaceError
 from speech2face.utils import (
     atomic_write,
     output_entries,
@@ -553,6 +560,45 @@ class _SplitWriter:
             self.shards.tarstream.close()
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an ``out`` that holds something but is not a prepare output."""
+    if not (out / PARTS_DIR).is_dir() and any(p.name != PARTS_DIR for p in output_entries(out)):
+        raise DataError(out, "output folder exists, is not empty and is not a prepare output")
+
+
+def store_descriptors(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    *,
+    detector: str = "hog",
+    frames_per_video: int = FRAMES_PER_VIDEO,
+    progress: bool = True,
+) -> dict:
+    """Step 1 of an AVSpeech job array (``prepare avspeech --descriptors-only``): the face
+    descriptors that identity merging needs, of this job's videos (stable hash
+    ``shard_index`` mod ``num_shards``), embedded from their frames where ``download``
+    stored none, into ``out/parts/descriptors``. Every job of step 2 (``prepare``) then
+    finds them there instead of embedding every video of the corpus itself.
+
+    Returns counts: ``stored`` (there before), ``downloaded`` (download's files),
+    ``computed`` (now), ``without_face``. Resumable: a rerun embeds only what is missing.
+    """
+    if not 0 <= shard_index < num_shards:
+        raise DataError(None, f"--shard-index {shard_index} is not in [0, {num_shards})")
+    if frames_per_video < 1:
+        raise DataError(None, "frames must be >= 1")
+    out = Path(out)
+    units = [u for u in list_units("avspeech", root, frames_per_video)
+             if u.skip is None and stable_hash(u.key) % num_shards == shard_index]
+    _check_output(out)
+    features, _, sources = video_descriptors(units, detector, progress, out / PARTS_DIR / STORE_DIR,
+                                             tag=part_name(shard_index, num_shards))
+    return {**{k: sources.get(k, 0) for k in ("stored", "downloaded", "computed")},
+            "without_face": int(np.isnan(features).any(axis=1).sum())}
+
+
 def prepare(
     dataset: str,
     root: str | os.PathLike,
@@ -595,7 +641,6 @@ def prepare(
     if (samples_per_shard < 1 or workers < 1 or crops_per_sample < 1 or frames_per_video < 1
             or mix_clips < 1):
         raise DataError(None, "samples per shard, workers, crops and frames must be >= 1")
-    from speech2face.errors import ConfigError
     from speech2face.faces import FACE_ENCODERS  # not face_encoders: that imports torch
 
     if encoder not in FACE_ENCODERS:
@@ -616,14 +661,21 @@ def prepare(
     if encoder != "dlib":  # the weights are refused now, not after --out is made
         _face_encoder(encoder, options.encoder_weights)
     all_units = list_units(dataset, root, frames_per_video)
+    part = part_name(shard_index, num_shards)
+    parts = out / PARTS_DIR
+    _check_output(out)
     merging = None  # AVSpeech: one identity per person, not per video (data/identities.py)
     if dataset == "avspeech" and identity_threshold > 0:
         all_units, merging = merge_units(
-            all_units, identity_threshold, identity_linkage, detector, progress
+            all_units, identity_threshold, identity_linkage, detector, progress,
+            store=parts / STORE_DIR, tag=part,
         )
+        sources = merging.pop("descriptor_sources")  # not the run's identity: a rerun
+        if sources.get("computed"):  # finds in the store what this one computed
+            print(f"identities: {sources['computed']} videos' faces embedded from their "
+                  f"frames (kept in {parts / STORE_DIR})", file=sys.stderr)
     units = [u for u in all_units if stable_hash(u.key) % num_shards == shard_index]
     windows = plan_windows(units, mix_clips, seed)
-    part = part_name(shard_index, num_shards)
     run_id = {
         "format": FORMAT_VERSION,
         "options": asdict(options),
@@ -636,7 +688,6 @@ def prepare(
     }
     run_id["options"].pop("encoder_weights")  # where the weights lie is not what they are
     run_id = json.loads(json.dumps(run_id))  # as it reads back from a file (tuples: lists)
-    parts = out / PARTS_DIR
     part_manifest_path = parts / f"manifest-{part}.json"
     progress_path = parts / f"progress-{part}.json"
 
@@ -654,8 +705,6 @@ def prepare(
         return done
     if progress_path.is_file():
         state = resume_state(progress_path, run_id, PROCESSING_VERSION, windows, out)
-    elif any(p for p in output_entries(out) if p.name != PARTS_DIR) and not parts.is_dir():
-        raise DataError(out, "output folder exists, is not empty and is not a prepare output")
     else:
         state = new_state()
     prefix = "" if num_shards == 1 else f"p{shard_index:05d}-"
@@ -983,6 +1032,12 @@ def add_prepare_arguments(parser) -> None:
         action="store_true",
         help="only merge the finished parts' manifests into manifest.json",
     )
+    parser.add_argument(
+        "--descriptors-only",
+        action="store_true",
+        help="AVSpeech, step 1 of a job array: only embed the faces of this job's videos "
+        "that identity merging needs into OUT/parts/descriptors (docs/data.md)",
+    )
 
 
 def prepare_output(args) -> tuple[Path, bool]:
@@ -1001,6 +1056,18 @@ def prepare_command(args) -> int:
         manifest = merge_manifests(args.out, args.num_shards)
     elif args.dataset is None or args.root is None:
         raise DataError(None, "give the dataset and --root (or --merge to merge finished parts)")
+    elif args.descriptors_only:
+        if args.dataset != "avspeech":
+            raise ConfigError("--descriptors-only", "is for avspeech (whose identities are "
+                              f"found from faces), not {args.dataset}")
+        counts = store_descriptors(
+            args.root, args.out, args.shard_index, args.num_shards or 1,
+            detector=args.detector, frames_per_video=args.frames_per_video)
+        print(f"{Path(args.out) / PARTS_DIR / STORE_DIR}: {counts['computed']} videos embedded "
+              f"now, {counts['stored']} there before, {counts['downloaded']} from download's "
+              f"descriptors; {counts['without_face']} without a face "
+              f"({time.perf_counter() - start:.1f} s)")
+        return 0
     else:
         part = prepare(
             args.dataset,
