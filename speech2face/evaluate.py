@@ -286,16 +286,12 @@ def distance_matrix(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np
 
 
 def _l1_distances(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """A few queries at a time: the differences of all at once are Q x G x D floats
-    (VoxCeleb2's 36,000 test clips against 118 identities' 4096-D means: 140 GB)."""
-    out = np.empty((len(q), len(g)))
-    rows = max(1, _L1_ELEMENTS // max(1, g.size))
-    for start in range(0, len(q), rows):
-        out[start:start + rows] = np.abs(q[start:start + rows, None, :] - g[None]).sum(-1)
-    return out
+    """scipy's C loop, pair by pair in float64: no Q x G x D differences in memory
+    (VoxCeleb2's 36,000 test clips against 118 identities' 4096-D means: 140 GB), and
+    10x the speed of numpy's differences a few queries at a time."""
+    from scipy.spatial.distance import cdist
 
-
-_L1_ELEMENTS = 1 << 22  # differences held at once by the L1 distances (32 MB of float64)
+    return cdist(q, g, "cityblock")
 
 # Below this share of |q|^2 + |g|^2, a squared distance from the expansion
 # |q|^2 + |g|^2 - 2 q.g has lost too many digits to cancellation (identical 4096-D

@@ -115,14 +115,15 @@ def test_shuffled_feature_baseline_never_meets_its_own_face():
         assert ev.compute_metrics(c, draws=2, seed=seed)["feature_similarity_shuffled"] in allowed
 
 
-def test_l1_distances_are_taken_a_few_queries_at_a_time(monkeypatch):
-    """The differences of a chunk of queries at a time (all at once, VoxCeleb2's test
-    clips against 4096-D identity means would need 140 GB): the same distances."""
+def test_l1_distances_and_float64_queries_a_chunk_at_a_time(monkeypatch):
+    """L1 against the float64 differences summed (identical features exactly 0 apart),
+    and every metric with the queries taken to float64 a chunk at a time."""
     rng = np.random.default_rng(5)
     q, g = rng.normal(size=(23, 16)), rng.normal(size=(7, 16))
-    monkeypatch.setattr(ev, "_L1_ELEMENTS", 3 * g.size)  # chunks of 3 queries
-    np.testing.assert_allclose(ev.distance_matrix(q, g, "l1"), cdist(q, g, "cityblock"),
-                               rtol=1e-12)
+    g[2] = q[4]
+    l1 = ev.distance_matrix(q, g, "l1")
+    np.testing.assert_allclose(l1, np.abs(q[:, None] - g[None]).sum(-1), rtol=1e-12)
+    assert l1[4, 2] == 0.0
     assert ev.distance_matrix(q[:0], g, "l1").shape == (0, 7)
     # and the queries go to float64 a chunk at a time, for every metric
     monkeypatch.setattr(ev, "_ROWS", 4)
