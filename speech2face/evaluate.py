@@ -909,21 +909,23 @@ class _Collector:
 
     @classmethod
     def load(cls, folder: Path, key: str, attributes: bool, grid_rows: int,
-             recognizer: Recognizer | None = None) -> _Collector | None:
-        """The state saved in ``folder`` for the same ``key``, else None."""
+             recognizer: Recognizer | None = None,
+             batch_size: int | None = None) -> _Collector | None:
+        """The state saved in ``folder`` for the same ``key``, checked (with the run's
+        ``batch_size``: as many samples as its batches hold), else None: start over."""
+        import zipfile
+
         try:
             state = json.loads((folder / "state.json").read_text())
             if not isinstance(state, dict) or state.get("key") != key \
-                    or not _valid_state(state):
+                    or not _valid_state(state, batch_size):
                 return None
             with np.load(folder / state["arrays"], allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
-        if len(arrays.get("pred", ())) != len(state["ids"]) or any(
-                f"grid{i}_{part}" not in arrays for i in range(len(state["grid_labels"]))
-                for part in ("true", "canon", "recon")):
-            return None  # arrays and state from different saves: start over
+        if not _valid_arrays(arrays, len(state["ids"]), len(state["grid_labels"])):
+            return None  # damaged, or arrays and state from different saves: start over
         collector = cls(attributes, grid_rows, recognizer)
         collector.batches = state["batches"]
         collector.meta_genders = state["meta_genders"]
@@ -939,10 +941,38 @@ class _Collector:
         return collector
 
 
-def _valid_state(state: dict) -> bool:
+def _valid_arrays(arrays: dict, samples: int, grid_rows: int) -> bool:
+    """Whether a saved evaluation's arrays are what :meth:`_Collector.save` writes for
+    ``samples`` samples and ``grid_rows`` grid rows: finite floats of the right shapes,
+    uint8 images, nothing else."""
+    def floats(name, *shape):
+        a = arrays.get(name)
+        return (a is not None and a.dtype.kind == "f" and a.ndim == len(shape) + 1
+                and len(a) == samples and all(n is None or n == m for n, m in zip(
+                    shape, a.shape[1:], strict=True)) and bool(np.isfinite(a).all()))
+
+    def thumbnails(name):  # flattened, a row a sample
+        a = arrays.get(name)
+        return a is None or (a.dtype == np.uint8 and a.ndim == 2 and len(a) == samples)
+
+    grid = {f"grid{i}_{part}" for i in range(grid_rows) for part in ("true", "canon", "recon")}
+    if not (floats("pred", None) and floats("true", arrays["pred"].shape[1])
+            and floats("rec_lm", 68, 2) and floats("can_lm", 68, 2)):
+        return False
+    if set(arrays) - set(_ARRAYS) != grid:
+        return False
+    embeddings = [k for k in ("face_emb", "rec_emb", "can_emb") if k in arrays]
+    if embeddings and not all(floats(k, None) for k in embeddings):
+        return False
+    return (thumbnails("face_px") and thumbnails("can_px")
+            and all(arrays[k].dtype == np.uint8 and arrays[k].ndim == 3
+                    and arrays[k].shape[-1] == 3 for k in grid))
+
+
+def _valid_state(state: dict, batch_size: int | None = None) -> bool:
     """Whether a saved evaluation state (``state.json``) has the fields and types that
-    :meth:`_Collector.save` writes; anything else is ignored and the evaluation starts
-    over."""
+    :meth:`_Collector.save` writes (and, with ``batch_size``, as many samples as its
+    batches hold); anything else is ignored and the evaluation starts over."""
     def strings(x):
         return isinstance(x, list) and all(isinstance(v, str) for v in x)
 
@@ -952,7 +982,12 @@ def _valid_state(state: dict) -> bool:
     def pair(x, kind):
         return isinstance(x, list) and len(x) == 2 and all(kind(v) for v in x)
 
-    return (isinstance(state.get("batches"), int) and isinstance(state.get("arrays"), str)
+    batches, ids = state.get("batches"), state.get("ids")
+    if not (isinstance(batches, int) and batches >= 1 and isinstance(ids, list)
+            and (batch_size is None or (batches - 1) * batch_size < len(ids)
+                 <= batches * batch_size)):
+        return False
+    return (isinstance(state.get("arrays"), str)
             and "/" not in state["arrays"] and isinstance(state.get("ids"), list)
             and all(isinstance(v, (int, str)) for v in state["ids"])
             and isinstance(state.get("meta_genders"), list)
@@ -1283,7 +1318,8 @@ def evaluate(
     key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,
                    max_samples=max_samples, seed=seed, attributes=attributes,
                    grid_rows=grid_rows, recognizer=getattr(recognizer, "name", None))
-    collector = _Collector.load(partial, key, attributes, grid_rows, recognizer) or \
+    collector = _Collector.load(partial, key, attributes, grid_rows, recognizer,
+                                batch_size) or \
         _Collector(attributes, grid_rows, recognizer)
     batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed,
                                     skip=collector.batches, model=loaded)

@@ -788,6 +788,14 @@ def test_collector_classifies_the_decoders_own_output_and_keeps_it_on_resume(tmp
     lambda s: s.update(shown=[["a"]]),  # not hashable: would fail building the set
     lambda s: s.update(grid_labels=["a", "b"]),  # rows the arrays do not have
     lambda s: s.clear(),
+    lambda s: s.update(batches=-5),  # would replay (count twice) what was collected
+    lambda s: s.update(batches=3),  # more batches than its 2 samples fill at batch size 2
+    lambda s: {"npz": lambda a: a.update(pred=np.full_like(a["pred"], np.nan))},
+    lambda s: {"npz": lambda a: a.update(true=a["true"][:, :5])},  # another feature width
+    lambda s: {"npz": lambda a: a.update(rec_lm=np.array([["x"] * 2] * 2))},
+    lambda s: {"npz": lambda a: a.update(face_px=a["face_px"].astype(np.float32))},
+    lambda s: {"npz": lambda a: a.update(extra=np.zeros(2))},
+    lambda s: {"npz": None},  # a truncated file
 ])
 def test_collector_ignores_a_damaged_saved_state(tmp_path, damage):
     """A saved evaluation state is validated before use: one that does not match what
@@ -807,11 +815,22 @@ def test_collector_ignores_a_damaged_saved_state(tmp_path, damage):
         collector.add(model, batch)
     collector.save(tmp_path / "state", "k")
     assert ev._Collector.load(tmp_path / "state", "k", True, 1) is not None
+    assert ev._Collector.load(tmp_path / "state", "k", True, 1, batch_size=2) is not None
     path = tmp_path / "state" / "state.json"
     state = json.loads(path.read_text())
-    damage(state)
-    path.write_text(json.dumps(state))
-    assert ev._Collector.load(tmp_path / "state", "k", True, 1) is None
+    arrays = damage(state)
+    if arrays is None:
+        path.write_text(json.dumps(state))
+    else:  # the arrays' file damaged instead
+        npz = tmp_path / "state" / state["arrays"]
+        if arrays["npz"] is None:
+            npz.write_bytes(npz.read_bytes()[:100])
+        else:
+            with np.load(npz) as f:
+                saved = dict(f)
+            arrays["npz"](saved)
+            np.savez(npz, **saved)
+    assert ev._Collector.load(tmp_path / "state", "k", True, 1, batch_size=2) is None
 
 
 def test_misses_are_named_from_the_manifest_for_both_judges(tmp_path):
