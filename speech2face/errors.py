@@ -41,3 +41,7 @@ class DataError(Speech2FaceError):
 
 class ConfigError(Speech2FaceError):
     """A configuration file or override that names an unknown key or a bad value."""
+
+
+class TrainingError(Speech2FaceError):
+    """Training that cannot go on: its loss or weights are no longer finite."""

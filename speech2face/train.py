@@ -429,6 +429,8 @@ def fit(
         """Log the means of the steps since the last row (every process takes part)."""
         nonlocal sums, window_steps, window_start, last_loss
         values = window_means(sums, window_steps, device)
+        if not all(math.isfinite(v) for k, v in values.items() if k != "grad_norm"):
+            raise _diverged(run, f"the loss is {values['total']}", loop.step)
         values.update(term_shares(values, stage.term_weights()))
         elapsed = time.perf_counter() - window_start
         rate = window_steps * config.batch_size / max(elapsed, 1e-9)
@@ -498,6 +500,8 @@ def fit(
             if is_best or loop.step % config.checkpoint_every == 0 or loop.step == config.steps:
                 if window_steps:  # no logging window spans a checkpoint: a resumed run's
                     log_window(lr)  # rows are those of an unbroken run
+                if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+                    raise _diverged(run, "the weights are not finite", loop.step)
                 save_checkpoint(run, stage, optimizer, scheduler, scaler, loop, config, placement,
                                 device, val_loss)
                 if is_best and placement.is_main:
@@ -517,6 +521,16 @@ def fit(
         dist.barrier()
     return FitResult(step=loop.step, train_loss=last_loss, best_val_loss=loop.best_val_loss,
                      best_step=loop.best_step, model_dir=model_dir)
+
+
+def _diverged(run: Path, what: str, step: int):
+    """The error that stops a run whose loss or weights are no longer finite: no
+    checkpoint or model of them is written."""
+    from speech2face.errors import TrainingError
+
+    return TrainingError(run, f"training diverged: {what} at step {step} (lower lr, or set "
+                              "grad_clip); the checkpoints written before are kept: "
+                              "--resume with other settings continues from the last")
 
 
 def precise_batchnorm(stage: Stage, data, batches: int, device: torch.device,

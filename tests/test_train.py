@@ -616,6 +616,29 @@ def test_decoder_with_feature_noise_resumes_to_the_same_weights(shards, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_diverged_run_stops_in_one_line_and_writes_no_nan_model(shards, tmp_path, capsys):
+    """lr = 1e30 turns the weights to NaN: the run stops at the first logged non-finite
+    loss (exit 2, one line) with no checkpoint or model of NaN weights; the checkpoint
+    before it is kept and resumes with another lr."""
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    common = ["--no-progress", "preset=tiny", "val_batches=0", "precise_bn_batches=0",
+              "log_every=1", "checkpoint_every=2"]
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), *common,
+                 "steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--resume",
+                 "--no-progress", "steps=6", "lr=1e30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the new lr's line, then the error
+    assert len(err) == 2 and "training diverged: the loss is nan at step" in err[1], err
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000002"]
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--resume",
+                 "--no-progress", "steps=4", "lr=1e-4"]) == 0
+    weights = _weights(out)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_command_line_errors_exit_2(shards, tmp_path, capsys):
     from speech2face.cli import main
 
