@@ -134,10 +134,16 @@ def read_state(folder: Path) -> dict:
             continue
         if not is_whole(value) or value < low:
             raise _bad(file, f"{key} must be a whole number >= {low}, got {value!r:.40}")
-    for key in ("best_val_loss", "val_loss"):  # NaN is possible: a diverged validation
-        value = state.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise _bad(file, f"{key} must be a number or null, got {state[key]!r:.40}")
+    for key in ("epoch", "epoch_step", "best_step"):  # a step a run has reached
+        if state.get(key) is not None and state[key] > state["step"]:
+            raise _bad(file, f"{key} must be at most the step, {state['step']}, got "
+                             f"{state[key]!r:.40}")
+    value = state.get("val_loss")  # NaN is possible: a diverged validation
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+        raise _bad(file, f"val_loss must be a number or null, got {value!r:.40}")
+    value = state.get("best_val_loss")  # never NaN: a NaN loss is never the best
+    if value is not None and not is_number(value):
+        raise _bad(file, f"best_val_loss must be a finite number or null, got {value!r:.40}")
     for key in ("optimizer", "scheduler"):
         if not isinstance(state.get(key), dict):
             raise _bad(file, f"{key} must be a JSON object")
@@ -152,7 +158,7 @@ def check_checkpoint(folder: Path, state: dict, optimizer_tensors: dict[str, tor
     """Hold a checkpoint's optimiser, scheduler and RNG state to this run's; returns the
     key of the RNG state to restore (this process's, else rank 0's)."""
     _check_optimizer(folder / STATE_FILE, folder / OPTIMIZER_FILE, state["optimizer"],
-                     optimizer_tensors, optimizer)
+                     optimizer_tensors, optimizer, state["step"])
     _like(folder / STATE_FILE, "scheduler", state["scheduler"], scheduler.state_dict())
     _check_settings(folder / STATE_FILE, state)
     file = folder / RNG_FILE
@@ -167,7 +173,9 @@ def check_checkpoint(folder: Path, state: dict, optimizer_tensors: dict[str, tor
 
 
 def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
-                     tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+                     tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                     steps: int) -> None:
+    """``steps``: the run's; Adam's count of each parameter is a whole number up to it."""
     fresh = optimizer.state_dict()["param_groups"]
     groups = meta.get("param_groups")
     if not isinstance(groups, list) or len(groups) != len(fresh):
@@ -203,6 +211,11 @@ def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
                                     f"parameter needs {want}")
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise _bad(tensor_file, f"{key} is not finite floating-point state")
+        if name == "step" and not (0 <= float(tensor) <= steps and float(tensor).is_integer()):
+            raise _bad(tensor_file, f"{key} must be a whole number of steps from 0 to the "
+                                    f"run's {steps}, got {float(tensor):.6g}")
+        if name.endswith("exp_avg_sq") and bool((tensor < 0).any()):
+            raise _bad(tensor_file, f"{key} holds negative values (squares cannot be)")
 
 
 # Ranges of the optimiser's and scheduler's settings in state.json, which a resumed run

@@ -458,7 +458,19 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: 
                         {k: v.shape for k, v in state.items()})
     if problem:
         raise WeightsError(file, "weights do not match the config: " + problem)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() != own[name].is_floating_point() \
+                or tensor.dtype == torch.bool:
+            raise WeightsError(file, f"tensor {name} is {tensor.dtype}, this model's is "
+                                     f"{own[name].dtype}")
     check_finite(state, file)
+    for name, tensor in state.items():  # statistics whose sign the model's arithmetic needs
+        last = name.rpartition(".")[2]
+        if last == "running_var" and bool((tensor < 0).any()):
+            raise WeightsError(file, f"tensor {name} holds negative variances")
+        if last == "scale" and name.endswith(("f_dec.scale", "output_standardization.scale")) \
+                and bool((tensor <= 0).any()):
+            raise WeightsError(file, f"tensor {name} must be positive, got {tensor.min():.3g}")
     module.load_state_dict(state)
 
 

@@ -493,8 +493,8 @@ def fit(
                 if validating:
                     val_loss = _validate(stage, val_data, config, run, loop.step, log, device,
                                          placement, autocast)
-            is_best = val_loss is not None and (loop.best_val_loss is None
-                                                or val_loss < loop.best_val_loss)
+            is_best = val_loss is not None and math.isfinite(val_loss) and (
+                loop.best_val_loss is None or val_loss < loop.best_val_loss)
             if is_best:
                 loop.best_val_loss, loop.best_step = val_loss, loop.step
             if is_best or loop.step % config.checkpoint_every == 0 or loop.step == config.steps:

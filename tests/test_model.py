@@ -155,6 +155,27 @@ def test_bad_bundles_are_weights_errors(tmp_path):
         load_model(Path(path))
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda t, k: t.update({k("running_var"): -t[k("running_var")]}), "negative variances"),
+    (lambda t, k: t.update({k("output_standardization.scale"): torch.tensor(0.0)}),
+     "must be positive"),
+    (lambda t, k: t.update({k("running_mean"): t[k("running_mean")].bool()}), "torch.bool"),
+    (lambda t, k: t.update({k("num_batches_tracked"): torch.tensor(1.5)}), "torch.float32"),
+])
+def test_weights_of_the_right_shape_but_impossible_values_are_refused(tmp_path, edit, words):
+    """A negative BatchNorm variance or a zero output scale passes the finite check and
+    makes every face NaN or one flat colour; a bool or float where the model keeps
+    another kind was converted silently."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_model(_model(), tmp_path / "bundle")
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors, lambda end: next(k for k in tensors if k.endswith(end)))
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightsError, match=words):
+        load_model(path)
+
+
 def test_mismatched_parts_are_refused():
     decoder = FaceDecoder(FaceDecoderConfig.tiny(128), _mean_landmarks())
     with pytest.raises(ValueError, match="does not match"):

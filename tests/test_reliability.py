@@ -668,6 +668,26 @@ BAD_CHECKPOINTS = {
     "optimizer-truncated": (lambda step: (step / "optimizer.safetensors").write_bytes(
         (step / "optimizer.safetensors").read_bytes()[:100]), "optimizer.safetensors",
                             "not a readable"),
+    # values of the right types that no run writes (each was trained on, or a traceback)
+    "adam-step-negative": (_tensors_edit("optimizer.safetensors", lambda t: t.update(
+        {k: torch.tensor(-5.0) for k in t if k.endswith(".step")})), "optimizer.safetensors",
+                           "whole number of steps"),
+    "adam-step-fraction": (_tensors_edit("optimizer.safetensors", lambda t: t.update(
+        {k: torch.tensor(0.5) for k in t if k.endswith(".step")})), "optimizer.safetensors",
+                           "whole number of steps"),
+    "adam-step-beyond-the-run": (_tensors_edit("optimizer.safetensors", lambda t: t.update(
+        {k: torch.tensor(1e30) for k in t if k.endswith(".step")})), "optimizer.safetensors",
+                                 "whole number of steps"),
+    "exp-avg-sq-negative": (_tensors_edit("optimizer.safetensors", lambda t: t[next(
+        k for k in t if k.endswith(".exp_avg_sq"))].view(-1).__setitem__(0, -1.0)),
+        "optimizer.safetensors", "negative"),
+    "epoch-beyond-the-step": (_state_edit(_put("epoch", 10**12)), "state.json", "epoch must"),
+    "epoch-step-beyond": (_state_edit(_put("epoch_step", 10**9)), "state.json", "epoch_step"),
+    "best-loss-nan": (_state_edit(_put("best_val_loss", float("nan"))), "state.json",
+                      "best_val_loss"),
+    "weights-int": (_tensors_edit("model.safetensors", lambda t: t.update(
+        {(k := next(k for k in t if t[k].is_floating_point())): t[k].to(torch.int32)})),
+        "model.safetensors", "torch.int32"),
 }
 
 
