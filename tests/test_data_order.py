@@ -118,7 +118,8 @@ def write_split(out: Path, keys: list[str], per_shard: int = 1000,
     manifest = {
         "format": FORMAT_VERSION, "dataset": "voxceleb2", "encoder": "dlib", "feature_dim": 136,
         "identities": sorted({identity(k) for k in keys}),
-        "splits": {"train": {"samples": len(keys), "identities": [], "shards": entries}},
+        "splits": {"train": {"samples": sum(e["samples"] for e in entries), "identities": [],
+                             "shards": entries}},
     }
     (out / "manifest.json").write_text(json.dumps(manifest))
 

@@ -657,7 +657,8 @@ def _manifest(folder, identities, feature_dim):
     (folder / "manifest.json").write_text(json.dumps({
         "format": FORMAT_VERSION, "encoder": "dlib", "feature_dim": feature_dim,
         "identities": identities,
-        "splits": {"test": {"samples": 4, "identities": identities, "shards": []}}}))
+        "splits": {"test": {"samples": 4, "identities": identities, "shards": [
+            {"path": "test/test-000000.tar", "samples": 4, "size": 40960, "sha256": "0" * 64}]}}}))
     return folder
 
 

@@ -113,6 +113,13 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
                 return f"shard path {shard['path']!r} contains a NUL byte"
             if not (root / shard["path"]).resolve().is_relative_to(inside):
                 return f"shard path {shard['path']!r} is outside the dataset folder"
+            # every sample is tar members of 512-byte headers at least
+            if not 1 <= shard["samples"] <= shard["size"] // 512:
+                return f"shard {shard['path']!r} cannot hold {shard['samples']} samples " \
+                       f"in {shard['size']} bytes"
+        if sum(shard["samples"] for shard in shards) != split["samples"]:
+            return f"split {name!r} counts {split['samples']} samples, its shards " \
+                   f"{sum(shard['samples'] for shard in shards)}"
     return None
 
 
