@@ -635,6 +635,35 @@ def test_cluster_sequence_with_local_processes(corpus, reference, tmp_path):
     assert members(out) == members(reference) and data.verify_shards(out) == []
 
 
+def test_ctrl_c_with_workers_ends_in_one_line_and_the_rerun_continues(corpus, reference,
+                                                                     tmp_path):
+    """Ctrl-C reaches the whole process group: with a pool the command ends at once with
+    "interrupted" (exit 130) and no worker's traceback, never hangs, and the rerun
+    finishes the same shards. Sent at several moments of the run."""
+    import signal
+    import time
+
+    out = tmp_path / "shards"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "speech2face", "prepare", "voxceleb1", "--root",
+               str(corpus), "--out", str(out), "--samples-per-shard", str(PER_SHARD),
+               "--mix-clips", str(MIX), "--workers", "3"]
+    for delay in (1.5, 2.5, 3.5):
+        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay)
+        if job.poll() is not None:
+            break  # finished before this moment
+        os.killpg(job.pid, signal.SIGINT)
+        _, err = job.communicate(timeout=60)  # a hang fails here
+        last = err.replace("\r", "\n").strip().splitlines()[-1:]  # after the progress bar
+        assert job.returncode == 130 and last == ["speech2face prepare: interrupted"], err
+        assert "Traceback" not in err and "terminate called" not in err, err
+    finish = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    assert members(out) == members(reference)
+
+
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
     before = shard_files(reference)
     prepare_vox1(corpus, reference)

@@ -36,10 +36,12 @@ import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -435,7 +437,64 @@ _WORKER: _Processor | None = None
 
 def _worker_init(options: Options) -> None:
     global _WORKER
+    # Ctrl-C is the command's to handle (it reaches the whole process group): a worker
+    # interrupted while handing over a result left the pool's pipe half-written, and the
+    # command waiting for the rest of it for ever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     _WORKER = _Processor(options, single_thread=True)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the command's process ends, even by
+    SIGKILL, instead of letting it finish a video for nobody and fail (a BrokenPipeError
+    traceback) to hand it over. Elsewhere a no-op."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the command ended before the call
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def _interrupt_between_units() -> Iterator[Callable[[], None]]:
+    """Ctrl-C ends the run between units instead of inside dlib: a KeyboardInterrupt
+    raised in its C++ code (pybind11) aborted the process ("terminate called after
+    throwing..."). Yields ``check()``, which raises KeyboardInterrupt once one was asked
+    for. Only in the main thread (where signal handlers live); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    asked: list[int] = []
+
+    def check() -> None:
+        if asked:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, lambda *_: asked.append(1))
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()  # asked for after the last unit: the run still ends as interrupted
+
+
+def _stop(pool) -> None:
+    """Terminate the pool, waiting for it at most STOP_SECONDS: a worker terminated while
+    handing over a result leaves the pool's result thread waiting for the rest of it,
+    and ``terminate`` waiting for that thread, for ever (both end with the process)."""
+    stopping = threading.Thread(target=pool.terminate, daemon=True)
+    stopping.start()
+    stopping.join(STOP_SECONDS)
+    if not stopping.is_alive():
+        pool.join()
+
+
+STOP_SECONDS = 10.0
 
 
 def _worker_run(unit: Unit) -> UnitResult:
@@ -839,7 +898,14 @@ def _results(units: list[Unit], options: Options, workers: int,
     """
     if workers == 1 or len(units) <= 1:
         processor = _Processor(options)
-        return (processor(u) for u in units)
+
+        def one_by_one():
+            with _interrupt_between_units() as check:
+                for unit in units:
+                    check()
+                    yield processor(unit)
+
+        return one_by_one()
     from multiprocessing.pool import AsyncResult
 
     mine = _Processor(options, single_thread=True)
@@ -848,7 +914,7 @@ def _results(units: list[Unit], options: Options, workers: int,
     first = 16 * (workers - 1) if meanwhile else 0  # the pool's work during ``meanwhile``
     ahead = 2 * first + 4 * workers  # units taken and not yet written, at most
 
-    def generate():
+    def generate(check):
         taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
         untaken = 0  # units before it are in ``taken`` or written
 
@@ -866,6 +932,7 @@ def _results(units: list[Unit], options: Options, workers: int,
                 meanwhile()
             for want in range(len(units)):
                 while True:
+                    check()
                     pending = sum(isinstance(r, AsyncResult) and not r.ready()
                                   for r in taken.values())
                     for _ in range(min(queued - pending, len(units) - untaken)):
@@ -878,14 +945,17 @@ def _results(units: list[Unit], options: Options, workers: int,
                     elif untaken < len(units) and len(taken) < ahead:
                         take(here=True)
                     else:
-                        result.wait()
+                        result.wait(0.25)  # and check() again
                 result = taken.pop(want)
                 yield result.get() if isinstance(result, AsyncResult) else result
         finally:
-            pool.terminate()
-            pool.join()
+            _stop(pool)
 
-    return generate()
+    def generate_interruptibly():
+        with _interrupt_between_units() as check:
+            yield from generate(check)
+
+    return generate_interruptibly()
 
 
 def _pool(processes: int, options: Options):
