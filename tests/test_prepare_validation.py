@@ -98,6 +98,13 @@ PART_DAMAGE = {
     "counts a list": lambda m: m.update(counts=[1]),
     "landmarks of another shape": lambda m: m.update(landmarks_sum=[[0, 0]]),
     "other part": lambda m: m.update(part="00001-of-00002"),
+    # the same shard twice (another dropped): 38 samples of which 28 were unique
+    "a shard listed twice": lambda m: m["splits"]["train"]["shards"].__setitem__(
+        1, dict(first_shard(m))) if len(m["splits"]["train"]["shards"]) > 1 else
+        m["splits"]["train"]["shards"].append(dict(first_shard(m))),
+    "identity merging a string": lambda m: m["run"].update(identity_merging="x"),
+    "identity merging without counts": lambda m: m["run"].update(identity_merging={"videos": 1}),
+    "another dataset than its run's": lambda m: m.update(dataset="voxceleb2"),
 }
 
 
@@ -153,6 +160,8 @@ PROGRESS_DAMAGE = {
     "shard path outside": state(lambda s: first_shard(s).update(path="../../../etc/passwd")),
     "shard of another size": state(lambda s: first_shard(s).update(size=1)),
     "identities missing": state(lambda s: s["splits"]["train"].pop("identities")),
+    "a shard listed twice": state(lambda s: s["splits"]["train"]["shards"].append(
+        dict(first_shard(s)))),
 }
 
 
@@ -298,3 +307,32 @@ def test_the_listing_fingerprint_sees_every_field_and_not_the_mount_point():
                     replace(unit, frames=(replace(unit.frames[0], time=1.0),)),
                     replace(unit, skip="no frames")):
         assert listing_fingerprint([changed], "/data/vox1") != base
+
+
+def test_the_corpus_is_one_however_its_path_is_spelled(corpus, finished, tmp_path,
+                                                       monkeypatch):
+    """A rerun with --root "corpus/" or its absolute path is the same run (a no-op), not
+    "other arguments or inputs"; an --out inside --root is refused (the listing would
+    take in the shards)."""
+    out = copy(finished, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.chdir(corpus.parent)
+    for spelling in (f"{corpus.name}/", str(corpus.resolve()), f"./{corpus.name}"):
+        prepare(Path(spelling), out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(DataError, match="is inside --root"):
+        prepare(corpus, corpus / "wav" / "shards")
+    assert not (corpus / "wav" / "shards").exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--identity-threshold", "inf"), ("--identity-threshold", "5"), ("--workers", "100000"),
+    ("--crops-per-sample", "1000000"), ("--frames-per-video", "1000"),
+])
+def test_counts_and_thresholds_are_bounded(corpus, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as usage:
+        main(["prepare", "voxceleb1", "--root", str(corpus), "--out", str(tmp_path / "o"),
+              option, value])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and option in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

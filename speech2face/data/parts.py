@@ -31,7 +31,7 @@ from speech2face.data.shards import (
     is_clip_seconds,
 )
 from speech2face.errors import DataError
-from speech2face.utils import atomic_write, is_names, is_whole
+from speech2face.utils import atomic_write, is_names, is_number, is_whole
 
 
 def part_name(shard_index: int, num_shards: int) -> str:
@@ -132,9 +132,6 @@ def _record_problem(record: dict, out: Path) -> str | None:
     for name, split in splits.items():
         if not is_names(split.get("identities")):
             return f"split {name!r} has no list of identities"
-        held = sum(shard["samples"] for shard in split["shards"])
-        if split["samples"] != held:
-            return f"split {name!r} counts {split['samples']} samples, its shards {held}"
         for shard in split["shards"]:
             path = out / shard["path"]
             if not path.is_file() or path.stat().st_size != shard["size"]:
@@ -180,7 +177,23 @@ def _part_problem(part, out: Path) -> str | None:
             return f"{key!r} is not a positive integer"
     if not is_clip_seconds(part.get("seconds")):
         return "'seconds' is not a positive number of seconds"
+    options = part["run"].get("options")
+    if not (isinstance(options, dict) and options.get("dataset") == part["dataset"]
+            and options.get("encoder") == part["encoder"]):
+        return "'dataset' or 'encoder' is not its run's"
+    if not _is_merging_report(part["run"].get("identity_merging")):
+        return "'run.identity_merging' is not a report of identity merging"
     return _record_problem(part, out)
+
+
+def _is_merging_report(report) -> bool:
+    """None, or what ``identities.merge_units`` reports (counts, files, the settings)."""
+    if report is None:
+        return True
+    counts = ("videos", "identities", "merged_videos", "moved_videos", "videos_without_face")
+    return (isinstance(report, dict) and all(is_whole(report.get(k), 0) for k in counts)
+            and is_names(report.get("unreadable_descriptor_files"))
+            and is_number(report.get("threshold"), 0) and isinstance(report.get("linkage"), str))
 
 
 def read_part(path: Path, out: Path) -> dict:

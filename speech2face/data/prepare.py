@@ -613,10 +613,21 @@ class _SplitWriter:
     def abort(self) -> None:
         """Stop after an error: the unfinished shard stays a ``.partial`` (the next run
         deletes it), closed here rather than by the garbage collector."""
+        # A full disk fails these closes too; the error being raised is the one to report.
         for file in self._files.values():
-            file.f.close()
+            with contextlib.suppress(OSError):
+                file.f.close()
         if self.shards.tarstream is not None:
-            self.shards.tarstream.close()
+            with contextlib.suppress(OSError):
+                self.shards.tarstream.close()
+
+
+# Bounds of prepare's counts: beyond them a run only exhausts memory or processes.
+MAX_WORKERS = 1024
+MAX_FRAMES = 64  # frames read a video, crops stored a sample
+MAX_SAMPLES_PER_SHARD = 1_000_000
+# dlib's descriptors have norms near 0.6 (bench/bench_classifier.py): none are 4 apart.
+MAX_IDENTITY_THRESHOLD = 4.0
 
 
 def _check_output(out: Path) -> None:
@@ -697,15 +708,25 @@ def prepare(
 
     if not 0 <= shard_index < num_shards:
         raise DataError(None, f"--shard-index {shard_index} is not in [0, {num_shards})")
-    if (samples_per_shard < 1 or workers < 1 or crops_per_sample < 1 or frames_per_video < 1
-            or mix_clips < 1):
-        raise DataError(None, "samples per shard, workers, crops and frames must be >= 1")
+    if not (1 <= samples_per_shard <= MAX_SAMPLES_PER_SHARD and 1 <= workers <= MAX_WORKERS
+            and 1 <= crops_per_sample <= MAX_FRAMES and 1 <= frames_per_video <= MAX_FRAMES
+            and 1 <= mix_clips <= MAX_SAMPLES_PER_SHARD):
+        raise DataError(None, f"samples per shard and clips mixed must be from 1 to "
+                              f"{MAX_SAMPLES_PER_SHARD:,}, workers to {MAX_WORKERS}, crops and "
+                              f"frames to {MAX_FRAMES}")
+    if not 0 <= identity_threshold <= MAX_IDENTITY_THRESHOLD:
+        raise DataError(None, f"the identity threshold must be from 0 to "
+                              f"{MAX_IDENTITY_THRESHOLD}, got {identity_threshold}")
     from speech2face.faces import FACE_ENCODERS  # not face_encoders: that imports torch
 
     if encoder not in FACE_ENCODERS:
         raise ConfigError(None, f"unknown face encoder {encoder!r}; "
                                 f"expected one of {FACE_ENCODERS}")
-    out = Path(out)
+    # One spelling of the corpus ("demo", "demo/", "$PWD/demo") for the run's identity.
+    root, out = Path(os.path.abspath(root)), Path(out)
+    if out.resolve().is_relative_to(root.resolve()):
+        raise DataError(out, f"is inside --root {root}: the corpus's listing would take in "
+                             "the shards; put them elsewhere")
     options = Options(
         dataset=dataset,
         encoder=encoder,
@@ -1029,7 +1050,7 @@ def add_prepare_arguments(parser) -> None:
         "-o", "--out", required=True, help="output folder for shards and manifest.json"
     )
     parser.add_argument(
-        "--workers", type=bounded(int, 1, None, "number of workers"), default=1,
+        "--workers", type=bounded(int, 1, MAX_WORKERS, "number of workers"), default=1,
         help="processes working on videos (default 1)"
     )
     parser.add_argument(
@@ -1056,25 +1077,25 @@ def add_prepare_arguments(parser) -> None:
     )
     parser.add_argument(
         "--samples-per-shard",
-        type=bounded(int, 1, None, "number of samples"),
+        type=bounded(int, 1, MAX_SAMPLES_PER_SHARD, "number of samples"),
         default=SAMPLES_PER_SHARD,
         help=f"samples per tar shard (default {SAMPLES_PER_SHARD})",
     )
     parser.add_argument(
         "--frames-per-video",
-        type=bounded(int, 1, None, "number of frames"),
+        type=bounded(int, 1, MAX_FRAMES, "number of frames"),
         default=FRAMES_PER_VIDEO,
         help=f"face frames used per video (default {FRAMES_PER_VIDEO})",
     )
     parser.add_argument(
         "--crops-per-sample",
-        type=bounded(int, 1, None, "number of crops"),
+        type=bounded(int, 1, MAX_FRAMES, "number of crops"),
         default=CROPS_PER_SAMPLE,
         help=f"face crops stored with each clip (default {CROPS_PER_SAMPLE})",
     )
     parser.add_argument(
         "--identity-threshold",
-        type=bounded(float, 0, None, "identity threshold"),
+        type=bounded(float, 0, MAX_IDENTITY_THRESHOLD, "identity threshold"),
         default=SAME_PERSON_DISTANCE,
         help="AVSpeech: videos whose faces are this close (dlib distance) are one person "
         f"(default {SAME_PERSON_DISTANCE}, dlib's guidance; 0: each video its own identity)",
@@ -1093,7 +1114,7 @@ def add_prepare_arguments(parser) -> None:
     )
     parser.add_argument(
         "--mix-clips",
-        type=bounded(int, 1, None, "number of clips"),
+        type=bounded(int, 1, MAX_SAMPLES_PER_SHARD, "number of clips"),
         default=MIX_CLIPS,
         help=f"clips per mixing window, held in memory (~150 kB each; default {MIX_CLIPS})",
     )

@@ -13,6 +13,7 @@ import json
 import os
 import tarfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +96,13 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
         return "'seconds' is not a positive number of seconds"
     inside = root.resolve()
     known = set(manifest["identities"])
+    paths = [shard.get("path") for split in splits.values() if isinstance(split, dict)
+             and isinstance(split.get("shards"), list) for shard in split["shards"]
+             if isinstance(shard, dict)]
+    twice = next((p for p, n in Counter(p for p in paths if isinstance(p, str)).items()
+                  if n > 1), None)
+    if twice is not None:
+        return f"shard {twice!r} is listed twice"
     for name, split in splits.items():
         if not isinstance(split, dict) or not is_whole(split.get("samples"), 0):
             return f"split {name!r} has no sample count"
