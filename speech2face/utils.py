@@ -222,6 +222,63 @@ LOCK_NAME = ".speech2face.lock"
 _held_locks: dict[Path, list[int]] = {}
 
 
+_SHARDS_LOCK = re.compile(r"\.speech2face\.shards-\d{5}\.lock")  # sharding_claim's
+
+
+@contextlib.contextmanager
+def sharding_claim(root: str | os.PathLike, num_shards: int, what: str) -> Iterator[None]:
+    """Hold, for a run, the claim that the runs writing ``root`` now split their work into
+    ``num_shards`` shards. Jobs of one array (one ``--num-shards``, each its own index)
+    run side by side; a run that splits otherwise would do and record the same work as
+    they do, so it is refused (DataError naming ``root``). The claim is a shared
+    ``flock`` on ``.speech2face.shards-N.lock`` in ``root``; another count's file that is
+    locked means a run of that count is alive (the kernel drops a dead run's locks).
+    ``what``: the command, for the message."""
+    import fcntl
+
+    from speech2face.errors import DataError
+
+    root = Path(root)
+    own = root / f".speech2face.shards-{num_shards:05d}.lock"
+    made = [p for p in reversed(root.parents) if not p.exists()] + \
+        ([root] if not root.exists() else [])
+    root.mkdir(parents=True, exist_ok=True)
+    while True:  # a file the last holder unlinked after we opened it: open it again
+        fd = os.open(own, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if own.exists() and os.stat(own).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        for path in sorted(root.glob(".speech2face.shards-*.lock")):
+            if path == own:
+                continue
+            try:
+                other = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                count = path.name.removeprefix(".speech2face.shards-").removesuffix(".lock")
+                raise DataError(root, f"another {what} into it splits the work into "
+                                f"{int(count)} shard(s); runs into one folder at the same "
+                                f"time need the same --num-shards ({num_shards} here)") from None
+            finally:
+                os.close(other)  # and with it the probe's lock
+        yield
+    finally:
+        try:  # the last holder removes the file, and the folders made for it when empty
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            own.unlink(missing_ok=True)
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):  # not empty: the run's output
+                    folder.rmdir()
+        except BlockingIOError:
+            pass
+        os.close(fd)
+
+
 def lock_file_for(path: str | os.PathLike, folder: bool = True) -> Path:
     """The lock file of an output: ``PATH/.speech2face.lock`` for a folder; for a single
     output file, ``.NAME.lock`` beside it (a file has no inside)."""
@@ -230,11 +287,12 @@ def lock_file_for(path: str | os.PathLike, folder: bool = True) -> Path:
 
 
 def output_entries(folder: str | os.PathLike) -> list[Path]:
-    """What an output folder holds, without its lock file (empty for a missing folder)."""
+    """What an output folder holds, without its lock files (empty for a missing folder)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)
+    return sorted(p for p in folder.iterdir()
+                  if p.name != LOCK_NAME and not _SHARDS_LOCK.fullmatch(p.name))
 
 
 @contextlib.contextmanager

@@ -435,8 +435,8 @@ def test_runs_that_split_the_videos_otherwise_are_refused(server, tmp_path, caps
     root = tmp_path / "avspeech"
     holder = subprocess.Popen(  # job 1 of 2, still running (it only holds its claim)
         [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-         "from speech2face.data.download import _sharding_claim\n"
-         "with _sharding_claim(Path(sys.argv[1]), 2):\n print('held', flush=True); "
+         "from speech2face.utils import sharding_claim\n"
+         "with sharding_claim(Path(sys.argv[1]), 2, 'download'):\n print('held', flush=True); "
          "time.sleep(60)", str(root)],
         stdout=subprocess.PIPE, text=True,
     )
@@ -445,7 +445,7 @@ def test_runs_that_split_the_videos_otherwise_are_refused(server, tmp_path, caps
         for sharding in ([], ["--num-shards", "3", "--shard-index", "0"]):
             code, _, err = _run(_download_args(csvs, root, server, *sharding), capsys)
             assert code == 2 and len(err.strip().splitlines()) == 1, err
-            assert "another download into it splits the videos into 2 shard(s)" in err
+            assert "another download into it splits the work into 2 shard(s)" in err
         assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
         code, _, err = _run(_download_args(csvs, root, server, "--num-shards", "2",
                                            "--shard-index", "0"), capsys)

@@ -259,43 +259,6 @@ class _Log:
 
 
 @contextlib.contextmanager
-def _sharding_claim(root: Path, num_shards: int):
-    """Hold, for a run, the claim that runs writing ``root`` now split its videos into
-    ``num_shards`` shards. Jobs of one array (one ``--num-shards``, each its own index)
-    run side by side; a run that splits otherwise would fetch and log the same segments
-    as they do, so it is refused (DataError). The claim is a shared ``flock`` on
-    ``.speech2face.shards-N.lock`` in ``root``; another count's file that is locked
-    means a run of that count is alive (the kernel drops a dead run's locks)."""
-    import fcntl
-
-    own = root / f".speech2face.shards-{num_shards:05d}.lock"
-    with _disk_errors(own):
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(own, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        for path in sorted(root.glob(".speech2face.shards-*.lock")):
-            if path == own:
-                continue
-            try:
-                other = os.open(path, os.O_RDWR)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                count = path.name.removeprefix(".speech2face.shards-").removesuffix(".lock")
-                raise DataError(root, f"another download into it splits the videos into "
-                                f"{int(count)} shard(s); runs into one folder at the same "
-                                f"time need the same --num-shards ({num_shards} here)") from None
-            finally:
-                os.close(other)  # and with it the probe's lock
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
 def _disk_errors(path: Path):
     """A full disk (or quota) or an output that cannot be written (read-only, no
     permission) stops the run: one line naming the file, no traceback. It is no fault of
@@ -742,7 +705,9 @@ def download_avspeech(
             raise DataError(copy, f"already holds a different CSV than {path}; "
                             "use another --out or remove it")
         copies.append((copy, data))
-    with _sharding_claim(root, num_shards):
+    from speech2face.utils import sharding_claim
+
+    with sharding_claim(root, num_shards, "download"):
         for copy, data in copies:
             if not copy.is_file():
                 with _disk_errors(copy), atomic_write(copy) as f:

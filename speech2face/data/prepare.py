@@ -92,6 +92,7 @@ from speech2face.errors import ConfigError, DataError, Speech2FaceError
 from speech2face.utils import (
     atomic_write,
     output_entries,
+    sharding_claim,
     staged_writes,
 )
 
@@ -1151,33 +1152,36 @@ def prepare_command(args) -> int:
         if args.dataset != "avspeech":
             raise ConfigError("--descriptors-only", "is for avspeech (whose identities are "
                               f"found from faces), not {args.dataset}")
-        counts = store_descriptors(
-            args.root, args.out, args.shard_index, args.num_shards or 1,
-            detector=args.detector, frames_per_video=args.frames_per_video)
+        with sharding_claim(args.out, args.num_shards or 1, "prepare"):
+            counts = store_descriptors(
+                args.root, args.out, args.shard_index, args.num_shards or 1,
+                detector=args.detector, frames_per_video=args.frames_per_video)
         print(f"{Path(args.out) / PARTS_DIR / STORE_DIR}: {counts['computed']} videos embedded "
               f"now, {counts['stored']} there before, {counts['downloaded']} from download's "
               f"descriptors; {counts['without_face']} without a face "
               f"({time.perf_counter() - start:.1f} s)")
         return 0
     else:
-        part = prepare(
-            args.dataset,
-            args.root,
-            args.out,
-            workers=args.workers,
-            shard_index=args.shard_index,
-            num_shards=args.num_shards or 1,
-            encoder=args.encoder,
-            samples_per_shard=args.samples_per_shard,
-            encoder_weights=args.encoder_weights,
-            detector=args.detector,
-            frames_per_video=args.frames_per_video,
-            crops_per_sample=args.crops_per_sample,
-            identity_threshold=args.identity_threshold,
-            identity_linkage=args.identity_linkage,
-            seed=args.seed,
-            mix_clips=args.mix_clips,
-        )
+        # Parts of one array run side by side; a run of another count beside them is not.
+        with sharding_claim(args.out, args.num_shards or 1, "prepare"):
+            part = prepare(
+                args.dataset,
+                args.root,
+                args.out,
+                workers=args.workers,
+                shard_index=args.shard_index,
+                num_shards=args.num_shards or 1,
+                encoder=args.encoder,
+                samples_per_shard=args.samples_per_shard,
+                encoder_weights=args.encoder_weights,
+                detector=args.detector,
+                frames_per_video=args.frames_per_video,
+                crops_per_sample=args.crops_per_sample,
+                identity_threshold=args.identity_threshold,
+                identity_linkage=args.identity_linkage,
+                seed=args.seed,
+                mix_clips=args.mix_clips,
+            )
         manifest = part
     sizes = ", ".join(f"{s}: {v['samples']}" for s, v in manifest["splits"].items())
     skipped = len(manifest["skipped"])
