@@ -365,3 +365,31 @@ def test_runs_of_another_shard_count_beside_an_array_are_refused(corpus, tmp_pat
         holder.wait()
     assert main(base) == 0  # the killed job's claim file stays, held by nobody: no matter
     assert not (out / ".speech2face.shards-00001.lock").exists()  # its last holder took it
+
+
+@pytest.mark.parametrize("change, words", [
+    # an unbalanced quote swallowed the rest of the file into one field (7 of 8 speakers
+    # then "had no metadata row"); in a large file it was a csv.Error traceback
+    (lambda rows: rows[:2] + ['"' + rows[2]] + rows[3:], "runs over several lines"),
+    (lambda rows: rows + ["\t".join(f if i != 2 else {"m": "f"}.get(f, "m")
+                                    for i, f in enumerate(rows[1].split("\t")))],
+     "has two rows that differ"),  # the last one won: the speaker changed gender
+])
+def test_metadata_tables_are_read_strictly(corpus, tmp_path, change, words):
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    rows = (root / "vox1_meta.csv").read_text().splitlines()
+    (root / "vox1_meta.csv").write_text("\n".join(change(rows)) + "\n")
+    with pytest.raises(DataError, match=words) as error:
+        data.list_units("voxceleb1", root)
+    assert "vox1_meta.csv" in str(error.value)
+
+
+def test_a_split_file_giving_one_identity_two_splits_is_refused(corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    identity = data.list_units("voxceleb1", root)[0].identity
+    (root / "identity_split.csv").write_text(
+        f"identity,split\n{identity},train\n{identity},test\n")
+    with pytest.raises(DataError, match=f"{identity} is given two splits"):
+        data.list_units("voxceleb1", root)

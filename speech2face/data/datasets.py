@@ -119,7 +119,16 @@ def _read_table(path: Path, required: Sequence[Sequence[str]] = ()) -> list[dict
     text = _read_text(path)
     first = text.splitlines()[0] if text.strip() else ""
     delimiter = "\t" if "\t" in first else ","
-    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    rows = []
+    try:
+        for row in reader:
+            if any("\n" in field or "\r" in field for field in row):
+                raise DataError(path, f"line {reader.line_num}: a field runs over several "
+                                      "lines (an unbalanced '\"'?)")
+            rows.append(row)
+    except csv.Error as error:
+        raise DataError(path, f"line {reader.line_num}: not a table row ({error})") from None
     if not rows:
         raise DataError(path, "empty table")
     header = [h.strip() for h in rows[0]]
@@ -158,7 +167,9 @@ def _read_split_file(path: Path) -> dict[str, str]:
         identity, split = _column(row, "identity", "id"), _column(row, "split", "set")
         if not identity or split not in SPLITS:
             raise DataError(path, f"bad row {row}: expected identity and a split in {SPLITS}")
-        splits[identity] = split
+        if splits.setdefault(identity, split) != split:
+            raise DataError(path, f"{identity} is given two splits, {splits[identity]} and "
+                                  f"{split}: keep one row")
     return splits
 
 
@@ -237,11 +248,13 @@ def _read_voxceleb_meta(
     for row in _read_table(meta_path, required=[(id_column, "id")]):
         identity = _column(row, id_column, "id")
         if identity:
-            meta[identity] = {
+            found = {
                 "gender": (_column(row, "Gender") or "").lower() or None,
                 "set": (_column(row, "Set") or "").lower(),
                 **{key: _column(row, *columns) for key, columns in extra.items()},
             }
+            if meta.setdefault(identity, found) != found:
+                raise DataError(meta_path, f"{identity} has two rows that differ: keep one")
     return meta_path, meta
 
 
