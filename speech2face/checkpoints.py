@@ -182,6 +182,10 @@ def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
         raise _bad(state_file, f"optimizer.param_groups must be a list of {len(fresh)} "
                                f"group(s), got {groups!r:.40}")
     for i, (group, own) in enumerate(zip(groups, fresh, strict=True)):
+        held = group.get("params") if isinstance(group, dict) else None
+        if isinstance(held, list) and len(held) != len(own["params"]):
+            raise _bad(state_file, f"optimizer.param_groups[{i}] holds {len(held)} parameters, "
+                                   f"this model {len(own['params'])}")
         _like(state_file, f"optimizer.param_groups[{i}]", group, own)
         if group["params"] != own["params"]:
             raise _bad(state_file, f"optimizer.param_groups[{i}] holds other parameters than "

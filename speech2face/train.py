@@ -727,6 +727,10 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
             "may repeat or miss a few samples)")
     for line in _follow_settings(optimizer, scheduler, config, loop.step):
         say(line)
+    changed = _other_changes(saved, config)
+    if changed:
+        say(f"resuming with {changed}: from step {loop.step} this run trains otherwise "
+            "than the one it continues")
     old_batch = saved.get("batch_size")
     if is_whole(old_batch, 1) and old_batch != config.batch_size and loop.epoch_step:
         done = loop.epoch_step * old_batch  # samples of this epoch already trained on
@@ -740,6 +744,34 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
         say(f"batch_size {old_batch} -> {config.batch_size}: this epoch goes on after its "
             f"first {done} samples")
     return loop
+
+
+# Settings a resumed run may change without a word: when and what it logs, checkpoints
+# and validates, and where it runs (the others it announces: _other_changes).
+_QUIET_ON_RESUME = {"steps", "log_every", "val_every", "val_batches", "val_images",
+                    "checkpoint_every", "keep_last", "sample_cache_mb", "device",
+                    "deterministic", "face_encoder_weights",
+                    # said by _follow_settings and load_checkpoint themselves
+                    "lr", "lr_decay", "lr_decay_steps", "beta1", "beta2", "eps", "batch_size",
+                    "num_workers"}
+
+
+def _other_changes(saved: dict, config: TrainConfig) -> str:
+    """The settings of the checkpoint's run (``saved``, its train_config) that the resumed
+    ``config`` changes and nothing else reports (seed, feature_noise, loss weights, ...):
+    ``"seed 5 (was 0), loss.lambda1 0.1 (was 0.025)"``, or ``""``."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    was, now = flat(saved), flat(config.to_dict())
+    return ", ".join(f"{k} {now[k]} (was {was[k]})" for k in sorted(now)
+                     if k in was and was[k] != now[k] and k not in _QUIET_ON_RESUME)
 
 
 def _follow_settings(optimizer, scheduler, config: TrainConfig, step: int) -> list[str]:
@@ -939,6 +971,7 @@ def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
     data, out = Path(data), Path(out)
     placement, device = _setup(config, out, resume)
     _check_batch_fits(data, config)
+    _check_stage(latest_checkpoint(out) if resume else None, voice=False)
     stage = decoder_stage(data, config, device)
     train, val = training_data(data, load_manifest(data), config, placement, spectrogram=False)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
@@ -961,9 +994,25 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
     if config.encoder not in VOICE_ENCODERS:
         build_voice_encoder(config, 0)  # the error, before anything is read or fitted
     checkpoint = latest_checkpoint(out) if resume else None
+    _check_stage(checkpoint, voice=True)
     stage = voice_stage(data, decoder, config, checkpoint, progress)
     train, val = training_data(data, load_manifest(data), config, placement, spectrogram=True)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
+
+
+def _check_stage(checkpoint: Path | None, voice: bool) -> None:
+    """Refuse, before anything is built, a checkpoint of the other stage's run (its
+    weights name a voice encoder or not): not a damaged one, so not "remove it"."""
+    from speech2face.model import read_safetensors_header
+
+    if checkpoint is None:
+        return
+    parts = {k.partition(".")[0] for k in read_safetensors_header(checkpoint / WEIGHTS_NAME)}
+    if ("voice_encoder" in parts) != voice:
+        command = "train" if "voice_encoder" in parts else "train-decoder"
+        raise ConfigError(checkpoint, f"is a checkpoint of `{command}` (it holds "
+                                      f"{', '.join(sorted(parts))}), not of this command's "
+                                      f"stage; resume it with `{command}`, or give another --out")
 
 
 def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,

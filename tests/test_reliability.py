@@ -691,6 +691,18 @@ BAD_CHECKPOINTS = {
 }
 
 
+def test_the_other_stages_checkpoint_is_named_as_such(decoder_run, tmp_path, capfd):
+    """`train --resume` on a train-decoder run says whose checkpoint it is, and does not
+    advise removing it (it is not damaged)."""
+    run = _copy_run(decoder_run, tmp_path)
+    before = _snapshot(run)
+    line = assert_refused(["train", "--data", decoder_run["shards"], "--decoder",
+                           run / "model", "-o", run, "--resume", *TRAIN, "steps=6"],
+                          capfd, "step-00000004", "is a checkpoint of `train-decoder`")
+    assert "remove" not in line
+    assert _snapshot(run) == before
+
+
 @pytest.mark.parametrize("case", BAD_CHECKPOINTS)
 def test_corrupt_checkpoint_on_resume(case, decoder_run, tmp_path, capfd):
     run = _copy_run(decoder_run, tmp_path)

@@ -639,6 +639,23 @@ def test_a_diverged_run_stops_in_one_line_and_writes_no_nan_model(shards, tmp_pa
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_other_settings_changed_on_resume_are_said(shards, tmp_path, capsys):
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    common = ["--no-progress", "preset=tiny", "val_batches=0", "precise_bn_batches=0"]
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), *common,
+                 "steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--resume",
+                 "--no-progress", "steps=3", "seed=5", "loss.texture_weight=3",
+                 "log_every=1"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with loss.texture_weight 3.0 (was 1.0), seed 5 (was 0): from step 2" \
+        in err, err
+    assert "log_every" not in err
+
+
 def test_command_line_errors_exit_2(shards, tmp_path, capsys):
     from speech2face.cli import main
 
