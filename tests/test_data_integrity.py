@@ -408,3 +408,20 @@ def test_manifest_nul_byte_and_unknown_split_identity_are_refused(shards):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="NUL byte"):
         data.load_manifest(shards)
+
+
+def test_idle_loader_workers_are_said_once(shards, capfd):
+    """More loader workers than shards: one warning from the command's process, not one
+    from every idle worker at every epoch (10 lines on the default preset)."""
+    import warnings
+
+    count = len(data.load_manifest(shards)["splits"]["train"]["shards"])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for epoch in range(2):
+            loader = data.make_loader(shards, "train", batch_size=2, num_workers=count + 2,
+                                      epoch=epoch)
+            assert sum(len(b["meta"]) for b in loader) > 0
+    assert sum("have nothing to read" in str(w.message) for w in said) == 1
+    err = capfd.readouterr().err  # the workers' own
+    assert "has no shard" not in err and "Warning" not in err, err

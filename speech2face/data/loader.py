@@ -284,7 +284,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         import webdataset as wds
 
         reader, readers = self._reader()
-        if reader >= len(self.shards) > 0 and not getattr(self, "_warned", False):
+        # In a DataLoader worker, make_loader has said it once for all of them.
+        if reader >= len(self.shards) > 0 and not getattr(self, "_warned", False) \
+                and torch.utils.data.get_worker_info() is None:
             self._warned = True
             warnings.warn(
                 f"reader {reader} of {readers} has no shard to read ({len(self.shards)} shards)",
@@ -424,6 +426,9 @@ class SampleCache(MemoryBudget):
         self._decoded.clear()
 
 
+_SAID_IDLE: set = set()  # (folder, split, readers) that make_loader has warned of
+
+
 def make_loader(
     path,
     split: str = "train",
@@ -442,6 +447,14 @@ def make_loader(
     """
     dataset = ShardDataset(path, split, batch_size=batch_size, **dataset_options)
     dataset.set_epoch(epoch)
+    readers = max(1, num_workers) * dataset._reader()[1]  # workers x processes
+    idle = (str(dataset.root), split, readers)
+    if 0 < len(dataset.shards) < readers and num_workers > 0 and idle not in _SAID_IDLE:
+        _SAID_IDLE.add(idle)  # once, not for every worker and epoch
+        warnings.warn(f"{split}: {len(dataset.shards)} shard(s) for {readers} loader "
+                      f"workers: {readers - len(dataset.shards)} of them have nothing to read "
+                      "(set num_workers to at most the shards, or prepare more shards)",
+                      stacklevel=2)
     return _Loader(
         dataset,
         batch_size=None,
