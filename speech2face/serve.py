@@ -275,6 +275,10 @@ class _TooLarge(Exception):
     pass
 
 
+class _Gone(Exception):
+    """The client closed the connection before its upload was complete."""
+
+
 def _display_name(filename: str) -> str:
     """An uploaded file's name as messages show it: its last part, printable, short."""
     name = re.split(r"[\\/]", filename)[-1]
@@ -293,7 +297,8 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
         AudioError: not multipart, no ``file`` part, or an empty one.
     """
     from python_multipart.exceptions import FormParserError
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+    from starlette.requests import ClientDisconnect
 
     kind, params = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
@@ -352,12 +357,17 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
+    except ClientDisconnect:
+        raise _Gone from None
     except FormParserError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise AudioError(None, f"malformed multipart/form-data body ({reason})") from None
     finally:
         if upload["file"] is not None:
             upload["file"].close()
+    if parser.state not in (MultipartState.END, MultipartState.BOUNDARY_PADDING):
+        raise AudioError(None, "the upload ended before its closing multipart boundary "
+                               "(cut short)")
     if upload["path"] is None:
         raise AudioError(None, "no file in the upload (send it in a multipart field named 'file')")
     if upload["size"] == 0:
@@ -386,6 +396,8 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
         try:
             path, name = await receive_upload(request, folder, server.max_upload_bytes)
             return await run_in_threadpool(work, path, name)
+        except _Gone:  # the client left mid-upload: nobody reads an answer
+            return Response(status_code=400, headers={"Connection": "close"})
         except _TooLarge:
             # Closing the connection spares reading the rest of an oversize body.
             return JSONResponse({"error": server.too_large}, status_code=400,

@@ -319,12 +319,34 @@ def test_malformed_multipart_bodies_get_one_line_400(running):
         "junk after boundary": (b'--XyZjunk\r\nContent-Disposition: form-data; name="file"; '
                                 b'filename="a.wav"\r\n\r\nabc\r\n--XyZ--\r\n'),
         "oversized header": b"--XyZ\r\nX-Long: " + b"a" * 100_000 + b"\r\n\r\nabc\r\n--XyZ--\r\n",
+        # cut in half: decoded as truncated audio, it blamed the audio, not the upload
+        "no closing boundary": (b'--XyZ\r\nContent-Disposition: form-data; name="file"; '
+                                b'filename="a.wav"\r\n\r\nabc'),
     }
     for name, body in bodies.items():
         for path in ("/reconstruct", "/api/reconstruct"):
             status, content, reply = _request(running, "POST", path, body,
                                               {"Content-Type": kind})
             assert "multipart" in _error(status, content, reply), name
+
+
+def test_a_client_that_leaves_mid_upload_costs_no_traceback(running, clips, caplog):
+    """Headers and 1,000 of the 100,000 bytes announced, then the connection closes:
+    uvicorn logged a 47-line "Exception in ASGI application" (ClientDisconnect)."""
+    import logging
+    import socket
+
+    body, kind = _multipart("a.wav", clips["voice0"].read_bytes())
+    with caplog.at_level(logging.ERROR):
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall((f"POST /reconstruct HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          f"Content-Type: {kind}\r\nContent-Length: {len(body) + 100_000}"
+                          "\r\n\r\n").encode() + body[:1000])
+        time.sleep(1.0)
+        status, _, _ = _request(running, "GET", "/status")
+    assert status == 200
+    assert not [r for r in caplog.records if "Exception in ASGI" in r.getMessage()], \
+        [r.getMessage() for r in caplog.records]
 
 
 def test_chunked_bodies_count_every_part_toward_the_cap(running):
