@@ -230,8 +230,9 @@ def reconstruct_command(args) -> int:
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
     pngs = _output_paths(inputs, args.out)
-    waves = [prepare_audio(path) for path, _ in tqdm(inputs, desc="audio", unit="file",
-                                                     disable=len(inputs) < 4)]
+    # The bar closes (erasing itself) before an error leaves: the error is the last line.
+    with tqdm(inputs, desc="audio", unit="file", disable=len(inputs) < 4) as bar:
+        waves = [prepare_audio(path) for path, _ in bar]
     model = resolve_model(args.model)
     model = model.to(args.device)
     results: list[Reconstruction] = []
