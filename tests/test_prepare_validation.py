@@ -105,6 +105,8 @@ PART_DAMAGE = {
     "identity merging a string": lambda m: m["run"].update(identity_merging="x"),
     "identity merging without counts": lambda m: m["run"].update(identity_merging={"videos": 1}),
     "another dataset than its run's": lambda m: m.update(dataset="voxceleb2"),
+    "sha256 not hex": lambda m: first_shard(m).update(sha256="z" * 64),
+    "landmarks of 1e308": lambda m: m.update(landmarks_sum=[[1e308, 1e308]] * 68),
 }
 
 
@@ -393,3 +395,20 @@ def test_a_split_file_giving_one_identity_two_splits_is_refused(corpus, tmp_path
         f"identity,split\n{identity},train\n{identity},test\n")
     with pytest.raises(DataError, match=f"{identity} is given two splits"):
         data.list_units("voxceleb1", root)
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "parts/progress-00000-of-00001.json"])
+def test_a_folder_where_prepare_writes_a_file_is_named(corpus, tmp_path, name):
+    out = tmp_path / "shards"
+    (out / name).mkdir(parents=True)
+    (out / "parts").mkdir(exist_ok=True)
+    with pytest.raises(DataError, match="is in the way") as error:
+        prepare(corpus, out)
+    assert str(error.value).startswith(str(out / name))
+
+
+def test_an_avspeech_csv_that_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "avspeech_train.csv").mkdir()
+    (tmp_path / "avspeech_test.csv").write_text("AbCdEfGhIjK,1.0,4.0,0.5,0.5\n")
+    with pytest.raises(DataError, match="avspeech_train.csv: is not a file"):
+        data.list_units("avspeech", tmp_path)

@@ -389,6 +389,9 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
     """
     root = Path(root)
     tables = {split: root / f"avspeech_{split}.csv" for split in ("train", "test")}
+    for path in tables.values():
+        if path.exists() and not path.is_file():
+            raise DataError(path, "is not a file, expected an AVSpeech CSV")
     if not any(p.is_file() for p in tables.values()):
         raise DataError(root, "no avspeech_train.csv or avspeech_test.csv")
     video_dir = root / "videos"

@@ -771,6 +771,9 @@ def prepare(
     run_id = json.loads(json.dumps(run_id))  # as it reads back from a file (tuples: lists)
     part_manifest_path = parts / f"manifest-{part}.json"
     progress_path = parts / f"progress-{part}.json"
+    for path in (out / MANIFEST, part_manifest_path, progress_path):
+        if path.exists() and not path.is_file():
+            raise DataError(path, "is in the way: a folder where prepare writes a file")
 
     other_counts = part_counts(out) - {num_shards}
     if other_counts:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -115,7 +116,8 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
         for shard in shards:
             if not (isinstance(shard, dict) and isinstance(shard.get("path"), str)
                     and is_whole(shard.get("samples"), 0) and is_whole(shard.get("size"), 0)
-                    and isinstance(shard.get("sha256"), str) and len(shard["sha256"]) == 64):
+                    and isinstance(shard.get("sha256"), str)
+                    and re.fullmatch("[0-9a-f]{64}", shard["sha256"]) is not None):
                 return f"split {name!r} has a shard entry without path, samples, size, sha256"
             if "\0" in shard["path"]:
                 return f"shard path {shard['path']!r} contains a NUL byte"
