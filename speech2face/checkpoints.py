@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from speech2face.config import FLOAT32_MAX, FLOAT32_TINY
+from speech2face.config import FLOAT32_MAX, FLOAT32_TINY, MAX_STEPS
 from speech2face.errors import DataError
 from speech2face.utils import is_number, is_whole
 
@@ -32,7 +32,6 @@ CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-NNNNNNNN
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-MAX_STEPS = 2**53
 MAX_STATE_BYTES = 64 << 20  # state.json holds settings and scalars: kilobytes, not gigabytes
 # Adam's per-parameter state (torch.optim.Adam); ``max_exp_avg_sq`` only with amsgrad.
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")

@@ -26,6 +26,9 @@ from speech2face.utils import seed_problem
 FLOAT32_TINY = 2.0 ** -126
 FLOAT32_MAX = (2 - 2.0 ** -23) * 2.0 ** 127
 MAX_LOADER_WORKERS = 1024
+# Step counts and intervals: beyond 2^53 not one a run reaches, nor one float64 or a log
+# file holds exactly (steps=1e20 trained until killed).
+MAX_STEPS = 2**53
 
 # Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
 LEARNING_RATE = 1e-3
@@ -148,8 +151,8 @@ class TrainConfig:
             problems.append(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         for name in ("steps", "batch_size", "grad_accum", "lr_decay_steps", "log_every",
                      "val_every", "checkpoint_every", "keep_last", "val_images", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_STEPS:
+                problems.append(f"{name} must be from 1 to 2^53, got {getattr(self, name)}")
         for name in ("val_batches", "num_workers", "precise_bn_batches", "sample_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
@@ -186,7 +189,7 @@ class TrainConfig:
                             f"({self.clip_seconds}), got {self.train_seconds}")
         # grad_clip 0 turns clipping off; an infinite one is the same and allowed.
         if not self.grad_clip >= 0:
-            problems.append(f"grad_clip must not be negative, got {self.grad_clip}")
+            problems.append(f"grad_clip must be a number >= 0 (0: off), got {self.grad_clip}")
         for name in ("classifier_l2", "feature_noise"):
             if not 0 <= getattr(self, name) < math.inf:
                 problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
