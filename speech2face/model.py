@@ -64,6 +64,11 @@ def config_from_dict(cls, data: dict, path: str | os.PathLike | None = None):
     unknown = sorted(set(data) - names)
     if unknown:
         raise WeightsError(path, f"{cls.__name__} has no field(s) {unknown}")
+    flags = [f.name for f in dataclasses.fields(cls) if f.type in ("bool", bool)]
+    for name in flags:  # "yes" would be taken as true
+        if name in data and not isinstance(data[name], bool):
+            raise WeightsError(path, f"{cls.__name__}.{name} must be true or false, "
+                                     f"got {data[name]!r:.40}")
     try:
         if hasattr(cls, "from_dict"):
             return cls.from_dict(data)
@@ -242,8 +247,11 @@ def read_bundle_config(folder: Path) -> dict:
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         raise WeightsError(file, f"not a {BUNDLE_FORMAT} config")
     if config.get("version") != BUNDLE_VERSION:
-        raise WeightsError(file, f"bundle version {config.get('version')} is not supported "
-                                 f"(this code reads version {BUNDLE_VERSION})")
+        raise WeightsError(file, f"bundle version {config.get('version')!r:.40} is not "
+                                 f"supported (this code reads version {BUNDLE_VERSION!r})")
+    unknown = sorted(set(config) - _BUNDLE_KEYS)
+    if unknown:
+        raise WeightsError(file, f"unknown key(s) {unknown[:3]} in a bundle config")
     check_bundle_config(config, file)
     return config
 
@@ -253,6 +261,8 @@ def read_bundle_config(folder: Path) -> dict:
 # Table 1's 13 layers) and far below sizes that would exhaust memory: a downloaded model
 # folder is not trusted. The weights file's header then fixes every size exactly.
 MAX_CONFIG_BYTES = 1 << 20
+_BUNDLE_KEYS = {"format", "version", "face_encoder", "feature_dim", "num_identities",
+                "voice_encoder", "face_decoder"}  # Speech2Face.bundle_config's
 MAX_WIDTH = 1 << 16  # features, code, hidden units, channels
 MAX_IDENTITIES = 1 << 24  # VoxCeleb2 has 6,112; VGG-Face 2,622
 MAX_LAYERS = 64

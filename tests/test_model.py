@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,20 @@ def test_weights_of_the_right_shape_but_impossible_values_are_refused(tmp_path, 
     edit(tensors, lambda end: next(k for k in tensors if k.endswith(end)))
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(WeightsError, match=words):
+        load_model(path)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.update(version="1"), "bundle version '1' is not supported"),
+    (lambda c: c.update(comment="mine"), "unknown key(s) ['comment']"),
+    (lambda c: c["voice_encoder"].update(standardize_output="yes"), "must be true or false"),
+])
+def test_bundle_config_values_of_another_type_are_refused(tmp_path, change, words):
+    path = save_model(_model(), tmp_path / "bundle")
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=re.escape(words)):
         load_model(path)
 
 
