@@ -397,6 +397,8 @@ def fit(
 
     loop = LoopState()
     checkpoint = latest_checkpoint(run) if resume else None
+    if resume and placement.is_main:
+        _say_incomplete(run, checkpoint)
     if checkpoint is not None:
         loop = load_checkpoint(checkpoint, stage, optimizer, scheduler, scaler, placement, device,
                                config)
@@ -622,6 +624,20 @@ def _validate(stage: Stage, val_data, config: TrainConfig, run: Path, step: int,
 
 
 # ---------------------------------------------------------------------------- checkpoints
+
+
+def _say_incomplete(run: Path, checkpoint: Path | None) -> None:
+    """One line when newer checkpoint folders than the one resumed lack their state (not
+    written by save_checkpoint, which renames a finished folder into place; copied in
+    part, say): they are skipped, and their steps trained again."""
+    newest = -1 if checkpoint is None else int(checkpoint.name[len("step-"):])
+    folder = run / CHECKPOINTS_DIR
+    skipped = sorted(p.name for p in folder.glob("step-*") if p.name[5:].isdigit()
+                     and int(p.name[5:]) > newest) if folder.is_dir() else []
+    if skipped:
+        print(f"speech2face: {', '.join(skipped)} in {folder} hold(s) no complete checkpoint "
+              f"(no state.json): resuming from "
+              f"{'the start' if checkpoint is None else checkpoint.name}", file=sys.stderr)
 
 
 def latest_checkpoint(run: str | os.PathLike) -> Path | None:

@@ -691,6 +691,15 @@ BAD_CHECKPOINTS = {
 }
 
 
+def test_an_incomplete_newer_checkpoint_folder_is_said(decoder_run, tmp_path, capfd):
+    run = _copy_run(decoder_run, tmp_path)
+    (run / "checkpoints" / "step-00000005").mkdir()  # no state.json: copied in part
+    assert cli.main(["train-decoder", "--data", str(decoder_run["shards"]), "-o", str(run),
+                     "--resume", *TRAIN, "steps=6"]) == 0
+    err = capfd.readouterr().err
+    assert "step-00000005 in " in err and "resuming from step-00000004" in err, err
+
+
 def test_the_other_stages_checkpoint_is_named_as_such(decoder_run, tmp_path, capfd):
     """`train --resume` on a train-decoder run says whose checkpoint it is, and does not
     advise removing it (it is not damaged)."""
