@@ -795,6 +795,11 @@ def test_voxceleb2_mp4_layout(corpus, tmp_path):
     assert any(s["item"] == "id00017/vidA" for s in manifest["skipped"])
     batch = data.load_split(out, "test")
     assert batch["wave"].shape == (2, 96000) and batch["feature"].shape == (2, 128)
+    # Without its Set column no identity would be test: refused, not a split without test.
+    (root / "vox2_meta.csv").write_text("\n".join(
+        ",".join(row.split(",")[:3]) for row in rows) + "\n")
+    with pytest.raises(DataError, match="has no 'Set' column"):
+        data.list_units("voxceleb2", root)
 
 
 def test_avspeech_segments(corpus, tmp_path, monkeypatch):

@@ -412,3 +412,13 @@ def test_an_avspeech_csv_that_is_a_folder_is_refused(tmp_path):
     (tmp_path / "avspeech_test.csv").write_text("AbCdEfGhIjK,1.0,4.0,0.5,0.5\n")
     with pytest.raises(DataError, match="avspeech_train.csv: is not a file"):
         data.list_units("avspeech", tmp_path)
+
+
+def test_an_identity_missing_from_the_split_file_is_named_so(corpus, tmp_path):
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    lines = (root / "identity_split.csv").read_text().splitlines()
+    left_out = lines[1].split(",")[0]
+    (root / "identity_split.csv").write_text("\n".join([lines[0], *lines[2:]]) + "\n")
+    reasons = {u.skip for u in data.list_units("voxceleb1", root) if u.identity == left_out}
+    assert reasons == {f"{left_out} is not in identity_split.csv"}  # was "no metadata row"

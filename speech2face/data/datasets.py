@@ -335,6 +335,9 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
     if not mp4_roots:
         raise DataError(root, "no mp4/ folder (expected mp4/<id>/<video>/<clip>.mp4)")
     meta_path, meta = _read_voxceleb_meta(root, "vox2_meta.csv", "VoxCeleb2 ID", "VoxCeleb2")
+    if not (root / SPLIT_FILE).exists() and meta and all(not m["set"] for m in meta.values()):
+        raise DataError(meta_path, f"has no 'Set' column (dev/test): the test identities are "
+                                   f"not known; add it, or a {SPLIT_FILE}")
     splits = _assign_splits(root, meta, lambda i: meta[i]["set"] == "test")
     bad: list[Path] = []  # names that are not UTF-8
 
@@ -367,9 +370,12 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
 def _video_unit(identity: str, video: str, clips: tuple, frames: tuple, meta: dict,
                 splits: dict, meta_name: str, no_frames: str) -> Unit:
     """A VoxCeleb video as a unit, or as a skipped one with the reason."""
-    if identity not in meta or identity not in splits:
+    if identity not in meta:
         return Unit(identity, video, None, None, clips, frames,
                     skip=f"no metadata row for {identity} in {meta_name}")
+    if identity not in splits:
+        return Unit(identity, video, None, None, clips, frames,
+                    skip=f"{identity} is not in {SPLIT_FILE}")
     reason = None
     if not clips:
         reason = "video has no audio clips"
