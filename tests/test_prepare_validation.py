@@ -244,6 +244,7 @@ def test_no_samples_writes_no_manifest(corpus, tmp_path, capsys):
         assert code == 2 and "no samples" in err and "no face found" in err, err
         assert not (out / "manifest.json").exists() and not (out / PART).exists()
         assert not (out / PROGRESS).exists()
+        assert not out.exists()  # no empty parts/ or split folders, no lock left behind
 
 
 @pytest.mark.parametrize("weights", ["missing.pth", "junk.pth"])
@@ -422,3 +423,10 @@ def test_an_identity_missing_from_the_split_file_is_named_so(corpus, tmp_path):
     (root / "identity_split.csv").write_text("\n".join([lines[0], *lines[2:]]) + "\n")
     reasons = {u.skip for u in data.list_units("voxceleb1", root) if u.identity == left_out}
     assert reasons == {f"{left_out} is not in identity_split.csv"}  # was "no metadata row"
+
+
+def test_avspeech_csvs_without_rows_are_said_so(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / f"avspeech_{split}.csv").write_text("\n")
+    with pytest.raises(DataError, match="hold no rows"):
+        data.list_units("avspeech", tmp_path)

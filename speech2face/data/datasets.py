@@ -413,6 +413,8 @@ def list_avspeech(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VI
         # A video with segments in both CSVs is test: never train on a test video.
         split_of[row.video] = "test" if "test" in (row.split, split_of.get(row.video)) \
             else row.split
+    if not segments:
+        raise DataError(root, "avspeech_train.csv and avspeech_test.csv hold no rows")
     overrides = _read_split_file(root / SPLIT_FILE) if (root / SPLIT_FILE).exists() else {}
     val = _carve_validation([v for v, s in split_of.items() if s == "train"])
     units = []

@@ -889,6 +889,11 @@ def prepare(
         except DataError:
             if not any(s["samples"] for s in manifest["splits"].values()):
                 progress_path.unlink(missing_ok=True)  # nothing to keep: the rerun starts afresh
+                with contextlib.suppress(OSError):  # and no empty folders: no output at all
+                    parts.rmdir()  # (when empty: another part's files stay)
+                    for split_dir in sorted(out.iterdir()):
+                        if split_dir.is_dir() and not any(split_dir.iterdir()):
+                            split_dir.rmdir()
             raise
     with staged_writes() as stage:
         with stage(part_manifest_path, "w") as f:
