@@ -60,6 +60,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # A small send buffer, so that what the server counts as sent is close to what
         # the client read before it closed or seeked away.
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        self.server.connections.append(self.request)  # closed when the server stops
 
     def log_message(self, *args):
         pass
@@ -85,12 +86,16 @@ def server(demo_speakers, tmp_path_factory):
     # A long video (2 min): a segment in its middle must not bring the whole file down.
     files["LongVideo00.mp4"] = make_mp4(folder / "long.mp4", face1[:1], np.tile(wave1, 15), 120.0)
     httpd.files, httpd.slow, httpd.sent = files, {"SlowVideo00.mp4"}, {}
+    httpd.connections = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/{{id}}.mp4"
     httpd.waves = (wave0, wave1)
     yield httpd
     httpd.shutdown()
+    httpd.server_close()
+    for connection in httpd.connections:  # a slow reply's handler may still hold one: it
+        connection.close()  # would be an "unclosed socket" warning in a later test
 
 
 TRAIN_ROWS = [
@@ -422,6 +427,7 @@ def test_jobs_of_an_array_run_side_by_side(server, tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
 
 
 def test_runs_that_split_the_videos_otherwise_are_refused(server, tmp_path, capsys):
@@ -453,6 +459,7 @@ def test_runs_that_split_the_videos_otherwise_are_refused(server, tmp_path, caps
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     code, out, err = _run(_download_args(csvs, root, server), capsys)
     assert code == 0 and ("1 already there" in out or "1 fetched" in out), (out, err)
 

@@ -366,6 +366,7 @@ def test_runs_of_another_shard_count_beside_an_array_are_refused(corpus, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert main(base) == 0  # the killed job's claim file stays, held by nobody: no matter
     assert not (out / ".speech2face.shards-00001.lock").exists()  # its last holder took it
 

@@ -332,6 +332,14 @@ class _Fetcher:
         self._face_lock = threading.Lock()  # dlib's models are not documented thread-safe
         self._encoder = None
         self._local = threading.local()
+        self._opened: list = []  # every thread's yt-dlp, closed by close()
+
+    def close(self) -> None:
+        """Close the threads' yt-dlp instances and with them their pooled connections
+        (left to the garbage collector, each was an "unclosed socket" warning)."""
+        for ydl in self._opened:
+            ydl.close()
+        self._opened.clear()
 
     def video(self, video: str, segments: Sequence[Segment], attempts: dict[str, int]) -> Counter:
         """Fetch, check and write each segment; log each failure. Returns counts by kind."""
@@ -392,6 +400,7 @@ class _Fetcher:
                 "socket_timeout": self.timeout, "retries": 0, "extractor_retries": 0,
                 "cachedir": False, "logger": _QuietLogger(),
             })
+            self._opened.append(ydl)
         return ydl
 
     def segment(self, sources: Sequence[_Source], segment: Segment) -> None:
@@ -752,6 +761,7 @@ def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template
         bar.close()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        fetcher.close()
     return counts
 
 
