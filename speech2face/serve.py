@@ -447,6 +447,7 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (port 0: a free one); Speech2FaceError if busy."""
+    sock = None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM)[0]
@@ -455,6 +456,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
         sock.listen(128)
     except OSError as error:
+        if sock is not None:
+            sock.close()
         raise Speech2FaceError(None, f"--host {host} --port {port}: cannot listen there "
                                      f"({error.strerror or error})") from None
     return sock
