@@ -630,10 +630,14 @@ def _say_incomplete(run: Path, checkpoint: Path | None) -> None:
     """One line when newer checkpoint folders than the one resumed lack their state (not
     written by save_checkpoint, which renames a finished folder into place; copied in
     part, say): they are skipped, and their steps trained again."""
-    newest = -1 if checkpoint is None else int(checkpoint.name[len("step-"):])
+    def step(path: Path) -> int:  # -1: not a step folder
+        digits = path.name.removeprefix(CHECKPOINT_PREFIX)
+        return int(digits) if digits.isdigit() else -1
+
+    newest = -1 if checkpoint is None else step(checkpoint)
     folder = run / CHECKPOINTS_DIR
-    skipped = sorted(p.name for p in folder.glob("step-*") if p.name[5:].isdigit()
-                     and int(p.name[5:]) > newest) if folder.is_dir() else []
+    skipped = sorted(p.name for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+                     if step(p) > newest) if folder.is_dir() else []
     if skipped:
         print(f"speech2face: {', '.join(skipped)} in {folder} hold(s) no complete checkpoint "
               f"(no state.json): resuming from "

@@ -45,6 +45,28 @@ def killed_in_video(n: int):
         yield
 
 
+@contextlib.contextmanager
+def claim_held(folder: Path, num_shards: int, command: str):
+    """Another process holds ``utils.sharding_claim`` on ``folder`` (a running job of a
+    ``num_shards``-part array) until the block ends; then it is killed."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from speech2face.utils import sharding_claim\n"
+         "with sharding_claim(sys.argv[1], int(sys.argv[2]), sys.argv[3]):\n"
+         " print('held', flush=True); time.sleep(60)", str(folder), str(num_shards), command],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 # ------------------------------------------ videos of generated speakers (AVSpeech tests)
 
 VIDEO_FPS = 10

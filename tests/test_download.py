@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_mp4
+from conftest import claim_held, make_mp4
 
 from speech2face import cli
 from speech2face.data import download
@@ -434,20 +434,9 @@ def test_runs_that_split_the_videos_otherwise_are_refused(server, tmp_path, caps
     """While a job of a 2-shard array writes --out, an unsharded run or a 3-shard job
     would fetch and log the same segments: refused in one line; another job of the same
     array runs; once the job has ended, so does any run."""
-    import subprocess
-    import sys
-
     csvs = _csvs(tmp_path, train=[TRAIN_ROWS[0]], test=[])
     root = tmp_path / "avspeech"
-    holder = subprocess.Popen(  # job 1 of 2, still running (it only holds its claim)
-        [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
-         "from speech2face.utils import sharding_claim\n"
-         "with sharding_claim(Path(sys.argv[1]), 2, 'download'):\n print('held', flush=True); "
-         "time.sleep(60)", str(root)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with claim_held(root, 2, "download"):  # job 1 of 2, still running
         for sharding in ([], ["--num-shards", "3", "--shard-index", "0"]):
             code, _, err = _run(_download_args(csvs, root, server, *sharding), capsys)
             assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -456,10 +445,6 @@ def test_runs_that_split_the_videos_otherwise_are_refused(server, tmp_path, caps
         code, _, err = _run(_download_args(csvs, root, server, "--num-shards", "2",
                                            "--shard-index", "0"), capsys)
         assert code == 0, err
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
     code, out, err = _run(_download_args(csvs, root, server), capsys)
     assert code == 0 and ("1 already there" in out or "1 fetched" in out), (out, err)
 

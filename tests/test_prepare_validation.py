@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import killed_in_video
+from conftest import claim_held, killed_in_video
 
 from speech2face import data
 from speech2face.cli import main
@@ -345,28 +345,14 @@ def test_runs_of_another_shard_count_beside_an_array_are_refused(corpus, tmp_pat
     """While a job of a 2-part array writes --out, an unsharded run or a 3-part job would
     leave parts of two counts in one folder (neither then merges): refused in one line,
     nothing written; once the job has ended, the unsharded run goes."""
-    import subprocess
-    import sys
-
     out = tmp_path / "shards"
-    holder = subprocess.Popen(  # job 1 of 2, still running (it only holds its claim)
-        [sys.executable, "-c", "import sys, time\n"
-         "from speech2face.utils import sharding_claim\n"
-         "with sharding_claim(sys.argv[1], 2, 'prepare'):\n print('held', flush=True); "
-         "time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True)
     base = ["prepare", "voxceleb1", "--root", str(corpus), "--out", str(out),
             "--samples-per-shard", "2", "--mix-clips", "3"]
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with claim_held(out, 2, "prepare"):  # job 1 of 2, still running
         for sharding in ([], ["--num-shards", "3", "--shard-index", "0"]):
             code, err = one_line(capsys, *base, *sharding)
             assert code == 2 and "another prepare into it splits the work into 2" in err, err
         assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []
-    finally:
-        holder.kill()
-        holder.wait()
-        holder.stdout.close()
     assert main(base) == 0  # the killed job's claim file stays, held by nobody: no matter
     assert not (out / ".speech2face.shards-00001.lock").exists()  # its last holder took it
 
