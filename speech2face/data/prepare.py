@@ -481,7 +481,8 @@ def _interrupt_between_units() -> Iterator[Callable[[], None]]:
         yield check
     finally:
         signal.signal(signal.SIGINT, previous)
-    check()  # asked for after the last unit: the run still ends as interrupted
+        if asked:  # asked for after the last check (or while the consumer closes this):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C as it would have come, now
 
 
 def _stop(pool) -> None:
