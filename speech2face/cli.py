@@ -43,6 +43,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _CommandParser(_Parser):
+    """A command's parser: its options may come between the values of a list argument
+    (``train ... steps=500 --resume lr=1e-4``, ``spectrogram a.wav -o OUT b.wav``), which
+    plain argparse takes for unrecognised arguments after the first option."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # argparse's intermixed parsing calls this twice itself
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def bounded(kind: type, low=None, high=None, what: str = "value"):
     """An argparse ``type`` that parses ``kind`` (int or float) and refuses values outside
     ``[low, high]`` (and NaN), so that a bad option value is a one-line usage error."""
@@ -149,7 +166,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="speech2face",
         description="Speech2Face: reconstruct a canonical face from a few seconds of speech.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     for name, (module, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:

@@ -723,7 +723,7 @@ class Recognizer:
 
         self.name = name
         self.metric = RECOGNIZER_METRIC[name]
-        self.encoder = load_face_encoder(name, weights=weights)
+        self.encoder = load_face_encoder(name, weights=weights, option="--recognizer-weights FILE")
         # True when the shards' face features came from this very recognizer (dlib: its
         # weights are fixed), so a true face's embedding is its shard feature.
         self.made_features = False

@@ -500,6 +500,7 @@ def load_face_encoder(
     random_init: bool = False,
     config: VGGFaceConfig | None = None,
     device: str | torch.device | None = None,
+    option: str = "weights=PATH",
 ) -> FaceEncoder:
     """A face encoder by name: "dlib" or "vggface".
 
@@ -509,6 +510,8 @@ def load_face_encoder(
         there, "vggface" refuses unless ``random_init=True`` (seeded random weights, for
         tests). "dlib" uses the weights of ``face-recognition-models``.
     config: VGG-Face sizes (default ``VGGFaceConfig.paper()``; ``tiny()`` for tests).
+    option: how the caller passes ``weights``, for the message when none is found (a
+        command names its own option, e.g. ``--encoder-weights FILE``).
     Raises WeightsError for a missing, unreadable or mismatched weights file.
     """
     if name == "dlib":
@@ -525,8 +528,8 @@ def load_face_encoder(
         if not found:
             raise WeightsError(
                 None,
-                f"VGG-Face needs weights: pass weights=PATH to {' or '.join(VGG_FACE_FILES)} "
-                f"(or put one in {cache_dir()}); random_init=True gives random weights for tests",
+                f"VGG-Face needs its weights, {' or '.join(VGG_FACE_FILES)}: give one with "
+                f"{option}, or put one in {cache_dir()}",
             )
         weights = found[0]
     if weights is None:

@@ -667,7 +667,7 @@ def faces_command(args) -> int:
     if args.encoder != "none":
         from speech2face.face_encoders import load_face_encoder
 
-        encoder = load_face_encoder(args.encoder, weights=args.weights)
+        encoder = load_face_encoder(args.encoder, weights=args.weights, option="--weights FILE")
     out = Path(args.out)
     # Rerun into the same folder with the same options, images whose outputs are all
     # there are not processed again (a killed run continues; each image's files appear

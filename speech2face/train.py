@@ -835,8 +835,21 @@ def _face_encoder_for_loss(manifest: dict, config: TrainConfig, device: torch.de
         return None  # not differentiable: no perceptual term, nothing to load
     from speech2face.face_encoders import load_face_encoder
 
-    encoder = load_face_encoder(name, weights=config.face_encoder_weights, device=device)
+    encoder = load_face_encoder(name, weights=config.face_encoder_weights, device=device,
+                                option=WEIGHTS_SETTING)
     return encoder.eval().requires_grad_(False)
+
+
+WEIGHTS_SETTING = "the setting face_encoder_weights=FILE"
+
+
+def _check_encoder_weights(manifest: dict, config: TrainConfig) -> None:
+    """A ConfigError where ``face_encoder_weights`` is set for shards whose features need
+    none (dlib's): the file would be silently ignored, whatever it holds."""
+    if config.face_encoder_weights is not None and manifest["encoder"] == "dlib":
+        raise ConfigError(None, f"face_encoder_weights={config.face_encoder_weights}: the "
+                                f"shards hold dlib features, whose encoder takes no weights "
+                                f"file; remove the setting")
 
 
 def _check_fresh(out: Path, resume: bool) -> None:
@@ -857,6 +870,7 @@ def decoder_stage(data: str | os.PathLike, config: TrainConfig,
     if manifest["encoder"] not in ENCODERS:
         raise DataError(file, f"features of an unknown face encoder {manifest['encoder']!r} "
                               f"(this version has {', '.join(ENCODERS)})")
+    _check_encoder_weights(manifest, config)
     if manifest.get("mean_landmarks") is None:
         raise DataError(file, "has no mean_landmarks (prepare writes them from the "
                               "training faces): the decoder cannot be built")
@@ -904,6 +918,7 @@ def voice_stage(data: str | os.PathLike, decoder: str | os.PathLike, config: Tra
 
     data = Path(data)
     manifest = load_manifest(data)
+    _check_encoder_weights(manifest, config)
     base = load_model(decoder)
     dim = int(manifest["feature_dim"])
     if base.feature_dim != dim or base.face_encoder_name != manifest["encoder"]:
@@ -1016,8 +1031,23 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
     checkpoint = latest_checkpoint(out) if resume else None
     _check_stage(checkpoint, voice=True)
     stage = voice_stage(data, decoder, config, checkpoint, progress)
+    if checkpoint is not None and placement.is_main:
+        _say_if_other_decoder(checkpoint, decoder, stage.model.face_decoder)
     train, val = training_data(data, load_manifest(data), config, placement, spectrogram=True)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
+
+
+def _say_if_other_decoder(checkpoint: Path, decoder, face_decoder: nn.Module) -> None:
+    """A resumed voice run goes on against the frozen decoder of its checkpoint (its voice
+    encoder was trained against that one): say so where ``--decoder`` holds other weights."""
+    saved = read_safetensors(checkpoint / WEIGHTS_NAME)
+    prefix = "face_decoder."
+    same = all(torch.equal(saved.get(prefix + name, torch.empty(0)), value)
+               for name, value in face_decoder.state_dict().items())
+    if not same:
+        print(f"speech2face: resuming against the face decoder saved in {checkpoint}: "
+              f"--decoder {decoder} holds other weights, which this run does not use (its "
+              "voice encoder was trained against the saved one)", file=sys.stderr)
 
 
 def _check_stage(checkpoint: Path | None, voice: bool) -> None:
@@ -1041,7 +1071,8 @@ def _identity_classifier(data: Path, manifest: dict, config: TrainConfig,
     if manifest["encoder"] != "dlib":
         from speech2face.face_encoders import load_face_encoder
 
-        fc8 = load_face_encoder(manifest["encoder"], weights=config.face_encoder_weights).classifier
+        fc8 = load_face_encoder(manifest["encoder"], weights=config.face_encoder_weights,
+                                option=WEIGHTS_SETTING).classifier
         if fc8 is not None:
             return _as_linear(fc8)
     from speech2face.face_encoders import fit_identity_classifier

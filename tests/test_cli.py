@@ -70,3 +70,17 @@ def test_a_command_that_fails_part_way_leaves_one_line_on_the_terminal(tmp_path,
     shown = lines[0].split("\r")[-1]  # what a terminal shows after the carriage returns
     assert shown.startswith("speech2face spectrogram: error:") and "z.wav" in shown
     assert "%|" not in shown
+
+
+def test_options_may_come_between_the_values_of_a_list_argument():
+    """``train ... steps=3 --no-progress lr=0.1`` is one command, not an unrecognised
+    ``lr=0.1`` (plain argparse stops a list argument at the first option)."""
+    from speech2face.cli import build_parser
+
+    args = build_parser("train-decoder").parse_args(
+        ["train-decoder", "steps=3", "--data", "D", "--no-progress", "lr=0.1", "-o", "R",
+         "batch_size=2"])
+    assert args.overrides == ["steps=3", "lr=0.1", "batch_size=2"]
+    assert (args.data, args.out, args.no_progress) == ("D", "R", True)
+    args = build_parser("spectrogram").parse_args(["spectrogram", "a.wav", "-o", "O", "b.wav"])
+    assert [str(a) for a in args.audio] == ["a.wav", "b.wav"] and args.out == "O"

@@ -628,7 +628,7 @@ def test_missing_or_unknown_recognizer_is_a_weights_error(tmp_path, monkeypatch)
 
     with pytest.raises(WeightsError, match="unknown face recognizer"):
         ev.Recognizer("arcface")
-    with pytest.raises(WeightsError, match="VGG-Face needs weights"):
+    with pytest.raises(WeightsError, match="VGG-Face needs its weights.*--recognizer-weights"):
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         ev.Recognizer("vggface")
     monkeypatch.setattr(faces, "model_dir", lambda: tmp_path)
@@ -665,7 +665,7 @@ def _manifest(folder, identities, feature_dim):
 @pytest.mark.parametrize("case,message", [
     ("one identity", "1 identity"),
     ("feature size", "16-D"),
-    ("recognizer", "VGG-Face needs weights"),
+    ("recognizer", "give one with --recognizer-weights FILE"),
 ])
 def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
                                                           case, message):

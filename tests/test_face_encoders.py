@@ -311,7 +311,7 @@ def test_vggface_bad_files(weight_files, tmp_path, monkeypatch):
         E.load_face_encoder("vggface", weights=tmp_path / "partial.h5", config=TINY)
     # No weights anywhere: refuses, and says what to do.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
-    with pytest.raises(WeightsError, match="VGG-Face needs weights.*random_init=True"):
+    with pytest.raises(WeightsError, match="VGG-Face needs its weights.*weights=PATH"):
         E.load_face_encoder("vggface")
     # Without h5py: a clear message.
     monkeypatch.setitem(sys.modules, "h5py", None)

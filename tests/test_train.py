@@ -466,10 +466,24 @@ def test_both_stages_learn_through_the_command_line(shards, tmp_path, capsys):
     # identity classifier from the checkpoint (not fitted again), and training goes on.
     assert main(["train", "--data", str(shards), "--decoder", str(decoder_run),
                  "--out", str(voice_run), "--resume", "--no-progress", "steps=42"]) == 0
+    assert "face decoder" not in capsys.readouterr().err
     resumed = load_model(voice_run)
     assert torch.equal(resumed.classifier.weight, model.classifier.weight)
     assert json.loads((voice_run / "train_config.json").read_text())["clip_seconds"] == 3.0
     assert latest_checkpoint(voice_run).name == "step-00000042"
+
+    # --resume with another decoder: the run goes on against its own, and says so.
+    from speech2face.model import save_model
+
+    with torch.no_grad():
+        next(stage1.face_decoder.parameters()).add_(1.0)
+    save_model(stage1, tmp_path / "other-decoder")
+    assert main(["train", "--data", str(shards), "--decoder", str(tmp_path / "other-decoder"),
+                 "--out", str(voice_run), "--resume", "--no-progress", "steps=43"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming against the face decoder saved in" in err and "other-decoder" in err
+    kept = load_model(voice_run).face_decoder.state_dict()
+    assert all(torch.equal(kept[k], b[k]) for k in b)
 
 
 def test_decoder_feature_noise_is_as_long_as_configured_and_only_in_training(shards):
@@ -1014,3 +1028,17 @@ def test_an_uncalibrated_identity_classifier_is_said(shards, capfd):
         assert "held-out accuracy" in err
     else:
         assert "no clip held out, so not calibrated (temperature 1)" in err
+
+
+def test_face_encoder_weights_for_dlib_shards_are_refused_before_writing(shards, tmp_path,
+                                                                          capsys):
+    """dlib's features take no weights file: one given would be silently ignored."""
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    for command in (["train-decoder"], ["train", "--decoder", str(tmp_path)]):
+        assert main([*command, "--data", str(shards), "--out", str(out), "preset=tiny",
+                     "face_encoder_weights=/no/such/vgg_face_dag.pth"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "face_encoder_weights=/no/such/vgg_face_dag.pth" in err
+        assert "dlib features" in err and "\n" not in err and not out.exists()

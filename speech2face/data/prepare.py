@@ -352,7 +352,7 @@ def _face_encoder(name: str, weights: str | None):
     creates anything, so that missing or bad weights are refused at once)."""
     from speech2face.face_encoders import load_face_encoder
 
-    return load_face_encoder(name, weights=weights)
+    return load_face_encoder(name, weights=weights, option="--encoder-weights FILE")
 
 
 def _key_names(clips: list[str]) -> list[str]:
