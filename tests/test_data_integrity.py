@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -194,6 +195,25 @@ def test_non_utf8_folder_names_are_skipped_with_a_reason(vox1):
     skipped = [u for u in units if u.skip == "name is not valid UTF-8"]
     assert len(skipped) == 1 and "\\xff" in skipped[0].identity
     json.dumps([u.key for u in units])  # every key is printable
+
+
+def test_links_to_nothing_fifos_and_link_loops_are_skipped_with_a_reason(vox1):
+    """Not dropped unseen: a clip behind a broken link (storage moved) is data missing."""
+    video = vox1 / "wav" / "id10001" / "vid"
+    (video / "00002.wav").symlink_to(vox1 / "moved" / "00002.wav")
+    (video / "00003.wav").symlink_to(video / "00003.wav")  # a loop
+    os.mkfifo(video / "00004.wav")
+    (video / "notes.txt").symlink_to(vox1 / "moved" / "notes.txt")  # not a clip: ignored
+    faces = vox1 / "unzippedFaces" / "A.B" / "1.6" / "vid"
+    (faces / "2.jpg").symlink_to(vox1 / "moved" / "2.jpg")
+    units = data.list_units("voxceleb1", vox1)
+    skipped = {Path(u.identity).name: u.skip for u in units if u.video == ""}
+    assert skipped == dict.fromkeys(["00002.wav", "00003.wav", "00004.wav", "2.jpg"],
+                                    "not a readable file (a broken link, a link loop, a FIFO "
+                                    "or a device)")
+    (listed,) = [u for u in units if u.video == "vid"]
+    assert [Path(c.path).name for c in listed.clips] == ["00001.wav"]
+    assert [Path(f.path).name for f in listed.frames] == ["1.jpg"]
 
 
 # ------------------------------------------------------------------- prepare end to end

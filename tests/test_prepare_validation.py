@@ -222,6 +222,16 @@ def test_one_out_holds_parts_of_one_count(corpus, finished, tmp_path, capsys):
     code, err = one_line(capsys, "prepare", "--merge", "-o", str(two))
     assert code == 2 and "--num-shards [1, 2]" in err, err
     assert not (two / "manifest.json").exists()
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(two), "--num-shards", "3")
+    assert code == 2 and "no part of a run with --num-shards 3" in err, err
+    assert "--num-shards 1, 2" in err and not (two / "manifest.json").exists()
+    # --merge only merges: options of a prepare run would be ignored, so they are refused
+    for extra in (["voxceleb1", "--root", str(corpus)], ["--seed", "3"], ["--workers", "2"]):
+        code, err = one_line(capsys, "prepare", "--merge", "-o", str(two), *extra)
+        assert code == 2 and "--merge: only merges" in err, err
+    assert "drop the dataset, --root" in one_line(
+        capsys, "prepare", "voxceleb1", "--root", str(corpus), "--merge", "-o", str(two))[1]
+    assert not (two / "manifest.json").exists()
     code, err = one_line(capsys, "prepare", "--merge", "-o", str(two), "--num-shards", "2")
     assert code == 0, err
     assert data.load_manifest(two)["num_parts"] == 2

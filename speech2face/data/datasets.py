@@ -201,36 +201,48 @@ def _find_all(root: Path, name: str, depth: int = 2) -> list[Path]:
     return hits
 
 
-def _utf8(path: Path, bad: list[Path] | None) -> bool:
+# Files and folders a lister passes over, with the reason: each becomes a skipped unit
+# (:func:`_unlisted`), so that the run's report names what it did not read.
+Unread = list[tuple[Path, str]]
+
+NOT_READABLE = "not a readable file (a broken link, a link loop, a FIFO or a device)"
+
+
+def _utf8(path: Path, bad: Unread | None) -> bool:
     """Whether the name is valid UTF-8 (it becomes a key and JSON); if not, noted in ``bad``."""
     try:
         path.name.encode("utf-8")
         return True
     except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
         if bad is not None:
-            bad.append(path)
+            bad.append((path, "name is not valid UTF-8"))
         return False
 
 
-def _files(folder: Path, suffixes: Sequence[str], bad: list[Path] | None = None) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir()
-        if p.suffix.lower() in suffixes and p.is_file() and _utf8(p, bad)
-    )
+def _files(folder: Path, suffixes: Sequence[str], bad: Unread | None = None) -> list[Path]:
+    files = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in suffixes or not _utf8(p, bad):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif not p.is_dir() and bad is not None:
+            bad.append((p, NOT_READABLE))
+    return sorted(files)
 
 
-def _subdirs(folder: Path, bad: list[Path] | None = None) -> list[Path]:
+def _subdirs(folder: Path, bad: Unread | None = None) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and _utf8(p, bad))
 
 
-def _badly_named(bad: list[Path]) -> list[Unit]:
-    """Skipped units for files and folders whose names are not UTF-8, shown escaped."""
+def _unlisted(bad: Unread) -> list[Unit]:
+    """Skipped units for what a lister passed over (names shown escaped)."""
     units = []
-    for path in sorted(set(bad)):
+    for path, reason in sorted(set(bad)):
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        units.append(Unit(shown, "", None, None, (), (), skip="name is not valid UTF-8"))
+        units.append(Unit(shown, "", None, None, (), (), skip=reason))
     return units
 
 
@@ -281,7 +293,7 @@ def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
         return s == "test" if s else identity in VOX1_TEST_IDENTITIES
 
     splits = _assign_splits(root, meta, is_test)
-    bad: list[Path] = []  # names that are not UTF-8
+    bad: Unread = []
     faces_root = _find(root, "unzippedFaces")
     if faces_root is None:
         raise DataError(root, "no unzippedFaces/ folder (VoxCeleb1's face frames: "
@@ -320,7 +332,7 @@ def list_voxceleb1(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
             _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
                         no_frames="video has no face frames")
         )
-    return units + _badly_named(bad)
+    return units + _unlisted(bad)
 
 
 def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_VIDEO) -> list[Unit]:
@@ -339,7 +351,7 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
         raise DataError(meta_path, f"has no 'Set' column (dev/test): the test identities are "
                                    f"not known; add it, or a {SPLIT_FILE}")
     splits = _assign_splits(root, meta, lambda i: meta[i]["set"] == "test")
-    bad: list[Path] = []  # names that are not UTF-8
+    bad: Unread = []
 
     def collect(roots, suffixes):
         found: dict[tuple[str, str], list[Path]] = {}
@@ -364,7 +376,7 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
             _video_unit(identity, video, video_clips, video_frames, meta, splits, meta_path.name,
                         no_frames="video has no mp4 clips for face frames")
         )
-    return units + _badly_named(bad)
+    return units + _unlisted(bad)
 
 
 def _video_unit(identity: str, video: str, clips: tuple, frames: tuple, meta: dict,

@@ -345,6 +345,10 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
             raise DataError(out / PARTS_DIR, f"holds parts of runs with --num-shards "
                                              f"{sorted(counts)}; give the one to merge")
         num_shards = counts.pop()
+    elif part_counts(out) and num_shards not in part_counts(out):
+        given = ", ".join(str(n) for n in sorted(part_counts(out)))
+        raise DataError(out / PARTS_DIR, f"holds no part of a run with --num-shards "
+                                         f"{num_shards} (its parts are of --num-shards {given})")
     manifest = merge(out, num_shards)
     with atomic_write(out / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)

@@ -1151,9 +1151,27 @@ def prepare_output(args) -> tuple[Path, bool]:
     return out, True
 
 
+def _check_merge_alone(args) -> None:
+    """``--merge`` only merges: a dataset or processing option given with it would be
+    silently ignored (the parts were prepared with their own)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_prepare_arguments(parser)
+    defaults = vars(parser.parse_args(["-o", "-"]))
+    given = [name for name, default in defaults.items()
+             if name not in ("out", "num_shards", "merge") and getattr(args, name) != default]
+    if given:
+        names = ", ".join("the dataset" if n == "dataset" else "--" + n.replace("_", "-")
+                          for n in given)
+        raise ConfigError("--merge", f"only merges the finished parts in --out (with "
+                                     f"--num-shards); drop {names}")
+
+
 def prepare_command(args) -> int:
     start = time.perf_counter()
     if args.merge:
+        _check_merge_alone(args)
         manifest = merge_manifests(args.out, args.num_shards)
     elif args.dataset is None or args.root is None:
         raise DataError(None, "give the dataset and --root (or --merge to merge finished parts)")
