@@ -156,6 +156,7 @@ PROGRESS_DAMAGE = {
     "samples_done true": state(lambda s: s.update(samples_done=True)),
     "splits a list": state(lambda s: s.update(splits=[])),
     "counts a list": state(lambda s: s.update(counts=[1])),
+    "a count beyond JSON": state(lambda s: s.update(counts={"clips": 10**40})),
     "landmarks of another shape": state(lambda s: s.update(landmarks_sum=[[0, 0]])),
     "landmarks_count off": state(lambda s: s.update(landmarks_count=99)),
     "skipped triples": state(lambda s: s.update(skipped=[["a", "b", "c"]])),

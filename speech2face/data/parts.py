@@ -115,6 +115,8 @@ def files_fingerprint(units: list[Unit]) -> str:
 
 _REDO = "remove it to redo this part, or use a new --out"
 
+MAX_COUNT = 2**53  # what a JSON number holds exactly; no run counts that many of anything
+
 
 def _record_problem(record: dict, out: Path) -> str | None:
     """What is wrong with the samples written so far as a progress file's state or a
@@ -137,7 +139,7 @@ def _record_problem(record: dict, out: Path) -> str | None:
             if not path.is_file() or path.stat().st_size != shard["size"]:
                 return f"shard {shard['path']} is missing or not of its recorded size"
     counts = record.get("counts")
-    if not (isinstance(counts, dict) and all(is_whole(v, 0) for v in counts.values())):
+    if not (isinstance(counts, dict) and all(is_whole(v, 0, MAX_COUNT) for v in counts.values())):
         return "'counts' is not a mapping of counts"
     skipped = record.get("skipped")
     if not (isinstance(skipped, list)
