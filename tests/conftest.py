@@ -13,6 +13,9 @@ def private_user_cache(tmp_path_factory):
     their own cache set ``XDG_CACHE_HOME`` again."""
     patch = pytest.MonkeyPatch()
     patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+    # and leave nothing in the machine's /tmp: the commands' own temporary files (torchrun
+    # leaves a torchelastic_* folder per run) go where pytest prunes old runs
+    patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
     yield
     patch.undo()
 
