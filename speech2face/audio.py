@@ -93,16 +93,7 @@ def load_audio(
         wave, native_rate = _read_ffmpeg(path, decode_seconds)
     if wave.size == 0:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
-    with np.errstate(over="ignore"):  # an overflow is diagnosed just below
-        energy = float(np.dot(wave, wave))  # one pass: NaN/inf if any sample is, 0 if silent
-    if not math.isfinite(energy):
-        if not np.isfinite(wave).all():
-            raise AudioError(path, "signal contains NaN or infinite samples")
-        peak = float(np.abs(wave).max())
-        raise AudioError(path, f"sample values reach {peak:.3g}, far outside [-1, 1] "
-                               f"(corrupt, or not audio)")
-    if energy == 0.0:
-        raise AudioError(path, "signal is silent (all samples are zero)")
+    check_signal(wave, path)
     if native_rate != sample_rate:
         import soxr
 
@@ -111,6 +102,30 @@ def load_audio(
         wave = wave[: seconds_samples(max_seconds, sample_rate)]
     _check_long_enough(path, wave.shape[0], sample_rate)
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+# A signal whose loudest sample is below this (-80 dBFS; 16-bit audio's smallest step is
+# -90) holds no speech to hear: refused as silent. One whose samples pass PEAK_LIMIT is
+# not a waveform in [-1, 1] (typically integers stored as floats: divide by 32768).
+SILENCE_PEAK = 1e-4
+PEAK_LIMIT = 16.0
+
+
+def check_signal(wave: np.ndarray, path: str | os.PathLike | None = None) -> None:
+    """AudioError (naming ``path``) unless ``wave`` is finite, not silent and within
+    ``PEAK_LIMIT``: what a file's decoded samples and an API caller's array must be."""
+    with np.errstate(over="ignore"):  # an overflow is diagnosed just below
+        energy = float(np.dot(wave, wave))  # one pass: NaN/inf if any sample is, 0 if silent
+    if not math.isfinite(energy) and not np.isfinite(wave).all():
+        raise AudioError(path, "signal contains NaN or infinite samples")
+    peak = float(np.abs(wave).max())
+    if peak > PEAK_LIMIT:
+        raise AudioError(path, f"sample values reach {peak:.3g}, far outside [-1, 1] "
+                               f"(corrupt, not audio, or integers stored as floats)")
+    if peak < SILENCE_PEAK:
+        loudest = "all samples are zero" if peak == 0 else \
+            f"its loudest sample is {20 * math.log10(peak):.0f} dBFS"
+        raise AudioError(path, f"signal is silent ({loudest})")
 
 
 def _check_long_enough(path: Path, samples: int, sample_rate: int) -> None:
@@ -205,10 +220,7 @@ def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
         chunks, total = [], 0
         try:
             for frame in container.decode(stream):
-                chunk = frame.to_ndarray()  # (channels, n) planar or (1, n*channels) packed
-                if not frame.format.is_planar:
-                    chunk = chunk.reshape(-1, len(frame.layout.channels)).T
-                chunk = _to_float(chunk).mean(axis=0)
+                chunk = _to_float(_frame_array(frame)).mean(axis=0)
                 chunks.append(chunk)
                 total += chunk.size
                 if limit is not None and total >= limit:
@@ -229,6 +241,22 @@ def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
         wanted = declared if max_seconds is None else min(declared, max_seconds)
         _check_complete(path, total / rate, wanted, declared)
     return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)
+
+
+def _frame_array(frame) -> np.ndarray:
+    """A decoded audio frame's samples, ``(channels, n)``, in its own sample type, or as
+    float32 for one that numpy has no type for (64-bit integers: FFmpeg converts)."""
+    import av
+
+    try:
+        chunk = frame.to_ndarray()  # (channels, n) planar or (1, n*channels) packed
+    except ValueError:
+        converter = av.AudioResampler(format="fltp", layout=frame.layout.name,
+                                      rate=frame.sample_rate)
+        return np.concatenate([f.to_ndarray() for f in converter.resample(frame)], axis=1)
+    if not frame.format.is_planar:
+        chunk = chunk.reshape(-1, len(frame.layout.channels)).T
+    return chunk
 
 
 def declared_seconds(path: str | os.PathLike) -> float | None:
@@ -351,8 +379,12 @@ def _padded_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """
     import torch
 
-    window = torch.zeros(N_FFT, device=device, dtype=dtype)
-    window[:WIN_LENGTH] = torch.hann_window(WIN_LENGTH, periodic=True, device=device, dtype=dtype)
+    # A normal tensor even when first made under torch.inference_mode (reconstruct): an
+    # inference tensor cannot take part in a later spectrogram that autograd records.
+    with torch.inference_mode(False):
+        window = torch.zeros(N_FFT, device=device, dtype=dtype)
+        window[:WIN_LENGTH] = torch.hann_window(WIN_LENGTH, periodic=True, device=device,
+                                                dtype=dtype)
     return window
 
 
@@ -492,7 +524,7 @@ def spectrogram_command(args) -> int:
     from speech2face.utils import progress as tqdm
 
     out = Path(args.out)
-    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError)
+    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=(".npy",))
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
     targets = [out / f"{stem}.npy" for _, stem in inputs]

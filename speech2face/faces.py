@@ -610,7 +610,11 @@ def find_images(inputs) -> list[tuple[Path, Path]]:
     """
     from speech2face.utils import find_inputs
 
-    return find_inputs(inputs, IMAGE_SUFFIXES, ImageError)
+    return find_inputs(inputs, IMAGE_SUFFIXES, ImageError, outputs=FACE_OUTPUTS)
+
+
+# What ``speech2face faces`` writes for each image (the feature only with an encoder).
+FACE_OUTPUTS = (".crop.png", ".landmarks.png", ".landmarks.npy", ".feature.npy")
 
 
 def add_faces_arguments(parser) -> None:
@@ -672,8 +676,7 @@ def faces_command(args) -> int:
     # Rerun into the same folder with the same options, images whose outputs are all
     # there are not processed again (a killed run continues; each image's files appear
     # together). Other options redo everything.
-    suffixes = [".crop.png", ".landmarks.png", ".landmarks.npy"]
-    suffixes += [".feature.npy"] if encoder is not None else []
+    suffixes = FACE_OUTPUTS if encoder is not None else FACE_OUTPUTS[:-1]
     options = {"detector": args.detector, "encoder": args.encoder, "size": args.size,
                "weights": None if args.weights is None else str(Path(args.weights).resolve())}
     state = out / FACES_STATE

@@ -96,11 +96,23 @@ def prepare_audio(audio, seconds: float | None = None) -> np.ndarray:
     Raises:
         AudioError: an unreadable file, or an array that is empty, not 1-D or not finite.
     """
-    from speech2face.audio import CLIP_SECONDS, fit_duration, load_audio
+    from speech2face.audio import (
+        CLIP_SECONDS,
+        MIN_SECONDS,
+        SAMPLE_RATE,
+        check_signal,
+        fit_duration,
+        load_audio,
+        seconds_samples,
+    )
 
     seconds = CLIP_SECONDS if seconds is None else seconds
     if isinstance(audio, (str, os.PathLike)):
         wave = load_audio(audio, max_seconds=seconds)
+    elif not isinstance(audio, (np.ndarray, torch.Tensor, list, tuple)):
+        raise AudioError(None, f"audio must be a file path or a float waveform array, not "
+                               f"{type(audio).__name__} (decode bytes or a file object "
+                               f"first, or save it to a file)")
     else:
         wave = np.asarray(audio.detach().cpu() if isinstance(audio, torch.Tensor) else audio)
         if wave.ndim != 1:
@@ -114,6 +126,10 @@ def prepare_audio(audio, seconds: float | None = None) -> np.ndarray:
         if not np.isfinite(wave).all():
             raise AudioError(None, "audio array contains NaN or infinite samples "
                                    "(or values beyond float32's range)")
+        check_signal(wave, "audio array")
+        if wave.size < seconds_samples(MIN_SECONDS, SAMPLE_RATE):
+            raise AudioError("audio array", f"too short: {wave.size} samples at 16 kHz, at "
+                                            f"least {MIN_SECONDS} s is needed")
     return np.ascontiguousarray(fit_duration(wave, seconds=seconds))
 
 
@@ -136,11 +152,15 @@ def reconstruct_waves(waves: np.ndarray, model) -> list[Reconstruction]:
     """Faces for a batch of 16-kHz clips ``(B, N)`` with a loaded model."""
     from speech2face.audio import spectrogram
 
+    training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    spec = spectrogram(torch.as_tensor(waves, device=device))  # (B, 2, T, 257)
-    features = model.predict_features(spec)  # (B, D)
-    decoded = model.decode(features)
+    try:
+        weight = next(model.parameters())
+        spec = spectrogram(torch.as_tensor(waves, device=weight.device))  # (B, 2, T, 257)
+        features = model.predict_features(spec.to(weight.dtype))  # (B, D)
+        decoded = model.decode(features)
+    finally:
+        model.train(training)  # the caller's model as it was given
     images = to_uint8_images(decoded.image)
     landmarks = decoded.landmarks.float().cpu().numpy()
     features = features.float().cpu().numpy()
@@ -220,40 +240,45 @@ def add_reconstruct_arguments(parser) -> None:
                         help="torch device: cpu (default), cuda, cuda:N or mps")
 
 
+def _stage_result(stage, png: Path, result: Reconstruction, landmarks: bool) -> None:
+    """Stage the face ``png`` and, with ``landmarks``, its landmarks beside it."""
+    files = {png: png_bytes(result.image)}
+    if landmarks:
+        base = png.with_suffix("")
+        points = np.round(result.landmarks.astype(float), 3).tolist()
+        files[Path(f"{base}.landmarks.json")] = (json.dumps(
+            {"format": "(x, y) pixels in the 224x224 face, iBUG 68-point order",
+             "landmarks": points}) + "\n").encode()
+        files[Path(f"{base}.landmarks.png")] = png_bytes(
+            draw_landmarks(result.image, result.landmarks))
+    for path, data in files.items():
+        with stage(path) as f:
+            f.write(data)
+
+
 def reconstruct_command(args) -> int:
     from speech2face.audio import MEDIA_SUFFIXES
     from speech2face.utils import progress as tqdm
 
-    # Every input is decoded and the model loaded before anything is written: a bad
-    # file stops the command with no partial output.
-    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError)
+    # All or nothing: every output is staged (a temporary file beside it) and renamed into
+    # place when all inputs are done, so a bad file stops the command with no partial
+    # output; inputs are decoded a batch at a time, so memory does not grow with them.
+    outputs = (".png", ".landmarks.json", ".landmarks.png") if args.landmarks else (".png",)
+    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=outputs)
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
     pngs = _output_paths(inputs, args.out)
+    model = resolve_model(args.model).to(args.device)
     # The bar closes (erasing itself) before an error leaves: the error is the last line.
-    with tqdm(inputs, desc="audio", unit="file", disable=len(inputs) < 4) as bar:
-        waves = [prepare_audio(path) for path, _ in bar]
-    model = resolve_model(args.model)
-    model = model.to(args.device)
-    results: list[Reconstruction] = []
-    for start in tqdm(range(0, len(waves), BATCH_SIZE), desc="faces", unit="batch",
-                      disable=len(waves) <= BATCH_SIZE):
-        results += reconstruct_waves(np.stack(waves[start:start + BATCH_SIZE]), model)
-    files: dict[Path, bytes] = {}
-    for png, result in zip(pngs, results, strict=True):
-        files[png] = png_bytes(result.image)
-        if args.landmarks:
-            base = png.with_suffix("")
-            points = np.round(result.landmarks.astype(float), 3).tolist()
-            files[Path(f"{base}.landmarks.json")] = (json.dumps(
-                {"format": "(x, y) pixels in the 224x224 face, iBUG 68-point order",
-                 "landmarks": points}) + "\n").encode()
-            files[Path(f"{base}.landmarks.png")] = png_bytes(
-                draw_landmarks(result.image, result.landmarks))
-    with staged_writes() as stage:
-        for path, data in files.items():
-            with stage(path) as f:
-                f.write(data)
+    with staged_writes() as stage, tqdm(total=len(inputs), desc="faces", unit="file",
+                                        disable=len(inputs) < 4) as bar:
+        for start in range(0, len(inputs), BATCH_SIZE):
+            batch = inputs[start:start + BATCH_SIZE]
+            waves = np.stack([prepare_audio(path) for path, _ in batch])
+            for png, result in zip(pngs[start:start + len(batch)],
+                                   reconstruct_waves(waves, model), strict=True):
+                _stage_result(stage, png, result, args.landmarks)
+            bar.update(len(batch))
     for png in pngs:
         print(png)
     return 0

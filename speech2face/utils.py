@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 # Image files the commands read (faces), and that an -o naming one file may name.
@@ -104,7 +104,8 @@ def staged_writes() -> Iterator[Callable]:
         path = Path(path)
         made.extend(p for p in reversed(path.parents) if not p.exists())
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_temp_name(path)}.", suffix=".tmp",
+                                   dir=path.parent)
         staged.append((tmp, path))
         os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it, not private
         with os.fdopen(fd, mode) as f:
@@ -130,7 +131,8 @@ def temp_dir_beside(path: str | os.PathLike, tag: str = "") -> Path:
     its folders private to the user, which would hide shards and models from a team)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_temp_name(path)}.{tag}", suffix=".tmp",
+                                dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 
@@ -164,15 +166,19 @@ def _umask() -> int:
     return mask
 
 
-def find_inputs(inputs, suffixes, error) -> list[tuple[Path, Path]]:
+def find_inputs(inputs, suffixes, error,
+                outputs: Sequence[str] = ("",)) -> list[tuple[Path, Path]]:
     """Files named by ``inputs``: files as given, folders searched recursively (sorted)
     for names ending in one of ``suffixes`` (any case).
 
     Returns ``(path, output stem)`` pairs: a file's stem is its name without the suffix,
-    a folder's files keep their sub-folders. Inputs that would share a stem are kept
-    apart: first by the suffix (``a.jpg``, ``a.png`` -> ``a_jpg``, ``a_png``), then by a
-    counter (``x/a.wav``, ``y/a.wav`` -> ``a_wav``, ``a_wav-2``). Raises ``error(path,
-    problem)`` for an input that does not exist.
+    a folder's files keep their sub-folders. ``outputs``: what the command writes for a
+    stem (``stem + suffix`` for each), so that no two inputs write the same file, nor one
+    a file where another's outputs need a folder. Inputs that would share a stem are kept
+    apart by the suffix (``a.jpg``, ``a.png`` -> ``a_jpg``, ``a_png``); outputs that
+    would still meet, by a counter (``x/a.wav``, ``y/a.wav`` -> ``a_wav``, ``a_wav-2``),
+    taking the first count that meets nothing. Raises ``error(path, problem)`` for an
+    input that does not exist.
     """
     found = []
     for item in map(Path, inputs):
@@ -181,6 +187,8 @@ def find_inputs(inputs, suffixes, error) -> list[tuple[Path, Path]]:
             found += [(path, path.relative_to(item).with_suffix("")) for path in sorted(files)]
         elif item.is_file():
             found.append((item, Path(item.stem)))
+        elif item.exists() or item.is_symlink():
+            raise error(item, "not a regular file (a FIFO, a device or a broken link)")
         else:
             raise error(item, "no such file or folder")
     shared = Counter(str(stem) for _, stem in found)
@@ -189,12 +197,29 @@ def find_inputs(inputs, suffixes, error) -> list[tuple[Path, Path]]:
         if shared[str(stem)] > 1 else (path, stem)
         for path, stem in found
     ]
-    seen: Counter = Counter()
+    files: set[Path] = set()  # output files, relative to the output folder
+    folders: set[Path] = set()  # and the folders they lie in
+
+    def writes(stem: Path) -> tuple[set[Path], set[Path]]:
+        return ({stem.with_name(stem.name + suffix) for suffix in outputs},
+                set(stem.parents) - {Path(".")})
+
     named = []
     for path, stem in found:
-        seen[str(stem)] += 1
-        count = seen[str(stem)]
-        named.append((path, stem if count == 1 else stem.with_name(f"{stem.name}-{count}")))
+        name, count = stem, 1
+        while True:
+            mine, above = writes(name)
+            if not (mine & (files | folders) or above & files):
+                break
+            count += 1
+            name = stem.with_name(f"{stem.name}-{count}")
+        longest = max(mine, key=lambda p: len(os.fsencode(p.name)))
+        if len(os.fsencode(longest.name)) > NAME_MAX:
+            raise error(path, f"its output {longest.name!r} would be longer than a file name "
+                              f"may be ({NAME_MAX} bytes); rename the input")
+        files |= mine
+        folders |= above
+        named.append((path, name))
     return named
 
 
@@ -392,6 +417,15 @@ def _acquire(lock: Path, path, made: list[Path]) -> int:
 # mkstemp and mkdtemp, in staged_writes and temp_dir_beside; "old-" in replace_dir).
 _TEMP = r"(old-)?[a-z0-9_]{8}\.tmp"
 
+# NAME in those is cut to this many bytes: a file name may have 255 (NAME_MAX), and the
+# temporary name adds up to 18 to it.
+_TEMP_NAME_BYTES = 200
+NAME_MAX = 255
+
+
+def _temp_name(path: Path) -> str:
+    return os.fsencode(path.name)[:_TEMP_NAME_BYTES].decode("utf-8", "ignore")
+
 
 def remove_stale_temps(path: Path, folder: bool = True, depth: int = 2) -> None:
     """Remove the temporary files and folders that killed runs left in the output ``path``.
@@ -401,9 +435,9 @@ def remove_stale_temps(path: Path, folder: bool = True, depth: int = 2) -> None:
     ours. Call it holding the output's lock: then no live run is writing them.
     """
     path = Path(path)
-    mine = re.compile(rf"\.{re.escape(path.name)}\.{_TEMP}")
+    mine = re.compile(rf"\.{re.escape(_temp_name(path))}\.{_TEMP}")
     ours = re.compile(rf"\..+\.{_TEMP}")
-    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+    stale = [p for p in path.parent.glob(f".{glob.escape(_temp_name(path))}.*.tmp")
              if mine.fullmatch(p.name)]
     level = [path] if folder else []
     for _ in range(depth):

@@ -264,6 +264,12 @@ def make_bad_file(tmp_path, kind: str):
         _wav_with_format_tag(path, 0x7777)  # a WAV codec tag FFmpeg has no decoder for
     elif kind == "silent":
         sf.write(path, np.zeros(16000, np.float32), 16000)
+    elif kind == "one-lsb":  # 16-bit silence but for one step: nothing to hear
+        wave = np.zeros(16000, np.int16)
+        wave[500] = 1
+        sf.write(path, wave, 16000, subtype="PCM_16")
+    elif kind == "integers-as-floats":  # int16 values written as float samples
+        sf.write(path, speechlike(1.0, 16000) * 32767, 16000, subtype="FLOAT")
     elif kind == "nan":
         wave = speechlike(1.0, 16000)
         wave[100] = np.nan
@@ -287,9 +293,23 @@ BAD = {
     "not-audio": "not a readable audio",
     "codec": "unsupported audio codec",
     "silent": "silent",
+    "one-lsb": "signal is silent (its loudest sample is -90 dBFS)",
+    "integers-as-floats": "integers stored as floats",
     "nan": "NaN",
     "no-audio-track": "no audio track",
 }
+
+
+def test_64_bit_integer_samples_decode(tmp_path):
+    """A WAV of 64-bit integers (numpy has no PyAV type for them): FFmpeg converts."""
+    wave = speechlike(1.0, 16000)
+    data = np.round(wave.astype(np.float64) * 2.0**62).astype("<i8").tobytes()
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 16000 * 8, 8, 64)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + \
+        struct.pack("<I", len(data)) + data
+    path = tmp_path / "s64.wav"
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    np.testing.assert_allclose(load_audio(path), wave / 2, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", BAD)

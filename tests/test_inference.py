@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -148,6 +149,37 @@ def test_bad_arrays_are_audio_errors(bundle):
     # float64 beyond float32's range would become inf (a black face) after the cast
     with pytest.raises(AudioError, match="infinite"):
         inference.reconstruct(np.full(1000, 1e39), bundle)
+    # what the command line refuses in a file, the API refuses in an array
+    with pytest.raises(AudioError, match="audio array: signal is silent .all samples are zero"):
+        inference.reconstruct(np.zeros(96000, np.float32), bundle)
+    with pytest.raises(AudioError, match="silent .its loudest sample is -90 dBFS"):
+        inference.reconstruct(np.r_[np.zeros(9999), 1 / 32768].astype(np.float32), bundle)
+    with pytest.raises(AudioError, match="audio array: too short: 1 samples"):
+        inference.reconstruct(np.array([0.5], np.float32), bundle)
+    with pytest.raises(AudioError, match="reach 3.28e\\+04, far outside .* integers stored"):
+        inference.reconstruct(np.sin(np.arange(16000) / 5.0) * 32767, bundle)
+    for given, kind in ((b"RIFF....WAVE", "bytes"), (io.BytesIO(b""), "BytesIO")):
+        with pytest.raises(AudioError, match=f"a file path or a float waveform array, not {kind}"):
+            inference.reconstruct(given, bundle)
+
+
+def test_reconstruct_leaves_the_callers_model_as_it_was(audio_files, bundle):
+    """Its training mode restored; a bfloat16 model gets spectrograms of its own dtype;
+    and a spectrogram made under inference mode first leaves later ones differentiable."""
+    from speech2face import audio
+    from speech2face.audio import spectrogram
+    from speech2face.model import load_model
+
+    wave = audio_files[0]
+    model = load_model(bundle).train()
+    audio._padded_window.cache_clear()  # made anew, under reconstruct's inference mode
+    face = inference.reconstruct(wave, model=model)
+    assert model.training
+    face16 = inference.reconstruct(wave, model=model.to(torch.bfloat16))
+    assert face16.shape == face.shape and np.abs(face16.astype(int) - face).mean() < 8
+    clip = torch.randn(1, 16000, requires_grad=True)
+    spectrogram(clip).sum().backward()  # the window was first made under inference mode
+    assert torch.isfinite(clip.grad).all()
 
 
 def test_a_model_argument_that_is_no_model_is_named(audio_files):

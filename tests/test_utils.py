@@ -144,3 +144,72 @@ def test_a_killed_writers_forked_children_do_not_keep_its_lock(tmp_path):
         writer.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------- find_inputs
+
+
+def _touch(root, *names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+
+
+def _stems(found):
+    return [str(stem) for _, stem in found]
+
+
+def test_find_inputs_never_gives_two_inputs_one_output(tmp_path):
+    from speech2face.errors import AudioError
+    from speech2face.utils import find_inputs
+
+    audio = (".wav", ".flac", ".mp3")
+    _touch(tmp_path, "c/a/s.wav", "c/b/s.wav", "c/s_wav-2.wav")
+    # the counter's second name is an input's own: it takes the next free one
+    found = find_inputs([tmp_path / "c/a/s.wav", tmp_path / "c/b/s.wav",
+                         tmp_path / "c/s_wav-2.wav"], audio, AudioError, outputs=(".png",))
+    assert _stems(found) == ["s_wav", "s_wav-2", "s_wav-2-2"]
+    # one input's landmarks files are another input's face
+    _touch(tmp_path, "l/x.wav", "l/x.landmarks.wav")
+    found = find_inputs([tmp_path / "l"], audio, AudioError,
+                        outputs=(".png", ".landmarks.json", ".landmarks.png"))
+    assert _stems(found) == ["x.landmarks", "x-2"]
+    assert _stems(find_inputs([tmp_path / "l"], audio, AudioError, outputs=(".png",))) == \
+        ["x.landmarks", "x"]
+    # a file where another input's outputs need a folder
+    _touch(tmp_path, "f/x.png/y.wav", "f/x.wav")
+    found = find_inputs([tmp_path / "f"], audio, AudioError, outputs=(".png",))
+    outputs = [f"{stem}.png" for stem in _stems(found)]
+    assert outputs == ["x.png/y.png", "x-2.png"]
+
+
+def test_find_inputs_refuses_what_it_cannot_name_or_read(tmp_path):
+    from speech2face.errors import AudioError
+    from speech2face.utils import find_inputs
+
+    long = tmp_path / ("a" * 245 + ".wav")
+    long.write_bytes(b"")
+    assert _stems(find_inputs([long], (".wav",), AudioError, outputs=(".png",))) == ["a" * 245]
+    with pytest.raises(AudioError, match="would be longer than a file name may be"):
+        find_inputs([long], (".wav",), AudioError, outputs=(".png", ".landmarks.json"))
+    os.mkfifo(tmp_path / "pipe.wav")
+    with pytest.raises(AudioError, match="pipe.wav: not a regular file"):
+        find_inputs([tmp_path / "pipe.wav"], (".wav",), AudioError)
+    with pytest.raises(AudioError, match="none.wav: no such file or folder"):
+        find_inputs([tmp_path / "none.wav"], (".wav",), AudioError)
+
+
+def test_a_long_output_name_gets_a_temporary_name_that_fits(tmp_path):
+    from speech2face.utils import remove_stale_temps, staged_writes
+
+    target = tmp_path / ("b" * 250 + ".png")
+    with staged_writes() as stage, stage(target) as f:
+        f.write(b"data")
+        (tmp_file,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(tmp_file.name) <= 255
+    assert target.read_bytes() == b"data"
+    # a killed run's temporary file is still found and removed
+    left = tmp_path / f".{'b' * 200}.abcd1234.tmp"
+    left.write_bytes(b"")
+    remove_stale_temps(target, folder=False)
+    assert not left.exists() and target.exists()
