@@ -13,7 +13,9 @@ import contextlib
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from speech2face.errors import Speech2FaceError
 from speech2face.runtime import setup_process
@@ -213,8 +215,36 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+# Set when SIGTERM asked the command to stop (see _stop_on_sigterm).
+_TERMINATED: list[int] = []
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what ``kill``, SLURM at a time limit and Kubernetes send) stops a command
+    as Ctrl-C does: its temporary files and the output folders it made are removed, and
+    a rerun continues. It is passed on as SIGINT, so that code which defers Ctrl-C to a
+    safe point (prepare, between videos) defers it too. Not under torchrun, whose agent
+    stops its workers itself; where SIGINT is ignored (a background job of a script), and
+    in forked workers, SIGTERM ends the process as it always did."""
+    if "RANK" in os.environ or threading.current_thread() is not threading.main_thread():
+        return  # (signal handlers can only be set in the main thread)
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        python_handles_sigint = callable(signal.getsignal(signal.SIGINT))
+        if os.getpid() != owner or not python_handles_sigint:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _TERMINATED.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _main(argv: list[str] | None) -> int:
     setup_process()  # keep freed memory, sleeping threads (runtime.py): before torch loads
+    _stop_on_sigterm()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
@@ -247,6 +277,9 @@ def _main(argv: list[str] | None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _TERMINATED:
+            print(f"speech2face {args.command}: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"speech2face {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -84,3 +84,28 @@ def test_options_may_come_between_the_values_of_a_list_argument():
     assert (args.data, args.out, args.no_progress) == ("D", "R", True)
     args = build_parser("spectrogram").parse_args(["spectrogram", "a.wav", "-o", "O", "b.wav"])
     assert [str(a) for a in args.audio] == ["a.wav", "b.wav"] and args.out == "O"
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
+    """What kill, SLURM and Kubernetes send: one line, exit 143, and nothing left behind
+    (the output folder the run made, its temporary folder beside it)."""
+    import os
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "speech2face", "make-demo-data", "--speakers", "40",
+               "--out", str(tmp_path / "corpus")]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = b""
+    while b"%" not in said:  # the progress bar: the corpus is being written
+        chunk = process.stderr.read1(256)
+        assert chunk, said
+        said += chunk
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    said += process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    shown = said.decode().split("\n")[-2].split("\r")[-1]
+    assert shown == "speech2face make-demo-data: terminated (SIGTERM)", said
+    assert os.listdir(tmp_path) == []
