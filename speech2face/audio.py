@@ -142,6 +142,8 @@ def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | N
     try:
         with sf.SoundFile(path) as f:
             declared = f.frames
+            if declared >= _SF_UNKNOWN_FRAMES:  # a stream of unknown length: FFmpeg reads
+                return None, None  # it to its end
             if path.suffix.lower() == ".wav":
                 # libsndfile silently shrinks a WAV's length to the bytes present.
                 declared = max(declared, _wav_declared_frames(path) or 0)
@@ -259,6 +261,9 @@ def _frame_array(frame) -> np.ndarray:
     return chunk
 
 
+_SF_UNKNOWN_FRAMES = 2**62  # libsndfile reports an unknown length as SF_COUNT_MAX (2**63 - 1)
+
+
 def declared_seconds(path: str | os.PathLike) -> float | None:
     """The duration a file's header declares, read without decoding any audio.
 
@@ -275,7 +280,8 @@ def declared_seconds(path: str | os.PathLike) -> float | None:
             info = sf.info(str(path))
         except (sf.LibsndfileError, RuntimeError, TypeError):
             info = None
-        if info is not None and info.samplerate:
+        # libsndfile's "unknown" count (a streamed FLAC declares 0 samples): no duration
+        if info is not None and info.samplerate and info.frames < _SF_UNKNOWN_FRAMES:
             frames = info.frames
             if path.suffix.lower() == ".wav":  # the header, not the bytes present
                 frames = max(frames, _wav_declared_frames(path) or 0)

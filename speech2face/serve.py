@@ -50,7 +50,10 @@ MAX_SECONDS = 600.0  # declared duration above which a file is refused undecoded
 NEIGHBOURS = 5  # nearest gallery faces shown
 FRAMING_BYTES = 64 * 1024  # multipart boundaries and part headers around the file itself
 CHUNK_BYTES = 1 << 16
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+# Addresses of this machine only; bound to one, the page answers only requests whose Host
+# header names it so (no DNS rebinding). An IPv6 address is bracketed in a Host header.
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_LOOPBACK_HOST_HEADERS = ("127.0.0.1", "localhost", "[::1]")
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,8}")
 _ASSETS = Path(__file__).with_name("assets")
 
@@ -437,7 +440,8 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
 
     middleware = []
     if host in _LOOPBACK_NAMES:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(_LOOPBACK_NAMES)))
+        middleware.append(Middleware(TrustedHostMiddleware,
+                                     allowed_hosts=list(_LOOPBACK_HOST_HEADERS)))
     return Starlette(routes=[
         Route("/", index), Route("/status", status),
         Route("/reconstruct", reconstruct, methods=["POST"]),
@@ -466,16 +470,26 @@ def bind(host: str, port: int) -> socket.socket:
 # --------------------------------------------------------------------------- CLI
 
 
-def _positive(text: str) -> float:
+def _positive(high: float):
+    """An argparse type: a number above 0 and at most ``high``."""
     import argparse
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise argparse.ArgumentTypeError(f"must be a number above 0 and at most {high:g}, "
+                                             f"got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+MAX_UPLOAD_MB_LIMIT = 1e6  # a terabyte: what --max-upload-mb may be set to
+MAX_SECONDS_LIMIT = 1e6  # 11 days: what --max-seconds may be set to
 
 
 def _port(text: str) -> int:
@@ -503,9 +517,11 @@ def add_serve_arguments(parser) -> None:
                              f"{NEIGHBOURS} faces nearest each reconstruction")
     parser.add_argument("--gallery-split", default=None, metavar="SPLIT",
                         help="take the gallery from this split only (default: all splits)")
-    parser.add_argument("--max-upload-mb", type=_positive, default=MAX_UPLOAD_MB,
+    parser.add_argument("--max-upload-mb", type=_positive(MAX_UPLOAD_MB_LIMIT),
+                        default=MAX_UPLOAD_MB,
                         help=f"largest upload accepted, in MB (default {MAX_UPLOAD_MB:g})")
-    parser.add_argument("--max-seconds", type=_positive, default=MAX_SECONDS,
+    parser.add_argument("--max-seconds", type=_positive(MAX_SECONDS_LIMIT),
+                        default=MAX_SECONDS,
                         help="files whose header declares a longer duration are refused "
                              f"without decoding (default {MAX_SECONDS:g})")
     parser.add_argument("--device", type=device, default="cpu",
@@ -533,7 +549,7 @@ def serve_command(args) -> int:
         print(f"speech2face serve: {url}  ({shown}; Ctrl+C stops)", flush=True)
         if not status["ready"]:
             print(f"speech2face serve: {status['message']}", file=sys.stderr)
-        if args.host not in (*_LOOPBACK_NAMES, "::1"):
+        if args.host not in _LOOPBACK_NAMES:
             print(f"speech2face serve: listening on {args.host}: anyone who can reach this "
                   "machine can use the page", file=sys.stderr)
         config = uvicorn.Config(create_app(server, args.host), log_level="warning",

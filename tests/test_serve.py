@@ -400,6 +400,45 @@ def test_declared_seconds_reads_the_header_only(tmp_path):
     assert abs(declared_seconds(tmp_path / "a.mp4") - 3.0) < 0.1  # AAC frames pad the end
     (tmp_path / "notes.wav").write_text("not audio\n")
     assert declared_seconds(tmp_path / "notes.wav") is None
+    # A streamed FLAC declares 0 samples (libsndfile: an unknown length): no duration,
+    # and the file decodes whole, to its end.
+    sf.write(tmp_path / "stream.flac", wave, RATE, subtype="PCM_16")
+    data = bytearray((tmp_path / "stream.flac").read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first
+    data[21] &= 0xF0  # its 36-bit sample count: the low 4 bits of byte 21, bytes 22-25
+    data[22:26] = bytes(4)
+    (tmp_path / "stream.flac").write_bytes(data)
+    assert declared_seconds(tmp_path / "stream.flac") is None
+    from speech2face.audio import load_audio
+
+    np.testing.assert_allclose(load_audio(tmp_path / "stream.flac"), wave, atol=1 / 32768)
+
+
+def test_bound_to_ipv6_loopback_it_answers_only_loopback_names():
+    """--host ::1 is guarded against DNS rebinding as 127.0.0.1 is (an IPv6 address is
+    bracketed in a Host header)."""
+    import asyncio
+
+    app = serve.create_app(serve.FaceServer(None), "::1")
+
+    def status(host: str) -> int:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/status", "raw_path": b"/status",
+                 "query_string": b"", "headers": [(b"host", host.encode())],
+                 "scheme": "http", "server": ("::1", 7860), "client": ("::1", 5000),
+                 "http_version": "1.1", "root_path": ""}
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status("attacker.example:7860") == 400
+    assert status("[::1]:7860") == 200 and status("localhost:7860") == 200
 
 
 def test_concurrent_requests_do_not_mix(running, clips, bundle):
@@ -553,6 +592,7 @@ def test_serve_command_errors_are_one_line(shards, bundle, tmp_path, capsys):
     finally:
         busy.close()
     for argv in (["--port", "99999"], ["--max-upload-mb", "0"], ["--max-seconds", "nan"],
+                 ["--max-upload-mb", "1e308"], ["--max-seconds", "1e300"],
                  ["--device", "banana"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["serve", *argv])
