@@ -1284,8 +1284,8 @@ def evaluate(
         grid_rows: example rows (one per test identity) in the image grid.
         title, notice, extra, extra_files: report heading, a highlighted note under it,
             Markdown appended at the end, and more files to write with the report.
-        checkpoint_seconds: save what has been computed this often (to ``.OUT.partial``
-            beside ``out``), so that a killed evaluation, rerun with the same model,
+        checkpoint_seconds: save what has been computed this often (to
+            ``OUT/.evaluate.partial``), so that a killed evaluation, rerun with the same model,
             data and settings, continues where it stopped; None never saves.
 
     Returns:
@@ -1314,10 +1314,11 @@ def evaluate(
         recognizer.made_features = recognizer.name == "dlib" and \
             load_manifest(data).get("encoder") == "dlib"
     out = Path(out)
-    partial = out.parent / f".{out.name}.partial"
+    partial = out / PARTIAL_DIR
     key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,
                    max_samples=max_samples, seed=seed, attributes=attributes,
-                   grid_rows=grid_rows, recognizer=getattr(recognizer, "name", None))
+                   grid_rows=grid_rows, recognizer=getattr(recognizer, "name", None),
+                   recognizer_weights=_recognizer_digest(recognizer))
     collector = _Collector.load(partial, key, attributes, grid_rows, recognizer,
                                 batch_size) or \
         _Collector(attributes, grid_rows, recognizer)
@@ -1346,9 +1347,35 @@ def evaluate(
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     files = render_report(metrics, collected, title=title, notice=notice, extra=extra,
                           extra_files=extra_files)
-    write_outputs(out, files)
+    write_outputs(out, files, keep=(PARTIAL_DIR,))
     shutil.rmtree(partial, ignore_errors=True)
     return metrics
+
+
+# Inside the report folder (which the command holds locked while it runs): what a killed
+# evaluation has computed, until the report is written.
+PARTIAL_DIR = ".evaluate.partial"
+
+
+def _recognizer_digest(recognizer) -> str | None:
+    """The recognizer's weights, as a digest (VGG-Face's are the user's file; dlib's are
+    those of face-recognition-models), for the resume key."""
+    import torch
+
+    encoder = getattr(recognizer, "encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        return None
+    return _weights_digest(encoder)
+
+
+def _weights_digest(module) -> str:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _name_misses(metrics: dict, data: Path) -> None:
@@ -1373,9 +1400,7 @@ def _run_key(model, data: Path, **settings) -> str:
     import hashlib
 
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(_weights_digest(model).encode())
     manifest = data / "manifest.json"
     digest.update(manifest.read_bytes() if manifest.is_file() else str(data).encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())

@@ -9,6 +9,7 @@ computes a metric: every number in the report is read from ``metrics``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -30,7 +31,7 @@ from speech2face.evaluate import (
     _unit,
     derangement,
 )
-from speech2face.utils import atomic_write, output_entries, publishing_dir
+from speech2face.utils import atomic_write, output_entries, publish_dir, publishing_dir
 
 # Paper numbers, 6-s input, for context in the report (Oh et al. 2019). Its L2 and L1
 # (0.18, 9.42) are not shown beside ours: the paper does not say on what scale they are
@@ -460,27 +461,70 @@ def render_report(metrics: dict, c: Collected, title: str = "Speech2Face evaluat
     return files
 
 
-def write_outputs(out: str | os.PathLike, files: dict[str, bytes]) -> Path:
+def write_outputs(out: str | os.PathLike, files: dict[str, bytes],
+                  keep: tuple[str, ...] = ()) -> Path:
     """Write ``files`` into the folder ``out`` so that an error leaves no partial report.
 
-    A new folder is filled under a temporary name beside it and renamed into place; an
-    existing one gets each file atomically, ``metrics.json`` last (it marks a complete
-    report).
+    A new folder (or one holding only this run's lock and the names in ``keep``) is
+    filled under a temporary name beside it and renamed into place; an existing one gets
+    each file atomically, ``metrics.json`` last (it marks a complete report), and then
+    loses the files of the report before it that this one does not write (a plot of an
+    option since turned off): ``REPORT_FILES`` lists what each report wrote.
     """
     out = Path(out)
     order = sorted(files, key=lambda name: name == "metrics.json")
     if out.exists() and not out.is_dir():
         raise DataError(out, "output exists and is not a folder")
-    if not output_entries(out):  # new, or holding only the lock of this run
-        with publishing_dir(out) as tmp:
+    listing = (json.dumps(sorted(files), indent=1) + "\n").encode()
+    # A folder is renamed into place only where it can be: not the working folder (--out
+    # .), and in a parent that takes a new folder (a writable --out in a read-only one).
+    movable = not Path.cwd().resolve().is_relative_to(out.resolve()) and \
+        os.access(out.resolve().parent, os.W_OK)
+    if movable and not [p for p in output_entries(out) if p.name not in keep]:
+
+        def publish(tmp: Path, out: Path) -> None:
+            for name in keep:  # moved along, for the caller to remove
+                if (out / name).exists():
+                    os.replace(out / name, tmp / name)
+            publish_dir(tmp, out)
+
+        with publishing_dir(out, publish) as tmp:
             for name in order:
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes(files[name])
+            (tmp / REPORT_FILES).write_bytes(listing)
         return out
+    before = _report_files(out)
     for name in order:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / name) as f:
             f.write(files[name])
+    with atomic_write(out / REPORT_FILES) as f:
+        f.write(listing)
+    for name in sorted(before - set(files)):
+        with contextlib.suppress(OSError):
+            (out / name).unlink()
+            for folder in (out / name).parents:
+                if folder == out or any(folder.iterdir()):
+                    break
+                folder.rmdir()
     return out
+
+
+REPORT_FILES = ".report-files.json"  # in a report folder: the files its report wrote
+
+
+def _report_files(out: Path) -> set[str]:
+    """The files the report in ``out`` wrote, as its REPORT_FILES lists them: names inside
+    ``out`` only (the list is read from disk, so checked), else none."""
+    from speech2face.utils import is_names, read_json
+
+    names = read_json(out / REPORT_FILES)
+    if not is_names(names):
+        return set()
+    inside = out.resolve()
+    return {n for n in names if n and not os.path.isabs(n) and "\0" not in n
+            and (out / n).resolve().is_relative_to(inside) and (out / n) != out / REPORT_FILES}
 
 
 def summary(metrics: dict) -> str:

@@ -112,17 +112,20 @@ def _check_evaluation_resumes(demo_out, tmp_path, monkeypatch):
     monkeypatch.setattr(ev._Collector, "add", killed_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(model, shards, tmp_path / "report", **settings)
-    assert not (tmp_path / "report").exists()
-    assert json.loads((tmp_path / ".report.partial" / "state.json").read_text())["batches"] == 2
+    # nothing of a report yet: only the saved state, inside the report folder (which the
+    # command holds locked), so that nothing beside it is in its way
+    partial = tmp_path / "report" / ev.PARTIAL_DIR
+    assert [p.name for p in (tmp_path / "report").iterdir()] == [ev.PARTIAL_DIR]
+    assert json.loads((partial / "state.json").read_text())["batches"] == 2
     calls["n"] = -1000  # no more kills; count the batches the rerun computes
     resumed = ev.evaluate(model, shards, tmp_path / "report", **settings)
     assert calls["n"] == -1000 + reference["samples"] - 2  # only the batches not saved
-    assert not (tmp_path / ".report.partial").exists()
+    assert not partial.exists() and (tmp_path / "report" / "metrics.json").is_file()
     for key in ("feature_similarity", "retrieval", "craniofacial", "samples", "identities"):
         # compared as JSON: a constant measure's r is NaN in both
         assert json.dumps(resumed[key]) == json.dumps(reference[key]), key
     # Another model (or data, or settings) does not pick up a saved state.
-    assert ev._Collector.load(tmp_path / ".report.partial", "other", False, 8) is None
+    assert ev._Collector.load(partial, "other", False, 8) is None
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path, capsys):

@@ -857,3 +857,21 @@ def test_the_attribute_classifiers_runtime_leaves_nothing_in_tmp():
         [sys.executable, "-c", "import os, onnxruntime; print(os.getpid())"],
         capture_output=True, text=True, check=True)
     assert not Path(f"/tmp/mat-debug-{child.stdout.strip()}.log").exists()
+
+
+def test_a_saved_evaluation_is_not_resumed_with_other_recognizer_weights():
+    """VGG-Face's weights are the user's file: another file gives other embeddings, so a
+    state saved with one is not continued with the other (the key holds the weights)."""
+    import torch
+
+    class Recognizer:
+        name = "vggface"
+
+        def __init__(self, seed):
+            torch.manual_seed(seed)
+            self.encoder = torch.nn.Linear(4, 3)
+
+    one, same, other = Recognizer(0), Recognizer(0), Recognizer(1)
+    assert ev._recognizer_digest(one) == ev._recognizer_digest(same)
+    assert ev._recognizer_digest(one) != ev._recognizer_digest(other)
+    assert ev._recognizer_digest(None) is None

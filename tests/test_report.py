@@ -76,9 +76,11 @@ def test_report_files_and_contents(tmp_path):
     files = report.render_report(metrics, c, notice="Results on generated data.")
     out = report.write_outputs(tmp_path / "report", files)
     names = {p.name for p in out.iterdir()}
-    assert names == {"report.md", "metrics.json", "grid.png", "recall.png", "craniofacial.png",
-                     "features.png", "attributes.png"}
-    for name in names - {"report.md", "metrics.json"}:
+    written = {"report.md", "metrics.json", "grid.png", "recall.png", "craniofacial.png",
+               "features.png", "attributes.png"}
+    assert names == written | {report.REPORT_FILES}
+    assert set(json.loads((out / report.REPORT_FILES).read_text())) == written
+    for name in written - {"report.md", "metrics.json"}:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
     assert "> Results on generated data." in text
@@ -142,6 +144,27 @@ def test_write_outputs_replaces_and_leaves_nothing_on_error(tmp_path):
         report.write_outputs(fresh, Boom({"report.md": b"x", "metrics.json": b"{}"}))
     assert not fresh.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_report_written_over_another_leaves_none_of_its_files(tmp_path, monkeypatch):
+    """A plot the new report does not make (an option turned off) goes, and so do the
+    folders it leaves empty; files the reports did not write stay. Written where the
+    folder cannot be renamed into place (the working folder), file by file."""
+    out = tmp_path / "report"
+    report.write_outputs(out, {"report.md": b"1", "metrics.json": b"{}", "attributes.png": b"a",
+                               "reconstructions/x.png": b"x"})
+    (out / "notes.txt").write_text("mine")
+    report.write_outputs(out, {"report.md": b"2", "metrics.json": b"{}"})
+    assert sorted(p.name for p in out.iterdir()) == \
+        [report.REPORT_FILES, "metrics.json", "notes.txt", "report.md"]
+    # a listing edited to point outside the folder is not followed
+    (tmp_path / "outside.png").write_bytes(b"o")
+    (out / report.REPORT_FILES).write_text(json.dumps(["../outside.png", "report.md"]))
+    report.write_outputs(out, {"metrics.json": b"{}"})
+    assert (tmp_path / "outside.png").exists() and not (out / "report.md").exists()
+    monkeypatch.chdir(tmp_path / "report")
+    report.write_outputs(".", {"report.md": b"3", "metrics.json": b"{}"})
+    assert (out / "report.md").read_bytes() == b"3" and (out / "notes.txt").exists()
 
 
 def test_metrics_json_has_no_nan(tmp_path):
