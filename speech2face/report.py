@@ -572,58 +572,90 @@ def _get(metrics: dict, *keys):
     return metrics
 
 
+def _in(value, low: float, high: float, what: str):
+    """``value`` when it is None (not measured) or a number from ``low`` to ``high``; else
+    a ValueError naming ``what`` (a metrics file is read from disk: checked)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (math.isnan(value) or low <= value <= high):
+        raise ValueError(f"{what} is {value!r:.40}, not a number from {low:g} to {high:g}")
+    return value
+
+
+def _percent(value, what: str) -> str:
+    return _cell(_in(value, 0, 100, what))
+
+
 def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
-    """``(measure, value, shuffled pairs, chance)`` rows of one evaluation's headline numbers."""
+    """``(measure, value, shuffled pairs, chance)`` rows of one evaluation's headline
+    numbers; ValueError for a value outside its range (a damaged or edited file)."""
     m = metrics["retrieval"]["gallery_size"]
+    if isinstance(m, bool) or not isinstance(m, int) or not 2 <= m <= 10**9:
+        raise ValueError(f"gallery_size is {m!r:.40}, not a whole number of at least 2")
     fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
     rows = [(f"feature retrieval R@{k}, cosine, M = {m} (%)",
-             _cell(metrics["retrieval"]["cosine"][str(k)]["mean"]), "",
-             _cell(metrics["retrieval"]["cosine"][str(k)]["chance"]))
+             _percent(metrics["retrieval"]["cosine"][str(k)]["mean"], f"R@{k}"), "",
+             _percent(metrics["retrieval"]["cosine"][str(k)]["chance"], f"R@{k} chance"))
             for k in RECALL_KS if k < m]
     rows += [
-        ("angle between v_s and v_f (degrees)", _cell(fs["angle_deg"]["mean"]),
-         _cell(fs0["angle_deg"]["mean"]), ""),
-        ("craniofacial mean Pearson r", _cell(metrics["craniofacial"]["mean"]["r"], 2),
-         _cell(metrics["craniofacial"]["mean"]["shuffled"], 2), ""),
+        ("angle between v_s and v_f (degrees)", _cell(_in(fs["angle_deg"]["mean"], 0, 180,
+                                                          "the angle")),
+         _cell(_in(fs0["angle_deg"]["mean"], 0, 180, "the shuffled angle")), ""),
+        ("craniofacial mean Pearson r",
+         _cell(_in(metrics["craniofacial"]["mean"]["r"], -1, 1, "craniofacial r"), 2),
+         _cell(_in(metrics["craniofacial"]["mean"]["shuffled"], -1, 1,
+                   "craniofacial shuffled r"), 2), ""),
         ("1:2 matching, features (%)",
-         _cell(_get(metrics, "feature_matching", "unconstrained", "accuracy")), "",
-         _cell(MATCHING_CHANCE)),
+         _percent(_get(metrics, "feature_matching", "unconstrained", "accuracy"),
+                  "feature matching"), "", _cell(MATCHING_CHANCE)),
         ("1:2 matching, features, same gender (%)",
-         _cell(_get(metrics, "feature_matching", "same_gender", "accuracy")), "",
-         _cell(MATCHING_CHANCE)),
+         _percent(_get(metrics, "feature_matching", "same_gender", "accuracy"),
+                  "feature matching, same gender"), "", _cell(MATCHING_CHANCE)),
     ]
     if "identity" in metrics:
         name = metrics["recognizer"]["name"]
         largest = max(metrics["identity"]["recall"], key=int)
         r1 = metrics["identity"]["recall"][largest]["cosine"]["1"]
         rows += [
-            (f"image R@1, {name} embedding, M = {largest} (%)", _cell(r1["mean"]), "",
-             _cell(r1["chance"])),
+            (f"image R@1, {name} embedding, M = {largest} (%)",
+             _percent(r1["mean"], "image R@1"), "", _percent(r1["chance"], "image R@1 chance")),
             (f"1:2 matching, images, {name} (%)",
-             _cell(_get(metrics, "matching", "unconstrained", "accuracy")), "",
-             _cell(MATCHING_CHANCE)),
+             _percent(_get(metrics, "matching", "unconstrained", "accuracy"), "image matching"),
+             "", _cell(MATCHING_CHANCE)),
         ]
     if "attributes" in metrics:
         rows.append(("gender agreement, reconstruction vs true face (%)",
-                     _cell(metrics["attributes"]["gender"]["agreement"]), "", ""))
+                     _percent(metrics["attributes"]["gender"]["agreement"], "gender agreement"),
+                     "", ""))
         for key, label in GENDER_REFERENCES:
             value = _get(metrics, "attributes", key, "agreement")
             if value is not None:
-                rows.append((f"{label} (%)", _cell(value), "", ""))
+                rows.append((f"{label} (%)", _percent(value, label), "", ""))
     return rows
+
+
+# What two evaluations must share for their numbers to compare; a table of reports that
+# differ in one says so under it.
+_COMPARABLE = (("split", lambda m: m.get("split")), ("data", lambda m: m.get("data")),
+               ("gallery size M", lambda m: _get(m, "retrieval", "gallery_size")),
+               ("samples", lambda m: m.get("samples")))
 
 
 def render_comparison(runs: dict[str, dict]) -> str:
     """A Markdown table of several evaluations side by side (e.g. encoder vs baseline).
 
     Each run's column holds its number and, where one exists, its shuffled-pairs level in
-    parentheses; the last column is chance. Rows are those of the first run.
+    parentheses; the last column is chance. Rows are those of every run (n/a where a
+    run lacks one); a note under the table names what the runs were not measured alike
+    in (split, data, gallery size, samples).
     """
     names = list(runs)
     per_run = {name: {row[0]: row for row in comparison_rows(m)} for name, m in runs.items()}
     lines = ["| measure | " + " | ".join(names) + " | chance |",
              "|---|" + "---|" * (len(names) + 1)]
-    for measure, *_ in comparison_rows(runs[names[0]]):
+    measures = list(dict.fromkeys(measure for rows in per_run.values() for measure in rows))
+    for measure in measures:
         cells, chance = [], ""
         for name in names:
             row = per_run[name].get(measure)
@@ -633,6 +665,15 @@ def render_comparison(runs: dict[str, dict]) -> str:
             cells.append(row[1] + (f" (shuffled {row[2]})" if row[2] else ""))
             chance = chance or row[3]
         lines.append(f"| {measure} | " + " | ".join(cells) + f" | {chance or '—'} |")
+    differ = []
+    for what, get in _COMPARABLE:
+        values = [get(m) for m in runs.values()]
+        if len({json.dumps(v) for v in values}) > 1:
+            differ.append(f"{what} (" + ", ".join(f"{n}: {v}" for n, v in
+                                                 zip(names, values, strict=True)) + ")")
+    if differ:
+        lines += ["", "Note: these evaluations differ in " + "; ".join(differ) +
+                  ": their numbers are not measured alike."]
     return "\n".join(lines) + "\n"
 
 
@@ -648,7 +689,7 @@ def compare_command(args) -> int:
     from speech2face.errors import ConfigError
     from speech2face.utils import read_json
 
-    runs = {}
+    runs, files = {}, []
     for item in args.reports:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
@@ -657,8 +698,16 @@ def compare_command(args) -> int:
         file = path / "metrics.json" if path.is_dir() else path
         if name in runs:
             raise ConfigError(None, f"{item!r}: the name {name!r} is given twice")
+        if not file.is_file():
+            raise DataError(file, "not found" if not path.exists() else
+                            "no metrics.json in this folder (not a report of "
+                            "`speech2face evaluate`)" if path.is_dir() else "not a file")
         metrics = read_json(file)
-        try:  # the rows read every field the table shows, and check each value's kind
+        if metrics is None:
+            raise DataError(file, "not valid JSON (not the metrics.json of "
+                                  "`speech2face evaluate`, or damaged)")
+        files.append(file)
+        try:  # the rows read every field the table shows, and check each value
             if not isinstance(metrics, dict) or "retrieval" not in metrics:
                 raise ValueError("no retrieval results")
             comparison_rows(metrics)
@@ -667,6 +716,9 @@ def compare_command(args) -> int:
                                   f"({type(error).__name__}: {error})") from None
         runs[name] = metrics
     table = render_comparison(runs)
+    if args.out and any(Path(args.out).resolve() == f.resolve() for f in files):
+        raise ConfigError(args.out, "-o/--out is one of the reports compared; name another "
+                                    "file for the table")
     if args.out:
         with atomic_write(Path(args.out), "w") as f:
             f.write(table)

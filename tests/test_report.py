@@ -211,11 +211,51 @@ def test_compare_command_puts_runs_side_by_side(tmp_path, capsys):
     assert any(row.startswith("| 1:2 matching, features (%)") and row.endswith("| 50.0 |")
                for row in rows)
     assert main(["compare", f"x={tmp_path / 'nothing'}"]) == 2
-    assert "metrics.json" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().endswith("nothing: not found")
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", f"x={tmp_path / 'empty'}"]) == 2
+    assert "empty/metrics.json: no metrics.json in this folder" in capsys.readouterr().err
+    (tmp_path / "cut.json").write_text('{"retrieval": {')
+    assert main(["compare", f"x={tmp_path / 'cut.json'}"]) == 2
+    assert "cut.json: not valid JSON" in capsys.readouterr().err
+    # the table never replaces a report it was made from
+    assert main(["compare", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}",
+                 "-o", str(tmp_path / "a" / "metrics.json")]) == 2
+    assert "is one of the reports compared" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == first
+
+
+def test_compare_shows_every_runs_rows_and_says_where_runs_differ(tmp_path, capsys):
+    from speech2face.cli import main
+
+    c = _collected()
+    full = ev.compute_metrics(c, draws=2, seed=1)
+    smaller = ev.compute_metrics(c, draws=2, seed=1, gallery_size=5)
+    smaller["split"], full["split"] = "val", "test"
+    without = {k: v for k, v in full.items() if k != "attributes"}
+    for name, metrics in (("full", full), ("smaller", smaller), ("without", without)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(report._json_ready(metrics)))
+    assert main(["compare", f"none={tmp_path / 'without.json'}",
+                 f"full={tmp_path / 'full.json'}"]) == 0
+    table = capsys.readouterr().out
+    assert "| gender agreement, reconstruction vs true face (%) | n/a |" in table
+    assert "Note:" not in table
+    assert main(["compare", f"full={tmp_path / 'full.json'}",
+                 f"smaller={tmp_path / 'smaller.json'}"]) == 0
+    note = capsys.readouterr().out.strip().splitlines()[-1]
+    assert note == ("Note: these evaluations differ in split (full: test, smaller: val); "
+                    "gallery size M (full: 12, smaller: 5): their numbers are not measured "
+                    "alike.")
 
 
 @pytest.mark.parametrize("edit, words", [
-    (lambda m: m["retrieval"]["cosine"]["1"].update(mean="high"), "TypeError"),
+    (lambda m: m["retrieval"]["cosine"]["1"].update(mean="high"), "R@1 is 'high'"),
+    (lambda m: m["retrieval"]["cosine"]["1"].update(mean=1e308), "R@1 is 1e+308"),
+    (lambda m: m["feature_similarity"]["angle_deg"].update(mean=-500), "the angle is -500"),
+    (lambda m: m["craniofacial"]["mean"].update(r=7.5), "craniofacial r is 7.5"),
+    (lambda m: m["retrieval"].update(gallery_size=-3), "gallery_size is -3"),
+    (lambda m: m["feature_matching"]["unconstrained"].update(accuracy=True),
+     "feature matching is True"),
     (lambda m: m.update(retrieval=[1, 2]), "TypeError"),
     (lambda m: m["retrieval"]["cosine"]["1"].pop("chance"), "'chance'"),
     (lambda m: m.pop("craniofacial"), "'craniofacial'"),
