@@ -1120,6 +1120,7 @@ def compute_metrics(c: Collected, gallery_size: int = GALLERY_SIZE, draws: int =
     recognizer embeddings the image-based ones (:func:`image_metrics`).
     """
     metrics = {
+        "seed": int(seed),  # of the galleries and the shuffled pairs (features.png's too)
         "samples": int(len(c.pred)),
         "identities": int(len(np.unique(c.identities))),
         "feature_dim": int(c.pred.shape[1]),
@@ -1337,9 +1338,14 @@ def evaluate(
         collected = collect(loaded, batches, device=device, total=total, progress=progress,
                             collector=collector, on_batch=save_now_and_then)
     if len(np.unique(collected.identities)) < 2:
+        if max_samples is not None:
+            raise ConfigError(None, f"the random subset of {len(collected.identities)} "
+                                    f"samples (max_samples, seed {seed}) holds one identity "
+                                    f"of the {split} split: retrieval needs at least 2; take "
+                                    "more samples or another seed")
         raise DataError(data, f"the {split} split has fewer than 2 identities: retrieval needs "
                               "at least 2")
-    metrics = {"model": source, "data": str(data), "split": split}
+    metrics = {"model": source, "data": str(data), "split": split, "max_samples": max_samples}
     metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws, seed=seed,
                                    identity_gallery_sizes=identity_gallery_sizes,
                                    training_encoder=loaded.face_encoder_name))
@@ -1442,8 +1448,12 @@ def add_evaluate_arguments(parser) -> None:
 
 
 def evaluate_command(args) -> int:
+    from speech2face.errors import ConfigError
     from speech2face.report import summary
 
+    if args.recognizer == "none" and args.recognizer_weights is not None:
+        raise ConfigError("--recognizer-weights", "is for --recognizer vggface; with "
+                                                  "--recognizer none no weights are used")
     metrics = evaluate(args.model, args.data, args.out, split=args.split,
                        gallery_size=args.gallery_size, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, max_samples=args.max_samples,

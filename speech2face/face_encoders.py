@@ -537,7 +537,8 @@ def load_face_encoder(
     else:
         path = Path(weights)
         if not path.is_file():
-            raise WeightsError(path, "no such weights file")
+            raise WeightsError(path, "a folder, not a weights file" if path.is_dir() else
+                               "no such weights file")
         loader = load_vggface_keras if _weights_format(path) == "keras" else load_vggface_dag
         network = loader(path, config)
     return VGGFaceEncoder(network).to(device)

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -276,9 +277,13 @@ def render_markdown(metrics: dict, title: str = "Speech2Face evaluation",
               f"True face | decoder(true face feature) | decoder(voice), one test identity per "
               f"row: {shown} of the {metrics['identities']} test identities.", "",
               "![examples](grid.png)", ""]
+    text = "\n".join(lines)
+    split = metrics.get("split", "test")
+    if split != "test":  # the text says "test" for the split evaluated, which is another
+        text = re.sub(r"\btest (identit|samples?\b|face\b)", rf"{split} \1", text)
     if extra:
-        lines += [extra.rstrip(), ""]
-    return "\n".join(lines)
+        text += "\n" + extra.rstrip() + "\n"
+    return text
 
 
 def _matching_cells(matching: dict) -> str:
@@ -447,7 +452,7 @@ def render_report(metrics: dict, c: Collected, title: str = "Speech2Face evaluat
                   extra_files: dict[str, bytes] | None = None) -> dict[str, bytes]:
     """Every output file of a report, as ``{relative path: bytes}`` (nothing written yet)."""
     files = {
-        "features.png": plot_features(c),
+        "features.png": plot_features(c, seed=metrics.get("seed", 0)),
         "recall.png": plot_recall(metrics),
         "craniofacial.png": plot_craniofacial(metrics),
         "grid.png": image_grid(c.grid),

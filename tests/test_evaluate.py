@@ -666,6 +666,8 @@ def _manifest(folder, identities, feature_dim):
     ("one identity", "1 identity"),
     ("feature size", "16-D"),
     ("recognizer", "give one with --recognizer-weights FILE"),
+    ("weights without a recognizer", "--recognizer-weights: is for --recognizer vggface"),
+    ("a folder as weights", "a folder, not a weights file"),
 ])
 def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch,
                                                           case, message):
@@ -679,6 +681,10 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, mon
     args = ["evaluate", "--model", str(bundle), "--data", str(shards), "--out", str(out)]
     if case == "recognizer":
         args += ["--recognizer", "vggface"]
+    if case == "weights without a recognizer":
+        args += ["--recognizer", "none", "--recognizer-weights", str(tmp_path / "w.pth")]
+    if case == "a folder as weights":
+        args += ["--recognizer", "vggface", "--recognizer-weights", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err

@@ -302,3 +302,24 @@ def test_decoder_identification_misses_are_listed_with_their_feature_look_alikes
         text = "\n".join(report._decoder_identification_lines(
             {"decoder_identification_pixels": fewer}))
         assert "nearest face feature" not in text
+
+
+def test_the_feature_plot_pairs_samples_as_the_metrics_did(monkeypatch):
+    """features.png's "another sample's face" histogram is the metrics' shuffled pairing:
+    the same seed, recorded in metrics.json."""
+    c = _collected()
+    metrics = ev.compute_metrics(c, draws=2, seed=3)
+    assert metrics["seed"] == 3
+    seen = []
+    monkeypatch.setattr(report, "plot_features", lambda c, seed=0: seen.append(seed) or b"")
+    report.render_report(metrics, c)
+    assert seen == [3]
+
+
+def test_a_report_of_another_split_names_that_split():
+    c = _collected()
+    metrics = ev.compute_metrics(c, draws=2, seed=1)
+    text = report.render_markdown({**metrics, "split": "val"})
+    assert "test identit" not in text and "test sample" not in text
+    assert "val identities" in text and "split `val`" in text
+    assert "test identities" in report.render_markdown({**metrics, "split": "test"})
