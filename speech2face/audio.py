@@ -16,6 +16,7 @@ window centred in the 512-sample frame, which changes the phase.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 from pathlib import Path
@@ -526,24 +527,30 @@ def add_spectrogram_arguments(parser) -> None:
 
 
 def spectrogram_command(args) -> int:
-    from speech2face.utils import find_inputs, staged_writes
+    from speech2face.utils import find_inputs, resumable_writes
     from speech2face.utils import progress as tqdm
 
     out = Path(args.out)
     inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=(".npy",))
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
-    targets = [out / f"{stem}.npy" for _, stem in inputs]
     # All or nothing: a bad file fails the command before any output appears, and memory
-    # stays at one spectrogram however many files there are.
-    with staged_writes() as stage:
-        for (path, _), target in tqdm(
-            zip(inputs, targets, strict=True), desc="spectrogram", unit="file",
-            total=len(targets), disable=len(targets) < 4,
-        ):
-            spec = clip_spectrogram(path, args.seconds)
-            with stage(target) as f:
-                np.save(f, spec.numpy())
-    for (path, _), target in zip(inputs, targets, strict=True):
-        print(f"{path} -> {target} {tuple(spec.shape)}")
+    # stays at one spectrogram however many files there are. A killed run's spectrograms
+    # are kept for its rerun (utils.resumable_writes).
+    done = 0
+    with resumable_writes(out, {"command": "spectrogram", "seconds": args.seconds}) as batch:
+        for path, stem in tqdm(inputs, desc="spectrogram", unit="file",
+                               disable=len(inputs) < 4):
+            name = f"{stem}.npy"
+            if batch.done(name, path):
+                done += 1
+                continue
+            buffer = io.BytesIO()
+            np.save(buffer, clip_spectrogram(path, args.seconds).numpy())
+            batch.write({name: buffer.getvalue()}, path)
+    shape = np.load(out / f"{inputs[0][1]}.npy", mmap_mode="r").shape  # all alike
+    for path, stem in inputs:
+        print(f"{path} -> {out / f'{stem}.npy'} {shape}")
+    if done:
+        print(f"{done} of {len(inputs)} made by an earlier run that was stopped")
     return 0

@@ -1368,20 +1368,14 @@ def _recognizer_digest(recognizer) -> str | None:
     those of face-recognition-models), for the resume key."""
     import torch
 
+    from speech2face.model import weights_digest
+
     encoder = getattr(recognizer, "encoder", None)
     if not isinstance(encoder, torch.nn.Module):
         return None
-    return _weights_digest(encoder)
+    return weights_digest(encoder)
 
 
-def _weights_digest(module) -> str:
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _name_misses(metrics: dict, data: Path) -> None:
@@ -1405,8 +1399,10 @@ def _run_key(model, data: Path, **settings) -> str:
     """What a saved partial evaluation must match: the weights, the data, the settings."""
     import hashlib
 
+    from speech2face.model import weights_digest
+
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(_weights_digest(model).encode())
+    digest.update(weights_digest(model).encode())
     manifest = data / "manifest.json"
     digest.update(manifest.read_bytes() if manifest.is_file() else str(data).encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())

@@ -240,8 +240,8 @@ def add_reconstruct_arguments(parser) -> None:
                         help="torch device: cpu (default), cuda, cuda:N or mps")
 
 
-def _stage_result(stage, png: Path, result: Reconstruction, landmarks: bool) -> None:
-    """Stage the face ``png`` and, with ``landmarks``, its landmarks beside it."""
+def _result_files(png: Path, result: Reconstruction, landmarks: bool) -> dict[Path, bytes]:
+    """The face ``png`` and, with ``landmarks``, its landmarks beside it, as bytes."""
     files = {png: png_bytes(result.image)}
     if landmarks:
         base = png.with_suffix("")
@@ -251,33 +251,55 @@ def _stage_result(stage, png: Path, result: Reconstruction, landmarks: bool) -> 
              "landmarks": points}) + "\n").encode()
         files[Path(f"{base}.landmarks.png")] = png_bytes(
             draw_landmarks(result.image, result.landmarks))
-    for path, data in files.items():
-        with stage(path) as f:
-            f.write(data)
+    return files
 
 
 def reconstruct_command(args) -> int:
     from speech2face.audio import MEDIA_SUFFIXES
+    from speech2face.model import weights_digest
     from speech2face.utils import progress as tqdm
+    from speech2face.utils import resumable_writes
 
-    # All or nothing: every output is staged (a temporary file beside it) and renamed into
-    # place when all inputs are done, so a bad file stops the command with no partial
-    # output; inputs are decoded a batch at a time, so memory does not grow with them.
+    # All or nothing: every output is staged and renamed into place when all inputs are
+    # done, so a bad file stops the command with no partial output; inputs are decoded a
+    # batch at a time, so memory does not grow with them. A killed run's faces are kept
+    # for its rerun (utils.resumable_writes), batch by batch so that a resumed run's
+    # batches, and so its faces, are those of an unbroken run.
     outputs = (".png", ".landmarks.json", ".landmarks.png") if args.landmarks else (".png",)
     inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=outputs)
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
     pngs = _output_paths(inputs, args.out)
     model = resolve_model(args.model).to(args.device)
+    if pngs == [args.out]:  # one face, to the file named: written whole or not at all
+        with staged_writes() as stage:
+            result = reconstruct_waves(prepare_audio(inputs[0][0])[None], model)[0]
+            for path, data in _result_files(args.out, result, args.landmarks).items():
+                with stage(path) as f:
+                    f.write(data)
+        print(args.out)
+        return 0
+    run = {"command": "reconstruct", "model": weights_digest(model),
+           "landmarks": args.landmarks}
+
+    def names(png: Path) -> list[str]:
+        return [str(png.relative_to(args.out))[:-len(".png")] + suffix for suffix in outputs]
+
     # The bar closes (erasing itself) before an error leaves: the error is the last line.
-    with staged_writes() as stage, tqdm(total=len(inputs), desc="faces", unit="file",
-                                        disable=len(inputs) < 4) as bar:
+    with resumable_writes(args.out, run) as saved, \
+            tqdm(total=len(inputs), desc="faces", unit="file", disable=len(inputs) < 4) as bar:
         for start in range(0, len(inputs), BATCH_SIZE):
-            batch = inputs[start:start + BATCH_SIZE]
-            waves = np.stack([prepare_audio(path) for path, _ in batch])
-            for png, result in zip(pngs[start:start + len(batch)],
-                                   reconstruct_waves(waves, model), strict=True):
-                _stage_result(stage, png, result, args.landmarks)
+            batch = list(zip(inputs[start:start + BATCH_SIZE], pngs[start:start + BATCH_SIZE],
+                             strict=True))
+            if all(saved.done(name, path) for (path, _), png in batch for name in names(png)):
+                bar.update(len(batch))
+                continue
+            waves = np.stack([prepare_audio(path) for (path, _), _ in batch])
+            for ((path, _), png), result in zip(batch, reconstruct_waves(waves, model),
+                                                strict=True):
+                files = _result_files(png, result, args.landmarks)
+                saved.write({str(p.relative_to(args.out)): data for p, data in files.items()},
+                            path)
             bar.update(len(batch))
     for png in pngs:
         print(png)

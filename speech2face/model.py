@@ -407,6 +407,18 @@ def _check_activation(elements: int, where: str, file: Path) -> None:
                                  f"clip; at most {MAX_ACTIVATION:,} are allowed")
 
 
+def weights_digest(module: nn.Module) -> str:
+    """A digest of a module's weights and buffers (names and values): what a saved
+    partial result must have been computed with to be resumed."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{name: (dtype, shape)}`` of a safetensors file, read from its header only.
 

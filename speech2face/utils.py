@@ -125,6 +125,94 @@ def staged_writes() -> Iterator[Callable]:
         os.replace(tmp, path)
 
 
+# In an output folder: the files a batch command (spectrogram, reconstruct) has made so
+# far, kept for a rerun when the command is killed (resumable_writes).
+PARTIAL_NAME = ".speech2face.partial"
+
+
+class ResumableWrites:
+    """What :func:`resumable_writes` yields; outputs are named relative to the folder."""
+
+    def __init__(self, out: Path, run: dict):
+        self.out, self.folder = out, out / PARTIAL_NAME
+        self.journal = self.folder / "journal.jsonl"
+        header = {"run": run}
+        self.finished: dict[str, str] = {}  # output name -> input it was made from
+        lines = self.journal.read_text().splitlines() if self.journal.is_file() else []
+        if not lines or _json_line(lines[0]) != header:
+            shutil.rmtree(self.folder, ignore_errors=True)  # another run's, or none
+            self.folder.mkdir(parents=True)
+            with open(self.journal, "w") as f:
+                f.write(json.dumps(header) + "\n")
+            lines = []
+        for line in lines[1:]:  # a line cut by a kill is no record
+            record = _json_line(line)
+            if isinstance(record, dict) and isinstance(record.get("name"), str) \
+                    and isinstance(record.get("input"), str):
+                self.finished[record["name"]] = record["input"]
+        self.written: dict[str, None] = {}  # this run's outputs, in order
+
+    def done(self, name: str, source: str | os.PathLike) -> bool:
+        """Whether ``name`` was made from ``source`` as it is now by an earlier run (its
+        staged file is there); then the output is kept for the end of this run too."""
+        if self.finished.get(name) != input_identity(source) or \
+                not (self.folder / name).is_file():
+            return False
+        self.written[name] = None
+        return True
+
+    def write(self, outputs: dict[str, bytes], source: str | os.PathLike) -> None:
+        """Stage the outputs of one input, each written whole, then record them."""
+        for name, data in outputs.items():
+            (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.folder / name) as f:
+                f.write(data)
+        with open(self.journal, "a") as f:
+            f.write("".join(json.dumps({"name": name, "input": input_identity(source)}) + "\n"
+                            for name in outputs))
+        self.written.update(dict.fromkeys(outputs))
+
+    def publish(self) -> None:
+        for name in self.written:
+            (self.out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.folder / name, self.out / name)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _json_line(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def input_identity(path: str | os.PathLike) -> str:
+    """An input file as a resumed run must find it again: where it is, its size and time."""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+@contextlib.contextmanager
+def resumable_writes(out: str | os.PathLike, run: dict) -> Iterator[ResumableWrites]:
+    """Write many files into the folder ``out`` all or nothing, and resumably.
+
+    Outputs are staged in ``out/.speech2face.partial`` and renamed into place when the
+    ``with`` block ends normally. A bad input (a :class:`Speech2FaceError`) removes them:
+    the command leaves nothing. A kill, Ctrl-C or a full disk leaves them, and a rerun with
+    the same ``run`` settings (JSON-able) finds each one whose input is unchanged
+    (``done``), so it continues where the killed run stopped.
+    """
+    from speech2face.errors import Speech2FaceError
+
+    batch = ResumableWrites(Path(out), run)
+    try:
+        yield batch
+    except Speech2FaceError:
+        shutil.rmtree(batch.folder, ignore_errors=True)
+        raise
+    batch.publish()
+
+
 def temp_dir_beside(path: str | os.PathLike, tag: str = "") -> Path:
     """A new empty folder ``.NAME.TAG<random>.tmp`` beside ``path``, to be filled and then
     renamed onto ``path``; with the permissions of an ordinary new folder (tempfile makes

@@ -4,6 +4,7 @@ import re
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -426,3 +427,56 @@ def test_spectrogram_of_a_reversed_view_is_that_of_its_values():
     """A negatively strided numpy view (``x[::-1]``), which torch cannot wrap."""
     wave = speechlike(2.0, 16000)[::-1]
     compare_compressed(spectrogram(wave), reference_spectrogram(np.ascontiguousarray(wave)))
+
+
+def test_a_stopped_spectrogram_run_continues_and_a_bad_file_leaves_nothing(tmp_path,
+                                                                           monkeypatch, capsys):
+    """Killed part-way (here Ctrl-C at the fourth file), the run keeps what it made, out
+    of sight; its rerun makes only the rest and ends with the bytes of an unbroken run.
+    An input changed since, or other settings, are made again; a bad file leaves nothing."""
+    from speech2face import cli
+    from speech2face.utils import output_entries
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(6):
+        sf.write(clips / f"c{i}.wav", speechlike(1.0 + i / 10, 16000), 16000)
+    assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "straight")]) == 0
+    made = []
+    original = audio.clip_spectrogram
+
+    def stopping(path, seconds):
+        made.append(Path(path).name)
+        if len(made) == 4 and stopping.stop:
+            raise KeyboardInterrupt
+        return original(path, seconds)
+
+    stopping.stop = True
+    monkeypatch.setattr(audio, "clip_spectrogram", stopping)
+    out = tmp_path / "out"
+    assert cli.main(["spectrogram", str(clips), "-o", str(out)]) == 130
+    assert [p.name for p in output_entries(out)] == [".speech2face.partial"]  # no output yet
+    made.clear()
+    stopping.stop = False
+    sf.write(clips / "c0.wav", speechlike(1.5, 16000), 16000)  # changed since
+    capsys.readouterr()
+    assert cli.main(["spectrogram", str(clips), "-o", str(out)]) == 0
+    assert made == ["c0.wav", "c3.wav", "c4.wav", "c5.wav"]
+    assert "2 of 6 made by an earlier run" in capsys.readouterr().out
+    for i in range(1, 6):
+        name = f"c{i}.npy"
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+    assert [p.name for p in output_entries(out)] == [f"c{i}.npy" for i in range(6)]
+    # stopped again, then rerun with another clip length: everything is made anew
+    made.clear()
+    stopping.stop = True
+    assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "o2")]) == 130
+    made.clear()
+    stopping.stop = False
+    assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "o2"),
+                     "--seconds", "3"]) == 0
+    assert len(made) == 6 and np.load(tmp_path / "o2" / "c1.npy").shape[1] < 598
+    # a bad file after good ones: nothing at all, the saved work included
+    (clips / "c9.wav").write_bytes(b"RIFF....WAVEjunk")
+    assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "o3")]) == 2
+    assert not (tmp_path / "o3").exists()

@@ -276,3 +276,39 @@ def test_cli_refuses_an_image_name_it_would_make_a_folder_of(tmp_path, audio_fil
     out.mkdir()
     assert main(["reconstruct", *inputs, "-o", str(out), "--model", str(bundle)]) == 0
     assert len(list(out.glob("*.png"))) == count
+
+
+def test_a_stopped_reconstruct_run_continues_where_it_stopped(tmp_path, audio_files, bundle,
+                                                              monkeypatch):
+    """Ctrl-C in the second batch of faces: the first batch's are kept out of sight; the
+    rerun computes only the second batch and ends with an unbroken run's files."""
+    wave = audio_files[0]
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(inference.BATCH_SIZE + 2):
+        sf.write(clips / f"s{i:02d}.wav", np.roll(wave, 800 * i), RATE, subtype="FLOAT")
+    common = ["--model", str(bundle), "--landmarks"]
+    assert main(["reconstruct", str(clips), "-o", str(tmp_path / "straight"), *common]) == 0
+    calls = []
+    original = inference.reconstruct_waves
+
+    def stopping(waves, model):
+        calls.append(len(waves))
+        if len(calls) == 2 and stopping.stop:
+            raise KeyboardInterrupt
+        return original(waves, model)
+
+    stopping.stop = True
+    monkeypatch.setattr(inference, "reconstruct_waves", stopping)
+    out = tmp_path / "out"
+    assert main(["reconstruct", str(clips), "-o", str(out), *common]) == 130
+    assert [p.name for p in output_entries(out)] == [".speech2face.partial"]
+    calls.clear()
+    stopping.stop = False
+    assert main(["reconstruct", str(clips), "-o", str(out), *common]) == 0
+    assert calls == [2]  # the second batch only
+    straight = sorted(p.name for p in output_entries(tmp_path / "straight"))
+    assert sorted(p.name for p in output_entries(out)) == straight
+    assert len(straight) == 3 * (inference.BATCH_SIZE + 2)
+    for name in straight:
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
