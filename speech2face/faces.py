@@ -75,7 +75,8 @@ FACE_ENCODERS = ("dlib", "vggface")
 # dlib's face chip: 150 x 150 with 25 % padding, as dlib_face_recognition_resnet_model_v1
 # was trained (dlib's defaults for compute_face_descriptor).
 DLIB_CHIP_PADDING = 0.25
-FACES_STATE = ".faces.json"  # the options an output folder of `speech2face faces` was made with
+# In an output folder of `speech2face faces`: a line per image made, with its options.
+FACES_JOURNAL = ".faces.jsonl"
 
 # Groups of the 68 iBUG landmarks (0-based, end-exclusive).
 LEFT_EYE = slice(36, 42)  # the subject's right eye, on the left of the picture
@@ -656,7 +657,7 @@ def faces_command(args) -> int:
     least one image was processed, else an ImageError (exit 2) with the first reason."""
     import io
 
-    from speech2face.utils import atomic_write, png_bytes, read_json, staged_writes
+    from speech2face.utils import png_bytes, staged_writes
     from speech2face.utils import progress as tqdm
 
     if args.weights is not None and args.encoder != "vggface":
@@ -679,12 +680,12 @@ def faces_command(args) -> int:
     suffixes = FACE_OUTPUTS if encoder is not None else FACE_OUTPUTS[:-1]
     options = {"detector": args.detector, "encoder": args.encoder, "size": args.size,
                "weights": None if args.weights is None else str(Path(args.weights).resolve())}
-    state = out / FACES_STATE
-    resume = read_json(state) == {"options": options}
+    journal = out / FACES_JOURNAL
+    made = _made_with(journal)  # image -> the options its files were made with
     processed, skipped, done = 0, [], 0
     for path, stem in tqdm(images, desc="faces", unit="image", disable=len(images) < 2):
         targets = [out / stem.with_name(stem.name + suffix) for suffix in suffixes]
-        if resume and all(t.is_file() for t in targets):
+        if made.get(str(stem)) == options and all(t.is_file() for t in targets):
             done += 1
             continue
         try:
@@ -701,13 +702,12 @@ def faces_command(args) -> int:
             outputs[".feature.npy"] = _npy_bytes(
                 io, encoder.embed(crop[None])[0].detach().cpu().numpy()
             )
-        if processed == 0 and not resume:  # the options of what this folder holds
-            with atomic_write(state, "w") as f:
-                json.dump({"options": options}, f)
         with staged_writes() as stage:  # an image's files appear together or not at all
             for target, data in zip(targets, outputs.values(), strict=True):
                 with stage(target) as f:
                     f.write(data)
+        with open(journal, "a") as f:  # then the record that they are this run's
+            f.write(json.dumps({"image": str(stem), "options": options}) + "\n")
         processed += 1
     if len(images) > 1:  # with one image, the error below says it all
         for path, reason in skipped:
@@ -718,6 +718,26 @@ def faces_command(args) -> int:
     already = f" ({done} done by an earlier run)" if done else ""
     print(f"faces: {processed} processed, {len(skipped)} skipped{already}, written to {out}")
     return 0
+
+
+def _made_with(journal: Path) -> dict[str, dict]:
+    """What an output folder's journal says each image's files were made with (the last
+    record of each; a line cut by a kill, or damaged, is no record: that image is made
+    again). Images without a record are made again too: a folder written with other
+    options, or by a run killed before it recorded them, never passes for this run's."""
+    made = {}
+    try:
+        lines = journal.read_text(errors="replace").splitlines()
+    except OSError:
+        return made
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("image"), str):
+            made[record["image"]] = record.get("options")
+    return made
 
 
 def _npy_bytes(io, array: np.ndarray) -> bytes:

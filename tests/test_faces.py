@@ -440,6 +440,16 @@ def test_faces_command_end_to_end(tmp_path, astronaut, hopper_path, capsys):
     # Other options: everything is made again.
     assert cli.main(["faces", str(photos), "-o", str(out), "--encoder", "none"]) == 0
     assert "2 processed, 1 skipped, written" in capsys.readouterr().out
+    # Other options for one image only, then for all: the other image is made again too
+    # (its files were of the earlier options; the folder's options are per image).
+    assert cli.main(["faces", str(photos / "astronaut.png"), "-o", str(out), "--encoder",
+                     "none", "--size", "128"]) == 0
+    capsys.readouterr()
+    assert cli.main(["faces", str(photos), "-o", str(out), "--encoder", "none",
+                     "--size", "128"]) == 0
+    assert "1 processed, 1 skipped (1 done by an earlier run)" in capsys.readouterr().out
+    for stem in ["astronaut", "sub/hopper"]:
+        assert Image.open(out / f"{stem}.crop.png").size == (128, 128)
 
 
 def test_find_images_keeps_names_apart(tmp_path):
