@@ -66,7 +66,8 @@ def load_audio(
     sample_rate: int = SAMPLE_RATE,
     max_seconds: float | None = None,
 ) -> np.ndarray:
-    """Decode an audio or video file to float32 mono in [-1, 1] at ``sample_rate``.
+    """Decode an audio or video file to float32 mono at ``sample_rate``: in [-1, 1] from
+    integer formats; float formats as stored (their peak at most ``PEAK_LIMIT``).
 
     Multi-channel audio is averaged to mono; the resampler is soxr (band-limited, high
     quality). With ``max_seconds`` only that much of the file is decoded, so taking 6 s
@@ -79,6 +80,8 @@ def load_audio(
         AudioError: missing, empty, truncated or non-audio file, no audio track, an
             unsupported codec, or a signal that is all zeros or not finite.
     """
+    if max_seconds is not None:
+        _check_seconds(max_seconds, "max_seconds", sample_rate)
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "file not found" if not path.exists() else "not a regular file")
@@ -127,6 +130,17 @@ def check_signal(wave: np.ndarray, path: str | os.PathLike | None = None) -> Non
         loudest = "all samples are zero" if peak == 0 else \
             f"its loudest sample is {20 * math.log10(peak):.0f} dBFS"
         raise AudioError(path, f"signal is silent ({loudest})")
+
+
+def _check_seconds(seconds, name: str, sample_rate: int) -> None:
+    """AudioError unless ``seconds`` is a finite number (numpy's too) giving at least one
+    sample at ``sample_rate``."""
+    import numbers
+
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or \
+            not math.isfinite(seconds) or seconds_samples(seconds, sample_rate) < 1:
+        raise AudioError(None, f"{name} must be a positive number of seconds (at least one "
+                               f"sample at {sample_rate} Hz), got {seconds!r}")
 
 
 def _check_long_enough(path: Path, samples: int, sample_rate: int) -> None:
@@ -362,8 +376,7 @@ def fit_duration(
 
     Works on the last axis of a numpy array or tensor ``(..., N) -> (..., seconds*rate)``.
     """
-    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
-        raise AudioError(None, f"seconds must be a positive number, got {seconds!r}")
+    _check_seconds(seconds, "seconds", sample_rate)
     target = seconds_samples(seconds, sample_rate)
     n = wave.shape[-1]
     if n == 0:

@@ -480,3 +480,19 @@ def test_a_stopped_spectrogram_run_continues_and_a_bad_file_leaves_nothing(tmp_p
     (clips / "c9.wav").write_bytes(b"RIFF....WAVEjunk")
     assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "o3")]) == 2
     assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("seconds", [-1, 0, 1e-9, float("nan"), float("inf"), "6", True])
+def test_a_duration_that_is_no_positive_number_of_samples_is_refused(tmp_path, seconds):
+    path = tmp_path / "a.wav"
+    sf.write(path, speechlike(1.0, 16000), 16000)
+    with pytest.raises(AudioError, match="max_seconds must be a positive number of seconds"):
+        load_audio(path, max_seconds=seconds)
+    with pytest.raises(AudioError, match="seconds must be a positive number of seconds"):
+        fit_duration(np.ones(100, np.float32), seconds)
+
+
+def test_numpy_numbers_are_durations_too():
+    wave = np.ones(100, np.float32)
+    assert fit_duration(wave, np.float32(0.5)).shape == (8000,)
+    assert fit_duration(wave, np.float64(0.25)).shape == (4000,)
