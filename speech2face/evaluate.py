@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -1456,6 +1457,11 @@ def evaluate_command(args) -> int:
                        attributes=args.attributes, device=args.device,
                        recognizer=None if args.recognizer == "none" else args.recognizer,
                        recognizer_weights=args.recognizer_weights)
+    used = metrics["retrieval"]["gallery_size"]
+    if args.gallery_size > used:
+        print(f"speech2face evaluate: --gallery-size {args.gallery_size}: the {args.split} "
+              f"split has {metrics['identities']} identities, so its galleries hold {used}",
+              file=sys.stderr)
     print(summary(metrics))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

@@ -368,11 +368,18 @@ def load_vggface_dag(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace:
 
             tensors = load_file(str(path))
         else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+            if head != b"PK" and head[:1] != b"\x80":  # torch.save's zip, or a bare pickle
+                raise WeightsError(path, "not a PyTorch weights file (neither the zip archive "
+                                         "torch.save writes nor a pickle)")
             with warnings.catch_warnings():
                 # torch warns about pickle protocols of files it may then refuse; the
                 # outcome is reported below, in one line.
                 warnings.simplefilter("ignore")
                 tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except Exception as error:  # noqa: BLE001 - torch/safetensors raise many types for bad files
         raise WeightsError(
             path, f"cannot read PyTorch weights (truncated or not a weights file): "

@@ -265,8 +265,8 @@ def find_inputs(inputs, suffixes, error,
     a file where another's outputs need a folder. Inputs that would share a stem are kept
     apart by the suffix (``a.jpg``, ``a.png`` -> ``a_jpg``, ``a_png``); outputs that
     would still meet, by a counter (``x/a.wav``, ``y/a.wav`` -> ``a_wav``, ``a_wav-2``),
-    taking the first count that meets nothing. Raises ``error(path, problem)`` for an
-    input that does not exist.
+    taking the first count that meets nothing. A file named twice is taken once. Raises
+    ``error(path, problem)`` for an input that does not exist.
     """
     found = []
     for item in map(Path, inputs):
@@ -279,6 +279,9 @@ def find_inputs(inputs, suffixes, error,
             raise error(item, "not a regular file (a FIFO, a device or a broken link)")
         else:
             raise error(item, "no such file or folder")
+    seen: set[Path] = set()  # a file given twice (or as itself and in its folder): once
+    found = [(path, stem) for path, stem in found
+             if not (path.resolve() in seen or seen.add(path.resolve()))]
     shared = Counter(str(stem) for _, stem in found)
     found = [
         (path, stem.with_name(f"{stem.name}_{path.suffix.lstrip('.').lower()}"))
@@ -292,6 +295,16 @@ def find_inputs(inputs, suffixes, error,
         return ({stem.with_name(stem.name + suffix) for suffix in outputs},
                 set(stem.parents) - {Path(".")})
 
+    def numbered(stem: Path, count: int) -> Path:
+        """``stem`` with ``-count`` on its top folder that is another input's file, or
+        else on its own name."""
+        for depth, folder in enumerate(reversed(stem.parents[:-1])):
+            if folder in files:
+                parts = list(stem.parts)
+                parts[depth] = f"{parts[depth]}-{count}"
+                return Path(*parts)
+        return stem.with_name(f"{stem.name}-{count}")
+
     named = []
     for path, stem in found:
         name, count = stem, 1
@@ -300,7 +313,7 @@ def find_inputs(inputs, suffixes, error,
             if not (mine & (files | folders) or above & files):
                 break
             count += 1
-            name = stem.with_name(f"{stem.name}-{count}")
+            name = numbered(stem, count)
         longest = max(mine, key=lambda p: len(os.fsencode(p.name)))
         if len(os.fsencode(longest.name)) > NAME_MAX:
             raise error(path, f"its output {longest.name!r} would be longer than a file name "

@@ -83,6 +83,15 @@ def test_truncated_shard_names_the_file(shards):
     assert str(path) in str(error.value)
 
 
+def test_a_folder_where_a_shard_should_be_is_named_as_such(shards):
+    path = shards / entry(shards)["path"]
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError, match="a folder where the manifest lists a shard") as error:
+        stream(shards)
+    assert str(path) in str(error.value)
+
+
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "train/../../x.tar"])
 def test_manifest_paths_outside_the_dataset_folder_are_refused(shards, bad):
     manifest = json.loads((shards / "manifest.json").read_text())

@@ -64,6 +64,16 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert face.shape == (224, 224, 3) and face.dtype == np.uint8
     assert "report:" in capsys.readouterr().out
     _check_evaluation_resumes(out, tmp_path, monkeypatch)
+    # A gallery larger than the split has identities: the smaller size used, said once.
+    from speech2face.cli import main
+
+    assert main(["evaluate", "--model", str(out / "runs" / "voice" / "model"), "--data",
+                 str(out / "shards"), "-o", str(tmp_path / "big"), "--gallery-size", "1000",
+                 "--no-attributes", "--recognizer", "none"]) == 0
+    said = capsys.readouterr()
+    identities = json.loads((tmp_path / "big" / "metrics.json").read_text())["identities"]
+    assert f"--gallery-size 1000: the test split has {identities} identities, so its " \
+           f"galleries hold {identities}" in said.err
 
     # Killed in the voice stage after its step-1 checkpoint: a rerun with the same
     # settings keeps the corpus, shards and decoder, resumes the voice encoder from step

@@ -287,8 +287,11 @@ def test_vggface_bad_files(weight_files, tmp_path, monkeypatch):
         with pytest.raises(WeightsError, match=rf"{name}: cannot read"):
             E.load_face_encoder("vggface", weights=tmp_path / name, config=TINY)
     (tmp_path / "notes.pth").write_text("not weights")
-    with pytest.raises(WeightsError, match="notes.pth: cannot read"):
+    with pytest.raises(WeightsError, match="notes.pth: not a PyTorch weights file"):
         E.load_face_encoder("vggface", weights=tmp_path / "notes.pth")
+    (tmp_path / "face.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(WeightsError, match="face.png: not a PyTorch weights file"):
+        E.load_face_encoder("vggface", weights=tmp_path / "face.png")
     # Tiny weights for the paper-sized network: a shape mismatch, named.
     with pytest.raises(
         WeightsError, match=r"vgg_face_dag.pth: conv1_1.weight has shape \(4, 3, 3, 3\)"

@@ -181,6 +181,11 @@ def test_find_inputs_never_gives_two_inputs_one_output(tmp_path):
     found = find_inputs([tmp_path / "f"], audio, AudioError, outputs=(".png",))
     outputs = [f"{stem}.png" for stem in _stems(found)]
     assert outputs == ["x.png/y.png", "x-2.png"]
+    # a file named twice, or as itself and within its folder: one output (and a folder of
+    # outputs that would be another input's file is numbered, not the file in it)
+    found = find_inputs([tmp_path / "f/x.wav", tmp_path / "f", tmp_path / "f/./x.wav"],
+                        audio, AudioError, outputs=(".png",))
+    assert [(p.name, str(stem)) for p, stem in found] == [("x.wav", "x"), ("y.wav", "x.png-2/y")]
 
 
 def test_find_inputs_refuses_what_it_cannot_name_or_read(tmp_path):

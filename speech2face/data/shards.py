@@ -136,6 +136,8 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
 def check_shard(path: str | os.PathLike, size: int, sha256: str) -> None:
     """Raise DataError naming ``path`` unless it has the manifest's size and SHA-256."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, "a folder where the manifest lists a shard")
     try:
         actual = path.stat().st_size
         if actual != size:
