@@ -1346,7 +1346,8 @@ def evaluate(
                                     "more samples or another seed")
         raise DataError(data, f"the {split} split has fewer than 2 identities: retrieval needs "
                               "at least 2")
-    metrics = {"model": source, "data": str(data), "split": split, "max_samples": max_samples}
+    metrics = {"format": METRICS_FORMAT, "model": source, "data": str(data), "split": split,
+               "max_samples": max_samples}
     metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws, seed=seed,
                                    identity_gallery_sizes=identity_gallery_sizes,
                                    training_encoder=loaded.face_encoder_name))
@@ -1358,6 +1359,8 @@ def evaluate(
     shutil.rmtree(partial, ignore_errors=True)
     return metrics
 
+
+METRICS_FORMAT = 1  # of metrics.json; `compare` reads this format (or none: older reports)
 
 # Inside the report folder (which the command holds locked while it runs): what a killed
 # evaluation has computed, until the report is written.

@@ -26,6 +26,7 @@ from speech2face.evaluate import (
     GALLERY_SIZE,
     GENDERS,
     MATCHING_CHANCE,
+    METRICS_FORMAT,
     RECALL_KS,
     RETRIEVAL_METRICS,
     Collected,
@@ -712,6 +713,9 @@ def compare_command(args) -> int:
             raise DataError(file, "not valid JSON (not the metrics.json of "
                                   "`speech2face evaluate`, or damaged)")
         files.append(file)
+        if isinstance(metrics, dict) and metrics.get("format", METRICS_FORMAT) != METRICS_FORMAT:
+            raise DataError(file, f"metrics format {metrics['format']!r:.20}; this version "
+                                  f"reads format {METRICS_FORMAT}")
         try:  # the rows read every field the table shows, and check each value
             if not isinstance(metrics, dict) or "retrieval" not in metrics:
                 raise ValueError("no retrieval results")

@@ -249,6 +249,7 @@ def test_compare_shows_every_runs_rows_and_says_where_runs_differ(tmp_path, caps
 
 
 @pytest.mark.parametrize("edit, words", [
+    (lambda m: m.update(format=99), "metrics format 99; this version reads format 1"),
     (lambda m: m["retrieval"]["cosine"]["1"].update(mean="high"), "R@1 is 'high'"),
     (lambda m: m["retrieval"]["cosine"]["1"].update(mean=1e308), "R@1 is 1e+308"),
     (lambda m: m["feature_similarity"]["angle_deg"].update(mean=-500), "the angle is -500"),
