@@ -741,19 +741,11 @@ def _made_with(journal: Path) -> dict[str, dict]:
     record of each; a line cut by a kill, or damaged, is no record: that image is made
     again). Images without a record are made again too: a folder written with other
     options, or by a run killed before it recorded them, never passes for this run's."""
-    made = {}
-    try:
-        lines = journal.read_text(errors="replace").splitlines()
-    except OSError:
-        return made
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("image"), str):
-            made[record["image"]] = record.get("options")
-    return made
+    from speech2face.utils import json_records
+
+    if not journal.is_file():
+        return {}
+    return {record["image"]: record.get("options") for record in json_records(journal, "image")}
 
 
 def _npy_bytes(io, array: np.ndarray) -> bytes:

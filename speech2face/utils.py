@@ -145,11 +145,8 @@ class ResumableWrites:
             with open(self.journal, "w") as f:
                 f.write(json.dumps(header) + "\n")
             lines = []
-        for line in lines[1:]:  # a line cut by a kill is no record
-            record = _json_line(line)
-            if isinstance(record, dict) and isinstance(record.get("name"), str) \
-                    and isinstance(record.get("input"), str):
-                self.finished[record["name"]] = record["input"]
+        if lines:
+            self.finished = {r["name"]: r.get("input") for r in json_records(self.journal, "name")}
         self.written: dict[str, None] = {}  # this run's outputs, in order
 
     def done(self, name: str, source: str | os.PathLike) -> bool:
@@ -330,6 +327,16 @@ def read_json(path: str | os.PathLike):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def json_records(path: str | os.PathLike, key: str) -> Iterator[dict]:
+    """The objects of a JSON-lines log that name ``key`` as a string, in order. A line a
+    killed run left half-written, or one damaged, is not JSON and is passed over."""
+    with open(path, errors="replace") as f:
+        for line in f:
+            record = _json_line(line)
+            if isinstance(record, dict) and isinstance(record.get(key), str):
+                yield record
 
 
 def cache_dir() -> Path:

@@ -129,3 +129,21 @@ def demo_speakers(tmp_path_factory):
                   for p in sorted((root / "unzippedFaces" / name).rglob("*.jpg"))]
         out.append((frames, wave[: 8 * 16000]))
     return out
+
+
+def interrupt_at(monkeypatch, owner, name: str, call: int, record=lambda *args: args[0]):
+    """Replace ``owner.name`` by a wrapper that appends ``record(*args)`` of each call to
+    the returned list and raises KeyboardInterrupt (Ctrl-C) on call number ``call`` while
+    ``wrapper.armed``. Returns ``(calls, wrapper)``."""
+    calls = []
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(record(*args))
+        if wrapper.armed and len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    wrapper.armed = True
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls, wrapper

@@ -434,6 +434,8 @@ def test_a_stopped_spectrogram_run_continues_and_a_bad_file_leaves_nothing(tmp_p
     """Killed part-way (here Ctrl-C at the fourth file), the run keeps what it made, out
     of sight; its rerun makes only the rest and ends with the bytes of an unbroken run.
     An input changed since, or other settings, are made again; a bad file leaves nothing."""
+    from conftest import interrupt_at
+
     from speech2face import cli
     from speech2face.utils import output_entries
 
@@ -442,22 +444,13 @@ def test_a_stopped_spectrogram_run_continues_and_a_bad_file_leaves_nothing(tmp_p
     for i in range(6):
         sf.write(clips / f"c{i}.wav", speechlike(1.0 + i / 10, 16000), 16000)
     assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "straight")]) == 0
-    made = []
-    original = audio.clip_spectrogram
-
-    def stopping(path, seconds):
-        made.append(Path(path).name)
-        if len(made) == 4 and stopping.stop:
-            raise KeyboardInterrupt
-        return original(path, seconds)
-
-    stopping.stop = True
-    monkeypatch.setattr(audio, "clip_spectrogram", stopping)
+    made, stopping = interrupt_at(monkeypatch, audio, "clip_spectrogram", 4,
+                                  record=lambda path, seconds: Path(path).name)
     out = tmp_path / "out"
     assert cli.main(["spectrogram", str(clips), "-o", str(out)]) == 130
     assert [p.name for p in output_entries(out)] == [".speech2face.partial"]  # no output yet
     made.clear()
-    stopping.stop = False
+    stopping.armed = False
     sf.write(clips / "c0.wav", speechlike(1.5, 16000), 16000)  # changed since
     capsys.readouterr()
     assert cli.main(["spectrogram", str(clips), "-o", str(out)]) == 0
@@ -469,10 +462,10 @@ def test_a_stopped_spectrogram_run_continues_and_a_bad_file_leaves_nothing(tmp_p
     assert [p.name for p in output_entries(out)] == [f"c{i}.npy" for i in range(6)]
     # stopped again, then rerun with another clip length: everything is made anew
     made.clear()
-    stopping.stop = True
+    stopping.armed = True
     assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "o2")]) == 130
     made.clear()
-    stopping.stop = False
+    stopping.armed = False
     assert cli.main(["spectrogram", str(clips), "-o", str(tmp_path / "o2"),
                      "--seconds", "3"]) == 0
     assert len(made) == 6 and np.load(tmp_path / "o2" / "c1.npy").shape[1] < 598

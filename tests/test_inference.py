@@ -289,22 +289,15 @@ def test_a_stopped_reconstruct_run_continues_where_it_stopped(tmp_path, audio_fi
         sf.write(clips / f"s{i:02d}.wav", np.roll(wave, 800 * i), RATE, subtype="FLOAT")
     common = ["--model", str(bundle), "--landmarks"]
     assert main(["reconstruct", str(clips), "-o", str(tmp_path / "straight"), *common]) == 0
-    calls = []
-    original = inference.reconstruct_waves
+    from conftest import interrupt_at
 
-    def stopping(waves, model):
-        calls.append(len(waves))
-        if len(calls) == 2 and stopping.stop:
-            raise KeyboardInterrupt
-        return original(waves, model)
-
-    stopping.stop = True
-    monkeypatch.setattr(inference, "reconstruct_waves", stopping)
+    calls, stopping = interrupt_at(monkeypatch, inference, "reconstruct_waves", 2,
+                                   record=lambda waves, model: len(waves))
     out = tmp_path / "out"
     assert main(["reconstruct", str(clips), "-o", str(out), *common]) == 130
     assert [p.name for p in output_entries(out)] == [".speech2face.partial"]
     calls.clear()
-    stopping.stop = False
+    stopping.armed = False
     assert main(["reconstruct", str(clips), "-o", str(out), *common]) == 0
     assert calls == [2]  # the second batch only
     straight = sorted(p.name for p in output_entries(tmp_path / "straight"))

@@ -57,6 +57,7 @@ from speech2face.data.datasets import (
 )
 from speech2face.data.identities import DESCRIPTOR_SUFFIX, face_descriptor
 from speech2face.errors import ConfigError, DataError
+from speech2face.utils import json_records
 
 YOUTUBE_URL = "https://www.youtube.com/watch?v={id}"
 LOG_DIR = "download_log"
@@ -191,14 +192,8 @@ def read_failures(root: str | os.PathLike) -> dict[str, list[dict]]:
     for path in sorted(folder.glob("*.jsonl")):
         if not path.is_file():
             raise DataError(path, "is in the way: expected a download log file")
-        with open(path, errors="replace") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("key"), str):
-                    failures[record["key"]].append(record)
+        for record in json_records(path, "key"):
+            failures[record["key"]].append(record)
     return failures
 
 
