@@ -472,8 +472,8 @@ def add_demo_arguments(parser) -> None:
 
     steps = bounded(int, 1, MAX_STEPS, "number of steps")
     parser.add_argument("-o", "--out", default=DEFAULT_OUT,
-                        help=f"working folder (default {DEFAULT_OUT}; a previous demo's folder "
-                             "is overwritten)")
+                        help=f"working folder (default {DEFAULT_OUT}; a rerun with the same "
+                             "settings continues in it, other settings start it over)")
     parser.add_argument("--speakers", type=int, default=DEMO_SPEAKERS,
                         help=f"generated speakers, a quarter held out (default {DEMO_SPEAKERS})")
     parser.add_argument("--seed", type=seed, default=0, help="seed of data and training")
