@@ -673,7 +673,7 @@ def faces_command(args) -> int:
     least one image was processed, else an ImageError (exit 2) with the first reason."""
     import io
 
-    from speech2face.utils import png_bytes, staged_writes
+    from speech2face.utils import input_identity, png_bytes, staged_writes
     from speech2face.utils import progress as tqdm
 
     if args.weights is not None and args.encoder != "vggface":
@@ -701,7 +701,8 @@ def faces_command(args) -> int:
     processed, skipped, done = 0, [], 0
     for path, stem in tqdm(images, desc="faces", unit="image", disable=len(images) < 2):
         targets = [out / stem.with_name(stem.name + suffix) for suffix in suffixes]
-        if made.get(str(stem)) == options and all(t.is_file() for t in targets):
+        if made.get(str(stem)) == (options, input_identity(path)) and \
+                all(t.is_file() for t in targets):
             done += 1
             continue
         try:
@@ -723,7 +724,8 @@ def faces_command(args) -> int:
                 with stage(target) as f:
                     f.write(data)
         with open(journal, "a") as f:  # then the record that they are this run's
-            f.write(json.dumps({"image": str(stem), "options": options}) + "\n")
+            f.write(json.dumps({"image": str(stem), "options": options,
+                                "input": input_identity(path)}) + "\n")
         processed += 1
     if len(images) > 1:  # with one image, the error below says it all
         for path, reason in skipped:
@@ -736,16 +738,18 @@ def faces_command(args) -> int:
     return 0
 
 
-def _made_with(journal: Path) -> dict[str, dict]:
-    """What an output folder's journal says each image's files were made with (the last
-    record of each; a line cut by a kill, or damaged, is no record: that image is made
-    again). Images without a record are made again too: a folder written with other
+def _made_with(journal: Path) -> dict[str, tuple]:
+    """What an output folder's journal says each image's files were made with: the
+    options and the input (``utils.input_identity``: an image replaced since is made
+    again). The last record of each; a line cut by a kill, or damaged, is no record: that
+    image is made again. Images without a record are made again too: a folder written with other
     options, or by a run killed before it recorded them, never passes for this run's."""
     from speech2face.utils import json_records
 
     if not journal.is_file():
         return {}
-    return {record["image"]: record.get("options") for record in json_records(journal, "image")}
+    return {record["image"]: (record.get("options"), record.get("input"))
+            for record in json_records(journal, "image")}
 
 
 def _npy_bytes(io, array: np.ndarray) -> bytes:

@@ -138,6 +138,7 @@ class ResumableWrites:
         self.journal = self.folder / "journal.jsonl"
         header = {"run": run}
         self.finished: dict[str, str] = {}  # output name -> input it was made from
+        self._finish_publishing()
         lines = self.journal.read_text().splitlines() if self.journal.is_file() else []
         if not lines or _json_line(lines[0]) != header:
             shutil.rmtree(self.folder, ignore_errors=True)  # another run's, or none
@@ -170,10 +171,28 @@ class ResumableWrites:
         self.written.update(dict.fromkeys(outputs))
 
     def publish(self) -> None:
-        for name in self.written:
-            (self.out / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.folder / name, self.out / name)
+        """Move every output into place. The list goes to disk first: a run killed while
+        moving them has finished all its inputs, and the next run completes the move
+        before anything else (:meth:`_finish_publishing`), so outputs never stay half
+        published."""
+        with atomic_write(self.folder / _PUBLISHING, "w") as f:
+            json.dump(list(self.written), f)
+        self._finish_publishing()
+
+    def _finish_publishing(self) -> None:
+        names = read_json(self.folder / _PUBLISHING)
+        if not is_names(names):
+            return
+        inside = self.out.resolve()
+        for name in names:
+            staged, final = self.folder / name, self.out / name
+            if staged.is_file() and final.resolve().is_relative_to(inside):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, final)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_PUBLISHING = "publishing.json"  # in PARTIAL_NAME: the outputs of a run being published
 
 
 def _json_line(line: str):
@@ -268,7 +287,10 @@ def find_inputs(inputs, suffixes, error,
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = (p for p in item.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+            # Hidden files and folders are not inputs: among them our own, such as the
+            # staged outputs of a killed run (PARTIAL_NAME) in a folder given back as input.
+            files = (p for p in item.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                     and not any(part.startswith(".") for part in p.relative_to(item).parts))
             found += [(path, path.relative_to(item).with_suffix("")) for path in sorted(files)]
         elif item.is_file():
             found.append((item, Path(item.stem)))
@@ -276,6 +298,13 @@ def find_inputs(inputs, suffixes, error,
             raise error(item, "not a regular file (a FIFO, a device or a broken link)")
         else:
             raise error(item, "no such file or folder")
+    for path, _ in found:
+        try:
+            os.fsdecode(os.fsencode(path)).encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise error(shown, "the name is not valid UTF-8 (its output could not be named "
+                               "or printed); rename it") from None
     seen: set[Path] = set()  # a file given twice (or as itself and in its folder): once
     found = [(path, stem) for path, stem in found
              if not (path.resolve() in seen or seen.add(path.resolve()))]

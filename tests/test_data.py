@@ -562,6 +562,7 @@ def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
     # comes after a shard that ended inside the first, so the rerun must redo the first
     # window and drop its first four samples.
     assert (state["next_window"], state["samples_done"]) == (0, 4)
+    assert not list(out.rglob("*.partial"))  # the unfinished shard went with the run
     # another version of prepare's processing does not continue it (nor write anything)
     module = sys.modules[_Processor.__module__]
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -6,6 +6,7 @@ public domain) and chelsea (a cat: no human face), and matplotlib's Grace Hopper
 
 from __future__ import annotations
 
+import shutil
 import struct
 import zlib
 
@@ -463,6 +464,13 @@ def test_faces_command_end_to_end(tmp_path, astronaut, hopper_path, capsys):
     assert "1 processed, 1 skipped (1 done by an earlier run)" in capsys.readouterr().out
     for stem in ["astronaut", "sub/hopper"]:
         assert Image.open(out / f"{stem}.crop.png").size == (128, 128)
+    # An image replaced since its files were made is made again.
+    shutil.copy(photos / "sub" / "hopper.jpg", photos / "astronaut.png")  # PIL reads by content
+    assert cli.main(["faces", str(photos), "-o", str(out), "--encoder", "none",
+                     "--size", "128"]) == 0
+    assert "1 processed, 1 skipped (1 done by an earlier run)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "astronaut.crop.png")),
+                                  np.asarray(Image.open(out / "sub" / "hopper.crop.png")))
 
 
 def test_find_images_keeps_names_apart(tmp_path):

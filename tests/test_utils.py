@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,6 +189,19 @@ def test_find_inputs_never_gives_two_inputs_one_output(tmp_path):
     assert [(p.name, str(stem)) for p, stem in found] == [("x.wav", "x"), ("y.wav", "x.png-2/y")]
 
 
+def test_find_inputs_passes_over_hidden_files_and_folders_in_a_folder(tmp_path):
+    """Among them a killed run's staged outputs, in a folder given back as input."""
+    from speech2face.errors import AudioError
+    from speech2face.utils import PARTIAL_NAME, find_inputs
+
+    _touch(tmp_path, f"d/{PARTIAL_NAME}/x.wav", "d/.hidden.wav", "d/.git/y.wav", "d/z.wav")
+    found = find_inputs([tmp_path / "d"], (".wav",), AudioError, outputs=(".npy",))
+    assert _stems(found) == ["z"]
+    # named explicitly, a hidden file is an input like any other
+    assert _stems(find_inputs([tmp_path / "d/.hidden.wav"], (".wav",), AudioError)) == \
+        [".hidden"]
+
+
 def test_find_inputs_refuses_what_it_cannot_name_or_read(tmp_path):
     from speech2face.errors import AudioError
     from speech2face.utils import find_inputs
@@ -202,6 +216,13 @@ def test_find_inputs_refuses_what_it_cannot_name_or_read(tmp_path):
         find_inputs([tmp_path / "pipe.wav"], (".wav",), AudioError)
     with pytest.raises(AudioError, match="none.wav: no such file or folder"):
         find_inputs([tmp_path / "none.wav"], (".wav",), AudioError)
+    odd = os.fsdecode(os.fsencode(tmp_path / "d") + b"/bad\xff.wav")
+    try:
+        _touch(tmp_path, os.path.relpath(odd, tmp_path))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("the file system refuses non-UTF-8 names")
+    with pytest.raises(AudioError, match=r"bad\\xff.wav: the name is not valid UTF-8"):
+        find_inputs([tmp_path / "d"], (".wav",), AudioError)
 
 
 def test_a_long_output_name_gets_a_temporary_name_that_fits(tmp_path):
@@ -218,3 +239,38 @@ def test_a_long_output_name_gets_a_temporary_name_that_fits(tmp_path):
     left.write_bytes(b"")
     remove_stale_temps(target, folder=False)
     assert not left.exists() and target.exists()
+
+
+
+def test_a_run_killed_while_publishing_is_published_by_the_next(tmp_path):
+    """All its inputs were done: the next run (even one that then fails on a bad input)
+    first finishes moving the killed run's outputs into place, so none stays half done."""
+    from speech2face.errors import AudioError
+    from speech2face.utils import PARTIAL_NAME, resumable_writes
+
+    out = tmp_path / "out"
+    source = tmp_path / "a.wav"
+    source.write_bytes(b"x")
+    moves = []
+
+    def killed_after_one(src, dst):
+        if str(dst).endswith(".npy") and out / PARTIAL_NAME not in Path(dst).parents:
+            if moves:
+                raise KeyboardInterrupt  # the kill, between two outputs' moves
+            moves.append(dst)
+        os.rename(src, dst)
+
+    import speech2face.utils as utils
+
+    original = utils.os.replace
+    try:
+        with pytest.raises(KeyboardInterrupt), resumable_writes(out, {"run": 1}) as batch:
+            batch.write({"one.npy": b"1", "two.npy": b"2", "sub/three.npy": b"3"}, source)
+            utils.os.replace = killed_after_one  # while publishing
+    finally:
+        utils.os.replace = original
+    assert sorted(p.name for p in out.iterdir()) == [PARTIAL_NAME, "one.npy"]
+    with pytest.raises(AudioError), resumable_writes(out, {"run": 2}):
+        raise AudioError("b.wav", "bad")
+    assert (out / "two.npy").read_bytes() == b"2" and (out / "sub/three.npy").read_bytes() == b"3"
+    assert not (out / PARTIAL_NAME).exists()

@@ -613,12 +613,14 @@ class _SplitWriter:
         self.shards.close()
 
     def abort(self) -> None:
-        """Stop after an error: the unfinished shard stays a ``.partial`` (the next run
-        deletes it), closed here rather than by the garbage collector."""
+        """Stop after an error or an interrupt: the unfinished shard is closed here rather
+        than by the garbage collector, and removed (its samples are written again by the
+        next run, which would delete it anyway)."""
         # A full disk fails these closes too; the error being raised is the one to report.
-        for file in self._files.values():
+        for name, file in self._files.items():
             with contextlib.suppress(OSError):
                 file.f.close()
+                os.unlink(name)
         if self.shards.tarstream is not None:
             with contextlib.suppress(OSError):
                 self.shards.tarstream.close()
