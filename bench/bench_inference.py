@@ -84,7 +84,7 @@ def _reconstruct_rows(quick: bool, folder: Path) -> tuple[list[dict], dict]:
     reconstruct(clip, loaded)  # warm-up: first-call allocations
     in_process = _timed(lambda: reconstruct(clip, loaded), repeats)
 
-    spec = spectrogram(torch.from_numpy(_speech(CLIP_SECONDS)))[None]
+    spec = spectrogram(torch.from_numpy(_speech(CLIP_SECONDS))[None])  # as reconstruct makes it
     with torch.inference_mode():
         forward = _timed(lambda: loaded.decode(loaded.predict_features(spec)), repeats)
 

@@ -83,3 +83,17 @@ def test_trains_in_train_mode_and_config_round_trips():
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert VoiceEncoderConfig.from_dict(config.to_dict()) == config
+
+
+def test_one_clip_given_a_batch_dimension_gives_the_batched_result():
+    """``spectrogram(clip)[None]`` has a batch stride of 2 (a view), which oneDNN took
+    down a slower path; the encoder lays it out afresh: the same numbers either way."""
+    from speech2face.audio import spectrogram
+
+    torch.manual_seed(0)
+    encoder = VoiceEncoder(VoiceEncoderConfig.tiny()).eval()
+    clip = torch.randn(16000 * 3)
+    unsqueezed, batched = spectrogram(clip)[None], spectrogram(clip[None])
+    assert unsqueezed.stride(0) == 2 and batched.stride(0) == batched[0].numel()
+    with torch.no_grad():
+        assert torch.equal(encoder(unsqueezed), encoder(batched))
