@@ -274,8 +274,10 @@ def test_disk_full_is_one_line_and_the_rerun_continues(small_corpus, tmp_path, c
             "--samples-per-shard", "2"]
     code, err = cli(capsys, *argv)
     assert code == 2 and len(err.splitlines()) == 1 and "disk full" in err, err
-    assert list(out.rglob("*.partial"))  # the killed shard, for the rerun to remove
-    (out / "parts" / ".progress-00000-of-00001.json.abc123.tmp").write_text("{")  # a kill's
+    assert not list(out.rglob("*.partial"))  # the unfinished shard went with the run
+    # what a kill leaves instead, for the rerun to remove
+    (out / "train" / ".train-000099.tar.partial").write_bytes(b"half a shard")
+    (out / "parts" / ".progress-00000-of-00001.json.abc123.tmp").write_text("{")
     monkeypatch.setattr(_HashingFile, "write", original)
     code, err = cli(capsys, *argv)
     assert code == 0, err
