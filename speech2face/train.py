@@ -982,14 +982,21 @@ def _setup(config: TrainConfig, out: Path, resume: bool) -> tuple[Placement, tor
     return placement, device
 
 
-def _check_batch_fits(data: Path, config: TrainConfig) -> None:
+def _check_batch_fits(data: Path, config: TrainConfig, placement: Placement) -> None:
     """A ConfigError, before anything is fitted or written, where the training split has
-    fewer samples than one step takes (with several processes each also needs whole
-    shards of its own: :func:`fit` says so at its first step)."""
-    samples = int(load_manifest(data)["splits"].get("train", {}).get("samples", 0))
+    fewer samples than one step takes, or fewer shards than there are processes (each
+    reads whole shards of its own; one with too few samples for a step is found by
+    :func:`fit` at its first step)."""
+    split = load_manifest(data)["splits"].get("train", {})
+    samples = int(split.get("samples", 0))
     if samples < config.batch_size:
         raise ConfigError(data, f"has {samples} training samples, fewer than one step's "
                                 f"batch_size={config.batch_size}")
+    shards = len(split.get("shards", []))
+    if shards < placement.world_size:
+        raise ConfigError(data, f"has {shards} training shard(s) for {placement.world_size} "
+                                f"processes, each of which reads whole shards: prepare it "
+                                f"with a smaller --samples-per-shard, or run fewer processes")
 
 
 def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
@@ -1005,7 +1012,7 @@ def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
     config = config or TrainConfig.paper("decoder")
     data, out = Path(data), Path(out)
     placement, device = _setup(config, out, resume)
-    _check_batch_fits(data, config)
+    _check_batch_fits(data, config, placement)
     _check_stage(latest_checkpoint(out) if resume else None, voice=False)
     stage = decoder_stage(data, config, device)
     train, val = training_data(data, load_manifest(data), config, placement, spectrogram=False)
@@ -1025,7 +1032,7 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
     config = config or TrainConfig.paper()
     data, out = Path(data), Path(out)
     placement, _ = _setup(config, out, resume)
-    _check_batch_fits(data, config)
+    _check_batch_fits(data, config, placement)
     if config.encoder not in VOICE_ENCODERS:
         build_voice_encoder(config, 0)  # the error, before anything is read or fitted
     checkpoint = latest_checkpoint(out) if resume else None

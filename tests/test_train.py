@@ -1042,3 +1042,19 @@ def test_face_encoder_weights_for_dlib_shards_are_refused_before_writing(shards,
         err = capsys.readouterr().err.strip()
         assert "face_encoder_weights=/no/such/vgg_face_dag.pth" in err
         assert "dlib features" in err and "\n" not in err and not out.exists()
+
+
+def test_more_processes_than_training_shards_are_refused_before_writing(shards):
+    """Each process of a torchrun reads whole shards: with fewer shards than processes
+    the run used to stop at its first step, its run folder begun (metrics.csv, ...)."""
+    from speech2face.config import TrainConfig
+    from speech2face.distributed import Placement
+    from speech2face.errors import ConfigError
+    from speech2face.train import _check_batch_fits
+
+    count = len(json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"])
+    config = TrainConfig.tiny("voice")
+    _check_batch_fits(shards, config, Placement(rank=0, world_size=count))
+    with pytest.raises(ConfigError, match=f"has {count} training shard.s. for {count + 1} "
+                                          "processes"):
+        _check_batch_fits(shards, config, Placement(rank=0, world_size=count + 1))
