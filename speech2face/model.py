@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from speech2face.config import FLOAT32_MAX
 from speech2face.errors import ConfigError, WeightsError
 from speech2face.faces import FACE_ENCODERS
 from speech2face.utils import (
@@ -246,7 +247,7 @@ def read_bundle_config(folder: Path) -> dict:
         raise WeightsError(file, f"cannot read the bundle config: {error}") from None
     if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
         raise WeightsError(file, f"not a {BUNDLE_FORMAT} config")
-    if config.get("version") != BUNDLE_VERSION:
+    if not is_whole(config.get("version")) or config["version"] != BUNDLE_VERSION:  # not True
         raise WeightsError(file, f"bundle version {config.get('version')!r:.40} is not "
                                  f"supported (this code reads version {BUNDLE_VERSION!r})")
     unknown = sorted(set(config) - _BUNDLE_KEYS)
@@ -466,10 +467,16 @@ def _mismatch(own: dict[str, tuple], given: dict[str, tuple]) -> str | None:
 
 
 def check_finite(state: dict[str, torch.Tensor], file: Path) -> None:
-    """Refuse weights holding NaN or infinity (they would only fail later, obscurely)."""
+    """Refuse weights holding NaN or infinity, or values a float32 model cannot hold
+    (a float64 1e300 becomes infinity when loaded): they would only fail later,
+    obscurely, or give black faces."""
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor).all()):
             raise WeightsError(file, f"tensor {name} holds NaN or infinite values")
+        if tensor.numel() and float(tensor.abs().max()) > FLOAT32_MAX:
+            raise WeightsError(file, f"tensor {name} holds values beyond float32's range")
 
 
 def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:

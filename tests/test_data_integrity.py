@@ -92,6 +92,16 @@ def test_a_folder_where_a_shard_should_be_is_named_as_such(shards):
     assert str(path) in str(error.value)
 
 
+def test_mean_landmarks_a_face_crop_cannot_have_are_refused(shards):
+    """1e308 is finite in JSON; as float32 pixels it is infinity, and training then stopped
+    with a misleading "diverged, lower lr"."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["mean_landmarks"] = [[1e308, 100.0]] + [[100.0, 100.0]] * 67
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="mean_landmarks"):
+        data.load_manifest(shards)
+
+
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "train/../../x.tar"])
 def test_manifest_paths_outside_the_dataset_folder_are_refused(shards, bad):
     manifest = json.loads((shards / "manifest.json").read_text())

@@ -162,6 +162,8 @@ def test_bad_bundles_are_weights_errors(tmp_path):
      "must be positive"),
     (lambda t, k: t.update({k("running_mean"): t[k("running_mean")].bool()}), "torch.bool"),
     (lambda t, k: t.update({k("num_batches_tracked"): torch.tensor(1.5)}), "torch.float32"),
+    (lambda t, k: t.update({k("running_mean"): t[k("running_mean")].double() * 1e300}),
+     "beyond float32's range"),  # finite in float64, infinite once loaded
 ])
 def test_weights_of_the_right_shape_but_impossible_values_are_refused(tmp_path, edit, words):
     """A negative BatchNorm variance or a zero output scale passes the finite check and
@@ -179,6 +181,7 @@ def test_weights_of_the_right_shape_but_impossible_values_are_refused(tmp_path, 
 
 @pytest.mark.parametrize("change, words", [
     (lambda c: c.update(version="1"), "bundle version '1' is not supported"),
+    (lambda c: c.update(version=True), "bundle version True is not supported"),
     (lambda c: c.update(comment="mine"), "unknown key(s) ['comment']"),
     (lambda c: c["voice_encoder"].update(standardize_output="yes"), "must be true or false"),
 ])

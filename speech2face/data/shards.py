@@ -65,9 +65,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 
 def _is_landmarks(v) -> bool:
-    """A finite ``(68, 2)`` list of numbers."""
+    """A ``(68, 2)`` list of numbers that are pixels of a face crop, give or take (no
+    landmark lies a million pixels away)."""
     return (isinstance(v, list) and len(v) == 68 and all(
-        isinstance(p, list) and len(p) == 2 and all(is_number(x) for x in p) for p in v))
+        isinstance(p, list) and len(p) == 2 and all(is_number(x, -1e6, 1e6) for x in p)
+        for p in v))
 
 
 def is_clip_seconds(value) -> bool:
