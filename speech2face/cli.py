@@ -94,24 +94,11 @@ seed.__name__ = "int"
 
 def device(text: str) -> str:
     """An argparse ``type`` for ``--device``: a torch device this machine has."""
-    import torch
+    from speech2face.utils import device_problem
 
-    try:
-        parsed = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(
-            f"not a torch device: {text!r} (use cpu, cuda, cuda:N or mps)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
-    elif parsed.type != "cpu":
-        raise argparse.ArgumentTypeError(f"{text}: only cpu, cuda and mps devices are supported")
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

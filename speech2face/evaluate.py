@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from speech2face.errors import DataError
-from speech2face.utils import atomic_write
+from speech2face.utils import atomic_write, is_whole, seed_problem
 
 # --------------------------------------------------------------------------- constants
 
@@ -1297,67 +1297,79 @@ def evaluate(
 
     from speech2face.errors import ConfigError
     from speech2face.inference import resolve_model
+    from speech2face.model import borrowed
     from speech2face.report import render_report, write_outputs
 
     for name, value, least in (("gallery_size", gallery_size, 2), ("draws", draws, 1),
-                               ("batch_size", batch_size, 1), ("max_samples", max_samples, 3)):
-        if value is not None and not value >= least:
-            raise ConfigError(None, f"{name} must be at least {least}, got {value}")
+                               ("batch_size", batch_size, 1), ("max_samples", max_samples, 3),
+                               ("grid_rows", grid_rows, 0)):
+        if value is not None and not is_whole(value, least):
+            raise ConfigError(None, f"{name} must be a whole number of at least {least}, "
+                                    f"got {value!r:.40}")
+    if not (isinstance(identity_gallery_sizes, (list, tuple))
+            and all(is_whole(m, 2) for m in identity_gallery_sizes)):
+        raise ConfigError(None, f"identity_gallery_sizes must be whole numbers of at least 2, "
+                                f"got {identity_gallery_sizes!r:.60}")
+    problem = seed_problem(seed)
+    if problem:
+        raise ConfigError(None, problem)
     if draws > MAX_DRAWS:
         raise ConfigError(None, f"draws must be at most {MAX_DRAWS}, got {draws}")
     source = str(model) if isinstance(model, (str, os.PathLike)) else \
         getattr(model, "source", type(model).__name__)
-    loaded = resolve_model(model).to(device)
-    if isinstance(recognizer, str):
-        recognizer = Recognizer(recognizer, recognizer_weights)
-    if recognizer is not None:
-        from speech2face.data import load_manifest
+    # The caller's model is borrowed: its device and mode are restored afterwards.
+    with borrowed(resolve_model(model), device) as loaded:
+        if isinstance(recognizer, str):
+            recognizer = Recognizer(recognizer, recognizer_weights)
+        if recognizer is not None:
+            from speech2face.data import load_manifest
 
-        recognizer.made_features = recognizer.name == "dlib" and \
-            load_manifest(data).get("encoder") == "dlib"
-    out = Path(out)
-    partial = out / PARTIAL_DIR
-    key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,
-                   max_samples=max_samples, seed=seed, attributes=attributes,
-                   grid_rows=grid_rows, recognizer=getattr(recognizer, "name", None),
-                   recognizer_weights=_recognizer_digest(recognizer))
-    collector = _Collector.load(partial, key, attributes, grid_rows, recognizer,
-                                batch_size) or \
-        _Collector(attributes, grid_rows, recognizer)
-    batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed,
-                                    skip=collector.batches, model=loaded)
-    start = last_save = time.perf_counter()
+            recognizer.made_features = recognizer.name == "dlib" and \
+                load_manifest(data).get("encoder") == "dlib"
+        out = Path(out)
+        partial = out / PARTIAL_DIR
+        key = _run_key(loaded, Path(data), split=split, batch_size=batch_size,
+                       max_samples=max_samples, seed=seed, attributes=attributes,
+                       grid_rows=grid_rows, recognizer=getattr(recognizer, "name", None),
+                       recognizer_weights=_recognizer_digest(recognizer))
+        collector = _Collector.load(partial, key, attributes, grid_rows, recognizer,
+                                    batch_size) or \
+            _Collector(attributes, grid_rows, recognizer)
+        batches, total = _split_batches(Path(data), split, batch_size, max_samples, seed,
+                                        skip=collector.batches, model=loaded)
+        start = last_save = time.perf_counter()
 
-    def save_now_and_then(collector: _Collector) -> None:
-        nonlocal last_save
-        if checkpoint_seconds is not None and \
-                time.perf_counter() - last_save >= checkpoint_seconds:
-            collector.save(partial, key)
-            last_save = time.perf_counter()
+        def save_now_and_then(collector: _Collector) -> None:
+            nonlocal last_save
+            if checkpoint_seconds is not None and \
+                    time.perf_counter() - last_save >= checkpoint_seconds:
+                collector.save(partial, key)
+                last_save = time.perf_counter()
 
-    with torch.inference_mode():
-        collected = collect(loaded, batches, device=device, total=total, progress=progress,
-                            collector=collector, on_batch=save_now_and_then)
-    if len(np.unique(collected.identities)) < 2:
-        if max_samples is not None:
-            raise ConfigError(None, f"the random subset of {len(collected.identities)} "
-                                    f"samples (max_samples, seed {seed}) holds one identity "
-                                    f"of the {split} split: retrieval needs at least 2; take "
-                                    "more samples or another seed")
-        raise DataError(data, f"the {split} split has fewer than 2 identities: retrieval needs "
-                              "at least 2")
-    metrics = {"format": METRICS_FORMAT, "model": source, "data": str(data), "split": split,
-               "max_samples": max_samples}
-    metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws, seed=seed,
-                                   identity_gallery_sizes=identity_gallery_sizes,
-                                   training_encoder=loaded.face_encoder_name))
-    _name_misses(metrics, Path(data))
-    metrics["seconds"] = round(time.perf_counter() - start, 2)
-    files = render_report(metrics, collected, title=title, notice=notice, extra=extra,
-                          extra_files=extra_files)
-    write_outputs(out, files, keep=(PARTIAL_DIR,))
-    shutil.rmtree(partial, ignore_errors=True)
-    return metrics
+        with torch.inference_mode():
+            collected = collect(loaded, batches, device=device, total=total,
+                                progress=progress, collector=collector,
+                                on_batch=save_now_and_then)
+        if len(np.unique(collected.identities)) < 2:
+            if max_samples is not None:
+                raise ConfigError(None, f"the random subset of {len(collected.identities)} "
+                                        f"samples (max_samples, seed {seed}) holds one "
+                                        f"identity of the {split} split: retrieval needs at "
+                                        "least 2; take more samples or another seed")
+            raise DataError(data, f"the {split} split has fewer than 2 identities: "
+                                  "retrieval needs at least 2")
+        metrics = {"format": METRICS_FORMAT, "model": source, "data": str(data),
+                   "split": split, "max_samples": max_samples}
+        metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws,
+                                       seed=seed, identity_gallery_sizes=identity_gallery_sizes,
+                                       training_encoder=loaded.face_encoder_name))
+        _name_misses(metrics, Path(data))
+        metrics["seconds"] = round(time.perf_counter() - start, 2)
+        files = render_report(metrics, collected, title=title, notice=notice, extra=extra,
+                              extra_files=extra_files)
+        write_outputs(out, files, keep=(PARTIAL_DIR,))
+        shutil.rmtree(partial, ignore_errors=True)
+        return metrics
 
 
 METRICS_FORMAT = 1  # of metrics.json; `compare` reads this format (or none: older reports)

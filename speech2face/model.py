@@ -17,11 +17,12 @@ of voice encoder (``config.encoder``, a bundle's ``kind``) are listed in one pla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from speech2face.faces import FACE_ENCODERS
 from speech2face.utils import (
     atomic_write,
     cache_dir,
+    device_problem,
     is_number,
     is_whole,
     publishing_dir,
@@ -588,6 +590,29 @@ def check_bundle_weights(config: dict, file: Path, config_file: Path | None = No
         raise WeightsError(file, "weights do not match the config: " + problem)
 
 
+def check_device(device) -> None:
+    """A ConfigError naming ``device`` unless it is a torch device this machine has."""
+    problem = device_problem(device)
+    if problem:
+        raise ConfigError(None, f"device: {problem}")
+
+
+@contextlib.contextmanager
+def borrowed(model: nn.Module, device) -> Iterator[nn.Module]:
+    """A caller's model on ``device`` for a while, in eval mode; its mode and device are
+    restored afterwards, whatever happens (the library does not move or switch a model
+    it was handed)."""
+    check_device(device)
+    training = model.training
+    devices = {p.device for p in model.parameters()}
+    try:
+        yield model.to(device).eval()
+    finally:
+        model.train(training)
+        if len(devices) == 1:
+            model.to(devices.pop())
+
+
 def load_model(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Speech2Face:
     """Load a model bundle, in eval mode, on ``device``.
 
@@ -598,6 +623,7 @@ def load_model(path_or_name: str | os.PathLike, device: str | torch.device = "cp
 
     Nothing is unpickled: the config is JSON and the weights are safetensors.
     """
+    check_device(device)
     folder = find_bundle(path_or_name)
     config = read_bundle_config(folder)
     file = folder / WEIGHTS_NAME

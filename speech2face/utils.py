@@ -358,6 +358,28 @@ def read_json(path: str | os.PathLike):
         return None
 
 
+def device_problem(device) -> str | None:
+    """Why ``device`` (a string or ``torch.device``) is not a torch device this machine
+    can compute on (cpu, cuda[:N] when present, mps when present), or None."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"not a torch device: {device!r:.40} (use cpu, cuda, cuda:N or mps)"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device}: CUDA is not available on this machine"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            return f"{device}: MPS is not available on this machine"
+    elif parsed.type != "cpu":
+        return f"{device}: only cpu, cuda and mps devices are supported"
+    return None
+
+
 def json_records(path: str | os.PathLike, key: str) -> Iterator[dict]:
     """The objects of a JSON-lines log that name ``key`` as a string, in order. A line a
     killed run left half-written, or one damaged, is not JSON and is passed over."""

@@ -64,6 +64,23 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert face.shape == (224, 224, 3) and face.dtype == np.uint8
     assert "report:" in capsys.readouterr().out
     _check_evaluation_resumes(out, tmp_path, monkeypatch)
+    # A model handed to evaluate is borrowed: its mode and device as they were after.
+    from speech2face import evaluate as ev
+    from speech2face.errors import ConfigError
+    from speech2face.model import load_model
+
+    model = load_model(out / "runs" / "voice" / "model").train()
+    ev.evaluate(model, out / "shards", tmp_path / "borrowed", attributes=False,
+                recognizer=None, draws=2, progress=False)
+    assert model.training and {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(ConfigError, match="device: meta: only cpu, cuda and mps"):
+        ev.evaluate(model, out / "shards", tmp_path / "meta", device="meta", progress=False)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    for bad in ({"seed": -1}, {"max_samples": 3.5}, {"gallery_size": 2.5},
+                {"identity_gallery_sizes": [0]}, {"grid_rows": -1}):
+        with pytest.raises(ConfigError):
+            ev.evaluate(model, out / "shards", tmp_path / "bad", progress=False, **bad)
+    assert not (tmp_path / "bad").exists()
     # A gallery larger than the split has identities: the smaller size used, said once.
     from speech2face.cli import main
 

@@ -693,11 +693,13 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"gallery_size": 1}, "gallery_size must be at least 2, got 1"),
-    ({"draws": 0}, "draws must be at least 1, got 0"),
+    ({"gallery_size": 1}, "gallery_size must be a whole number of at least 2, got 1"),
+    ({"draws": 0}, "draws must be a whole number of at least 1, got 0"),
     ({"draws": 10**11}, "draws must be at most 100000, got 100000000000"),
-    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
-    ({"max_samples": 2}, "max_samples must be at least 3, got 2"),
+    ({"batch_size": 0}, "batch_size must be a whole number of at least 1, got 0"),
+    ({"max_samples": 2}, "max_samples must be a whole number of at least 3, got 2"),
+    ({"max_samples": 3.5}, "max_samples must be a whole number of at least 3, got 3.5"),
+    ({"seed": -1}, "seed must be an integer from 0"),
 ])
 def test_evaluate_refuses_bad_settings_before_loading_anything(tmp_path, setting, message):
     from speech2face.errors import ConfigError

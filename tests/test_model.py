@@ -200,3 +200,11 @@ def test_mismatched_parts_are_refused():
         Speech2Face(decoder, VoiceEncoder(VoiceEncoderConfig.tiny(64)))
     with pytest.raises(ValueError, match="does not match"):
         Speech2Face(decoder, classifier=nn.Linear(64, 3))
+
+
+def test_a_device_this_machine_lacks_is_a_config_error(tmp_path):
+    from speech2face.errors import ConfigError
+
+    path = save_model(_model(), tmp_path / "bundle")
+    with pytest.raises(ConfigError, match="device: not a torch device: 'foo'"):
+        load_model(path, device="foo")

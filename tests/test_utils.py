@@ -274,3 +274,24 @@ def test_a_run_killed_while_publishing_is_published_by_the_next(tmp_path):
         raise AudioError("b.wav", "bad")
     assert (out / "two.npy").read_bytes() == b"2" and (out / "sub/three.npy").read_bytes() == b"3"
     assert not (out / PARTIAL_NAME).exists()
+
+
+@pytest.mark.parametrize("device, words", [
+    ("cpu", None), ("cpu:0", None), ("meta", "only cpu, cuda and mps"),
+    ("foo", "not a torch device"), (None, "not a torch device"),
+])
+def test_device_problem_names_what_cannot_compute_here(device, words):
+    from speech2face.utils import device_problem
+
+    problem = device_problem(device)
+    assert (problem is None) if words is None else (words in problem)
+
+
+def test_cuda_is_refused_where_there_is_none():
+    import torch
+
+    from speech2face.utils import device_problem
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "CUDA is not available" in device_problem("cuda")
