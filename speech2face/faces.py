@@ -259,6 +259,9 @@ def _pil_to_rgb(im, path, max_pixels: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
 
 
+FLOAT_SLACK = 1e-3  # rounding a float image may carry past 0 or 1 (clipped, not refused)
+
+
 def _array_to_rgb(a: np.ndarray, path, max_pixels: int) -> np.ndarray:
     name = path if path is not None else "<array>"
     if a.ndim == 3 and a.shape[2] == 1:
@@ -274,11 +277,19 @@ def _array_to_rgb(a: np.ndarray, path, max_pixels: int) -> np.ndarray:
     elif a.dtype == np.bool_:
         x = a.astype(np.float32) * 255.0
     elif np.issubdtype(a.dtype, np.integer):
-        # 16-bit images (and PIL's 32-bit "I" mode holding 16-bit PNG values).
+        # 16-bit images (and PIL's 32-bit "I" mode holding 16-bit PNG values). An array
+        # of another integer type could hold 0..255 as well: which scale is meant is not
+        # known, so it is refused rather than guessed.
+        if path is None and a.dtype != np.uint16:
+            raise ImageError(name, f"integer images must be uint8 (0..255) or uint16 "
+                                   f"(0..65535), got {a.dtype}: convert it first")
         x = a.astype(np.float32) * (255.0 / 65535.0)
     elif np.issubdtype(a.dtype, np.floating):
         if not np.all(np.isfinite(a)):
             raise ImageError(name, "image has NaN or infinite values")
+        if path is None and (a.min() < -FLOAT_SLACK or a.max() > 1 + FLOAT_SLACK):
+            raise ImageError(name, f"float images must be in [0, 1], got values from "
+                                   f"{a.min():.4g} to {a.max():.4g} (0..255: divide by 255)")
         x = a.astype(np.float32) * 255.0
     else:
         raise ImageError(name, f"unsupported image dtype {a.dtype}")

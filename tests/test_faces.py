@@ -359,6 +359,14 @@ def test_array_inputs(astronaut):
         F.load_image(np.zeros((4, 4, 2), np.uint8))
     with pytest.raises(ImageError, match="NaN"):
         F.load_image(np.full((4, 4, 3), np.nan))
+    # whose scale is not known: refused, not guessed (int64 of 0..255 read as 16-bit gave
+    # a black image; floats of 0..255 clipped to white)
+    with pytest.raises(ImageError, match="must be uint8 .0..255. or uint16 .0..65535., got "
+                                         "int64"):
+        F.load_image(astronaut.astype(np.int64))
+    with pytest.raises(ImageError, match=r"float images must be in \[0, 1\], got values "
+                                         r"from 0 to 255"):
+        F.load_image(astronaut.astype(np.float32))
 
 
 def _png_header_only(path, width, height):
