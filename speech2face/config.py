@@ -20,7 +20,7 @@ from pathlib import Path
 
 from speech2face.errors import ConfigError
 from speech2face.losses import LossConfig
-from speech2face.utils import seed_problem
+from speech2face.utils import is_whole, seed_problem
 
 # The smallest normal and the largest float32 (numpy.finfo(numpy.float32).tiny and .max).
 FLOAT32_TINY = 2.0 ** -126
@@ -144,7 +144,13 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
-        problems = []
+        problems = _type_problems(self)
+        if not isinstance(self.loss, LossConfig):
+            problems.append(f"loss must be a LossConfig, got {type(self.loss).__name__}")
+        else:
+            problems += [f"loss.{p}" for p in _type_problems(self.loss)]
+        if problems:  # the range checks below compare numbers
+            raise ConfigError(None, "; ".join(problems))
         if self.preset not in PRESETS:
             problems.append(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.amp not in AMP_MODES:
@@ -245,6 +251,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
+    except RecursionError:
+        raise ConfigError(path, "nested too deeply to be a config file") from None
     except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError
         raise ConfigError(path, f"not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
                                 f"{str(error).splitlines()[0]}") from None
@@ -321,6 +329,33 @@ def _merge(config: TrainConfig, layer: dict, source) -> TrainConfig:
         raise ConfigError(source, error.problem) from None
 
 
+# What each annotated kind of setting must hold (the Python API builds TrainConfig
+# directly; OmegaConf checks the same for files and overrides).
+_KINDS = {
+    "int": ("a whole number", lambda v: is_whole(v)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _type_problems(settings) -> list[str]:
+    """``name must be KIND, got VALUE`` for each field of the dataclass ``settings`` whose
+    value is not of its annotated kind (``X | None`` also takes None)."""
+    problems = []
+    for item in dataclasses.fields(settings):
+        kind, _, optional = str(item.type).partition(" | ")
+        if kind not in _KINDS:
+            continue
+        value = getattr(settings, item.name)
+        if value is None and optional == "None":
+            continue
+        words, ok = _KINDS[kind]
+        if not ok(value):
+            problems.append(f"{item.name} must be {words}, got {value!r:.40}")
+    return problems
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: dict | list[str] | tuple[str, ...] = (),
@@ -334,6 +369,9 @@ def load_config(
     the overrides'. Nested loss weights are ``loss.<name>`` (or a ``[loss]`` table in
     TOML). Unknown keys and bad values raise :class:`ConfigError` naming the file and key.
     """
+    if base is not None and not isinstance(base, TrainConfig):
+        raise TypeError(f"base must be a TrainConfig, got {type(base).__name__}")
+    overrides = () if overrides is None else overrides
     layers: list[tuple[object, dict]] = []
     if path is not None:
         layers.append((Path(path), _nest(read_config_file(path), Path(path))))

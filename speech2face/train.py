@@ -982,6 +982,12 @@ def _setup(config: TrainConfig, out: Path, resume: bool) -> tuple[Placement, tor
     return placement, device
 
 
+def _check_config_type(config) -> None:
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (speech2face.config.load_config makes "
+                        f"one from a file or key=value settings), got {type(config).__name__}")
+
+
 def _check_batch_fits(data: Path, config: TrainConfig, placement: Placement) -> None:
     """A ConfigError, before anything is fitted or written, where the training split has
     fewer samples than one step takes, or fewer shards than there are processes (each
@@ -1010,6 +1016,7 @@ def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
     from the shards' manifest. Under ``torchrun`` every process calls this.
     """
     config = config or TrainConfig.paper("decoder")
+    _check_config_type(config)
     data, out = Path(data), Path(out)
     placement, device = _setup(config, out, resume)
     _check_batch_fits(data, config, placement)
@@ -1030,6 +1037,7 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
     the bundle ``out/model`` with the voice encoder and the face decoder.
     """
     config = config or TrainConfig.paper()
+    _check_config_type(config)
     data, out = Path(data), Path(out)
     placement, _ = _setup(config, out, resume)
     _check_batch_fits(data, config, placement)

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,6 +231,35 @@ def test_bad_config_file_names_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="missing.toml: cannot read"):
         load_config(tmp_path / "missing.toml")
+    bad.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="bad.json: nested too deeply"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+    ({"steps": "5"}, "steps must be a whole number, got '5'"),
+    ({"deterministic": "no"}, "deterministic must be true or false, got 'no'"),
+    ({"lr": True}, "lr must be a number, got True"),
+    ({"train_seconds": "3"}, "train_seconds must be a number, got '3'"),
+    ({"loss": {}}, "loss must be a LossConfig, got dict"),
+])
+def test_settings_of_another_type_are_refused_in_python_too(settings, words):
+    """Files and key=value settings go through OmegaConf's types; a TrainConfig built in
+    Python is checked the same (2.5 steps ran 3, 'no' counted as true)."""
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        TrainConfig.tiny("decoder", **settings)
+    assert TrainConfig.tiny("decoder", lr=1, train_seconds=None).lr == 1
+
+
+def test_the_library_names_a_config_of_the_wrong_kind(tmp_path):
+    from speech2face.train import train_decoder
+
+    with pytest.raises(TypeError, match="config must be a TrainConfig .* got dict"):
+        train_decoder(tmp_path / "data", tmp_path / "run", {"steps": 2})
+    with pytest.raises(TypeError, match="base must be a TrainConfig, got dict"):
+        load_config(overrides=["steps=3"], base={"steps": 1})
+    assert load_config(overrides=None).steps == TrainConfig.paper().steps
 
 
 # ---------------------------------------------------------------------------- data order
