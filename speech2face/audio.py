@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from speech2face.errors import AudioError
+from speech2face.utils import is_whole
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,8 @@ N_FFT = 512  # FFT size (paper 3.1)
 MIN_SECONDS = WIN_LENGTH / SAMPLE_RATE  # the shortest clip load_audio accepts: one window
 N_FREQ = N_FFT // 2 + 1  # 257 frequency bins
 POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
-MAX_SECONDS = 600.0  # longest clip the spectrogram command makes
+MAX_SECONDS = 600.0  # longest clip the spectrogram command (and fit_duration) makes
+MAX_SAMPLE_RATE = 768_000  # the highest rate audio interfaces record at
 
 # Formats libsndfile reads directly and partially (fast path); everything else goes
 # through FFmpeg (PyAV): containers with an audio track (mp4, m4a, webm, mkv, ...), and
@@ -80,6 +82,9 @@ def load_audio(
         AudioError: missing, empty, truncated or non-audio file, no audio track, an
             unsupported codec, or a signal that is all zeros or not finite.
     """
+    if not is_whole(sample_rate, 1, MAX_SAMPLE_RATE):
+        raise AudioError(None, f"sample_rate must be a whole number of Hz from 1 to "
+                               f"{MAX_SAMPLE_RATE}, got {sample_rate!r}")
     if max_seconds is not None:
         _check_seconds(max_seconds, "max_seconds", sample_rate)
     path = Path(path)
@@ -377,6 +382,11 @@ def fit_duration(
     Works on the last axis of a numpy array or tensor ``(..., N) -> (..., seconds*rate)``.
     """
     _check_seconds(seconds, "seconds", sample_rate)
+    if seconds > MAX_SECONDS:  # repeated to hours, a clip fills the memory
+        raise AudioError(None, f"seconds must be at most {MAX_SECONDS:g}, got {seconds!r}")
+    if not hasattr(wave, "shape") or wave.ndim == 0:
+        raise AudioError(None, f"expected a waveform array or tensor (..., N), got "
+                               f"{type(wave).__name__}{getattr(wave, 'shape', '')}")
     target = seconds_samples(seconds, sample_rate)
     n = wave.shape[-1]
     if n == 0:

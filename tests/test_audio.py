@@ -489,3 +489,16 @@ def test_numpy_numbers_are_durations_too():
     wave = np.ones(100, np.float32)
     assert fit_duration(wave, np.float32(0.5)).shape == (8000,)
     assert fit_duration(wave, np.float64(0.25)).shape == (4000,)
+
+
+def test_unbounded_or_malformed_arguments_are_audio_errors(tmp_path):
+    path = tmp_path / "a.wav"
+    sf.write(path, speechlike(1.0, 16000), 16000)
+    for rate in (None, "16000", 16000.5, 0):
+        with pytest.raises(AudioError, match="sample_rate must be a whole number of Hz"):
+            load_audio(path, sample_rate=rate)
+    with pytest.raises(AudioError, match="seconds must be at most 600"):
+        fit_duration(np.ones(1000, np.float32), 1e7)  # 596 GiB repeated
+    for wave in ([0.1, 0.2], np.float32(0.5)):
+        with pytest.raises(AudioError, match="expected a waveform array or tensor"):
+            fit_duration(wave, 1.0)

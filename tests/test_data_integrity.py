@@ -83,6 +83,36 @@ def test_truncated_shard_names_the_file(shards):
     assert str(path) in str(error.value)
 
 
+def test_an_npy_header_claiming_more_than_the_member_holds_is_refused():
+    """Not allocated first: a damaged shape of 4e9 elements took 15 GB before failing."""
+    import io
+
+    from speech2face.data.loader import _load_npy
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(128, dtype=np.float32))
+    good = buffer.getvalue()
+    np.testing.assert_array_equal(_load_npy(good), np.arange(128, dtype=np.float32))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (4_000_000_000,)})
+    damaged = header.getvalue() + np.arange(128, dtype=np.float32).tobytes()
+    with pytest.raises(ValueError, match=r"claims \(4000000000,\) float32 .* holds 512 bytes"):
+        _load_npy(damaged)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"seed": -1}, "seed must be"), ({"seed": 1.5}, "seed must be"),
+    ({"shuffle": -5}, "shuffle must be a buffer size"), ({"shuffle": 2.5}, "shuffle must be"),
+    ({"epoch": -1}, "epoch must be an integer >= 0"), ({"epoch": None}, "epoch must be"),
+])
+def test_bad_loader_options_are_refused_when_the_loader_is_made(shards, options, words):
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        data.make_loader(shards, "train", batch_size=2, **options)
+
+
 def test_a_folder_where_a_shard_should_be_is_named_as_such(shards):
     path = shards / entry(shards)["path"]
     path.unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import re
@@ -28,7 +29,7 @@ from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_ma
 from speech2face.distributed import Placement
 from speech2face.errors import ConfigError, DataError
 from speech2face.faces import CROP_SIZE
-from speech2face.utils import is_number, is_whole
+from speech2face.utils import is_number, is_whole, seed_problem
 
 if TYPE_CHECKING:
     from speech2face.config import TrainConfig
@@ -91,7 +92,22 @@ def _decode_flac(data: bytes) -> np.ndarray:
 
 
 def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """An array from a shard member's ``.npy`` bytes; ValueError where its header claims
+    more (or less) than the member holds: a damaged header of a 4e9-element shape would
+    otherwise be allocated before the data ran short."""
+    buffer = io.BytesIO(data)
+    version = np.lib.format.read_magic(buffer)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f"npy format version {version} is not one numpy writes here")
+    shape, _, dtype = read_header(buffer)
+    need = math.prod(shape) * dtype.itemsize
+    if dtype.hasobject or need != len(data) - buffer.tell():
+        raise ValueError(f"an npy member whose header claims {shape} {dtype} "
+                         f"({need} bytes) holds {len(data) - buffer.tell()} bytes")
+    buffer.seek(0)
+    return np.load(buffer, allow_pickle=False)
 
 
 def _sample_problem(sample: dict, feature_dim: int | None, identities) -> str | None:
@@ -211,6 +227,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         _check_reading(batch_size, seconds, rank, world_size)
+        if shuffle is None or (shuffle is not False and not is_whole(shuffle, 0)):
+            raise ConfigError(None, f"shuffle must be a buffer size >= 0 (0: file order), "
+                                    f"got {shuffle!r}")
+        if problem := seed_problem(seed):
+            raise ConfigError(None, problem)
         self.manifest = load_manifest(path)
         if split not in self.manifest["splits"]:
             raise DataError(
@@ -242,6 +263,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently in the next pass (as DistributedSampler.set_epoch)."""
+        _check_count("epoch", epoch, 0)
+        if epoch is None:
+            raise ConfigError(None, "epoch must be an integer >= 0, got None")
         self.epoch = epoch
 
     def _reader(self) -> tuple[int, int]:
