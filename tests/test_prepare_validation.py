@@ -258,6 +258,17 @@ def test_no_samples_writes_no_manifest(corpus, tmp_path, capsys):
         assert not out.exists()  # no empty parts/ or split folders, no lock left behind
 
 
+def test_an_unknown_detector_or_a_file_as_out_is_refused_before_out_is_made(corpus, tmp_path):
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown face detector 'foo'"):
+        prepare(corpus, tmp_path / "out", detector="foo")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(DataError, match="file: is a file; the output is a folder"):
+        prepare(corpus, tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("weights", ["missing.pth", "junk.pth"])
 def test_bad_encoder_weights_are_refused_before_out_is_made(corpus, tmp_path, weights):
     (tmp_path / "junk.pth").write_bytes(b"not weights")

@@ -721,13 +721,18 @@ def prepare(
     if not 0 <= identity_threshold <= MAX_IDENTITY_THRESHOLD:
         raise DataError(None, f"the identity threshold must be from 0 to "
                               f"{MAX_IDENTITY_THRESHOLD}, got {identity_threshold}")
-    from speech2face.faces import FACE_ENCODERS  # not face_encoders: that imports torch
+    from speech2face.faces import DETECTORS, FACE_ENCODERS  # not face_encoders: torch
 
     if encoder not in FACE_ENCODERS:
         raise ConfigError(None, f"unknown face encoder {encoder!r}; "
                                 f"expected one of {FACE_ENCODERS}")
+    if detector not in DETECTORS:
+        raise ConfigError(None, f"unknown face detector {detector!r}; "
+                                f"expected one of {DETECTORS}")
     # One spelling of the corpus ("demo", "demo/", "$PWD/demo") for the run's identity.
     root, out = Path(os.path.abspath(root)), Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "is a file; the output is a folder")
     if out.resolve().is_relative_to(root.resolve()):
         raise DataError(out, f"is inside --root {root}: the corpus's listing would take in "
                              "the shards; put them elsewhere")
