@@ -34,7 +34,7 @@ import numpy as np
 
 from speech2face.errors import ConfigError, ImageError, NoFaceError
 from speech2face.face_resnet import DESCRIPTOR_DIM, MODEL_FILE
-from speech2face.utils import IMAGE_SUFFIXES
+from speech2face.utils import IMAGE_SUFFIXES, is_number, is_whole
 
 # SPEC.md "Face front end" / paper section 3: faces are cropped and resized to 224 x 224.
 CROP_SIZE = 224
@@ -327,6 +327,10 @@ def detect_faces(
     """
     if detector not in DETECTORS:
         raise ValueError(f"unknown face detector {detector!r}; expected one of {DETECTORS}")
+    if min_score is not None and not is_number(min_score):
+        raise ValueError(f"min_score must be a finite number, got {min_score!r}")
+    if not is_whole(max_side, 1):
+        raise ValueError(f"max_side must be a whole number of pixels >= 1, got {max_side!r}")
     image = load_image(image)
     height, width = image.shape[:2]
     # Detect on a downscaled copy of big images; the landmarks use the full image.

@@ -64,7 +64,9 @@ def resolve_model(model=None):
         WeightsError: no model given and no demo model cached, or a bad bundle.
     """
     if model is not None and not isinstance(model, (str, os.PathLike)):
-        if not isinstance(model, torch.nn.Module):
+        from speech2face.model import Speech2Face
+
+        if not isinstance(model, Speech2Face):
             raise WeightsError(None, f"model must be a Speech2Face model or a bundle path, "
                                      f"got {type(model).__name__}")
         if getattr(model, "voice_encoder", None) is None:

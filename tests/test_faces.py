@@ -534,3 +534,16 @@ def test_batched_descriptors_equal_dlibs_one_face_calls(astronaut, astronaut_fac
     assert F.face_descriptors(crops[:0]).shape == (0, 128)
     with pytest.raises(ValueError, match="square"):
         F.face_descriptors(crops[:, :200])
+
+
+@pytest.mark.parametrize("option, words", [
+    ({"min_score": float("nan")}, "min_score must be a finite number"),
+    ({"max_side": 0}, "max_side must be a whole number"),
+    ({"max_side": -5}, "max_side must be a whole number"),
+    ({"max_side": None}, "max_side must be a whole number"),
+])
+def test_detection_options_that_find_nothing_by_construction_are_refused(astronaut, option,
+                                                                           words):
+    """They returned no face, and extract_face then said "no face found"."""
+    with pytest.raises(ValueError, match=words):
+        F.detect_faces(astronaut, **option)

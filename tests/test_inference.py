@@ -186,6 +186,8 @@ def test_a_model_argument_that_is_no_model_is_named(audio_files):
     with pytest.raises(WeightsError, match="model must be a Speech2Face model or a bundle "
                                            "path, got int"):
         inference.reconstruct(audio_files[1]["wav"], model=123)
+    with pytest.raises(WeightsError, match="got Linear"):  # not "a decoder-only bundle"
+        inference.reconstruct(audio_files[1]["wav"], model=torch.nn.Linear(2, 2))
 
 
 def test_no_model_says_how_to_get_one(tmp_path, monkeypatch, audio_files, capsys):

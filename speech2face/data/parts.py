@@ -339,6 +339,8 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
     has a sample; then nothing is written.
     """
     out = Path(out)
+    if num_shards is not None and not is_whole(num_shards, 1):
+        raise DataError(None, f"num_shards must be a whole number >= 1, got {num_shards!r}")
     if num_shards is None:
         counts = part_counts(out)
         if not counts:
