@@ -138,8 +138,11 @@ class ResumableWrites:
         self.journal = self.folder / "journal.jsonl"
         header = {"run": run}
         self.finished: dict[str, str] = {}  # output name -> input it was made from
+        if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+            self.folder.unlink()  # not ours: the name is reserved for the staged outputs
         self._finish_publishing()
-        lines = self.journal.read_text().splitlines() if self.journal.is_file() else []
+        lines = self.journal.read_text(errors="replace").splitlines() \
+            if self.journal.is_file() else []
         if not lines or _json_line(lines[0]) != header:
             shutil.rmtree(self.folder, ignore_errors=True)  # another run's, or none
             self.folder.mkdir(parents=True)

@@ -295,3 +295,27 @@ def test_cuda_is_refused_where_there_is_none():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert "CUDA is not available" in device_problem("cuda")
+
+
+def test_what_sits_where_the_staged_outputs_go_is_cleared(tmp_path):
+    """A file, a link, or a journal of bytes that are no text: the run starts afresh."""
+    from speech2face.utils import PARTIAL_NAME, resumable_writes
+
+    source = tmp_path / "a.wav"
+    source.write_bytes(b"x")
+    for case in ("file", "link", "garbage"):
+        out = tmp_path / case
+        out.mkdir()
+        staged = out / PARTIAL_NAME
+        if case == "file":
+            staged.write_text("mine?")
+        elif case == "link":
+            staged.symlink_to(tmp_path)
+        else:
+            staged.mkdir()
+            (staged / "journal.jsonl").write_bytes(b"\xff\xfe\x00junk")
+        with resumable_writes(out, {"run": 1}) as batch:
+            assert not batch.done("a.npy", source)
+            batch.write({"a.npy": b"1"}, source)
+        assert (out / "a.npy").read_bytes() == b"1" and not staged.exists()
+    assert source.exists() and (tmp_path / "a.wav").read_bytes() == b"x"
