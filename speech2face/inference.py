@@ -153,16 +153,13 @@ def to_uint8_images(images: torch.Tensor, size: int = OUTPUT_SIZE) -> np.ndarray
 def reconstruct_waves(waves: np.ndarray, model) -> list[Reconstruction]:
     """Faces for a batch of 16-kHz clips ``(B, N)`` with a loaded model."""
     from speech2face.audio import spectrogram
+    from speech2face.model import borrowed
 
-    training = model.training
-    model.eval()
-    try:
-        weight = next(model.parameters())
+    weight = next(model.parameters())
+    with borrowed(model, weight.device):  # in eval mode; the caller's mode restored after
         spec = spectrogram(torch.as_tensor(waves, device=weight.device))  # (B, 2, T, 257)
         features = model.predict_features(spec.to(weight.dtype))  # (B, D)
         decoded = model.decode(features)
-    finally:
-        model.train(training)  # the caller's model as it was given
     images = to_uint8_images(decoded.image)
     landmarks = decoded.landmarks.float().cpu().numpy()
     features = features.float().cpu().numpy()
@@ -242,16 +239,20 @@ def add_reconstruct_arguments(parser) -> None:
                         help="torch device: cpu (default), cuda, cuda:N or mps")
 
 
+LANDMARK_OUTPUTS = (".landmarks.json", ".landmarks.png")  # beside NAME.png, with --landmarks
+
+
 def _result_files(png: Path, result: Reconstruction, landmarks: bool) -> dict[Path, bytes]:
     """The face ``png`` and, with ``landmarks``, its landmarks beside it, as bytes."""
     files = {png: png_bytes(result.image)}
     if landmarks:
         base = png.with_suffix("")
         points = np.round(result.landmarks.astype(float), 3).tolist()
-        files[Path(f"{base}.landmarks.json")] = (json.dumps(
+        as_json, drawn = LANDMARK_OUTPUTS
+        files[Path(f"{base}{as_json}")] = (json.dumps(
             {"format": "(x, y) pixels in the 224x224 face, iBUG 68-point order",
              "landmarks": points}) + "\n").encode()
-        files[Path(f"{base}.landmarks.png")] = png_bytes(
+        files[Path(f"{base}{drawn}")] = png_bytes(
             draw_landmarks(result.image, result.landmarks))
     return files
 
@@ -267,7 +268,7 @@ def reconstruct_command(args) -> int:
     # batch at a time, so memory does not grow with them. A killed run's faces are kept
     # for its rerun (utils.resumable_writes), batch by batch so that a resumed run's
     # batches, and so its faces, are those of an unbroken run.
-    outputs = (".png", ".landmarks.json", ".landmarks.png") if args.landmarks else (".png",)
+    outputs = (".png", *LANDMARK_OUTPUTS) if args.landmarks else (".png",)
     inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=outputs)
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")

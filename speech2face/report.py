@@ -33,7 +33,13 @@ from speech2face.evaluate import (
     _unit,
     derangement,
 )
-from speech2face.utils import atomic_write, output_entries, publish_dir, publishing_dir
+from speech2face.utils import (
+    atomic_write,
+    is_whole,
+    output_entries,
+    publish_dir,
+    publishing_dir,
+)
 
 # Paper numbers, 6-s input, for context in the report (Oh et al. 2019). Its L2 and L1
 # (0.18, 9.42) are not shown beside ours: the paper does not say on what scale they are
@@ -597,7 +603,7 @@ def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     """``(measure, value, shuffled pairs, chance)`` rows of one evaluation's headline
     numbers; ValueError for a value outside its range (a damaged or edited file)."""
     m = metrics["retrieval"]["gallery_size"]
-    if isinstance(m, bool) or not isinstance(m, int) or not 2 <= m <= 10**9:
+    if not is_whole(m, 2, 10**9):
         raise ValueError(f"gallery_size is {m!r:.40}, not a whole number of at least 2")
     fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
     rows = [(f"feature retrieval R@{k}, cosine, M = {m} (%)",

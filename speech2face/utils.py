@@ -141,17 +141,21 @@ class ResumableWrites:
         if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
             self.folder.unlink()  # not ours: the name is reserved for the staged outputs
         self._finish_publishing()
-        lines = self.journal.read_text(errors="replace").splitlines() \
-            if self.journal.is_file() else []
-        if not lines or _json_line(lines[0]) != header:
+        if self._header() == header:  # a killed run of these settings: what it made
+            self.finished = {r["name"]: r.get("input") for r in json_records(self.journal, "name")}
+        else:
             shutil.rmtree(self.folder, ignore_errors=True)  # another run's, or none
             self.folder.mkdir(parents=True)
             with open(self.journal, "w") as f:
                 f.write(json.dumps(header) + "\n")
-            lines = []
-        if lines:
-            self.finished = {r["name"]: r.get("input") for r in json_records(self.journal, "name")}
         self.written: dict[str, None] = {}  # this run's outputs, in order
+
+    def _header(self):
+        """The journal's first line, parsed (None when there is none)."""
+        if not self.journal.is_file():
+            return None
+        with open(self.journal, errors="replace") as f:
+            return _json_line(f.readline())
 
     def done(self, name: str, source: str | os.PathLike) -> bool:
         """Whether ``name`` was made from ``source`` as it is now by an earlier run (its
@@ -303,7 +307,7 @@ def find_inputs(inputs, suffixes, error,
             raise error(item, "no such file or folder")
     for path, _ in found:
         try:
-            os.fsdecode(os.fsencode(path)).encode("utf-8")
+            str(path).encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
             shown = os.fsencode(path).decode("utf-8", "backslashreplace")
             raise error(shown, "the name is not valid UTF-8 (its output could not be named "

@@ -227,7 +227,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         _check_reading(batch_size, seconds, rank, world_size)
-        if shuffle is None or (shuffle is not False and not is_whole(shuffle, 0)):
+        if shuffle is not False and not is_whole(shuffle, 0):  # False: file order
             raise ConfigError(None, f"shuffle must be a buffer size >= 0 (0: file order), "
                                     f"got {shuffle!r}")
         if problem := seed_problem(seed):
@@ -263,9 +263,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle differently in the next pass (as DistributedSampler.set_epoch)."""
-        _check_count("epoch", epoch, 0)
-        if epoch is None:
-            raise ConfigError(None, "epoch must be an integer >= 0, got None")
+        if not is_whole(epoch, 0):
+            raise ConfigError(None, f"epoch must be an integer >= 0, got {epoch!r}")
         self.epoch = epoch
 
     def _reader(self) -> tuple[int, int]:

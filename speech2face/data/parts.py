@@ -341,16 +341,16 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
     out = Path(out)
     if num_shards is not None and not is_whole(num_shards, 1):
         raise DataError(None, f"num_shards must be a whole number >= 1, got {num_shards!r}")
+    counts = part_counts(out)
     if num_shards is None:
-        counts = part_counts(out)
         if not counts:
             raise DataError(out, "no part manifests to merge (run prepare first)")
         if len(counts) > 1:
             raise DataError(out / PARTS_DIR, f"holds parts of runs with --num-shards "
                                              f"{sorted(counts)}; give the one to merge")
         num_shards = counts.pop()
-    elif part_counts(out) and num_shards not in part_counts(out):
-        given = ", ".join(str(n) for n in sorted(part_counts(out)))
+    elif counts and num_shards not in counts:
+        given = ", ".join(str(n) for n in sorted(counts))
         raise DataError(out / PARTS_DIR, f"holds no part of a run with --num-shards "
                                          f"{num_shards} (its parts are of --num-shards {given})")
     manifest = merge(out, num_shards)
