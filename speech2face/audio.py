@@ -6,7 +6,7 @@ single channel is used. Spectrograms are computed by taking STFT with a Hann win
 subsequently goes through the power-law compression, resulting sgn(S)|S|^0.3 for real
 and imaginary independently."
 
-Framing follows TensorFlow's ``tf.signal.stft`` (SPEC.md, a decision): frames of 400
+Framing follows TensorFlow's ``tf.signal.stft`` (README, "Decisions"): frames of 400
 samples start every 160 samples with no centring, each is windowed by a periodic Hann
 window of 400 and zero-padded *at its end* to 512 before the real FFT. That gives the
 paper's 598 frames for 6 s; librosa/torch with ``center=True`` give 601 frames and a
@@ -186,7 +186,7 @@ def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | N
 def _downmix(data: np.ndarray) -> np.ndarray:
     """``(n, channels)`` float or int16 PCM -> ``(n,)`` float32 mean over channels.
 
-    int16 is scaled by 1/32768 as libsndfile does (SPEC.md). Adding columns is several
+    int16 is scaled by 1/32768 as libsndfile does (README, "Decisions"). Adding columns is several
     times faster than ``mean(axis=1)``, which reduces over a length-2 inner axis.
     """
     scale = 1.0 / data.shape[1]
@@ -338,7 +338,8 @@ def _check_complete(path: Path, got_seconds: float, wanted_seconds: float,
 
 
 def _to_float(chunk: np.ndarray) -> np.ndarray:
-    """Integer PCM -> float in [-1, 1] (int16 / 32768, SPEC.md); float passes through."""
+    """Integer PCM -> float in [-1, 1] (int16 / 32768, as libsndfile scales it); float
+    passes through."""
     if chunk.dtype.kind == "f":
         return chunk.astype(np.float32, copy=False)
     if chunk.dtype.kind == "u":  # unsigned 8-bit PCM is centred at 128
@@ -377,7 +378,7 @@ def fit_duration(
     seconds: float = CLIP_SECONDS,
     sample_rate: int = SAMPLE_RATE,
 ) -> np.ndarray | torch.Tensor:
-    """Repeat a clip end to end until it lasts ``seconds``, then cut (SPEC.md).
+    """Repeat a clip end to end until it lasts ``seconds``, then cut (README, "Decisions").
 
     Works on the last axis of a numpy array or tensor ``(..., N) -> (..., seconds*rate)``.
     """
@@ -471,7 +472,7 @@ def _stft(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 
 
 def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Power-law compressed complex STFT, TensorFlow framing (paper 3.1, SPEC.md).
+    """Power-law compressed complex STFT, TensorFlow framing (paper 3.1; README, "Decisions").
 
     Args:
         wave: ``(N,)`` or ``(B, N)`` float waveform at 16 kHz (numpy or tensor, any

@@ -30,7 +30,7 @@ MAX_LOADER_WORKERS = 1024
 # file holds exactly (steps=1e20 trained until killed).
 MAX_STEPS = 2**53
 
-# Paper section 4 ("Implementation details"), the same for both stages here (SPEC.md).
+# Paper section 4 ("Implementation details"), the same for both stages here.
 LEARNING_RATE = 1e-3
 ADAM_BETA1 = 0.5
 ADAM_BETA2 = 0.999  # not given in the paper: Adam's default

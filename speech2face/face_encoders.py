@@ -1,10 +1,10 @@
-"""Face encoders: aligned face crop in, face feature v_f out (SPEC.md "Face front end").
+"""Face encoders: aligned face crop in, face feature v_f out (docs/faces.md).
 
 One interface, :class:`FaceEncoder`, with two implementations:
 
 - ``"dlib"``: dlib's 128-D face recognition ResNet (weights from ``face-recognition-models``;
   the offline default). Not differentiable, no identity classifier: train one with
-  :func:`train_identity_classifier` to stand in for VGG-Face fc8 (SPEC.md).
+  :func:`train_identity_classifier` to stand in for VGG-Face fc8 (docs/faces.md).
 - ``"vggface"``: VGG-Face (Parkhi et al. 2015; VGG-16 layout), the paper's encoder: the
   feature is fc7 after ReLU (4096-D), the classifier is fc8 (2622 identities). Loads
   weights the user supplies in either public format: the PyTorch conversion
@@ -553,7 +553,7 @@ def load_face_encoder(
 
 # ---------------------------------------------------------------------------- classifier
 
-# The stand-in for VGG-Face fc8 (SPEC.md): multinomial logistic regression on the training
+# The stand-in for VGG-Face fc8 (docs/faces.md): multinomial logistic regression on the training
 # identities' face features, trained by minibatches (memory of one minibatch's logits, not
 # N x K: VoxCeleb2 has 1.1 M clips of 6,000 identities) and then calibrated on held-out
 # clips of the same identities, so that its probabilities behave like those of a
@@ -824,7 +824,7 @@ def fit_identity_classifier(
 def train_identity_classifier(features, identity_ids, seed: int = 0, **options) -> nn.Linear:
     """A linear identity classifier on face features, standing in for VGG-Face fc8.
 
-    SPEC.md: where a face encoder has no identity classifier (dlib), the distillation
+    Where a face encoder has no identity classifier (dlib), the distillation
     term uses a linear classifier trained on the training identities' face features,
     frozen like fc8. This is multinomial logistic regression on the features centred and
     scaled to unit root-mean-square, ``sum of cross-entropies + l2 / 2 * ||W||^2`` (bias

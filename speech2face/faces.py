@@ -1,6 +1,6 @@
 """Face front end: image in, aligned 224 x 224 face crop with its 68 landmarks out.
 
-SPEC.md "Face front end": detect faces with dlib (HOG by default, the paper's CNN
+The face front end (docs/faces.md): detect faces with dlib (HOG by default, the paper's CNN
 detector on request), keep the largest, fit dlib's 68-point shape predictor (iBUG 300-W
 order) and cut a square, margin-padded crop resized to 224 x 224.
 
@@ -36,7 +36,7 @@ from speech2face.errors import ConfigError, ImageError, NoFaceError
 from speech2face.face_resnet import DESCRIPTOR_DIM, MODEL_FILE
 from speech2face.utils import IMAGE_SUFFIXES, is_number, is_whole
 
-# SPEC.md "Face front end" / paper section 3: faces are cropped and resized to 224 x 224.
+# Paper section 3: faces are cropped and resized to 224 x 224.
 CROP_SIZE = 224
 # Bounds of the faces command's --size: 32 px still shows a face's 68 landmarks apart;
 # 4096 px (48 MB a crop) is far past any source photo's face.

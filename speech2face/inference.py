@@ -93,7 +93,8 @@ def resolve_model(model=None):
 
 
 def prepare_audio(audio, seconds: float | None = None) -> np.ndarray:
-    """A path or a float waveform at 16 kHz -> float32 ``(CLIP_SAMPLES,)`` (6 s, SPEC.md).
+    """A path or a float waveform at 16 kHz -> float32 ``(CLIP_SAMPLES,)`` (6 s; shorter
+    audio repeated end to end).
 
     Raises:
         AudioError: an unreadable file, or an array that is empty, not 1-D or not finite.

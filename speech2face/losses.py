@@ -7,7 +7,7 @@ Stage 2, the voice encoder (paper eq. 1)::
 
 Norms and the distillation sum are taken per sample (over feature or class dimensions)
 and averaged over the batch; the face feature v_f is the teacher. Public
-re-implementations got several of these wrong (SPEC.md): ``a / abs(a)`` instead of an L2
+re-implementations got several of these wrong: ``a / abs(a)`` instead of an L2
 normalisation, normalising over the whole batch, a mean-reduced MSE that silently divides
 lambda1 by the feature size. Each is covered by a test.
 """

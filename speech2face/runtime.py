@@ -1,6 +1,6 @@
 """Process-wide settings every ``speech2face`` command makes at start-up.
 
-Neither is made on ``import speech2face`` (STYLE.md: no hidden global state, no work at
+Neither is made on ``import speech2face`` (no hidden global state, no work at
 import time). A program using the Python API calls :func:`setup_process` (both), or
 either function, itself; :func:`passive_threads` only works before ``import torch``.
 

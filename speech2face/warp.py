@@ -4,7 +4,7 @@ The face decoder (Cole et al., CVPR 2017) renders a face by warping its register
 texture from the mean landmarks to the predicted ones; the original code used
 TensorFlow's ``sparse_image_warp`` with ``interpolation_order=1``,
 ``regularization_weight=0.1`` and ``num_boundary_points=2``. This module has the same
-semantics (SPEC.md, "Differentiable sparse image warp"):
+semantics (docs/warp.md):
 
 1. ``flow = dest - source`` at each control point; ``num_boundary_points = k > 0`` adds
    zero-flow points on the border of the grid ``linspace(0, H-1, k+1) x

@@ -164,9 +164,10 @@ def test_files_to_spectrogram(tmp_path, rate, channels, seconds):
 @pytest.mark.parametrize(
     "subtype,channels", [("PCM_16", 1), ("PCM_16", 2), ("PCM_16", 3), ("PCM_24", 2), ("PCM_U8", 1)]
 )
-def test_pcm_wav_is_scaled_and_downmixed_like_the_spec(tmp_path, subtype, channels):
-    # SPEC.md: int16 PCM / 32768; channels averaged. The reference works from the integer
-    # samples in float64; 16-bit files take a raw-integer fast path, others libsndfile's.
+def test_pcm_wav_is_scaled_and_downmixed_like_libsndfile(tmp_path, subtype, channels):
+    # int16 PCM / 32768 (libsndfile's scaling); channels averaged. The reference works
+    # from the integer samples in float64; 16-bit files take a raw-integer fast path,
+    # others libsndfile's.
     bits = {"PCM_16": 16, "PCM_24": 24, "PCM_U8": 8}[subtype]
     rng = np.random.default_rng(channels)
     ints = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (16000, channels))

@@ -167,7 +167,7 @@ def test_round_trip(corpus, reference):
         meta = json.loads(files[f"{key}.json"])
         assert (meta["identity"], meta["video"], meta["clip"]) == (identity, video, clip)
         assert meta["gender"] == meta_rows[identity][1]
-        # Audio: int16 PCM of the first 6 s, or the clip tiled to 6 s (SPEC.md), losslessly.
+        # Audio: int16 PCM of the first 6 s, or the clip tiled to 6 s, losslessly.
         pcm, rate = sf.read(corpus / "wav" / identity / video / f"{clip}.wav", dtype="int16")
         want = np.tile(pcm, -(-96000 // len(pcm)))[:96000].astype(np.float64) / 32768
         got, got_rate = sf.read(io.BytesIO(files[f"{key}.flac"]), dtype="float64")

@@ -104,7 +104,7 @@ def test_array_path_and_loaded_model_agree(audio_files, bundle):
     from_file = inference.reconstruct(files["wav"], model=bundle)  # float WAV: lossless
     from_array = inference.reconstruct(wave, model=load_model(bundle))
     np.testing.assert_array_equal(from_file, from_array)
-    # 2 s of speech is repeated to 6 s (SPEC.md): the same as passing the repeats.
+    # 2 s of speech is repeated to 6 s: the same as passing the repeats.
     np.testing.assert_array_equal(from_array, inference.reconstruct(np.tile(wave, 3), bundle))
     # Lossy codecs change the samples a little, the face only slightly.
     lossy = inference.reconstruct(files["mp3"], model=bundle).astype(int)

@@ -1,10 +1,10 @@
 """The sparse image warp against an independent float64 numpy/scipy reference.
 
-The reference follows SPEC.md's description of TensorFlow Addons' ``sparse_image_warp``
-step by step: zero-flow border points, a polyharmonic spline fitted to ``dest - source``
-at the destination points (numpy solve, or scipy's RBFInterpolator), evaluated at every
-pixel, then ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` at
-``pixel - flow``.
+The reference follows the semantics (docs/warp.md) of TensorFlow Addons'
+``sparse_image_warp`` step by step: zero-flow border points, a polyharmonic spline fitted
+to ``dest - source`` at the destination points (numpy solve, or scipy's
+RBFInterpolator), evaluated at every pixel, then
+``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` at ``pixel - flow``.
 """
 
 from __future__ import annotations
