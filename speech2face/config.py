@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speech2face.audio import MIN_SECONDS
 from speech2face.errors import ConfigError
 from speech2face.losses import LossConfig
 from speech2face.utils import is_whole, seed_problem
@@ -188,11 +189,13 @@ class TrainConfig:
                             f"got {self.loss.temperature!r}")
         if not 0 < self.lr_decay <= 1:
             problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not 0 < self.clip_seconds < math.inf:
-            problems.append(f"clip_seconds must be a finite number > 0, got {self.clip_seconds}")
-        if self.train_seconds is not None and not 0 < self.train_seconds <= self.clip_seconds:
-            problems.append(f"train_seconds must be positive and at most clip_seconds "
-                            f"({self.clip_seconds}), got {self.train_seconds}")
+        if not MIN_SECONDS <= self.clip_seconds < math.inf:
+            problems.append(f"clip_seconds must be a finite number >= {MIN_SECONDS} (one STFT "
+                            f"window), got {self.clip_seconds}")
+        if self.train_seconds is not None and not (
+                MIN_SECONDS <= self.train_seconds <= self.clip_seconds):
+            problems.append(f"train_seconds must be from {MIN_SECONDS} (one STFT window) to "
+                            f"clip_seconds ({self.clip_seconds}), got {self.train_seconds}")
         # grad_clip 0 turns clipping off; an infinite one is the same and allowed.
         if not self.grad_clip >= 0:
             problems.append(f"grad_clip must be a number >= 0 (0: off), got {self.grad_clip}")

@@ -26,8 +26,6 @@ pydantic and huggingface_hub among them (docs/serve.md).
 from __future__ import annotations
 
 import base64
-import io
-import json
 import math
 import os
 import re
@@ -102,6 +100,7 @@ def load_gallery(shards: str | os.PathLike, split: str | None = None) -> Gallery
             feature or face is missing or malformed.
     """
     from speech2face import data
+    from speech2face.data.loader import sample_feature
 
     manifest = data.load_manifest(shards)
     root = Path(manifest["root"])
@@ -109,27 +108,23 @@ def load_gallery(shards: str | os.PathLike, split: str | None = None) -> Gallery
     if split is not None and split not in splits:
         raise DataError(root, f"no split {split!r} here (it has {', '.join(sorted(splits))})")
     dim = int(manifest["feature_dim"])
+    known = set(manifest["identities"])
     identities, features, faces = [], [], []
     seen: set[str] = set()
     for name in [split] if split is not None else sorted(splits):
         for shard in splits[name]["shards"]:
-            for raw in data.iterate_tar(root / shard["path"], shard["size"], shard["sha256"]):
-                try:
-                    identity = str(json.loads(raw["json"])["identity"])
-                    if identity in seen:
-                        continue
-                    feature = np.load(io.BytesIO(raw["feature.npy"]), allow_pickle=False)
-                    face = raw["face.jpg"]
-                except (KeyError, ValueError, TypeError) as error:
-                    raise DataError(root / shard["path"], f"sample {raw.get('__key__')!r}: "
-                                    f"{type(error).__name__}: {error}") from None
-                if (feature.shape != (dim,) or not np.issubdtype(feature.dtype, np.floating)
-                        or not np.isfinite(feature).all() or not face.startswith(b"\xff\xd8")):
-                    raise DataError(root / shard["path"], f"sample {raw['__key__']!r}: malformed "
-                                    f"face feature or crop (expected {dim} finite floats, a JPEG)")
+            for raw in data.iterate_tar(root / shard["path"], shard["size"], shard["sha256"],
+                                        shard["samples"]):
+                feature, identity = sample_feature(raw, dim, known, name)
+                if identity in seen:
+                    continue
+                face = raw.get("face.jpg", b"")
+                if not face.startswith(b"\xff\xd8"):
+                    raise DataError(root / shard["path"], f"sample {raw['__key__']!r}: its "
+                                                          f"face crop is not a JPEG")
                 seen.add(identity)
                 identities.append(identity)
-                features.append(feature.astype(np.float32))
+                features.append(feature)
                 faces.append(face)
     if not identities:
         raise DataError(root, "no samples in the shards")

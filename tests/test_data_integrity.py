@@ -360,6 +360,16 @@ def _flac(wave, rate: int) -> bytes:
     return buffer.getvalue()
 
 
+def _wav(wave) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, 16000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
 def _jpeg(size: int = 224) -> bytes:
     import io
 
@@ -404,6 +414,14 @@ BAD_MEMBERS = {
     "short feature": ({"feature.npy": _npy(np.zeros(5, np.float32))}, r"feature is float32 \(5,\)"),
     "NaN feature": ({"feature.npy": _npy(np.full(136, np.nan, np.float32))}, "finite"),
     "landmarks (3,)": ({"landmarks.npy": _npy(np.zeros(3, np.float32))}, "landmarks are"),
+    # the batches' dtypes are the format's: float32, not whatever the member says
+    "float64 feature": ({"feature.npy": _npy(np.zeros(136))}, "feature is float64"),
+    "float16 landmarks": ({"landmarks.npy": _npy(np.zeros((68, 2), np.float16))},
+                          "landmarks are float16"),
+    # soundfile reads any format it recognises: a float WAV can hold NaN, FLAC cannot
+    "WAV audio": ({"flac": _wav(np.full(800, np.nan, np.float32))}, "audio is WAV"),
+    "another split's sample": ({"json": b'{"identity": "id00000", "split": "test"}'},
+                               "a sample of the 'test' split in a 'train' shard"),
 }
 
 
@@ -416,6 +434,159 @@ def test_sample_members_are_checked_against_the_format_and_manifest(tmp_path, ca
     message = str(error.value)
     assert str(root / "train" / "train-000000.tar") in message
     assert "id00000/v00/00000" in message and "\n" not in message
+
+
+FEATURE_MEMBERS = {
+    "NaN feature": ({"feature.npy": _npy(np.full(136, np.nan, np.float32))}, "finite"),
+    "short feature": ({"feature.npy": _npy(np.zeros(5, np.float32))}, r"float32 \(5,\)"),
+    "unknown identity": ({"json": b'{"identity": "ghost"}'}, "'ghost' is not in"),
+    "identity a number": ({"json": b'{"identity": 7}'}, "'identity' name"),
+    # a header claiming 1.86 TiB: numpy would try to allocate it before reading
+    "huge header": ({"feature.npy": _npy(np.zeros(136, np.float32)).replace(
+        b"(136,)", b"(2000000000, 128)")}, "header claims"),
+}
+
+
+@pytest.mark.parametrize("case", FEATURE_MEMBERS)
+def test_training_features_are_checked_as_the_loader_checks_them(tmp_path, case):
+    """train and train-decoder read the features alone (standardisation, the identity
+    classifier): the same checks as a batch's, one error naming the shard and sample."""
+    members, expected = FEATURE_MEMBERS[case]
+    root = _one_sample_split(tmp_path, **members)
+    with pytest.raises(DataError, match=expected) as error:
+        data.training_features(root, progress=False)
+    assert str(root / "train" / "train-000000.tar") in str(error.value)
+    assert "id00000/v00/00000" in str(error.value)
+
+
+def test_a_training_command_on_a_bad_feature_is_one_line(tmp_path, capsys):
+    root = _one_sample_split(tmp_path / "shards", **FEATURE_MEMBERS["huge header"][0])
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["mean_landmarks"] = [[60.0 + 10 * (i % 10), 40.0 + 20 * (i // 10)]
+                                  for i in range(68)]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    code, err = cli(capsys, "train-decoder", "--data", str(root), "-o", str(tmp_path / "run"),
+                    "--no-progress", "preset=tiny", "steps=1", "val_batches=0", "batch_size=1")
+    assert code == 2 and len(err.splitlines()) == 1 and "header claims" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def _rewrite_shard(root: Path, i: int, blob: bytes, samples: int | None = None) -> Path:
+    """Shard ``i`` replaced by ``blob``, its manifest entry made to match (size, SHA-256
+    and, given, sample counts): what only the contents can tell."""
+    import hashlib
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][i]
+    (root / shard["path"]).write_bytes(blob)
+    shard.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    if samples is not None:
+        manifest["splits"]["train"]["samples"] += samples - shard["samples"]
+        shard["samples"] = samples
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root / shard["path"]
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buffer.getvalue()
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_a_shard_holding_another_count_than_its_manifest_is_refused(shards):
+    path = _rewrite_shard(shards, 1, (shards / entry(shards)["path"]).read_bytes(), samples=5)
+    with pytest.raises(DataError, match="holds 8 samples, the manifest says 5") as error:
+        stream(shards)
+    assert str(path) in str(error.value)
+    # a shard emptied of its samples (a tar of nothing) with the manifest's counts kept
+    _rewrite_shard(shards, 1, _tar([]), samples=8)
+    with pytest.raises(DataError, match="holds 0 samples, the manifest says 8"):
+        stream(shards)
+    with pytest.raises(DataError, match="holds 0 samples"):  # and where features are read
+        data.training_features(shards, progress=False)
+
+
+def test_a_sample_twice_in_a_shard_is_refused(shards):
+    members = _members(shards / entry(shards)["path"])
+    first = [m for m in members if m[0].startswith(members[0][0].split(".")[0] + ".")]
+    _rewrite_shard(shards, 1, _tar(members[len(first):] + first), samples=8)
+    assert len(stream(shards)) == len(KEYS)  # reordered: still whole
+    _rewrite_shard(shards, 1, _tar(members + first), samples=9)
+    with pytest.raises(DataError, match="holds sample .* twice"):
+        stream(shards)
+
+
+def test_a_compressed_shard_is_refused_before_it_is_expanded(shards):
+    import gzip
+
+    path = shards / entry(shards)["path"]
+    # counted so that the manifest's check (512 bytes a sample at least) lets it by
+    _rewrite_shard(shards, 1, gzip.compress(path.read_bytes()), samples=2)
+    with pytest.raises(DataError, match="a compressed file; shards are plain tar") as error:
+        stream(shards)
+    assert str(path) in str(error.value)
+
+
+def test_unsorted_or_repeated_identities_are_refused(shards):
+    """A sample's identity_index is its identity's place in the list: a reordered list
+    would silently relabel every sample."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for names in (manifest["identities"][::-1], manifest["identities"][:1] * 2):
+        (shards / "manifest.json").write_text(json.dumps({**manifest, "identities": names}))
+        with pytest.raises(DataError, match="'identities' is not sorted or names an identity "
+                                            "twice"):
+            data.load_manifest(shards)
+
+
+def test_shard_paths_that_cannot_be_resolved_are_one_error(shards, tmp_path):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "train" / "loop.tar").symlink_to("loop.tar")
+    manifest["splits"]["train"]["shards"][0]["path"] = "train/loop.tar"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="'train/loop.tar' cannot be resolved"):
+        data.load_manifest(shards)
+    with pytest.raises(DataError, match="unreadable") as error:
+        data.load_manifest(tmp_path / ("x" * 300))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("call", "expected"), [
+    (lambda root: data.make_loader(root, "train", rank=1), "rank and world_size go together"),
+    (lambda root: data.make_loader(root, "train", world_size=2), "rank and world_size go"),
+    (lambda root: data.make_loader(root, "train", num_workers=1.5), "num_workers must"),
+    (lambda root: data.make_loader(root, "train", num_workers=None), "num_workers must"),
+    (lambda root: data.make_loader(root, "train", num_workers="2"), "num_workers must"),
+    (lambda root: data.make_loader(root, "train", num_workers=-1), "num_workers must"),
+    (lambda root: data.make_loader(root, ["train"]), "split must be a name"),
+    (lambda root: data.make_loader(root, "train", window_seconds=1e-5), "window_seconds must"),
+    (lambda root: data.make_loader(root, "train", seconds=1e-6), "seconds must"),
+    (lambda root: data.make_loader(root, "train", seconds=0.01, spectrogram=True),
+     "seconds must be at least 0.025"),
+    (lambda root: data.make_loader(root, "train", window_seconds=0.01, spectrogram=True),
+     "window_seconds must be at least 0.025"),
+])
+def test_reading_arguments_are_named(shards, call, expected):
+    from speech2face.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=expected):
+        call(shards)
+
+
+def test_a_path_that_is_not_a_path_is_named():
+    with pytest.raises(DataError, match="a shard folder or manifest path is a str or "
+                                        "os.PathLike, not NoneType"):
+        data.make_loader(None, "train")
 
 
 def test_a_workers_data_error_comes_out_as_data_error(tmp_path):

@@ -574,6 +574,17 @@ def test_gallery_checks_each_shards_size_and_sha256(shards, tmp_path):
         serve.load_gallery(copy)
 
 
+def test_gallery_features_are_checked_as_the_loader_checks_them(tmp_path):
+    """A feature member whose header claims 1.86 TiB: refused before numpy allocates it,
+    naming the shard and the sample (numpy's MemoryError before)."""
+    from test_data_integrity import FEATURE_MEMBERS, _one_sample_split
+
+    root = _one_sample_split(tmp_path, **FEATURE_MEMBERS["huge header"][0])
+    with pytest.raises(serve.DataError, match="id00000/v00/00000 .*header claims") as error:
+        serve.load_gallery(root)
+    assert str(root / "train" / "train-000000.tar") in str(error.value)
+
+
 def test_serve_command_errors_are_one_line(shards, bundle, tmp_path, capsys):
     def error(*argv) -> str:
         assert main(["serve", *argv]) == 2

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from speech2face.audio import SAMPLE_RATE, fit_duration, seconds_samples
+from speech2face.audio import MIN_SECONDS, SAMPLE_RATE, fit_duration, seconds_samples
 from speech2face.data.datasets import CLIP_SECONDS
 from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_manifest
 from speech2face.distributed import Placement
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
                   audio: bool = True, *, faces: bool = True, feature_dim: int | None = None,
-                  identities=None) -> dict:
+                  identities=None, split: str | None = None) -> dict:
     """Decode one raw sample: ``wave (N,)`` float32 (fitted to ``seconds``), ``face``
     uint8 ``(224, 224, 3)``, ``landmarks (68, 2)``, ``feature (D,)`` and ``meta``.
 
@@ -47,7 +47,8 @@ def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
     faces: False leaves the face image undecoded (no ``face``): the voice encoder's
     training batches need its feature, not its image.
     feature_dim, identities: the manifest's; the sample's feature length and identity
-    are checked against them when given.
+    are checked against them when given. split: the split being read; a sample that
+    says it belongs to another is refused (a test clip in a training shard).
 
     Raises:
         DataError: naming the shard and the key, for a member that is missing, cannot be
@@ -64,12 +65,36 @@ def decode_sample(raw: dict, seconds: float = CLIP_SECONDS, crop: int = 0,
             "feature": _load_npy(raw[f"feature{_suffix(crop)}.npy"]),
             "meta": json.loads(raw["json"]),
         })
-        problem = _sample_problem(sample, feature_dim, identities)
+        problem = _sample_problem(sample, feature_dim, identities, split)
     except (KeyError, ValueError, RuntimeError, OSError) as error:
         problem = f"{type(error).__name__}: {error}"
     if problem:
-        raise DataError(raw.get("__url__"), f"undecodable sample {raw.get('__key__')} ({problem})")
+        raise _undecodable(raw, problem)
     return sample
+
+
+def _undecodable(raw: dict, problem: str) -> DataError:
+    return DataError(raw.get("__url__"), f"undecodable sample {raw.get('__key__')} ({problem})")
+
+
+def sample_feature(raw: dict, feature_dim: int | None = None, identities=None,
+                   split: str | None = None) -> tuple:
+    """A raw sample's face feature (its first crop's, float32 ``(D,)``) and identity,
+    checked as :func:`decode_sample` checks them, with nothing else decoded.
+
+    Raises:
+        DataError: naming the shard and the key.
+    """
+    try:
+        meta = json.loads(raw["json"])
+        feature = _load_npy(raw["feature.npy"])
+        problem = (_meta_problem(meta, identities, split)
+                   or _feature_problem(feature, feature_dim))
+    except (KeyError, ValueError, RuntimeError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    if problem:
+        raise _undecodable(raw, problem)
+    return feature, meta["identity"]
 
 
 def _suffix(crop: int) -> str:
@@ -82,6 +107,8 @@ def _decode_flac(data: bytes) -> np.ndarray:
     import soundfile as sf
 
     with sf.SoundFile(io.BytesIO(data)) as f:
+        if f.format != "FLAC":
+            raise ValueError(f"audio is {f.format}, the format is FLAC")
         if f.channels != 1 or f.samplerate != SAMPLE_RATE:
             raise ValueError(f"audio is {f.channels} channel(s) at {f.samplerate} Hz, "
                              f"the format is mono at {SAMPLE_RATE} Hz")
@@ -110,26 +137,40 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(buffer, allow_pickle=False)
 
 
-def _sample_problem(sample: dict, feature_dim: int | None, identities) -> str | None:
+def _sample_problem(sample: dict, feature_dim: int | None, identities,
+                    split: str | None = None) -> str | None:
     """What in a decoded sample is not what the shard format says, or None."""
-    meta, feature, landmarks = sample["meta"], sample["feature"], sample["landmarks"]
+    meta, landmarks = sample["meta"], sample["landmarks"]
+    if problem := _meta_problem(meta, identities, split):
+        return problem
+    if "face" in sample and sample["face"].shape != (CROP_SIZE, CROP_SIZE, 3):
+        return f"face is {sample['face'].shape[1]} x {sample['face'].shape[0]} pixels, " \
+               f"not {CROP_SIZE} x {CROP_SIZE}"
+    if landmarks.shape != (68, 2) or not _finite_float32(landmarks):
+        return f"landmarks are {landmarks.dtype} {landmarks.shape}, not finite float32 (68, 2)"
+    return _feature_problem(sample["feature"], feature_dim)
+
+
+def _meta_problem(meta, identities, split: str | None) -> str | None:
     if not isinstance(meta, dict) or not isinstance(meta.get("identity"), str):
         return "json is not an object with an 'identity' name"
     if identities is not None and meta["identity"] not in identities:
         return f"identity {meta['identity']!r} is not in the manifest's identities"
-    if "face" in sample and sample["face"].shape != (CROP_SIZE, CROP_SIZE, 3):
-        return f"face is {sample['face'].shape[1]} x {sample['face'].shape[0]} pixels, " \
-               f"not {CROP_SIZE} x {CROP_SIZE}"
-    if landmarks.shape != (68, 2) or not _finite_floats(landmarks):
-        return f"landmarks are {landmarks.dtype} {landmarks.shape}, not finite floats (68, 2)"
-    if (feature.ndim != 1 or feature_dim not in (None, len(feature))
-            or not _finite_floats(feature)):
-        return f"feature is {feature.dtype} {feature.shape}, not {feature_dim or 'D'} finite floats"
+    if split is not None and meta.get("split", split) != split:
+        return f"a sample of the {meta['split']!r} split in a {split!r} shard"
     return None
 
 
-def _finite_floats(array: np.ndarray) -> bool:
-    return np.issubdtype(array.dtype, np.floating) and bool(np.isfinite(array).all())
+def _feature_problem(feature: np.ndarray, feature_dim: int | None) -> str | None:
+    if feature.ndim != 1 or feature_dim not in (None, len(feature)) or not _finite_float32(feature):
+        return f"feature is {feature.dtype} {feature.shape}, not {feature_dim or 'D'} finite " \
+               f"float32"
+    return None
+
+
+def _finite_float32(array: np.ndarray) -> bool:
+    """float32 (what prepare writes; the batches' dtype) and finite."""
+    return array.dtype == np.float32 and bool(np.isfinite(array).all())
 
 
 def collate(samples: list[dict], identity_index: dict[str, int], spectrogram: bool = False) -> dict:
@@ -172,10 +213,14 @@ def _check_count(name: str, value, low: int = 1) -> None:
 def _check_reading(batch_size, seconds, rank, world_size) -> None:
     """Raise ConfigError naming the first argument of a split's reading that is invalid."""
     _check_count("batch_size", batch_size)
-    if not (is_number(seconds) and seconds > 0):
-        raise ConfigError(None, f"seconds must be a positive number, got {seconds!r}")
+    if not (is_number(seconds) and seconds >= 1 / SAMPLE_RATE):
+        raise ConfigError(None, f"seconds must be a number >= 1 / {SAMPLE_RATE} (one "
+                                f"sample), got {seconds!r}")
     _check_count("world_size", world_size)
     _check_count("rank", rank, 0)
+    if (rank is None) != (world_size is None):
+        raise ConfigError(None, "rank and world_size go together: give both, or neither "
+                                "(then torch.distributed's, or one process)")
     if rank is not None and world_size is not None and rank >= world_size:
         raise ConfigError(None, f"rank must be below world_size ({world_size}), got {rank}")
 
@@ -232,6 +277,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
                                     f"got {shuffle!r}")
         if problem := seed_problem(seed):
             raise ConfigError(None, problem)
+        if not isinstance(split, str):
+            raise ConfigError(None, f"split must be a name ('train', 'val', 'test'), "
+                                    f"got {split!r}")
         self.manifest = load_manifest(path)
         if split not in self.manifest["splits"]:
             raise DataError(
@@ -251,9 +299,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.drop_last, self.random_crop, self.audio = drop_last, random_crop, audio
         self.faces = faces
         if window_seconds is not None and not (is_number(window_seconds)
-                                               and 0 < window_seconds <= seconds):
-            raise ConfigError(None, f"window_seconds must be positive and at most seconds "
-                                    f"({seconds}), got {window_seconds!r}")
+                                               and 1 / SAMPLE_RATE <= window_seconds <= seconds):
+            raise ConfigError(None, f"window_seconds must be from 1 / {SAMPLE_RATE} (one "
+                                    f"sample) to seconds ({seconds}), got {window_seconds!r}")
+        heard = seconds if window_seconds is None else window_seconds
+        if spectrogram and heard < MIN_SECONDS:
+            name = "seconds" if window_seconds is None else "window_seconds"
+            raise ConfigError(None, f"{name} must be at least {MIN_SECONDS} (one STFT window) "
+                                    f"for spectrograms, got {heard!r}")
         self.window = None if window_seconds is None else seconds_samples(window_seconds)
         self.rank, self.world_size = rank, world_size
         self.cache = cache
@@ -294,7 +347,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             entry = self.entries[i]
 
             def read(i=i, entry=entry):
-                return iterate_tar(self.shards[i], entry["size"], entry["sha256"])
+                return iterate_tar(self.shards[i], entry["size"], entry["sha256"],
+                                   entry["samples"])
 
             yield from read() if self.cache is None else self.cache.shard(entry["path"], read)
 
@@ -337,7 +391,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         def decode():
             return decode_sample(raw, self.seconds, crop, self.audio, faces=self.faces,
                                  feature_dim=self.manifest["feature_dim"],
-                                 identities=self.identity_index)
+                                 identities=self.identity_index, split=self.split)
 
         sample = decode() if self.cache is None else self.cache.decoded(raw, crop, decode)
         # which stored sample and crop this is (train.KeptTargets keys on them)
@@ -468,6 +522,8 @@ def make_loader(
     dataset_options: passed to ShardDataset (shuffle, seed, spectrogram, repeat, ...).
     Training reads its batches through this too (:class:`ShardData`).
     """
+    if not is_whole(num_workers, 0):
+        raise ConfigError(None, f"num_workers must be an integer >= 0, got {num_workers!r}")
     dataset = ShardDataset(path, split, batch_size=batch_size, **dataset_options)
     dataset.set_epoch(epoch)
     readers = max(1, num_workers) * dataset._reader()[1]  # workers x processes
@@ -726,20 +782,19 @@ def training_features(data: Path, progress: bool, max_samples: int | None = None
     total = split["samples"] if max_samples is None else min(max_samples, split["samples"])
     bar = tqdm(total=total, desc="training features",
                unit="sample", disable=not progress or int(os.environ.get("RANK", "0")) != 0)
+    known = set(manifest["identities"])
     for shard in split["shards"]:
         for raw in iterate_tar(Path(manifest["root"]) / shard["path"], shard["size"],
-                               shard["sha256"]):
-            try:
-                # The first crop only: other crops of a clip are near copies, which would
-                # leak into the held-out clips the classifier is calibrated on.
-                features.append(np.load(io.BytesIO(raw["feature.npy"]), allow_pickle=False))
-                identities.append(json.loads(raw["json"])["identity"])
-            except (KeyError, ValueError, TypeError) as error:
-                raise DataError(raw.get("__key__"), f"undecodable sample ({error})") from None
+                               shard["sha256"], shard["samples"]):
+            # The first crop only: other crops of a clip are near copies, which would
+            # leak into the held-out clips the classifier is calibrated on.
+            feature, identity = sample_feature(raw, manifest["feature_dim"], known, "train")
+            features.append(feature)
+            identities.append(identity)
             bar.update(1)
             if len(features) == total:
                 break
         if len(features) == total:
             break
     bar.close()
-    return np.stack(features).astype(np.float32), identities
+    return np.stack(features), identities

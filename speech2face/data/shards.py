@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
+import stat
 import tarfile
 import warnings
 from collections import Counter
@@ -38,10 +40,17 @@ def load_manifest(path: str | os.PathLike) -> dict:
     Adds ``"root"``: the folder that shard paths are relative to. Raises DataError for a
     missing or malformed manifest, and for a shard path outside that folder.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise DataError(None, f"a shard folder or manifest path is a str or os.PathLike, "
+                              f"not {type(path).__name__}")
     path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            path = path / MANIFEST
+        is_file = path.is_file()
+    except OSError as error:  # a name too long, a path through a file
+        raise DataError(path, f"unreadable ({error.strerror or error})") from None
+    if not is_file:
         hint = (
             " (prepare not finished: some parts missing?)"
             if (path.parent / PARTS_DIR).is_dir()
@@ -79,8 +88,12 @@ def is_clip_seconds(value) -> bool:
 
 def _manifest_problem(manifest: dict, root: Path) -> str | None:
     """What is wrong with a parsed manifest, or None."""
-    if not is_names(manifest.get("identities")):
+    identities = manifest.get("identities")
+    if not is_names(identities):
         return "'identities' is not a list of names"
+    # sorted and distinct, as prepare writes them: a sample's identity_index is its place
+    if any(a >= b for a, b in itertools.pairwise(identities)):
+        return "'identities' is not sorted or names an identity twice"
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not set(splits) <= set(_SPLITS):
         return f"'splits' is not a mapping of {_SPLITS}"
@@ -123,7 +136,11 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
                 return f"split {name!r} has a shard entry without path, samples, size, sha256"
             if "\0" in shard["path"]:
                 return f"shard path {shard['path']!r} contains a NUL byte"
-            if not (root / shard["path"]).resolve().is_relative_to(inside):
+            try:
+                outside = not (root / shard["path"]).resolve().is_relative_to(inside)
+            except (OSError, RuntimeError) as error:  # a symlink loop, a name too long
+                return f"shard path {shard['path']!r} cannot be resolved ({error})"
+            if outside:
                 return f"shard path {shard['path']!r} is outside the dataset folder"
             # every sample is tar members of 512-byte headers at least
             if not 1 <= shard["samples"] <= shard["size"] // 512:
@@ -138,10 +155,11 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
 def check_shard(path: str | os.PathLike, size: int, sha256: str) -> None:
     """Raise DataError naming ``path`` unless it has the manifest's size and SHA-256."""
     path = Path(path)
-    if path.is_dir():
-        raise DataError(path, "a folder where the manifest lists a shard")
     try:
-        actual = path.stat().st_size
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise DataError(path, "a folder where the manifest lists a shard")
+        actual = info.st_size
         if actual != size:
             raise DataError(path, f"shard is {actual} bytes, the manifest says {size} "
                                   "(truncated or changed)")
@@ -166,28 +184,47 @@ def verify_shards(path: str | os.PathLike) -> list[str]:
     return bad
 
 
+# What a compressed file starts with (gzip, bzip2, xz, zstd): tarfile's "r|*" would
+# decompress it, and a few kB of it can expand to gigabytes held in memory.
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
 def iterate_tar(
-    path: str | os.PathLike, size: int | None = None, sha256: str | None = None
+    path: str | os.PathLike, size: int | None = None, sha256: str | None = None,
+    samples: int | None = None,
 ) -> Iterator[dict]:
     """The samples of one WebDataset shard: ``{"__key__", "__url__": path, ext: bytes, ...}``.
 
     Read with webdataset's tar expander and key grouping (a key is the member path up to
     the first dot of the file name). With ``size`` and ``sha256`` the shard is checked
     first (:func:`check_shard`), so no sample of a damaged shard is ever yielded. Raises
-    DataError naming the shard when it is damaged or not a readable tar.
+    DataError naming the shard when it is damaged, compressed or not a readable tar, when
+    it holds a key twice, and (with ``samples``, the manifest's count) when it holds
+    another number of samples; those two are found as the shard is read, so a caller
+    that reads it to its end never uses a sample of such a shard unknowingly.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     if sha256 is not None:
         check_shard(path, size, sha256)
+    keys = set()
     try:
         with open(path, "rb") as stream:
+            if stream.read(6).startswith(_COMPRESSED):
+                raise DataError(path, "a compressed file; shards are plain tar")
+            stream.seek(0)
             files = tar_file_expander([{"url": str(path), "stream": stream}])
-            yield from group_by_keys(files)
+            for sample in group_by_keys(files):
+                if sample["__key__"] in keys:
+                    raise DataError(path, f"holds sample {sample['__key__']} twice")
+                keys.add(sample["__key__"])
+                yield sample
     except (tarfile.TarError, OSError, ValueError) as error:
         # webdataset appends " @ <stream>" to the message
         reason = str(error.args[0] if error.args else error).split(" @ ")[0]
         raise DataError(path, f"unreadable shard ({type(error).__name__}: {reason})") from None
+    if samples is not None and len(keys) != samples:
+        raise DataError(path, f"holds {len(keys)} samples, the manifest says {samples}")
 
 
 def _encode_jpeg(image: np.ndarray) -> bytes:
