@@ -93,8 +93,10 @@ def staged_writes() -> Iterator[Callable]:
 
     Yields ``stage(path, mode="wb")``, a context manager that opens a temporary file
     beside ``path``. When the ``with`` block ends normally every staged file is renamed
-    onto its path; when it raises, none is and the temporary files are removed, so a
-    command that fails half-way leaves the previous outputs as they were.
+    onto its path, in the order staged (so the last can mark the set done); when it
+    raises, none is and the temporary files are removed, so a command that fails
+    half-way leaves the previous outputs as they were. A rename that fails (a folder in
+    the way) removes the temporary files not yet moved; those before it stay moved.
     """
     staged: list[tuple[str, Path]] = []
     made: list[Path] = []  # folders made for the outputs, removed again on failure
@@ -121,8 +123,14 @@ def staged_writes() -> Iterator[Callable]:
                 os.unlink(tmp)
         _remove_empty(made)
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    for i, (tmp, path) in enumerate(staged):
+        try:
+            os.replace(tmp, path)
+        except BaseException:  # (something in the way): the files not yet moved go
+            for later, _ in staged[i:]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(later)
+            raise
 
 
 # In an output folder: the files a batch command (spectrogram, reconstruct) has made so

@@ -30,6 +30,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = self.path.lstrip("/")
         if name in self.server.slow:
             time.sleep(SLOW_SECONDS)
+        if name.startswith("SlowRanges"):
+            time.sleep(0.2)
         body = self.server.files.get(name)
         if body is None:
             self.send_error(404)
@@ -40,6 +42,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             first, _, last = self.headers["Range"][6:].partition("-")
             start = int(first or 0)
             end = min(int(last), end) if last else end
+        if start > 0 and name.startswith("MidFail"):  # fails once FFmpeg reads on
+            self.send_error(500)
+            return
+        if start > 0 and name.startswith("ShortBody"):  # closes a response half-way
+            self.send_response(206)
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+            self.end_headers()
+            self.wfile.write(body[start : start + (end - start + 1) // 2])
+            self.close_connection = True
+            return
         self.send_response(206 if ranged else 200)
         self.send_header("Content-Type", "video/mp4")
         self.send_header("Accept-Ranges", "bytes")
@@ -85,6 +98,8 @@ def server(demo_speakers, tmp_path_factory):
     httpd.daemon_threads = True
     # A long video (2 min): a segment in its middle must not bring the whole file down.
     files["LongVideo00.mp4"] = make_mp4(folder / "long.mp4", face1[:1], np.tile(wave1, 15), 120.0)
+    files["SlowRanges0.mp4"] = files["LongVideo00.mp4"]
+    files["MidFail0000.mp4"] = files["ShortBody00.mp4"] = files["LongVideo00.mp4"]
     httpd.files, httpd.slow, httpd.sent = files, {"SlowVideo00.mp4"}, {}
     httpd.connections = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -269,7 +284,8 @@ def test_bad_options(server, tmp_path, capsys):
     args = _download_args(csvs, root, server)
     for bad, problem in (
         ("http://127.0.0.1:9/video.mp4", "--url-template: must contain {id}"),
-        ("http://127.0.0.1:9/{id}/{name}.mp4", "--url-template: only {id} may be filled in"),
+        ("http://127.0.0.1:9/{id}/{name}.mp4",
+         "--url-template: only a plain {id} may be filled in, got '{name}'"),
     ):
         args[args.index("--url-template") + 1] = bad
         code, _, err = _run(args, capsys)
@@ -357,6 +373,97 @@ def test_a_file_size_limit_stops_the_run(server, tmp_path, capsys, monkeypatch):
     assert not (root / "download_log").exists()  # not the video's fault: not logged
 
 
+@pytest.mark.parametrize("video, kind", [("MidFail0000", "network"),
+                                          ("ShortBody00", "network")])
+def test_a_request_failing_once_ffmpeg_reads_is_logged_without_tracebacks(
+        server, tmp_path, capfd, video, kind):
+    """A 500 or a response cut short after the file's index was read: one failure of its
+    kind in the log, and no PyAV "exception being dropped" traceback on stderr (raised
+    inside FFmpeg's read callback, it was printed at every retry)."""
+    csvs = _csvs(tmp_path, train=[f"{video},60.0,63.0,0.5,0.5"], test=[])
+    root = tmp_path / "avspeech"
+    assert cli.main(_download_args(csvs, root, server)) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "PyAV" not in err, err
+    log = [json.loads(line) for p in (root / "download_log").glob("*.jsonl")
+           for line in p.read_text().splitlines()]
+    assert [(r["video"], r["kind"], r["transient"]) for r in log] == [(video, kind, True)]
+
+
+def test_a_full_disk_while_muxing_is_one_error_without_tracebacks(tmp_path, capfd):
+    """FFmpeg writes a segment through PyAV: the first ENOSPC comes back as it was, and
+    PyAV prints nothing of it."""
+
+    class Full:
+        def __init__(self):
+            self.size = 0
+
+        def write(self, data):
+            if self.size + len(data) > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.size += len(data)
+
+        def seek(self, offset, whence=0):
+            return offset
+
+        def tell(self):
+            return self.size
+
+    frames = [(0.0, np.zeros((64, 64, 3), np.uint8))]
+    with pytest.raises(OSError) as error:
+        download._write_segment(Full(), np.full(16000, 0.1, np.float32), frames)
+    assert error.value.errno == errno.ENOSPC
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "PyAV" not in err, err
+
+
+def test_a_segment_is_done_only_with_both_files(server, tmp_path, capsys):
+    """The descriptor is renamed into place first, the segment (what marks it done)
+    last; a segment left without its descriptor (an older run killed between the two)
+    is fetched again, and a folder in the way of the descriptor is named, nothing moved."""
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
+    root = tmp_path / "avspeech"
+    folder = root / "segments" / "GoodVideo00"
+    folder.mkdir(parents=True)
+    (folder / "s000001000.mkv").write_bytes(b"an older run's, its descriptor never written")
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0 and "1 fetched, 0 already there" in out, err
+    assert (folder / "s000001000.face.npy").is_file()
+    assert (folder / "s000001000.mkv").stat().st_size > 1000
+    for name in ("s000001000.mkv", "s000001000.face.npy"):
+        (folder / name).unlink()
+    (folder / "s000001000.face.npy").mkdir()
+    code, out, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{folder / 's000001000.face.npy'}: cannot be written: something in its way" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["s000001000.face.npy"]  # no temp
+
+
+def test_ctrl_c_stops_between_segments(server, tmp_path):
+    """SIGINT while a video's segments come down: the run ends after the segment in
+    hand, not after every segment of the video (a minute or more on long videos)."""
+    import signal
+    import subprocess
+    import sys
+
+    rows = [f"SlowRanges0,{t}.0,{t + 3}.0,0.5,0.5" for t in (10, 40, 70, 100)]
+    csvs = _csvs(tmp_path, train=rows, test=[])
+    root = tmp_path / "avspeech"
+    args = _download_args(csvs, root, server, "--workers", "1")
+    process = subprocess.Popen([sys.executable, "-m", "speech2face", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = root / "segments" / "SlowRanges0"
+    deadline = time.monotonic() + 120
+    while not list(folder.glob("*.mkv")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert len(list(folder.glob("*.mkv"))) <= 2, sorted(folder.iterdir())  # + the one in hand
+    assert not (root / "download_log").exists()  # a stop is no failure of the video
+    assert not list(folder.glob(".*.tmp"))
+
+
 def test_classify_failures():
     cases = {
         "[youtube] abc: Private video. Sign in if you've been granted access": "private",
@@ -383,18 +490,23 @@ def test_rate_limit_spaces_requests(monkeypatch):
     now = [100.0]
     starts = []
 
-    def sleep(seconds):
-        now[0] += seconds
+    class Stopping:  # the run's stop event, on the fake clock
+        def wait(self, seconds):
+            now[0] += seconds
+            return False
 
     monkeypatch.setattr(download.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(download.time, "sleep", sleep)
-    limit = download._RateLimit(120)
+    limit = download._RateLimit(120, Stopping())
     for _ in range(4):
         limit.wait()
         starts.append(now[0])
     assert np.diff(starts).tolist() == [0.5, 0.5, 0.5]
     download._RateLimit(None).wait()  # no limit: returns at once
     assert now[0] == starts[-1]
+    stopped = threading.Event()
+    stopped.set()  # a run that stops does not sit out its turn (up to 1000 min)
+    with pytest.raises(download._Stopped):
+        download._RateLimit(0.001, stopped).wait()
 
 
 def test_jobs_of_an_array_run_side_by_side(server, tmp_path, capsys):
@@ -505,6 +617,8 @@ def test_a_repeated_row_is_one_segment(server, tmp_path, capsys):
     "http://127.0.0.1:9/{id!r}.mp4",
     "http://127.0.0.1:99999/{id}.mp4", "http://127.0.0.1:port/{id}.mp4",  # not a port
     "http://:80/{id}.mp4",  # no host
+    "http://[::1/{id}.mp4", "http://[zz]/{id}.mp4",  # not an IPv6 address
+    "http://127.0.0.1:9/{id:>5}.mp4",
 ])
 def test_url_template_must_be_http_with_an_id_field(server, tmp_path, capsys, template):
     csvs = _csvs(tmp_path)
@@ -636,8 +750,7 @@ def test_audio_without_timed_frames_says_so():
             return iter(())
 
     segment = download.Segment("GoodVideo00", 1.0, 4.0, 0.5, 0.5, "train", "x.csv:1")
-    fetcher = download._Fetcher(Path("."), download.YOUTUBE_URL, 1.0, 720,
-                                download._RateLimit(None), None)
+    fetcher = download._Fetcher(Path("."), download.YOUTUBE_URL, 1.0, 720, None, None)
     with pytest.raises(download.Failure) as failure:
         fetcher._audio(Container(), segment)
     assert failure.value.kind == "truncated"

@@ -210,3 +210,44 @@ def test_no_speaker_spans_two_splits(demo_speakers, tmp_path, capsys):
     for unit in data.list_units("avspeech", root):
         unmerged.setdefault(videos[unit.video][0], set()).add(unit.split)
     assert len(unmerged[0]) > 1 and len(unmerged[1]) > 1
+
+
+def test_validation_is_carved_again_when_merging_leaves_none(monkeypatch):
+    """The CSV's validation video joined a training identity: without a second carve
+    the shards would have no 'val' split, and training would refuse them."""
+    from speech2face.data import identities
+    from speech2face.data.datasets import Unit
+
+    names = ["vidA", "vidB", "vidC", "vidD", "vidE", "vidF"]
+    splits = ["train", "train", "val", "train", "train", "test"]
+    units = [Unit(n, n, s, None, (), ()) for n, s in zip(names, splits, strict=True)]
+    features = np.eye(6, 128, dtype=np.float32)  # every video 1.41 from every other
+    features[1] = features[2] = features[0]  # vidA-C one person: train, two votes to one
+
+    def descriptors(listed, *args):
+        return np.stack([features[names.index(u.video)] for u in listed]), [], {}
+
+    monkeypatch.setattr(identities, "video_descriptors", descriptors)
+    merged, report = identities.merge_units(units, threshold=0.6, progress=False)
+    split_of = {u.video: u.split for u in merged}
+    assert split_of["vidF"] == "test" and "val" in split_of.values()
+    by_identity: dict[str, set] = {}
+    for u in merged:
+        by_identity.setdefault(u.identity, set()).add(u.split)
+    assert all(len(s) == 1 for s in by_identity.values())  # still nobody in two splits
+    assert split_of["vidA"] == split_of["vidB"] == split_of["vidC"]
+    # with a validation identity left after merging, the CSV's choice stands
+    features[2] = np.eye(1, 128, 2, dtype=np.float32)
+    merged, _ = identities.merge_units(units, threshold=0.6, progress=False)
+    assert [u.video for u in merged if u.split == "val"] == ["vidC"]
+
+
+def test_prepare_says_when_a_split_came_out_empty(capsys):
+    from speech2face.data.prepare import _say_missing_splits
+
+    _say_missing_splits({"train": {"samples": 3}, "test": {"samples": 1}})
+    err = capsys.readouterr().err
+    assert "note: no 'val' samples: training validates on it" in err and "'test'" not in err
+    _say_missing_splits({"train": {"samples": 3}, "val": {"samples": 1}, "test": {"samples": 1}})
+    _say_missing_splits({"train": {"samples": 0}})  # nothing to train on: said elsewhere
+    assert capsys.readouterr().err == ""

@@ -541,7 +541,8 @@ def _avspeech_row(path: Path, source: str, line: int, row: list[str],
         )
     video = row[0].strip()
     if not AVSPEECH_ID.fullmatch(video):
-        raise DataError(path, f"{where}: {video!r} is not a video id ([A-Za-z0-9_-]): {shown!r}")
+        raise DataError(path, f"{where}: {video!r} is not a video id (1 to 64 of A-Z a-z "
+                        f"0-9 _ -): {shown!r}")
     if any("_" in v for v in row[1:]):  # float() would read "4_0" as 40
         raise DataError(path, f"{where}: start, end, x, y must be plain numbers, without '_': "
                         f"{shown!r}")

@@ -17,8 +17,10 @@ file's index and the ranges the segment spans travel. It writes::
 
 which ``speech2face prepare avspeech --root ROOT`` reads as it is (docs/data.md).
 
-Faults. A segment's two files appear together or not at all (``utils.staged_writes``),
-so a segment whose files exist is done, whatever happened to the run. A failure is
+Faults. A segment's two files appear together or not at all (``utils.staged_writes``;
+the segment renamed into place last), so a segment whose files exist is done, whatever
+happened to the run. A stop (Ctrl-C, SIGTERM) ends each thread's video at its next
+segment or byte range. A failure is
 appended to the log with its kind: permanent ones (private, removed, geo-blocked, no
 audio track, no face at the middle...) are not tried again; transient ones (timeout,
 network, truncated download, rate limited) are retried by the next run, up to
@@ -156,13 +158,19 @@ def check_url_template(template: str) -> str:
                   in string.Formatter().parse(template) if name is not None]
     except ValueError as error:  # a lone "{" or "}"
         raise ConfigError("--url-template", f"only {{id}} may be filled in: {error}") from None
-    other = [field[0] for field in fields if field != ("id", "", None)]
+    other = [field for field in fields if field != ("id", "", None)]
     if other:
-        raise ConfigError("--url-template", f"only {{id}} may be filled in, got {other[0]!r} "
-                          f"in {template!r}")
+        name, spec, conversion = other[0]
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (
+            f":{spec}" if spec else "") + "}"
+        raise ConfigError("--url-template", f"only a plain {{id}} may be filled in, got "
+                          f"{shown!r} in {template!r}")
     if not fields:
         raise ConfigError("--url-template", f"must contain {{id}}, got {template!r}")
-    url = urlsplit(template.format(id="ID"))
+    try:
+        url = urlsplit(template.format(id="ID"))
+    except ValueError as error:  # "Invalid IPv6 URL"
+        raise ConfigError("--url-template", f"{error}: {template!r}") from None
     if url.scheme.lower() not in ("http", "https") or not url.netloc:
         raise ConfigError("--url-template", f"must be an http:// or https:// URL, got {template!r}")
     try:
@@ -267,8 +275,10 @@ def _disk_errors(path: Path):
             raise DataError(path, "file too large for the file system or the process's "
                             "file size limit (ulimit -f)") from None
         if error.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            raise DataError(path, f"cannot be written: something in its way ({error.strerror}: "
-                            f"{error.filename})") from None
+            # os.replace's error names the temporary file first, then the one in the way
+            raise DataError(error.filename2 or error.filename or path,
+                            f"cannot be written: something in its way ({error.strerror})"
+                            ) from None
         if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise DataError(path, f"cannot write ({error.strerror}); make the folder "
                             "writable and rerun") from None
@@ -282,19 +292,24 @@ def _as_failure():
     disk (DataError) still ends it."""
     try:
         yield
-    except (Failure, DataError):
+    except (Failure, DataError, _Stopped):
         raise
     except Exception as error:  # noqa: BLE001 (logged with its type and message)
         raise Failure("error", f"{type(error).__name__}: {error}", transient=True) from None
 
 
+class _Stopped(Exception):
+    """The run is stopping (Ctrl-C, SIGTERM): the segment in hand is left, not logged."""
+
+
 class _RateLimit:
     """At most ``per_minute`` video requests a minute, spaced evenly, across threads."""
 
-    def __init__(self, per_minute: float | None):
+    def __init__(self, per_minute: float | None, stopping: threading.Event | None = None):
         self.gap = 60.0 / per_minute if per_minute else 0.0  # finite: see MIN_RATE_LIMIT
         self._next = 0.0
         self._lock = threading.Lock()
+        self.stopping = stopping or threading.Event()
 
     def wait(self) -> None:
         if not self.gap:
@@ -303,7 +318,8 @@ class _RateLimit:
             now = time.monotonic()
             slot = max(now, self._next)
             self._next = slot + self.gap
-        time.sleep(max(0.0, slot - now))
+        if self.stopping.wait(max(0.0, slot - now)):
+            raise _Stopped
 
 
 # ============================================================================ fetching
@@ -321,9 +337,13 @@ class _Fetcher:
     """Fetches the segments of one video at a time; shared by the worker threads."""
 
     def __init__(self, root: Path, url_template: str, timeout: float, max_height: int,
-                 rate: _RateLimit, log: _Log):
+                 rate_limit: float | None, log: _Log):
         self.root, self.url_template, self.timeout = root, url_template, timeout
-        self.max_height, self.rate, self.log = max_height, rate, log
+        self.max_height, self.log = max_height, log
+        # Set when the run stops: each thread leaves its video at the next segment or
+        # byte range (a request in flight still runs to its end or its timeout).
+        self.stopping = threading.Event()
+        self.rate = _RateLimit(rate_limit, self.stopping)
         self._face_lock = threading.Lock()  # dlib's models are not documented thread-safe
         self._encoder = None
         self._local = threading.local()
@@ -344,21 +364,26 @@ class _Fetcher:
             self.log.add(segment, failure, attempts.get(segment.key, 0) + 1)
             counts[failure.kind] += 1
 
-        self.rate.wait()
         try:
-            with _as_failure():
-                sources = self.resolve(self.url_template.format(id=video))
-        except Failure as failure:
-            for segment in segments:
-                failed(segment, failure)
-            return counts
-        for segment in segments:
+            self.rate.wait()
             try:
                 with _as_failure():
-                    self.segment(sources, segment)
-                counts["ok"] += 1
+                    sources = self.resolve(self.url_template.format(id=video))
             except Failure as failure:
-                failed(segment, failure)
+                for segment in segments:
+                    failed(segment, failure)
+                return counts
+            for segment in segments:
+                if self.stopping.is_set():
+                    break
+                try:
+                    with _as_failure():
+                        self.segment(sources, segment)
+                    counts["ok"] += 1
+                except Failure as failure:
+                    failed(segment, failure)
+        except _Stopped:
+            pass
         return counts
 
     def resolve(self, url: str) -> list[_Source]:
@@ -412,15 +437,28 @@ class _Fetcher:
         descriptor = self._face(frames, segment)
         self._write(segment, wave, frames, descriptor)
 
+    @contextlib.contextmanager
     def _open(self, source: _Source):
+        """The media as an open container. Over HTTP, a request that fails while FFmpeg
+        reads (a 404 midway, a short body, the run stopping) ends the reading quietly and
+        is raised here, in place of whatever FFmpeg made of the missing bytes: raised
+        inside FFmpeg's read callback, PyAV would print its traceback."""
         import av
 
+        reader = None
         try:
             if source.url.startswith(("http:", "https:")):
-                return av.open(_RangeReader(self._ydl(), source), timeout=self.timeout)
-            return av.open(source.url, timeout=self.timeout)
-        except av.error.FFmpegError as error:
+                reader = _RangeReader(self._ydl(), source, self.stopping)
+            with av.open(reader or source.url, timeout=self.timeout) as container:
+                yield container
+        except (av.error.FFmpegError, Failure) as error:
+            if reader is not None and reader.failure is not None:
+                raise reader.failure from None
+            if isinstance(error, Failure):
+                raise
             raise classify(_av_message(error)) from None
+        if reader is not None and reader.failure is not None:
+            raise reader.failure
 
     def _audio(self, container, segment: Segment) -> np.ndarray:
         """float32 mono at SAMPLE_RATE of exactly [start, end)."""
@@ -519,20 +557,27 @@ class _Fetcher:
             raise DataError(folder, "is in the way: expected the folder of a video's segments")
         for path in (media, face):
             remove_stale_temps(path, folder=False)
+        # Renamed into place in this order: the segment, which marks it done, comes last.
         with _disk_errors(media), staged_writes() as stage:
-            with stage(media) as f:
-                _write_segment(f, wave, frames)
             with stage(face) as f:
                 np.save(f, descriptor, allow_pickle=False)
+            with stage(media) as f:
+                _write_segment(f, wave, frames)
 
 
 class _RangeReader(io.RawIOBase):
     """A read-only, seekable file over HTTP byte ranges (through yt-dlp's networking),
-    for FFmpeg: fixed, aligned ranges of RANGE_BYTES, the last CACHED_RANGES kept."""
+    for FFmpeg: fixed, aligned ranges of RANGE_BYTES, the last CACHED_RANGES kept.
 
-    def __init__(self, ydl, source: _Source):
-        self.ydl, self.source = ydl, source
+    A range that fails once FFmpeg reads (the first is fetched here, before) is kept in
+    ``failure`` and reads as the end of the file from then on: an exception raised into
+    FFmpeg's callback would be printed by PyAV, again at each retry. The caller raises
+    ``failure`` (``_Fetcher._open``). Stopping (``stopping``) is such a failure too."""
+
+    def __init__(self, ydl, source: _Source, stopping: threading.Event):
+        self.ydl, self.source, self.stopping = ydl, source, stopping
         self.pos, self.size = 0, None
+        self.failure: Exception | None = None
         self.cache: OrderedDict[int, bytes] = OrderedDict()
         self._range(0)  # learns the size; errors (404, timeout) surface here
 
@@ -540,9 +585,14 @@ class _RangeReader(io.RawIOBase):
         if index in self.cache:
             self.cache.move_to_end(index)
             return self.cache[index]
+        import http.client
+
         from yt_dlp.networking import Request
+        from yt_dlp.networking.exceptions import IncompleteRead
         from yt_dlp.utils import YoutubeDLError
 
+        if self.stopping.is_set():
+            raise _Stopped
         first = index * RANGE_BYTES
         headers = {**self.source.headers, "Range": f"bytes={first}-{first + RANGE_BYTES - 1}"}
         try:
@@ -552,7 +602,9 @@ class _RangeReader(io.RawIOBase):
                 total = response.headers.get("Content-Range", "").rpartition("/")[2]
                 length = response.headers.get("Content-Length")
                 data = response.read(RANGE_BYTES)
-        except (YoutubeDLError, OSError) as error:
+        except (IncompleteRead, http.client.IncompleteRead) as error:  # a response cut short
+            raise Failure("network", f"incomplete read ({error})", transient=True) from None
+        except (YoutubeDLError, OSError, http.client.HTTPException) as error:
             raise classify(str(error)) from None
         if self.size is None:
             self.size = int(total) if total.isdigit() else (
@@ -582,10 +634,14 @@ class _RangeReader(io.RawIOBase):
         return self.pos
 
     def readinto(self, buffer) -> int:
-        if self.size is not None and self.pos >= self.size:
+        if self.failure is not None or (self.size is not None and self.pos >= self.size):
             return 0
         index, skip = divmod(self.pos, RANGE_BYTES)
-        data = self._range(index)[skip : skip + len(buffer)]
+        try:
+            data = self._range(index)[skip : skip + len(buffer)]
+        except (Failure, _Stopped) as failure:
+            self.failure = failure
+            return 0
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -598,6 +654,7 @@ def _write_segment(f, wave: np.ndarray, frames: list[tuple[float, np.ndarray]]) 
     import av
 
     ms = Fraction(1, 1000)
+    f = _KeptError(f)
     with av.open(f, "w", format="matroska", options={"fflags": "+bitexact"}) as out:
         audio = out.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
         video = out.add_stream("libx264", options={"crf": str(VIDEO_CRF), "preset": "medium"})
@@ -615,6 +672,37 @@ def _write_segment(f, wave: np.ndarray, frames: list[tuple[float, np.ndarray]]) 
         frame.sample_rate, frame.pts, frame.time_base = SAMPLE_RATE, 0, Fraction(1, SAMPLE_RATE)
         out.mux(audio.encode(frame))
         out.mux(audio.encode())
+    if f.error is not None:
+        raise f.error
+
+
+class _KeptError(io.RawIOBase):
+    """A file for FFmpeg to write through PyAV that keeps its first OSError (a full disk)
+    in ``error`` and takes no more writes: raised inside FFmpeg's write callback, it
+    would be printed by PyAV, again at each following write. The caller raises it."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.f.write(data)
+            except OSError as error:
+                self.error = error
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
 
 
 def _duration(container) -> float | None:
@@ -735,7 +823,8 @@ def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template
     for video, group in sorted(by_video.items()):
         for segment in group:  # one per segment: read_avspeech_csvs drops repeated rows
             media = root / SEGMENTS_DIR / video / f"{segment.clip}{SEGMENT_SUFFIX}"
-            if media.is_file():
+            face = media.with_suffix(DESCRIPTOR_SUFFIX)
+            if media.is_file() and face.is_file():  # (a segment alone: an older run's)
                 counts["done"] += 1
             elif _gave_up(failures.get(segment.key, ()), max_attempts):
                 counts["given-up"] += 1
@@ -743,7 +832,7 @@ def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template
                 todo.setdefault(video, []).append(segment)
     attempts = {k: len(v) for k, v in failures.items()}
     log = _Log(log_path(root, shard_index, num_shards))
-    fetcher = _Fetcher(root, url_template, timeout, max_height, _RateLimit(rate_limit), log)
+    fetcher = _Fetcher(root, url_template, timeout, max_height, rate_limit, log)
     pool = ThreadPoolExecutor(max(1, min(workers, len(todo) or 1)))
     try:
         jobs = [pool.submit(fetcher.video, v, s, attempts) for v, s in todo.items()]
@@ -755,6 +844,7 @@ def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template
             bar.update(sum(result.values()))
         bar.close()
     finally:
+        fetcher.stopping.set()  # (at the end: nothing left to stop)
         pool.shutdown(wait=True, cancel_futures=True)
         fetcher.close()
     return counts

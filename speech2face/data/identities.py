@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech2face.data.datasets import processing_order
+from speech2face.data.datasets import _carve_validation, processing_order
 from speech2face.errors import DataError, Speech2FaceError
 from speech2face.face_resnet import DESCRIPTOR_DIM
 
@@ -420,6 +420,12 @@ def merge_units(units, threshold: float = SAME_PERSON_DISTANCE, linkage: str = "
         name: max(sorted(count, key=lambda s: rank.get(s, len(rank))), key=count.__getitem__)
         for name, count in votes.items()
     }
+    # The CSV's validation videos (carved from the train CSV's before anything was
+    # fetched) may all have failed to download or joined training identities: then the
+    # validation identities are carved again, as datasets does, from the merged ones.
+    if "val" not in split_of.values():
+        for name in _carve_validation([n for n, s in split_of.items() if s == "train"]):
+            split_of[name] = "val"
     out, moved = [], 0
     for u in units:
         if u.skip is not None:

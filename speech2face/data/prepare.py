@@ -52,6 +52,7 @@ from speech2face.data.datasets import (
     CLIP_SECONDS,
     DATASETS,
     FRAMES_PER_VIDEO,
+    SPLIT_FILE,
     SPLITS,
     Clip,
     Frame,
@@ -1232,4 +1233,21 @@ def prepare_command(args) -> int:
         )
     if (Path(args.out) / MANIFEST).is_file() and not args.merge:
         print(f"manifest: {Path(args.out) / MANIFEST}")
+    if (Path(args.out) / MANIFEST).is_file():
+        _say_missing_splits(manifest["splits"])
     return 0
+
+
+def _say_missing_splits(splits: dict) -> None:
+    """A note on stderr for a split that came out empty beside a training split: training
+    validates on 'val' and evaluation reads 'test', and either would refuse it later."""
+    import sys
+
+    if not splits.get("train", {}).get("samples"):
+        return
+    for split, reader in (("val", "training validates on it (or train with val_batches=0)"),
+                          ("test", "`evaluate` reads it")):
+        if not splits.get(split, {}).get("samples"):
+            print(f"speech2face prepare: note: no {split!r} samples: {reader}; more "
+                  f"identities, or a split file (ROOT/{SPLIT_FILE}; docs/data.md, \"Splits\"), "
+                  f"give it some", file=sys.stderr)
