@@ -39,7 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from speech2face.errors import AudioError, DataError, Speech2FaceError, WeightsError
+from speech2face.errors import (
+    AudioError,
+    ConfigError,
+    DataError,
+    Speech2FaceError,
+    WeightsError,
+)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only unless told otherwise
 DEFAULT_PORT = 7860  # the port local model demos (Gradio) use, so people look there
@@ -48,9 +54,8 @@ MAX_SECONDS = 600.0  # declared duration above which a file is refused undecoded
 NEIGHBOURS = 5  # nearest gallery faces shown
 FRAMING_BYTES = 64 * 1024  # multipart boundaries and part headers around the file itself
 CHUNK_BYTES = 1 << 16
-# Addresses of this machine only; bound to one, the page answers only requests whose Host
-# header names it so (no DNS rebinding). An IPv6 address is bracketed in a Host header.
-_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+# Bound to an address of this machine only (is_loopback), the page answers only requests
+# whose Host header names it so (no DNS rebinding). An IPv6 address is bracketed there.
 _LOOPBACK_HOST_HEADERS = ("127.0.0.1", "localhost", "[::1]")
 _SUFFIX = re.compile(r"\.[a-z0-9]{1,8}")
 _ASSETS = Path(__file__).with_name("assets")
@@ -206,7 +211,7 @@ class FaceServer:
             ready, message = True, None
         except WeightsError as error:
             ready, message = False, str(error)
-        if self.model_arg is None and not ready:
+        if self.model_arg is None and not ready and not default_model_path().exists():
             message = (f"No model yet: run `make demo` (or `speech2face demo`) to train the demo "
                        f"model into {default_model_path()}, then reload this page; or restart "
                        "with `speech2face serve --model BUNDLE`.")
@@ -229,8 +234,11 @@ class FaceServer:
         model = self.model()
         declared = declared_seconds(path)
         if declared is not None and declared > self.max_seconds:
+            advice = (f"only the first {CLIP_SECONDS:g} s are used: send those"
+                      if self.max_seconds >= CLIP_SECONDS else
+                      f"send at most {self.max_seconds:g} s")
             raise AudioError(name, f"{declared:.0f} s long, over the {self.max_seconds:g}-s cap "
-                                   f"(only the first {CLIP_SECONDS:g} s are used: send those)")
+                                   f"({advice})")
         try:
             wave = prepare_audio(path)
         except AudioError as error:
@@ -346,12 +354,12 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
             upload["file"].close()
             upload["writing"] = False
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-        "on_part_end": on_part_end})
     try:
+        parser = MultipartParser(params[b"boundary"], {  # (refuses a 300-byte boundary)
+            "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+            "on_header_value": on_header_value, "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+            "on_part_end": on_part_end})
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
@@ -371,6 +379,19 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
     if upload["size"] == 0:
         raise AudioError(upload["name"], "empty file")
     return upload["path"], upload["name"]
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (as --host gives it) is this machine only: localhost or a loopback address
+    (127.0.0.0/8, ::1), whatever its case."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def create_app(server: FaceServer, host: str = DEFAULT_HOST):
@@ -434,9 +455,10 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
         server.close()
 
     middleware = []
-    if host in _LOOPBACK_NAMES:
-        middleware.append(Middleware(TrustedHostMiddleware,
-                                     allowed_hosts=list(_LOOPBACK_HOST_HEADERS)))
+    if is_loopback(host):
+        shown = host.lower() if ":" not in host else f"[{host.lower()}]"
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(
+            dict.fromkeys([*_LOOPBACK_HOST_HEADERS, shown]))))
     return Starlette(routes=[
         Route("/", index), Route("/status", status),
         Route("/reconstruct", reconstruct, methods=["POST"]),
@@ -490,7 +512,7 @@ MAX_SECONDS_LIMIT = 1e6  # 11 days: what --max-seconds may be set to
 def _port(text: str) -> int:
     import argparse
 
-    if not text.isdigit() or int(text) > 65535:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:  # not "١٢٣"
         raise argparse.ArgumentTypeError(f"not a port number (0-65535): {text!r}")
     return int(text)
 
@@ -531,6 +553,8 @@ def serve_command(args) -> int:
     except ImportError as error:
         raise Speech2FaceError(None, f"the web page needs the [web] extra ({error.name} is "
                                      "missing): pip install 'speech2face[web]'") from None
+    if args.gallery_split is not None and args.gallery is None:
+        raise ConfigError("--gallery-split", "takes the gallery's split: give --gallery too")
     gallery = None if args.gallery is None else load_gallery(args.gallery, args.gallery_split)
     server = FaceServer(args.model, gallery, args.max_upload_mb, args.max_seconds, args.device)
     try:
@@ -544,7 +568,7 @@ def serve_command(args) -> int:
         print(f"speech2face serve: {url}  ({shown}; Ctrl+C stops)", flush=True)
         if not status["ready"]:
             print(f"speech2face serve: {status['message']}", file=sys.stderr)
-        if args.host not in _LOOPBACK_NAMES:
+        if not is_loopback(args.host):
             print(f"speech2face serve: listening on {args.host}: anyone who can reach this "
                   "machine can use the page", file=sys.stderr)
         config = uvicorn.Config(create_app(server, args.host), log_level="warning",

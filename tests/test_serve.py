@@ -328,6 +328,14 @@ def test_malformed_multipart_bodies_get_one_line_400(running):
             status, content, reply = _request(running, "POST", path, body,
                                               {"Content-Type": kind})
             assert "multipart" in _error(status, content, reply), name
+    # a boundary of 300 bytes (RFC 2046 allows 70; the parser refuses it when made): a 500
+    long = "b" * 300
+    body = (f'--{long}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"'
+            f"\r\n\r\nabc\r\n--{long}--\r\n").encode()
+    for path in ("/reconstruct", "/api/reconstruct"):
+        status, content, reply = _request(running, "POST", path, body,
+                                          {"Content-Type": f"multipart/form-data; boundary={long}"})
+        assert "malformed multipart" in _error(status, content, reply)
 
 
 def test_a_client_that_leaves_mid_upload_costs_no_traceback(running, clips, caplog):
@@ -414,12 +422,18 @@ def test_declared_seconds_reads_the_header_only(tmp_path):
     np.testing.assert_allclose(load_audio(tmp_path / "stream.flac"), wave, atol=1 / 32768)
 
 
-def test_bound_to_ipv6_loopback_it_answers_only_loopback_names():
-    """--host ::1 is guarded against DNS rebinding as 127.0.0.1 is (an IPv6 address is
-    bracketed in a Host header)."""
+@pytest.mark.parametrize(("host", "own"), [
+    ("::1", "[::1]:7860"), ("127.0.0.2", "127.0.0.2:7860"), ("LOCALHOST", "localhost:7860"),
+])
+def test_bound_to_any_loopback_address_it_answers_only_loopback_names(host, own):
+    """--host ::1, 127.0.0.2 or LOCALHOST is guarded against DNS rebinding as 127.0.0.1
+    is (an IPv6 address is bracketed in a Host header); the guard was off for all but
+    three spellings."""
     import asyncio
 
-    app = serve.create_app(serve.FaceServer(None), "::1")
+    assert serve.is_loopback(host) and not serve.is_loopback("0.0.0.0")
+    assert not serve.is_loopback("example.org") and not serve.is_loopback("10.0.0.1")
+    app = serve.create_app(serve.FaceServer(None), host)
 
     def status(host: str) -> int:
         sent = []
@@ -494,6 +508,29 @@ def test_requests_for_other_host_names_are_refused(running):
     status, _, _ = _request(running, "GET", "/status", headers={"Host": "attacker.example"})
     assert status == 400
     assert _request(running, "GET", "/status", headers={"Host": "localhost:1"})[0] == 200
+
+
+def test_a_broken_demo_model_is_named_not_said_missing(tmp_path, monkeypatch):
+    from speech2face.inference import default_model_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    default_model_path().mkdir(parents=True)
+    (default_model_path() / "config.json").write_text("{bad")
+    state = serve.FaceServer(None).status()
+    assert not state["ready"] and "No model yet" not in state["message"]
+    assert "config.json" in state["message"]
+
+
+def test_a_cap_under_six_seconds_gives_advice_that_can_be_followed(tmp_path, bundle):
+    import soundfile as sf
+
+    sf.write(tmp_path / "three.wav", np.full(3 * RATE, 0.1, np.float32), RATE)
+    server = serve.FaceServer(str(bundle), max_seconds=2)
+    try:
+        with pytest.raises(serve.AudioError, match=r"over the 2-s cap \(send at most 2 s\)"):
+            server.reconstruct_file(tmp_path / "three.wav", "three.wav")
+    finally:
+        server.close()
 
 
 def test_no_model_yet_says_what_to_do(tmp_path, monkeypatch, clips):
@@ -604,10 +641,13 @@ def test_serve_command_errors_are_one_line(shards, bundle, tmp_path, capsys):
         busy.close()
     for argv in (["--port", "99999"], ["--max-upload-mb", "0"], ["--max-seconds", "nan"],
                  ["--max-upload-mb", "1e308"], ["--max-seconds", "1e300"],
-                 ["--device", "banana"]):
+                 ["--device", "banana"], ["--port", "\u0661\u0662\u0663"]):  # Arabic digits
         with pytest.raises(SystemExit) as exit_info:
             main(["serve", *argv])
         assert exit_info.value.code == 2
+    capsys.readouterr()
+    assert "--gallery-split: takes the gallery's split: give --gallery too" in error(
+        "--model", str(bundle), "--gallery-split", "test")
 
 
 def test_serve_command_runs_until_interrupted(bundle, clips, tmp_path):
