@@ -238,7 +238,8 @@ def _stage_defaults(stage: str) -> dict:
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
-    """The settings of a JSON or TOML file (by suffix; others are read as JSON), nested."""
+    """The settings of a JSON, TOML or YAML file (by suffix; others are read as JSON),
+    nested."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -252,12 +253,20 @@ def read_config_file(path: str | os.PathLike) -> dict:
                 import tomli as tomllib
 
             data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml  # PyYAML: OmegaConf's own dependency
+
+            try:
+                data = yaml.safe_load(text)  # plain data only: no tags that build objects
+            except yaml.YAMLError as error:
+                raise ValueError(str(error).replace("\n", " ")) from None
         else:
             data = json.loads(text)
     except RecursionError:
         raise ConfigError(path, "nested too deeply to be a config file") from None
     except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError
-        raise ConfigError(path, f"not valid {path.suffix.lstrip('.').upper() or 'JSON'}: "
+        kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(path.suffix.lower(), "JSON")
+        raise ConfigError(path, f"not valid {kind}: "
                                 f"{str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(path, "the config file must hold a table/object of settings")

@@ -402,6 +402,9 @@ def fit(
     if checkpoint is not None:
         loop = load_checkpoint(checkpoint, stage, optimizer, scheduler, scaler, placement, device,
                                config)
+        if config.steps < loop.step:  # it would end at once, its config saying otherwise
+            raise ConfigError(checkpoint, f"is at step {loop.step}, past steps={config.steps}: "
+                                          f"resume with steps >= {loop.step}")
     if placement.is_main:
         run.mkdir(parents=True, exist_ok=True)
         with atomic_write(run / TRAIN_CONFIG_FILE, "w") as f:
@@ -716,6 +719,7 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
     opt_tensors = read_safetensors(path / OPTIMIZER_FILE)
     opt_tensors.pop("_empty", None)
     rng = read_safetensors(path / RNG_FILE)
+    _check_same_model(path, state, stage, config)
     # The same process count restores each process's own stream; otherwise rank 0's.
     rng_key = check_checkpoint(path, state, opt_tensors, rng, optimizer, scheduler,
                                placement.rank)
@@ -764,6 +768,22 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
         say(f"batch_size {old_batch} -> {config.batch_size}: this epoch goes on after its "
             f"first {done} samples")
     return loop
+
+
+def _check_same_model(path: Path, state: dict, stage: Stage, config: TrainConfig) -> None:
+    """ConfigError naming the settings that size the model (the preset; the voice
+    encoder's kind) where the checkpoint's run had others: its tensors would not fit, and
+    saying so beats an error about a tensor's shape, which reads as a damaged checkpoint
+    (and whose advice, resume from the checkpoint before, fails the same way)."""
+    saved = state.get("train_config")
+    keys = ("preset", "encoder") if stage.name == "voice" else ("preset",)
+    changed = [f"{key} {getattr(config, key)} (the checkpoint's run: {saved[key]})"
+               for key in keys if isinstance(saved, dict) and isinstance(saved.get(key), str)
+               and saved[key] != getattr(config, key)]
+    if changed:
+        given = " ".join(f"{key}={saved[key]}" for key in keys if saved.get(key) is not None)
+        raise ConfigError(path, f"was trained with another model: {', '.join(changed)}; "
+                                f"resume with {given}, or train into a new folder")
 
 
 # Settings a resumed run may change without a word: when and what it logs, checkpoints

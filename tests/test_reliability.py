@@ -838,3 +838,43 @@ def test_faces_leftovers_are_removed(tmp_path, capfd):
                                 capfd)
     assert status == 2  # a blank image has no face; the leftovers go all the same
     assert not any(p.exists() for p in stale)
+
+
+def test_another_preset_on_resume_is_named_not_called_damage(decoder_run, tmp_path, capfd):
+    """preset=paper over a tiny run: the checkpoint's tensors do not fit, and the line says
+    why (a shape error advised removing one intact checkpoint after another)."""
+    run = _copy_run(decoder_run, tmp_path)
+    before = _snapshot(run)
+    line = assert_refused(["train-decoder", "--data", decoder_run["shards"], "-o", run,
+                           "--resume", *TRAIN, "steps=6", "preset=paper"], capfd,
+                          "step-00000004", "was trained with another model: preset paper "
+                          "(the checkpoint's run: tiny); resume with preset=tiny")
+    assert "remove" not in line
+    assert _snapshot(run) == before
+
+
+def test_a_damaged_validation_shard_stops_training_before_any_step(decoder_run, tmp_path,
+                                                                   capfd):
+    """Found at the first validation, it cost val_every steps (1,000 on the paper preset),
+    and every --resume the same again: validation comes before that step's checkpoint."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(decoder_run["shards"], shards)
+    val = sorted((shards / "val").glob("*.tar"))[0]
+    blob = bytearray(val.read_bytes())
+    blob[600] ^= 0xFF
+    val.write_bytes(bytes(blob))
+    run = tmp_path / "run"
+    assert_refused(["train-decoder", "--data", shards, "-o", run, *TRAIN, "steps=4"], capfd,
+                   val.name, "SHA-256 differs")
+    assert not run.exists()
+
+
+def test_resuming_with_fewer_steps_than_done_is_refused(decoder_run, tmp_path, capfd):
+    run = _copy_run(decoder_run, tmp_path)
+    before = _snapshot(run)
+    assert_refused(["train-decoder", "--data", decoder_run["shards"], "-o", run, "--resume",
+                    *TRAIN, "steps=2"], capfd, "step-00000004",
+                   "is at step 4, past steps=2: resume with steps >= 4")
+    assert _snapshot(run) == before  # train_config.json did not come to say steps=2

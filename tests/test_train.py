@@ -155,6 +155,19 @@ def test_config_file_and_overrides(tmp_path):
     assert (config.preset, config.batch_size, config.grad_accum) == ("paper", 16, 4)
     assert config.loss.temperature == 3.0
 
+    # YAML (it was read as JSON: "not valid YAML: Expecting value"); plain data only
+    yml = tmp_path / "run.yaml"
+    yml.write_text("preset: tiny\nsteps: 30\nloss:\n  lambda1: 0.5\n")
+    config = load_config(yml)
+    assert (config.preset, config.steps, config.loss.lambda1) == ("tiny", 30, 0.5)
+    yml.write_text("steps: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="run.yaml: not valid YAML"):
+        load_config(yml)
+    yml.write_text("steps: [1\n")
+    with pytest.raises(ConfigError, match="run.yaml: not valid YAML") as error:
+        load_config(yml)
+    assert "\n" not in str(error.value)
+
 
 @pytest.mark.parametrize("items, words", [
     (["stepz=3"], "unknown setting 'stepz'"),

@@ -25,7 +25,13 @@ import torch
 
 from speech2face.audio import MIN_SECONDS, SAMPLE_RATE, fit_duration, seconds_samples
 from speech2face.data.datasets import CLIP_SECONDS
-from speech2face.data.shards import MANIFEST, _decode_jpeg, iterate_tar, load_manifest
+from speech2face.data.shards import (
+    MANIFEST,
+    _decode_jpeg,
+    check_shard,
+    iterate_tar,
+    load_manifest,
+)
 from speech2face.distributed import Placement
 from speech2face.errors import ConfigError, DataError
 from speech2face.faces import CROP_SIZE
@@ -760,6 +766,12 @@ def training_data(data: Path, manifest: dict, config: TrainConfig, placement: Pl
     train = ShardData(data, "train", placement.micro_batch(config), config, placement,
                       spectrogram=spectrogram)
     split = validation_split(data, manifest, config)
+    if split is not None:
+        # Checked now, not at the first validation, after val_every steps (which a
+        # damaged shard would lose, validation coming before that step's checkpoint).
+        # Validation shards are few; the training split's are checked as they are read.
+        for shard in manifest["splits"][split]["shards"]:
+            check_shard(Path(manifest["root"]) / shard["path"], shard["size"], shard["sha256"])
     val = None if split is None else ShardData(
         data, split, max(1, min(config.batch_size, config.val_images)), config, Placement(),
         spectrogram=spectrogram, shuffle=False)
