@@ -481,9 +481,12 @@ def check_finite(state: dict[str, torch.Tensor], file: Path) -> None:
             raise WeightsError(file, f"tensor {name} holds values beyond float32's range")
 
 
-def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: Path,
+                       same_dtype: bool = False) -> None:
     """``module.load_state_dict(state)``, strict; a one-line :class:`WeightsError` on mismatch
-    or on NaN/infinite weights."""
+    or on NaN/infinite weights. ``same_dtype``: each tensor must have the module's dtype
+    (a checkpoint, which a resumed run must continue exactly: float16 weights loaded into
+    a float32 model would round every weight); a bundle may hold another float type."""
     own = module.state_dict()
     problem = _mismatch({k: v.shape for k, v in own.items()},
                         {k: v.shape for k, v in state.items()})
@@ -491,7 +494,7 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: 
         raise WeightsError(file, "weights do not match the config: " + problem)
     for name, tensor in state.items():
         if tensor.is_floating_point() != own[name].is_floating_point() \
-                or tensor.dtype == torch.bool:
+                or tensor.dtype == torch.bool or (same_dtype and tensor.dtype != own[name].dtype):
             raise WeightsError(file, f"tensor {name} is {tensor.dtype}, this model's is "
                                      f"{own[name].dtype}")
     check_finite(state, file)

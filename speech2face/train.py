@@ -94,7 +94,7 @@ from speech2face.train_log import (
     window_means,
     write_png,
 )
-from speech2face.utils import atomic_write, is_whole
+from speech2face.utils import atomic_write, is_number, is_whole
 
 BEST_FILE = "best.json"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -723,7 +723,7 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
     # The same process count restores each process's own stream; otherwise rank 0's.
     rng_key = check_checkpoint(path, state, opt_tensors, rng, optimizer, scheduler,
                                placement.rank)
-    load_state_checked(stage.model, weights, path / WEIGHTS_NAME)
+    load_state_checked(stage.model, weights, path / WEIGHTS_NAME, same_dtype=True)
     optimizer.load_state_dict(optimizer_from_files(state["optimizer"], opt_tensors))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -751,6 +751,10 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
             "may repeat or miss a few samples)")
     for line in _follow_settings(optimizer, scheduler, config, loop.step):
         say(line)
+    if is_number(saved.get("classifier_l2")) and saved["classifier_l2"] != config.classifier_l2:
+        say(f"classifier_l2 {config.classifier_l2} (was {saved['classifier_l2']}) has no "
+            "effect on a resumed run: the identity classifier was fitted when the run "
+            "started, and the checkpoint keeps it")
     changed = _other_changes(saved, config)
     if changed:
         say(f"resuming with {changed}: from step {loop.step} this run trains otherwise "
@@ -793,7 +797,9 @@ _QUIET_ON_RESUME = {"steps", "log_every", "val_every", "val_batches", "val_image
                     "deterministic", "face_encoder_weights",
                     # said by _follow_settings and load_checkpoint themselves
                     "lr", "lr_decay", "lr_decay_steps", "beta1", "beta2", "eps", "batch_size",
-                    "num_workers"}
+                    "num_workers",
+                    # fitted once, at the start; kept by the checkpoint (load_checkpoint says)
+                    "classifier_l2"}
 
 
 def _other_changes(saved: dict, config: TrainConfig) -> str:
@@ -873,9 +879,28 @@ def _check_encoder_weights(manifest: dict, config: TrainConfig) -> None:
 
 
 def _check_fresh(out: Path, resume: bool) -> None:
+    _check_run_entries(out)
     if not resume and latest_checkpoint(out) is not None:
         raise ConfigError(out, "already holds checkpoints; pass --resume to continue it, "
                                "or choose another --out")
+
+
+def _check_run_entries(out: Path) -> None:
+    """ConfigError naming an entry of the run folder that is not of the kind the run
+    writes there (a folder where a file goes, or the reverse): found before any work, not
+    as a traceback from deep inside the first write."""
+    from speech2face.train_log import METRICS_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(out, "is in the way: the run folder is a file")
+    files = [out / METRICS_FILE, out / TRAIN_CONFIG_FILE, out / CHECKPOINTS_DIR / BEST_FILE]
+    folders = [out / "tensorboard", out / CHECKPOINTS_DIR, out / RUN_MODEL_DIR]
+    for path in files:
+        if path.is_dir():
+            raise ConfigError(path, "is in the way: a folder where the run writes a file")
+    for path in folders:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(path, "is in the way: a file where the run writes a folder")
 
 
 def decoder_stage(data: str | os.PathLike, config: TrainConfig,

@@ -685,6 +685,10 @@ BAD_CHECKPOINTS = {
     "epoch-step-beyond": (_state_edit(_put("epoch_step", 10**9)), "state.json", "epoch_step"),
     "best-loss-nan": (_state_edit(_put("best_val_loss", float("nan"))), "state.json",
                       "best_val_loss"),
+    # float16 weights resumed into a float32 model: every weight rounded, silently
+    "weights-float16": (_tensors_edit("model.safetensors", lambda t: t.update(
+        {(k := next(k for k in t if t[k].is_floating_point())): t[k].half()})),
+        "model.safetensors", "torch.float16"),
     "weights-int": (_tensors_edit("model.safetensors", lambda t: t.update(
         {(k := next(k for k in t if t[k].is_floating_point())): t[k].to(torch.int32)})),
         "model.safetensors", "torch.int32"),
@@ -878,3 +882,23 @@ def test_resuming_with_fewer_steps_than_done_is_refused(decoder_run, tmp_path, c
                     *TRAIN, "steps=2"], capfd, "step-00000004",
                    "is at step 4, past steps=2: resume with steps >= 4")
     assert _snapshot(run) == before  # train_config.json did not come to say steps=2
+
+
+@pytest.mark.parametrize("entry, folder", [
+    ("metrics.csv", True), ("checkpoints/best.json", True), ("tensorboard", False),
+    ("model", False),
+])
+def test_odd_entries_in_the_run_folder_are_named(decoder_run, tmp_path, capfd, entry, folder):
+    """A folder where the run writes a file, or the reverse: one line naming it (a
+    traceback from the first write before)."""
+    import shutil
+
+    run = _copy_run(decoder_run, tmp_path)
+    path = run / entry
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    path.mkdir() if folder else path.write_text("")
+    assert_refused(["train-decoder", "--data", decoder_run["shards"], "-o", run, "--resume",
+                    *TRAIN, "steps=6"], capfd, entry.split("/")[-1], "is in the way")

@@ -716,6 +716,12 @@ def test_other_settings_changed_on_resume_are_said(shards, tmp_path, capsys):
     assert "resuming with loss.texture_weight 3.0 (was 1.0), seed 5 (was 0): from step 2" \
         in err, err
     assert "log_every" not in err
+    # the identity classifier is fitted once, at the start: a new L2 changes nothing
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--resume",
+                 "--no-progress", "steps=4", "classifier_l2=1"]) == 0
+    err = capsys.readouterr().err
+    assert "classifier_l2 1.0 (was 16.0) has no effect on a resumed run" in err, err
+    assert "trains otherwise" not in err
 
 
 def test_command_line_errors_exit_2(shards, tmp_path, capsys):
