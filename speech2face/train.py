@@ -336,9 +336,13 @@ def _next_group(stream, loop: LoopState, data, accum: int):
             return stream, group
         if loop.epoch_step == 0:
             processes = dist.get_world_size() if dist.is_initialized() else 1
-            hint = "" if processes == 1 else (
-                f"; each of the {processes} processes reads whole shards: the split needs "
-                f"at least {processes} shards (prepare --samples-per-shard)")
+            workers = getattr(data, "workers", 0)
+            readers = processes * max(1, workers)
+            hint = "" if readers == 1 else (
+                f"; the split's shards are dealt out whole to {processes} process(es) x "
+                f"{max(1, workers)} loader worker(s), and each batches only the samples of "
+                f"its own shards, dropping a last short batch: prepare with a smaller "
+                f"--samples-per-shard, or set fewer num_workers or processes")
             raise DataError(None, "the training data has too few samples for one step "
                                   f"({accum} micro-batch(es) on every process){hint}")
         loop.epoch += 1

@@ -902,3 +902,19 @@ def test_odd_entries_in_the_run_folder_are_named(decoder_run, tmp_path, capfd, e
     path.mkdir() if folder else path.write_text("")
     assert_refused(["train-decoder", "--data", decoder_run["shards"], "-o", run, "--resume",
                     *TRAIN, "steps=6"], capfd, entry.split("/")[-1], "is in the way")
+
+
+def test_too_few_samples_per_loader_worker_says_why(tmp_path, capfd):
+    """15 training samples in shards of 4: enough for a batch of 8 in all, but each of 4
+    loader workers batches only its own shard's. The line said 'too few samples' and no
+    more; it now says how the shards are dealt out."""
+    corpus, shards = tmp_path / "corpus", tmp_path / "shards"
+    assert cli.main(["make-demo-data", "-o", str(corpus), "--speakers", "4", "--frames", "1"]) == 0
+    assert cli.main(["prepare", "voxceleb1", "--root", str(corpus), "-o", str(shards),
+                     "--samples-per-shard", "4", "--frames-per-video", "1"]) == 0
+    capfd.readouterr()
+    status, _, err, _ = run_cli(["train-decoder", "--data", shards, "-o", tmp_path / "run",
+                                 "--no-progress", "preset=tiny", "steps=1", "batch_size=8",
+                                 "num_workers=4", "val_batches=0"], capfd)
+    assert status == 2 and "too few samples for one step" in err, err
+    assert "1 process(es) x 4 loader worker(s)" in err and "fewer num_workers" in err
