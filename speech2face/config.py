@@ -156,6 +156,11 @@ class TrainConfig:
             problems.append(f"preset must be one of {PRESETS}, got {self.preset!r}")
         if self.amp not in AMP_MODES:
             problems.append(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        from speech2face.model import VOICE_ENCODERS  # (model imports this module)
+
+        if self.encoder not in VOICE_ENCODERS:  # train-decoder kept encoder=foo unchecked
+            problems.append(f"encoder must be one of {sorted(VOICE_ENCODERS)}, got "
+                            f"{self.encoder!r}")
         for name in ("steps", "batch_size", "grad_accum", "lr_decay_steps", "log_every",
                      "val_every", "checkpoint_every", "keep_last", "val_images", "shuffle_buffer"):
             if not 1 <= getattr(self, name) <= MAX_STEPS:

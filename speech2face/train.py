@@ -819,8 +819,12 @@ def _other_changes(saved: dict, config: TrainConfig) -> str:
                 out[f"{prefix}{key}"] = value
         return out
 
+    def shown(value) -> str:  # the checkpoint's values are its own: a tampered one is long
+        text = str(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
     was, now = flat(saved), flat(config.to_dict())
-    return ", ".join(f"{k} {now[k]} (was {was[k]})" for k in sorted(now)
+    return ", ".join(f"{k} {now[k]} (was {shown(was[k])})" for k in sorted(now)
                      if k in was and was[k] != now[k] and k not in _QUIET_ON_RESUME)
 
 

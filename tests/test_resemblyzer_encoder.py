@@ -150,5 +150,7 @@ def test_selected_in_training_as_encoder_resemblyzer():
     assert config.encoder == "resemblyzer"
     encoder = build_voice_encoder(config, 16)
     assert isinstance(encoder, rz.ResemblyzerEncoder) and encoder.config.output_dim == 16
-    with pytest.raises(ConfigError, match="unknown voice encoder 'nope'"):
-        build_voice_encoder(load_config(overrides=["encoder=nope"], stage="voice"), 16)
+    for stage in ("voice", "decoder"):  # train-decoder stored encoder=nope unchecked
+        with pytest.raises(ConfigError, match=r"encoder must be one of \['paper', "
+                                              r"'resemblyzer'\], got 'nope'"):
+            load_config(overrides=["encoder=nope"], stage=stage)

@@ -1110,3 +1110,15 @@ def test_more_processes_than_training_shards_are_refused_before_writing(shards):
     with pytest.raises(ConfigError, match=f"has {count} training shard.s. for {count + 1} "
                                           "processes"):
         _check_batch_fits(shards, config, Placement(rank=0, world_size=count + 1))
+
+
+def test_a_tampered_checkpoint_setting_is_shown_cut_short():
+    """A resumed run says what it changes against the checkpoint's settings, which are
+    the checkpoint's own text: a 5,000-element list made a 14-kB "one line"."""
+    from speech2face.train import _other_changes
+
+    config = TrainConfig.tiny("decoder")
+    saved = config.to_dict()
+    saved["loss"] = {**saved["loss"], "lambda1": list(range(5000))}
+    line = _other_changes(saved, config)
+    assert line.startswith("loss.lambda1 0.025 (was [0, 1, 2") and len(line) < 120, line
