@@ -771,3 +771,21 @@ def test_a_segment_is_the_same_bytes_on_every_run():
         download._write_segment(f, wave, frames)
         written.append(f.getvalue())
     assert written[0] == written[1] and len(written[0]) > 1000
+
+
+def test_a_truncated_segment_is_said_to_be_truncated(tmp_path):
+    """prepare reads a segment's middle frame; a segment cut short said "cannot decode
+    video: Operation not permitted" (FFmpeg's EPERM from the seek)."""
+    from speech2face.data.prepare import read_video_frame
+    from speech2face.errors import ImageError
+
+    rng = np.random.default_rng(0)
+    frames = [(1.0 + 0.04 * i, rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+              for i in range(3)]
+    with open(tmp_path / "whole.mkv", "wb") as f:
+        download._write_segment(f, rng.uniform(-0.1, 0.1, 48000).astype(np.float32), frames)
+    assert read_video_frame(tmp_path / "whole.mkv", 1.04).shape == (240, 320, 3)
+    (tmp_path / "cut.mkv").write_bytes((tmp_path / "whole.mkv").read_bytes()[:4000])
+    with pytest.raises(ImageError, match="cannot seek to the frame at 1.04 s "
+                                         r"\(a truncated or damaged file\?\)"):
+        read_video_frame(tmp_path / "cut.mkv", 1.04)

@@ -399,9 +399,12 @@ def read_video_frame(path: str | os.PathLike, time_s: float | None = None) -> np
                 )
                 time_s = float(duration) / 2
             if time_s > 0 and stream.time_base:
-                container.seek(
-                    int(time_s / stream.time_base), stream=stream, backward=True, any_frame=False
-                )
+                try:
+                    container.seek(int(time_s / stream.time_base), stream=stream,
+                                   backward=True, any_frame=False)
+                except av.error.FFmpegError:  # FFmpeg says "Operation not permitted"
+                    raise ImageError(path, f"cannot seek to the frame at {time_s:.2f} s "
+                                           "(a truncated or damaged file?)") from None
             last = None
             for frame in container.decode(stream):
                 last = frame
