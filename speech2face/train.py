@@ -336,11 +336,10 @@ def _next_group(stream, loop: LoopState, data, accum: int):
             return stream, group
         if loop.epoch_step == 0:
             processes = dist.get_world_size() if dist.is_initialized() else 1
-            workers = getattr(data, "workers", 0)
-            readers = processes * max(1, workers)
-            hint = "" if readers == 1 else (
+            workers = max(1, getattr(data, "workers", 0))  # 0: the process reads itself
+            hint = "" if processes * workers == 1 else (
                 f"; the split's shards are dealt out whole to {processes} process(es) x "
-                f"{max(1, workers)} loader worker(s), and each batches only the samples of "
+                f"{workers} loader worker(s), and each batches only the samples of "
                 f"its own shards, dropping a last short batch: prepare with a smaller "
                 f"--samples-per-shard, or set fewer num_workers or processes")
             raise DataError(None, "the training data has too few samples for one step "
@@ -778,6 +777,13 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
     return loop
 
 
+def _shown(value) -> str:
+    """A checkpoint's setting as a message shows it: the checkpoint's own text, so a
+    tampered one could be any length; cut to 60 characters."""
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_same_model(path: Path, state: dict, stage: Stage, config: TrainConfig) -> None:
     """ConfigError naming the settings that size the model (the preset; the voice
     encoder's kind) where the checkpoint's run had others: its tensors would not fit, and
@@ -785,11 +791,12 @@ def _check_same_model(path: Path, state: dict, stage: Stage, config: TrainConfig
     (and whose advice, resume from the checkpoint before, fails the same way)."""
     saved = state.get("train_config")
     keys = ("preset", "encoder") if stage.name == "voice" else ("preset",)
-    changed = [f"{key} {getattr(config, key)} (the checkpoint's run: {saved[key]})"
+    changed = [f"{key} {getattr(config, key)} (the checkpoint's run: {_shown(saved[key])})"
                for key in keys if isinstance(saved, dict) and isinstance(saved.get(key), str)
                and saved[key] != getattr(config, key)]
     if changed:
-        given = " ".join(f"{key}={saved[key]}" for key in keys if saved.get(key) is not None)
+        given = " ".join(f"{key}={_shown(saved[key])}" for key in keys
+                         if saved.get(key) is not None)
         raise ConfigError(path, f"was trained with another model: {', '.join(changed)}; "
                                 f"resume with {given}, or train into a new folder")
 
@@ -819,12 +826,8 @@ def _other_changes(saved: dict, config: TrainConfig) -> str:
                 out[f"{prefix}{key}"] = value
         return out
 
-    def shown(value) -> str:  # the checkpoint's values are its own: a tampered one is long
-        text = str(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
     was, now = flat(saved), flat(config.to_dict())
-    return ", ".join(f"{k} {now[k]} (was {shown(was[k])})" for k in sorted(now)
+    return ", ".join(f"{k} {now[k]} (was {_shown(was[k])})" for k in sorted(now)
                      if k in was and was[k] != now[k] and k not in _QUIET_ON_RESUME)
 
 

@@ -115,21 +115,22 @@ def staged_writes() -> Iterator[Callable]:
             f.flush()
             os.fsync(f.fileno())
 
+    def discard(entries) -> None:
+        for tmp, _ in entries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
     try:
         yield stage
     except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        discard(staged)
         _remove_empty(made)
         raise
     for i, (tmp, path) in enumerate(staged):
         try:
             os.replace(tmp, path)
         except BaseException:  # (something in the way): the files not yet moved go
-            for later, _ in staged[i:]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(later)
+            discard(staged[i:])
             raise
 
 

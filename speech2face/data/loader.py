@@ -227,7 +227,7 @@ def _check_reading(batch_size, seconds, rank, world_size) -> None:
     if (rank is None) != (world_size is None):
         raise ConfigError(None, "rank and world_size go together: give both, or neither "
                                 "(then torch.distributed's, or one process)")
-    if rank is not None and world_size is not None and rank >= world_size:
+    if rank is not None and rank >= world_size:  # (given together: checked above)
         raise ConfigError(None, f"rank must be below world_size ({world_size}), got {rank}")
 
 
