@@ -1,0 +1,52 @@
+"""The benchmarks' peak: the clock it uses must be one the cores can reach, not less."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from bench import common
+
+x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                              reason="the clock is timed with x86-64 code")
+
+
+def _chain_code(instruction: str, start: str) -> bytes:
+    """Like common._CLOCK_CODE, with another instruction in the chain."""
+    step = bytes.fromhex(instruction)
+    jump = -(len(step) * common._CHAIN + 5)
+    return (bytes.fromhex("4889f9" + start) + step * common._CHAIN
+            + bytes.fromhex("48ffc975") + jump.to_bytes(1, "little", signed=True)
+            + bytes.fromhex("c3"))
+
+
+@x86_only
+def test_timed_clock_agrees_with_a_chain_of_multiplies(monkeypatch):
+    # An independent reference: integer multiplies take three cycles each on every
+    # x86-64 core since 2006, so a chain of them, timed the same way, gives the clock at
+    # a third of the adds' rate.
+    adds = common.measured_mhz()
+    monkeypatch.setattr(common, "_CLOCK_CODE", _chain_code("480fafc0", "b803000000"))
+    multiplies = 3 * common.measured_mhz()  # imul rax, rax; rax starts at 3
+    assert 500 < adds < 7000
+    assert adds == pytest.approx(multiplies, rel=0.15)
+
+
+@x86_only
+def test_peak_takes_the_timed_clock_where_the_report_is_lower(monkeypatch):
+    monkeypatch.setattr(common, "_reported_mhz", lambda cpus: (1000.0, "nominal"))
+    monkeypatch.setattr(common, "measured_mhz", lambda: 3500.0)
+    limit = common.peak(1)
+    assert limit.mhz == 3500.0 and "above the 1000 MHz of nominal" in limit.clock_source
+    monkeypatch.setattr(common, "_reported_mhz", lambda cpus: (4000.0, "lscpu"))
+    assert common.peak(1).mhz == 4000.0
+
+
+def test_a_rate_above_the_peak_is_refused(monkeypatch):
+    monkeypatch.setattr(common, "_reported_mhz", lambda cpus: (2000.0, "nominal"))
+    monkeypatch.setattr(common, "measured_mhz", lambda: None)
+    limit = common.peak(1)
+    assert common.check_below_peak(limit.gflops / 2, "half", 1) == pytest.approx(0.5)
+    with pytest.raises(RuntimeError, match="benchmark bug: twice"):
+        common.check_below_peak(2 * limit.gflops, "twice", 1)
