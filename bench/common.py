@@ -49,10 +49,19 @@ def _cpuinfo() -> list[dict[str, str]]:
 # which newer Intel cores fold away when renaming); the loop's own ``dec``/``jnz`` run
 # beside the chain, so an iteration takes 24 cycles.
 _CHAIN = 24
-_CLOCK_CODE = (bytes.fromhex("4889f9" "31c0")  # mov rcx, rdi; xor eax, eax
-               + bytes.fromhex("4801c0") * _CHAIN  # add rax, rax
-               + bytes.fromhex("48ffc9" "75") + (-(3 * _CHAIN + 5)).to_bytes(1, "little", signed=True)
-               + bytes.fromhex("c3"))  # dec rcx; jnz to the first add; ret
+
+
+def chain_code(step: str, start: str = "31c0") -> bytes:
+    """x86-64 code of ``int64 f(int64 n)``: ``start``, then n times 24 copies of ``step``
+    (hex machine code; ``start`` defaults to ``xor eax, eax``)."""
+    body = bytes.fromhex(step) * _CHAIN
+    jump = -(len(body) + 5)  # back over the body, dec rcx and jnz itself
+    return (bytes.fromhex("4889f9" + start) + body  # mov rcx, rdi
+            + bytes.fromhex("48ffc975") + jump.to_bytes(1, "little", signed=True)  # dec; jnz
+            + bytes.fromhex("c3"))  # ret
+
+
+_CLOCK_CODE = chain_code("4801c0")  # add rax, rax
 
 
 def measured_mhz(iterations: int = 400_000, trials: int = 15) -> float | None:

@@ -12,22 +12,13 @@ x86_only = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                               reason="the clock is timed with x86-64 code")
 
 
-def _chain_code(instruction: str, start: str) -> bytes:
-    """Like common._CLOCK_CODE, with another instruction in the chain."""
-    step = bytes.fromhex(instruction)
-    jump = -(len(step) * common._CHAIN + 5)
-    return (bytes.fromhex("4889f9" + start) + step * common._CHAIN
-            + bytes.fromhex("48ffc975") + jump.to_bytes(1, "little", signed=True)
-            + bytes.fromhex("c3"))
-
-
 @x86_only
 def test_timed_clock_agrees_with_a_chain_of_multiplies(monkeypatch):
     # An independent reference: integer multiplies take three cycles each on every
     # x86-64 core since 2006, so a chain of them, timed the same way, gives the clock at
     # a third of the adds' rate.
     adds = common.measured_mhz()
-    monkeypatch.setattr(common, "_CLOCK_CODE", _chain_code("480fafc0", "b803000000"))
+    monkeypatch.setattr(common, "_CLOCK_CODE", common.chain_code("480fafc0", "b803000000"))
     multiplies = 3 * common.measured_mhz()  # imul rax, rax; rax starts at 3
     assert 500 < adds < 7000
     assert adds == pytest.approx(multiplies, rel=0.15)
