@@ -667,3 +667,49 @@ def test_idle_loader_workers_are_said_once(shards, capfd):
     assert sum("have nothing to read" in str(w.message) for w in said) == 1
     err = capfd.readouterr().err  # the workers' own
     assert "has no shard" not in err and "Warning" not in err, err
+
+
+def _npy(array: np.ndarray, version=None) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(128, dtype=np.float32), np.arange(136, dtype=np.float32).reshape(68, 2),
+    np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.array(2.5), np.zeros(0, np.float32),
+    np.arange(24, dtype=">i8").reshape(2, 3, 4), np.array([True, False]),
+    np.array(["ab", "c"]), np.zeros(2, dtype=[("x", "<f4"), ("y", "<i2")]),
+], ids=["1d", "2d", "fortran", "0d", "empty", "big-endian-3d", "bool", "unicode", "structured"])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_npy_members_load_as_numpy_loads_them_without_ast(array, version, monkeypatch):
+    """numpy's own loader is the reference; the headers numpy writes for plain arrays are
+    read without ``ast`` (CPython 3.11.7 can fail ``ast.literal_eval`` at random in a
+    loader worker), other headers (structured dtypes) by numpy."""
+    import ast
+    import io
+
+    from speech2face.data.loader import _load_npy
+
+    data = _npy(array, version)
+    expected = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype.names is None:  # numpy would parse it with ast: it must not be needed
+        monkeypatch.setattr(ast, "literal_eval", lambda *_: pytest.fail("ast used"))
+    loaded = _load_npy(data)
+    assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
+    np.testing.assert_array_equal(loaded, expected)
+    assert loaded.flags.writeable
+
+
+def test_an_object_npy_member_is_refused_without_unpickling():
+    import io
+
+    from speech2face.data.loader import _load_npy
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+    with pytest.raises(ValueError, match=r"claims \(1,\) object"):
+        _load_npy(header.getvalue() + b"\x80\x04N.")  # a pickle of None

@@ -124,23 +124,48 @@ def _decode_flac(data: bytes) -> np.ndarray:
     return wave
 
 
+# The header numpy writes for a plain array: {'descr': '<f4', 'fortran_order': False,
+# 'shape': (68, 2), } padded with spaces to a line.
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[A-Za-z]\d*)', 'fortran_order': (True|False), "
+                         r"'shape': \(((?:\d+, ?)*\d*,?)\), \} *\n")
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, Fortran order, dtype, where the data start) of ``.npy`` bytes.
+
+    numpy's own reader parses the header with ``ast.literal_eval``, which CPython 3.11.7
+    can fail at random in a loader worker ("SystemError: AST constructor recursion depth
+    mismatch", python/cpython#106905); the headers numpy writes for plain arrays are read
+    here with a pattern instead, and any other header by numpy."""
+    buffer = io.BytesIO(data)
+    version = np.lib.format.read_magic(buffer)
+    width = {(1, 0): 2, (2, 0): 4}.get(version)
+    if width is None:
+        raise ValueError(f"npy format version {version} is not one numpy writes here")
+    start = buffer.tell() + width
+    end = start + int.from_bytes(data[buffer.tell():start], "little")
+    match = _NPY_HEADER.fullmatch(data[start:end].decode("latin1"))
+    if match is None:  # not as numpy writes a plain array: numpy's reader decides
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(buffer)
+        return shape, fortran, dtype, buffer.tell()
+    descr, fortran, dims = match.groups()
+    shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    return shape, fortran == "True", np.dtype(descr), end
+
+
 def _load_npy(data: bytes) -> np.ndarray:
     """An array from a shard member's ``.npy`` bytes; ValueError where its header claims
     more (or less) than the member holds: a damaged header of a 4e9-element shape would
-    otherwise be allocated before the data ran short."""
-    buffer = io.BytesIO(data)
-    version = np.lib.format.read_magic(buffer)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    if read_header is None:
-        raise ValueError(f"npy format version {version} is not one numpy writes here")
-    shape, _, dtype = read_header(buffer)
+    otherwise be allocated before the data ran short. Never unpickles."""
+    shape, fortran, dtype, offset = _npy_header(data)
     need = math.prod(shape) * dtype.itemsize
-    if dtype.hasobject or need != len(data) - buffer.tell():
+    if dtype.hasobject or need != len(data) - offset:
         raise ValueError(f"an npy member whose header claims {shape} {dtype} "
-                         f"({need} bytes) holds {len(data) - buffer.tell()} bytes")
-    buffer.seek(0)
-    return np.load(buffer, allow_pickle=False)
+                         f"({need} bytes) holds {len(data) - offset} bytes")
+    flat = np.frombuffer(data, dtype, count=math.prod(shape), offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C").copy()
 
 
 def _sample_problem(sample: dict, feature_dim: int | None, identities,
