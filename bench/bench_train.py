@@ -53,13 +53,21 @@ def _batches(voice: bool, n: int, mean: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 def _step_times(stage, data, steps: int, device: str, batch: int) -> list[tuple[float, float]]:
-    """(wall, CPU) seconds of each optimiser step of fit() (the first includes warm-up)."""
+    """(wall, CPU) seconds of each optimiser step of fit(). The first includes warm-up, the
+    last the end of the run (logging, precise BatchNorm, the checkpoint); the others are
+    the steps of a run between its log rows and checkpoints."""
     stamps = [(time.perf_counter(), time.process_time())]
-    config = TrainConfig.paper(steps=steps, batch_size=batch, device=device, log_every=1,
+    config = TrainConfig.paper(steps=steps, batch_size=batch, device=device, log_every=10**6,
                                val_every=10**6, checkpoint_every=10**6, num_workers=0)
+    cuda = device.startswith("cuda")
+
+    def stamp(step: int) -> None:
+        if cuda:  # the GPU's work of the step, not just its queueing
+            torch.cuda.synchronize()
+        stamps.append((time.perf_counter(), time.process_time()))
+
     with tempfile.TemporaryDirectory() as run:
-        fit(stage, data, None, config, run, progress=False,
-            on_step=lambda step: stamps.append((time.perf_counter(), time.process_time())))
+        fit(stage, data, None, config, run, progress=False, on_step=stamp)
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
@@ -68,19 +76,26 @@ def paper_step(voice: bool, device: str, batch: int, steps: int) -> dict:
     stage = VoiceStage(model, LossConfig()) if voice else DecoderStage(model, LossConfig())
     tensors = _batches(voice, batch * steps, model.face_decoder.mean_landmarks.cpu())
     data = InMemoryData(tensors, batch, shuffle=False)
+    if steps < 3:
+        raise ValueError("paper_step needs 3 steps or more: the first and last are not timed")
     times = _step_times(stage, data, steps, device, batch)
-    timed = times[1:] if len(times) > 1 else times
-    # forward alone, same batch, for the backward/forward ratio
+    timed = times[1:-1]
+    # forward alone, same batch, for the backward/forward ratio (warm: after the steps;
+    # on a GPU the mean of 5, under the run's autocast)
     batch_data = stage.on_device(next(iter(data.batches(0))), torch.device(device))
-    with torch.no_grad():
+    repeats = 5 if device.startswith("cuda") else 1
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=repeats > 1):
         start, cpu = time.perf_counter(), time.process_time()
-        stage.loss(stage.trainable, batch_data)
+        for _ in range(repeats):
+            stage.loss(stage.trainable, batch_data)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        forward, forward_cpu = time.perf_counter() - start, time.process_time() - cpu
+        forward = (time.perf_counter() - start) / repeats
+        forward_cpu = (time.process_time() - cpu) / repeats
     return {"step_s": sum(t[0] for t in timed) / len(timed),
             "step_cpu_s": sum(t[1] for t in timed) / len(timed),
-            "first_step_s": times[0][0], "forward_s": forward, "forward_cpu_s": forward_cpu,
+            "first_step_s": times[0][0], "last_step_s": times[-1][0],
+            "forward_s": forward, "forward_cpu_s": forward_cpu,
             "params": sum(p.numel() for p in stage.trainable.parameters())}
 
 
@@ -178,7 +193,7 @@ def run(quick: bool) -> dict:
     rows, details = [], {}
     threads = torch.get_num_threads()
     batch = 8
-    steps = 2 if quick else 3
+    steps = 3 if quick else 4  # the first and last are not timed
     for voice in (True, False):
         name = "voice" if voice else "decoder"
         result = paper_step(voice, "cpu", batch, steps)

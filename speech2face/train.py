@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -479,7 +480,12 @@ def fit(
             else:
                 optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            with warnings.catch_warnings():
+                # An fp16 GradScaler skips the optimiser's step while its scale settles (the
+                # gradients overflow), and torch then warns that the schedule stepped first;
+                # the schedule follows the step count either way.
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
             loop.step += 1
             loop.epoch_step += 1
             window_steps += 1

@@ -31,3 +31,16 @@ def test_precision_check_runs_both_stages_on_cpu():
     for row in rows:
         assert len(row["curve"]) == len(row["reference_curve"]) == 1
         assert row["ok"], row
+
+
+def test_precision_check_runs_deterministic_in_a_worker_process_on_cpu():
+    """The GPU check runs its precision comparison in a process of its own (the
+    deterministic settings are process-wide); the plumbing works on CPU too."""
+    sys.path.insert(0, str(REPO))
+    from bench.bench_gpu import in_worker
+
+    rows = in_worker("precision", steps=2, device="cpu", amps=["none", "bf16"])
+    assert [r["benchmark"] for r in rows] == [
+        "decoder stage, 2 steps, bf16 autocast vs float32, deterministic",
+        "voice stage, 2 steps, bf16 autocast vs float32, deterministic"]
+    assert all(r["ok"] and len(r["curve"]) == 1 for r in rows), rows
