@@ -26,6 +26,7 @@ leaves no partial output. This module computes; ``report`` only renders.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -1315,8 +1316,7 @@ def evaluate(
         raise ConfigError(None, problem)
     if draws > MAX_DRAWS:
         raise ConfigError(None, f"draws must be at most {MAX_DRAWS}, got {draws}")
-    source = str(model) if isinstance(model, (str, os.PathLike)) else \
-        getattr(model, "source", type(model).__name__)
+    source = _model_source(model)
     # The caller's model is borrowed: its device and mode are restored afterwards.
     with borrowed(resolve_model(model), device) as loaded:
         if isinstance(recognizer, str):
@@ -1358,7 +1358,8 @@ def evaluate(
                                         "least 2; take more samples or another seed")
             raise DataError(data, f"the {split} split has fewer than 2 identities: "
                                   "retrieval needs at least 2")
-        metrics = {"format": METRICS_FORMAT, "model": source, "data": str(data),
+        metrics = {"format": METRICS_FORMAT, "model": source,
+                   "data": str(Path(data).resolve()), "data_sha256": _split_digest(data, split),
                    "split": split, "max_samples": max_samples}
         metrics.update(compute_metrics(collected, gallery_size=gallery_size, draws=draws,
                                        seed=seed, identity_gallery_sizes=identity_gallery_sizes,
@@ -1370,6 +1371,22 @@ def evaluate(
         write_outputs(out, files, keep=(PARTIAL_DIR,))
         shutil.rmtree(partial, ignore_errors=True)
         return metrics
+
+
+def _model_source(model) -> str:
+    """How metrics.json names the model: an absolute path (a report is read from other
+    folders than the one it was made in), an installed model's name, or the type."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(Path(model).resolve()) if Path(model).exists() else str(model)
+    return getattr(model, "source", type(model).__name__)
+
+
+def _split_digest(data, split: str) -> str:
+    """SHA-256 over the split's shard digests: the same samples wherever the shards lie."""
+    from speech2face.data import load_manifest
+
+    shards = load_manifest(data)["splits"][split]["shards"]
+    return hashlib.sha256(" ".join(s["sha256"] for s in shards).encode()).hexdigest()
 
 
 METRICS_FORMAT = 1  # of metrics.json; `compare` reads this format (or none: older reports)

@@ -649,7 +649,8 @@ def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
 
 # What two evaluations must share for their numbers to compare; a table of reports that
 # differ in one says so under it.
-_COMPARABLE = (("split", lambda m: m.get("split")), ("data", lambda m: m.get("data")),
+_COMPARABLE = (("split", lambda m: m.get("split")), ("data", lambda m: m.get("data_sha256")
+                                                               or m.get("data")),
                ("gallery size M", lambda m: _get(m, "retrieval", "gallery_size")),
                ("samples", lambda m: m.get("samples")))
 

@@ -248,6 +248,31 @@ def test_compare_shows_every_runs_rows_and_says_where_runs_differ(tmp_path, caps
                     "alike.")
 
 
+def test_compare_judges_data_by_its_shards_not_by_the_path_typed(tmp_path, capsys):
+    """Reports of the same shards named by other paths (relative, from another folder,
+    a copy) compare without a note; other shards under the same path get one."""
+    from speech2face.cli import main
+
+    metrics = ev.compute_metrics(_collected(), draws=2, seed=1)
+    runs = {"a": {**metrics, "data": "demo/shards", "data_sha256": "1" * 64},
+            "b": {**metrics, "data": "/elsewhere/shards", "data_sha256": "1" * 64},
+            "c": {**metrics, "data": "demo/shards", "data_sha256": "2" * 64}}
+    for name, run in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report._json_ready(run)))
+    assert main(["compare", f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}"]) == 0
+    assert "Note:" not in capsys.readouterr().out
+    assert main(["compare", f"a={tmp_path / 'a.json'}", f"c={tmp_path / 'c.json'}"]) == 0
+    note = capsys.readouterr().out.strip().splitlines()[-1]
+    assert note.startswith("Note: these evaluations differ in data (a: 1111")
+
+
+def test_a_report_names_its_model_by_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "voice").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert ev._model_source("runs/voice") == str(tmp_path / "runs" / "voice")
+    assert ev._model_source("demo") == "demo"  # an installed model's name stays a name
+
+
 @pytest.mark.parametrize("edit, words", [
     (lambda m: m.update(format=99), "metrics format 99; this version reads format 1"),
     (lambda m: m["retrieval"]["cosine"]["1"].update(mean="high"), "R@1 is 'high'"),
