@@ -99,15 +99,20 @@ def plot_craniofacial(metrics: dict) -> bytes:
     fig = _figure(7, 4)
     ax = fig.add_subplot()
     x = np.arange(len(CRANIOFACIAL_NAMES))
-    ax.bar(x - 0.2, [cranio[n]["r"] for n in CRANIOFACIAL_NAMES], 0.4, label="reconstruction")
-    ax.bar(x + 0.2, [cranio[n]["shuffled"] for n in CRANIOFACIAL_NAMES], 0.4,
-           label="shuffled pairs")
+    ours = [cranio[n]["r"] for n in CRANIOFACIAL_NAMES]
+    shuffled = [cranio[n]["shuffled"] for n in CRANIOFACIAL_NAMES]
+    ax.bar(x - 0.2, ours, 0.4, label="reconstruction")
+    ax.bar(x + 0.2, shuffled, 0.4, label="shuffled pairs")
     ax.axhspan(*PAPER_CRANIOFACIAL, color="gray", alpha=0.15, label="paper's range")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, CRANIOFACIAL_NAMES, rotation=45, ha="right")
     ax.set_ylabel("Pearson r")
     ax.set_title("craniofacial measurements: from speech vs from the face feature")
-    ax.legend()
+    # A band above the tallest bar for the legend, so that it covers none of them.
+    values = [v for v in (*ours, *shuffled, *PAPER_CRANIOFACIAL) if np.isfinite(v)]
+    low, high = min(0.0, *values), max(0.0, *values)
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.3 * (high - low))
+    ax.legend(loc="upper center", ncol=3)
     return _png(fig)
 
 
@@ -119,14 +124,19 @@ def plot_features(c: Collected, seed: int = 0) -> bytes:
         return np.degrees(np.arccos(cos))
 
     perm = derangement(np.random.default_rng(seed), len(c.true))
-    fig = _figure(5.5, 3.5)
+    own, other = angles(c.pred, c.true), angles(c.pred, c.true[perm])
+    paper = PAPER_FEATURE_SIMILARITY["angle_deg"]
+    fig = _figure(5.5, 3.8)
     ax = fig.add_subplot()
-    ax.hist(angles(c.pred, c.true), bins=30, alpha=0.7, label="own face")
-    ax.hist(angles(c.pred, c.true[perm]), bins=30, alpha=0.5, label="another sample's face")
-    ax.axvline(PAPER_FEATURE_SIMILARITY["angle_deg"], color="gray", ls=":", label="paper mean")
+    ax.hist(own, bins=30, alpha=0.7, label=f"own face (mean {own.mean():.1f}°)")
+    ax.hist(other, bins=30, alpha=0.5, label=f"another sample's face ({other.mean():.1f}°)")
+    ax.axvline(paper, color="gray", ls=":", label=f"paper's mean ({paper:.1f}°)")
+    ax.set_xlim(right=max(float(np.max(own, initial=0)), float(np.max(other, initial=0)),
+                          paper) + 5)
     ax.set_xlabel("angle between voice prediction and face feature (degrees)")
     ax.set_ylabel("samples")
-    ax.legend()
+    ax.set_title("voice prediction vs face feature: smaller is closer")
+    ax.legend(fontsize="small")
     return _png(fig)
 
 
