@@ -503,9 +503,9 @@ def output_lock(path: str | os.PathLike, folder: bool = True) -> Iterator[None]:
     A second writer stops at once with ``Speech2FaceError("another run is writing PATH
     (pid N)")``. The lock is an ``fcntl.flock`` on :func:`lock_file_for`, which the kernel
     drops when a process dies: a killed run's lock file does not block the next run. The
-    folder is made if missing; when the run leaves it holding nothing but the lock, the
-    folder (and any parents made for it) is removed again, as is the lock file of a
-    single-file output. Re-entrant within a process.
+    folder is made if missing; the lock file is removed at the end (a killed run's stays,
+    and the next run takes it), and a folder the run made and left empty (and any parents
+    made for it) is removed again. Re-entrant within a process.
     """
     from speech2face.errors import Speech2FaceError
 
@@ -534,12 +534,10 @@ def output_lock(path: str | os.PathLike, folder: bool = True) -> Iterator[None]:
         yield
     finally:
         if _held_locks.pop(key, None) is not None:  # None: a forked child, closed already
-            if not folder or (made and not output_entries(lock.parent)):
-                # Unlinked while still held: a process that opened this file and waits for
-                # it finds, once it gets it, that the name is gone, and starts again
-                # (_acquire).
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock)
+            # Unlinked while still held: a process that opened this file and waits for it
+            # finds, once it gets it, that the name is gone, and starts again (_acquire).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
             os.close(fd)
             _remove_empty(made)
 

@@ -345,7 +345,7 @@ def test_lock_is_reentrant_and_tidy(tmp_path):
     assert not (tmp_path / "a").exists()  # nothing written: no folders left either
     with output_lock(out):
         (out / "result").write_text("x")
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "result"]
+    assert sorted(p.name for p in out.iterdir()) == ["result"]  # the lock file is gone
     png = tmp_path / "face.png"  # a single-file output is locked beside it
     with output_lock(png, folder=False):
         assert lock_file_for(png, folder=False).exists()
@@ -392,7 +392,7 @@ def test_commands_that_need_an_empty_folder_accept_their_own_lock(tmp_path, capf
     out = tmp_path / "corpus"
     status, _, err, _ = run_cli(["make-demo-data", "-o", out, "--speakers", "2"], capfd)
     assert status == 0, err
-    assert (out / LOCK_NAME).exists() and len(list(out.iterdir())) > 1
+    assert not (out / LOCK_NAME).exists() and len(list(out.iterdir())) > 1
 
 
 # ------------------------------------------------------------ audio decode noise
