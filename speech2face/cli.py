@@ -253,6 +253,12 @@ def _main(argv: list[str] | None) -> int:
     except Speech2FaceError as error:
         print(f"speech2face {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Whatever read our output has gone (`speech2face demo | head -1`): stop quietly, as
+        # a program that SIGPIPE ends does; stdout now points nowhere, so the final flush
+        # cannot fail again. What the command wrote is whole (it resumes as after Ctrl-C).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as error:
         if error.errno not in ENVIRONMENT_ERRORS:
             raise  # anything else is a bug, and its traceback is wanted

@@ -191,26 +191,32 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> bool:
+def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> str:
     """Make ``out`` ready: new, empty, or a previous demo's folder.
 
     A previous demo's folder with the same ``settings`` (a finished or a killed run) is
     kept, and the demo resumes in it: every stage is resumable or skips when done. With
     other settings, or with ``fresh``, it is cleared. Any other non-empty folder is
-    refused. Returns True when resuming.
+    refused. Returns ``"resume"``, ``"new"``, or what the previous demo's settings were
+    where other ones clear it (``"seed 0 -> 1"``).
     """
     marker = out / DEMO_MARKER
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
+    changed = ""
     if out.exists():
         if not out.is_dir():
             raise DataError(out, "exists and is not a folder")
         if output_entries(out) and not marker.exists():
             raise DataError(out, "exists, is not empty and is not a previous demo's folder; "
                                  "choose another --out")
-        if not fresh and _marker_settings(marker) == settings:
+        before = _marker_settings(marker)
+        if not fresh and before == settings:
             for leftover in out.glob(".corpus.*.tmp"):  # a corpus killed while written
                 shutil.rmtree(leftover, ignore_errors=True)
-            return True
+            return "resume"
+        changed = "" if fresh or before is None else ", ".join(
+            f"{k.replace('_', ' ')} {before.get(k)} -> {v}" for k, v in settings.items()
+            if before.get(k) != v)
         for child in output_entries(out):  # all but the lock of this run
             if child.name == DEMO_MARKER:
                 continue
@@ -221,7 +227,7 @@ def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"written_by": "speech2face demo (may overwrite this folder)",
                                   "settings": settings}) + "\n")
-    return False
+    return changed or "new"
 
 
 def _marker_settings(marker: Path) -> dict | None:
@@ -351,8 +357,11 @@ def run_demo(
     settings = {"speakers": speakers, "seed": seed, "decoder_steps": decoder_steps,
                 "voice_steps": voice_steps, "corpus_options": corpus_options or {},
                 "train_overrides": train_overrides or {}}
-    if _prepare_out(out, settings, fresh):
+    state = _prepare_out(out, settings, fresh)
+    if state == "resume":
         log(f"resuming the demo in {out} (same settings; --fresh starts over)")
+    elif state != "new":
+        log(f"the demo in {out} was run with other settings ({state}): starting over")
     stages = _Stages(6, log)
     # One intra-op thread throughout: the models are tiny, and on a shared machine two
     # OpenMP threads spin-wait for each other (5-10x slower, the CPU time inflated by the

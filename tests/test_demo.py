@@ -115,7 +115,8 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
     assert again.metrics["feature_similarity"] == result.metrics["feature_similarity"]
 
     # Other settings (or --fresh) clear the previous demo's outputs.
-    assert demo._prepare_out(out, {"speakers": 9}) is False
+    before = demo._marker_settings(out / demo.DEMO_MARKER)
+    assert demo._prepare_out(out, {**before, "speakers": 9}) == "speakers 8 -> 9"
     assert sorted(p.name for p in out.iterdir()) == [demo.DEMO_MARKER]
 
 

@@ -266,6 +266,23 @@ def test_compare_judges_data_by_its_shards_not_by_the_path_typed(tmp_path, capsy
     assert note.startswith("Note: these evaluations differ in data (a: 1111")
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`speech2face ... | head -1`: once the pipe's reader has gone, the command stops as
+    SIGPIPE would end it (exit 141), without a traceback."""
+    import subprocess
+    import sys
+
+    metrics = ev.compute_metrics(_collected(), draws=2, seed=1)
+    (tmp_path / "a.json").write_text(json.dumps(report._json_ready(metrics)))
+    process = subprocess.Popen([sys.executable, "-m", "speech2face", "compare",
+                                f"a={tmp_path / 'a.json'}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the command writes its table
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 141, err
+    assert err == ""
+
+
 def test_a_report_names_its_model_by_an_absolute_path(tmp_path, monkeypatch):
     (tmp_path / "runs" / "voice").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
