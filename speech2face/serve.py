@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,9 @@ class FaceServer:
         if gallery is not None and self.status()["ready"]:
             gallery.check_model(self.model())
         self.upload_root = Path(tempfile.mkdtemp(prefix="speech2face-serve-"))
+        # Removed by close(), or when the server is garbage or the process exits (a server
+        # made and dropped, as tests and notebooks do, left an empty folder in /tmp).
+        self._remove_uploads = weakref.finalize(self, shutil.rmtree, self.upload_root, True)
 
     def model(self):
         """The loaded model (cached by path and weights' time); WeightsError if none."""
@@ -271,7 +275,7 @@ class FaceServer:
         }
 
     def close(self) -> None:
-        shutil.rmtree(self.upload_root, ignore_errors=True)
+        self._remove_uploads()
 
 
 # ------------------------------------------------------------------------------ HTTP

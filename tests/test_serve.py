@@ -521,6 +521,21 @@ def test_a_broken_demo_model_is_named_not_said_missing(tmp_path, monkeypatch):
     assert "config.json" in state["message"]
 
 
+def test_a_server_dropped_without_close_leaves_no_upload_folder():
+    import gc
+
+    server = serve.FaceServer(None)
+    uploads = server.upload_root
+    assert uploads.is_dir()
+    del server
+    gc.collect()
+    assert not uploads.exists()
+    closed = serve.FaceServer(None)
+    closed.close()
+    closed.close()  # twice is harmless
+    assert not closed.upload_root.exists()
+
+
 def test_a_cap_under_six_seconds_gives_advice_that_can_be_followed(tmp_path, bundle):
     import soundfile as sf
 
