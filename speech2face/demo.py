@@ -130,22 +130,22 @@ REPORTED = (
     ("craniofacial r (mean of 11)", ("craniofacial", "mean", "r"), "",
      ("shuffled pairs", ("craniofacial", "mean", "shuffled"))),
 )
-# The documented band: mean, min and max over six runs, seeds 0, 1, 2 each a fresh
-# clone's `make demo` on each of the two BAND_MACHINES (docs/results.md has the runs and
+# The documented band: mean, min and max over nine runs, seeds 0, 1, 2 each a fresh
+# clone's `make demo` on each of the three BAND_MACHINE (docs/results.md has the runs and
 # the commands). A seed's numbers depend on the CPU's vector kernels (docs/results.md,
-# "On another CPU"): the band spans both machines' runs.
-BAND_MACHINE = ("two 2-core AMD EPYC machines, seeds 0-2 on each: a Zen 4 (61291cb) and a "
-                "Zen 5 (e17be90)")
+# "On another CPU"): the band spans the three machines' runs.
+BAND_MACHINE = ("three 2-core machines, seeds 0-2 on each: an AMD EPYC Zen 4 (61291cb), a "
+                "Zen 5 (e17be90) and an Intel Xeon with AMX (1c8b732)")
 BAND = {
-    "cosine R@1, M = {M}": (57.5, 45.2, 66.6),
-    "angle v_s to v_f": (18.1, 16.5, 19.6),
-    "gender agreement": (90.3, 84.6, 95.7),
-    "gender agreement, decoder(v_f)": (86.7, 78.3, 97.4),
-    "gender, true face vs label": (100.0, 100.0, 100.0),
-    "gender, reconstruction vs label": (90.3, 84.6, 95.7),
-    "decoder identification, px": (90.0, 90.0, 90.0),
-    "decoder identification, dlib": (78.3, 70.0, 100.0),
-    "craniofacial r (mean of 11)": (0.66, 0.62, 0.70),
+    "cosine R@1, M = {M}": (56.9, 45.2, 66.6),
+    "angle v_s to v_f": (18.1, 16.5, 19.8),
+    "gender agreement": (90.9, 84.6, 95.7),
+    "gender agreement, decoder(v_f)": (88.2, 78.3, 97.4),
+    "gender, true face vs label": (99.6, 97.4, 100.0),
+    "gender, reconstruction vs label": (91.4, 84.6, 97.4),
+    "decoder identification, px": (91.1, 90.0, 100.0),
+    "decoder identification, dlib": (78.9, 70.0, 100.0),
+    "craniofacial r (mean of 11)": (0.67, 0.60, 0.76),
 }
 
 
@@ -437,7 +437,7 @@ def band_lines(metrics: dict, default_settings: bool = True) -> list[str]:
     digits = lambda unit: 2 if unit == "" else 1  # noqa: E731  (r vs % and degrees)
     gallery = _lookup(metrics, ("retrieval", "gallery_size"))
     if default_settings:
-        title = ("this run beside the documented band (seeds 0, 1, 2 on two machines; "
+        title = ("this run beside the documented band (seeds 0, 1, 2 on three machines; "
                  "docs/results.md):")
     else:
         title = (f"this run (the documented band is for the default settings, "
