@@ -156,8 +156,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Speech2Face: reconstruct a canonical face from a few seconds of speech.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
+    parser.commands = {}  # name -> its parser, whose --help a usage error points to
     for name, (module, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = parser.commands[name] = sub.add_parser(name, help=help_text,
+                                                            description=help_text)
         if name == command:
             getattr(importlib.import_module(module), f"add_{_snake(name)}_arguments")(sub_parser)
     return parser
@@ -235,7 +237,10 @@ def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's parser, so that its --help is the one pointed to
+        parser.commands.get(args.command, parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2

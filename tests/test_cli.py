@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import atexit, concurrent.futures, sys, threading, time
 from pathlib import Path
@@ -84,6 +86,20 @@ def test_options_may_come_between_the_values_of_a_list_argument():
     assert (args.data, args.out, args.no_progress) == ("D", "R", True)
     args = build_parser("spectrogram").parse_args(["spectrogram", "a.wav", "-o", "O", "b.wav"])
     assert [str(a) for a in args.audio] == ["a.wav", "b.wav"] and args.out == "O"
+
+
+@pytest.mark.parametrize("argv, prog", [(["demo", "--bogus"], "speech2face demo"),
+                                        (["evaluate", "x", "y"], "speech2face evaluate"),
+                                        (["--bogus"], "speech2face")])
+def test_an_unknown_argument_points_to_its_commands_help(argv, prog, capsys):
+    from speech2face.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: unrecognized arguments:"), err
+    assert err.endswith(f"(see {prog} --help)\n") and err.count("\n") == 1
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
