@@ -89,7 +89,7 @@ def test_options_may_come_between_the_values_of_a_list_argument():
 
 
 @pytest.mark.parametrize("argv, prog", [(["demo", "--bogus"], "speech2face demo"),
-                                        (["evaluate", "x", "y"], "speech2face evaluate"),
+                                        (["compare", "a=b", "--bogus"], "speech2face compare"),
                                         (["--bogus"], "speech2face")])
 def test_an_unknown_argument_points_to_its_commands_help(argv, prog, capsys):
     from speech2face.cli import main
