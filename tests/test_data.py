@@ -25,6 +25,7 @@ import torch
 from conftest import killed_in_video
 
 from speech2face import data
+from speech2face.cli import main
 from speech2face.data import datasets
 from speech2face.data.prepare import _Processor
 from speech2face.demo_data import make_demo_data
@@ -725,6 +726,60 @@ def test_voxceleb1_official_split_and_carved_validation(tmp_path):
     assert data.list_units("voxceleb1", root) == units  # deterministic
     with pytest.raises(DataError, match="no wav/"):
         data.list_units("voxceleb1", root / "wav")
+
+
+def _voxceleb_tree(root: Path, dataset: str, sets: dict[str, str]) -> Path:
+    """The files list_units reads of a VoxCeleb folder (empty media), with these Sets;
+    returns the metadata table."""
+    for n, identity in enumerate(sets):
+        if dataset == "voxceleb1":
+            (root / "wav" / identity / "vid").mkdir(parents=True)
+            (root / "wav" / identity / "vid" / "00001.wav").write_bytes(b"")
+            (root / "unzippedFaces" / f"N{n}" / "1.6" / "vid").mkdir(parents=True)
+            (root / "unzippedFaces" / f"N{n}" / "1.6" / "vid" / "0000001.jpg").write_bytes(b"")
+        else:
+            (root / "mp4" / identity / "vid").mkdir(parents=True)
+            (root / "mp4" / identity / "vid" / "00001.mp4").write_bytes(b"")
+    if dataset == "voxceleb1":
+        meta = root / "vox1_meta.csv"
+        rows = ["VoxCeleb1 ID\tVGGFace1 ID\tGender\tNationality\tSet"] + [
+            f"{i}\tN{n}\tm\tUK\t{s}" for n, (i, s) in enumerate(sets.items())]
+    else:
+        meta = root / "vox2_meta.csv"
+        rows = ["VoxCeleb2 ID ,VGGFace2 ID ,Gender ,Set "] + [
+            f"{i} ,n{n:06d} ,m ,{s} " for n, (i, s) in enumerate(sets.items())]
+    meta.write_text("\n".join(rows) + "\n")
+    return meta
+
+
+@pytest.mark.parametrize("dataset", ["voxceleb1", "voxceleb2"])
+def test_a_set_other_than_dev_or_test_is_refused(tmp_path, dataset):
+    """An unknown Set would silently make its identity a training one."""
+    first = "id10001" if dataset == "voxceleb1" else "id00012"
+    second = "id10002" if dataset == "voxceleb1" else "id00015"
+    meta = _voxceleb_tree(tmp_path / "ok", dataset, {first: "Dev", second: "TEST"})
+    assert {u.identity: u.split for u in data.list_units(dataset, meta.parent)}[second] == "test"
+    meta = _voxceleb_tree(tmp_path / "typo", dataset, {first: "dev", second: "tst"})
+    with pytest.raises(DataError) as error:
+        data.list_units(dataset, meta.parent)
+    assert str(error.value) == f"{meta}: {second}: unknown Set 'tst' (expected dev or test)"
+
+
+def test_a_voxceleb2_identity_without_a_set_is_refused(tmp_path):
+    meta = _voxceleb_tree(tmp_path, "voxceleb2", {"id00012": "dev", "id00015": ""})
+    with pytest.raises(DataError, match=f"{meta}: id00015: no Set value"):
+        data.list_units("voxceleb2", tmp_path)
+
+
+def test_a_root_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "notes.csv").write_text("id,split\n")
+    code = main(["prepare", "voxceleb1", "--root", str(tmp_path / "notes.csv"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("notes.csv: is a file, not the dataset's folder"), err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="nothing: dataset folder not found"):
+        data.list_units("voxceleb1", tmp_path / "nothing")
 
 
 # -------------------------------------------------------------- VoxCeleb2 and AVSpeech

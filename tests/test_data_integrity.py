@@ -561,6 +561,28 @@ def test_shard_paths_that_cannot_be_resolved_are_one_error(shards, tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_a_data_path_that_is_another_file_is_named_as_such(shards, tmp_path, capsys):
+    """``--data notes.txt`` is not "an unreadable manifest": it is not a dataset at all."""
+    notes = tmp_path / "notes.txt"
+    for text in ("some notes\n", "[1, 2]", b"\xff\xfe"):
+        notes.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(DataError) as error:
+            data.load_manifest(notes)
+        assert str(error.value) == (f"{notes}: is a file, not a prepared dataset folder "
+                                    "(prepare's --out, with manifest.json)")
+    code = main(["serve", "--gallery", str(notes), "--model", str(tmp_path / "model")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith(f"{notes}: is a file, not a prepared dataset folder "
+                                      "(prepare's --out, with manifest.json)"), err
+    # the manifest itself, damaged, is still a damaged manifest
+    (shards / "manifest.json").write_text("some notes")
+    with pytest.raises(DataError, match="manifest.json: unreadable manifest"):
+        data.load_manifest(shards / "manifest.json")
+    (shards / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="manifest.json: malformed manifest"):
+        data.load_manifest(shards)
+
+
 @pytest.mark.parametrize(("call", "expected"), [
     (lambda root: data.make_loader(root, "train", rank=1), "rank and world_size go together"),
     (lambda root: data.make_loader(root, "train", world_size=2), "rank and world_size go"),

@@ -727,6 +727,40 @@ def test_csv_details(server, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize(("name", "split"), [
+    ("avspeech_train.csv", "train"), ("avspeech_test.csv", "test"), ("small_TEST.CSV", "test"),
+    ("train.csv", "train"), ("test.csv", "test"),
+    ("mytrain.csv", None), ("contest.csv", None), ("avspeech_train.txt", None),
+    ("mytrain.txt", None), ("avspeech_train.csv.gz", None), ("list.csv", None),
+])
+def test_the_split_is_the_end_of_the_csv_name(tmp_path, capsys, name, split):
+    """One rule, as docs/data.md says: *_train.csv or *_test.csv (or train.csv, test.csv)."""
+    csv = tmp_path / name
+    csv.write_text(TRAIN_ROWS[0] + "\n")
+    if split is not None:
+        assert download.split_of_csv(csv) == split
+        return
+    code, out, err = _run(["download", "avspeech", "--csv", str(csv), "--out",
+                           str(tmp_path / "out"), "--url-template", "http://127.0.0.1:9/{id}"],
+                          capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"speech2face download: error: {csv}: cannot tell the split from the name: call it "
+        "*_train.csv or *_test.csv (as the official avspeech_train.csv, avspeech_test.csv)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "out").write_text("notes\n")
+    csv = tmp_path / "avspeech_train.csv"
+    csv.write_text(TRAIN_ROWS[0] + "\n")
+    for extra in ([], ["--num-shards", "2"]):
+        code, _, err = _run(["download", "avspeech", "--csv", str(csv), "--out",
+                             str(tmp_path / "out"), *extra], capsys)
+        assert code == 2 and err.strip() == (f"speech2face download: error: {tmp_path / 'out'}: "
+                                             "is a file; the output is a folder"), err
+    assert (tmp_path / "out").read_text() == "notes\n"
+
+
 def test_every_failure_kind_is_documented():
     import re
 

@@ -238,6 +238,61 @@ def test_one_out_holds_parts_of_one_count(corpus, finished, tmp_path, capsys):
     assert data.load_manifest(two)["num_parts"] == 2
 
 
+# Every option of a prepare run, at its default value: given with --merge, it is refused
+# all the same (each part ran with its own, which the merge would silently ignore).
+RUN_OPTIONS = [["voxceleb1"], ["--root", "."], ["--workers", "1"], ["--shard-index", "0"],
+               ["--encoder", "dlib"], ["--encoder-weights", "w.pth"], ["--detector", "hog"],
+               ["--samples-per-shard", "1000"], ["--frames-per-video", "4"],
+               ["--crops-per-sample", "1"], ["--identity-threshold", "0.6"],
+               ["--identity-linkage", "average"], ["--seed", "0"], ["--mix-clips", "1000"],
+               ["--descriptors-only"]]
+
+
+@pytest.mark.parametrize("option", RUN_OPTIONS, ids=lambda o: o[0])
+def test_merge_refuses_any_run_option_given_whatever_its_value(tmp_path, capsys, option):
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(tmp_path / "out"), *option)
+    name = "the dataset" if option[0] == "voxceleb1" else option[0]
+    assert code == 2 and err.endswith(f"--merge: only merges the finished parts in --out (with "
+                                      f"--num-shards); drop {name}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_names_the_parts_not_finished(corpus, tmp_path, capsys):
+    out = tmp_path / "shards"
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(out))
+    assert code == 2 and err.endswith(f"{out}: no part manifests to merge, and no part has "
+                                      "started here (run prepare first)"), err
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(out), "--num-shards", "4")
+    assert code == 2 and err.endswith(f"{out / 'parts'}: parts 0-3 of 4 are not complete yet "
+                                      "(no manifest-IIIII-of-00004.json)"), err
+    # Parts running (or killed) before their first progress file: their lock files say how
+    # many there are.
+    with claim_held(out, 3, "prepare"):
+        code, err = one_line(capsys, "prepare", "--merge", "-o", str(out))
+    assert code == 2 and err.endswith("parts 0-2 of 3 are not complete yet "
+                                      "(no manifest-IIIII-of-00003.json)"), err
+    prepare(corpus, out, shard_index=1, num_shards=3)
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(out))
+    assert code == 2 and err.endswith("parts 0, 2 of 3 are not complete yet "
+                                      "(no manifest-IIIII-of-00003.json)"), err
+    prepare(corpus, out, shard_index=0, num_shards=3)
+    code, err = one_line(capsys, "prepare", "--merge", "-o", str(out))
+    assert code == 2 and err.endswith(f"{out / 'parts' / 'manifest-00002-of-00003.json'}: "
+                                      "part 2 of 3 is not complete yet"), err
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--num-shards", "2", "--shard-index", "1"]])
+def test_an_out_that_is_a_file_is_named_as_such(corpus, tmp_path, capsys, extra):
+    (tmp_path / "out").write_text("notes\n")
+    code, err = one_line(capsys, "prepare", "voxceleb1", "--root", str(corpus),
+                         "--out", str(tmp_path / "out"), *extra)
+    assert code == 2 and err.endswith(f"{tmp_path / 'out'}: is a file; the output is a "
+                                      "folder"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out").read_text() == "notes\n"
+
+
 # --------------------------------------------------------------- nothing half-written
 
 

@@ -32,6 +32,8 @@ FRAMES_PER_VIDEO = 4  # face frames used per video (evenly spaced)
 VAL_FRACTION = 0.05
 # VoxCeleb1's official verification split: test identities id10270 - id10309.
 VOX1_TEST_IDENTITIES = frozenset(f"id{n}" for n in range(10270, 10310))
+# The values of the metadata's Set column (vox1_meta.csv, vox2_meta.csv), case aside.
+VOXCELEB_SETS = ("dev", "test")
 SPLIT_FILE = "identity_split.csv"  # optional: identity,split (train/val/test) overrides
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 SEGMENTS_DIR = "segments"  # AVSpeech segment files (speech2face download)
@@ -265,6 +267,9 @@ def _read_voxceleb_meta(
                 "set": (_column(row, "Set") or "").lower(),
                 **{key: _column(row, *columns) for key, columns in extra.items()},
             }
+            if found["set"] not in ("", *VOXCELEB_SETS):
+                raise DataError(meta_path, f"{identity}: unknown Set {_column(row, 'Set')!r} "
+                                           f"(expected {' or '.join(VOXCELEB_SETS)})")
             if meta.setdefault(identity, found) != found:
                 raise DataError(meta_path, f"{identity} has two rows that differ: keep one")
     return meta_path, meta
@@ -350,6 +355,9 @@ def list_voxceleb2(root: str | os.PathLike, frames_per_video: int = FRAMES_PER_V
     if not (root / SPLIT_FILE).exists() and meta and all(not m["set"] for m in meta.values()):
         raise DataError(meta_path, f"has no 'Set' column (dev/test): the test identities are "
                                    f"not known; add it, or a {SPLIT_FILE}")
+    unset = [i for i, m in meta.items() if not m["set"]]
+    if not (root / SPLIT_FILE).exists() and unset:
+        raise DataError(meta_path, f"{unset[0]}: no Set value (expected dev or test)")
     splits = _assign_splits(root, meta, lambda i: meta[i]["set"] == "test")
     bad: Unread = []
 
@@ -576,7 +584,9 @@ def list_units(dataset: str, root, frames_per_video: int = FRAMES_PER_VIDEO) -> 
     if dataset not in LISTERS:
         raise DataError(None, f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     if not Path(root).is_dir():
-        raise DataError(root, "dataset folder not found")
+        exists = Path(root).exists()
+        raise DataError(root, "is a file, not the dataset's folder" if exists
+                        else "dataset folder not found")
     return processing_order(LISTERS[dataset](root, frames_per_video))
 
 

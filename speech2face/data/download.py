@@ -129,12 +129,15 @@ def classify(message: str) -> Failure:
 
 
 def split_of_csv(path: str | os.PathLike) -> str:
-    """"train" or "test" from a CSV's name (``avspeech_train.csv``, ``small_test.csv``)."""
-    stem = Path(path).stem.lower()
+    """"train" or "test" from a CSV's name: ``*_train.csv`` or ``*_test.csv`` (the official
+    ``avspeech_train.csv``, ``avspeech_test.csv``) or just ``train.csv``, ``test.csv``, in
+    any case."""
+    name = "_" + Path(path).name.lower()
     for split in SPLITS:
-        if stem.endswith(split):
+        if name.endswith(f"_{split}.csv"):
             return split
-    raise DataError(path, "cannot tell the split from the name: call it *_train.csv or *_test.csv")
+    raise DataError(path, "cannot tell the split from the name: call it *_train.csv or "
+                          "*_test.csv (as the official avspeech_train.csv, avspeech_test.csv)")
 
 
 def _csv_file(path: str | os.PathLike) -> Path:
@@ -859,8 +862,8 @@ def add_download_arguments(parser) -> None:
     parser.add_argument("dataset", choices=["avspeech"], help="the dataset to fetch")
     parser.add_argument(
         "--csv", action="append", required=True, metavar="CSV",
-        help="AVSpeech CSV (avspeech_train.csv / avspeech_test.csv; the name gives the split); "
-        "repeat for both",
+        help="AVSpeech CSV, avspeech_train.csv or avspeech_test.csv (the split is the name's "
+        "end: *_train.csv or *_test.csv); repeat for both",
     )
     parser.add_argument("--out", required=True, help="dataset folder for `prepare avspeech --root`")
     parser.add_argument(
@@ -897,6 +900,8 @@ def download_output(args) -> tuple[Path, bool]:
     job array (``--num-shards`` > 1), which locks its own log: the other jobs write their
     segments into the same folder at the same time."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "is a file; the output is a folder")
     if args.num_shards > 1:
         return log_path(out, args.shard_index, args.num_shards), False
     return out, True

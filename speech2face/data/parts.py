@@ -324,6 +324,24 @@ def part_counts(out: Path) -> set[int]:
     return counts
 
 
+# The lock files of running (or killed) parts: utils.sharding_claim's in ``out``, and
+# each part's output lock in ``out/parts`` (utils.lock_file_for).
+_CLAIM_FILE = re.compile(r"\.speech2face\.shards-(\d{5})\.lock")
+_PART_LOCK = re.compile(r"\.\d{5}-of-(\d{5})\.lock")
+
+
+def claimed_counts(out: Path) -> set[int]:
+    """The ``--num-shards`` of the runs whose lock files are in ``out``: parts that have
+    started, whether or not they have written a progress file yet."""
+    counts = set()
+    for pattern, folder in ((_CLAIM_FILE, out), (_PART_LOCK, out / PARTS_DIR)):
+        for path in folder.iterdir() if folder.is_dir() else ():
+            match = pattern.fullmatch(path.name)
+            if match is not None and int(match[1]) >= 1:
+                counts.add(int(match[1]))
+    return counts
+
+
 def maybe_merge(out: Path, num_shards: int) -> None:
     if all(p.is_file() for p in part_paths(out, num_shards)):
         merge_manifests(out, num_shards)
@@ -343,8 +361,10 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
         raise DataError(None, f"num_shards must be a whole number >= 1, got {num_shards!r}")
     counts = part_counts(out)
     if num_shards is None:
+        counts = counts or claimed_counts(out)  # parts started that have written nothing yet
         if not counts:
-            raise DataError(out, "no part manifests to merge (run prepare first)")
+            raise DataError(out, "no part manifests to merge, and no part has started here "
+                                 "(run prepare first)")
         if len(counts) > 1:
             raise DataError(out / PARTS_DIR, f"holds parts of runs with --num-shards "
                                              f"{sorted(counts)}; give the one to merge")
@@ -359,6 +379,17 @@ def merge_manifests(out: str | os.PathLike, num_shards: int | None = None) -> di
     return manifest
 
 
+def _spans(numbers: list[int]) -> str:
+    """Sorted numbers as runs: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _shared_run(run: dict) -> dict:
     """What all parts of one run share: all of its identity but the part's own."""
     return {k: v for k, v in run.items() if k not in ("part", "units", "files")}
@@ -368,14 +399,17 @@ def merge(out: Path, num_shards: int, pending: tuple[Path, dict] | None = None) 
     """The merged manifest of the ``num_shards`` parts, validated, not written.
     ``pending``: a part manifest (path, content) not written yet."""
     paths = part_paths(out, num_shards)
-    parts = []
-    for i, path in enumerate(paths):
-        if pending is not None and path == pending[0]:
-            parts.append(pending[1])
-        elif path.is_file():
-            parts.append(read_part(path, out))
-        else:
-            raise DataError(path, f"part {i} of {num_shards} is not complete yet")
+    missing = [i for i, path in enumerate(paths)
+               if not path.is_file() and (pending is None or path != pending[0])]
+    if len(missing) == 1:
+        raise DataError(paths[missing[0]], f"part {missing[0]} of {num_shards} is not "
+                                           "complete yet")
+    if missing:
+        raise DataError(out / PARTS_DIR, f"parts {_spans(missing)} of {num_shards} are not "
+                                         f"complete yet (no manifest-IIIII-of-"
+                                         f"{num_shards:05d}.json)")
+    parts = [pending[1] if pending is not None and path == pending[0] else read_part(path, out)
+             for path in paths]
     first = parts[0]
     for path, p in zip(paths[1:], parts[1:], strict=True):
         if _shared_run(p["run"]) != _shared_run(first["run"]):

@@ -1057,6 +1057,18 @@ def _widen_result_pipe(pool) -> None:
 # ================================================================================== CLI
 
 
+# The processing options and their defaults. The parser leaves an option that is not
+# given None, so that --merge can refuse every one given with it, whatever its value
+# (the parts ran with their own); prepare_command then fills in these defaults.
+PROCESSING_DEFAULTS = {
+    "workers": 1, "shard_index": 0, "encoder": "dlib", "encoder_weights": None,
+    "detector": "hog", "samples_per_shard": SAMPLES_PER_SHARD,
+    "frames_per_video": FRAMES_PER_VIDEO, "crops_per_sample": CROPS_PER_SAMPLE,
+    "identity_threshold": SAME_PERSON_DISTANCE, "identity_linkage": "average", "seed": 0,
+    "mix_clips": MIX_CLIPS, "descriptors_only": False,
+}
+
+
 def add_prepare_arguments(parser) -> None:
     from speech2face.cli import bounded, seed
 
@@ -1071,13 +1083,13 @@ def add_prepare_arguments(parser) -> None:
         "-o", "--out", required=True, help="output folder for shards and manifest.json"
     )
     parser.add_argument(
-        "--workers", type=bounded(int, 1, MAX_WORKERS, "number of workers"), default=1,
+        "--workers", type=bounded(int, 1, MAX_WORKERS, "number of workers"), default=None,
         help="processes working on videos (default 1)"
     )
     parser.add_argument(
         "--shard-index",
         type=bounded(int, 0, None, "shard index"),
-        default=0,
+        default=None,
         help="this machine's index in [0, --num-shards) (default 0)",
     )
     parser.add_argument(
@@ -1088,55 +1100,55 @@ def add_prepare_arguments(parser) -> None:
         "count of the parts in --out)",
     )
     parser.add_argument(
-        "--encoder", default="dlib", help="face encoder for the stored features (default dlib)"
+        "--encoder", default=None, help="face encoder for the stored features (default dlib)"
     )
     parser.add_argument(
         "--encoder-weights", default=None, help="weights file for the face encoder (vggface)"
     )
     parser.add_argument(
-        "--detector", default="hog", choices=("hog", "cnn"), help="dlib face detector (default hog)"
+        "--detector", default=None, choices=("hog", "cnn"), help="dlib face detector (default hog)"
     )
     parser.add_argument(
         "--samples-per-shard",
         type=bounded(int, 1, MAX_SAMPLES_PER_SHARD, "number of samples"),
-        default=SAMPLES_PER_SHARD,
+        default=None,
         help=f"samples per tar shard (default {SAMPLES_PER_SHARD})",
     )
     parser.add_argument(
         "--frames-per-video",
         type=bounded(int, 1, MAX_FRAMES, "number of frames"),
-        default=FRAMES_PER_VIDEO,
+        default=None,
         help=f"face frames used per video (default {FRAMES_PER_VIDEO})",
     )
     parser.add_argument(
         "--crops-per-sample",
         type=bounded(int, 1, MAX_FRAMES, "number of crops"),
-        default=CROPS_PER_SAMPLE,
+        default=None,
         help=f"face crops stored with each clip (default {CROPS_PER_SAMPLE})",
     )
     parser.add_argument(
         "--identity-threshold",
         type=bounded(float, 0, MAX_IDENTITY_THRESHOLD, "identity threshold"),
-        default=SAME_PERSON_DISTANCE,
+        default=None,
         help="AVSpeech: videos whose faces are this close (dlib distance) are one person "
         f"(default {SAME_PERSON_DISTANCE}, dlib's guidance; 0: each video its own identity)",
     )
     parser.add_argument(
         "--identity-linkage",
-        default="average",
+        default=None,
         choices=LINKAGES,
         help="AVSpeech: how videos group into people (default average; docs/data.md)",
     )
     parser.add_argument(
         "--seed",
         type=seed,
-        default=0,
+        default=None,
         help="seed of the mixed order in which samples are written (default 0)",
     )
     parser.add_argument(
         "--mix-clips",
         type=bounded(int, 1, MAX_SAMPLES_PER_SHARD, "number of clips"),
-        default=MIX_CLIPS,
+        default=None,
         help=f"clips per mixing window, held in memory (~150 kB each; default {MIX_CLIPS})",
     )
     parser.add_argument(
@@ -1147,6 +1159,7 @@ def add_prepare_arguments(parser) -> None:
     parser.add_argument(
         "--descriptors-only",
         action="store_true",
+        default=None,
         help="AVSpeech, step 1 of a job array: only embed the faces of this job's videos "
         "that identity merging needs into OUT/parts/descriptors (docs/data.md)",
     )
@@ -1157,21 +1170,18 @@ def prepare_output(args) -> tuple[Path, bool]:
     part of a cluster run (``--num-shards`` > 1), since the other machines write their
     parts into the same folder at the same time."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "is a file; the output is a folder")
     if (args.num_shards or 1) > 1 and not args.merge:
-        return out / PARTS_DIR / part_name(args.shard_index, args.num_shards), False
+        return out / PARTS_DIR / part_name(args.shard_index or 0, args.num_shards), False
     return out, True
 
 
 def _check_merge_alone(args) -> None:
     """``--merge`` only merges: a dataset or processing option given with it would be
     silently ignored (the parts were prepared with their own)."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_prepare_arguments(parser)
-    defaults = vars(parser.parse_args(["-o", "-"]))
-    given = [name for name, default in defaults.items()
-             if name not in ("out", "num_shards", "merge") and getattr(args, name) != default]
+    given = [name for name in ("dataset", "root", *PROCESSING_DEFAULTS)
+             if getattr(args, name) is not None]
     if given:
         names = ", ".join("the dataset" if n == "dataset" else "--" + n.replace("_", "-")
                           for n in given)
@@ -1183,6 +1193,10 @@ def prepare_command(args) -> int:
     start = time.perf_counter()
     if args.merge:
         _check_merge_alone(args)
+    for name, default in PROCESSING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.merge:
         manifest = merge_manifests(args.out, args.num_shards)
     elif args.dataset is None or args.root is None:
         raise DataError(None, "give the dataset and --root (or --merge to merge finished parts)")

@@ -32,6 +32,7 @@ PARTS_DIR = "parts"
 JPEG_QUALITY = 95
 _SPLITS = ("train", "val", "test")
 MAX_FEATURE_DIM = 1_000_000
+NOT_A_DATASET = f"is a file, not a prepared dataset folder (prepare's --out, with {MANIFEST})"
 
 
 def load_manifest(path: str | os.PathLike) -> dict:
@@ -57,12 +58,17 @@ def load_manifest(path: str | os.PathLike) -> dict:
             else ""
         )
         raise DataError(path, f"manifest not found{hint}")
+    # Another file given where the folder was meant (``--data notes.txt``) is named as such.
+    other_file = path.name != MANIFEST
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError) as error:
+        if other_file and isinstance(error, ValueError):  # not JSON (or not UTF-8)
+            raise DataError(path, NOT_A_DATASET) from None
         raise DataError(path, f"unreadable manifest ({type(error).__name__}: {error})") from None
     if not isinstance(manifest, dict):
-        raise DataError(path, "malformed manifest (not a JSON object)")
+        raise DataError(path, NOT_A_DATASET if other_file else
+                        "malformed manifest (not a JSON object)")
     if manifest.get("format") != FORMAT_VERSION:
         raise DataError(path, f"manifest format {manifest.get('format')!r}, this version reads "
                               f"{FORMAT_VERSION}: prepare the dataset again")
