@@ -10,6 +10,7 @@ the same code trains on one CPU and on many GPUs.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -62,7 +63,13 @@ def init_distributed(device: str = "auto") -> Placement:
         use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+            # Bound to its GPU (torch >= 2.3): NCCL sets up at once, and barrier() knows
+            # the device instead of warning that it guesses it.
+            bound = {"device_id": torch.device("cuda", local_rank)} if "device_id" in \
+                inspect.signature(dist.init_process_group).parameters else {}
+            dist.init_process_group("nccl", **bound)
+        else:
+            dist.init_process_group("gloo")
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return Placement(rank=rank, world_size=world_size, local_rank=local_rank)
