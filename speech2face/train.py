@@ -900,6 +900,9 @@ def _check_fresh(out: Path, resume: bool) -> None:
     if not resume and latest_checkpoint(out) is not None:
         raise ConfigError(out, "already holds checkpoints; pass --resume to continue it, "
                                "or choose another --out")
+    if not resume and (out / RUN_MODEL_DIR).exists():
+        raise ConfigError(out, f"already holds a trained model ({RUN_MODEL_DIR}/); choose "
+                               "another --out")
 
 
 def _check_run_entries(out: Path) -> None:
@@ -1196,7 +1199,8 @@ def _add_common_arguments(parser) -> None:
                         help="run folder: checkpoints, logs, validation images and the final "
                              "bundle RUN/model")
     parser.add_argument("--config", metavar="FILE",
-                        help="JSON or TOML file of TrainConfig settings (see docs/training.md)")
+                        help="JSON, TOML or YAML file of TrainConfig settings "
+                             "(see docs/training.md)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in RUN (its settings are the "
                              "defaults; overrides such as steps=N still apply)")
@@ -1213,6 +1217,10 @@ def _config_from_args(args, stage: str) -> TrainConfig:
     saved = Path(args.out) / TRAIN_CONFIG_FILE
     if args.resume and saved.is_file():
         base = load_config(saved, stage=stage)
+    if args.resume and latest_checkpoint(args.out) is None and \
+            int(os.environ.get("RANK", "0")) == 0:  # (the demo resumes whatever is there)
+        print(f"speech2face: {args.out}: no checkpoint to resume: training from the start",
+              file=sys.stderr)
     return load_config(args.config, args.overrides, base=base, stage=stage)
 
 

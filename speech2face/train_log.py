@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import csv
 import io
+import tempfile
 from pathlib import Path
 
 import torch
 
 from speech2face.distributed import all_reduce_mean, reduce_device
+from speech2face.errors import Speech2FaceError
 from speech2face.utils import atomic_write, png_bytes
 
 METRICS_FILE = "metrics.csv"
@@ -60,10 +62,18 @@ class MetricsLog:
             out.writerows(rows)
         self.file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
         self.csv = csv.writer(self.file)
+        board = run / "tensorboard"
+        try:  # SummaryWriter would find out in a thread of its own, with a traceback
+            board.mkdir(exist_ok=True)
+            with tempfile.TemporaryFile(dir=board):
+                pass
+        except OSError as error:
+            raise Speech2FaceError(board, f"cannot write the TensorBoard log here "
+                                          f"({error.strerror})") from None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1)
+            self.writer = SummaryWriter(str(board), purge_step=start_step + 1)
         except ImportError:  # tensorboard is a dependency, but the CSV is enough to go on
             self.writer = None
 

@@ -678,6 +678,49 @@ def test_decoder_with_feature_noise_resumes_to_the_same_weights(shards, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_nothing_to_resume_says_so(shards, tmp_path, capsys):
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--resume",
+                 "--no-progress", "preset=tiny", "steps=1", "val_batches=1"]) == 0
+    assert f"{out}: no checkpoint to resume: training from the start" in capsys.readouterr().err
+
+
+def test_a_run_folder_holding_a_model_is_not_trained_over(shards, tmp_path, capsys):
+    """Its checkpoints deleted, a finished run's model/ is still not overwritten by a run
+    started without --resume."""
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--no-progress",
+                 "preset=tiny", "steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a trained model (model/)" in err[0], err
+    assert (out / "model" / "config.json").read_text() == "{}"
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_one_line(shards, tmp_path, capfd,
+                                                                 monkeypatch):
+    """As a user who may not write there (root may, so the refusal is simulated): one
+    line, not the traceback of SummaryWriter's writer thread."""
+    from speech2face import train_log
+    from speech2face.cli import main
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train_log.tempfile, "TemporaryFile", refused)
+    out = tmp_path / "run"
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--no-progress",
+                 "preset=tiny", "steps=1"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [f"speech2face train-decoder: error: {out / 'tensorboard'}: cannot write the "
+                   "TensorBoard log here (Permission denied)"], err
+
+
 def test_a_diverged_run_stops_in_one_line_and_writes_no_nan_model(shards, tmp_path, capsys):
     """lr = 1e30 turns the weights to NaN: the run stops at the first logged non-finite
     loss (exit 2, one line) with no checkpoint or model of NaN weights; the checkpoint
