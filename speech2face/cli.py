@@ -231,6 +231,12 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _empty_out(argv: list[str]) -> bool:
+    """Whether ``-o``/``--out`` is given an empty value (``-o ""``, ``--out=``)."""
+    return any(a == "--out=" or (a in ("-o", "--out") and i + 1 < len(argv) and not argv[i + 1])
+               for i, a in enumerate(argv))
+
+
 def _main(argv: list[str] | None) -> int:
     setup_process()  # keep freed memory, sleeping threads (runtime.py): before torch loads
     _stop_on_sigterm()
@@ -244,6 +250,8 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if _empty_out(argv):  # which Path("") would take for the current folder
+        parser.commands[args.command].error("-o/--out: an empty path")
     module = importlib.import_module(COMMANDS[args.command][0])
     run = getattr(module, f"{_snake(args.command)}_command")
     try:

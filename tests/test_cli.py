@@ -88,6 +88,20 @@ def test_options_may_come_between_the_values_of_a_list_argument():
     assert [str(a) for a in args.audio] == ["a.wav", "b.wav"] and args.out == "O"
 
 
+@pytest.mark.parametrize("argv", [["spectrogram", "x.wav", "-o", ""],
+                                  ["reconstruct", "x.wav", "-o", ""],
+                                  ["make-demo-data", "--out", ""]])
+def test_an_empty_output_path_is_refused(argv, capsys, tmp_path, monkeypatch):
+    from speech2face.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert f"speech2face {argv[0]}: error: -o/--out: an empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, prog", [(["demo", "--bogus"], "speech2face demo"),
                                         (["compare", "a=b", "--bogus"], "speech2face compare"),
                                         (["--bogus"], "speech2face")])
