@@ -92,6 +92,10 @@ def load_audio(
         raise AudioError(path, "file not found" if not path.exists() else "not a regular file")
     if path.stat().st_size == 0:
         raise AudioError(path, "empty file")
+    try:  # the decoders would call a file they may not open "not audio"
+        open(path, "rb").close()
+    except OSError as error:
+        raise AudioError(path, f"cannot be read ({error.strerror})") from None
 
     # Decode a little past the cut so the resampler's filter sees the samples after it.
     decode_seconds = None if max_seconds is None else max_seconds + _RESAMPLE_MARGIN

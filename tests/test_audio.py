@@ -503,3 +503,32 @@ def test_unbounded_or_malformed_arguments_are_audio_errors(tmp_path):
     for wave in ([0.1, 0.2], np.float32(0.5)):
         with pytest.raises(AudioError, match="expected a waveform array or tensor"):
             fit_duration(wave, 1.0)
+
+
+def test_a_file_that_may_not_be_read_is_named_as_such():
+    """Not "not a readable audio or video file (unknown format ...)": the decoders fail
+    to open it, and the reason is the permission. Root may read anything, so as root the
+    check runs as user nobody (setpriv)."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())  # in /tmp, where another user may look (not tmp_path)
+    folder.chmod(0o755)
+    path = folder / "locked.wav"
+    sf.write(path, np.full(16000, 0.1, np.float32), 16000)
+    path.chmod(0)
+    code = ("from speech2face.audio import load_audio\n"
+            "from speech2face.errors import AudioError\n"
+            f"try:\n    load_audio({str(path)!r})\n"
+            "except AudioError as error:\n    print(error)\n")
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to act as another user")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(folder)
+    assert result.stdout.strip() == f"{path}: cannot be read (Permission denied)", result
