@@ -286,6 +286,17 @@ def _umask() -> int:
     return mask
 
 
+def _check_listable(folder: Path, error) -> None:
+    """Raise ``error(path, problem)`` for a folder below ``folder`` (or itself) that may
+    not be listed: ``rglob`` skips one without a word, and its files with it. Hidden
+    folders are not searched for inputs, so not checked either."""
+    def refuse(problem: OSError) -> None:
+        raise error(Path(problem.filename), f"cannot be read ({problem.strerror})")
+
+    for _, folders, _ in os.walk(folder, onerror=refuse):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+
+
 def find_inputs(inputs, suffixes, error,
                 outputs: Sequence[str] = ("",)) -> list[tuple[Path, Path]]:
     """Files named by ``inputs``: files as given, folders searched recursively (sorted)
@@ -303,6 +314,7 @@ def find_inputs(inputs, suffixes, error,
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
+            _check_listable(item, error)
             # Hidden files and folders are not inputs: among them our own, such as the
             # staged outputs of a killed run (PARTIAL_NAME) in a folder given back as input.
             files = (p for p in item.rglob("*") if p.suffix.lower() in suffixes and p.is_file()

@@ -532,3 +532,34 @@ def test_a_file_that_may_not_be_read_is_named_as_such():
     finally:
         shutil.rmtree(folder)
     assert result.stdout.strip() == f"{path}: cannot be read (Permission denied)", result
+
+
+def test_a_folder_that_may_not_be_listed_is_named_not_skipped():
+    """rglob passes over a folder it may not list, and the files in it were left out
+    without a word; the command now stops in one line naming it. As root, as nobody."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())  # in /tmp, where another user may look (not tmp_path)
+    folder.chmod(0o777)
+    sf.write(folder / "ok.wav", np.full(16000, 0.1, np.float32), 16000)
+    (folder / "locked").mkdir()
+    sf.write(folder / "locked" / "hidden.wav", np.full(16000, 0.1, np.float32), 16000)
+    (folder / "locked").chmod(0)
+    command = [sys.executable, "-m", "speech2face", "spectrogram", str(folder),
+               "-o", str(folder / "out")]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to act as another user")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        written = (folder / "out").exists()
+    finally:
+        (folder / "locked").chmod(0o755)
+        shutil.rmtree(folder)
+    assert result.returncode == 2, result
+    assert result.stderr == (f"speech2face spectrogram: error: {folder / 'locked'}: cannot be "
+                             "read (Permission denied)\n"), result
+    assert not written
