@@ -82,11 +82,12 @@ def load_audio(
         AudioError: missing, empty, truncated or non-audio file, no audio track, an
             unsupported codec, or a signal that is all zeros or not finite.
     """
-    if not is_whole(sample_rate, 1, MAX_SAMPLE_RATE):
-        raise AudioError(None, f"sample_rate must be a whole number of Hz from 1 to "
-                               f"{MAX_SAMPLE_RATE}, got {sample_rate!r}")
+    _check_sample_rate(sample_rate)
     if max_seconds is not None:
         _check_seconds(max_seconds, "max_seconds", sample_rate)
+    if not isinstance(path, (str, os.PathLike)) or path == "":
+        raise AudioError(None, f"path must be a file's path (str or os.PathLike), got "
+                               f"{path!r:.60}")
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "file not found" if not path.exists() else "not a regular file")
@@ -139,6 +140,12 @@ def check_signal(wave: np.ndarray, path: str | os.PathLike | None = None) -> Non
         loudest = "all samples are zero" if peak == 0 else \
             f"its loudest sample is {20 * math.log10(peak):.0f} dBFS"
         raise AudioError(path, f"signal is silent ({loudest})")
+
+
+def _check_sample_rate(sample_rate) -> None:
+    if not is_whole(sample_rate, 1, MAX_SAMPLE_RATE):
+        raise AudioError(None, f"sample_rate must be a whole number of Hz from 1 to "
+                               f"{MAX_SAMPLE_RATE}, got {sample_rate!r}")
 
 
 def _check_seconds(seconds, name: str, sample_rate: int) -> None:
@@ -386,6 +393,7 @@ def fit_duration(
 
     Works on the last axis of a numpy array or tensor ``(..., N) -> (..., seconds*rate)``.
     """
+    _check_sample_rate(sample_rate)
     _check_seconds(seconds, "seconds", sample_rate)
     if seconds > MAX_SECONDS:  # repeated to hours, a clip fills the memory
         raise AudioError(None, f"seconds must be at most {MAX_SECONDS:g}, got {seconds!r}")
@@ -491,6 +499,9 @@ def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     """
     import torch
 
+    if not isinstance(wave, (np.ndarray, torch.Tensor)):
+        raise AudioError(None, f"expected a waveform (numpy array or tensor), got "
+                               f"{type(wave).__name__} (a file: clip_spectrogram(path))")
     if isinstance(wave, np.ndarray) and any(step < 0 for step in wave.strides):
         wave = np.ascontiguousarray(wave)  # a reversed view (x[::-1]): torch takes none
     x = torch.as_tensor(wave)
@@ -506,8 +517,11 @@ def spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise AudioError(None, f"expected a waveform (N,) or a batch (B, N), got shape "
                                f"{tuple(x.shape)}")
     if x.shape[-1] < WIN_LENGTH:
+        hint = "" if x.shape[0] < WIN_LENGTH else (
+            f" (shape {tuple(x.shape)} is a batch of {x.shape[0]} waveforms: for samples by "
+            "channels, pass one channel or their mean)")
         raise AudioError(None, f"waveform has {x.shape[-1]} samples, at least {WIN_LENGTH} "
-                               "are needed")
+                               f"are needed{hint}")
     # torch.stft frames are N_FFT long; pad the end so the last 400-sample TF frame fits
     # in a 512 frame, and put the window in the first 400 samples of each frame.
     pad = (0, N_FFT - WIN_LENGTH)

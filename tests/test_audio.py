@@ -563,3 +563,22 @@ def test_a_folder_that_may_not_be_listed_is_named_not_skipped():
     assert result.stderr == (f"speech2face spectrogram: error: {folder / 'locked'}: cannot be "
                              "read (Permission denied)\n"), result
     assert not written
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: load_audio(None), "path must be a file's path (str or os.PathLike), got None"),
+    (lambda: load_audio(""), "path must be a file's path (str or os.PathLike), got ''"),
+    (lambda: fit_duration(np.zeros(10), sample_rate=0),
+     "sample_rate must be a whole number of Hz from 1 to"),
+    (lambda: spectrogram(None), "expected a waveform (numpy array or tensor), got NoneType"),
+    (lambda: spectrogram("clip.wav"), "got str (a file: clip_spectrogram(path))"),
+    (lambda: spectrogram(np.zeros((96000, 2), np.float32)),
+     "(shape (96000, 2) is a batch of 96000 waveforms: for samples by channels"),
+])
+def test_api_misuse_is_named_in_the_callers_terms(call, words):
+    """Not a TypeError from pathlib or torch, nor an error that blames another argument."""
+    from speech2face.errors import AudioError
+
+    with pytest.raises(AudioError) as caught:
+        call()
+    assert words in str(caught.value)
