@@ -330,6 +330,9 @@ def _merge(config: TrainConfig, layer: dict, source) -> TrainConfig:
 
     if not layer:
         return config
+    if "loss" in layer and not isinstance(layer["loss"], dict):  # OmegaConf: "Merge error"
+        raise ConfigError(source, f"loss: a group of settings (a [loss] table, or "
+                                  f"loss.lambda1=...), got {layer['loss']!r:.40}")
     from omegaconf.errors import ConfigKeyError
 
     try:

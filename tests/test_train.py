@@ -172,6 +172,7 @@ def test_config_file_and_overrides(tmp_path):
 @pytest.mark.parametrize("items, words", [
     (["stepz=3"], "unknown setting 'stepz'"),
     (["loss.lambda3=1"], "unknown setting 'loss.lambda3'"),
+    (["loss=3"], "loss: a group of settings (a [loss] table, or loss.lambda1=...), got '3'"),
     (["steps=three"], "steps: Value 'three' of type 'str' could not be converted to Integer"),
     (["steps=1.5"], "steps: Value '1.5'"),
     (["deterministic=maybe"], "deterministic: Value 'maybe' is not a valid bool"),
