@@ -505,64 +505,64 @@ def test_unbounded_or_malformed_arguments_are_audio_errors(tmp_path):
             fit_duration(wave, 1.0)
 
 
-def test_a_file_that_may_not_be_read_is_named_as_such():
-    """Not "not a readable audio or video file (unknown format ...)": the decoders fail
-    to open it, and the reason is the permission. Root may read anything, so as root the
-    check runs as user nobody (setpriv)."""
-    import os
+@pytest.fixture
+def shared_folder():
+    """A folder in /tmp that another user may enter (tmp_path's parents are root's alone)."""
     import shutil
     import tempfile
 
-    folder = Path(tempfile.mkdtemp())  # in /tmp, where another user may look (not tmp_path)
-    folder.chmod(0o755)
-    path = folder / "locked.wav"
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o777)
+    yield folder
+    for path in [*folder.iterdir(), *folder.rglob("*")]:  # (a locked child hides its own)
+        path.chmod(0o755)
+    shutil.rmtree(folder)
+
+
+def _as_another_user(command: list[str]) -> list[str]:
+    """Root may read anything: as root, ``command`` runs as user nobody (setpriv)."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to act as another user")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+
+
+def test_a_file_that_may_not_be_read_is_named_as_such(shared_folder):
+    """Not "not a readable audio or video file (unknown format ...)": the decoders fail
+    to open it, and the reason is the permission."""
+    path = shared_folder / "locked.wav"
     sf.write(path, np.full(16000, 0.1, np.float32), 16000)
     path.chmod(0)
     code = ("from speech2face.audio import load_audio\n"
             "from speech2face.errors import AudioError\n"
             f"try:\n    load_audio({str(path)!r})\n"
             "except AudioError as error:\n    print(error)\n")
-    command = [sys.executable, "-c", code]
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("root, and no setpriv to act as another user")
-        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    finally:
-        shutil.rmtree(folder)
+    result = subprocess.run(_as_another_user([sys.executable, "-c", code]),
+                            capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == f"{path}: cannot be read (Permission denied)", result
 
 
-def test_a_folder_that_may_not_be_listed_is_named_not_skipped():
+def test_a_folder_that_may_not_be_listed_is_named_not_skipped(shared_folder):
     """rglob passes over a folder it may not list, and the files in it were left out
-    without a word; the command now stops in one line naming it. As root, as nobody."""
-    import os
-    import shutil
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp())  # in /tmp, where another user may look (not tmp_path)
-    folder.chmod(0o777)
-    sf.write(folder / "ok.wav", np.full(16000, 0.1, np.float32), 16000)
-    (folder / "locked").mkdir()
-    sf.write(folder / "locked" / "hidden.wav", np.full(16000, 0.1, np.float32), 16000)
-    (folder / "locked").chmod(0)
-    command = [sys.executable, "-m", "speech2face", "spectrogram", str(folder),
-               "-o", str(folder / "out")]
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("root, and no setpriv to act as another user")
-        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        written = (folder / "out").exists()
-    finally:
-        (folder / "locked").chmod(0o755)
-        shutil.rmtree(folder)
+    without a word; the command now stops in one line naming it."""
+    locked = shared_folder / "locked"
+    locked.mkdir()
+    for path in (shared_folder / "ok.wav", locked / "hidden.wav"):
+        sf.write(path, np.full(16000, 0.1, np.float32), 16000)
+    locked.chmod(0)
+    out = shared_folder / "out"
+    command = [sys.executable, "-m", "speech2face", "spectrogram", str(shared_folder),
+               "-o", str(out)]
+    result = subprocess.run(_as_another_user(command), capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 2, result
-    assert result.stderr == (f"speech2face spectrogram: error: {folder / 'locked'}: cannot be "
-                             "read (Permission denied)\n"), result
-    assert not written
+    assert result.stderr == (f"speech2face spectrogram: error: {locked}: cannot be read "
+                             "(Permission denied)\n"), result
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("call, words", [
