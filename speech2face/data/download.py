@@ -747,7 +747,8 @@ def download_avspeech(
     """Fetch the segments of AVSpeech CSVs into ``out`` (layout: module docstring).
 
     Returns counts: "ok" (fetched now), "done" (already there), "given-up" (failed for
-    good before), and one count per failure kind of this run.
+    good before), one count per failure kind of this run, and "retriable": the segments
+    that failed for a transient reason with attempts left (a rerun tries them again).
     """
     from speech2face.utils import atomic_write
 
@@ -825,9 +826,7 @@ def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template
     todo: dict[str, list[Segment]] = {}
     for video, group in sorted(by_video.items()):
         for segment in group:  # one per segment: read_avspeech_csvs drops repeated rows
-            media = root / SEGMENTS_DIR / video / f"{segment.clip}{SEGMENT_SUFFIX}"
-            face = media.with_suffix(DESCRIPTOR_SUFFIX)
-            if media.is_file() and face.is_file():  # (a segment alone: an older run's)
+            if _is_done(root, segment):
                 counts["done"] += 1
             elif _gave_up(failures.get(segment.key, ()), max_attempts):
                 counts["given-up"] += 1
@@ -850,7 +849,17 @@ def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template
         fetcher.stopping.set()  # (at the end: nothing left to stop)
         pool.shutdown(wait=True, cancel_futures=True)
         fetcher.close()
+    after = read_failures(root)  # the log as this run leaves it
+    counts["retriable"] = sum(
+        1 for group in todo.values() for segment in group
+        if not _is_done(root, segment) and not _gave_up(after.get(segment.key, ()), max_attempts))
     return counts
+
+
+def _is_done(root: Path, segment: Segment) -> bool:
+    """Both of a segment's files are there (the media alone: an older run's, fetched again)."""
+    media = root / SEGMENTS_DIR / segment.video / f"{segment.clip}{SEGMENT_SUFFIX}"
+    return media.is_file() and media.with_suffix(DESCRIPTOR_SUFFIX).is_file()
 
 
 # ================================================================================== CLI
@@ -914,12 +923,22 @@ def download_command(args) -> int:
         timeout=args.timeout, max_attempts=args.max_attempts, max_height=args.max_height,
         progress=not args.no_progress,
     )
-    failed = {k: v for k, v in sorted(counts.items()) if k not in ("ok", "done", "given-up")}
+    failed = {k: v for k, v in sorted(counts.items())
+              if k not in ("ok", "done", "given-up", "retriable")}
+    retriable = counts["retriable"]
     print(
         f"segments: {counts['ok']} fetched, {counts['done']} already there, "
         f"{sum(failed.values())} failed now"
         + (f" ({', '.join(f'{k} {v}' for k, v in failed.items())})" if failed else "")
         + f", {counts['given-up']} given up before; "
         f"log: {log_path(Path(args.out), args.shard_index, args.num_shards)}"
+        + (f"\n{retriable} segment(s) failed for a transient reason and will be tried again "
+           "by the same command (exit 75)" if retriable else "")
     )
-    return 0
+    return TRY_AGAIN if retriable else 0
+
+
+# The exit status of a run that left segments to try again (sysexits.h's EX_TEMPFAIL):
+# a job array's task fails, so that the scheduler (Kubernetes' restartPolicy OnFailure,
+# SLURM's requeue) or a loop runs it again; 0 once nothing is left to try.
+TRY_AGAIN = 75
