@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 from speech2face.errors import Speech2FaceError
 from speech2face.runtime import setup_process
@@ -231,6 +232,24 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _plain_warnings() -> None:
+    """Our own warnings print as one line, ``speech2face: warning: ...``, as the commands'
+    other notes do, instead of with our source file, line and code line (the Python API
+    keeps Python's format; other packages' warnings keep it too)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    python_format = warnings.formatwarning
+    if getattr(python_format, "plain_for_speech2face", False):
+        return
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"speech2face: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    format_warning.plain_for_speech2face = True
+    warnings.formatwarning = format_warning
+
+
 def _empty_out(argv: list[str]) -> bool:
     """Whether ``-o``/``--out`` is given an empty value (``-o ""``, ``--out=``)."""
     return any(a == "--out=" or (a in ("-o", "--out") and i + 1 < len(argv) and not argv[i + 1])
@@ -240,6 +259,7 @@ def _empty_out(argv: list[str]) -> bool:
 def _main(argv: list[str] | None) -> int:
     setup_process()  # keep freed memory, sleeping threads (runtime.py): before torch loads
     _stop_on_sigterm()
+    _plain_warnings()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)

@@ -139,3 +139,21 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
     shown = said.decode().split("\n")[-2].split("\r")[-1]
     assert shown == "speech2face make-demo-data: terminated (SIGTERM)", said
     assert os.listdir(tmp_path) == []
+
+
+def test_our_warnings_print_as_one_line_others_as_python_prints_them(monkeypatch):
+    import warnings
+
+    from speech2face import cli
+    from speech2face.data import loader
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after
+    python_format = warnings.formatwarning
+    cli._plain_warnings()
+    cli._plain_warnings()  # twice (main called again in one process): installed once
+    ours = warnings.formatwarning("train: 1 shard(s) for 2 loader workers", UserWarning,
+                                  loader.__file__, 564)
+    assert ours == "speech2face: warning: train: 1 shard(s) for 2 loader workers\n"
+    theirs = ("This DataLoader will create 4 worker processes", UserWarning,
+              pytest.__file__, 431)
+    assert warnings.formatwarning(*theirs) == python_format(*theirs)
