@@ -535,8 +535,12 @@ def output_lock(path: str | os.PathLike, folder: bool = True) -> Iterator[None]:
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise Speech2FaceError(path, f"cannot create the output folder ({error.strerror})") \
-            from None
+        problem = f"cannot create the output folder ({error.strerror})"
+        if folder and key.is_symlink() and not key.exists():
+            problem = f"is a broken symbolic link (to {os.readlink(key)}); the output is a folder"
+        elif folder and key.exists() and not key.is_dir():
+            problem = "is a file; the output is a folder"
+        raise Speech2FaceError(path, problem) from None
     fd = _acquire(lock, path, made)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

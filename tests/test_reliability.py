@@ -918,3 +918,20 @@ def test_too_few_samples_per_loader_worker_says_why(tmp_path, capfd):
                                  "num_workers=4", "val_batches=0"], capfd)
     assert status == 2 and "too few samples for one step" in err, err
     assert "1 process(es) x 4 loader worker(s)" in err and "fewer num_workers" in err
+
+
+def test_an_output_that_is_a_file_or_a_broken_link_is_named_as_such(tmp_path):
+    """Not "cannot create the output folder (File exists)", which reads as a bug."""
+    from speech2face.errors import Speech2FaceError
+    from speech2face.utils import output_lock
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "broken").symlink_to("nowhere/x")
+    with pytest.raises(Speech2FaceError, match=r"afile: is a file; the output is a folder$"):
+        with output_lock(tmp_path / "afile"):
+            pass
+    with pytest.raises(Speech2FaceError, match=r"broken: is a broken symbolic link \(to "
+                                               r"nowhere/x\); the output is a folder$"):
+        with output_lock(tmp_path / "broken"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "broken"]
