@@ -913,6 +913,8 @@ def _check_run_entries(out: Path) -> None:
 
     if out.exists() and not out.is_dir():
         raise ConfigError(out, "is in the way: the run folder is a file")
+    if (out / WEIGHTS_NAME).is_file():  # RUN/model itself, say: a run there would bury it
+        raise ConfigError(out, "is a model bundle, not a run folder; choose another --out")
     files = [out / METRICS_FILE, out / TRAIN_CONFIG_FILE, out / CHECKPOINTS_DIR / BEST_FILE]
     folders = [out / "tensorboard", out / CHECKPOINTS_DIR, out / RUN_MODEL_DIR]
     for path in files:

@@ -703,6 +703,22 @@ def test_a_run_folder_holding_a_model_is_not_trained_over(shards, tmp_path, caps
     assert (out / "model" / "config.json").read_text() == "{}"
 
 
+def test_a_model_bundle_is_not_taken_for_a_run_folder(shards, tmp_path, capsys):
+    from speech2face.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train-decoder", "--data", str(shards), "--out", str(run), "--no-progress",
+                 "preset=tiny", "steps=1", "val_batches=1"]) == 0
+    before = sorted(p.name for p in (run / "model").iterdir())
+    capsys.readouterr()
+    for resume in ([], ["--resume"]):
+        assert main(["train-decoder", "--data", str(shards), "--out", str(run / "model"),
+                     "--no-progress", "preset=tiny", "steps=1", *resume]) == 2
+        err = capsys.readouterr().err
+        assert "model: is a model bundle, not a run folder; choose another --out" in err, err
+    assert sorted(p.name for p in (run / "model").iterdir()) == before
+
+
 def test_a_tensorboard_folder_that_cannot_be_written_is_one_line(shards, tmp_path, capfd,
                                                                  monkeypatch):
     """As a user who may not write there (root may, so the refusal is simulated): one
