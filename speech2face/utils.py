@@ -434,7 +434,8 @@ LOCK_NAME = ".speech2face.lock"
 _held_locks: dict[Path, list[int]] = {}
 
 
-_SHARDS_LOCK = re.compile(r"\.speech2face\.shards-\d{5}\.lock")  # sharding_claim's
+# sharding_claim's lock file, ``.speech2face.shards-NNNNN.lock``: NNNNN is the run's count.
+SHARDS_CLAIM = re.compile(r"\.speech2face\.shards-(\d{5})\.lock")
 
 
 @contextlib.contextmanager
@@ -463,7 +464,8 @@ def sharding_claim(root: str | os.PathLike, num_shards: int, what: str) -> Itera
         os.close(fd)
     try:
         for path in sorted(root.glob(".speech2face.shards-*.lock")):
-            if path == own:
+            claim = SHARDS_CLAIM.fullmatch(path.name)
+            if path == own or claim is None:
                 continue
             try:
                 other = os.open(path, os.O_RDWR)
@@ -472,9 +474,8 @@ def sharding_claim(root: str | os.PathLike, num_shards: int, what: str) -> Itera
             try:
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                count = path.name.removeprefix(".speech2face.shards-").removesuffix(".lock")
                 raise DataError(root, f"another {what} into it splits the work into "
-                                f"{int(count)} shard(s); runs into one folder at the same "
+                                f"{int(claim[1])} shard(s); runs into one folder at the same "
                                 f"time need the same --num-shards ({num_shards} here)") from None
             finally:
                 os.close(other)  # and with it the probe's lock
@@ -504,7 +505,7 @@ def output_entries(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.name != LOCK_NAME and not _SHARDS_LOCK.fullmatch(p.name))
+                  if p.name != LOCK_NAME and not SHARDS_CLAIM.fullmatch(p.name))
 
 
 @contextlib.contextmanager

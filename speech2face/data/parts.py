@@ -31,7 +31,7 @@ from speech2face.data.shards import (
     is_clip_seconds,
 )
 from speech2face.errors import DataError
-from speech2face.utils import atomic_write, is_names, is_number, is_whole
+from speech2face.utils import SHARDS_CLAIM, atomic_write, is_names, is_number, is_whole
 
 
 def part_name(shard_index: int, num_shards: int) -> str:
@@ -324,9 +324,8 @@ def part_counts(out: Path) -> set[int]:
     return counts
 
 
-# The lock files of running (or killed) parts: utils.sharding_claim's in ``out``, and
-# each part's output lock in ``out/parts`` (utils.lock_file_for).
-_CLAIM_FILE = re.compile(r"\.speech2face\.shards-(\d{5})\.lock")
+# Each part's output lock in ``out/parts`` (utils.lock_file_for); with
+# utils.SHARDS_CLAIM in ``out``, the lock files of running (or killed) parts.
 _PART_LOCK = re.compile(r"\.\d{5}-of-(\d{5})\.lock")
 
 
@@ -334,7 +333,7 @@ def claimed_counts(out: Path) -> set[int]:
     """The ``--num-shards`` of the runs whose lock files are in ``out``: parts that have
     started, whether or not they have written a progress file yet."""
     counts = set()
-    for pattern, folder in ((_CLAIM_FILE, out), (_PART_LOCK, out / PARTS_DIR)):
+    for pattern, folder in ((SHARDS_CLAIM, out), (_PART_LOCK, out / PARTS_DIR)):
         for path in folder.iterdir() if folder.is_dir() else ():
             match = pattern.fullmatch(path.name)
             if match is not None and int(match[1]) >= 1:
