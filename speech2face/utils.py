@@ -286,15 +286,22 @@ def _umask() -> int:
     return mask
 
 
-def _check_listable(folder: Path, error) -> None:
-    """Raise ``error(path, problem)`` for a folder below ``folder`` (or itself) that may
-    not be listed: ``rglob`` skips one without a word, and its files with it. Hidden
-    folders are not searched for inputs, so not checked either."""
+def _files_below(folder: Path, suffixes, error) -> list[Path]:
+    """The files below ``folder`` whose names end in one of ``suffixes`` (any case),
+    sorted, leaving out hidden files and folders: among them our own, such as the staged
+    outputs of a killed run (PARTIAL_NAME) in a folder given back as input. Symbolic
+    links to folders are not followed. A folder that may not be listed raises
+    ``error(path, problem)`` (``rglob`` skipped one without a word, and its files)."""
     def refuse(problem: OSError) -> None:
         raise error(Path(problem.filename), f"cannot be read ({problem.strerror})")
 
-    for _, folders, _ in os.walk(folder, onerror=refuse):
+    found = []
+    for top, folders, names in os.walk(folder, onerror=refuse):
         folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [path for path in (Path(top, name) for name in names
+                                    if not name.startswith("."))
+                  if path.suffix.lower() in suffixes and path.is_file()]
+    return sorted(found)
 
 
 def find_inputs(inputs, suffixes, error,
@@ -314,12 +321,8 @@ def find_inputs(inputs, suffixes, error,
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            _check_listable(item, error)
-            # Hidden files and folders are not inputs: among them our own, such as the
-            # staged outputs of a killed run (PARTIAL_NAME) in a folder given back as input.
-            files = (p for p in item.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
-                     and not any(part.startswith(".") for part in p.relative_to(item).parts))
-            found += [(path, path.relative_to(item).with_suffix("")) for path in sorted(files)]
+            found += [(path, path.relative_to(item).with_suffix(""))
+                      for path in _files_below(item, suffixes, error)]
         elif item.is_file():
             found.append((item, Path(item.stem)))
         elif item.exists() or item.is_symlink():
