@@ -254,19 +254,24 @@ def _warp_case(batch: int = 8, size: int = 224, seed: int = 0):
     return image, source, dest, weights
 
 
-def _warp_outputs(case, device: str, dtype: torch.dtype, autocast: torch.dtype | None):
-    """The decoder's warp (its paper settings) and its gradients, as float64 on the CPU."""
+def _decoder_warp(image, source, dest, weights, autocast: bool):
+    """The decoder's warp (its paper settings), under bf16 autocast or not, and the
+    backward pass of a weighted sum of it: the inputs (with their gradients), image, flow."""
     from speech2face.face_decoder import FaceDecoderConfig
     from speech2face.warp import sparse_image_warp
 
     config = FaceDecoderConfig.paper(4096)
-    image, source, dest, weights = (t.to(device, dtype) for t in case)
-    inputs = [t.clone().requires_grad_() for t in (image, source, dest)]
-    with torch.autocast(torch.device(device).type, dtype=autocast or torch.bfloat16,
-                        enabled=autocast is not None):
+    inputs = [t.detach().requires_grad_() for t in (image, source, dest)]
+    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=autocast):
         warped, flow = sparse_image_warp(*inputs, config.warp_order, config.warp_regularization,
                                          config.warp_boundary_points)
     (warped * weights).sum().backward()
+    return inputs, warped, flow
+
+
+def _warp_outputs(case, device: str, dtype: torch.dtype, autocast: bool):
+    """The warp and its gradients, as float64 on the CPU."""
+    inputs, warped, flow = _decoder_warp(*(t.to(device, dtype) for t in case), autocast)
     return [t.detach().double().cpu() for t in (warped, flow, *(i.grad for i in inputs))]
 
 
@@ -275,16 +280,16 @@ def warp_check(repeats: int = 20) -> list[dict]:
     the float64 CPU result, with the CPU's own float32 error as the yardstick; and its
     speed at the decoder's size (batch 8, 224 px, forward + backward)."""
     case = _warp_case()
-    reference = _warp_outputs(case, "cpu", torch.float64, None)
+    reference = _warp_outputs(case, "cpu", torch.float64, False)
     names = ("image", "flow (px)", "d/d image", "d/d source", "d/d dest")
 
     def errors(outputs):  # max abs error of the image and flow; relative norm of gradients
         return [float((o - r).abs().max()) if i < 2 else float((o - r).norm() / r.norm())
                 for i, (o, r) in enumerate(zip(outputs, reference, strict=True))]
 
-    cpu = errors(_warp_outputs(case, "cpu", torch.float32, None))
+    cpu = errors(_warp_outputs(case, "cpu", torch.float32, False))
     rows = []
-    for label, autocast in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+    for label, autocast in (("float32", False), ("bf16 autocast", True)):
         gpu = errors(_warp_outputs(case, "cuda", torch.float32, autocast))
         # within twice the CPU's float32 error (bf16 arithmetic inside the warp was off by
         # 0.16 in the image, against 1e-3 here)
@@ -300,7 +305,7 @@ def warp_check(repeats: int = 20) -> list[dict]:
     image, source, dest, weights = (t.cuda().float() for t in case)
     times = {}
     for label, autocast in (("float32", False), ("bf16 autocast", True)):
-        times[label] = _cuda_ms(lambda a=autocast: _warp_step(image, source, dest, weights, a),
+        times[label] = _cuda_ms(lambda a=autocast: _decoder_warp(image, source, dest, weights, a),
                                 repeats)
     rows.append({"benchmark": "warp forward + backward on GPU, batch 8 x 224 px, 68 points",
                  "result": f"{times['bf16 autocast']:.2f} ms under bf16 autocast",
@@ -308,18 +313,6 @@ def warp_check(repeats: int = 20) -> list[dict]:
                  "ratio": f"{times['bf16 autocast'] / times['float32']:.2f}",
                  "target": "(measured, no target)", "ms": times})
     return rows
-
-
-def _warp_step(image, source, dest, weights, autocast: bool) -> None:
-    from speech2face.face_decoder import FaceDecoderConfig
-    from speech2face.warp import sparse_image_warp
-
-    config = FaceDecoderConfig.paper(4096)
-    inputs = [t.detach().requires_grad_() for t in (image, source, dest)]
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        warped, _ = sparse_image_warp(*inputs, config.warp_order, config.warp_regularization,
-                                      config.warp_boundary_points)
-    (warped * weights).sum().backward()
 
 
 def _cuda_ms(fn, repeats: int) -> float:

@@ -72,23 +72,24 @@ def _step_times(stage, data, steps: int, device: str, batch: int) -> list[tuple[
 
 
 def paper_step(voice: bool, device: str, batch: int, steps: int) -> dict:
+    if steps < 3:
+        raise ValueError("paper_step needs 3 steps or more: the first and last are not timed")
+    cuda = device.startswith("cuda")
     model = _paper_model(voice, device)
     stage = VoiceStage(model, LossConfig()) if voice else DecoderStage(model, LossConfig())
     tensors = _batches(voice, batch * steps, model.face_decoder.mean_landmarks.cpu())
     data = InMemoryData(tensors, batch, shuffle=False)
-    if steps < 3:
-        raise ValueError("paper_step needs 3 steps or more: the first and last are not timed")
     times = _step_times(stage, data, steps, device, batch)
     timed = times[1:-1]
     # forward alone, same batch, for the backward/forward ratio (warm: after the steps;
-    # on a GPU the mean of 5, under the run's autocast)
+    # on a GPU the mean of 5, under the run's bf16 autocast)
     batch_data = stage.on_device(next(iter(data.batches(0))), torch.device(device))
-    repeats = 5 if device.startswith("cuda") else 1
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=repeats > 1):
+    repeats = 5 if cuda else 1
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(repeats):
             stage.loss(stage.trainable, batch_data)
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
         forward = (time.perf_counter() - start) / repeats
         forward_cpu = (time.process_time() - cpu) / repeats
