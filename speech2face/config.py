@@ -262,7 +262,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
             import yaml  # PyYAML: OmegaConf's own dependency
 
             try:
-                data = yaml.safe_load(text)  # plain data only: no tags that build objects
+                data = _safe_yaml(yaml, text)  # plain data: no tags that build objects
             except yaml.YAMLError as error:
                 raise ValueError(str(error).replace("\n", " ")) from None
         else:
@@ -276,6 +276,32 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(path, "the config file must hold a table/object of settings")
     return data
+
+
+def _safe_yaml(yaml, text: str):
+    """``yaml.safe_load`` without anchors and aliases. A config file is untrusted input,
+    and an alias can point into itself (a recursive structure no merge can walk) or
+    expand exponentially ("billion laughs": seven lines took minutes of CPU and GBs);
+    a settings file never needs them. A key given twice is refused too (PyYAML keeps
+    the last silently)."""
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*name) "
+                                     "are not accepted in a config file; write the values out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+            for i, key in enumerate(keys):
+                if key in keys[:i]:  # as TOML refuses them
+                    line = node.value[i][0].start_mark.line + 1
+                    raise yaml.YAMLError(f"line {line}: duplicate key {key!r}")
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:

@@ -253,6 +253,24 @@ def test_bad_config_file_names_the_file(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("text, words", [
+    ("a: &a [*a]\n", "line 1: YAML aliases"),  # a structure that holds itself
+    ("steps: 5\nloss: &x {lambda1: *x}\n", "line 2: YAML aliases"),
+    # "billion laughs": 9^7 strings from seven lines (minutes of CPU before the fix)
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n"
+        for p, n in zip("abcdef", "bcdefg", strict=True)),
+     "line 2: YAML aliases"),
+    ("steps: 10\nsteps: 20\n", "line 2: duplicate key 'steps'"),
+    ("loss:\n  lambda1: 1\n  lambda1: 2\n", "line 3: duplicate key 'lambda1'"),
+])
+def test_yaml_config_refuses_aliases_and_repeated_keys(tmp_path, text, words):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"run.yaml: not valid YAML: {words}"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("settings, words", [
     ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
     ({"steps": "5"}, "steps must be a whole number, got '5'"),
