@@ -735,3 +735,24 @@ def test_an_object_npy_member_is_refused_without_unpickling():
         header, {"descr": "|O", "fortran_order": False, "shape": (1,)})
     with pytest.raises(ValueError, match=r"claims \(1,\) object"):
         _load_npy(header.getvalue() + b"\x80\x04N.")  # a pickle of None
+
+
+def test_an_aborted_shard_is_removed_even_when_its_close_fails(tmp_path, monkeypatch):
+    """A full disk fails the unfinished shard's close too; its ``.partial`` file must still
+    go (it was left behind, taking room on the disk that was full)."""
+    from speech2face.data.prepare import _SplitWriter
+
+    writer = _SplitWriter(tmp_path, "train", "", 0, 8, lambda entry: None)
+    writer.write({"key": "id00000/v00/00000", "files": tiny_files("id00000/v00/00000")})
+    (partial,) = [Path(name) for name in writer._files]
+    assert partial.exists()
+    for file in writer._files.values():
+        real_close = file.f.close
+
+        def close(real_close=real_close):
+            real_close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(file.f, "close", close)
+    writer.abort()
+    assert not partial.exists(), sorted(tmp_path.rglob("*"))

@@ -485,6 +485,8 @@ def test_classify_failures():
         "Unable to download webpage: The read operation timed out": "timeout",
         "Unable to download webpage: HTTP Error 503: Service Unavailable": "network",
         "Unable to download webpage: HTTP Error 403: Forbidden": "forbidden",
+        "Unable to download webpage: HTTP Error 451: Unavailable For Legal Reasons":
+            "geo-blocked",
         "Unsupported URL: http://127.0.0.1/page.html": "no-format",
         "Invalid data found when processing input": "truncated",
         "something new": "error",
@@ -492,6 +494,7 @@ def test_classify_failures():
     assert {m: download.classify(m).kind for m in cases} == cases
     assert download.classify("something new").transient
     assert not download.classify("Private video").transient
+    assert not download.classify("HTTP Error 451: Unavailable For Legal Reasons").transient
 
 
 def test_rate_limit_spaces_requests(monkeypatch):

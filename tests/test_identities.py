@@ -172,13 +172,18 @@ def test_a_job_array_embeds_each_video_once(demo_speakers, tmp_path, capsys, mon
     assert sorted(known) == sorted(VIDEOS) and damaged == []
 
 
-def test_descriptors_only_is_for_avspeech(tmp_path, capsys):
+@pytest.mark.parametrize("dataset, option", [
+    ("voxceleb1", ["--descriptors-only"]),
+    ("voxceleb2", ["--identity-threshold", "0.3"]),  # VoxCeleb has its identities
+    ("voxceleb1", ["--identity-linkage", "single"]),
+])
+def test_face_identity_options_are_for_avspeech(tmp_path, capsys, dataset, option):
     from speech2face import cli
 
-    code = cli.main(["prepare", "voxceleb1", "--root", str(tmp_path), "--out",
-                     str(tmp_path / "out"), "--descriptors-only"])
+    code = cli.main(["prepare", dataset, "--root", str(tmp_path), "--out",
+                     str(tmp_path / "out"), *option])
     err = capsys.readouterr().err
-    assert code == 2 and "--descriptors-only: is for avspeech" in err, err
+    assert code == 2 and f"{option[0]}: is for avspeech" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -85,7 +85,8 @@ WORKERS = 4
 # yt-dlp error text -> failure kind, first match wins; (kind, transient, lowercase parts).
 _FAILURE_KINDS: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("private", False, ("private video", "video is private", "members-only", "join this channel")),
-    ("geo-blocked", False, ("in your country", "geo restrict", "geo-restrict")),
+    ("geo-blocked", False, ("in your country", "geo restrict", "geo-restrict",
+                             "http error 451", "unavailable for legal reasons")),
     ("age-restricted", False, ("confirm your age", "age-restricted", "age restricted")),
     ("rate-limited", True, ("http error 429", "too many requests", "not a bot")),
     # YouTube also answers 403 to a bot check or an expired media link: worth a retry.

@@ -624,6 +624,7 @@ class _SplitWriter:
         for name, file in self._files.items():
             with contextlib.suppress(OSError):
                 file.f.close()
+            with contextlib.suppress(OSError):  # also when the close failed (a full disk)
                 os.unlink(name)
         if self.shards.tarstream is not None:
             with contextlib.suppress(OSError):
@@ -1193,6 +1194,10 @@ def prepare_command(args) -> int:
     start = time.perf_counter()
     if args.merge:
         _check_merge_alone(args)
+    for option in ("identity_threshold", "identity_linkage"):
+        if args.dataset not in (None, "avspeech") and getattr(args, option) is not None:
+            raise ConfigError("--" + option.replace("_", "-"), "is for avspeech (whose "
+                              f"identities are found from faces), not {args.dataset}")
     for name, default in PROCESSING_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
