@@ -87,6 +87,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         yield f
 
 
+# The errors of a write that found no room.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 @contextlib.contextmanager
 def staged_writes() -> Iterator[Callable]:
     """Write several files all or nothing.
@@ -110,10 +114,15 @@ def staged_writes() -> Iterator[Callable]:
                                    dir=path.parent)
         staged.append((tmp, path))
         os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it, not private
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:  # a full disk: name the file (a write's error names none)
+            if error.filename is None and error.errno in FULL_DISK:
+                error.filename = str(path)
+            raise
 
     def discard(entries) -> None:
         for tmp, _ in entries:
@@ -544,6 +553,11 @@ def output_lock(path: str | os.PathLike, folder: bool = True) -> Iterator[None]:
             problem = f"is a broken symbolic link (to {os.readlink(key)}); the output is a folder"
         elif folder and key.exists() and not key.is_dir():
             problem = "is a file; the output is a folder"
+        else:  # a file where a folder above the output must be (compare -o afile/x.md)
+            above = next((p for p in reversed(key.parents) if p.exists() and not p.is_dir()),
+                         None)
+            if above is not None:
+                problem = f"{above} is a file, not a folder"
         raise Speech2FaceError(path, problem) from None
     fd = _acquire(lock, path, made)
     os.ftruncate(fd, 0)

@@ -934,4 +934,9 @@ def test_an_output_that_is_a_file_or_a_broken_link_is_named_as_such(tmp_path):
                                                r"nowhere/x\); the output is a folder$"):
         with output_lock(tmp_path / "broken"):
             pass
+    for folder in (True, False):  # a file where a folder above the output must be
+        with pytest.raises(Speech2FaceError,
+                           match=r"sub/report.md: \S+/afile is a file, not a folder$"):
+            with output_lock(tmp_path / "afile" / "sub" / "report.md", folder=folder):
+                pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "broken"]

@@ -1,6 +1,7 @@
 """Shared helpers: checks of values read from files, all-or-nothing writes, locks."""
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -74,6 +75,19 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with atomic_write(target) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path):
+    """A write's ENOSPC names no file (prepare's descriptor store said only "No space left
+    on device"); the staged write adds its output's path. Other errors stay as raised."""
+    target = tmp_path / "store" / "a-000000.npz"
+    with pytest.raises(OSError) as raised, atomic_write(target) as f:
+        f.write(b"x")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert raised.value.filename == str(target) and not target.parent.exists()
+    with pytest.raises(OSError) as raised, atomic_write(target):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))  # not about room: left alone
+    assert raised.value.filename is None
 
 
 def test_publishing_dir_shows_the_folder_whole_or_not_at_all(tmp_path):
