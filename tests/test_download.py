@@ -4,6 +4,7 @@ silent-track-less and a face-less one); ``prepare avspeech`` then reads what cam
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
 import json
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import claim_held, make_mp4
 
-from speech2face import cli
+from speech2face import cli, utils
 from speech2face.data import download
 
 SLOW_SECONDS = 6.0  # the slow video answers after this; the client's timeout is 2 s
@@ -306,27 +307,42 @@ def test_bad_options(server, tmp_path, capsys):
     assert not root.exists()
 
 
+def _fail_writing_videos(monkeypatch, error: int, after: int = 0) -> None:
+    """Writing a segment's video fails with ``error`` after ``after`` videos, once some of
+    its bytes reached the disk (as a disk that fills, or a file size limit, fails it)."""
+    real = utils.staged_writes
+    written = []
+
+    @contextlib.contextmanager
+    def failing():
+        with real() as stage:
+            @contextlib.contextmanager
+            def failing_stage(path, mode="wb"):
+                with stage(path, mode) as f:
+                    if str(path).endswith(".mkv"):
+                        written.append(path)
+                        if len(written) > after:
+                            f.write(b"x" * 1000)
+                            raise OSError(error, os.strerror(error))
+                    yield f
+
+            yield failing_stage
+
+    monkeypatch.setattr(utils, "staged_writes", failing)
+
+
 def test_full_disk_stops_cleanly_and_rerun_continues(server, tmp_path, capsys, monkeypatch):
     csvs = _csvs(tmp_path, train=TRAIN_ROWS[:2], test=[])
     root = tmp_path / "avspeech"
-    real = download._write_segment
-    calls = []
-
-    def full_after_one(f, *args):
-        calls.append(1)
-        if len(calls) > 1:
-            f.write(b"x" * 1000)  # some bytes reached the disk before it filled
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(f, *args)
-
-    monkeypatch.setattr(download, "_write_segment", full_after_one)
+    real = utils.staged_writes
+    _fail_writing_videos(monkeypatch, errno.ENOSPC, after=1)
     code, _, err = _run(_download_args(csvs, root, server, "--workers", "1"), capsys)
     assert code == 2
     assert "s000004500.mkv: no space left on device" in err and len(err.splitlines()) == 1
     left = sorted(p.name for p in (root / "segments").rglob("*"))
     assert left == ["GoodVideo00", "s000001000.face.npy", "s000001000.mkv"]  # no temp file
     assert not (root / "download_log").exists()  # not the video's fault: not logged
-    monkeypatch.setattr(download, "_write_segment", real)
+    monkeypatch.setattr(utils, "staged_writes", real)
     code, out, err = _run(_download_args(csvs, root, server), capsys)
     assert code == 0 and "1 fetched, 1 already there" in out, err
 
@@ -368,10 +384,7 @@ def test_a_file_size_limit_stops_the_run(server, tmp_path, capsys, monkeypatch):
     csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
     root = tmp_path / "avspeech"
 
-    def too_big(f, *args):
-        raise OSError(errno.EFBIG, "File too large")
-
-    monkeypatch.setattr(download, "_write_segment", too_big)
+    _fail_writing_videos(monkeypatch, errno.EFBIG)
     code, _, err = _run(_download_args(csvs, root, server), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "s000001000.mkv: file too large" in err
@@ -667,10 +680,7 @@ def test_unwritable_output_stops_cleanly(server, tmp_path, capsys, monkeypatch, 
     csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
     root = tmp_path / "avspeech"
 
-    def unwritable(f, *args):
-        raise OSError(code_, "cannot write")
-
-    monkeypatch.setattr(download, "_write_segment", unwritable)
+    _fail_writing_videos(monkeypatch, code_)
     code, _, err = _run(_download_args(csvs, root, server), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "s000001000.mkv: cannot write" in err
@@ -835,3 +845,21 @@ def test_a_truncated_segment_is_said_to_be_truncated(tmp_path):
     with pytest.raises(ImageError, match="cannot seek to the frame at 1.04 s "
                                          r"\(a truncated or damaged file\?\)"):
         read_video_frame(tmp_path / "cut.mkv", 1.04)
+
+
+def test_the_face_is_checked_on_the_frame_as_stored(server, tmp_path, capsys):
+    """The descriptor is that of the stored (re-encoded) middle frame, the frame prepare
+    reads: checked on the original, a face just above the detector's cut-off could be
+    lost in the re-encoding, and prepare skipped a segment download had counted."""
+    from speech2face.data import identities
+    from speech2face.data.prepare import read_video_frame
+
+    csvs = _csvs(tmp_path, train=TRAIN_ROWS[:1], test=[])
+    root = tmp_path / "avspeech"
+    code, _, err = _run(_download_args(csvs, root, server), capsys)
+    assert code == 0, err
+    segment = root / "segments" / "GoodVideo00" / "s000001000.mkv"
+    stored = read_video_frame(segment, 1.5)  # the middle of 1.0-4.0 s, from the start
+    expected = identities.face_descriptor(stored, (0.5, 0.5))
+    saved = np.load(identities.descriptor_path(segment))
+    np.testing.assert_allclose(saved, expected, atol=1e-6)

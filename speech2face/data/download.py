@@ -438,8 +438,14 @@ class _Fetcher:
         if video_source is not audio_source:
             with self._open(video_source) as container:
                 frames = self._frames(container, segment)
-        descriptor = self._face(frames, segment)
-        self._write(segment, wave, frames, descriptor)
+        encoded = io.BytesIO()
+        _write_segment(encoded, wave, frames)
+        # The face is checked on the frames as stored (H.264), which is what prepare
+        # reads: on the originals a face dlib's detector just finds (score 0.323 against
+        # its cut-off 0.3) could be lost in the re-encoding (0.273) and the segment,
+        # counted as fetched here, skipped by prepare as "no face found".
+        descriptor = self._face(_stored_frames(encoded.getvalue()), segment)
+        self._write(segment, encoded.getvalue(), descriptor)
 
     @contextlib.contextmanager
     def _open(self, source: _Source):
@@ -549,7 +555,7 @@ class _Fetcher:
                           f"near the centre ({segment.x:.2f}, {segment.y:.2f})")
         return descriptor
 
-    def _write(self, segment: Segment, wave: np.ndarray, frames, descriptor: np.ndarray) -> None:
+    def _write(self, segment: Segment, media_bytes: bytes, descriptor: np.ndarray) -> None:
         from speech2face.utils import remove_stale_temps, staged_writes
 
         folder = self.root / SEGMENTS_DIR / segment.video
@@ -566,7 +572,7 @@ class _Fetcher:
             with stage(face) as f:
                 np.save(f, descriptor, allow_pickle=False)
             with stage(media) as f:
-                _write_segment(f, wave, frames)
+                f.write(media_bytes)
 
 
 class _RangeReader(io.RawIOBase):
@@ -649,6 +655,16 @@ class _RangeReader(io.RawIOBase):
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+def _stored_frames(media: bytes) -> list[tuple[float, np.ndarray]]:
+    """The frames of a segment as :func:`_write_segment` stored them: (time, rgb)."""
+    import av
+
+    with av.open(io.BytesIO(media)) as container:
+        return [(float(frame.time), frame.to_ndarray(format="rgb24"))
+                for frame in container.decode(container.streams.video[0])
+                if frame.time is not None]
 
 
 def _write_segment(f, wave: np.ndarray, frames: list[tuple[float, np.ndarray]]) -> None:
