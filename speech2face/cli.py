@@ -213,19 +213,22 @@ def _stop_on_sigterm() -> None:
     """SIGTERM (what ``kill``, SLURM at a time limit and Kubernetes send) stops a command
     as Ctrl-C does: its temporary files and the output folders it made are removed, and
     a rerun continues. It is passed on as SIGINT, so that code which defers Ctrl-C to a
-    safe point (prepare, between videos) defers it too. Not under torchrun, whose agent
-    stops its workers itself; where SIGINT is ignored (a background job of a script), and
-    in forked workers, SIGTERM ends the process as it always did."""
+    safe point (prepare, between videos) defers it too. Where SIGINT is ignored (a
+    background job of a script: ``nohup speech2face download ... &``), Python's Ctrl-C
+    handler is put back first: the process is being stopped anyway, and the default end
+    would leave temporary files behind. Not under torchrun, whose agent stops its workers
+    itself, nor in forked workers: there SIGTERM ends the process as it always did."""
     if "RANK" in os.environ or threading.current_thread() is not threading.main_thread():
         return  # (signal handlers can only be set in the main thread)
     owner = os.getpid()
 
     def handler(signum, frame):
-        python_handles_sigint = callable(signal.getsignal(signal.SIGINT))
-        if os.getpid() != owner or not python_handles_sigint:
+        if os.getpid() != owner:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        if not callable(signal.getsignal(signal.SIGINT)):  # ignored: a background job
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         _TERMINATED.append(signum)
         signal.raise_signal(signal.SIGINT)
 

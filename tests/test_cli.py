@@ -116,17 +116,21 @@ def test_an_unknown_argument_points_to_its_commands_help(argv, prog, capsys):
     assert err.endswith(f"(see {prog} --help)\n") and err.count("\n") == 1
 
 
-def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, background):
     """What kill, SLURM and Kubernetes send: one line, exit 143, and nothing left behind
-    (the output folder the run made, its temporary folder beside it)."""
+    (the output folder the run made, its temporary folder beside it). Also in a
+    background job of a script (``nohup ... &``), which starts with SIGINT ignored."""
     import os
     import signal
     import time
 
     command = [sys.executable, "-m", "speech2face", "make-demo-data", "--speakers", "40",
                "--out", str(tmp_path / "corpus")]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background
+        else None)
     said = b""
     while b"%" not in said:  # the progress bar: the corpus is being written
         chunk = process.stderr.read1(256)
