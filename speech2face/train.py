@@ -1219,8 +1219,11 @@ def _config_from_args(args, stage: str) -> TrainConfig:
     saved = Path(args.out) / TRAIN_CONFIG_FILE
     if args.resume and saved.is_file():
         base = load_config(saved, stage=stage)
-    if args.resume and latest_checkpoint(args.out) is None and \
+    folders = Path(args.out) / CHECKPOINTS_DIR
+    incomplete = folders.is_dir() and any(folders.glob(f"{CHECKPOINT_PREFIX}*"))
+    if args.resume and latest_checkpoint(args.out) is None and not incomplete and \
             int(os.environ.get("RANK", "0")) == 0:  # (the demo resumes whatever is there)
+        # (incomplete checkpoint folders: _say_incomplete names them, in one line)
         print(f"speech2face: {args.out}: no checkpoint to resume: training from the start",
               file=sys.stderr)
     return load_config(args.config, args.overrides, base=base, stage=stage)

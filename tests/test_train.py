@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -704,6 +705,14 @@ def test_resume_with_nothing_to_resume_says_so(shards, tmp_path, capsys):
     assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--resume",
                  "--no-progress", "preset=tiny", "steps=1", "val_batches=1"]) == 0
     assert f"{out}: no checkpoint to resume: training from the start" in capsys.readouterr().err
+    # only incomplete checkpoint folders (no state.json): one line that says which
+    (out / "model").rename(tmp_path / "model")
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--resume",
+                 "--no-progress", "preset=tiny", "steps=1", "val_batches=1"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "resum" in line]
+    assert len(said) == 1 and "step-00000001" in said[0] and "no complete checkpoint" in said[0]
 
 
 def test_a_run_folder_holding_a_model_is_not_trained_over(shards, tmp_path, capsys):
