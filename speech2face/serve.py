@@ -306,16 +306,9 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
         _TooLarge: the body is over ``cap`` (from Content-Length, before reading it).
         AudioError: not multipart, no ``file`` part, or an empty one.
     """
-    import logging
-
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
     from starlette.requests import ClientDisconnect
-
-    # The parser logs each error it raises as a warning, which Python's last-resort
-    # handler printed bare on the server's stderr ("Expected boundary character 45, got
-    # 103 at index 2"); the client gets it as a 400 (below), and that is enough.
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
     kind, params = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
@@ -408,6 +401,7 @@ def is_loopback(host: str) -> bool:
 def create_app(server: FaceServer, host: str = DEFAULT_HOST):
     """The Starlette app: ``GET /`` (the page), ``GET /status``, ``POST /reconstruct``
     (``image/png``) and ``POST /api/reconstruct`` (what the page shows, as JSON)."""
+    import logging
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -417,6 +411,11 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
+    # python-multipart logs each parse error it raises as a warning, which Python's
+    # last-resort handler printed bare on the server's stderr ("Expected boundary
+    # character 45, got 103 at index 2"); receive_upload answers it as a 400 with the
+    # reason, and that is enough.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     page = (_ASSETS / "serve.html").read_text()
 
     async def handle(request, work):

@@ -638,21 +638,27 @@ def _validate(stage: Stage, val_data, config: TrainConfig, run: Path, step: int,
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _say_incomplete(run: Path, checkpoint: Path | None) -> None:
-    """One line when newer checkpoint folders than the one resumed lack their state (not
-    written by save_checkpoint, which renames a finished folder into place; copied in
-    part, say): they are skipped, and their steps trained again."""
+def _incomplete_checkpoints(run: Path, checkpoint: Path | None) -> list[str]:
+    """The checkpoint folders newer than ``checkpoint`` (None: any), which therefore lack
+    their state (not written by save_checkpoint, which renames a finished folder into
+    place; copied in part, say)."""
     def step(path: Path) -> int:  # -1: not a step folder
         digits = path.name.removeprefix(CHECKPOINT_PREFIX)
         return int(digits) if digits.isdigit() else -1
 
     newest = -1 if checkpoint is None else step(checkpoint)
     folder = run / CHECKPOINTS_DIR
-    skipped = sorted(p.name for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
-                     if step(p) > newest) if folder.is_dir() else []
+    return sorted(p.name for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+                  if step(p) > newest) if folder.is_dir() else []
+
+
+def _say_incomplete(run: Path, checkpoint: Path | None) -> None:
+    """One line when newer checkpoint folders than the one resumed lack their state: they
+    are skipped, and their steps trained again."""
+    skipped = _incomplete_checkpoints(run, checkpoint)
     if skipped:
-        print(f"speech2face: {', '.join(skipped)} in {folder} hold(s) no complete checkpoint "
-              f"(no state.json): resuming from "
+        print(f"speech2face: {', '.join(skipped)} in {run / CHECKPOINTS_DIR} hold(s) no "
+              f"complete checkpoint (no state.json): resuming from "
               f"{'the start' if checkpoint is None else checkpoint.name}", file=sys.stderr)
 
 
@@ -1219,11 +1225,10 @@ def _config_from_args(args, stage: str) -> TrainConfig:
     saved = Path(args.out) / TRAIN_CONFIG_FILE
     if args.resume and saved.is_file():
         base = load_config(saved, stage=stage)
-    folders = Path(args.out) / CHECKPOINTS_DIR
-    incomplete = folders.is_dir() and any(folders.glob(f"{CHECKPOINT_PREFIX}*"))
-    if args.resume and latest_checkpoint(args.out) is None and not incomplete and \
+    if args.resume and latest_checkpoint(args.out) is None and \
+            not _incomplete_checkpoints(Path(args.out), None) and \
             int(os.environ.get("RANK", "0")) == 0:  # (the demo resumes whatever is there)
-        # (incomplete checkpoint folders: _say_incomplete names them, in one line)
+        # (with incomplete checkpoint folders, _say_incomplete says it, naming them)
         print(f"speech2face: {args.out}: no checkpoint to resume: training from the start",
               file=sys.stderr)
     return load_config(args.config, args.overrides, base=base, stage=stage)

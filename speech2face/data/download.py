@@ -440,12 +440,13 @@ class _Fetcher:
                 frames = self._frames(container, segment)
         encoded = io.BytesIO()
         _write_segment(encoded, wave, frames)
+        media = encoded.getvalue()
         # The face is checked on the frames as stored (H.264), which is what prepare
         # reads: on the originals a face dlib's detector just finds (score 0.323 against
         # its cut-off 0.3) could be lost in the re-encoding (0.273) and the segment,
         # counted as fetched here, skipped by prepare as "no face found".
-        descriptor = self._face(_stored_frames(encoded.getvalue()), segment)
-        self._write(segment, encoded.getvalue(), descriptor)
+        descriptor = self._face(_stored_frames(media), segment)
+        self._write(segment, media, descriptor)
 
     @contextlib.contextmanager
     def _open(self, source: _Source):

@@ -1194,7 +1194,8 @@ def prepare_command(args) -> int:
     start = time.perf_counter()
     if args.merge:
         _check_merge_alone(args)
-    for option in ("identity_threshold", "identity_linkage"):
+    # The options of identity merging, which VoxCeleb's given identities need not.
+    for option in ("identity_threshold", "identity_linkage", "descriptors_only"):
         if args.dataset not in (None, "avspeech") and getattr(args, option) is not None:
             raise ConfigError("--" + option.replace("_", "-"), "is for avspeech (whose "
                               f"identities are found from faces), not {args.dataset}")
@@ -1206,9 +1207,6 @@ def prepare_command(args) -> int:
     elif args.dataset is None or args.root is None:
         raise DataError(None, "give the dataset and --root (or --merge to merge finished parts)")
     elif args.descriptors_only:
-        if args.dataset != "avspeech":
-            raise ConfigError("--descriptors-only", "is for avspeech (whose identities are "
-                              f"found from faces), not {args.dataset}")
         with sharding_claim(args.out, args.num_shards or 1, "prepare"):
             counts = store_descriptors(
                 args.root, args.out, args.shard_index, args.num_shards or 1,
