@@ -59,8 +59,8 @@ HOG_MIN_SCORE = 0.3
 DETECT_MAX_SIDE = 1280
 # A frame that is already cut around one face (VoxCeleb's face frames and face tracks:
 # the face spans half the frame or more) is detected at this size, not upsampled: its
-# face is then about 100 px, above the HOG window's 80 px, and detection costs 1/8 of
-# the upsampled full-size pass (docs/benchmarks.md). Landmarks still use full resolution.
+# face is then about 100 px, above the HOG window's 80 px, and detection costs about a
+# tenth of the upsampled full-size pass (docs/benchmarks.md). Landmarks use full resolution.
 FACE_CROP_DETECT_SIDE = 200
 # Images whose longer side is at most this are upsampled once for detection, which lets
 # both detectors find faces down to about 40 px (their native minimum is about 80 px).
