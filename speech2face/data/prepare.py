@@ -1073,6 +1073,8 @@ PROCESSING_DEFAULTS = {
 def add_prepare_arguments(parser) -> None:
     from speech2face.cli import bounded, seed
 
+    defaults = PROCESSING_DEFAULTS  # the help texts name them
+
     parser.add_argument(
         "dataset",
         nargs="?",
@@ -1085,13 +1087,14 @@ def add_prepare_arguments(parser) -> None:
     )
     parser.add_argument(
         "--workers", type=bounded(int, 1, MAX_WORKERS, "number of workers"), default=None,
-        help="processes working on videos (default 1)"
+        help=f"processes working on videos (default {defaults['workers']})"
     )
     parser.add_argument(
         "--shard-index",
         type=bounded(int, 0, None, "shard index"),
         default=None,
-        help="this machine's index in [0, --num-shards) (default 0)",
+        help="this machine's index in [0, --num-shards) "
+        f"(default {defaults['shard_index']})",
     )
     parser.add_argument(
         "--num-shards",
@@ -1101,56 +1104,62 @@ def add_prepare_arguments(parser) -> None:
         "count of the parts in --out)",
     )
     parser.add_argument(
-        "--encoder", default=None, help="face encoder for the stored features (default dlib)"
+        "--encoder", default=None, help="face encoder for the stored features "
+        f"(default {defaults['encoder']})"
     )
     parser.add_argument(
         "--encoder-weights", default=None, help="weights file for the face encoder (vggface)"
     )
     parser.add_argument(
-        "--detector", default=None, choices=("hog", "cnn"), help="dlib face detector (default hog)"
+        "--detector", default=None, choices=("hog", "cnn"),
+        help=f"dlib face detector (default {defaults['detector']})",
     )
     parser.add_argument(
         "--samples-per-shard",
         type=bounded(int, 1, MAX_SAMPLES_PER_SHARD, "number of samples"),
         default=None,
-        help=f"samples per tar shard (default {SAMPLES_PER_SHARD})",
+        help=f"samples per tar shard (default {defaults['samples_per_shard']})",
     )
     parser.add_argument(
         "--frames-per-video",
         type=bounded(int, 1, MAX_FRAMES, "number of frames"),
         default=None,
-        help=f"face frames used per video (default {FRAMES_PER_VIDEO})",
+        help=f"face frames used per video (default {defaults['frames_per_video']})",
     )
     parser.add_argument(
         "--crops-per-sample",
         type=bounded(int, 1, MAX_FRAMES, "number of crops"),
         default=None,
-        help=f"face crops stored with each clip (default {CROPS_PER_SAMPLE})",
+        help=f"face crops stored with each clip (default {defaults['crops_per_sample']})",
     )
     parser.add_argument(
         "--identity-threshold",
         type=bounded(float, 0, MAX_IDENTITY_THRESHOLD, "identity threshold"),
         default=None,
         help="AVSpeech: videos whose faces are this close (dlib distance) are one person "
-        f"(default {SAME_PERSON_DISTANCE}, dlib's guidance; 0: each video its own identity)",
+        f"(default {defaults['identity_threshold']}, dlib's guidance; 0: each video its own "
+        "identity)",
     )
     parser.add_argument(
         "--identity-linkage",
         default=None,
         choices=LINKAGES,
-        help="AVSpeech: how videos group into people (default average; docs/data.md)",
+        help="AVSpeech: how videos group into people "
+        f"(default {defaults['identity_linkage']}; docs/data.md)",
     )
     parser.add_argument(
         "--seed",
         type=seed,
         default=None,
-        help="seed of the mixed order in which samples are written (default 0)",
+        help="seed of the mixed order in which samples are written "
+        f"(default {defaults['seed']})",
     )
     parser.add_argument(
         "--mix-clips",
         type=bounded(int, 1, MAX_SAMPLES_PER_SHARD, "number of clips"),
         default=None,
-        help=f"clips per mixing window, held in memory (~150 kB each; default {MIX_CLIPS})",
+        help="clips per mixing window, held in memory "
+        f"(~150 kB each; default {defaults['mix_clips']})",
     )
     parser.add_argument(
         "--merge",
