@@ -46,17 +46,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's ``store`` for an option that takes a value, refusing it given twice:
+    plain argparse keeps the last value silently (``--config a.yaml --config b.yaml`` ran
+    with b.yaml alone, a paper-size run where a.yaml asked for the tiny one). Options
+    meant to repeat say ``action="append"``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.option_strings:
+            if self.dest in parser.given:
+                parser.error(f"{'/'.join(self.option_strings)}: given more than once")
+            parser.given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _CommandParser(_Parser):
     """A command's parser: its options may come between the values of a list argument
     (``train ... steps=500 --resume lr=1e-4``, ``spectrogram a.wav -o OUT b.wav``), which
-    plain argparse takes for unrecognised arguments after the first option."""
+    plain argparse takes for unrecognised arguments after the first option; an option
+    that takes a value may be given once (:class:`_StoreOnce`)."""
 
     _inner = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.given: set[str] = set()  # options seen in this parse (_StoreOnce)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
 
     def parse_known_args(self, args=None, namespace=None):
         if self._inner:  # argparse's intermixed parsing calls this twice itself
             return super().parse_known_args(args, namespace)
         self._inner = True
+        self.given = set()
         try:
             return self.parse_known_intermixed_args(args, namespace)
         finally:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from speech2face.errors import ConfigError
+from speech2face.utils import device_problem
 
 if TYPE_CHECKING:
     from speech2face.config import TrainConfig
@@ -114,12 +115,10 @@ def resolve_device(config: TrainConfig, placement: Placement) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", placement.local_rank)
         return torch.device("cpu")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError:
-        raise ConfigError(None, f"device: not a torch device: {config.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(None, "device: CUDA requested but no GPU is available")
+    # mps, xpu and meta, or cuda:N past the GPUs there are: one line, as for --device.
+    if problem := device_problem(config.device):
+        raise ConfigError(None, f"device: {problem}")
+    device = torch.device(config.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", placement.local_rank)
     return device

@@ -88,6 +88,30 @@ def test_options_may_come_between_the_values_of_a_list_argument():
     assert [str(a) for a in args.audio] == ["a.wav", "b.wav"] and args.out == "O"
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["train", "--data", "D", "--decoder", "B", "-o", "R", "--config", "a.yaml",
+      "--config=b.yaml", "steps=3"], "--config"),
+    (["train-decoder", "--data", "D", "--conf", "a.json", "-o", "R", "--config", "b.json"],
+     "--config"),
+    (["spectrogram", "a.wav", "-o", "X", "b.wav", "--out", "Y"], "-o/--out"),
+    (["prepare", "voxceleb1", "--root", "A", "--root", "B", "-o", "X"], "--root"),
+])
+def test_an_option_given_twice_is_refused_not_overwritten(argv, option, capsys, tmp_path,
+                                                          monkeypatch):
+    """argparse keeps the last of two values silently: ``--config tiny.yaml --config
+    other.yaml`` trained a paper-size model."""
+    from speech2face.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"speech2face {argv[0]}: error: {option}: given more than once "
+                   f"(see speech2face {argv[0]} --help)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv", [["spectrogram", "x.wav", "-o", ""],
                                   ["reconstruct", "x.wav", "-o", ""],
                                   ["make-demo-data", "--out", ""]])

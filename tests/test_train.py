@@ -878,6 +878,27 @@ def test_amp_fp16_on_cpu_and_unknown_encoder_exit_2_writing_nothing(shards, tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("device, words", [
+    pytest.param("mps", "MPS is not available", marks=pytest.mark.skipif(
+        torch.backends.mps.is_available(), reason="this machine has MPS")),
+                                           ("xpu", "only cpu, cuda and mps"),
+                                           ("meta", "only cpu, cuda and mps"),
+                                           ("cuda:99", "cuda:99"),
+                                           ("gpu0", "not a torch device")])
+def test_a_device_this_machine_cannot_train_on_is_one_line(device, words, shards, tmp_path,
+                                                           capsys):
+    """device=mps/xpu/meta ended in a traceback from deep in the run."""
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "--no-progress",
+                 "preset=tiny", f"device={device}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("speech2face train-decoder: error: ") and "\n" not in err, err
+    assert "device: " in err and words in err, err
+    assert not out.exists()
+
+
 def test_a_batch_bigger_than_the_training_split_is_refused_before_writing(shards, tmp_path,
                                                                            capsys):
     from speech2face.cli import main
