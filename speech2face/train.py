@@ -400,12 +400,16 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
 
     loop = LoopState()
+    # What the splits hold (ShardData.fingerprint), kept by each checkpoint: a resumed run
+    # on other data says so (load_checkpoint).
+    data = {name: part.fingerprint for name, part in (("train", train_data), ("val", val_data))
+            if getattr(part, "fingerprint", None) is not None}
     checkpoint = latest_checkpoint(run) if resume else None
     if resume and placement.is_main:
         _say_incomplete(run, checkpoint)
     if checkpoint is not None:
         loop = load_checkpoint(checkpoint, stage, optimizer, scheduler, scaler, placement, device,
-                               config)
+                               config, data)
         if config.steps < loop.step:  # it would end at once, its config saying otherwise
             raise ConfigError(checkpoint, f"is at step {loop.step}, past steps={config.steps}: "
                                           f"resume with steps >= {loop.step}")
@@ -517,7 +521,7 @@ def fit(
                 if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
                     raise _diverged(run, "the weights are not finite", loop.step)
                 save_checkpoint(run, stage, optimizer, scheduler, scaler, loop, config, placement,
-                                device, val_loss)
+                                device, val_loss, data)
                 if is_best and placement.is_main:
                     with atomic_write(run / CHECKPOINTS_DIR / BEST_FILE, "w") as f:
                         json.dump({"step": loop.step, "val_loss": val_loss}, f)
@@ -681,8 +685,9 @@ class LoopState:
 
 def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop: LoopState,
                     config: TrainConfig, placement: Placement, device: torch.device,
-                    val_loss: float | None = None) -> Path:
-    """Write ``RUN/checkpoints/step-NNNNNNNN`` (all processes call this; rank 0 writes).
+                    val_loss: float | None = None, data: dict[str, str] | None = None) -> Path:
+    """Write ``RUN/checkpoints/step-NNNNNNNN`` (all processes call this; rank 0 writes);
+    ``data`` is what the splits trained and validated on hold (their fingerprints).
 
     The directory is a model bundle (``config.json`` + ``model.safetensors``) plus
     ``optimizer.safetensors``, ``rng.safetensors`` and ``state.json``; it is assembled
@@ -712,6 +717,7 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "train_config": config.to_dict(),
+            "data": data or {},
         }
         with atomic_write(tmp / STATE_FILE, "w") as f:
             json.dump(state, f, indent=1)
@@ -720,13 +726,15 @@ def save_checkpoint(run: Path, stage: Stage, optimizer, scheduler, scaler, loop:
 
 
 def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, placement: Placement,
-                    device: torch.device, config: TrainConfig) -> LoopState:
+                    device: torch.device, config: TrainConfig,
+                    data: dict[str, str] | None = None) -> LoopState:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns the loop position.
 
     What the resumed run's settings (``config``) changed takes effect:
     the optimiser's and the schedule's settings (:func:`_follow_settings`), a new
-    ``batch_size`` (the position within the epoch is re-counted in its batches), and a
-    new process or loader-worker count (the shards' order changes: one line says so).
+    ``batch_size`` (the position within the epoch is re-counted in its batches), a
+    new process or loader-worker count (the shards' order changes: one line says so),
+    and other data (``data``, the splits' fingerprints: :func:`_follow_data`).
     """
     # Everything is read and checked before anything is restored (speech2face.checkpoints).
     state = read_state(path)
@@ -764,7 +772,8 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
     if order:
         say(f"{'; '.join(order)}: the shard loader's order changes from here (this epoch "
             "may repeat or miss a few samples)")
-    for line in _follow_settings(optimizer, scheduler, config, loop.step):
+    for line in [*_follow_settings(optimizer, scheduler, config, loop.step),
+                 *_follow_data(state.get("data"), data or {}, loop)]:
         say(line)
     if is_number(saved.get("classifier_l2")) and saved["classifier_l2"] != config.classifier_l2:
         say(f"classifier_l2 {config.classifier_l2} (was {saved['classifier_l2']}) has no "
@@ -787,6 +796,34 @@ def load_checkpoint(path: Path, stage: Stage, optimizer, scheduler, scaler, plac
         say(f"batch_size {old_batch} -> {config.batch_size}: this epoch goes on after its "
             f"first {done} samples")
     return loop
+
+
+def _follow_data(saved, now: dict[str, str], loop: LoopState) -> list[str]:
+    """Make the restored loop position follow other data: ``--data`` naming another
+    dataset, or the same one prepared again. ``saved`` is the checkpoint's record of its
+    splits (:func:`save_checkpoint`), ``now`` this run's. The checkpoint's place within its
+    epoch means nothing in another training split, so the epoch starts at its beginning;
+    a best validation loss from another validation split is not compared with this one's,
+    so the best is chosen afresh (the checkpoint best on the old data is kept until one
+    replaces it). Returns the lines that say so. A folder moved elsewhere holds the same
+    data and changes nothing."""
+    if not isinstance(saved, dict):  # (a checkpoint of an older version records none)
+        return []
+    lines = []
+    if isinstance(saved.get("train"), str) and "train" in now and saved["train"] != now["train"]:
+        where = f", from its first batch (the checkpoint was {loop.epoch_step} steps into " \
+                f"it)" if loop.epoch_step else ""
+        lines.append(f"--data: its training split is not the one this run trained on (its "
+                     f"shards differ): from step {loop.step} it trains on this one, epoch "
+                     f"{loop.epoch}{where}")
+        loop.epoch_step = 0
+    if isinstance(saved.get("val"), str) and "val" in now and saved["val"] != now["val"] \
+            and loop.best_val_loss is not None:
+        lines.append(f"--data: its validation split is not the one this run validated on: "
+                     f"the best validation loss so far ({loop.best_val_loss:.4g}, step "
+                     f"{loop.best_step}) was on other data, and the best is chosen afresh")
+        loop.best_val_loss = None
+    return lines
 
 
 def _shown(value) -> str:

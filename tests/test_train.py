@@ -811,6 +811,43 @@ def test_other_settings_changed_on_resume_are_said(shards, tmp_path, capsys):
     assert "trains otherwise" not in err
 
 
+def test_resuming_on_other_data_says_so_and_starts_its_epoch_afresh(shards, tmp_path, capsys):
+    """``--resume`` with another ``--data`` went on silently from the old split's place in
+    its epoch, and compared validation losses across the two validation splits."""
+    import shutil
+
+    from speech2face.cli import main
+    from speech2face.data import prepare
+
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--no-progress", "preset=tiny", "batch_size=4",
+              "val_every=2", "checkpoint_every=1", "precise_bn_batches=0"]
+    assert main(["train-decoder", "--data", str(shards), *common, "steps=2"]) == 0
+    moved = tmp_path / "moved"  # the same shards elsewhere: the same data
+    shutil.copytree(shards, moved)
+    capsys.readouterr()
+    assert main(["train-decoder", "--data", str(moved), "--resume", *common, "steps=3"]) == 0
+    assert "--data" not in capsys.readouterr().err
+    state = json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert (state["epoch"], state["epoch_step"]) == (0, 3)
+
+    other = tmp_path / "other"  # the same corpus prepared again into other shards
+    prepare("voxceleb1", shards.parent / "corpus", other, samples_per_shard=5, progress=False)
+    assert main(["train-decoder", "--data", str(other), "--resume", *common, "steps=4"]) == 0
+    err = capsys.readouterr().err
+    assert ("speech2face: --data: its training split is not the one this run trained on "
+            "(its shards differ): from step 3 it trains on this one, epoch 0, from its first "
+            "batch (the checkpoint was 3 steps into it)") in err, err
+    assert "its validation split is not the one this run validated on: the best validation " \
+           "loss so far" in err and ", step 3) was on other data" in err, err
+    state = json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert (state["epoch"], state["epoch_step"]) == (0, 1)
+    assert state["best_step"] == 4  # the first validation on the new split is its best
+    # and from there the run goes on as on any data: nothing more is said
+    assert main(["train-decoder", "--data", str(other), "--resume", *common, "steps=5"]) == 0
+    assert "--data" not in capsys.readouterr().err
+
+
 def test_command_line_errors_exit_2(shards, tmp_path, capsys):
     from speech2face.cli import main
 

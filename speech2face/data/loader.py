@@ -9,6 +9,7 @@ features and identities of the training split (standardisation, the identity cla
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -736,6 +737,14 @@ class ShardData:
         self.workers = config.num_workers if shuffle else 0
         self.cache = (SampleCache(config.sample_cache_mb * 2**20)
                       if self.workers == 0 and config.sample_cache_mb > 0 else None)
+
+    @property
+    def fingerprint(self) -> str:
+        """What the split holds, as a checkpoint records it: a hash of its shards' SHA-256
+        (the manifest's), so the same wherever the folder is, and another for other data
+        or the same data prepared otherwise."""
+        shards = load_manifest(self.root)["splits"].get(self.split, {}).get("shards", [])
+        return hashlib.sha256(" ".join(s["sha256"] for s in shards).encode()).hexdigest()
 
     def loader(self, epoch: int):
         """The DataLoader (:func:`make_loader`) of one epoch of this process. Batches are
