@@ -179,6 +179,11 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        # Adam's first step is lr / (1 - beta1), a float32 too (lr=1.8e38 overflowed it).
+        if not problems and self.lr / (1 - self.beta1) > FLOAT32_MAX:
+            problems.append(f"lr must be at most (1 - beta1) x {FLOAT32_MAX:.3g} = "
+                            f"{FLOAT32_MAX * (1 - self.beta1):.3g} (Adam's first step, "
+                            f"lr / (1 - beta1), is a float32), got {self.lr}")
         if problem := seed_problem(self.seed):
             problems.append(problem)
         # A negative weight rewards the error it measures; temperature 0 divides by zero
@@ -266,7 +271,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
             except yaml.YAMLError as error:
                 raise ValueError(str(error).replace("\n", " ")) from None
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
         raise ConfigError(path, "nested too deeply to be a config file") from None
     except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError
@@ -276,6 +281,17 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(path, "the config file must hold a table/object of settings")
     return data
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """A JSON object, refusing a key given twice (``json`` keeps the last silently; YAML
+    and TOML files are refused for it too)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
 
 
 def _safe_yaml(yaml, text: str):

@@ -184,6 +184,10 @@ def test_config_file_and_overrides(tmp_path):
     (["lr=-1"], "lr must be a float32 number in [1.18e-38, 3.4e+38], got -1.0"),
     (["lr=inf"], "lr must be a float32 number in [1.18e-38, 3.4e+38], got inf"),
     (["lr=1e308"], "lr must be a float32 number in [1.18e-38, 3.4e+38], got 1e+308"),
+    # Adam's first step lr / (1 - beta1) overflowed float32 in torch.optim, a traceback
+    (["lr=1.8e38"], "lr must be at most (1 - beta1) x 3.4e+38 = 1.7e+38 (Adam's first step"),
+    (["lr=1e36", "beta1=0.999"], "= 3.4e+35 (Adam's first step, lr / (1 - beta1), is a "
+                                 "float32), got 1e+36"),
     (["eps=nan"], "eps must be a float32 number in [1.18e-38, 3.4e+38], got nan"),
     (["eps=1e-320"], "eps must be a float32 number in [1.18e-38, 3.4e+38], got 1e-320"),
     (["clip_seconds=inf"], "clip_seconds must be a finite number >= 0.025"),
@@ -269,6 +273,17 @@ def test_yaml_config_refuses_aliases_and_repeated_keys(tmp_path, text, words):
     path = tmp_path / "run.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"run.yaml: not valid YAML: {words}"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ['{"steps": 10, "steps": 20}',
+                                  '{"loss": {"lambda1": 1, "lambda1": 2}}'])
+def test_json_config_refuses_repeated_keys(tmp_path, text):
+    """``json`` keeps the last of a repeated key silently; YAML and TOML refuse it."""
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="run.json: not valid JSON: duplicate key '(steps|"
+                                          "lambda1)'"):
         load_config(path)
 
 
