@@ -18,7 +18,7 @@ import sys
 import threading
 import warnings
 
-from speech2face.errors import Speech2FaceError
+from speech2face.errors import ConfigError, Speech2FaceError
 from speech2face.runtime import setup_process
 from speech2face.utils import IMAGE_SUFFIXES, output_lock
 
@@ -39,11 +39,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _said_by_rank_0() -> bool:
+    """Whether this process is a ``torchrun`` worker other than rank 0. Every worker runs
+    the same command line on the same files, so a usage or settings error is the same in
+    each: rank 0 says it, the others exit with the same code without a word (it was said
+    once per process)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error printed as one line (the standard for every error)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, None if _said_by_rank_0() else
+                  f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _StoreOnce(argparse._StoreAction):
@@ -309,7 +318,8 @@ def _main(argv: list[str] | None) -> int:
         with lock:
             return int(run(args) or 0)
     except Speech2FaceError as error:
-        print(f"speech2face {args.command}: error: {error}", file=sys.stderr)
+        if not (isinstance(error, ConfigError) and _said_by_rank_0()):
+            print(f"speech2face {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Whatever read our output has gone (`speech2face demo | head -1`): stop quietly, as

@@ -389,6 +389,23 @@ def test_a_torchrun_worker_leaves_with_its_code_and_its_output_flushed():
         assert (result.returncode, result.stdout) == (returncode, output), result.stderr
 
 
+def test_under_torchrun_a_settings_error_is_said_once(shards, tmp_path):
+    """Every torchrun worker runs the same command line, so each met the same bad setting
+    and printed it: rank 0 says it, the others exit 2 without a word."""
+    for bad in (["stepz=3"], ["--config", "a.json", "--config", "b.json"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node", "2", "-m", "speech2face", "train-decoder", "--data",
+             str(shards), "--out", str(tmp_path / "run"), "--no-progress", *bad],
+            env=_env(1), capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0
+        ours = [line for line in result.stderr.splitlines()
+                if line.startswith("speech2face train-decoder: error: ")]
+        assert len(ours) == 1, result.stderr
+        assert "stepz" in ours[0] or "--config: given more than once" in ours[0], ours
+        assert not (tmp_path / "run").exists()
+
+
 def test_ddp_two_processes_equal_one_process(toy, tmp_path):
     """torchrun, 2 CPU processes with gloo, batch 8 = 2 x 4 vs one process with 2 x 4 accumulated.
 
