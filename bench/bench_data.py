@@ -1,4 +1,5 @@
-"""Data pipeline throughput: prepare's CPU per clip and its workers; the loader vs training.
+"""Data pipeline throughput: prepare's CPU per clip and its workers (the loader against
+training: ``bench/bench_loader.py``).
 
 1. **Per clip, old path vs new path** (issue 17 item 4): every video of the demo corpus
    (what ``speech2face demo`` generates: ``make-demo-data --speakers 40 --seed 0``; quick:
@@ -25,11 +26,6 @@
    on a fixed numpy job (two copies at once against one alone): what any 2-worker run
    can reach in that round. A worker's start-up is timed phase by phase in a fresh
    interpreter, with the torch import it no longer does timed after it for comparison.
-3. The loader (``ShardDataset``: tar reading, FLAC and JPEG decoding, ``fit_duration``,
-   batching and on-the-fly spectrograms, batch 8) with 0 and 2 DataLoader workers, in
-   samples/s, against the training step's consumption rate at paper size: one forward
-   and backward pass of ``VoiceEncoder(VoiceEncoderConfig.paper(output_dim=128))`` at
-   batch 8 (quick: batch 2), measured in the same run on the same CPU.
 """
 
 from __future__ import annotations
@@ -277,36 +273,6 @@ def _workers_ratio(ratio: float, workers: int = 2) -> str:
     return f"{ratio:.2f}x"
 
 
-def _loader_rate(out: Path, workers: int, samples: int) -> float:
-    loader = data.make_loader(
-        out, "train", batch_size=8, num_workers=workers, shuffle=16, spectrogram=True, repeat=True
-    )
-    seen, start = 0, None
-    for batch in loader:
-        if start is None:  # the first batch pays for worker start-up
-            start = time.perf_counter()
-            continue
-        seen += batch["spectrogram"].shape[0]
-        if seen >= samples:
-            break
-    return seen / (time.perf_counter() - start)
-
-
-def _training_rate(batch_size: int) -> tuple[float, float]:
-    """Samples/s of a paper-size voice encoder forward + backward; and seconds per step."""
-    from speech2face.voice_encoder import VoiceEncoder, VoiceEncoderConfig
-
-    model = VoiceEncoder(VoiceEncoderConfig.paper(output_dim=128))
-    model.train()
-    x = torch.randn(batch_size, 2, 598, 257)
-    model(x[:1]).sum().backward()  # warm-up: allocator, kernels
-    model.zero_grad()
-    start = time.perf_counter()
-    model(x).square().mean().backward()
-    seconds = time.perf_counter() - start
-    return batch_size / seconds, seconds
-
-
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(2)
     rows, details = [], {"load_average_at_start": load_average()}
@@ -378,28 +344,5 @@ def run(quick: bool = False) -> dict:
             "ratio": _workers_ratio(machine["ratio"]),
             "target": "(the ceiling of the 3 rows above, round by round)",
         })
-        shards = tmp / "shards-demo-1"
-        loader = {w: _loader_rate(shards, w, 64 if quick else 256) for w in (0, 2)}
-        batch = 2 if quick else 8
-        train_rate, step_s = _training_rate(batch)
-        details["loader"] = {"samples_per_s": loader, "batch_size": 8, "spectrogram": True}
-        details["training"] = {
-            "model": "VoiceEncoder(VoiceEncoderConfig.paper(output_dim=128))",
-            "batch_size": batch,
-            "seconds_per_step": step_s,
-            "samples_per_s": train_rate,
-            "threads": torch.get_num_threads(),
-        }
-        for w in (0, 2):
-            rows.append(
-                {
-                    "benchmark": f"loader, spectrograms on the fly, {w} workers, vs paper "
-                    f"voice encoder fwd+bwd batch {batch} (CPU)",
-                    "result": f"{loader[w]:.1f} samples/s",
-                    "reference": f"training consumes {train_rate:.2f} samples/s",
-                    "ratio": f"{loader[w] / train_rate:.0f}x",
-                    "target": ">= 1x (loader never the bottleneck)",
-                }
-            )
     details["load_average_at_end"] = load_average()
     return {"rows": rows, "details": details}
