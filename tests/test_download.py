@@ -270,6 +270,9 @@ def test_shards_split_the_videos(server, tmp_path, capsys):
         ("youtube_id,start,end,x,y", "line 1: start, end, x, y must be numbers"),
         ("GoodVideo00,1.0,4.0,0.5", "line 1: expected 5 columns"),
         ("GoodVideo00,4.0,1.0,0.5,0.5", "line 1: need 0 <= start < end"),
+        # a 300-digit segment file name, then a traceback (an overflow in seeking before)
+        ("GoodVideo00,1e300,1e301,0.5,0.5", "line 1: end 1e+301 s is past 999,999 s"),
+        ("GoodVideo00,999999,1000000.5,0.5,0.5", "line 1: end 1000000.5 s is past 999,999 s"),
         ("GoodVideo00,1.0,4.0,1.5,0.5", "line 1: face centre x, y must be fractions"),
         ("../../etc,1.0,4.0,0.5,0.5", "line 1: '../../etc' is not a video id"),
     ],

@@ -89,15 +89,43 @@ def test_stored_descriptors_are_validated(tmp_path):
     np.save(folder / "s000001000.face.npy", good)
     np.save(folder / "s000002000.face.npy", np.zeros(127, np.float32))  # wrong size
     (folder / "s000003000.face.npy").write_bytes(b"not numpy")
-    clips = tuple(Clip(f"s00000{k}000", str(folder / f"s00000{k}000.mkv")) for k in (1, 2, 3))
+    # A header that claims 373 GiB: refused before numpy allocates it (MemoryError before)
+    with open(folder / "s000004000.face.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (99_999_999_999,)})
+        f.write(bytes(512))
+    clips = tuple(Clip(f"s00000{k}000", str(folder / f"s00000{k}000.mkv"))
+                  for k in (1, 2, 3, 4))
     features, unreadable, sources = identities.video_descriptors(
         [Unit("vid", "vid", "train", None, clips, ())], progress=False
     )
     assert sources == {"downloaded": 1}
     np.testing.assert_array_equal(features[0], good)
     assert sorted(Path(p).name for p in unreadable) == [
-        "s000002000.face.npy", "s000003000.face.npy"
+        "s000002000.face.npy", "s000003000.face.npy", "s000004000.face.npy"
     ]
+
+
+def test_damaged_store_files_are_passed_over(tmp_path):
+    """A store file cut short (a full disk, a copy) is no zip at all, and a member's header
+    can claim any size: each is listed as damaged (both raised before), the others read."""
+    import zipfile
+
+    good = np.linspace(-0.2, 0.2, 128).astype(np.float32)[None]
+    np.savez(tmp_path / "t-000000.npz", videos=np.array(["A"]), descriptors=good)
+    np.savez(tmp_path / "t-000001.npz", videos=np.array(["B"]), descriptors=good)
+    cut = (tmp_path / "t-000001.npz").read_bytes()[:200]
+    (tmp_path / "t-000001.npz").write_bytes(cut)
+    with zipfile.ZipFile(tmp_path / "t-000002.npz", "w") as z:
+        with z.open("videos.npy", "w") as f:
+            np.save(f, np.array(["C"]))
+        with z.open("descriptors.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": (10**11, 128)})
+            f.write(bytes(512))
+    known, damaged = identities.read_store(tmp_path)
+    assert list(known) == ["A"]
+    assert sorted(Path(p).name for p in damaged) == ["t-000001.npz", "t-000002.npz"]
 
 
 VIDEOS = {  # video -> (speaker, official split)

@@ -563,9 +563,16 @@ def _avspeech_row(path: Path, source: str, line: int, row: list[str],
         ) from None
     if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
         raise DataError(path, f"{where}: need 0 <= start < end, got {start}, {end}")
+    if end > MAX_SEGMENT_SECONDS:  # (1e300 made a 300-digit file name, a traceback)
+        raise DataError(path, f"{where}: end {end} s is past {MAX_SEGMENT_SECONDS:,} s, "
+                              "longer than any video (YouTube's longest are 12 hours)")
     if not (0 <= x <= 1 and 0 <= y <= 1):
         raise DataError(path, f"{where}: face centre x, y must be fractions in [0, 1]: {shown!r}")
     return AvspeechSegment(video, start, end, x, y, sys.intern(split), f"{source}:{line}")
+
+
+# The latest time a segment may end: segment names hold 9 digits of milliseconds.
+MAX_SEGMENT_SECONDS = 999_999
 
 
 def segment_name(start: float) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
@@ -260,6 +261,15 @@ def descriptor_path(segment_file: str | os.PathLike) -> Path:
 def read_descriptor(path: str | os.PathLike) -> np.ndarray:
     """A stored descriptor, validated: (128,) finite float32 (DataError otherwise)."""
     try:
+        with open(path, "rb") as f:  # the header first: it could claim any size
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"npy format version {version}")
+            shape = read_header(f)[0]
+            if shape != (DESCRIPTOR_DIM,):
+                raise DataError(path, f"not a 128-D face descriptor (shape {shape})")
         value = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise DataError(path, f"not a face descriptor file ({error})") from None
@@ -292,7 +302,8 @@ def read_store(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[s
                   and videos.dtype.kind == "U" and values.shape == (len(videos), DESCRIPTOR_DIM)
                   and values.dtype == np.float32
                   and bool(np.all(np.isfinite(values).all(1) | np.isnan(values).all(1))))
-        except (OSError, ValueError, KeyError, EOFError):
+        # (a damaged zip; a member whose header claims more memory than there is)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError):
             ok = False
         if not ok:
             invalid.append(str(path))
