@@ -31,7 +31,7 @@ from torch import nn
 
 from speech2face.config import FLOAT32_MAX
 from speech2face.errors import ConfigError, WeightsError
-from speech2face.faces import FACE_ENCODERS
+from speech2face.faces import CROP_SIZE, FACE_ENCODERS
 from speech2face.utils import (
     atomic_write,
     cache_dir,
@@ -144,11 +144,25 @@ class Speech2Face(nn.Module):
         if self.voice_encoder is None:
             raise WeightsError(None, "this model has no voice encoder "
                                      "(a stage-1, decoder-only bundle)")
-        return self.voice_encoder(spectrogram)
+        return self._finite(self.voice_encoder(spectrogram), "voice encoder")
 
     def decode(self, features: torch.Tensor):
         """Face decoder: ``(B, D)`` features -> ``DecodedFace(image, texture, landmarks)``."""
-        return self.face_decoder(features)
+        decoded = self.face_decoder(features)
+        for part in (decoded.landmarks, decoded.texture, decoded.image):
+            if part is not None:
+                self._finite(part, "face decoder")
+        return decoded
+
+    def _finite(self, output: torch.Tensor, part: str) -> torch.Tensor:
+        """``output``, or a :class:`WeightsError` where it is not finite: weights that are
+        finite but so large that they overflow (the bundle's checks let any finite value
+        through) gave black faces, a report's traceback and the web page's error 500."""
+        if not bool(torch.isfinite(output).all()):
+            raise WeightsError(getattr(self, "source", None),
+                               f"the {part} gives values that are not finite (NaN or "
+                               "infinity): its weights are damaged or far too large")
+        return output
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Identity logits ``(B, K)`` of ``(B, D)`` features."""
@@ -505,6 +519,10 @@ def load_state_checked(module: nn.Module, state: dict[str, torch.Tensor], file: 
         if last == "scale" and name.endswith(("f_dec.scale", "output_standardization.scale")) \
                 and bool((tensor <= 0).any()):
             raise WeightsError(file, f"tensor {name} must be positive, got {tensor.min():.3g}")
+        # The mean face's landmarks lie in the aligned crop (x 1e6 drew them 4e7 px away).
+        if last == "mean_landmarks" and bool((tensor.abs() > 2 * CROP_SIZE).any()):
+            raise WeightsError(file, f"tensor {name} holds points outside the {CROP_SIZE}-px "
+                                     f"face crop (up to {tensor.abs().max():.3g})")
     module.load_state_dict(state)
 
 

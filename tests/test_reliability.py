@@ -212,6 +212,8 @@ BAD_WEIGHTS = {
     "nan-weight": (_edit_weights(_nan("face_decoder.texture_fc.0.weight")), "NaN"),
     "inf-weight": (_edit_weights(_inf("voice_encoder.fc.0.bias")), "NaN or infinite"),
     "mean-landmarks-shape": (_edit_weights(_reshape_mean), "face_decoder.mean_landmarks"),
+    "mean-landmarks-far": (_edit_weights(lambda t: t["face_decoder.mean_landmarks"].mul_(1e6)),
+                           "outside the 224-px face crop"),
     "truncated": (_weights_bytes(lambda b: b[: len(b) // 2]), "not a readable safetensors"),
     "random-bytes": (_weights_bytes(lambda b: os.urandom(len(b))), "not a readable"),
     "huge-header-length": (_weights_bytes(lambda b: struct.pack("<Q", 1 << 60) + b[8:]),
@@ -233,6 +235,23 @@ def test_bad_bundle_is_refused_before_anything_is_built(case, files, tmp_path, c
     out = tmp_path / "faces"
     assert_refused(["reconstruct", files["wav"], "--model", bundle, "-o", out], capfd,
                    named, words, absent=[out])
+
+
+def test_weights_too_large_to_compute_with_are_one_line(files, tmp_path, capfd):
+    """Finite weights pass the bundle's checks, but 3e38 overflows in the first product:
+    reconstruct wrote a black face and evaluate ended in a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(files["bundle"], bundle)
+    name = next(k for k, v in load_file(bundle / "model.safetensors").items()
+                if k.startswith("voice_encoder.fc") and k.endswith("weight"))
+    _edit_weights(lambda tensors: tensors[name].fill_(3e38))(bundle)
+    out = tmp_path / "faces"
+    assert_refused(["reconstruct", files["wav"], "--model", bundle, "-o", out], capfd,
+                   bundle, "the voice encoder gives values that are not finite", absent=[out])
 
 
 def test_good_bundle_still_loads(files, tmp_path, capfd):
