@@ -615,6 +615,10 @@ def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     m = metrics["retrieval"]["gallery_size"]
     if not is_whole(m, 2, 10**9):
         raise ValueError(f"gallery_size is {m!r:.40}, not a whole number of at least 2")
+    for key, low in (("samples", 1), ("identities", 2)):  # (the table's note shows them)
+        if key in metrics and not is_whole(metrics[key], low, 10**12):
+            raise ValueError(f"{key} is {metrics[key]!r:.40}, not a whole number of at "
+                             f"least {low}")
     fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
     rows = [(f"feature retrieval R@{k}, cosine, M = {m} (%)",
              _percent(metrics["retrieval"]["cosine"][str(k)]["mean"], f"R@{k}"), "",
@@ -708,6 +712,22 @@ def add_compare_arguments(parser) -> None:
                         help="also write the table to this Markdown file")
 
 
+def _report_holding(out: Path, files: list[Path]) -> Path | None:
+    """The compared report whose files ``out`` would replace, or None: anything inside a
+    report folder (``-o REPORT/report.md`` replaced that report's text, ``-o
+    REPORT/.report-files.json`` its list of what it wrote), or, for a report given as its
+    file under another name, that file and the files its folder's listing names."""
+    out = out.resolve()
+    for file in files:
+        folder = file.parent.resolve()
+        if not out.is_relative_to(folder):
+            continue
+        own = {folder / n for n in _report_files(folder) | {REPORT_FILES}}
+        if file.name == "metrics.json" or out == file.resolve() or out in own:
+            return file.parent
+    return None
+
+
 def compare_command(args) -> int:
     from speech2face.errors import ConfigError
     from speech2face.utils import read_json
@@ -742,9 +762,9 @@ def compare_command(args) -> int:
                                   f"({type(error).__name__}: {error})") from None
         runs[name] = metrics
     table = render_comparison(runs)
-    if args.out and any(Path(args.out).resolve() == f.resolve() for f in files):
-        raise ConfigError(args.out, "-o/--out is one of the reports compared; name another "
-                                    "file for the table")
+    if args.out and (report := _report_holding(Path(args.out), files)) is not None:
+        raise ConfigError(args.out, f"-o/--out is inside the report {report} that is "
+                                    "compared; name a file elsewhere for the table")
     if args.out:
         with atomic_write(Path(args.out), "w") as f:
             f.write(table)

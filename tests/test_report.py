@@ -221,8 +221,20 @@ def test_compare_command_puts_runs_side_by_side(tmp_path, capsys):
     # the table never replaces a report it was made from
     assert main(["compare", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}",
                  "-o", str(tmp_path / "a" / "metrics.json")]) == 2
-    assert "is one of the reports compared" in capsys.readouterr().err
+    assert f"is inside the report {tmp_path / 'a'} that is compared" in capsys.readouterr().err
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == first
+    # nor any file of its folder: its text, its images, its list of what it wrote
+    for name in ("report.md", "grid.png", report.REPORT_FILES, "new.md"):
+        assert main(["compare", f"a={tmp_path / 'a' / 'metrics.json'}", f"b={tmp_path / 'b'}",
+                     "-o", str(tmp_path / "b" / name)]) == 2
+        assert "is inside the report" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "new.md").exists()
+    assert (tmp_path / "a" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    # counts the table's note shows are checked like the other values
+    for key, value in (("samples", -1), ("samples", "many"), ("identities", 0)):
+        (tmp_path / "edited.json").write_text(json.dumps({**first, key: value}))
+        assert main(["compare", f"x={tmp_path / 'edited.json'}"]) == 2
+        assert f"{key} is {value!r}, not a whole number" in capsys.readouterr().err
 
 
 def test_compare_shows_every_runs_rows_and_says_where_runs_differ(tmp_path, capsys):
