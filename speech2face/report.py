@@ -39,6 +39,7 @@ from speech2face.utils import (
     output_entries,
     publish_dir,
     publishing_dir,
+    staged_writes,
 )
 
 # Paper numbers, 6-s input, for context in the report (Oh et al. 2019). Its L2 and L1
@@ -489,7 +490,8 @@ def write_outputs(out: str | os.PathLike, files: dict[str, bytes],
 
     A new folder (or one holding only this run's lock and the names in ``keep``) is
     filled under a temporary name beside it and renamed into place; an existing one gets
-    each file atomically, ``metrics.json`` last (it marks a complete report), and then
+    its files all or none (``utils.staged_writes``), ``metrics.json`` last (it marks a
+    complete report), and then
     loses the files of the report before it that this one does not write (a plot of an
     option since turned off): ``REPORT_FILES`` lists what each report wrote.
     """
@@ -517,12 +519,12 @@ def write_outputs(out: str | os.PathLike, files: dict[str, bytes],
             (tmp / REPORT_FILES).write_bytes(listing)
         return out
     before = _report_files(out)
-    for name in order:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / name) as f:
-            f.write(files[name])
-    with atomic_write(out / REPORT_FILES) as f:
-        f.write(listing)
+    with staged_writes() as stage:  # all the new files, or (a full disk) none of them
+        for name in order:
+            with stage(out / name) as f:
+                f.write(files[name])
+        with stage(out / REPORT_FILES) as f:
+            f.write(listing)
     for name in sorted(before - set(files)):
         with contextlib.suppress(OSError):
             (out / name).unlink()

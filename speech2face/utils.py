@@ -100,7 +100,9 @@ def staged_writes() -> Iterator[Callable]:
     onto its path, in the order staged (so the last can mark the set done); when it
     raises, none is and the temporary files are removed, so a command that fails
     half-way leaves the previous outputs as they were. A rename that fails (a folder in
-    the way) removes the temporary files not yet moved; those before it stay moved.
+    the way, an immutable file) puts back the files it replaced before it (each kept
+    aside as a hard link, or a copy where the file system has none, until all are
+    moved), and the error names the file that failed, not its temporary name.
     """
     staged: list[tuple[str, Path]] = []
     made: list[Path] = []  # folders made for the outputs, removed again on failure
@@ -135,12 +137,49 @@ def staged_writes() -> Iterator[Callable]:
         discard(staged)
         _remove_empty(made)
         raise
-    for i, (tmp, path) in enumerate(staged):
-        try:
-            os.replace(tmp, path)
-        except BaseException:  # (something in the way): the files not yet moved go
-            discard(staged[i:])
+    moved: list[tuple[Path, str | None]] = []  # (path, its former file kept aside)
+    former = None
+    try:
+        for i, (tmp, path) in enumerate(staged):
+            # The last rename needs no way back: after it there is nothing left to fail.
+            former = _kept_aside(path) if i < len(staged) - 1 and path.is_file() else None
+            try:
+                os.replace(tmp, path)
+            except OSError as error:  # name the output, not the temporary file
+                error.filename, error.filename2 = str(path), None
+                raise
+            moved.append((path, former))
+            former = None
+    except BaseException:  # the files not yet moved go; those moved are put back
+        discard(staged[len(moved):])
+        for path, kept in reversed(moved):
+            with contextlib.suppress(OSError):
+                if kept is None:
+                    path.unlink()
+                else:
+                    os.replace(kept, path)
+        _remove_empty(made)
+        raise
+    finally:
+        for kept in [former, *(kept for _, kept in moved)]:
+            if kept is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(kept)
+
+
+def _kept_aside(path: Path) -> str:
+    """A temporary second name of the file ``path`` (a hard link; a copy where the file
+    system has no hard links), for :func:`staged_writes` to put it back."""
+    fd, aside = tempfile.mkstemp(prefix=f".{_temp_name(path)}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(aside)
+    try:
+        os.link(path, aside)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.EMLINK):
             raise
+        shutil.copy2(path, aside)  # (EPERM is also an immutable file: then copy2 reads it)
+    return aside
 
 
 # In an output folder: the files a batch command (spectrogram, reconstruct) has made so

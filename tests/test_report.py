@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +167,52 @@ def test_a_report_written_over_another_leaves_none_of_its_files(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "report")
     report.write_outputs(".", {"report.md": b"3", "metrics.json": b"{}"})
     assert (out / "report.md").read_bytes() == b"3" and (out / "notes.txt").exists()
+
+
+def test_a_report_that_fails_to_write_leaves_the_one_before_whole(tmp_path, monkeypatch):
+    """A full disk half-way through replacing a report left the new plots beside the old
+    text and metrics; a file that cannot be replaced (immutable) did the same. Now the
+    new files are all written first and replace the old ones together, or not at all,
+    and the error names the report's file, not a temporary one."""
+    import errno
+
+    out = tmp_path / "report"
+    old = {"grid.png": b"old grid", "report.md": b"old text", "metrics.json": b"{}"}
+    report.write_outputs(out, old)
+    new = {"grid.png": b"new grid", "features.png": b"new", "report.md": b"new text",
+           "metrics.json": b'{"new": 1}'}
+    real_fsync = os.fsync
+    synced = []
+
+    def full_disk(fd):  # the third file does not fit (a write's data meets the disk here)
+        synced.append(fd)
+        if len(synced) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        report.write_outputs(out, new)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in new} == old
+    assert sorted(p.name for p in out.iterdir()) == [report.REPORT_FILES, *sorted(old)]
+
+    real_replace = os.replace
+
+    def immutable(src, dst, *args, **kwargs):  # report.md cannot be replaced
+        if Path(dst).name == "report.md":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", immutable)
+    with pytest.raises(PermissionError) as error:
+        report.write_outputs(out, new)
+    monkeypatch.undo()
+    assert error.value.filename == str(out / "report.md")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in new} == old
+    assert sorted(p.name for p in out.iterdir()) == [report.REPORT_FILES, *sorted(old)]
+    report.write_outputs(out, new)  # and with room, the new report whole
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in new} == new
 
 
 def test_metrics_json_has_no_nan(tmp_path):

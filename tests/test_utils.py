@@ -65,6 +65,21 @@ def test_staged_writes_leave_old_files_when_the_block_fails(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]  # no b.txt, no temporary files
 
 
+def test_staged_writes_put_back_what_they_replaced_when_a_rename_fails(tmp_path):
+    """A rename that fails half-way (here a folder in the way of the third file) used to
+    leave the files renamed before it replaced: now they are put back, the new file made
+    before it removed, and the error names the output, not its temporary file."""
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "c.txt").mkdir()  # in the way
+    with pytest.raises(OSError) as error, staged_writes() as stage:
+        for name in ("a.txt", "b.txt", "c.txt"):
+            with stage(tmp_path / name, "w") as f:
+                f.write(f"new {name}")
+    assert error.value.filename == str(tmp_path / "c.txt")
+    assert (tmp_path / "a.txt").read_text() == "old a"
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "c.txt"]  # no b.txt, no temporary files
+
+
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "x.bin"
     target.write_bytes(b"old")
