@@ -724,6 +724,8 @@ def faces_command(args) -> int:
             crop, landmarks, _ = extract_face(path, detector=args.detector, size=args.size)
         except ImageError as error:
             skipped.append((path, error.problem))
+            if str(stem) in made:  # its files from before describe an image now gone
+                _remove_outputs(out, stem, FACE_OUTPUTS)
             continue
         outputs = {
             ".crop.png": png_bytes(crop),
@@ -734,6 +736,8 @@ def faces_command(args) -> int:
             outputs[".feature.npy"] = _npy_bytes(
                 io, encoder.embed(crop[None])[0].detach().cpu().numpy()
             )
+        # A file of another option set goes first (--encoder none after dlib: no feature)
+        _remove_outputs(out, stem, [s for s in FACE_OUTPUTS if s not in outputs])
         with staged_writes() as stage:  # an image's files appear together or not at all
             for target, data in zip(targets, outputs.values(), strict=True):
                 with stage(target) as f:
@@ -751,6 +755,12 @@ def faces_command(args) -> int:
     already = f" ({done} done by an earlier run)" if done else ""
     print(f"faces: {processed} processed, {len(skipped)} skipped{already}, written to {out}")
     return 0
+
+
+def _remove_outputs(out: Path, stem: Path, suffixes) -> None:
+    """Remove the files ``faces`` wrote for the image ``stem`` with these suffixes."""
+    for suffix in suffixes:
+        (out / stem.with_name(stem.name + suffix)).unlink(missing_ok=True)
 
 
 def _made_with(journal: Path) -> dict[str, tuple]:

@@ -462,6 +462,8 @@ def test_faces_command_end_to_end(tmp_path, astronaut, hopper_path, capsys):
     # Other options: everything is made again.
     assert cli.main(["faces", str(photos), "-o", str(out), "--encoder", "none"]) == 0
     assert "2 processed, 1 skipped, written" in capsys.readouterr().out
+    # ... and a file that option set does not make goes (the dlib feature stayed)
+    assert not list(out.rglob("*.feature.npy"))
     # Other options for one image only, then for all: the other image is made again too
     # (its files were of the earlier options; the folder's options are per image).
     assert cli.main(["faces", str(photos / "astronaut.png"), "-o", str(out), "--encoder",
@@ -479,6 +481,12 @@ def test_faces_command_end_to_end(tmp_path, astronaut, hopper_path, capsys):
     assert "1 processed, 1 skipped (1 done by an earlier run)" in capsys.readouterr().out
     np.testing.assert_array_equal(np.asarray(Image.open(out / "astronaut.crop.png")),
                                   np.asarray(Image.open(out / "sub" / "hopper.crop.png")))
+    # Replaced by an image without a face: its old files go with it (they stayed).
+    shutil.copy(photos / "cat.png", photos / "astronaut.png")
+    assert cli.main(["faces", str(photos), "-o", str(out), "--encoder", "none",
+                     "--size", "128"]) == 0
+    assert "astronaut.png: no face found" in capsys.readouterr().out
+    assert not list(out.glob("astronaut*")) and (out / "sub" / "hopper.crop.png").is_file()
 
 
 def test_find_images_keeps_names_apart(tmp_path):
