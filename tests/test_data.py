@@ -637,6 +637,29 @@ def test_cluster_sequence_with_local_processes(corpus, reference, tmp_path):
     assert members(out) == members(reference) and data.verify_shards(out) == []
 
 
+def test_a_part_with_other_options_than_its_siblings_is_refused_before_it_works(
+        corpus, reference, tmp_path, capsys):
+    """Part 1 given another --seed than part 0 processed every video and only then failed
+    to merge, and its corrected rerun was refused as "other arguments" too: now it is
+    refused before it writes anything, and the corrected part goes on and merges."""
+    from speech2face.cli import main
+
+    out = tmp_path / "shards"
+    base = ["prepare", "voxceleb1", "--root", str(corpus), "--out", str(out),
+            "--samples-per-shard", str(PER_SHARD), "--mix-clips", str(MIX), "--num-shards", "2"]
+    assert main([*base, "--shard-index", "0"]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main([*base, "--shard-index", "1", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"speech2face prepare: error: {out}/parts/manifest-00000-of-00002.json: "
+                   "another part of this --out was prepared with other --seed; give this part "
+                   "the same inputs and options as the others, or use a new --out"), err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert main([*base, "--shard-index", "1"]) == 0
+    assert members(out) == members(reference)
+
+
 def test_ctrl_c_with_workers_ends_in_one_line_and_the_rerun_continues(corpus, reference,
                                                                      tmp_path):
     """Ctrl-C reaches the whole process group: with a pool the command ends at once with

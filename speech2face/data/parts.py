@@ -394,6 +394,31 @@ def _shared_run(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in ("part", "units", "files")}
 
 
+def check_siblings(out: Path, num_shards: int, part: str, run_id: dict) -> None:
+    """Refuse, before anything is written, a part whose inputs or arguments differ from
+    those of the other parts in ``out`` (done or begun): it would do all its work and
+    only then fail to merge, leaving a part that blocks its own corrected rerun. A damaged
+    file of another part is left for that part's rerun and the merge to name."""
+    from speech2face.utils import read_json
+
+    shared = _shared_run(run_id)
+    for path in sorted((out / PARTS_DIR).glob(f"*-of-{num_shards:05d}.json")):
+        if path.name.endswith(f"-{part}.json"):
+            continue
+        saved = read_json(path)
+        run = saved.get("run") if isinstance(saved, dict) else None
+        if not isinstance(run, dict) or _shared_run(run) == shared:
+            continue
+        options = run.get("options") if isinstance(run.get("options"), dict) else {}
+        differ = [f"--{k.replace('_', '-')}" for k in sorted(shared["options"])
+                  if options.get(k) != shared["options"][k]] + \
+                 [k.replace("_", " ") for k in sorted(shared) if k != "options"
+                  and run.get(k) != shared[k]]
+        raise DataError(path, f"another part of this --out was prepared with other "
+                              f"{', '.join(differ) or 'arguments'}; give this part the same "
+                              "inputs and options as the others, or use a new --out")
+
+
 def merge(out: Path, num_shards: int, pending: tuple[Path, dict] | None = None) -> dict:
     """The merged manifest of the ``num_shards`` parts, validated, not written.
     ``pending``: a part manifest (path, content) not written yet."""

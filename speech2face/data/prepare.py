@@ -68,6 +68,7 @@ from speech2face.data.identities import (
     video_descriptors,
 )
 from speech2face.data.parts import (
+    check_siblings,
     files_fingerprint,
     listing_fingerprint,
     maybe_merge,
@@ -792,6 +793,7 @@ def prepare(
     if other_counts:
         raise DataError(out, f"holds parts of a run with --num-shards {max(other_counts)}; "
                              "use a new --out (or that --num-shards)")
+    check_siblings(out, num_shards, part, run_id)
     if part_manifest_path.is_file():
         done = read_part(part_manifest_path, out)
         if done["run"] != run_id:
