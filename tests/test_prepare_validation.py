@@ -106,6 +106,9 @@ PART_DAMAGE = {
     "identity merging without counts": lambda m: m["run"].update(identity_merging={"videos": 1}),
     "another dataset than its run's": lambda m: m.update(dataset="voxceleb2"),
     "sha256 not hex": lambda m: first_shard(m).update(sha256="z" * 64),
+    # what the merge held the part to before only in the loader (exit 0, then refused)
+    "shard of another size": lambda m: first_shard(m).update(size=first_shard(m)["size"] + 512),
+    "features of another size": lambda m: m.update(feature_dim=7),
     "landmarks of 1e308": lambda m: m.update(landmarks_sum=[[1e308, 1e308]] * 68),
 }
 
@@ -162,6 +165,9 @@ PROGRESS_DAMAGE = {
     "skipped triples": state(lambda s: s.update(skipped=[["a", "b", "c"]])),
     "shard path outside": state(lambda s: first_shard(s).update(path="../../../etc/passwd")),
     "shard of another size": state(lambda s: first_shard(s).update(size=1)),
+    # the resumed part's manifest would have said them; the loader refused it (exit 0)
+    "shard of another digest": state(lambda s: first_shard(s).update(sha256="0" * 64)),
+    "features of another size": state(lambda s: s.update(feature_dim=7)),
     "identities missing": state(lambda s: s["splits"]["train"].pop("identities")),
     "a shard listed twice": state(lambda s: s["splits"]["train"]["shards"].append(
         dict(first_shard(s)))),
@@ -197,10 +203,12 @@ def test_parts_of_other_inputs_are_not_merged(corpus, tmp_path):
     clip.rename(clip.with_name("00099.wav"))  # one clip renamed: another listing
     out = tmp_path / "shards"
     prepare(corpus, out, shard_index=0, num_shards=2)
-    with pytest.raises(DataError, match="manifest-00001-of-00002.json: was prepared from other"
-                                        ".*manifest-00000-of-00002.json"):
+    # refused before part 1 does any work (it used to, and then failed to merge)
+    with pytest.raises(DataError, match="manifest-00000-of-00002.json: another part of this "
+                                        "--out was prepared with other inputs"):
         prepare(other, out, shard_index=1, num_shards=2)
     assert not (out / "manifest.json").exists()
+    assert not list(out.rglob("*00001-of-00002*")) and not list(out.glob("*/*-p00001-*"))
     # the same inputs at another path (another machine's mount): the parts merge
     moved, out = tmp_path / "moved", tmp_path / "merged"
     shutil.copytree(corpus, moved)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,7 +29,9 @@ from speech2face.data.shards import (
     MANIFEST,
     PARTS_DIR,
     _manifest_problem,
+    check_shard,
     is_clip_seconds,
+    iterate_tar,
 )
 from speech2face.errors import DataError
 from speech2face.utils import SHARDS_CLAIM, atomic_write, is_names, is_number, is_whole
@@ -254,7 +257,40 @@ def resume_state(path: Path, run_id: dict, processing: int, windows: list[list[U
     problem = _state_problem(saved.get("state"), windows, out)
     if problem:
         raise DataError(path, f"malformed progress file: {problem}; {_REDO}")
+    check_written(saved["state"], out, path, hashed=True)
     return saved["state"]
+
+
+def check_written(record: dict, out: Path, path: Path, hashed: bool) -> None:
+    """Hold the shards that a progress file or part manifest (``record``, read from
+    ``path``) lists to what it says of them: each one's size, with ``hashed`` its SHA-256
+    too (a resumed part re-reads what it wrote before it goes on; a merge, which may
+    cover terabytes, only sizes them: the loader hashes every shard it reads), and the
+    feature size against the first sample of its first shard. A record that does not
+    match its shards would give a manifest the loader refuses: DataError naming it."""
+    first = None
+    for split in record["splits"].values():
+        for shard in split["shards"]:
+            file = out / shard["path"]
+            try:
+                if hashed:
+                    check_shard(file, shard["size"], shard["sha256"])
+                elif not file.is_file() or file.stat().st_size != shard["size"]:
+                    raise DataError(file, f"is not the shard of {shard['size']} bytes it lists")
+            except DataError as error:
+                raise DataError(path, f"does not match its shards ({error}); {_REDO}") from None
+            first = first or file
+    dim = record.get("feature_dim")
+    if first is not None and dim is not None:
+        sample = next(iterate_tar(first), {})
+        try:
+            shape = np.load(io.BytesIO(sample["feature.npy"]), allow_pickle=False).shape
+        except (KeyError, ValueError, OSError):
+            shape = None
+        if shape != (dim,):
+            raise DataError(path, f"says the features are {dim}-D, but {first.name} holds "
+                                  f"{'features of shape ' + str(shape) if shape else 'none'}; "
+                                  f"{_REDO}")
 
 
 def remove_leftovers(out: Path, prefix: str, part: str) -> None:
@@ -434,6 +470,9 @@ def merge(out: Path, num_shards: int, pending: tuple[Path, dict] | None = None) 
                                          f"{num_shards:05d}.json)")
     parts = [pending[1] if pending is not None and path == pending[0] else read_part(path, out)
              for path in paths]
+    for path, part in zip(paths, parts, strict=True):
+        if pending is None or path != pending[0]:  # (the pending one was just written)
+            check_written(part, out, path, hashed=False)
     first = parts[0]
     for path, p in zip(paths[1:], parts[1:], strict=True):
         if _shared_run(p["run"]) != _shared_run(first["run"]):
