@@ -286,7 +286,8 @@ def test_merge_names_the_parts_not_finished(corpus, tmp_path, capsys):
     prepare(corpus, out, shard_index=0, num_shards=3)
     code, err = one_line(capsys, "prepare", "--merge", "-o", str(out))
     assert code == 2 and err.endswith(f"{out / 'parts' / 'manifest-00002-of-00003.json'}: "
-                                      "part 2 of 3 is not complete yet"), err
+                                      "part 2 of 3 is not complete yet (or it ended with "
+                                      "no samples: its run said so)"), err
     assert not (out / "manifest.json").exists()
 
 
@@ -330,6 +331,17 @@ def test_an_unknown_detector_or_a_file_as_out_is_refused_before_out_is_made(corp
     with pytest.raises(DataError, match="file: is a file; the output is a folder"):
         prepare(corpus, tmp_path / "file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_encoder_weights_for_an_encoder_without_weights_are_refused(corpus, tmp_path, capsys):
+    """dlib's encoder takes no weights file: the option was silently ignored."""
+    (tmp_path / "vgg.pth").write_bytes(b"weights")
+    out = tmp_path / "out"
+    code, err = one_line(capsys, "prepare", "voxceleb1", "--root", str(corpus), "-o",
+                         str(out), "--encoder-weights", str(tmp_path / "vgg.pth"))
+    assert code == 2 and err.endswith("error: --encoder-weights: is for --encoder vggface; the "
+                                      "dlib encoder takes no weights file"), err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("weights", ["missing.pth", "junk.pth"])

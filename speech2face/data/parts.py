@@ -251,8 +251,8 @@ def resume_state(path: Path, run_id: dict, processing: int, windows: list[list[U
         raise DataError(
             out,
             f"holds an unfinished part {part} begun by another version of prepare "
-            f"(its processing {saved.get('processing', 'not recorded')}, this one's "
-            f"{processing}); finish it with that version or use a new --out",
+            f"(its processing {saved.get('processing', 'not recorded')!r:.20}, this one's "
+            f"{processing!r}); finish it with that version or use a new --out",
         )
     problem = _state_problem(saved.get("state"), windows, out)
     if problem:
@@ -463,7 +463,8 @@ def merge(out: Path, num_shards: int, pending: tuple[Path, dict] | None = None) 
                if not path.is_file() and (pending is None or path != pending[0])]
     if len(missing) == 1:
         raise DataError(paths[missing[0]], f"part {missing[0]} of {num_shards} is not "
-                                           "complete yet")
+                                           "complete yet (or it ended with no samples: its "
+                                           "run said so)")
     if missing:
         raise DataError(out / PARTS_DIR, f"parts {_spans(missing)} of {num_shards} are not "
                                          f"complete yet (no manifest-IIIII-of-"

@@ -735,6 +735,9 @@ def prepare(
     if detector not in DETECTORS:
         raise ConfigError(None, f"unknown face detector {detector!r}; "
                                 f"expected one of {DETECTORS}")
+    if encoder_weights is not None and encoder != "vggface":  # (it was ignored)
+        raise ConfigError("--encoder-weights", f"is for --encoder vggface; the {encoder} "
+                                               "encoder takes no weights file")
     # One spelling of the corpus ("demo", "demo/", "$PWD/demo") for the run's identity.
     root, out = Path(os.path.abspath(root)), Path(out)
     if out.exists() and not out.is_dir():
