@@ -327,6 +327,9 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(COMMAND_LINE, f"expected key=value, got {item!r}")
+        if key.strip() in out:  # as in a config file (the last one won silently)
+            raise ConfigError(COMMAND_LINE, f"{key.strip()} is given twice "
+                                            f"({out[key.strip()]!r:.30} and {value.strip()!r:.30})")
         out[key.strip()] = value.strip()
     return out
 
@@ -431,12 +434,26 @@ def load_config(
     the overrides'. Nested loss weights are ``loss.<name>`` (or a ``[loss]`` table in
     TOML). Unknown keys and bad values raise :class:`ConfigError` naming the file and key.
     """
+    if path is not None:
+        return config_from_settings(read_config_file(path), Path(path), overrides, base, stage)
+    return config_from_settings({}, None, overrides, base, stage)
+
+
+def config_from_settings(
+    settings: dict,
+    source,
+    overrides: dict | list[str] | tuple[str, ...] = (),
+    base: TrainConfig | None = None,
+    stage: str = "voice",
+) -> TrainConfig:
+    """:func:`load_config` with the file's settings already read (``settings``, from
+    ``source``: a checkpoint's record of its run, say), checked the same way."""
     if base is not None and not isinstance(base, TrainConfig):
         raise TypeError(f"base must be a TrainConfig, got {type(base).__name__}")
     overrides = () if overrides is None else overrides
     layers: list[tuple[object, dict]] = []
-    if path is not None:
-        layers.append((Path(path), _nest(read_config_file(path), Path(path))))
+    if settings:
+        layers.append((source, _nest(settings, source)))
     if not isinstance(overrides, dict):
         overrides = parse_overrides(list(overrides))
     layers.append((COMMAND_LINE, _nest(_settings_text(overrides), COMMAND_LINE)))

@@ -59,7 +59,7 @@ from speech2face.checkpoints import (
 )
 
 # TrainConfig and load_config are re-exported: `from speech2face.train import TrainConfig`.
-from speech2face.config import TrainConfig, load_config
+from speech2face.config import TrainConfig, config_from_settings, load_config
 from speech2face.data import MANIFEST, load_manifest, training_data, training_features
 from speech2face.data.loader import MemoryBudget
 from speech2face.distributed import (
@@ -1260,9 +1260,14 @@ def _config_from_args(args, stage: str) -> TrainConfig:
     take the preset's place, so only what is given again changes."""
     base = None
     saved = Path(args.out) / TRAIN_CONFIG_FILE
+    newest = latest_checkpoint(args.out) if args.resume else None
     if args.resume and saved.is_file():
         base = load_config(saved, stage=stage)
-    if args.resume and latest_checkpoint(args.out) is None and \
+    elif newest is not None:  # RUN/train_config.json lost: the checkpoint's own record
+        recorded = read_state(newest).get("train_config")  # (checked as a config file is)
+        if isinstance(recorded, dict):
+            base = config_from_settings(recorded, newest / STATE_FILE, stage=stage)
+    if args.resume and newest is None and \
             not _incomplete_checkpoints(Path(args.out), None) and \
             int(os.environ.get("RANK", "0")) == 0:  # (the demo resumes whatever is there)
         # (with incomplete checkpoint folders, _say_incomplete says it, naming them)

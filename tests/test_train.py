@@ -880,6 +880,38 @@ def test_resuming_on_other_data_says_so_and_starts_its_epoch_afresh(shards, tmp_
     assert "--data" not in capsys.readouterr().err
 
 
+def test_a_run_folder_without_its_settings_file_resumes_with_its_checkpoints(shards, tmp_path,
+                                                                             capsys):
+    """With RUN/train_config.json lost, --resume took the paper preset's defaults (and
+    refused, or announced the run's own settings as changes); the newest checkpoint
+    records them too."""
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    common = ["--data", str(shards), "--out", str(out), "--no-progress"]
+    assert main(["train-decoder", *common, "preset=tiny", "steps=2", "batch_size=4",
+                 "lr=1e-4", "seed=3", "val_batches=0", "precise_bn_batches=0"]) == 0
+    (out / "train_config.json").unlink()
+    capsys.readouterr()
+    assert main(["train-decoder", *common, "--resume", "steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with" not in err and "another model" not in err, err
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["preset"], saved["batch_size"], saved["lr"], saved["seed"], saved["steps"]) \
+        == ("tiny", 4, 1e-4, 3, 3)
+
+
+def test_a_setting_given_twice_on_the_command_line_is_refused(shards, tmp_path, capsys):
+    from speech2face.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-decoder", "--data", str(shards), "--out", str(out), "preset=tiny",
+                 "steps=2", "steps=3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "speech2face train-decoder: error: <command line>: steps is given twice ('2' and '3')")
+    assert not out.exists()
+
+
 def test_command_line_errors_exit_2(shards, tmp_path, capsys):
     from speech2face.cli import main
 
