@@ -39,20 +39,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _said_by_rank_0() -> bool:
-    """Whether this process is a ``torchrun`` worker other than rank 0. Every worker runs
-    the same command line on the same files, so a usage or settings error is the same in
-    each: rank 0 says it, the others exit with the same code without a word (it was said
-    once per process)."""
-    return os.environ.get("RANK", "0") != "0"
+# How long a torchrun worker other than rank 0 holds back a usage or settings error.
+RANK_0_FIRST_S = 20.0
+
+
+def _let_rank_0_say_it() -> None:
+    """Hold back a usage or settings error in a ``torchrun`` worker other than rank 0.
+
+    Every worker runs the same command line on the same files, so such an error is the
+    same in each, and each printed it. Rank 0 says it; the others wait, and torchrun ends
+    them as soon as rank 0 has exited (a worker that exited first, silently, had torchrun
+    end rank 0 before it could say anything). One that is still running after
+    ``RANK_0_FIRST_S`` says its own error: rank 0 did not meet it."""
+    if os.environ.get("RANK", "0") != "0":
+        import time
+
+        time.sleep(RANK_0_FIRST_S)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error printed as one line (the standard for every error)."""
 
     def error(self, message: str):
-        self.exit(2, None if _said_by_rank_0() else
-                  f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        _let_rank_0_say_it()
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _StoreOnce(argparse._StoreAction):
@@ -318,8 +328,9 @@ def _main(argv: list[str] | None) -> int:
         with lock:
             return int(run(args) or 0)
     except Speech2FaceError as error:
-        if not (isinstance(error, ConfigError) and _said_by_rank_0()):
-            print(f"speech2face {args.command}: error: {error}", file=sys.stderr)
+        if isinstance(error, ConfigError):
+            _let_rank_0_say_it()
+        print(f"speech2face {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Whatever read our output has gone (`speech2face demo | head -1`): stop quietly, as
