@@ -261,21 +261,14 @@ def descriptor_path(segment_file: str | os.PathLike) -> Path:
 def read_descriptor(path: str | os.PathLike) -> np.ndarray:
     """A stored descriptor, validated: (128,) finite float32 (DataError otherwise)."""
     try:
-        with open(path, "rb") as f:  # the header first: it could claim any size
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"npy format version {version}")
-            shape = read_header(f)[0]
-            if shape != (DESCRIPTOR_DIM,):
-                raise DataError(path, f"not a 128-D face descriptor (shape {shape})")
-        value = np.load(path, allow_pickle=False)
+        # Mapped, not read: a header can claim any size (373 GiB was allocated), and a
+        # map longer than the file is a ValueError. The checks below copy it out.
+        value = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as error:
         raise DataError(path, f"not a face descriptor file ({error})") from None
     if value.shape != (DESCRIPTOR_DIM,) or value.dtype.kind != "f" or not np.isfinite(value).all():
         raise DataError(path, f"not a 128-D face descriptor (shape {value.shape}, {value.dtype})")
-    return value.astype(np.float32)
+    return np.array(value, dtype=np.float32)  # (a copy: not the mapped file)
 
 
 # prepare keeps the descriptors it computes from frames (videos/ layout, or segments

@@ -263,32 +263,31 @@ def resume_state(path: Path, run_id: dict, processing: int, windows: list[list[U
 
 def check_written(record: dict, out: Path, path: Path, hashed: bool) -> None:
     """Hold the shards that a progress file or part manifest (``record``, read from
-    ``path``) lists to what it says of them: each one's size, with ``hashed`` its SHA-256
-    too (a resumed part re-reads what it wrote before it goes on; a merge, which may
-    cover terabytes, only sizes them: the loader hashes every shard it reads), and the
-    feature size against the first sample of its first shard. A record that does not
-    match its shards would give a manifest the loader refuses: DataError naming it."""
-    first = None
-    for split in record["splits"].values():
-        for shard in split["shards"]:
-            file = out / shard["path"]
-            try:
-                if hashed:
-                    check_shard(file, shard["size"], shard["sha256"])
-                elif not file.is_file() or file.stat().st_size != shard["size"]:
-                    raise DataError(file, f"is not the shard of {shard['size']} bytes it lists")
-            except DataError as error:
-                raise DataError(path, f"does not match its shards ({error}); {_REDO}") from None
-            first = first or file
+    ``path``; its shards' paths and sizes already checked by ``_record_problem``) lists to
+    what it says of them: with ``hashed`` each one's SHA-256 (a resumed part re-reads
+    what it wrote before it goes on; a merge, which may cover terabytes, does not: the
+    loader hashes every shard it reads), and the feature size against the first sample of
+    its first shard. A record that does not match its shards would give a manifest the
+    loader refuses: DataError naming it."""
+    shards = [out / shard["path"] for split in record["splits"].values()
+              for shard in split["shards"]]
+    if hashed:
+        for split in record["splits"].values():
+            for shard in split["shards"]:
+                try:
+                    check_shard(out / shard["path"], shard["size"], shard["sha256"])
+                except DataError as error:
+                    raise DataError(path, f"does not match its shards ({error}); "
+                                          f"{_REDO}") from None
     dim = record.get("feature_dim")
-    if first is not None and dim is not None:
-        sample = next(iterate_tar(first), {})
+    if shards and dim is not None:
+        sample = next(iterate_tar(shards[0]), {})
         try:
             shape = np.load(io.BytesIO(sample["feature.npy"]), allow_pickle=False).shape
         except (KeyError, ValueError, OSError):
             shape = None
         if shape != (dim,):
-            raise DataError(path, f"says the features are {dim}-D, but {first.name} holds "
+            raise DataError(path, f"says the features are {dim}-D, but {shards[0].name} holds "
                                   f"{'features of shape ' + str(shape) if shape else 'none'}; "
                                   f"{_REDO}")
 
