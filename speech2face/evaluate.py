@@ -1231,17 +1231,20 @@ def check_split(manifest: dict, split: str, model, data) -> None:
     """Refuse, before any work, a split that cannot be evaluated with ``model``.
 
     Raises DataError when the split has fewer than 2 identities (no gallery, no
-    matching) or its face features are not the size the model predicts.
+    matching) or its face features are not the size, or not from the face encoder, that
+    the model predicts (a 128-D vggface model beside dlib shards would compare features
+    of two different spaces).
     """
     identities = manifest["splits"][split].get("identities")
     if identities is not None and len(identities) < 2:
         raise DataError(data, f"the {split} split has {len(identities)} identit"
                               f"{'y' if len(identities) == 1 else 'ies'}: evaluation needs at "
                               "least 2")
-    dim = manifest.get("feature_dim")
-    if dim is not None and int(dim) != model.feature_dim:
+    dim, encoder = manifest.get("feature_dim"), manifest.get("encoder")
+    if (dim is not None and int(dim) != model.feature_dim) or (
+            encoder is not None and encoder != model.face_encoder_name):
         raise DataError(data, f"the shards hold {dim}-D face features "
-                              f"({manifest.get('encoder', '?')}) but the model predicts "
+                              f"({encoder or '?'}) but the model predicts "
                               f"{model.feature_dim}-D ({model.face_encoder_name}): evaluate "
                               "with the shards it was trained on")
 

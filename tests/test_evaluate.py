@@ -650,12 +650,12 @@ def _tiny_bundle(path, feature_dim=16):
     return save_model(model, path)
 
 
-def _manifest(folder, identities, feature_dim):
+def _manifest(folder, identities, feature_dim, encoder="dlib"):
     from speech2face.data import FORMAT_VERSION
 
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({
-        "format": FORMAT_VERSION, "encoder": "dlib", "feature_dim": feature_dim,
+        "format": FORMAT_VERSION, "encoder": encoder, "feature_dim": feature_dim,
         "identities": identities,
         "splits": {"test": {"samples": 4, "identities": identities, "shards": [
             {"path": "test/test-000000.tar", "samples": 4, "size": 40960, "sha256": "0" * 64}]}}}))
@@ -665,6 +665,7 @@ def _manifest(folder, identities, feature_dim):
 @pytest.mark.parametrize("case,message", [
     ("one identity", "1 identity"),
     ("feature size", "16-D"),
+    ("face encoder", "16-D face features (vggface) but the model predicts 16-D (dlib)"),
     ("recognizer", "give one with --recognizer-weights FILE"),
     ("weights without a recognizer", "--recognizer-weights: is for --recognizer vggface"),
     ("a folder as weights", "a folder, not a weights file"),
@@ -676,7 +677,8 @@ def test_evaluate_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     bundle = _tiny_bundle(tmp_path / "model")
     identities = ["id1"] if case == "one identity" else ["id1", "id2"]
-    shards = _manifest(tmp_path / "shards", identities, 128 if case == "feature size" else 16)
+    shards = _manifest(tmp_path / "shards", identities, 128 if case == "feature size" else 16,
+                       "vggface" if case == "face encoder" else "dlib")
     out = tmp_path / "report"
     args = ["evaluate", "--model", str(bundle), "--data", str(shards), "--out", str(out)]
     if case == "recognizer":
