@@ -78,6 +78,9 @@ def test_merge_names_and_bad_options():
         identities.cluster_identities(x, 0.6, "ward")
     with pytest.raises(identities.DataError, match="threshold must be > 0"):
         identities.cluster_identities(x, 0.0)
+    for bad in (1e30, np.nan):  # one such row kept every pair apart (float32 overflow)
+        with pytest.raises(identities.DataError, match="must be finite and within"):
+            identities.cluster_identities(np.vstack([x, np.full(2, bad)]), 0.6)
 
 
 def test_stored_descriptors_are_validated(tmp_path):
@@ -94,15 +97,19 @@ def test_stored_descriptors_are_validated(tmp_path):
         np.lib.format.write_array_header_1_0(
             f, {"descr": "<f4", "fortran_order": False, "shape": (99_999_999_999,)})
         f.write(bytes(512))
+    (folder / "s000005000.face.npy").write_bytes(b"")  # empty: numpy's EOFError (a traceback)
+    # Finite but no descriptor: in the clustering it overflowed float32, and no pair merged.
+    np.save(folder / "s000006000.face.npy", np.full(128, 1e30, np.float32))
     clips = tuple(Clip(f"s00000{k}000", str(folder / f"s00000{k}000.mkv"))
-                  for k in (1, 2, 3, 4))
+                  for k in (1, 2, 3, 4, 5, 6))
     features, unreadable, sources = identities.video_descriptors(
         [Unit("vid", "vid", "train", None, clips, ())], progress=False
     )
     assert sources == {"downloaded": 1}
     np.testing.assert_array_equal(features[0], good)
     assert sorted(Path(p).name for p in unreadable) == [
-        "s000002000.face.npy", "s000003000.face.npy", "s000004000.face.npy"
+        "s000002000.face.npy", "s000003000.face.npy", "s000004000.face.npy",
+        "s000005000.face.npy", "s000006000.face.npy",
     ]
 
 

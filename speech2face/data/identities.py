@@ -49,6 +49,11 @@ LINKAGES = ("average", "single")
 # Average linkage keeps a dense float64 matrix of one component: 20,000 videos = 3.2 GB.
 MAX_COMPONENT = 20_000
 _BLOCK = 2048  # rows of the distance matrix computed at once (2048^2 float32 = 16 MB)
+# dlib's descriptor elements lie within about +-0.5 (norms about 1 to 1.5). A stored one
+# beyond this is not a descriptor; and features beyond MAX_FEATURE would overflow the
+# float32 distance blocks (their squares summed), so that no pair at all would merge.
+MAX_DESCRIPTOR_VALUE = 10.0
+MAX_FEATURE = 1e6
 
 
 def threshold_components(features: np.ndarray, threshold: float) -> np.ndarray:
@@ -183,6 +188,9 @@ def cluster_identities(
     if not threshold > 0:
         raise DataError(None, f"identity threshold must be > 0, got {threshold}")
     x = np.asarray(features, dtype=np.float64)
+    if x.size and not (np.isfinite(x).all() and np.abs(x).max() <= MAX_FEATURE):
+        raise DataError(None, f"face features must be finite and within +-{MAX_FEATURE:g} "
+                              "to be clustered (is a descriptor damaged?)")
     labels = threshold_components(x, threshold)
     if linkage == "single":
         return labels
@@ -259,15 +267,19 @@ def descriptor_path(segment_file: str | os.PathLike) -> Path:
 
 
 def read_descriptor(path: str | os.PathLike) -> np.ndarray:
-    """A stored descriptor, validated: (128,) finite float32 (DataError otherwise)."""
+    """A stored descriptor, validated: (128,) float32, finite and within
+    +-``MAX_DESCRIPTOR_VALUE`` (DataError otherwise)."""
     try:
         # Mapped, not read: a header can claim any size (373 GiB was allocated), and a
         # map longer than the file is a ValueError. The checks below copy it out.
         value = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise DataError(path, f"not a face descriptor file ({error})") from None
+    except (OSError, ValueError, EOFError) as error:  # (EOFError: an empty file)
+        raise DataError(path, f"not a face descriptor file ({error or 'empty'})") from None
     if value.shape != (DESCRIPTOR_DIM,) or value.dtype.kind != "f" or not np.isfinite(value).all():
         raise DataError(path, f"not a 128-D face descriptor (shape {value.shape}, {value.dtype})")
+    if np.abs(value).max() > MAX_DESCRIPTOR_VALUE:
+        raise DataError(path, f"not a face descriptor: values up to {np.abs(value).max():.3g}, "
+                              f"a dlib descriptor's lie within +-0.5")
     return np.array(value, dtype=np.float32)  # (a copy: not the mapped file)
 
 
