@@ -658,6 +658,14 @@ def test_a_part_with_other_options_than_its_siblings_is_refused_before_it_works(
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert main([*base, "--shard-index", "1"]) == 0
     assert members(out) == members(reference)
+    # The last part's lines are about the merged run: its splits, and a note only where
+    # the run lacks a split (from the part's own splits the note was false).
+    said = capsys.readouterr()
+    merged = data.load_manifest(out)
+    sizes = ", ".join(f"{k}: {v['samples']}" for k, v in merged["splits"].items())
+    assert f"all 2 parts merged: samples {sizes}" in said.out
+    for split in ("val", "test"):
+        assert (f"no {split!r} samples" in said.err) == (not merged["splits"].get(split))
 
 
 def test_ctrl_c_with_workers_ends_in_one_line_and_the_rerun_continues(corpus, reference,

@@ -89,6 +89,7 @@ from speech2face.data.shards import (
     PARTS_DIR,
     _decode_jpeg,
     _encode_jpeg,
+    load_manifest,
 )
 from speech2face.errors import ConfigError, DataError, Speech2FaceError
 from speech2face.utils import (
@@ -1252,10 +1253,10 @@ def prepare_command(args) -> int:
                 mix_clips=args.mix_clips,
             )
         manifest = part
-    sizes = ", ".join(f"{s}: {v['samples']}" for s, v in manifest["splits"].items())
-    skipped = len(manifest["skipped"])
+    what = (f"{args.out} (part {args.shard_index} of {args.num_shards})"
+            if (args.num_shards or 1) > 1 and not args.merge else args.out)
     print(
-        f"{args.out}: samples {sizes or 'none'}; {skipped} inputs skipped "
+        f"{what}: samples {_sizes(manifest)}; {len(manifest['skipped'])} inputs skipped "
         f"({time.perf_counter() - start:.1f} s)"
     )
     merging = manifest.get("identity_merging") or manifest.get("run", {}).get("identity_merging")
@@ -1265,11 +1266,18 @@ def prepare_command(args) -> int:
             f"({merging['merged_videos']} videos merged into another's identity, "
             f"{merging['moved_videos']} moved to another split)"
         )
-    if (Path(args.out) / MANIFEST).is_file() and not args.merge:
-        print(f"manifest: {Path(args.out) / MANIFEST}")
     if (Path(args.out) / MANIFEST).is_file():
+        if not args.merge:
+            if (args.num_shards or 1) > 1:  # the last part: the note is on the whole run's
+                manifest = load_manifest(args.out)
+                print(f"all {args.num_shards} parts merged: samples {_sizes(manifest)}")
+            print(f"manifest: {Path(args.out) / MANIFEST}")
         _say_missing_splits(manifest["splits"])
     return 0
+
+
+def _sizes(manifest: dict) -> str:
+    return ", ".join(f"{s}: {v['samples']}" for s, v in manifest["splits"].items()) or "none"
 
 
 def _say_missing_splits(splits: dict) -> None:
