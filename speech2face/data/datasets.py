@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech2face.audio import AUDIO_SUFFIXES, VIDEO_SUFFIXES
+from speech2face.audio import AUDIO_SUFFIXES, MIN_SECONDS, VIDEO_SUFFIXES
 from speech2face.errors import DataError
 
 DATASETS = ("voxceleb1", "voxceleb2", "avspeech")
@@ -563,6 +563,9 @@ def _avspeech_row(path: Path, source: str, line: int, row: list[str],
         ) from None
     if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
         raise DataError(path, f"{where}: need 0 <= start < end, got {start}, {end}")
+    if end - start < MIN_SECONDS:  # (download fetched it; prepare then refused its audio)
+        raise DataError(path, f"{where}: the segment {start}-{end} s is shorter than "
+                              f"{MIN_SECONDS} s, the least audio a clip can have")
     if end > MAX_SEGMENT_SECONDS:  # (1e300 made a 300-digit file name, a traceback)
         raise DataError(path, f"{where}: end {end} s is past {MAX_SEGMENT_SECONDS:,} s, "
                               "longer than any video (YouTube's longest are 12 hours)")

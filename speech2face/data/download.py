@@ -633,8 +633,10 @@ class _RangeReader(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_END:
-            if self.size is None:
-                raise OSError(errno.ESPIPE, "size unknown")
+            if self.size is None:  # (a server answering "Content-Range: bytes a-b/*")
+                # FFmpeg's own "cannot seek" (AVERROR(ESPIPE)), handed back by PyAV: an
+                # exception here would be printed as PyAV's traceback.
+                return -errno.ESPIPE
             offset += self.size
         elif whence == io.SEEK_CUR:
             offset += self.pos
@@ -944,12 +946,14 @@ def download_command(args) -> int:
     failed = {k: v for k, v in sorted(counts.items())
               if k not in ("ok", "done", "given-up", "retriable")}
     retriable = counts["retriable"]
+    log = log_path(Path(args.out), args.shard_index, args.num_shards)
     print(
         f"segments: {counts['ok']} fetched, {counts['done']} already there, "
         f"{sum(failed.values())} failed now"
         + (f" ({', '.join(f'{k} {v}' for k, v in failed.items())})" if failed else "")
         + f", {counts['given-up']} given up before; "
-        f"log: {log_path(Path(args.out), args.shard_index, args.num_shards)}"
+        + (f"log: {log}" if log.is_file() else f"logs: {log.parent}" if log.parent.is_dir()
+           else "no failure logged")
         + (f"\n{retriable} segment(s) failed for a transient reason and will be tried again "
            "by the same command (exit 75)" if retriable else "")
     )
