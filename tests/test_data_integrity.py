@@ -132,12 +132,17 @@ def test_mean_landmarks_a_face_crop_cannot_have_are_refused(shards):
         data.load_manifest(shards)
 
 
-@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "train/../../x.tar"])
-def test_manifest_paths_outside_the_dataset_folder_are_refused(shards, bad):
+@pytest.mark.parametrize("bad, problem", [
+    ("../../etc/passwd", "outside the dataset folder"), ("/etc/passwd", "is absolute"),
+    ("train/../../x.tar", "outside the dataset folder"),
+    (None, "is absolute"),  # inside the folder, but absolute: accepted before (see docs)
+])
+def test_manifest_paths_outside_the_dataset_folder_are_refused(shards, bad, problem):
     manifest = json.loads((shards / "manifest.json").read_text())
-    manifest["splits"]["train"]["shards"][0]["path"] = bad
+    first = manifest["splits"]["train"]["shards"][0]
+    first["path"] = bad or str((shards / first["path"]).resolve())
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="outside the dataset folder"):
+    with pytest.raises(DataError, match=problem):
         data.load_manifest(shards)
 
 
@@ -645,6 +650,15 @@ def test_reading_arguments_are_checked(shards, call, name):
     ({"seconds": float("nan")}, "seconds"),
     ({"seconds": 1e9}, "seconds"),
     ({"seconds": "6"}, "seconds"),
+    # each loaded without complaint before
+    ({"dataset": "imagenet"}, "dataset"),
+    ({"samples_per_shard": 0}, "samples_per_shard"),
+    ({"num_parts": 0}, "num_parts"),
+    ({"counts": {"clips": -1}}, "counts"),
+    ({"skipped_by_reason": []}, "skipped_by_reason"),
+    ({"skipped": "x"}, "skipped"),
+    ({"skipped": [{"item": "a"}]}, "skipped"),
+    ({"identity_merging": 5}, "identity_merging"),
 ])
 def test_manifest_fields_are_checked(shards, change, expected):
     manifest = json.loads((shards / "manifest.json").read_text())

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from speech2face.data.datasets import DATASETS
 from speech2face.errors import DataError
 from speech2face.utils import is_names, is_number, is_whole
 
@@ -116,6 +117,23 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
         return "'encoder' is not a name"
     if manifest.get("seconds") is not None and not is_clip_seconds(manifest["seconds"]):
         return "'seconds' is not a positive number of seconds"
+    if "dataset" in manifest and manifest["dataset"] not in DATASETS:
+        return f"'dataset' is not one of {DATASETS}"
+    for key in ("samples_per_shard", "num_parts"):
+        if key in manifest and not is_whole(manifest[key], 1):
+            return f"{key!r} is not a positive integer"
+    for key in ("counts", "skipped_by_reason"):
+        value = manifest.get(key, {})
+        if not (isinstance(value, dict) and all(isinstance(k, str) and is_whole(v, 0)
+                                                for k, v in value.items())):
+            return f"{key!r} is not a mapping of names to counts"
+    skipped = manifest.get("skipped", [])
+    if not (isinstance(skipped, list) and all(
+            isinstance(s, dict) and isinstance(s.get("item"), str)
+            and isinstance(s.get("reason"), str) for s in skipped)):
+        return "'skipped' is not a list of {item, reason}"
+    if not isinstance(manifest.get("identity_merging"), (dict, type(None))):
+        return "'identity_merging' is neither null nor a report"
     inside = root.resolve()
     known = set(manifest["identities"])
     paths = [shard.get("path") for split in splits.values() if isinstance(split, dict)
@@ -142,6 +160,9 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
                 return f"split {name!r} has a shard entry without path, samples, size, sha256"
             if "\0" in shard["path"]:
                 return f"shard path {shard['path']!r} contains a NUL byte"
+            if os.path.isabs(shard["path"]) or shard["path"].startswith(("/", "\\")):
+                return f"shard path {shard['path']!r} is absolute (paths are relative to " \
+                       "the dataset folder)"
             try:
                 outside = not (root / shard["path"]).resolve().is_relative_to(inside)
             except (OSError, RuntimeError) as error:  # a symlink loop, a name too long
