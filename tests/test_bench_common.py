@@ -18,18 +18,25 @@ def test_timed_clock_agrees_with_a_chain_of_multiplies(monkeypatch):
     # x86-64 core since 2006, so a chain of them, timed the same way, gives the clock at
     # a third of the adds' rate.
     # Each is the fastest run of its chain (a run another process interrupts only looks
-    # slower); taken in alternating rounds, so that a busy spell of the machine or a
-    # change of its clock falls on both alike (one round each failed beside a busy test).
+    # slower), compared round by round and the median ratio taken: a busy spell of the
+    # machine or a change of its clock falls on one round.
+    import statistics
+
     add_code = common._CLOCK_CODE
     multiply_code = common.chain_code("480fafc0", "b803000000")  # imul rax, rax; rax = 3
-    adds = multiplies = 0.0
-    for _ in range(6):
+    ratios, best = [], 0.0
+    for _ in range(7):
         monkeypatch.setattr(common, "_CLOCK_CODE", add_code)
-        adds = max(adds, common.measured_mhz(trials=5))
+        adds = common.measured_mhz(trials=5)
         monkeypatch.setattr(common, "_CLOCK_CODE", multiply_code)
-        multiplies = max(multiplies, 3 * common.measured_mhz(trials=5))
-    assert 500 < adds < 7000
-    assert adds == pytest.approx(multiplies, rel=0.15)
+        # a third of the iterations: both chains run equally long, as likely to fit
+        # between two of another process's time slices (3x longer, the multiplies were
+        # the slower to find one beside two busy processes: 2,172 against 4,504 MHz)
+        multiplies = 3 * common.measured_mhz(iterations=400_000 // 3, trials=5)
+        ratios.append(adds / multiplies)
+        best = max(best, adds)
+    assert 500 < best < 7000
+    assert statistics.median(ratios) == pytest.approx(1.0, rel=0.15), ratios
 
 
 @x86_only
