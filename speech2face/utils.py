@@ -99,10 +99,11 @@ def staged_writes() -> Iterator[Callable]:
     beside ``path``. When the ``with`` block ends normally every staged file is renamed
     onto its path, in the order staged (so the last can mark the set done); when it
     raises, none is and the temporary files are removed, so a command that fails
-    half-way leaves the previous outputs as they were. A rename that fails (a folder in
-    the way, an immutable file) puts back the files it replaced before it (each kept
-    aside as a hard link, or a copy where the file system has none, until all are
-    moved), and the error names the file that failed, not its temporary name.
+    half-way leaves the previous outputs as they were. A folder (or anything but a file)
+    where an output goes is refused before any rename (DataError naming it). A rename
+    that fails all the same (an immutable file) puts back the files it replaced before
+    it (each kept aside as a hard link, or a copy where the file system has none, until
+    all are moved), and the error names the file that failed, not its temporary name.
     """
     staged: list[tuple[str, Path]] = []
     made: list[Path] = []  # folders made for the outputs, removed again on failure
@@ -137,6 +138,14 @@ def staged_writes() -> Iterator[Callable]:
         discard(staged)
         _remove_empty(made)
         raise
+    blocked = next((path for _, path in staged if path.exists() and not path.is_file()), None)
+    if blocked is not None:  # (os.replace's IsADirectoryError was a traceback)
+        from speech2face.errors import DataError
+
+        discard(staged)
+        _remove_empty(made)
+        raise DataError(blocked, "is in the way: a folder (or other non-file) where an "
+                                 "output file is written")
     moved: list[tuple[Path, str | None]] = []  # (path, its former file kept aside)
     former = None
     try:
@@ -225,6 +234,7 @@ class ResumableWrites:
 
     def write(self, outputs: dict[str, bytes], source: str | os.PathLike) -> None:
         """Stage the outputs of one input, each written whole, then record them."""
+        self._check_places(outputs)
         for name, data in outputs.items():
             (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.folder / name) as f:
@@ -239,9 +249,21 @@ class ResumableWrites:
         moving them has finished all its inputs, and the next run completes the move
         before anything else (:meth:`_finish_publishing`), so outputs never stay half
         published."""
+        self._check_places(self.written)  # (a folder made there since: nothing moved yet)
         with atomic_write(self.folder / _PUBLISHING, "w") as f:
             json.dump(list(self.written), f)
         self._finish_publishing()
+
+    def _check_places(self, names) -> None:
+        """Refuse an output whose place holds a folder (or anything but a file): renamed
+        onto it, it raised half-way through publishing, a traceback."""
+        from speech2face.errors import DataError
+
+        for name in names:
+            final = self.out / name
+            if final.exists() and not final.is_file():
+                raise DataError(final, "is in the way: a folder (or other non-file) where "
+                                       "an output file is written")
 
     def _finish_publishing(self) -> None:
         names = read_json(self.folder / _PUBLISHING)

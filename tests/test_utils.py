@@ -65,12 +65,20 @@ def test_staged_writes_leave_old_files_when_the_block_fails(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]  # no b.txt, no temporary files
 
 
-def test_staged_writes_put_back_what_they_replaced_when_a_rename_fails(tmp_path):
-    """A rename that fails half-way (here a folder in the way of the third file) used to
-    leave the files renamed before it replaced: now they are put back, the new file made
-    before it removed, and the error names the output, not its temporary file."""
+def test_staged_writes_put_back_what_they_replaced_when_a_rename_fails(tmp_path, monkeypatch):
+    """A rename that fails half-way (here the third: an immutable file) used to leave the
+    files renamed before it replaced: now they are put back, the new file made before it
+    removed, and the error names the output, not its temporary file."""
     (tmp_path / "a.txt").write_text("old a")
-    (tmp_path / "c.txt").mkdir()  # in the way
+    (tmp_path / "c.txt").write_text("old c")
+    replace = os.replace
+
+    def refuse_c(src, dst):
+        if Path(dst).name == "c.txt":
+            raise PermissionError(1, "Operation not permitted", src)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_c)
     with pytest.raises(OSError) as error, staged_writes() as stage:
         for name in ("a.txt", "b.txt", "c.txt"):
             with stage(tmp_path / name, "w") as f:
@@ -78,6 +86,22 @@ def test_staged_writes_put_back_what_they_replaced_when_a_rename_fails(tmp_path)
     assert error.value.filename == str(tmp_path / "c.txt")
     assert (tmp_path / "a.txt").read_text() == "old a"
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "c.txt"]  # no b.txt, no temporary files
+
+
+def test_staged_writes_refuse_a_folder_in_the_way_before_renaming_anything(tmp_path):
+    """os.replace's IsADirectoryError reached the commands (faces, evaluate) as a
+    traceback; now it is one DataError naming the place, and nothing has moved."""
+    from speech2face.errors import DataError
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "c.txt").mkdir()  # in the way
+    with pytest.raises(DataError, match="c.txt: is in the way: a folder"), \
+            staged_writes() as stage:
+        for name in ("a.txt", "new/b.txt", "c.txt"):
+            with stage(tmp_path / name, "w") as f:
+                f.write(f"new {name}")
+    assert (tmp_path / "a.txt").read_text() == "old a"
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "c.txt"]  # no new/, no temporary files
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -348,3 +372,30 @@ def test_what_sits_where_the_staged_outputs_go_is_cleared(tmp_path):
             batch.write({"a.npy": b"1"}, source)
         assert (out / "a.npy").read_bytes() == b"1" and not staged.exists()
     assert source.exists() and (tmp_path / "a.wav").read_bytes() == b"x"
+
+
+def test_resumable_writes_refuse_a_folder_in_the_way_and_publish_nothing(tmp_path):
+    """reconstruct / spectrogram with b.png a folder: a traceback after a.png was
+    published, b.png and c.png left staged. Now one DataError, and no output at all."""
+    from speech2face.errors import DataError
+    from speech2face.utils import PARTIAL_NAME, resumable_writes
+
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)
+    sources = []
+    for name in ("a", "b", "c"):
+        sources.append(tmp_path / f"{name}.wav")
+        sources[-1].write_bytes(name.encode())
+    with pytest.raises(DataError, match="b.png: is in the way"), \
+            resumable_writes(out, {"run": 1}) as batch:
+        for source in sources:
+            batch.write({f"{source.stem}.png": b"image"}, source)
+    assert sorted(os.listdir(out)) == ["b.png"] and not (out / PARTIAL_NAME).exists()
+    # A folder made there while the run worked: refused before anything moves.
+    (out / "b.png").rmdir()
+    with pytest.raises(DataError, match="c.png: is in the way"), \
+            resumable_writes(out, {"run": 1}) as batch:
+        for source in sources:
+            batch.write({f"{source.stem}.png": b"image"}, source)
+        (out / "c.png").mkdir()
+    assert sorted(os.listdir(out)) == [PARTIAL_NAME, "c.png"]  # kept for the rerun
