@@ -959,7 +959,8 @@ def _check_run_entries(out: Path) -> None:
     if (out / WEIGHTS_NAME).is_file():  # RUN/model itself, say: a run there would bury it
         raise ConfigError(out, "is a model bundle, not a run folder; choose another --out")
     files = [out / METRICS_FILE, out / TRAIN_CONFIG_FILE, out / CHECKPOINTS_DIR / BEST_FILE]
-    folders = [out / "tensorboard", out / CHECKPOINTS_DIR, out / RUN_MODEL_DIR]
+    folders = [out / "tensorboard", out / CHECKPOINTS_DIR, out / RUN_MODEL_DIR,
+               out / "images"]
     for path in files:
         if path.is_dir():
             raise ConfigError(path, "is in the way: a folder where the run writes a file")

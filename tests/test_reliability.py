@@ -906,7 +906,7 @@ def test_resuming_with_fewer_steps_than_done_is_refused(decoder_run, tmp_path, c
 
 @pytest.mark.parametrize("entry, folder", [
     ("metrics.csv", True), ("checkpoints/best.json", True), ("tensorboard", False),
-    ("model", False),
+    ("model", False), ("images", False),
 ])
 def test_odd_entries_in_the_run_folder_are_named(decoder_run, tmp_path, capfd, entry, folder):
     """A folder where the run writes a file, or the reverse: one line naming it (a
