@@ -354,6 +354,11 @@ def run_demo(
     log = log or (lambda message: print(message, flush=True))
     out = Path(out)
     _check_out_writable(out)
+    if install:  # (found unwritable at the end before, after minutes of work)
+        from speech2face.inference import default_model_path
+
+        _check_out_writable(default_model_path(), " (the model's install place; "
+                                                  "--no-install skips the install)")
     settings = {"speakers": speakers, "seed": seed, "decoder_steps": decoder_steps,
                 "voice_steps": voice_steps, "corpus_options": corpus_options or {},
                 "train_overrides": train_overrides or {}}
@@ -462,21 +467,23 @@ def band_lines(metrics: dict, default_settings: bool = True) -> list[str]:
     return lines
 
 
-def _check_out_writable(out: Path) -> None:
+def _check_out_writable(out: Path, what: str = "") -> None:
     """Refuse, before any work, an ``out`` that cannot be written (a read-only folder or
-    file system): the demo must not stop half-way with a traceback."""
+    file system): the demo must not stop half-way with a traceback. ``what`` follows the
+    problem in the message."""
     import tempfile
 
     folder = out
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise DataError(out, "cannot be created: a file is in the way")
+        raise DataError(out, f"cannot be created: a file is in the way{what}")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise DataError(out, f"cannot write in {folder} ({error.strerror or error})") from None
+        raise DataError(out, f"cannot write in {folder} ({error.strerror or error}){what}") \
+            from None
 
 
 # --------------------------------------------------------------------------- CLI

@@ -306,3 +306,17 @@ def test_train_overrides_reach_every_setting_of_both_stages():
         config = demo._train_config(stage, 10, {"seed": 7, "steps": 3, "lr": 0.5}, seed=2)
         assert (config.seed, config.steps, config.lr) == (7, 3, 0.5)
         assert demo._train_config(stage, 10, {}, seed=2).seed == 2
+
+
+def test_demo_refuses_an_unwritable_install_place_before_any_work(tmp_path, capsys,
+                                                                   monkeypatch):
+    """The model's install place (the user cache) was first written at the last step:
+    a cache that is a file gave a traceback after minutes of work."""
+    cache = tmp_path / "cache"
+    cache.write_text("a file, not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a file is in the way" in err, err
+    assert "--no-install skips the install" in err and not out.exists()
