@@ -573,7 +573,7 @@ def spectrogram_command(args) -> int:
     from speech2face.utils import progress as tqdm
 
     out = Path(args.out)
-    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=(".npy",))
+    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=(".npy",), out=out)
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
     # All or nothing: a bad file fails the command before any output appears, and memory

@@ -633,8 +633,9 @@ def draw_landmarks(crop: np.ndarray, landmarks: np.ndarray, scale: int = 2) -> n
 # ---------------------------------------------------------------------------- command line
 
 
-def find_images(inputs) -> list[tuple[Path, Path]]:
-    """Image files named by ``inputs`` (files, or folders searched recursively, sorted).
+def find_images(inputs, out=None) -> list[tuple[Path, Path]]:
+    """Image files named by ``inputs`` (files, or folders searched recursively, sorted),
+    leaving out the output folder ``out`` (its images are this command's own).
 
     Returns (path, output stem relative to --out) pairs (``utils.find_inputs``: a
     folder's images keep their sub-folders; names that would clash are kept apart).
@@ -642,7 +643,7 @@ def find_images(inputs) -> list[tuple[Path, Path]]:
     """
     from speech2face.utils import find_inputs
 
-    return find_inputs(inputs, IMAGE_SUFFIXES, ImageError, outputs=FACE_OUTPUTS)
+    return find_inputs(inputs, IMAGE_SUFFIXES, ImageError, outputs=FACE_OUTPUTS, out=out)
 
 
 # What ``speech2face faces`` writes for each image (the feature only with an encoder).
@@ -694,7 +695,7 @@ def faces_command(args) -> int:
     if args.weights is not None and args.encoder != "vggface":
         raise ConfigError(None, f"--weights is for --encoder vggface; the {args.encoder} "
                                f"encoder takes no weights file")
-    images = find_images(args.inputs)
+    images = find_images(args.inputs, args.out)
     if not images:
         raise ImageError(
             args.inputs[0], f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"

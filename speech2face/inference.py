@@ -270,7 +270,7 @@ def reconstruct_command(args) -> int:
     # for its rerun (utils.resumable_writes), batch by batch so that a resumed run's
     # batches, and so its faces, are those of an unbroken run.
     outputs = (".png", *LANDMARK_OUTPUTS) if args.landmarks else (".png",)
-    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=outputs)
+    inputs = find_inputs(args.audio, MEDIA_SUFFIXES, AudioError, outputs=outputs, out=args.out)
     if not inputs:
         raise AudioError(args.audio[0], "no audio or video files found")
     pngs = _output_paths(inputs, args.out)

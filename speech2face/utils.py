@@ -356,26 +356,28 @@ def _umask() -> int:
     return mask
 
 
-def _files_below(folder: Path, suffixes, error) -> list[Path]:
+def _files_below(folder: Path, suffixes, error, skip: frozenset = frozenset()) -> list[Path]:
     """The files below ``folder`` whose names end in one of ``suffixes`` (any case),
     sorted, leaving out hidden files and folders: among them our own, such as the staged
-    outputs of a killed run (PARTIAL_NAME) in a folder given back as input. Symbolic
-    links to folders are not followed. A folder that may not be listed raises
-    ``error(path, problem)`` (``rglob`` skipped one without a word, and its files)."""
+    outputs of a killed run (PARTIAL_NAME) in a folder given back as input, and the
+    folders in ``skip`` (resolved paths). Symbolic links to folders are not followed. A
+    folder that may not be listed raises ``error(path, problem)`` (``rglob`` skipped one
+    without a word, and its files)."""
     def refuse(problem: OSError) -> None:
         raise error(Path(problem.filename), f"cannot be read ({problem.strerror})")
 
     found = []
     for top, folders, names in os.walk(folder, onerror=refuse):
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        folders[:] = [name for name in folders if not name.startswith(".")
+                      and Path(top, name).resolve() not in skip]
         found += [path for path in (Path(top, name) for name in names
                                     if not name.startswith("."))
                   if path.suffix.lower() in suffixes and path.is_file()]
     return sorted(found)
 
 
-def find_inputs(inputs, suffixes, error,
-                outputs: Sequence[str] = ("",)) -> list[tuple[Path, Path]]:
+def find_inputs(inputs, suffixes, error, outputs: Sequence[str] = ("",),
+                out: str | os.PathLike | None = None) -> list[tuple[Path, Path]]:
     """Files named by ``inputs``: files as given, folders searched recursively (sorted)
     for names ending in one of ``suffixes`` (any case).
 
@@ -386,13 +388,16 @@ def find_inputs(inputs, suffixes, error,
     apart by the suffix (``a.jpg``, ``a.png`` -> ``a_jpg``, ``a_png``); outputs that
     would still meet, by a counter (``x/a.wav``, ``y/a.wav`` -> ``a_wav``, ``a_wav-2``),
     taking the first count that meets nothing. A file named twice is taken once. Raises
-    ``error(path, problem)`` for an input that does not exist.
+    ``error(path, problem)`` for an input that does not exist. ``out``: the command's
+    output folder, not searched where it lies inside a folder given (a rerun would take
+    the last run's outputs as inputs, a level deeper each time).
     """
+    skip = frozenset() if out is None else frozenset({Path(out).resolve()})
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
             found += [(path, path.relative_to(item).with_suffix(""))
-                      for path in _files_below(item, suffixes, error)]
+                      for path in _files_below(item, suffixes, error, skip)]
         elif item.is_file():
             found.append((item, Path(item.stem)))
         elif item.exists() or item.is_symlink():

@@ -502,6 +502,21 @@ def test_find_images_keeps_names_apart(tmp_path):
     ]
 
 
+def test_faces_command_leaves_its_output_folder_out_of_the_inputs(tmp_path, hopper_path,
+                                                                  capsys):
+    """--out inside the folder given: a rerun took the last run's crops as inputs and
+    made out/out/hopper.crop.crop.png, a level deeper each time."""
+    import shutil
+
+    shutil.copy(hopper_path, tmp_path / "hopper.jpg")
+    out = tmp_path / "out"
+    for said in ("1 processed, 0 skipped", "0 processed, 0 skipped (1 done by an earlier run)"):
+        assert cli.main(["faces", str(tmp_path), "-o", str(out), "--encoder", "none"]) == 0
+        assert said in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "hopper.crop.png", "hopper.landmarks.npy", "hopper.landmarks.png"]
+
+
 def test_faces_command_fails_when_nothing_processed(tmp_path, capsys):
     Image.fromarray(data.chelsea()).save(tmp_path / "cat.png")
     out = tmp_path / "out"
