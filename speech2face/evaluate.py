@@ -1455,7 +1455,7 @@ def add_evaluate_arguments(parser) -> None:
     parser.add_argument("-o", "--out", required=True, help="report folder to write")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--gallery-size", type=bounded(int, 2, None, "gallery size"),
-                        default=GALLERY_SIZE,
+                        default=None,
                         help=f"identities per retrieval gallery (default {GALLERY_SIZE}; "
                              "fewer when the split has fewer)")
     parser.add_argument("--draws", type=bounded(int, 1, MAX_DRAWS, "number of draws"),
@@ -1486,16 +1486,19 @@ def evaluate_command(args) -> int:
     if args.recognizer == "none" and args.recognizer_weights is not None:
         raise ConfigError("--recognizer-weights", "is for --recognizer vggface; with "
                                                   "--recognizer none no weights are used")
+    gallery_size = GALLERY_SIZE if args.gallery_size is None else args.gallery_size
     metrics = evaluate(args.model, args.data, args.out, split=args.split,
-                       gallery_size=args.gallery_size, draws=args.draws, seed=args.seed,
+                       gallery_size=gallery_size, draws=args.draws, seed=args.seed,
                        batch_size=args.batch_size, max_samples=args.max_samples,
                        attributes=args.attributes, device=args.device,
                        recognizer=None if args.recognizer == "none" else args.recognizer,
                        recognizer_weights=args.recognizer_weights)
     used = metrics["retrieval"]["gallery_size"]
-    if args.gallery_size > used:
+    if args.gallery_size is not None and args.gallery_size > used:  # (said when asked for)
+        evaluated = "samples evaluated (--max-samples) hold" if args.max_samples else \
+            "split has"
         print(f"speech2face evaluate: --gallery-size {args.gallery_size}: the {args.split} "
-              f"split has {metrics['identities']} identities, so its galleries hold {used}",
+              f"{evaluated} {metrics['identities']} identities, so its galleries hold {used}",
               file=sys.stderr)
     print(summary(metrics))
     print(f"report: {Path(args.out) / 'report.md'}")

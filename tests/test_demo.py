@@ -91,6 +91,18 @@ def test_small_demo_end_to_end(tmp_path, monkeypatch, capsys):
     identities = json.loads((tmp_path / "big" / "metrics.json").read_text())["identities"]
     assert f"--gallery-size 1000: the test split has {identities} identities, so its " \
            f"galleries hold {identities}" in said.err
+    # Not given: no note (it came with every evaluation, the demo's too); with
+    # --max-samples it is about the samples evaluated, not the whole split.
+    assert main(["evaluate", "--model", str(out / "runs" / "voice" / "model"), "--data",
+                 str(out / "shards"), "-o", str(tmp_path / "plain"), "--no-attributes",
+                 "--recognizer", "none"]) == 0
+    assert "--gallery-size" not in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(out / "runs" / "voice" / "model"), "--data",
+                 str(out / "shards"), "-o", str(tmp_path / "few"), "--no-attributes",
+                 "--recognizer", "none", "--max-samples", "3", "--gallery-size", "50"]) == 0
+    identities = json.loads((tmp_path / "few" / "metrics.json").read_text())["identities"]
+    assert f"the test samples evaluated (--max-samples) hold {identities} identities" \
+        in capsys.readouterr().err
 
     # Killed in the voice stage after its step-1 checkpoint: a rerun with the same
     # settings keeps the corpus, shards and decoder, resumes the voice encoder from step
