@@ -451,6 +451,9 @@ def config_from_settings(
     if base is not None and not isinstance(base, TrainConfig):
         raise TypeError(f"base must be a TrainConfig, got {type(base).__name__}")
     overrides = () if overrides is None else overrides
+    if isinstance(overrides, (str, bytes)):  # (it was read a character at a time)
+        raise TypeError(f"overrides is a list of 'key=value' strings or a dict, not "
+                        f"{type(overrides).__name__} {overrides!r:.60}")
     layers: list[tuple[object, dict]] = []
     if settings:
         layers.append((source, _nest(settings, source)))

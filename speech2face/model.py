@@ -247,8 +247,11 @@ def find_bundle(path_or_name: str | os.PathLike) -> Path:
             return candidate
     if not path.exists():
         raise WeightsError(path, "no such model bundle or training run")
+    installed = cache_dir() / "models" / path.name
+    hint = (f"; the installed model of that name is {installed}"
+            if len(path.parts) == 1 and (installed / CONFIG_NAME).is_file() else "")
     raise WeightsError(path, f"not a model bundle (no {CONFIG_NAME}) nor a training run "
-                             f"(no {RUN_MODEL_DIR}/{CONFIG_NAME})")
+                             f"(no {RUN_MODEL_DIR}/{CONFIG_NAME}){hint}")
 
 
 def read_bundle_config(folder: Path) -> dict:

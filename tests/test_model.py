@@ -208,3 +208,19 @@ def test_a_device_this_machine_lacks_is_a_config_error(tmp_path):
     path = save_model(_model(), tmp_path / "bundle")
     with pytest.raises(ConfigError, match="device: not a torch device: 'foo'"):
         load_model(path, device="foo")
+
+
+def test_a_local_folder_hiding_an_installed_model_is_named(tmp_path, monkeypatch):
+    """--model demo from a folder holding an unrelated demo/: the local folder is taken,
+    and the error now says where the installed model of that name is."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from speech2face.utils import cache_dir
+
+    save_model(_model(), cache_dir() / "models" / "demo")
+    work = tmp_path / "work"
+    (work / "demo").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(WeightsError, match="the installed model of that name is .*models/demo"):
+        load_model("demo")
+    monkeypatch.chdir(tmp_path)
+    assert load_model("demo") is not None  # from anywhere else: the installed one

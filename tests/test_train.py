@@ -1331,3 +1331,13 @@ def test_a_tampered_checkpoint_setting_is_shown_cut_short():
     saved["loss"] = {**saved["loss"], "lambda1": list(range(5000))}
     line = _other_changes(saved, config)
     assert line.startswith("loss.lambda1 0.025 (was [0, 1, 2") and len(line) < 120, line
+
+
+def test_overrides_given_as_one_string_are_a_type_error():
+    """load_config(None, "steps=5") read the string a character at a time: "expected
+    key=value, got 's'"."""
+    from speech2face.config import load_config
+
+    with pytest.raises(TypeError, match="list of 'key=value' strings or a dict, not str"):
+        load_config(None, "steps=5")
+    assert load_config(None, ["steps=5"]).steps == 5
