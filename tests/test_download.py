@@ -474,7 +474,7 @@ def test_a_segment_is_done_only_with_both_files(server, tmp_path, capsys):
     (folder / "s000001000.face.npy").mkdir()
     code, out, err = _run(_download_args(csvs, root, server), capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"{folder / 's000001000.face.npy'}: cannot be written: something in its way" in err
+    assert f"{folder / 's000001000.face.npy'}: is in the way: a folder" in err
     assert sorted(p.name for p in folder.iterdir()) == ["s000001000.face.npy"]  # no temp
 
 
