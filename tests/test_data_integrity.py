@@ -681,6 +681,14 @@ def test_manifest_nul_byte_and_unknown_split_identity_are_refused(shards):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="identities that are not in 'identities'"):
         data.load_manifest(shards)
+    # an identity without a sample: a class the classifier would have and never see
+    samples = manifest["splits"]["train"]["samples"]
+    manifest["identities"] = sorted(manifest["identities"] + [f"~{i}" for i in range(samples)])
+    manifest["splits"]["train"]["identities"] = manifest["identities"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"lists {len(manifest['identities'])} identities for "
+                                        f"{samples} samples"):
+        data.load_manifest(shards)
     manifest["splits"]["train"]["identities"] = []
     manifest["splits"]["train"]["shards"][0]["path"] = "train/a\0b.tar"
     (shards / "manifest.json").write_text(json.dumps(manifest))

@@ -149,6 +149,9 @@ def _manifest_problem(manifest: dict, root: Path) -> str | None:
         if "identities" in split and not (is_names(split["identities"])
                                           and set(split["identities"]) <= known):
             return f"split {name!r} names identities that are not in 'identities'"
+        if len(split.get("identities", ())) > split["samples"]:  # each has a sample at least
+            return f"split {name!r} lists {len(split['identities'])} identities for " \
+                   f"{split['samples']} samples"
         shards = split.get("shards")
         if not isinstance(shards, list):
             return f"split {name!r} has no shard list"
