@@ -228,9 +228,16 @@ def save_model(model: Speech2Face, path: str | os.PathLike) -> Path:
     """Write ``model`` as a bundle directory at ``path`` (replacing an older bundle there).
 
     The directory is assembled under a temporary name beside ``path`` and renamed into
-    place, so a crash leaves the old bundle or the new one, never a mix.
+    place, so a crash leaves the old bundle or the new one, never a mix. A file at
+    ``path``, or a folder holding anything but a bundle, is refused (WeightsError): the
+    replacement would delete it.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WeightsError(path, "is a file: a model bundle is a folder; choose another path")
+    if path.is_dir() and not (path / CONFIG_NAME).is_file() and any(path.iterdir()):
+        raise WeightsError(path, "is a folder that holds no model bundle: saving there would "
+                                 "delete what it holds; choose another path")
     with replacing_dir(path) as tmp:
         write_bundle_files(tmp, model.bundle_config(), state_dict_for_safetensors(model))
     return path

@@ -224,3 +224,21 @@ def test_a_local_folder_hiding_an_installed_model_is_named(tmp_path, monkeypatch
         load_model("demo")
     monkeypatch.chdir(tmp_path)
     assert load_model("demo") is not None  # from anywhere else: the installed one
+
+
+def test_save_model_does_not_delete_a_folder_that_holds_no_bundle(tmp_path):
+    """save_model into a folder of the user's replaced it whole: notes.txt was gone."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(WeightsError, match="holds no model bundle"):
+        save_model(_model(), folder)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WeightsError, match="is a file"):
+        save_model(_model(), tmp_path / "file")
+    save_model(_model(), tmp_path / "bundle")
+    save_model(_model(), tmp_path / "bundle")  # an older bundle is replaced
+    (tmp_path / "empty").mkdir()
+    save_model(_model(), tmp_path / "empty")
+    assert load_model(tmp_path / "empty") is not None
