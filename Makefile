@@ -9,9 +9,15 @@ STAMP := $(VENV)/.installed
 # resemblyzer (the baseline voice encoder's weights ship in its wheel) goes in with
 # --no-deps: it asks for webrtcvad, which builds from source; webrtcvad-wheels, in [dev],
 # is the same module prebuilt.
+# torch as pip resolves it: the CPU build where the index offers it (a local wheel on our
+# machines). PyPI's Linux wheel is the CUDA build (several GB): there, give PyTorch's CPU
+# index, e.g. make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,web]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps resemblyzer==0.1.4
 	touch $(STAMP)

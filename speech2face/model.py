@@ -302,7 +302,7 @@ MAX_VOICE_FRAMES = 6000  # the voice encoder's shortest input: 60 s (paper: 598 
 # 6 s). The paper's largest is 64 x 595 x 254 = 9.7 M (voice) and 32 x 224^2 = 1.6 M
 # (decoder); this allows 14 times that, 512 MB of float32 per clip.
 MAX_ACTIVATION = 1 << 27
-MAX_WEIGHTS_BYTES = 8 << 30  # the paper's full model is about 0.6 GB
+MAX_WEIGHTS_BYTES = 8 << 30  # the paper's full model is about 0.82 GB (204.6 M float32)
 
 # (field, kind, low, high) per config section; kind "int", "float" or "ints" (a list).
 _DECODER_FIELDS = (
