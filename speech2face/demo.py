@@ -142,7 +142,7 @@ BAND = {
     "gender agreement": (90.9, 84.6, 95.7),
     "gender agreement, decoder(v_f)": (88.2, 78.3, 97.4),
     "gender, true face vs label": (99.6, 97.4, 100.0),
-    "gender, reconstruction vs label": (91.4, 84.6, 97.4),
+    "gender, reconstruction vs label": (91.3, 84.6, 97.4),
     "decoder identification, px": (91.1, 90.0, 100.0),
     "decoder identification, dlib": (78.9, 70.0, 100.0),
     "craniofacial r (mean of 11)": (0.67, 0.60, 0.76),
