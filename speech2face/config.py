@@ -247,12 +247,22 @@ def _stage_defaults(stage: str) -> dict:
 # ---------------------------------------------------------------------------- reading
 
 
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a training config is a few hundred bytes
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
     """The settings of a JSON, TOML or YAML file (by suffix; others are read as JSON),
     nested."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.exists() and not path.is_file():  # a FIFO waited forever, /dev/zero ate memory
+            raise ConfigError(path, "cannot read the config file: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_FILE_BYTES + 1)
+        if len(raw) > MAX_CONFIG_FILE_BYTES:
+            raise ConfigError(path, f"cannot read the config file: larger than "
+                                    f"{MAX_CONFIG_FILE_BYTES >> 20} MB")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(path, f"cannot read the config file: {error}") from None
     try:
@@ -335,17 +345,31 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def _nest(flat: dict, source) -> dict:
-    """``{"loss.lambda1": v}`` -> ``{"loss": {"lambda1": v}}`` (nested keys kept as they are)."""
+    """``{"loss.lambda1": v}`` -> ``{"loss": {"lambda1": v}}`` (nested keys kept as they are).
+    A setting given both ways (``"loss.lambda1"`` and ``{"loss": {"lambda1": ...}}``) is
+    refused: merged, the later silently won."""
     nested: dict = {}
-    for key, value in flat.items():
-        *parents, last = str(key).split(".")
-        node = nested
+
+    def put(node: dict, path: list[str], value, shown: str) -> None:
+        *parents, last = path
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(source, f"{key}: {part!r} is a setting, not a group")
+                raise ConfigError(source, f"{shown}: {part!r} is a setting, not a group")
             node = child
-        node[last] = value
+        if isinstance(value, dict):  # a group: its settings go in one by one
+            group = node.setdefault(last, {})
+            if not isinstance(group, dict):
+                raise ConfigError(source, f"{shown} is given twice")
+            for key, item in value.items():
+                put(group, [str(key)], item, f"{shown}.{key}")
+        elif last in node:
+            raise ConfigError(source, f"{shown} is given twice")
+        else:
+            node[last] = value
+
+    for key, value in flat.items():
+        put(nested, str(key).split("."), value, str(key))
     return nested
 
 

@@ -287,6 +287,45 @@ def test_json_config_refuses_repeated_keys(tmp_path, text):
         load_config(path)
 
 
+@pytest.mark.parametrize("name, text", [
+    ("a.json", '{"loss.lambda1": 3, "loss": {"lambda1": 4}}'),
+    ("b.json", '{"loss": {"lambda1": 4}, "loss.lambda1": 3}'),
+    ("c.yaml", "loss.lambda1: 3\nloss:\n  lambda1: 4\n"),
+    ("d.toml", '"loss.lambda1" = 3\n[loss]\nlambda1 = 4\n'),
+])
+def test_a_setting_given_dotted_and_nested_is_refused(tmp_path, name, text):
+    """Each parser sees two keys ("loss.lambda1" and "loss"); merged, the later won."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{name}: loss.lambda1 is given twice"):
+        load_config(path)
+    path.write_text(text.replace("lambda1", "lambda2", 1))  # two settings: both taken
+    assert load_config(path).loss.lambda1 in (3, 4)
+
+
+def test_config_files_that_are_not_files_or_too_large_are_one_line(tmp_path):
+    """/dev/zero was read whole (a MemoryError traceback), a FIFO waited forever. (Here a
+    device and a FIFO that end, so that a regression fails instead of hanging.)"""
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text('{"steps": 5}'), daemon=True)
+    writer.start()
+    for path in (Path("/dev/null"), fifo):
+        with pytest.raises(ConfigError, match="cannot read the config file: not a regular"):
+            load_config(path)
+    if writer.is_alive():  # the FIFO was not opened: let the writer finish
+        with open(fifo) as f:
+            f.read()
+    big = tmp_path / "big.json"
+    big.write_text('{"steps": 5' + " " * (2 << 20) + "}")
+    with pytest.raises(ConfigError, match="big.json: cannot read the config file: larger "
+                                          "than 1 MB"):
+        load_config(big)
+
+
 @pytest.mark.parametrize("settings, words", [
     ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
     ({"steps": "5"}, "steps must be a whole number, got '5'"),
