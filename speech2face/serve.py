@@ -25,6 +25,7 @@ pydantic and huggingface_hub among them (docs/serve.md).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import os
@@ -55,6 +56,11 @@ MAX_SECONDS = 600.0  # declared duration above which a file is refused undecoded
 NEIGHBOURS = 5  # nearest gallery faces shown
 FRAMING_BYTES = 64 * 1024  # multipart boundaries and part headers around the file itself
 CHUNK_BYTES = 1 << 16
+# An upload that sends nothing for this long is answered 408 and closed: a client that
+# sent its headers and then nothing held its connection, its upload folder and, on
+# SIGTERM, the server's exit for as long as it liked.
+UPLOAD_IDLE_SECONDS = 30.0
+_UPLOAD_POLL_SECONDS = 0.25  # how often a waiting upload looks at FaceServer.stopping
 # Bound to an address of this machine only (is_loopback), the page answers only requests
 # whose Host header names it so (no DNS rebinding). An IPv6 address is bracketed there.
 _LOOPBACK_HOST_HEADERS = ("127.0.0.1", "localhost", "[::1]")
@@ -186,6 +192,9 @@ class FaceServer:
         # One forward pass at a time: each already uses every core, and a paper-size model
         # run by many requests at once would multiply its memory for no speed.
         self._model_lock = threading.Lock()
+        # Set when the server is told to stop (SIGTERM, Ctrl+C): uploads still arriving
+        # are answered 503 at once, so that their connections do not hold the exit.
+        self.stopping = threading.Event()
         if model is not None:
             self.model()
         if gallery is not None and self.status()["ready"]:
@@ -289,6 +298,41 @@ class _Gone(Exception):
     """The client closed the connection before its upload was complete."""
 
 
+class _Stalled(Exception):
+    """The client sent nothing for UPLOAD_IDLE_SECONDS in the middle of its upload."""
+
+
+class _Stopping(Exception):
+    """The server is stopping while an upload is still arriving."""
+
+
+async def _chunks(request, stopping: threading.Event | None):
+    """``request.stream()``, raising _Stalled when nothing arrives for
+    UPLOAD_IDLE_SECONDS and _Stopping as soon as ``stopping`` is set. (A read is waited
+    on, not cancelled, between looks: cancelled, the stream could not go on.)"""
+    import time
+
+    stream = request.stream()
+    pending = None
+    try:
+        while True:
+            pending = asyncio.ensure_future(anext(stream))
+            since = time.monotonic()
+            while not pending.done():
+                if stopping is not None and stopping.is_set():
+                    raise _Stopping
+                if time.monotonic() - since > UPLOAD_IDLE_SECONDS:
+                    raise _Stalled
+                await asyncio.wait({pending}, timeout=_UPLOAD_POLL_SECONDS)
+            try:
+                yield pending.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+
+
 def _display_name(filename: str) -> str:
     """An uploaded file's name as messages show it: its last part, printable, short."""
     name = re.split(r"[\\/]", filename)[-1]
@@ -296,7 +340,8 @@ def _display_name(filename: str) -> str:
     return name if len(name) <= 80 else name[:77] + "..."
 
 
-async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
+async def receive_upload(request, folder: Path, cap: int,
+                         stopping: threading.Event | None = None) -> tuple[Path, str]:
     """Stream the multipart body's ``file`` part into ``folder`` -> ``(path, name)``.
 
     Only the client's file name's suffix is kept (the decoder picks by it); the bytes go
@@ -304,6 +349,7 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
 
     Raises:
         _TooLarge: the body is over ``cap`` (from Content-Length, before reading it).
+        _Stalled, _Stopping: see :func:`_chunks` (``stopping``: the server's flag).
         AudioError: not multipart, no ``file`` part, or an empty one.
     """
     from python_multipart.exceptions import FormParserError
@@ -364,7 +410,7 @@ async def receive_upload(request, folder: Path, cap: int) -> tuple[Path, str]:
             "on_header_value": on_header_value, "on_header_end": on_header_end,
             "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
             "on_part_end": on_part_end})
-        async for chunk in request.stream():
+        async for chunk in _chunks(request, stopping):
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect:
@@ -423,10 +469,18 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
             return JSONResponse({"error": status["message"]}, status_code=503)
         folder = Path(tempfile.mkdtemp(dir=server.upload_root))
         try:
-            path, name = await receive_upload(request, folder, server.max_upload_bytes)
+            path, name = await receive_upload(request, folder, server.max_upload_bytes,
+                                              server.stopping)
             return await run_in_threadpool(work, path, name)
         except _Gone:  # the client left mid-upload: nobody reads an answer
             return Response(status_code=400, headers={"Connection": "close"})
+        except _Stalled:
+            return JSONResponse({"error": f"the upload stalled: nothing arrived for "
+                                          f"{UPLOAD_IDLE_SECONDS:g} s"}, status_code=408,
+                                headers={"Connection": "close"})
+        except _Stopping:
+            return JSONResponse({"error": "the server is stopping"}, status_code=503,
+                                headers={"Connection": "close"})
         except _TooLarge:
             # Closing the connection spares reading the rest of an oversize body.
             return JSONResponse({"error": server.too_large}, status_code=400,
@@ -583,8 +637,14 @@ def serve_command(args) -> int:
                   "machine can use the page", file=sys.stderr)
         config = uvicorn.Config(create_app(server, args.host), log_level="warning",
                                 access_log=False)
+
+        class Uvicorn(uvicorn.Server):
+            def handle_exit(self, sig, frame):  # SIGTERM, SIGINT: uploads stop waiting
+                server.stopping.set()
+                super().handle_exit(sig, frame)
+
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            Uvicorn(config).run(sockets=[sock])
         except KeyboardInterrupt:  # Ctrl+C: how a server is meant to stop
             pass
     finally:

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -689,6 +690,55 @@ def test_serve_command_runs_until_interrupted(bundle, clips, tmp_path):
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert list(tmp_path.iterdir()) == []  # its temporary folder went with it
+
+
+def _stalled_upload(port: int) -> socket.socket:
+    """A client that sends its request's headers and the start of its body, then nothing."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    client.sendall(b"POST /reconstruct HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                   b"multipart/form-data; boundary=X\r\nContent-Length: 1000\r\n\r\n--X\r\n")
+    return client
+
+
+def test_a_stalled_upload_is_answered_408(running, monkeypatch):
+    """Headers, then nothing: the connection and its upload folder were held for as long
+    as the client liked (50 such connections, 50 folders)."""
+    monkeypatch.setattr(serve, "UPLOAD_IDLE_SECONDS", 0.5)
+    client = _stalled_upload(running.port)
+    try:
+        answer = client.recv(4096)
+    finally:
+        client.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"the upload stalled: nothing arrived for 0.5 s" in answer
+    deadline = time.monotonic() + 5
+    while any(running.server.upload_root.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running.server.upload_root.iterdir())  # its folder went
+
+
+def test_sigterm_stops_the_server_while_an_upload_is_stalled(bundle, tmp_path):
+    """SIGTERM (or Ctrl+C) waited for the stalled client to give up (58 s): the upload is
+    answered 503 at once and the command exits 0, its temporary folder removed."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speech2face", "serve", "--model", str(bundle), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        client = _stalled_upload(port)
+        time.sleep(0.5)  # the request is in the app, waiting for its body
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)  # (it waited for the client: 30 s here)
+        answer = client.recv(4096)
+        client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"the server is stopping" in answer, answer
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- browser
