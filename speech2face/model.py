@@ -254,6 +254,12 @@ def find_bundle(path_or_name: str | os.PathLike) -> Path:
             return candidate
     if not path.exists():
         raise WeightsError(path, "no such model bundle or training run")
+    from speech2face.checkpoints import checkpoint_dirs
+
+    if checkpoints := checkpoint_dirs(path):  # a run still training (or stopped early)
+        raise WeightsError(path, f"a training run without its final model yet (no "
+                                 f"{RUN_MODEL_DIR}/); its newest checkpoint loads: "
+                                 f"{checkpoints[-1][1]}")
     installed = cache_dir() / "models" / path.name
     hint = (f"; the installed model of that name is {installed}"
             if len(path.parts) == 1 and (installed / CONFIG_NAME).is_file() else "")

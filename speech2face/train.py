@@ -1268,6 +1268,11 @@ def _config_from_args(args, stage: str) -> TrainConfig:
         recorded = read_state(newest).get("train_config")  # (checked as a config file is)
         if isinstance(recorded, dict):
             base = config_from_settings(recorded, newest / STATE_FILE, stage=stage)
+        elif args.config is None and not args.overrides:  # (the paper's sizes, then a
+            # shape mismatch deep in the optimizer state was all one learned)
+            raise ConfigError(saved, f"is missing and {newest / STATE_FILE} records no "
+                                     "settings: give the run's settings again (--config "
+                                     "FILE or key=value, e.g. preset=tiny) to resume")
     if args.resume and newest is None and \
             not _incomplete_checkpoints(Path(args.out), None) and \
             int(os.environ.get("RANK", "0")) == 0:  # (the demo resumes whatever is there)

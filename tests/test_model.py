@@ -242,3 +242,15 @@ def test_save_model_does_not_delete_a_folder_that_holds_no_bundle(tmp_path):
     (tmp_path / "empty").mkdir()
     save_model(_model(), tmp_path / "empty")
     assert load_model(tmp_path / "empty") is not None
+
+
+def test_a_run_still_training_is_named_with_its_newest_checkpoint(tmp_path):
+    """RUN without model/ yet was 'not a model bundle nor a training run'."""
+    run = tmp_path / "run"
+    for step in (4, 12):
+        save_model(_model(), run / "checkpoints" / f"step-{step:08d}")
+        (run / "checkpoints" / f"step-{step:08d}" / "state.json").write_text("{}")
+    with pytest.raises(WeightsError, match="a training run without its final model yet .*"
+                                           "its newest checkpoint loads: .*step-00000012"):
+        load_model(run)
+    assert load_model(run / "checkpoints" / "step-00000012") is not None

@@ -938,6 +938,18 @@ def test_a_run_folder_without_its_settings_file_resumes_with_its_checkpoints(sha
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["preset"], saved["batch_size"], saved["lr"], saved["seed"], saved["steps"]) \
         == ("tiny", 4, 1e-4, 3, 3)
+    # Neither the file nor a record in the checkpoint (an older run's): the paper's sizes
+    # were taken and the optimizer state refused as a shape mismatch. Now it says so.
+    (out / "train_config.json").unlink()
+    state = out / "checkpoints" / "step-00000003" / "state.json"
+    recorded = json.loads(state.read_text())
+    del recorded["train_config"]
+    state.write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert main(["train-decoder", *common, "--resume"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "train_config.json: is missing and " + str(state) + " records no settings: give the "
+        "run's settings again (--config FILE or key=value, e.g. preset=tiny) to resume")
 
 
 def test_a_setting_given_twice_on_the_command_line_is_refused(shards, tmp_path, capsys):
