@@ -10,6 +10,7 @@ bad input is generated here.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
@@ -711,6 +712,27 @@ def test_idle_loader_workers_are_said_once(shards, capfd):
     assert sum("have nothing to read" in str(w.message) for w in said) == 1
     err = capfd.readouterr().err  # the workers' own
     assert "has no shard" not in err and "Warning" not in err, err
+
+
+def test_repeat_with_a_reader_without_a_shard_is_refused_not_a_hang(shards):
+    """repeat=True, the DDP setting docs/data.md gives, with more readers than shards: the
+    idle reader rebuilt an empty pipeline forever (a busy loop, its rank waiting)."""
+    from speech2face.data.loader import ShardDataset
+    from speech2face.errors import ConfigError
+
+    count = len(data.load_manifest(shards)["splits"]["train"]["shards"])
+    with pytest.raises(ConfigError, match=f"train: {count} shard\\(s\\) for {count + 1} readers "
+                                          f"\\({count + 1} processes x 1 loader worker\\): "
+                                          "with repeat=True a reader without a shard never"):
+        data.make_loader(shards, "train", batch_size=2, repeat=True, rank=0,
+                         world_size=count + 1)
+    with pytest.warns(UserWarning, match="has no shard to read"):
+        idle = ShardDataset(shards, "train", batch_size=2, repeat=True, rank=count,
+                            world_size=count + 1)
+        assert list(idle.samples()) == []  # ends (the spin was here)
+    busy = ShardDataset(shards, "train", batch_size=2, repeat=True, rank=0, world_size=count)
+    first = [s["meta"]["key"] for s in itertools.islice(busy.samples(), 10)]
+    assert len(first) == 10  # a reader with a shard repeats it as before
 
 
 def _npy(array: np.ndarray, version=None) -> bytes:

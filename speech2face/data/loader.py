@@ -412,7 +412,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             stages.append(wds.map(lambda raw: self._decode(raw, crop_rng)))  # noqa: B023
             yield from wds.DataPipeline(*stages)
             epoch += 1
-            if not self.repeat or not self.shards:
+            if not self.repeat or reader >= len(self.shards):  # (an idle reader spun forever)
                 return
 
     def _decode(self, raw: dict, rng: np.random.Generator) -> dict:
@@ -558,14 +558,23 @@ def make_loader(
         raise ConfigError(None, f"num_workers must be an integer >= 0, got {num_workers!r}")
     dataset = ShardDataset(path, split, batch_size=batch_size, **dataset_options)
     dataset.set_epoch(epoch)
-    readers = max(1, num_workers) * dataset._reader()[1]  # workers x processes
+    processes = dataset._reader()[1]
+    readers = max(1, num_workers) * processes  # workers x processes
+    shards = len(dataset.shards)
+    who = (f"{readers} readers ({processes} processes x {max(1, num_workers)} loader "
+           f"worker{'s' if num_workers > 1 else ''})" if processes > 1
+           else f"{readers} loader workers")
+    if dataset.repeat and 0 < shards < readers:  # (the idle reader's rank waited forever)
+        raise ConfigError(None, f"{split}: {shards} shard(s) for {who}: with repeat=True a "
+                                "reader without a shard never yields a batch; use at most "
+                                f"{shards} readers, or prepare more shards "
+                                "(--samples-per-shard)")
     idle = (str(dataset.root), split, readers)
-    if 0 < len(dataset.shards) < readers and num_workers > 0 and idle not in _SAID_IDLE:
+    if 0 < shards < readers and num_workers > 0 and idle not in _SAID_IDLE:
         _SAID_IDLE.add(idle)  # once, not for every worker and epoch
-        warnings.warn(f"{split}: {len(dataset.shards)} shard(s) for {readers} loader "
-                      f"workers: {readers - len(dataset.shards)} of them have nothing to read "
-                      "(set num_workers to at most the shards, or prepare more shards)",
-                      stacklevel=2)
+        warnings.warn(f"{split}: {shards} shard(s) for {who}: {readers - shards} of them "
+                      "have nothing to read (use at most as many readers as shards: fewer "
+                      "workers or processes, or prepare more shards)", stacklevel=2)
     return _Loader(
         dataset,
         batch_size=None,
