@@ -75,7 +75,9 @@ def update_doc() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {available()}")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, for a smoke test")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats, for a smoke test (rows printed, not recorded: "
+                             "bench/results and docs/benchmarks.md hold full runs only)")
     parser.add_argument(
         "--with-tf",
         action="store_true",
@@ -93,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     from speech2face.runtime import setup_process
 
     setup_process()
-    if len(names) > 1:
+    if len(names) > 1:  # each in its own process; one that fails does not stop the others
         flags = ["--quick"] * args.quick + ["--with-tf"] * args.with_tf
-        for name in names:
-            subprocess.run([sys.executable, "-m", "bench", name, *flags], check=True)
+        failed = [f"{name} (exit {code})" for name in names
+                  if (code := subprocess.run([sys.executable, "-m", "bench", name, *flags])
+                      .returncode)]
+        if failed:
+            print(f"python -m bench: error: failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
         return 0
     for name in names:
         print(f"== {name}", flush=True)
@@ -113,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             load_average={"start": load, "end": [round(x, 2) for x in os.getloadavg()]},
             quick=args.quick,
         )
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         for row in result["rows"]:
             print("  " + " | ".join(f"{c}: {row.get(c, '')}" for c in COLUMNS))
+        if args.quick:  # (a quick run replaced the published full run's rows before)
+            print("quick run: not recorded (bench/results and docs/benchmarks.md hold full "
+                  "runs)")
+            return 0
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     update_doc()
     print(f"results in {RESULTS}, summary in {DOC}")
     return 0

@@ -47,11 +47,13 @@ LOG_EVERY = 25
 AGREEMENT = 0.10  # relative difference allowed between final-window losses
 THROUGHPUT_BATCH = 64
 THROUGHPUT_STEPS = 20
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by
+# the name torch.cuda.get_device_name gives (an SXM H100 is "NVIDIA H100 80GB HBM3").
+# The longest key found in the name wins ("L40S" over "L40" over "L4").
 BF16_PEAK_TFLOPS = {
-    "H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-    "A100": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0,
-    "RTX 4090": 165.0, "RTX 3090": 71.0,
+    "H200": 989.0, "H200 NVL": 835.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0,
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0, "A10G": 70.0, "A10": 125.0,
+    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0,
 }
 WORKER = Path(__file__).with_name("gpu_worker.py")
 
@@ -366,10 +368,8 @@ def matmul_tflops(size: int = 8192, repeats: int = 20) -> float:
 
 
 def datasheet_peak(name: str) -> float | None:
-    for key, value in BF16_PEAK_TFLOPS.items():
-        if key.lower() in name.lower():
-            return value
-    return None
+    found = [key for key in BF16_PEAK_TFLOPS if key.lower() in name.lower()]
+    return BF16_PEAK_TFLOPS[max(found, key=len)] if found else None
 
 
 def throughput_check(batch: int = THROUGHPUT_BATCH, steps: int = THROUGHPUT_STEPS) -> dict:

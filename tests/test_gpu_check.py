@@ -44,3 +44,28 @@ def test_precision_check_runs_deterministic_in_a_worker_process_on_cpu():
         "decoder stage, 2 steps, bf16 autocast vs float32, deterministic",
         "voice stage, 2 steps, bf16 autocast vs float32, deterministic"]
     assert all(r["ok"] and len(r["curve"]) == 1 for r in rows), rows
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0),  # an SXM H100's own name: "peak unknown" before
+    ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA L40", 181.0),  # was the L4's 121: an L40 run could print > 100 %
+    ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A10G", 70.0), ("Tesla T4", None),
+])
+def test_datasheet_peak_takes_the_most_specific_name(name, peak):
+    from bench.bench_gpu import datasheet_peak
+
+    assert datasheet_peak(name) == peak
+
+
+def test_bench_runs_every_benchmark_named_and_says_which_failed(tmp_path):
+    """One failing benchmark (gpu, here without CUDA) stopped the others with a
+    CalledProcessError traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the gpu benchmark would run")
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "gpu", "exit"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "python -m bench: error: failed: gpu (exit 2)" in result.stderr
+    assert "== exit" in result.stdout and "quick run: not recorded" in result.stdout
