@@ -284,7 +284,7 @@ _PUBLISHING = "publishing.json"  # in PARTIAL_NAME: the outputs of a run being p
 def _json_line(line: str):
     try:
         return json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested too deeply: '[' * 100000)
         return None
 
 
@@ -457,10 +457,11 @@ def find_inputs(inputs, suffixes, error, outputs: Sequence[str] = ("",),
 
 
 def read_json(path: str | os.PathLike):
-    """The JSON value in ``path``, or None when it is missing or not JSON."""
+    """The JSON value in ``path``, or None when it is missing or not JSON (or nested too
+    deeply for Python's parser)."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -399,3 +399,15 @@ def test_resumable_writes_refuse_a_folder_in_the_way_and_publish_nothing(tmp_pat
             batch.write({f"{source.stem}.png": b"image"}, source)
         (out / "c.png").mkdir()
     assert sorted(os.listdir(out)) == [PARTIAL_NAME, "c.png"]  # kept for the rerun
+
+
+def test_json_nested_too_deeply_reads_as_damaged(tmp_path):
+    """'[' * 100000: a RecursionError traceback from compare, evaluate (after all its
+    work), reconstruct and faces, which read such files back."""
+    from speech2face.utils import json_records, read_json
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    assert read_json(tmp_path / "deep.json") is None
+    (tmp_path / "log.jsonl").write_text(deep + '\n{"name": "a"}\n')
+    assert list(json_records(tmp_path / "log.jsonl", "name")) == [{"name": "a"}]
