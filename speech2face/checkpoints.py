@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from speech2face.config import FLOAT32_MAX, FLOAT32_TINY, MAX_STEPS
 from speech2face.errors import DataError
-from speech2face.utils import is_number, is_whole
+from speech2face.utils import is_number, is_whole, plain_float
 
 CHECKPOINTS_DIR = "checkpoints"  # RUN/checkpoints/
 CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-NNNNNNNN
@@ -212,8 +212,10 @@ def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
         if not shape_ok:
             raise _bad(tensor_file, f"{key} has shape {tuple(tensor.shape)}, this model's "
                                     f"parameter needs {want}")
-        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-            raise _bad(tensor_file, f"{key} is not finite floating-point state")
+        if not plain_float(tensor) or not bool(torch.isfinite(tensor).all()):
+            raise _bad(tensor_file, f"{key} is not finite floating-point state (float16, "
+                                    f"bfloat16, float32 or float64; got "
+                                    f"{str(tensor.dtype).removeprefix('torch.')})")
         if name == "step" and not (0 <= float(tensor) <= steps and float(tensor).is_integer()):
             raise _bad(tensor_file, f"{key} must be a whole number of steps from 0 to the "
                                     f"run's {steps}, got {float(tensor):.6g}")

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from speech2face.errors import WeightsError
 from speech2face.face_resnet import DESCRIPTOR_DIM as DLIB_FEATURE_DIM
 from speech2face.faces import FACE_ENCODERS as ENCODERS
+from speech2face.utils import plain_float
 
 # VGG-Face = VGG-16 "D" (Parkhi et al. 2015, Table 3): conv widths, "M" = 2x2 max pool.
 VGG_FACE_LAYERS = (
@@ -333,8 +334,17 @@ def _state_dict_from_dag(tensors: dict, config: VGGFaceConfig, path) -> dict[str
     state = {}
     for key, shape in expected.items():
         value = tensors[key]
-        if not isinstance(value, torch.Tensor):
-            value = torch.as_tensor(np.asarray(value))
+        if not isinstance(value, torch.Tensor):  # (a pickle-free torch.load gives any data)
+            try:
+                array = np.asarray(value)
+            except ValueError:  # ragged lists
+                array = None
+            if array is None or array.dtype.kind not in "fiu":
+                raise WeightsError(path, f"{key} is not a tensor ({type(value).__name__})")
+            value = torch.as_tensor(array)
+        if (value.is_floating_point() or value.is_complex()) and not plain_float(value):
+            raise WeightsError(path, f"{key} is {str(value.dtype).removeprefix('torch.')}, "
+                                     "not float16, bfloat16, float32 or float64")
         if key == "fc6.weight" and value.ndim == 4:  # fc6 stored as a 7x7 convolution
             value = value.reshape(value.shape[0], -1)
         if tuple(value.shape) != shape:

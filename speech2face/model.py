@@ -38,6 +38,7 @@ from speech2face.utils import (
     device_problem,
     is_number,
     is_whole,
+    plain_float,
     publishing_dir,
     temp_dir_beside,
 )
@@ -505,6 +506,9 @@ def check_finite(state: dict[str, torch.Tensor], file: Path) -> None:
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
+        if not plain_float(tensor):
+            raise WeightsError(file, f"tensor {name} is {str(tensor.dtype).removeprefix('torch.')}"
+                                     ", not float16, bfloat16, float32 or float64")
         if not bool(torch.isfinite(tensor).all()):
             raise WeightsError(file, f"tensor {name} holds NaN or infinite values")
         if tensor.numel() and float(tensor.abs().max()) > FLOAT32_MAX:

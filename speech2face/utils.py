@@ -456,6 +456,15 @@ def find_inputs(inputs, suffixes, error, outputs: Sequence[str] = ("",),
     return named
 
 
+def plain_float(tensor) -> bool:
+    """Whether ``tensor`` is float16, bfloat16, float32 or float64: the floating types
+    whose values torch can check on the CPU (the float8 types have no isfinite, abs or
+    max there: a weights file holding one gave NotImplementedError tracebacks)."""
+    import torch
+
+    return tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def read_json(path: str | os.PathLike):
     """The JSON value in ``path``, or None when it is missing or not JSON (or nested too
     deeply for Python's parser)."""

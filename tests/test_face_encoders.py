@@ -5,6 +5,7 @@ written here from each format's own conventions (NCHW for the .pth, NHWC + BGR f
 
 from __future__ import annotations
 
+import re
 import sys
 
 import dlib
@@ -518,3 +519,23 @@ def test_identity_classifier_bad_input():
         E.train_identity_classifier(np.zeros((5, 3)), [1] * 5)
     with pytest.raises(ValueError, match="expected features"):
         E.train_identity_classifier(np.zeros((5, 3)), [1, 2])
+
+
+def test_vggface_weights_that_are_not_float_tensors_are_refused(weight_files, tmp_path):
+    """A pickle-free torch.load gives strings, None or ragged lists as values, and float8
+    tensors have no isfinite on the CPU: each was a traceback (TypeError, ValueError,
+    NotImplementedError)."""
+    from safetensors.torch import save_file
+
+    _, weights, _ = weight_files
+    tensors = {k: torch.from_numpy(v) for k, v in weights.items()}
+    first = next(iter(tensors))
+    for bad, words in (("abc", "is not a tensor (str)"), (None, "is not a tensor (NoneType)"),
+                       ([[1.0], [1.0, 2.0]], "is not a tensor (list)")):
+        torch.save({**tensors, first: bad}, tmp_path / "w.pth")
+        with pytest.raises(WeightsError, match=f"w.pth: {first} {re.escape(words)}"):
+            E.load_face_encoder("vggface", weights=tmp_path / "w.pth", config=TINY)
+    save_file({**tensors, first: tensors[first].to(torch.float8_e4m3fn)},
+              tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=f"{first} is float8_e4m3fn, not float16"):
+        E.load_face_encoder("vggface", weights=tmp_path / "w.safetensors", config=TINY)

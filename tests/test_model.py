@@ -254,3 +254,17 @@ def test_a_run_still_training_is_named_with_its_newest_checkpoint(tmp_path):
                                            "its newest checkpoint loads: .*step-00000012"):
         load_model(run)
     assert load_model(run / "checkpoints" / "step-00000012") is not None
+
+
+def test_bundle_tensors_of_a_float_type_torch_cannot_check_are_refused(tmp_path):
+    """float8 weights reached torch.isfinite, which has no float8 kernel on the CPU: a
+    NotImplementedError traceback from reconstruct."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_model(_model(), tmp_path / "bundle")
+    tensors = load_file(path / "model.safetensors")
+    name = next(k for k, v in tensors.items() if v.ndim == 2)
+    tensors[name] = tensors[name].to(torch.float8_e5m2)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(WeightsError, match=f"tensor {name} is float8_e5m2, not float16"):
+        load_model(path)
