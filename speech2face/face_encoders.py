@@ -423,6 +423,7 @@ def load_vggface_keras(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace
             path, "reading keras-vggface .h5 weights needs h5py: pip install h5py"
         ) from None
     layer_names = vgg_layer_names(config.layers) + ["fc6", "fc7", "fc8"]
+    shapes = vggface_weight_shapes(config)
     tensors = {}
     try:
         with h5py.File(path, "r") as f:
@@ -430,11 +431,12 @@ def load_vggface_keras(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace
             for layer in layer_names:
                 if layer not in root:
                     raise WeightsError(path, f"not keras-vggface VGG16 weights: no layer {layer!r}")
-                kernel, bias = _keras_layer_arrays(root[layer], path, layer)
+                sizes = (math.prod(shapes[f"{layer}.weight"]), math.prod(shapes[f"{layer}.bias"]))
+                kernel, bias = _keras_layer_arrays(root[layer], path, layer, sizes)
                 tensors[f"{layer}.weight"], tensors[f"{layer}.bias"] = kernel, bias
     except WeightsError:
         raise
-    except (OSError, KeyError, ValueError) as error:
+    except (OSError, KeyError, ValueError, TypeError) as error:  # (TypeError: odd attributes)
         raise WeightsError(
             path, f"cannot read HDF5 weights (truncated or not HDF5): {error}"
         ) from None
@@ -477,10 +479,15 @@ def load_vggface_keras(path, config: VGGFaceConfig = VGGFaceConfig()) -> VGGFace
     return network
 
 
-def _keras_layer_arrays(group, path, layer) -> tuple[np.ndarray, np.ndarray]:
-    """(kernel, bias) arrays of one Keras layer group (``weight_names`` attribute or datasets)."""
+def _keras_layer_arrays(group, path, layer, sizes: tuple[int, int]) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    """(kernel, bias) arrays of one Keras layer group (``weight_names`` attribute or
+    datasets), each checked to be numbers of its expected element count (``sizes``) before
+    it is read: a 27-kB file can declare a 3.6-TiB dataset."""
     import h5py
 
+    if not isinstance(group, h5py.Group):
+        raise WeightsError(path, f"layer {layer!r} is not an HDF5 group of weights")
     if "weight_names" in group.attrs:
         names = [
             n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["weight_names"]
@@ -491,12 +498,16 @@ def _keras_layer_arrays(group, path, layer) -> tuple[np.ndarray, np.ndarray]:
         group.visititems(
             lambda _, item: arrays.append(item) if isinstance(item, h5py.Dataset) else None
         )
-    kernels = [a for a in arrays if a.ndim >= 2]
-    biases = [a for a in arrays if a.ndim == 1]
+    kernels = [a for a in arrays if isinstance(a, h5py.Dataset) and a.ndim >= 2]
+    biases = [a for a in arrays if isinstance(a, h5py.Dataset) and a.ndim == 1]
     if len(kernels) != 1 or len(biases) != 1:
         raise WeightsError(
             path, f"layer {layer!r} should hold one kernel and one bias, has {len(arrays)} arrays"
         )
+    for name, array, size in (("kernel", kernels[0], sizes[0]), ("bias", biases[0], sizes[1])):
+        if array.dtype.kind not in "fiu" or array.size != size:
+            raise WeightsError(path, f"layer {layer!r} {name} holds {array.size} values of "
+                                     f"{array.dtype}, expected {size} numbers")
     return np.asarray(kernels[0][()]), np.asarray(biases[0][()])
 
 

@@ -539,3 +539,35 @@ def test_vggface_weights_that_are_not_float_tensors_are_refused(weight_files, tm
               tmp_path / "w.safetensors")
     with pytest.raises(WeightsError, match=f"{first} is float8_e4m3fn, not float16"):
         E.load_face_encoder("vggface", weights=tmp_path / "w.safetensors", config=TINY)
+
+
+def test_crafted_keras_files_are_refused_before_their_arrays_are_read(weight_files, tmp_path):
+    """A 27-kB .h5 declaring a (10^6, 10^6) dataset asked for 3.6 TiB; a layer stored as a
+    dataset, a compound dtype or weight_names that are a number were tracebacks."""
+    import h5py
+
+    _, _, arrays = weight_files
+    path = tmp_path / "w.h5"
+    for case, words in (("huge", "kernel holds 1000000000000 values of float32, expected"),
+                        ("compound", "kernel holds .* values of .*, expected"),
+                        ("dataset", "layer 'conv1_1' is not an HDF5 group of weights"),
+                        ("names", "cannot read HDF5 weights")):
+        _write_keras(path, arrays)
+        with h5py.File(path, "r+") as f:
+            group = f["conv1_1"]
+            if case == "huge":
+                del group["conv1_1/kernel:0"]
+                group.create_dataset("conv1_1/kernel:0", shape=(10**6, 10**6), dtype="f4",
+                                     chunks=(64, 64), compression="gzip")
+            elif case == "compound":
+                kernel = group["conv1_1/kernel:0"]
+                data = np.zeros(kernel.shape, dtype=[("a", "<f4"), ("b", "<f4")])
+                del group["conv1_1/kernel:0"]
+                group.create_dataset("conv1_1/kernel:0", data=data)
+            elif case == "dataset":
+                del f["conv1_1"]
+                f.create_dataset("conv1_1", data=np.zeros(3))
+            else:
+                group.attrs["weight_names"] = 5
+        with pytest.raises(WeightsError, match=f"w.h5: .*{words}"):
+            E.load_face_encoder("vggface", weights=path, config=TINY)
