@@ -300,7 +300,8 @@ def test_vggface_bad_files(weight_files, tmp_path, monkeypatch):
         E.load_face_encoder("vggface", weights=folder / "vgg_face_dag.pth")
     with pytest.raises(
         WeightsError,
-        match=r"rcmalli_vggface_tf_vgg16.h5: fc6 kernel has shape \(1568, 32\), expected",
+        match=r"rcmalli_vggface_tf_vgg16.h5: layer 'conv1_1' kernel holds 108 values of "
+              r"float32, expected 1728 numbers",
     ):
         E.load_face_encoder("vggface", weights=folder / "rcmalli_vggface_tf_vgg16.h5")
     # A missing tensor / layer.
