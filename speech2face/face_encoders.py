@@ -566,7 +566,8 @@ def load_face_encoder(
         path = Path(weights)
         if not path.is_file():
             raise WeightsError(path, "a folder, not a weights file" if path.is_dir() else
-                               "no such weights file")
+                               "not a regular file (a FIFO or a device)" if path.exists()
+                               else "no such weights file")
         loader = load_vggface_keras if _weights_format(path) == "keras" else load_vggface_dag
         network = loader(path, config)
     return VGGFaceEncoder(network).to(device)

@@ -282,6 +282,8 @@ def test_vggface_bad_files(weight_files, tmp_path, monkeypatch):
     folder, weights, arrays = weight_files
     with pytest.raises(WeightsError, match="missing.pth: no such weights file"):
         E.load_face_encoder("vggface", weights=tmp_path / "missing.pth")
+    with pytest.raises(WeightsError, match="/dev/null: not a regular file"):  # (was "no such")
+        E.load_face_encoder("vggface", weights="/dev/null")
     for name in ["vgg_face_dag.pth", "rcmalli_vggface_tf_vgg16.h5"]:
         raw = (folder / name).read_bytes()
         (tmp_path / name).write_bytes(raw[: len(raw) // 2])
