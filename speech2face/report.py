@@ -643,7 +643,14 @@ def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     ]
     if "identity" in metrics:
         name = metrics["recognizer"]["name"]
-        largest = max(metrics["identity"]["recall"], key=int)
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name)):
+            raise ValueError(f"recognizer.name is {name!r:.40}, not a recognizer's name")
+        sizes = metrics["identity"]["recall"]
+        if not sizes or not all(isinstance(k, str) and k.isdigit() and 2 <= int(k) <= 10**9
+                                for k in sizes):
+            raise ValueError(f"identity.recall's gallery sizes are {list(sizes)!r:.60}, not "
+                             "whole numbers of at least 2")
+        largest = max(sizes, key=int)
         r1 = metrics["identity"]["recall"][largest]["cosine"]["1"]
         rows += [
             (f"image R@1, {name} embedding, M = {largest} (%)",
@@ -681,7 +688,7 @@ def render_comparison(runs: dict[str, dict]) -> str:
     """
     names = list(runs)
     per_run = {name: {row[0]: row for row in comparison_rows(m)} for name, m in runs.items()}
-    lines = ["| measure | " + " | ".join(names) + " | chance |",
+    lines = ["| measure | " + " | ".join(map(_markdown_cell, names)) + " | chance |",
              "|---|" + "---|" * (len(names) + 1)]
     measures = list(dict.fromkeys(measure for rows in per_run.values() for measure in rows))
     for measure in measures:
@@ -698,12 +705,19 @@ def render_comparison(runs: dict[str, dict]) -> str:
     for what, get in _COMPARABLE:
         values = [get(m) for m in runs.values()]
         if len({json.dumps(v) for v in values}) > 1:
-            differ.append(f"{what} (" + ", ".join(f"{n}: {v}" for n, v in
-                                                 zip(names, values, strict=True)) + ")")
+            differ.append(f"{what} (" + ", ".join(
+                f"{_markdown_cell(n)}: {_markdown_cell(str(v))}"
+                for n, v in zip(names, values, strict=True)) + ")")
     if differ:
         lines += ["", "Note: these evaluations differ in " + "; ".join(differ) +
                   ": their numbers are not measured alike."]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_cell(text: str) -> str:
+    """``text`` as one cell of a Markdown table: no line breaks, ``|`` escaped (a run
+    named ``a|b`` split its column in two, a newline ended the row)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def add_compare_arguments(parser) -> None:

@@ -362,6 +362,10 @@ def test_a_report_names_its_model_by_an_absolute_path(tmp_path, monkeypatch):
     (lambda m: m.update(retrieval=[1, 2]), "TypeError"),
     (lambda m: m["retrieval"]["cosine"]["1"].pop("chance"), "'chance'"),
     (lambda m: m.pop("craniofacial"), "'craniofacial'"),
+    # printed as "M = -5" and a table row split by "|" before
+    (lambda m: m["identity"].update(recall={"-5": m["identity"]["recall"].popitem()[1]}),
+     "identity.recall's gallery sizes are ['-5']"),
+    (lambda m: m["recognizer"].update(name="x | y\n|z"), "recognizer.name is 'x | y\\n|z'"),
 ])
 def test_compare_refuses_a_damaged_metrics_file_in_one_line(edit, words, tmp_path, capsys):
     from speech2face.cli import main
@@ -374,6 +378,17 @@ def test_compare_refuses_a_damaged_metrics_file_in_one_line(edit, words, tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "metrics.json" in err and words in err
     assert not out.exists()
+
+
+def test_compare_keeps_names_and_values_inside_their_cells(tmp_path):
+    """A run named "a|b" split its column in two; a newline in a value ended the row."""
+    metrics = report._json_ready(ev.compute_metrics(_collected(), draws=2, seed=1))
+    other = {**metrics, "split": "test|x\nnew row"}
+    table = report.render_comparison({"a|b": metrics, "c": other})
+    header, rule = table.splitlines()[:2]
+    assert header == "| measure | a\\|b | c | chance |" and rule == "|---|---|---|---|"
+    note = [line for line in table.splitlines() if line.startswith("Note:")]
+    assert len(note) == 1 and "c: test\\|x new row" in note[0]
 
 
 def test_compare_refuses_a_name_twice_and_a_folder_as_its_table(tmp_path, capsys):
