@@ -55,7 +55,7 @@ import numpy as np
 
 from speech2face.audio import SAMPLE_RATE, seconds_samples
 from speech2face.errors import DataError
-from speech2face.utils import output_entries, publishing_dir, seed_problem
+from speech2face.utils import is_whole, output_entries, publishing_dir, seed_problem
 
 FRAME_SIZE = 320  # px, side of the square face frames (moderate: generation and detection speed)
 VIDEOS_PER_SPEAKER = (2, 3)  # inclusive range
@@ -812,8 +812,14 @@ def make_demo_data(
     from speech2face.utils import progress as tqdm
 
     out = Path(out)
-    if speakers < 1 or frames < 1 or min(videos) < 1 or min(clips) < 1:
-        raise DataError(out, "speakers, videos, clips and frames must each be at least 1")
+    for name, value in (("speakers", speakers), ("frames", frames)):
+        if not is_whole(value, 1):
+            raise DataError(None, f"{name} must be a whole number of at least 1, got {value!r}")
+    for name, span in (("videos", videos), ("clips", clips)):
+        if not (isinstance(span, (tuple, list)) and len(span) == 2
+                and all(is_whole(v, 1) for v in span) and span[0] <= span[1]):
+            raise DataError(None, f"{name} must be a range (low, high) of whole numbers, "
+                                  f"1 <= low <= high, got {span!r}")
     if problem := seed_problem(seed):
         raise DataError(None, problem)
     settings = {"speakers": speakers, "seed": seed, "videos": list(videos),

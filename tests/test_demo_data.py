@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +279,20 @@ def test_a_rerun_over_a_finished_corpus_does_nothing_and_other_settings_are_refu
     assert corpus() == files
     assert main([*argv[:-1], "3"]) == 2
     assert "made with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"videos": (3, 2)}, "videos must be a range (low, high)"),  # numpy's "low >= high"
+    ({"clips": (4, 1)}, "clips must be a range (low, high)"),
+    ({"videos": (1,)}, "videos must be a range (low, high)"),  # an IndexError
+    ({"videos": (1.5, 2)}, "videos must be a range (low, high)"),  # accepted before
+    ({"frames": 2.5}, "frames must be a whole number of at least 1, got 2.5"),  # TypeError
+    ({"speakers": 0}, "speakers must be a whole number of at least 1, got 0"),
+])
+def test_bad_ranges_are_one_data_error(tmp_path, option, message):
+    from speech2face.demo_data import make_demo_data
+    from speech2face.errors import DataError
+
+    with pytest.raises(DataError, match=re.escape(message)):
+        make_demo_data(tmp_path / "corpus", progress=False, **option)
+    assert not (tmp_path / "corpus").exists()
