@@ -692,6 +692,15 @@ def test_serve_command_runs_until_interrupted(bundle, clips, tmp_path):
     assert list(tmp_path.iterdir()) == []  # its temporary folder went with it
 
 
+def _answer(client: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (headers and body may
+    come in separate packets)."""
+    chunks = []
+    while chunk := client.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _stalled_upload(port: int) -> socket.socket:
     """A client that sends its request's headers and the start of its body, then nothing."""
     client = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -706,7 +715,7 @@ def test_a_stalled_upload_is_answered_408(running, monkeypatch):
     monkeypatch.setattr(serve, "UPLOAD_IDLE_SECONDS", 0.5)
     client = _stalled_upload(running.port)
     try:
-        answer = client.recv(4096)
+        answer = _answer(client)
     finally:
         client.close()
     assert answer.startswith(b"HTTP/1.1 408 "), answer
@@ -731,7 +740,7 @@ def test_sigterm_stops_the_server_while_an_upload_is_stalled(bundle, tmp_path):
         time.sleep(0.5)  # the request is in the app, waiting for its body
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=20)  # (it waited for the client: 30 s here)
-        answer = client.recv(4096)
+        answer = _answer(client)
         client.close()
     finally:
         if process.poll() is None:
