@@ -267,13 +267,27 @@ def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
                 path,
                 f"corrupt or truncated audio after {total / rate:.2f} s: {_ffmpeg_reason(error)}",
             ) from None
-        declared = container.duration / av.time_base if container.duration else None
+        declared = _audio_seconds(container, stream)
     if not chunks:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
     if declared is not None:
         wanted = declared if max_seconds is None else min(declared, max_seconds)
         _check_complete(path, total / rate, wanted, declared)
     return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)
+
+
+def _audio_seconds(container, stream) -> float | None:
+    """The length the file declares for its audio track: the track's own duration; the
+    container's only where the track has none and there is no video (a container's
+    duration is its longest stream's: a complete 2-s track in a 10-s video, or one
+    starting late, was called truncated)."""
+    import av
+
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and not container.streams.video:
+        return container.duration / av.time_base
+    return None
 
 
 def _frame_array(frame) -> np.ndarray:
@@ -321,11 +335,11 @@ def declared_seconds(path: str | os.PathLike) -> float | None:
 
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
-            if container.duration:
-                return container.duration / av.time_base
             streams = container.streams.audio
             if streams and streams[0].duration and streams[0].time_base:
                 return float(streams[0].duration * streams[0].time_base)
+            if container.duration:  # (at most the audio's: a bound for refusing uploads)
+                return container.duration / av.time_base
     except av.error.FFmpegError:
         pass
     return None

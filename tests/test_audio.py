@@ -582,3 +582,19 @@ def test_api_misuse_is_named_in_the_callers_terms(call, words):
     with pytest.raises(AudioError) as caught:
         call()
     assert words in str(caught.value)
+
+
+def test_a_video_whose_audio_is_shorter_than_its_picture_is_not_truncated(tmp_path):
+    """A complete 2-s track under 8 s of video: the container's duration (its longest
+    stream's) was taken for the audio's, and the file called truncated."""
+    from conftest import make_mp4
+
+    from speech2face.audio import declared_seconds, load_audio
+
+    rng = np.random.default_rng(0)
+    wave = (0.1 * rng.standard_normal(2 * 16000)).astype(np.float32)
+    path = tmp_path / "talk.mp4"
+    make_mp4(path, [np.zeros((64, 64, 3), np.uint8)], wave, seconds=8.0)
+    loaded = load_audio(path)
+    assert abs(len(loaded) - len(wave)) <= 16000 * 0.05
+    assert declared_seconds(path) == pytest.approx(2.0, abs=0.05)  # the audio's, not 8 s
