@@ -58,6 +58,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".m4a", ".aac", ".mp3", ".ogg", ".opus")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 # What the commands look for in a folder given as input (any file can be named directly).
 MEDIA_SUFFIXES = tuple(sorted({*_SNDFILE_SUFFIXES, *AUDIO_SUFFIXES, *VIDEO_SUFFIXES}))
+# The first bytes of the formats libsndfile reads for us (WAV, RF64, BW64, FLAC, Ogg,
+# AIFF, AU): a file named .wav that holds anything else (an MP3, say, which libsndfile's
+# libmpg123 would decode with warnings printed on the process's stderr) goes to FFmpeg.
+_SNDFILE_MAGIC = (b"RIFF", b"RF64", b"BW64", b"fLaC", b"OggS", b"FORM", b".snd")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -101,7 +105,7 @@ def load_audio(
     # Decode a little past the cut so the resampler's filter sees the samples after it.
     decode_seconds = None if max_seconds is None else max_seconds + _RESAMPLE_MARGIN
     wave, native_rate = None, None
-    if path.suffix.lower() in _SNDFILE_SUFFIXES:
+    if _for_sndfile(path):
         wave, native_rate = _read_sndfile(path, decode_seconds)
     if wave is None:
         wave, native_rate = _read_ffmpeg(path, decode_seconds)
@@ -276,6 +280,18 @@ def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
     return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)
 
 
+def _for_sndfile(path: Path) -> bool:
+    """Whether libsndfile decodes ``path``: a suffix it is for and content that starts
+    as that kind of file does (the same bytes decode alike whatever their name)."""
+    if path.suffix.lower() not in _SNDFILE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _SNDFILE_MAGIC
+    except OSError:
+        return False
+
+
 def _audio_seconds(container, stream) -> float | None:
     """The length the file declares for its audio track: the track's own duration; the
     container's only where the track has none and there is no video (a container's
@@ -320,7 +336,7 @@ def declared_seconds(path: str | os.PathLike) -> float | None:
     import soundfile as sf
 
     path = Path(path)
-    if path.suffix.lower() in _SNDFILE_SUFFIXES:
+    if _for_sndfile(path):
         try:
             info = sf.info(str(path))
         except (sf.LibsndfileError, RuntimeError, TypeError):

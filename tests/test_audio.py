@@ -598,3 +598,29 @@ def test_a_video_whose_audio_is_shorter_than_its_picture_is_not_truncated(tmp_pa
     loaded = load_audio(path)
     assert abs(len(loaded) - len(wave)) <= 16000 * 0.05
     assert declared_seconds(path) == pytest.approx(2.0, abs=0.05)  # the audio's, not 8 s
+
+
+def test_mp3_bytes_named_wav_decode_as_mp3_does_without_chatter(tmp_path, capfd):
+    """libsndfile took an MP3 named .wav by its suffix, and its libmpg123 printed warnings
+    on the process's stderr ("Illegal Audio-MPEG-Header ..."); the same bytes named .mp3
+    went to FFmpeg and were refused cleanly. Now the content decides."""
+    import av
+
+    from speech2face.audio import load_audio
+
+    rng = np.random.default_rng(1)
+    wave = (0.1 * rng.standard_normal(3 * 16000)).astype(np.float32)
+    mp3 = tmp_path / "clip.mp3"
+    with av.open(str(mp3), "w") as out:
+        stream = out.add_stream("libmp3lame", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(wave[None], format="flt", layout="mono")
+        frame.sample_rate = 16000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    data = mp3.read_bytes()
+    (tmp_path / "clip.wav").write_bytes(data)
+    np.testing.assert_array_equal(load_audio(tmp_path / "clip.wav"), load_audio(mp3))
+    (tmp_path / "half.wav").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioError, match="half.wav: truncated"):
+        load_audio(tmp_path / "half.wav")
+    assert capfd.readouterr().err == ""
