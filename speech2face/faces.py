@@ -209,6 +209,9 @@ def _read_image_file(path: Path, max_pixels: int) -> np.ndarray:
         # is global state; ours is max_pixels, checked on the header before decoding.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # and PIL's UserWarnings on damaged metadata ("Corrupt EXIF data", "tag 274
+            # had too many entries"): the pixels decide, the warnings went to stderr
+            warnings.simplefilter("ignore", UserWarning)
             with Image.open(path) as im:
                 width, height = im.size
                 if width * height > max_pixels:

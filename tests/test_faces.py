@@ -570,3 +570,17 @@ def test_detection_options_that_find_nothing_by_construction_are_refused(astrona
     """They returned no face, and extract_face then said "no face found"."""
     with pytest.raises(ValueError, match=words):
         F.detect_faces(astronaut, **option)
+
+
+def test_damaged_metadata_warnings_stay_off_stderr(tmp_path, astronaut, capfd):
+    """PIL warned "Corrupt EXIF data" on stderr through Python's warnings; the image's
+    pixels decide whether it is read."""
+    import warnings
+
+    path = tmp_path / "bad_exif.jpg"
+    Image.fromarray(astronaut).save(path, exif=b"Exif\0\0II*\0" + b"\xff" * 40)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")  # as a fresh process shows a warning once
+        image = F.load_image(path)
+    assert image.shape == astronaut.shape
+    assert [str(w.message) for w in said] == [] and capfd.readouterr().err == ""
