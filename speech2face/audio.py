@@ -15,6 +15,7 @@ window centred in the 512-sample frame, which changes the phase.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import math
@@ -177,8 +178,10 @@ def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | N
     try:
         with sf.SoundFile(path) as f:
             declared = f.frames
-            if declared >= _SF_UNKNOWN_FRAMES:  # a stream of unknown length: FFmpeg reads
-                return None, None  # it to its end
+            # A stream of unknown length, or a WAV written as a stream (its header's data
+            # size 0, the samples after it): FFmpeg reads it to its end.
+            if declared >= _SF_UNKNOWN_FRAMES or declared == 0:
+                return None, None
             if path.suffix.lower() == ".wav":
                 # libsndfile silently shrinks a WAV's length to the bytes present.
                 declared = max(declared, _wav_declared_frames(path) or 0)
@@ -390,6 +393,8 @@ def _to_float(chunk: np.ndarray) -> np.ndarray:
 
 
 def _ffmpeg_reason(error: Exception) -> str:
+    if getattr(error, "errno", None) == errno.EPERM:  # a decoder's AVERROR(EPERM) on bad
+        return "invalid data in the stream"  # data, not a permission ("Operation not permitted")
     return getattr(error, "strerror", None) or str(error).splitlines()[0]
 
 

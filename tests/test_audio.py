@@ -1,5 +1,6 @@
 """Audio front end against an independent float64 numpy/scipy reference."""
 
+import io
 import re
 import struct
 import subprocess
@@ -624,3 +625,29 @@ def test_mp3_bytes_named_wav_decode_as_mp3_does_without_chatter(tmp_path, capfd)
     with pytest.raises(AudioError, match="half.wav: truncated"):
         load_audio(tmp_path / "half.wav")
     assert capfd.readouterr().err == ""
+
+
+def test_a_wav_written_as_a_stream_is_read_to_its_end(tmp_path):
+    """A WAV whose header gives its data size as 0 (written as a stream, the samples
+    after it): 'no audio samples'; FFmpeg reads the same bytes in .mkv, and now here."""
+    import soundfile as sf
+
+    from speech2face.audio import load_audio
+
+    rng = np.random.default_rng(2)
+    wave = (0.1 * rng.standard_normal(2 * 16000)).astype(np.float32)
+    path = tmp_path / "streamed.wav"
+    sf.write(path, wave, 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    assert data[36:40] == b"data"
+    data[40:44] = (0).to_bytes(4, "little")  # the data chunk's size, as a stream leaves it
+    path.write_bytes(bytes(data))
+    loaded = load_audio(path)
+    np.testing.assert_allclose(loaded, sf.read(io.BytesIO(_resized_wav(data)))[0], atol=1e-4)
+
+
+def _resized_wav(data: bytearray) -> bytes:
+    """The same WAV with its data size put back (the reference decoding)."""
+    fixed = bytearray(data)
+    fixed[40:44] = (len(fixed) - 44).to_bytes(4, "little")
+    return bytes(fixed)
