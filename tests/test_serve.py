@@ -668,15 +668,21 @@ def test_serve_command_errors_are_one_line(shards, bundle, tmp_path, capsys):
         "--model", str(bundle), "--gallery-split", "test")
 
 
-def test_serve_command_runs_until_interrupted(bundle, clips, tmp_path):
+def _serve_process(bundle: Path, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """``speech2face serve`` in its own process on a free port (its TMPDIR ``tmp_path``),
+    once it has said its address: (process, port)."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "-m", "speech2face", "serve", "--model", str(bundle), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = process.stdout.readline()
+    assert line.startswith("speech2face serve: http://127.0.0.1:"), line
+    return process, int(line.split("127.0.0.1:")[1].split("/")[0])
+
+
+def test_serve_command_runs_until_interrupted(bundle, clips, tmp_path):
+    process, port = _serve_process(bundle, tmp_path)
     try:
-        line = process.stdout.readline()
-        assert line.startswith("speech2face serve: http://127.0.0.1:"), line
-        port = int(line.split("127.0.0.1:")[1].split("/")[0])
         body, kind = _multipart("voice0.wav", clips["voice0"].read_bytes())
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("POST", "/reconstruct", body=body, headers={"Content-Type": kind})
@@ -729,13 +735,8 @@ def test_a_stalled_upload_is_answered_408(running, monkeypatch):
 def test_sigterm_stops_the_server_while_an_upload_is_stalled(bundle, tmp_path):
     """SIGTERM (or Ctrl+C) waited for the stalled client to give up (58 s): the upload is
     answered 503 at once and the command exits 0, its temporary folder removed."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "speech2face", "serve", "--model", str(bundle), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process, port = _serve_process(bundle, tmp_path)
     try:
-        line = process.stdout.readline()
-        port = int(line.split("127.0.0.1:")[1].split("/")[0])
         client = _stalled_upload(port)
         time.sleep(0.5)  # the request is in the app, waiting for its body
         process.send_signal(signal.SIGTERM)
