@@ -46,6 +46,9 @@ N_FREQ = N_FFT // 2 + 1  # 257 frequency bins
 POWER_LAW = 0.3  # sign(x)|x|^0.3 on real and imaginary parts (paper 3.1)
 MAX_SECONDS = 600.0  # longest clip the spectrogram command (and fit_duration) makes
 MAX_SAMPLE_RATE = 768_000  # the highest rate audio interfaces record at
+# A file's own rate below this holds no speech to speak of (telephones record at 8 kHz):
+# a header saying 1 Hz is damaged, and its "audio" was resampled 16,000-fold.
+MIN_FILE_RATE = 4_000
 
 # Formats libsndfile reads directly and partially (fast path); everything else goes
 # through FFmpeg (PyAV): containers with an audio track (mp4, m4a, webm, mkv, ...), and
@@ -112,6 +115,9 @@ def load_audio(
         wave, native_rate = _read_ffmpeg(path, decode_seconds)
     if wave.size == 0:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
+    if not MIN_FILE_RATE <= native_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(path, f"sample rate {native_rate:,} Hz is outside {MIN_FILE_RATE:,} "
+                               f"to {MAX_SAMPLE_RATE:,} Hz (a damaged header, or not speech)")
     check_signal(wave, path)
     if native_rate != sample_rate:
         import soxr

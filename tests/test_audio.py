@@ -651,3 +651,20 @@ def _resized_wav(data: bytearray) -> bytes:
     fixed = bytearray(data)
     fixed[40:44] = (len(fixed) - 44).to_bytes(4, "little")
     return bytes(fixed)
+
+
+@pytest.mark.parametrize("rate", [1, 3999, 1_000_000])
+def test_a_file_rate_outside_what_speech_is_recorded_at_is_refused(tmp_path, rate):
+    """A header saying 1 Hz was taken at its word: 3 s of samples became 48,000 s,
+    resampled 16,000-fold; 1 MHz passed the library's own 768-kHz bound for callers."""
+    import soundfile as sf
+
+    from speech2face.audio import load_audio
+
+    wave = (0.1 * np.random.default_rng(3).standard_normal(48000)).astype(np.float32)
+    sf.write(tmp_path / "odd.wav", wave, rate, subtype="PCM_16")
+    with pytest.raises(AudioError, match=f"odd.wav: sample rate {rate:,} Hz is outside "
+                                         "4,000 to 768,000 Hz"):
+        load_audio(tmp_path / "odd.wav")
+    sf.write(tmp_path / "phone.wav", wave, 8000, subtype="PCM_16")  # telephone audio: read
+    assert load_audio(tmp_path / "phone.wav").shape == (96000,)
