@@ -668,3 +668,18 @@ def test_a_file_rate_outside_what_speech_is_recorded_at_is_refused(tmp_path, rat
         load_audio(tmp_path / "odd.wav")
     sf.write(tmp_path / "phone.wav", wave, 8000, subtype="PCM_16")  # telephone audio: read
     assert load_audio(tmp_path / "phone.wav").shape == (96000,)
+
+
+def test_a_decoders_eperm_is_named_as_bad_data():
+    """FFmpeg's AAC decoder answers corrupt data with AVERROR(EPERM), which read as a
+    permission problem: "corrupt or truncated audio after 0.79 s: Operation not permitted"."""
+    import errno
+
+    import av
+
+    from speech2face.audio import _ffmpeg_reason
+
+    error = av.error.FFmpegError(errno.EPERM, "Operation not permitted")
+    assert _ffmpeg_reason(error) == "invalid data in the stream"
+    other = av.error.FFmpegError(errno.EINVAL, "Invalid argument")
+    assert _ffmpeg_reason(other) == "Invalid argument"
