@@ -102,14 +102,15 @@ def load_audio(
     if path.stat().st_size == 0:
         raise AudioError(path, "empty file")
     try:  # the decoders would call a file they may not open "not audio"
-        open(path, "rb").close()
+        with open(path, "rb") as f:
+            head = f.read(len(_SNDFILE_MAGIC[0]))
     except OSError as error:
         raise AudioError(path, f"cannot be read ({error.strerror})") from None
 
     # Decode a little past the cut so the resampler's filter sees the samples after it.
     decode_seconds = None if max_seconds is None else max_seconds + _RESAMPLE_MARGIN
     wave, native_rate = None, None
-    if _for_sndfile(path):
+    if _for_sndfile(path, head):
         wave, native_rate = _read_sndfile(path, decode_seconds)
     if wave is None:
         wave, native_rate = _read_ffmpeg(path, decode_seconds)
@@ -289,16 +290,26 @@ def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int
     return np.concatenate(chunks).astype(np.float32, copy=False), int(rate)
 
 
-def _for_sndfile(path: Path) -> bool:
+def _for_sndfile(path: Path, head: bytes | None = None) -> bool:
     """Whether libsndfile decodes ``path``: a suffix it is for and content that starts
-    as that kind of file does (the same bytes decode alike whatever their name)."""
+    as that kind of file does (the same bytes decode alike whatever their name).
+    ``head``: the file's first bytes, where the caller has read them."""
     if path.suffix.lower() not in _SNDFILE_SUFFIXES:
         return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) in _SNDFILE_MAGIC
-    except OSError:
-        return False
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(_SNDFILE_MAGIC[0]))
+        except OSError:
+            return False
+    return head in _SNDFILE_MAGIC
+
+
+def _stream_seconds(stream) -> float | None:
+    """An audio stream's own declared duration, where it has one."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return None
 
 
 def _audio_seconds(container, stream) -> float | None:
@@ -308,8 +319,8 @@ def _audio_seconds(container, stream) -> float | None:
     starting late, was called truncated)."""
     import av
 
-    if stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
+    if (seconds := _stream_seconds(stream)) is not None:
+        return seconds
     if container.duration and not container.streams.video:
         return container.duration / av.time_base
     return None
@@ -361,8 +372,8 @@ def declared_seconds(path: str | os.PathLike) -> float | None:
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             streams = container.streams.audio
-            if streams and streams[0].duration and streams[0].time_base:
-                return float(streams[0].duration * streams[0].time_base)
+            if streams and (seconds := _stream_seconds(streams[0])) is not None:
+                return seconds
             if container.duration:  # (at most the audio's: a bound for refusing uploads)
                 return container.duration / av.time_base
     except av.error.FFmpegError:

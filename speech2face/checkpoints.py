@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from speech2face.config import FLOAT32_MAX, FLOAT32_TINY, MAX_STEPS
 from speech2face.errors import DataError
-from speech2face.utils import is_number, is_whole, plain_float
+from speech2face.utils import float_type_problem, is_number, is_whole
 
 CHECKPOINTS_DIR = "checkpoints"  # RUN/checkpoints/
 CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-NNNNNNNN
@@ -212,7 +212,7 @@ def _check_optimizer(state_file: Path, tensor_file: Path, meta: dict,
         if not shape_ok:
             raise _bad(tensor_file, f"{key} has shape {tuple(tensor.shape)}, this model's "
                                     f"parameter needs {want}")
-        if not plain_float(tensor) or not bool(torch.isfinite(tensor).all()):
+        if float_type_problem(tensor) or not bool(torch.isfinite(tensor).all()):
             raise _bad(tensor_file, f"{key} is not finite floating-point state (float16, "
                                     f"bfloat16, float32 or float64; got "
                                     f"{str(tensor.dtype).removeprefix('torch.')})")

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from speech2face.errors import WeightsError
 from speech2face.face_resnet import DESCRIPTOR_DIM as DLIB_FEATURE_DIM
 from speech2face.faces import FACE_ENCODERS as ENCODERS
-from speech2face.utils import plain_float
+from speech2face.utils import float_type_problem
 
 # VGG-Face = VGG-16 "D" (Parkhi et al. 2015, Table 3): conv widths, "M" = 2x2 max pool.
 VGG_FACE_LAYERS = (
@@ -342,9 +342,9 @@ def _state_dict_from_dag(tensors: dict, config: VGGFaceConfig, path) -> dict[str
             if array is None or array.dtype.kind not in "fiu":
                 raise WeightsError(path, f"{key} is not a tensor ({type(value).__name__})")
             value = torch.as_tensor(array)
-        if (value.is_floating_point() or value.is_complex()) and not plain_float(value):
-            raise WeightsError(path, f"{key} is {str(value.dtype).removeprefix('torch.')}, "
-                                     "not float16, bfloat16, float32 or float64")
+        if (value.is_floating_point() or value.is_complex()) and \
+                (problem := float_type_problem(value)):
+            raise WeightsError(path, f"{key} {problem}")
         if key == "fc6.weight" and value.ndim == 4:  # fc6 stored as a 7x7 convolution
             value = value.reshape(value.shape[0], -1)
         if tuple(value.shape) != shape:

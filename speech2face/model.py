@@ -36,9 +36,9 @@ from speech2face.utils import (
     atomic_write,
     cache_dir,
     device_problem,
+    float_type_problem,
     is_number,
     is_whole,
-    plain_float,
     publishing_dir,
     temp_dir_beside,
 )
@@ -506,9 +506,8 @@ def check_finite(state: dict[str, torch.Tensor], file: Path) -> None:
     for name, tensor in state.items():
         if not tensor.is_floating_point():
             continue
-        if not plain_float(tensor):
-            raise WeightsError(file, f"tensor {name} is {str(tensor.dtype).removeprefix('torch.')}"
-                                     ", not float16, bfloat16, float32 or float64")
+        if problem := float_type_problem(tensor):
+            raise WeightsError(file, f"tensor {name} {problem}")
         if not bool(torch.isfinite(tensor).all()):
             raise WeightsError(file, f"tensor {name} holds NaN or infinite values")
         if tensor.numel() and float(tensor.abs().max()) > FLOAT32_MAX:

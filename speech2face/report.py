@@ -651,7 +651,7 @@ def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
             raise ValueError(f"identity.recall's gallery sizes are {list(sizes)!r:.60}, not "
                              "whole numbers of at least 2")
         largest = max(sizes, key=int)
-        r1 = metrics["identity"]["recall"][largest]["cosine"]["1"]
+        r1 = sizes[largest]["cosine"]["1"]
         rows += [
             (f"image R@1, {name} embedding, M = {largest} (%)",
              _percent(r1["mean"], "image R@1"), "", _percent(r1["chance"], "image R@1 chance")),

@@ -99,6 +99,7 @@ from speech2face.utils import atomic_write, is_number, is_whole
 
 BEST_FILE = "best.json"
 TRAIN_CONFIG_FILE = "train_config.json"
+IMAGES_DIR = "images"  # RUN/images/val-NNNNNNNN.png, the validation grids
 # Training features read to standardise the face decoder's input (FeatureCode): enough for
 # a mean and a spread, few enough to read in seconds from a million-clip split.
 STANDARDIZATION_SAMPLES = 20_000
@@ -628,7 +629,7 @@ def _validate(stage: Stage, val_data, config: TrainConfig, run: Path, step: int,
             columns = [c.float().clamp(0, 1) for c in columns]
             if columns:
                 grid = validation_grid(columns)
-                write_png(grid, run / "images" / f"val-{step:08d}.png")
+                write_png(grid, run / IMAGES_DIR / f"val-{step:08d}.png")
                 log.image(step, "val/faces", grid)
     if dist.is_initialized():
         # Every process needs the loss: a new best means a checkpoint, which all join.
@@ -960,7 +961,7 @@ def _check_run_entries(out: Path) -> None:
         raise ConfigError(out, "is a model bundle, not a run folder; choose another --out")
     files = [out / METRICS_FILE, out / TRAIN_CONFIG_FILE, out / CHECKPOINTS_DIR / BEST_FILE]
     folders = [out / "tensorboard", out / CHECKPOINTS_DIR, out / RUN_MODEL_DIR,
-               out / "images"]
+               out / IMAGES_DIR]
     for path in files:
         if path.is_dir():
             raise ConfigError(path, "is in the way: a folder where the run writes a file")

@@ -138,14 +138,12 @@ def staged_writes() -> Iterator[Callable]:
         discard(staged)
         _remove_empty(made)
         raise
-    blocked = next((path for _, path in staged if path.exists() and not path.is_file()), None)
-    if blocked is not None:  # (os.replace's IsADirectoryError was a traceback)
-        from speech2face.errors import DataError
-
+    try:  # (os.replace's IsADirectoryError was a traceback)
+        check_output_places(path for _, path in staged)
+    except BaseException:
         discard(staged)
         _remove_empty(made)
-        raise DataError(blocked, "is in the way: a folder (or other non-file) where an "
-                                 "output file is written")
+        raise
     moved: list[tuple[Path, str | None]] = []  # (path, its former file kept aside)
     former = None
     try:
@@ -191,6 +189,18 @@ def _kept_aside(path: Path) -> str:
     return aside
 
 
+def check_output_places(paths) -> None:
+    """DataError naming the first of ``paths`` (outputs about to be renamed into place)
+    that holds a folder or anything else but a file: the rename would fail half-way
+    through publishing, with a traceback."""
+    from speech2face.errors import DataError
+
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise DataError(path, "is in the way: a folder (or other non-file) where an "
+                                  "output file is written")
+
+
 # In an output folder: the files a batch command (spectrogram, reconstruct) has made so
 # far, kept for a rerun when the command is killed (resumable_writes).
 PARTIAL_NAME = ".speech2face.partial"
@@ -234,7 +244,7 @@ class ResumableWrites:
 
     def write(self, outputs: dict[str, bytes], source: str | os.PathLike) -> None:
         """Stage the outputs of one input, each written whole, then record them."""
-        self._check_places(outputs)
+        check_output_places(self.out / name for name in outputs)
         for name, data in outputs.items():
             (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.folder / name) as f:
@@ -249,21 +259,11 @@ class ResumableWrites:
         moving them has finished all its inputs, and the next run completes the move
         before anything else (:meth:`_finish_publishing`), so outputs never stay half
         published."""
-        self._check_places(self.written)  # (a folder made there since: nothing moved yet)
+        # (a folder made there since: nothing moved yet)
+        check_output_places(self.out / name for name in self.written)
         with atomic_write(self.folder / _PUBLISHING, "w") as f:
             json.dump(list(self.written), f)
         self._finish_publishing()
-
-    def _check_places(self, names) -> None:
-        """Refuse an output whose place holds a folder (or anything but a file): renamed
-        onto it, it raised half-way through publishing, a traceback."""
-        from speech2face.errors import DataError
-
-        for name in names:
-            final = self.out / name
-            if final.exists() and not final.is_file():
-                raise DataError(final, "is in the way: a folder (or other non-file) where "
-                                       "an output file is written")
 
     def _finish_publishing(self) -> None:
         names = read_json(self.folder / _PUBLISHING)
@@ -456,13 +456,17 @@ def find_inputs(inputs, suffixes, error, outputs: Sequence[str] = ("",),
     return named
 
 
-def plain_float(tensor) -> bool:
-    """Whether ``tensor`` is float16, bfloat16, float32 or float64: the floating types
+def float_type_problem(tensor) -> str | None:
+    """None where ``tensor`` is float16, bfloat16, float32 or float64, the floating types
     whose values torch can check on the CPU (the float8 types have no isfinite, abs or
-    max there: a weights file holding one gave NotImplementedError tracebacks)."""
+    max there: a weights file holding one gave NotImplementedError tracebacks); else
+    "is <dtype>, not ..." for a message naming the tensor."""
     import torch
 
-    return tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return None
+    return f"is {str(tensor.dtype).removeprefix('torch.')}, not float16, bfloat16, float32 " \
+           "or float64"
 
 
 def read_json(path: str | os.PathLike):

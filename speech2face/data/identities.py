@@ -277,8 +277,8 @@ def read_descriptor(path: str | os.PathLike) -> np.ndarray:
         raise DataError(path, f"not a face descriptor file ({error or 'empty'})") from None
     if value.shape != (DESCRIPTOR_DIM,) or value.dtype.kind != "f" or not np.isfinite(value).all():
         raise DataError(path, f"not a 128-D face descriptor (shape {value.shape}, {value.dtype})")
-    if np.abs(value).max() > MAX_DESCRIPTOR_VALUE:
-        raise DataError(path, f"not a face descriptor: values up to {np.abs(value).max():.3g}, "
+    if (largest := float(np.abs(value).max())) > MAX_DESCRIPTOR_VALUE:
+        raise DataError(path, f"not a face descriptor: values up to {largest:.3g}, "
                               f"a dlib descriptor's lie within +-0.5")
     return np.array(value, dtype=np.float32)  # (a copy: not the mapped file)
 
