@@ -97,6 +97,16 @@ VOICE_OVERRIDES = {"batch_size": 4, "lr": 1.5e-3, "lr_decay": 0.3, "lr_decay_ste
 # a say (seed 0, the same shards and decoder: angle 3.9 degrees below shuffled pairs and
 # R@1 46 % at 50, 3.3 and 43 % at 20, 2.6 and 40 % at 200).
 VOICE_LAMBDA2 = 50.0
+# Intra-op threads of the training and evaluation stages, whatever the machine: two,
+# the cores the demo is sized for. The tiny models' convolutions split well over two
+# threads (a voice step 1.62x, the decoder stage 1.66x faster than on one, 2-core AMD
+# EPYC Zen 1, 2026-12-06), and the threads sleep rather than spin when they wait
+# (runtime.passive_threads), so a busy machine slows them but does not stall them. A
+# fixed count keeps the numbers the same whatever the load or the number of cores:
+# OpenMP deals each operation's work out to the threads the same way every time (the
+# same weights to the last bit with and without a competing busy process); with another
+# count every sum rounds differently (before 2026-12-06 the demo trained on one thread).
+TORCH_THREADS = 2
 RECONSTRUCTIONS = 6  # held-out speakers whose audio files are turned into faces in the report
 
 MIN_SPEAKERS = 8  # a quarter held out: at least two test speakers to compare
@@ -368,11 +378,9 @@ def run_demo(
     elif state != "new":
         log(f"the demo in {out} was run with other settings ({state}): starting over")
     stages = _Stages(6, log)
-    # One intra-op thread throughout: the models are tiny, and on a shared machine two
-    # OpenMP threads spin-wait for each other (5-10x slower, the CPU time inflated by the
-    # spinning); one thread also keeps the numbers the same whatever the machine's load.
-    # Data preparation still runs `workers` processes.
-    with torch_threads(1):
+    # Training and evaluation run on TORCH_THREADS intra-op threads; the corpus and the
+    # shards are made by `workers` processes (or threads) of one torch thread each.
+    with torch_threads(TORCH_THREADS):
         torch.manual_seed(seed)
         workers = min(2, os.cpu_count() or 1)
         corpus = out / "corpus"
