@@ -14,29 +14,23 @@ CPU cores:
 6. write the report and copy the trained bundle to the user cache, where
    ``speech2face reconstruct`` finds it when no ``--model`` is given.
 
-Measured from three fresh clones (``make demo SEED=0/1/2``, commit 61291cb) on a two-core
-AMD EPYC (Zen 4, AVX-512; 2026-12-02): seed 0 alone, 209 s of CPU time and 199 s wall
-after the install (corpus 13, prepare 10, decoder 70, voice encoder 106, evaluation 10);
-220-222 s of CPU each with two runs side by side. The same stages and steps took 198 s
-of CPU alone on a two-core AMD EPYC Zen 5 (652fec3), 344 s on a two-core Intel Xeon at
-2.8 GHz (43dd9c7), 315-355 s on a two-core Intel Xeon (Ice Lake) at 2.6 GHz (7b18c5e to
-f013c21) and 339-385 s on two-core AMD EPYC Zen 3s (AVX2; 1d37855, 9748ba4). Since
-099d875 the face decoder's training no longer renders images no loss uses: on that Xeon
-four runs took 228-275 s of CPU (212-260 s wall) within 40 minutes as the host's speed
-moved, and a run of the code before, between them, 260 s. A fresh clone of fed83e1 on a
-two-core AMD EPYC Zen 5 (2026-12-03): 147 s of CPU, 137 s wall (corpus 12, prepare 12,
-decoder 34, voice encoder 78, evaluation 12); 124 s of CPU at 39b7b75, the host faster,
-and 162 s at 586bcfc, slower (the same numbers to the last digit each time); 126 s of
-CPU, 117 s wall at e17be90 (corpus 11, prepare 10, decoder 28, voice encoder 68,
-evaluation 10), seeds 1 and 2 side by side 131 and 132 s each.
-Issue 13's four minutes hold on the two newer AMD machines, on that Xeon only at its
-faster times.
+Since b881b31 training and evaluation run on two torch threads (``TORCH_THREADS``; the
+corpus and the shards were already made by two processes). On a two-core AMD EPYC Zen 1
+(2.0 GHz, AVX2; 2026-12-06) a fresh clone's seed 0 took 278 s wall, 471 s of CPU, after
+the install (corpus 15, prepare 12, decoder 73, voice encoder 158, evaluation 20 s
+wall), where the same session's fresh clone of the code before, on one thread, took 392
+s wall and 414 s of CPU (corpus 15, prepare 13, decoder 97, voice encoder 243,
+evaluation 25): 1.41x less wait for 14 % more CPU. Issue 13's four minutes do not hold
+on that machine either way. On one thread the demo took, in CPU time (about its wall
+time), 124-162 s on a two-core AMD EPYC Zen 5, 152-197 s on a two-core Intel Xeon with
+AMX, 209 s on a Zen 4 (61291cb), 228-275 s on an Ice Lake Xeon (099d875) and 339-385 s
+on Zen 3s (AVX2); README.md has the table.
 
-On one kind of machine the numbers reproduce to the last digit (one thread; whatever the
-load; after a resume). On a CPU whose vector kernels differ (AVX2 against AVX-512, other
-math libraries) every floating-point sum, from the corpus's warps to the last training
-step, can round differently, and a seed's numbers land elsewhere within about the band's
-spread (docs/results.md, "On another CPU").
+On one kind of machine the numbers reproduce to the last digit (two threads; whatever the
+load; after a resume). On a CPU whose vector kernels differ (AVX2
+against AVX-512, other math libraries) every floating-point sum, from the corpus's warps
+to the last training step, can round differently, and a seed's numbers land elsewhere
+within about the band's spread (docs/results.md, "On another CPU").
 
 The numbers are results on generated data: they show that the pipeline learns a
 voice-to-face mapping where one exists, not how well it does on real people.
@@ -99,7 +93,7 @@ VOICE_OVERRIDES = {"batch_size": 4, "lr": 1.5e-3, "lr_decay": 0.3, "lr_decay_ste
 VOICE_LAMBDA2 = 50.0
 # Intra-op threads of the training and evaluation stages, whatever the machine: two,
 # the cores the demo is sized for. The tiny models' convolutions split well over two
-# threads (a voice step 1.62x, the decoder stage 1.66x faster than on one, 2-core AMD
+# threads (a voice step 1.61x, a decoder step 1.27x faster than on one, 2-core AMD
 # EPYC Zen 1, 2026-12-06), and the threads sleep rather than spin when they wait
 # (runtime.passive_threads), so a busy machine slows them but does not stall them. A
 # fixed count keeps the numbers the same whatever the load or the number of cores:
@@ -140,22 +134,23 @@ REPORTED = (
     ("craniofacial r (mean of 11)", ("craniofacial", "mean", "r"), "",
      ("shuffled pairs", ("craniofacial", "mean", "shuffled"))),
 )
-# The documented band: mean, min and max over nine runs, seeds 0, 1, 2 each a fresh
-# clone's `make demo` on each of the three BAND_MACHINE (docs/results.md has the runs and
-# the commands). A seed's numbers depend on the CPU's vector kernels (docs/results.md,
-# "On another CPU"): the band spans the three machines' runs.
-BAND_MACHINE = ("three 2-core machines, seeds 0-2 on each: an AMD EPYC Zen 4 (61291cb), a "
-                "Zen 5 (e17be90) and an Intel Xeon with AMX (1c8b732)")
+# The documented band: mean, min and max over twelve runs, seeds 0, 1, 2 each a fresh
+# clone's `make demo` on each of the four BAND_MACHINE (docs/results.md has the runs and
+# the commands). A seed's numbers depend on the CPU's vector kernels and on the thread
+# count (docs/results.md, "On another CPU"): the band spans all twelve runs.
+BAND_MACHINE = ("four 2-core machines, seeds 0-2 on each: an AMD EPYC Zen 4 (61291cb), a "
+                "Zen 5 (e17be90) and an Intel Xeon with AMX (1c8b732) training on one thread, "
+                "and a Zen 1 (b881b31) on two, the demo's setting since")
 BAND = {
-    "cosine R@1, M = {M}": (56.9, 45.2, 66.6),
-    "angle v_s to v_f": (18.1, 16.5, 19.8),
-    "gender agreement": (90.9, 84.6, 95.7),
-    "gender agreement, decoder(v_f)": (88.2, 78.3, 97.4),
-    "gender, true face vs label": (99.6, 97.4, 100.0),
-    "gender, reconstruction vs label": (91.3, 84.6, 97.4),
-    "decoder identification, px": (91.1, 90.0, 100.0),
-    "decoder identification, dlib": (78.9, 70.0, 100.0),
-    "craniofacial r (mean of 11)": (0.67, 0.60, 0.76),
+    "cosine R@1, M = {M}": (57.3, 45.2, 68.2),
+    "angle v_s to v_f": (18.0, 16.5, 19.8),
+    "gender agreement": (90.3, 84.6, 95.7),
+    "gender agreement, decoder(v_f)": (86.1, 71.4, 97.4),
+    "gender, true face vs label": (99.7, 97.4, 100.0),
+    "gender, reconstruction vs label": (90.6, 84.6, 97.4),
+    "decoder identification, px": (90.8, 90.0, 100.0),
+    "decoder identification, dlib": (78.3, 70.0, 100.0),
+    "craniofacial r (mean of 11)": (0.67, 0.58, 0.76),
 }
 
 
@@ -450,7 +445,7 @@ def band_lines(metrics: dict, default_settings: bool = True) -> list[str]:
     digits = lambda unit: 2 if unit == "" else 1  # noqa: E731  (r vs % and degrees)
     gallery = _lookup(metrics, ("retrieval", "gallery_size"))
     if default_settings:
-        title = ("this run beside the documented band (seeds 0, 1, 2 on three machines; "
+        title = ("this run beside the documented band (seeds 0, 1, 2 on four machines; "
                  "docs/results.md):")
     else:
         title = (f"this run (the documented band is for the default settings, "
