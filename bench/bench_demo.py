@@ -88,7 +88,7 @@ def run(quick: bool = False) -> dict:
     for stage, count in steps.items():
         one, many = times[stage, 1], times[stage, TORCH_THREADS]
         ratio, text = round_ratios([t["wall_s"] for t in one], [t["wall_s"] for t in many])
-        cpu = statistics.median(m["cpu_s"] / o["cpu_s"] for o, m in zip(one, many))
+        cpu = statistics.median(m["cpu_s"] / o["cpu_s"] for o, m in zip(one, many, strict=True))
         details[stage] = {"1": one, str(TORCH_THREADS): many}
         med = lambda runs, key: 1000 * statistics.median(t[key] for t in runs)  # noqa: E731
         rows.append({
