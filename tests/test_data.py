@@ -701,6 +701,27 @@ def test_ctrl_c_with_workers_ends_in_one_line_and_the_rerun_continues(corpus, re
     assert members(out) == members(reference)
 
 
+def test_ctrl_c_as_the_pool_starts_ends_with_the_interrupted_line(corpus, tmp_path, capsys,
+                                                                 monkeypatch):
+    """A Ctrl-C while the worker pool was starting left the progress bar open until it was
+    collected, and its last refresh came after "interrupted" (seen on a slow CI machine).
+    The signal is sent from inside the pool's start, where a real one landed."""
+    stage = sys.modules["speech2face.data.prepare"]  # the module (data.prepare: its function)
+    start_pool = stage._pool
+
+    def ctrl_c_while_starting(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return start_pool(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_pool", ctrl_c_while_starting)
+    out = tmp_path / "shards"
+    assert main(["prepare", "voxceleb1", "--root", str(corpus), "--out", str(out),
+                 "--samples-per-shard", str(PER_SHARD), "--workers", "2"]) == 130
+    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert err[-1:] == ["speech2face prepare: interrupted"], err
+    assert not (out / "manifest.json").exists()
+
+
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
     before = shard_files(reference)
     prepare_vox1(corpus, reference)

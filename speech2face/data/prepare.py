@@ -847,9 +847,12 @@ def prepare(
         unit="video",
         disable=not progress,
     )
-    results = _results([u for w in windows[start:] for u in w], options, workers,
-                       meanwhile=_import_writer)
+    results = None
     try:
+        # Inside the try: a Ctrl-C while the pool starts closes the bar before the
+        # command's "interrupted" line (else it came after it, when the bar was collected).
+        results = _results([u for w in windows[start:] for u in w], options, workers,
+                           meanwhile=_import_writer)
         for index in range(start, len(windows)):
             window = windows[index]
             split = window[0].split
@@ -897,7 +900,7 @@ def prepare(
         if writer is not None:
             writer.abort()
         bar.close()
-        if hasattr(results, "close"):
+        if results is not None:
             results.close()
     manifest = part_manifest(state, run_id, options, dataset, part)
     # The merge (when this is the last part) is checked before anything is written.
@@ -945,11 +948,13 @@ def _results(units: list[Unit], options: Options, workers: int,
     16 units per worker to do. A unit's result does not depend on which process
     computes it: the shards are the same for every count.
     """
+    # The processors and the pool are made inside the generators, where a Ctrl-C waits
+    # for the next check() (and a generator closed before it started has nothing to stop).
     if workers == 1 or len(units) <= 1:
-        processor = _Processor(options)
 
         def one_by_one():
             with _interrupt_between_units() as check:
+                processor = _Processor(options)
                 for unit in units:
                     check()
                     yield processor(unit)
@@ -957,13 +962,13 @@ def _results(units: list[Unit], options: Options, workers: int,
         return one_by_one()
     from multiprocessing.pool import AsyncResult
 
-    mine = _Processor(options, single_thread=True)
-    pool = _pool(workers - 1, options)
     queued = 2 * (workers - 1)  # one running and one waiting per pool worker
     first = 16 * (workers - 1) if meanwhile else 0  # the pool's work during ``meanwhile``
     ahead = 2 * first + 4 * workers  # units taken and not yet written, at most
 
     def generate(check):
+        mine = _Processor(options, single_thread=True)
+        pool = _pool(workers - 1, options)
         taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
         untaken = 0  # units before it are in ``taken`` or written
 
