@@ -25,11 +25,9 @@ rounds is reported, with each round's ratio.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -105,17 +103,13 @@ def _child(case: str, tuned: bool, quick: bool, foreach: bool | None = True) -> 
 def _spawn(case: str, tuned: bool, quick: bool, tree: Path | None = None) -> dict:
     """``_child`` in a fresh process, on this checkout's code or on ``tree``'s (the old
     code first on the path; this file is loaded by its path, not as ``bench``)."""
+    from bench.common import in_fresh_process
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     foreach = True if tree is None else None  # each code's Adam as its training made it
-    code = ("import importlib.util, json; "
-            f"spec = importlib.util.spec_from_file_location('child', {str(Path(__file__))!r}); "
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
-            f"print(json.dumps(b._child({case!r}, {tuned}, {quick}, {foreach})))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=tree or Path(__file__).resolve().parents[1])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, "_child", (case, tuned, quick, foreach), env, cwd=tree)
 
 
 @contextlib.contextmanager

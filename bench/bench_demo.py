@@ -5,19 +5,17 @@ processes, alternately on 1 and 2 threads (the order reversed round by round), t
 decoder's training and the voice encoder's with the demo's own settings
 (``demo.DECODER_OVERRIDES`` / ``VOICE_OVERRIDES``), for fewer steps than the demo. A
 step's time is the time between optimiser steps after the first few (warm-up: the
-first epoch reads and keeps the samples); reported is the median over rounds of each
-round's 1-thread / 2-thread wall-time ratio, with CPU time beside it: two threads buy
-wall time, not CPU time. Every command sleeps its waiting OpenMP threads
+first epoch reads and keeps the samples) and before the last (which also writes the
+bundle); reported is the median over rounds of each round's 1-thread / 2-thread
+wall-time ratio, with CPU time beside it: two threads buy wall time, not CPU time.
+Every command sleeps its waiting OpenMP threads
 (``runtime.passive_threads``), as the demo does.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -57,14 +55,10 @@ def _child(stage: str, threads: int, steps: int, shards: str, out: str, decoder:
 
 
 def _spawn(*args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",)}
-    code = ("import importlib.util, json; "
-            f"spec = importlib.util.spec_from_file_location('child', {str(Path(__file__))!r}); "
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
-            f"print(json.dumps(b._child(*{args!r})))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parents[1])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from bench.common import in_fresh_process
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return in_fresh_process(__file__, "_child", args, env)
 
 
 def run(quick: bool = False) -> dict:
@@ -92,8 +86,9 @@ def run(quick: bool = False) -> dict:
         details[stage] = {"1": one, str(TORCH_THREADS): many}
         med = lambda runs, key: 1000 * statistics.median(t[key] for t in runs)  # noqa: E731
         rows.append({
-            "benchmark": f"demo {stage} training step (demo settings, {count} steps after "
-                         f"{WARM_UP} warm-up), {TORCH_THREADS} threads vs 1; {text}",
+            "benchmark": f"demo {stage} training step (demo settings, {count} steps, steps "
+                         f"{WARM_UP + 1}-{count - 1} timed), {TORCH_THREADS} threads vs 1; "
+                         f"{text}",
             "result": f"{med(many, 'wall_s'):.0f} ms/step (CPU {med(many, 'cpu_s'):.0f})",
             "reference": f"1 thread {med(one, 'wall_s'):.0f} ms/step "
                          f"(CPU {med(one, 'cpu_s'):.0f})",

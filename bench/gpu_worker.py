@@ -94,7 +94,8 @@ def determinism(args: dict) -> None:
 
 def precision(args: dict) -> None:
     rows = precision_check(args.get("device", "cuda"), args["steps"],
-                           tuple(args.get("amps", ("none", "bf16", "fp16"))), deterministic=True)
+                           tuple(args.get("amps", ("none", "bf16", "fp16"))), deterministic=True,
+                           batch_size=args.get("batch_size", 8))
     print(json.dumps(rows))
 
 

@@ -26,7 +26,7 @@ def test_precision_check_runs_both_stages_on_cpu():
     sys.path.insert(0, str(REPO))
     from bench.bench_gpu import precision_check
 
-    rows = precision_check("cpu", steps=2, amps=("none", "bf16"))
+    rows = precision_check("cpu", steps=2, amps=("none", "bf16"), batch_size=2)
     assert [r["benchmark"].split()[0] for r in rows] == ["decoder", "voice"]
     for row in rows:
         assert len(row["curve"]) == len(row["reference_curve"]) == 1
@@ -39,7 +39,7 @@ def test_precision_check_runs_deterministic_in_a_worker_process_on_cpu():
     sys.path.insert(0, str(REPO))
     from bench.bench_gpu import in_worker
 
-    rows = in_worker("precision", steps=2, device="cpu", amps=["none", "bf16"])
+    rows = in_worker("precision", steps=2, device="cpu", amps=["none", "bf16"], batch_size=2)
     assert [r["benchmark"] for r in rows] == [
         "decoder stage, 2 steps, bf16 autocast vs float32, deterministic",
         "voice stage, 2 steps, bf16 autocast vs float32, deterministic"]
@@ -64,8 +64,8 @@ def test_bench_runs_every_benchmark_named_and_says_which_failed(tmp_path):
     CalledProcessError traceback."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the gpu benchmark would run")
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "gpu", "exit"],
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "gpu", "identities"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "python -m bench: error: failed: gpu (exit 2)" in result.stderr
-    assert "== exit" in result.stdout and "quick run: not recorded" in result.stdout
+    assert "== identities" in result.stdout and "quick run: not recorded" in result.stdout
