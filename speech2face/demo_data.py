@@ -846,11 +846,15 @@ def make_demo_data(
                 pool.submit(_write_speaker, tmp, person, base, seed, videos, clips, frames)
                 for person in people
             ]
-            for job in tqdm(
-                as_completed(jobs), total=len(jobs), desc="make-demo-data", unit="speaker",
-                disable=not progress,
-            ):
-                job.result()
+            try:
+                for job in tqdm(
+                    as_completed(jobs), total=len(jobs), desc="make-demo-data", unit="speaker",
+                    disable=not progress,
+                ):
+                    job.result()
+            except BaseException:  # Ctrl-C, SIGTERM, a failure: stop after the running ones
+                pool.shutdown(cancel_futures=True)  # (else the pool wrote every speaker first)
+                raise
         _write_metadata(tmp, people, seed, settings)
     return out
 
