@@ -488,7 +488,8 @@ def test_ctrl_c_stops_between_segments(server, tmp_path):
     rows = [f"SlowRanges0,{t}.0,{t + 3}.0,0.5,0.5" for t in (10, 40, 70, 100)]
     csvs = _csvs(tmp_path, train=rows, test=[])
     root = tmp_path / "avspeech"
-    args = _download_args(csvs, root, server, "--workers", "1")
+    args = [a for a in _download_args(csvs, root, server, "--workers", "1")
+            if a != "--no-progress"]  # with the bar: it ends before the last line
     process = subprocess.Popen([sys.executable, "-m", "speech2face", *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = root / "segments" / "SlowRanges0"
@@ -502,6 +503,8 @@ def test_ctrl_c_stops_between_segments(server, tmp_path):
         assert not list(folder.glob(".*.tmp"))
         return
     assert process.returncode == 130, err
+    last = err.replace("\r", "\n").strip().splitlines()[-1:]  # after the progress bar's
+    assert last == ["speech2face download: interrupted"], err
     assert len(list(folder.glob("*.mkv"))) <= 2, sorted(folder.iterdir())  # + the one in hand
     assert not (root / "download_log").exists()  # a stop is no failure of the video
     assert not list(folder.glob(".*.tmp"))

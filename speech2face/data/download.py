@@ -856,16 +856,16 @@ def _fetch(root: Path, segments: Sequence[Segment], failures: dict, url_template
     log = _Log(log_path(root, shard_index, num_shards))
     fetcher = _Fetcher(root, url_template, timeout, max_height, rate_limit, log)
     pool = ThreadPoolExecutor(max(1, min(workers, len(todo) or 1)))
+    bar = tqdm(total=sum(map(len, todo.values())), desc="download", unit="segment",
+               disable=not progress)
     try:
         jobs = [pool.submit(fetcher.video, v, s, attempts) for v, s in todo.items()]
-        bar = tqdm(total=sum(map(len, todo.values())), desc="download", unit="segment",
-                   disable=not progress)
         for job in as_completed(jobs):
             result = job.result()
             counts.update(result)
             bar.update(sum(result.values()))
-        bar.close()
     finally:
+        bar.close()  # before the command's last line (an interrupted one too)
         fetcher.stopping.set()  # (at the end: nothing left to stop)
         pool.shutdown(wait=True, cancel_futures=True)
         fetcher.close()
