@@ -17,10 +17,11 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 
 from speech2face.errors import ConfigError, Speech2FaceError
 from speech2face.runtime import setup_process
-from speech2face.utils import IMAGE_SUFFIXES, output_lock
+from speech2face.utils import IMAGE_SUFFIXES, close_progress_bars, output_lock
 
 # command name -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -300,6 +301,17 @@ def _empty_out(argv: list[str]) -> bool:
                for i, a in enumerate(argv))
 
 
+@contextlib.contextmanager
+def _progress_bars_closed_on_error() -> Iterator[None]:
+    """An error, Ctrl-C or SIGTERM closes (and erases) the bars left open before the
+    command's last line is written (utils.close_progress_bars)."""
+    try:
+        yield
+    except BaseException:
+        close_progress_bars()
+        raise
+
+
 def _main(argv: list[str] | None) -> int:
     setup_process()  # keep freed memory, sleeping threads (runtime.py): before torch loads
     _stop_on_sigterm()
@@ -325,7 +337,7 @@ def _main(argv: list[str] | None) -> int:
         # Under torchrun every process runs the command; rank 0 writes, and locks.
         if target is not None and os.environ.get("RANK", "0") == "0":
             lock = output_lock(*target)
-        with lock:
+        with lock, _progress_bars_closed_on_error():
             return int(run(args) or 0)
     except Speech2FaceError as error:
         if isinstance(error, ConfigError):

@@ -60,6 +60,15 @@ def progress(*args, **kwargs):
     return _progress_class()(*args, **kwargs)
 
 
+def close_progress_bars() -> None:
+    """Close every progress bar still open; called while an error is handled, each erases
+    its line. A bar a loop was iterating stays open after an error until the traceback
+    holding it is freed, and then drew its last line under the command's error line."""
+    if _progress_class.cache_info().currsize:  # (none made: tqdm not even imported)
+        for bar in list(_progress_class()._instances):
+            bar.close()
+
+
 @functools.cache
 def _progress_class():
     import sys

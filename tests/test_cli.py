@@ -169,6 +169,40 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, background):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_a_stopped_command_erases_its_open_progress_bars_before_its_last_line(
+        tmp_path, monkeypatch, capsys, error):
+    """A bar a loop was iterating stays open after an error until the traceback holding
+    it is freed; it then drew its last state under "interrupted" (a prepare stopped while
+    its worker pool started, on CI). The command's last line is the last line."""
+    import gc
+
+    from speech2face import audio
+    from speech2face.cli import main
+    from speech2face.utils import progress
+
+    held = []
+
+    def stopped_part_way(args):
+        bar = progress(total=4, desc="spectrogram")
+        bar.update(1)
+        held.append(bar)  # as a traceback holds the loop's bar
+        raise error
+
+    monkeypatch.setattr(audio, "spectrogram_command", stopped_part_way)
+    code = main(["spectrogram", "a.wav", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    held.clear()
+    gc.collect()  # the bar collected: nothing more may be drawn
+    assert capsys.readouterr().err == ""
+    lines = [shown for line in err.split("\n") if (shown := line.split("\r")[-1].strip())]
+    if error is KeyboardInterrupt:
+        assert code == 130 and lines == ["speech2face spectrogram: interrupted"], err
+    else:
+        assert code == 2 and lines == ["speech2face spectrogram: error: No space left on "
+                                       "device; free some space and run the command again"], err
+
+
 def test_our_warnings_print_as_one_line_others_as_python_prints_them(monkeypatch):
     import warnings
 
