@@ -93,7 +93,7 @@ VOICE_OVERRIDES = {"batch_size": 4, "lr": 1.5e-3, "lr_decay": 0.3, "lr_decay_ste
 VOICE_LAMBDA2 = 50.0
 # Intra-op threads of the training and evaluation stages, whatever the machine: two,
 # the cores the demo is sized for. The tiny models' convolutions split well over two
-# threads (a voice step 1.61x, a decoder step 1.27x faster than on one, 2-core AMD
+# threads (a voice step 1.56x, a decoder step 1.35x faster than on one, 2-core AMD
 # EPYC Zen 1, 2026-12-06), and the threads sleep rather than spin when they wait
 # (runtime.passive_threads), so a busy machine slows them but does not stall them. A
 # fixed count keeps the numbers the same whatever the load or the number of cores:
