@@ -65,7 +65,7 @@ def close_progress_bars() -> None:
     its line. A bar a loop was iterating stays open after an error until the traceback
     holding it is freed, and then drew its last line under the command's error line."""
     if _progress_class.cache_info().currsize:  # (none made: tqdm not even imported)
-        for bar in list(_progress_class()._instances):
+        for bar in list(getattr(_progress_class(), "_instances", ())):  # tqdm's live bars
             bar.close()
 
 
