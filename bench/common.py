@@ -28,6 +28,23 @@ import numpy as np
 FMA_UNITS_PER_CORE = 2
 # float32 lanes of the widest FMA the flags announce.
 _LANES = (("avx512f", 16), ("fma", 8))
+# AMD cores whose FMA units are narrower than the widest vectors they take: Zen and Zen+
+# (family 0x17 below model 0x30) split a 256-bit FMA into two 128-bit halves, and Zen 4
+# (family 0x19, the first with AVX-512) a 512-bit one into two 256-bit halves (Zen 3,
+# the same family, has no AVX-512). Their peak is half of what the flags suggest.
+_DATAPATH_LANES = ((0x17, range(0x00, 0x30), 4), (0x19, range(0x00, 0x100), 8))
+
+
+def fma_lanes(cpu: dict[str, str]) -> int:
+    """float32 lanes one FMA unit of ``cpu`` (a /proc/cpuinfo block) does per cycle."""
+    flags = set(cpu.get("flags", "").split())
+    lanes = next((n for flag, n in _LANES if flag in flags), 4)  # SSE: 4 lanes, mul + add
+    if cpu.get("vendor_id") == "AuthenticAMD":
+        family, model = int(cpu.get("cpu family", 0)), int(cpu.get("model", 0))
+        for f, models, width in _DATAPATH_LANES:
+            if family == f and model in models:
+                lanes = min(lanes, width)
+    return lanes
 
 
 def _cpuinfo() -> list[dict[str, str]]:
@@ -154,8 +171,7 @@ def peak(threads: int | None = None) -> Peak:
     Linux only (reads /proc/cpuinfo and lscpu).
     """
     cpus = _cpuinfo()
-    flags = set(cpus[0].get("flags", "").split())
-    lanes = next((n for flag, n in _LANES if flag in flags), 4)  # SSE: 4 lanes, mul + add
+    lanes = fma_lanes(cpus[0])
     usable = len(os.sched_getaffinity(0))
     physical = len({(c.get("physical id"), c.get("core id")) for c in cpus}) or usable
     cores = min(usable, physical, threads or usable)

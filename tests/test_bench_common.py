@@ -56,3 +56,19 @@ def test_a_rate_above_the_peak_is_refused(monkeypatch):
     assert common.check_below_peak(limit.gflops / 2, "half", 1) == pytest.approx(0.5)
     with pytest.raises(RuntimeError, match="benchmark bug: twice"):
         common.check_below_peak(2 * limit.gflops, "twice", 1)
+
+
+@pytest.mark.parametrize("vendor, family, model, flags, lanes", [
+    ("AuthenticAMD", 23, 1, "avx2 fma", 4),  # Zen 1: 128-bit FMA units
+    ("AuthenticAMD", 23, 8, "avx2 fma", 4),  # Zen+
+    ("AuthenticAMD", 23, 49, "avx2 fma", 8),  # Zen 2: 256-bit
+    ("AuthenticAMD", 25, 1, "avx2 fma", 8),  # Zen 3
+    ("AuthenticAMD", 25, 17, "avx2 fma avx512f", 8),  # Zen 4: AVX-512 in two halves
+    ("AuthenticAMD", 26, 2, "avx2 fma avx512f", 16),  # Zen 5: 512-bit
+    ("GenuineIntel", 6, 143, "avx2 fma avx512f", 16),  # Sapphire Rapids
+    ("GenuineIntel", 6, 42, "avx", 4),  # Sandy Bridge: no FMA
+])
+def test_fma_lanes_follow_the_cores_datapath_not_only_its_flags(vendor, family, model, flags,
+                                                                lanes):
+    cpu = {"vendor_id": vendor, "cpu family": str(family), "model": str(model), "flags": flags}
+    assert common.fma_lanes(cpu) == lanes
