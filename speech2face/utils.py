@@ -66,7 +66,8 @@ def close_progress_bars() -> None:
     holding it is freed, and then drew its last line under the command's error line."""
     if _progress_class.cache_info().currsize:  # (none made: tqdm not even imported)
         for bar in list(getattr(_progress_class(), "_instances", ())):  # tqdm's live bars
-            bar.close()
+            with contextlib.suppress(Exception):  # (stderr gone): the first error stands
+                bar.close()
 
 
 @functools.cache

@@ -701,11 +701,13 @@ def test_ctrl_c_with_workers_ends_in_one_line_and_the_rerun_continues(corpus, re
     assert members(out) == members(reference)
 
 
-def test_ctrl_c_as_the_pool_starts_ends_with_the_interrupted_line(corpus, tmp_path, capsys,
+def test_ctrl_c_as_the_pool_starts_closes_the_bar_on_the_way_out(corpus, tmp_path, capsys,
                                                                  monkeypatch):
-    """A Ctrl-C while the worker pool was starting left the progress bar open until it was
-    collected, and its last refresh came after "interrupted" (seen on a slow CI machine).
-    The signal is sent from inside the pool's start, where a real one landed."""
+    """A Ctrl-C while the worker pool was starting left prepare's progress bar open until
+    it was collected, after the command's "interrupted" line (seen on a slow CI machine).
+    The signal is sent from inside the pool's start, where a real one landed; the bar must
+    be closed (and erased) by the time the interrupt leaves ``prepare``, while the
+    traceback still holds its frame. A pool that cannot start is said as such."""
     stage = sys.modules["speech2face.data.prepare"]  # the module (data.prepare: its function)
     start_pool = stage._pool
 
@@ -715,11 +717,20 @@ def test_ctrl_c_as_the_pool_starts_ends_with_the_interrupted_line(corpus, tmp_pa
 
     monkeypatch.setattr(stage, "_pool", ctrl_c_while_starting)
     out = tmp_path / "shards"
-    assert main(["prepare", "voxceleb1", "--root", str(corpus), "--out", str(out),
-                 "--samples-per-shard", str(PER_SHARD), "--workers", "2"]) == 130
-    err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
-    assert err[-1:] == ["speech2face prepare: interrupted"], err
+    options = dict(samples_per_shard=PER_SHARD, workers=2, progress=True)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        data.prepare("voxceleb1", corpus, out, **options)
+    shown = capsys.readouterr().err.split("\n")[-1].split("\r")[-1]  # what a terminal shows
+    assert stopped.traceback and shown.strip() == "", shown
     assert not (out / "manifest.json").exists()
+
+    def no_processes_left(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(stage, "_pool", no_processes_left)
+    with pytest.raises(DataError, match=r"cannot start 1 worker process\(es\) \(Resource "
+                                        r"temporarily unavailable\); use fewer --workers"):
+        data.prepare("voxceleb1", corpus, out, **options)
 
 
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):

@@ -257,7 +257,8 @@ def test_an_interrupt_stops_after_the_speakers_being_written(tmp_path, monkeypat
     def write_speaker(tmp, person, *args):
         with lock:
             written.append(person)
-        if len(written) == 1:
+            first = len(written) == 1
+        if first:
             raise KeyboardInterrupt
         time.sleep(0.05)
 

@@ -510,6 +510,21 @@ def test_ctrl_c_stops_between_segments(server, tmp_path):
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_an_interrupted_run_closes_its_bar_on_the_way_out(tmp_path, capsys, monkeypatch):
+    """The bar closes (and erases itself) before the interrupt leaves the download, while
+    the traceback still holds its frame: else it drew its last state under the command's
+    "interrupted" line when it was collected."""
+    def interrupted(self, video, segments, attempts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download._Fetcher, "video", interrupted)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        download.download_avspeech(_csvs(tmp_path), tmp_path / "avspeech", workers=1,
+                                   url_template="http://127.0.0.1:9/{id}", progress=True)
+    shown = capsys.readouterr().err.split("\n")[-1].split("\r")[-1]  # what a terminal shows
+    assert stopped.traceback and shown.strip() == "", shown
+
+
 def test_classify_failures():
     cases = {
         "[youtube] abc: Private video. Sign in if you've been granted access": "private",

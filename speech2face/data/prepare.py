@@ -967,10 +967,9 @@ def _results(units: list[Unit], options: Options, workers: int,
     ahead = 2 * first + 4 * workers  # units taken and not yet written, at most
 
     def generate(check):
-        mine = _Processor(options, single_thread=True)
-        pool = _pool(workers - 1, options)
         taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
         untaken = 0  # units before it are in ``taken`` or written
+        pool = None
 
         def take(here: bool) -> None:
             """The next unit nobody has taken: computed here, or handed to the pool."""
@@ -980,6 +979,8 @@ def _results(units: list[Unit], options: Options, workers: int,
             untaken += 1
 
         try:
+            mine = _Processor(options, single_thread=True)
+            pool = _start_pool(workers - 1, options)
             for _ in range(min(first, len(units))):
                 take(here=False)
             if meanwhile is not None:
@@ -1003,13 +1004,24 @@ def _results(units: list[Unit], options: Options, workers: int,
                 result = taken.pop(want)
                 yield result.get() if isinstance(result, AsyncResult) else result
         finally:
-            _stop(pool)
+            if pool is not None:
+                _stop(pool)
 
     def generate_interruptibly():
         with _interrupt_between_units() as check:
             yield from generate(check)
 
     return generate_interruptibly()
+
+
+def _start_pool(processes: int, options: Options):
+    """:func:`_pool`, its failure to start (no processes or pipes left) said as such,
+    not as a failure to write the shards."""
+    try:
+        return _pool(processes, options)
+    except OSError as error:
+        raise DataError(None, f"cannot start {processes} worker process(es) "
+                              f"({error.strerror or error}); use fewer --workers") from None
 
 
 def _pool(processes: int, options: Options):
