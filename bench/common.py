@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import mmap
 import os
 import platform
@@ -16,6 +17,7 @@ import re
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,9 +234,6 @@ def in_fresh_process(file: str, function: str, args: tuple, env: dict[str, str],
     environment ``env``, run from ``cwd`` (default: this checkout); returns what it
     returned, through JSON. The file is loaded by its path, not as ``bench.<name>``, so
     that a ``PYTHONPATH`` in ``env`` (an older ``speech2face``) comes first."""
-    import json
-    import sys
-
     code = ("import importlib.util, json; "
             f"spec = importlib.util.spec_from_file_location('child', {str(file)!r}); "
             "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "

@@ -847,12 +847,10 @@ def prepare(
         unit="video",
         disable=not progress,
     )
-    results = None
+    # (the pool starts at the first result, inside the try: a Ctrl-C then closes the bar)
+    results = _results([u for w in windows[start:] for u in w], options, workers,
+                       meanwhile=_import_writer)
     try:
-        # Inside the try: a Ctrl-C while the pool starts closes the bar before the
-        # command's "interrupted" line (else it came after it, when the bar was collected).
-        results = _results([u for w in windows[start:] for u in w], options, workers,
-                           meanwhile=_import_writer)
         for index in range(start, len(windows)):
             window = windows[index]
             split = window[0].split
@@ -900,8 +898,7 @@ def prepare(
         if writer is not None:
             writer.abort()
         bar.close()
-        if results is not None:
-            results.close()
+        results.close()
     manifest = part_manifest(state, run_id, options, dataset, part)
     # The merge (when this is the last part) is checked before anything is written.
     merged = None
