@@ -733,6 +733,33 @@ def test_ctrl_c_as_the_pool_starts_closes_the_bar_on_the_way_out(corpus, tmp_pat
         data.prepare("voxceleb1", corpus, out, **options)
 
 
+def test_ctrl_c_while_spawned_workers_import_ends_in_one_line(corpus, tmp_path):
+    """Spawned workers (torch imported first, or the vggface encoder) spend seconds
+    importing before they ignore SIGINT: a Ctrl-C then made each print its own
+    KeyboardInterrupt traceback above the command's "interrupted" line. The signal goes
+    to the whole process group right after the pool is made, as a terminal sends it."""
+    script = f"""
+import os, signal, sys
+import torch  # the pool is then spawned, not forked
+import speech2face.data.prepare
+stage = sys.modules["speech2face.data.prepare"]
+start = stage._pool
+def ctrl_c_after_start(*args, **kwargs):
+    pool = start(*args, **kwargs)
+    os.killpg(0, signal.SIGINT)  # the workers are importing
+    return pool
+stage._pool = ctrl_c_after_start
+from speech2face.cli import main
+sys.exit(main(["prepare", "voxceleb1", "--root", {str(corpus)!r}, "--out",
+               {str(tmp_path / "shards")!r}, "--workers", "3"]))
+"""
+    job = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=120, start_new_session=True)
+    last = job.stderr.replace("\r", "\n").strip().splitlines()[-1:]  # after the progress bar
+    assert job.returncode == 130 and last == ["speech2face prepare: interrupted"], job.stderr
+    assert "Traceback" not in job.stderr and "KeyboardInterrupt" not in job.stderr, job.stderr
+
+
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
     before = shard_files(reference)
     prepare_vox1(corpus, reference)

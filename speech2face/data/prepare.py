@@ -448,6 +448,9 @@ def _worker_init(options: Options) -> None:
     # interrupted while handing over a result left the pool's pipe half-written, and the
     # command waiting for the rest of it for ever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Started with SIGINT blocked (:func:`_pool`): one sent meanwhile, while a spawned
+    # worker was still importing, is ignored now instead of printing its traceback.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     _WORKER = _Processor(options, single_thread=True)
 
@@ -1037,8 +1040,22 @@ def _pool(processes: int, options: Options):
         from speech2face import faces
 
         faces.load_models(options.detector)
-    pool = mp.get_context("fork" if fork else "spawn").Pool(
-        processes, initializer=_worker_init, initargs=(options,))
+    context = mp.get_context("fork" if fork else "spawn")
+    if not fork:
+        # Spawning starts multiprocessing's resource tracker once, and unblocks SIGINT
+        # after it (whatever the mask was): started first, it leaves the mask alone.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    # The workers start with SIGINT blocked (a mask outlives fork and exec) until
+    # _worker_init ignores it; a spawned one takes seconds to get there. This process
+    # takes a Ctrl-C sent meanwhile once the pool is made; the pool's own threads, made
+    # here, keep it blocked (Python handles signals in the main thread).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = context.Pool(processes, initializer=_worker_init, initargs=(options,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     _widen_result_pipe(pool)
     return pool
 
