@@ -21,7 +21,9 @@ the install (corpus 15, prepare 12, decoder 73, voice encoder 158, evaluation 20
 wall), where the same session's fresh clone of the code before, on one thread, took 392
 s wall and 414 s of CPU (corpus 15, prepare 13, decoder 97, voice encoder 243,
 evaluation 25): 1.41x less wait for 14 % more CPU. Issue 13's four minutes do not hold
-on that machine either way. On one thread the demo took, in CPU time (about its wall
+on that machine either way. On a two-core Intel Xeon with AMX a fresh clone of d809c9d
+took 142 s wall, 218 s of CPU (corpus 8, prepare 6, decoder 42, voice encoder 77,
+evaluation 9 s wall). On one thread the demo took, in CPU time (about its wall
 time), 124-162 s on a two-core AMD EPYC Zen 5, 152-197 s on a two-core Intel Xeon with
 AMX, 209 s on a Zen 4 (61291cb), 228-275 s on an Ice Lake Xeon (099d875) and 339-385 s
 on Zen 3s (AVX2); README.md has the table.
@@ -134,23 +136,24 @@ REPORTED = (
     ("craniofacial r (mean of 11)", ("craniofacial", "mean", "r"), "",
      ("shuffled pairs", ("craniofacial", "mean", "shuffled"))),
 )
-# The documented band: mean, min and max over twelve runs, seeds 0, 1, 2 each a fresh
-# clone's `make demo` on each of the four BAND_MACHINE (docs/results.md has the runs and
-# the commands). A seed's numbers depend on the CPU's vector kernels and on the thread
-# count (docs/results.md, "On another CPU"): the band spans all twelve runs.
-BAND_MACHINE = ("four 2-core machines, seeds 0-2 on each: an AMD EPYC Zen 4 (61291cb), a "
+# The documented band: mean, min and max over fifteen runs, seeds 0, 1, 2 each from a
+# fresh clone on each of the five BAND_MACHINE (docs/results.md has the runs and the
+# commands). A seed's numbers depend on the CPU's vector kernels and on the thread count
+# (docs/results.md, "On another CPU"): the band spans all fifteen runs.
+BAND_MACHINE = ("five 2-core machines, seeds 0-2 on each: an AMD EPYC Zen 4 (61291cb), a "
                 "Zen 5 (e17be90) and an Intel Xeon with AMX (1c8b732) training on one thread, "
-                "and a Zen 1 (b881b31) on two, the demo's setting since")
+                "and a Zen 1 (b881b31) and another AMX Xeon (d809c9d) on two, the demo's "
+                "setting since")
 BAND = {
-    "cosine R@1, M = {M}": (57.3, 45.2, 68.2),
+    "cosine R@1, M = {M}": (56.9, 45.2, 68.2),
     "angle v_s to v_f": (18.0, 16.5, 19.8),
-    "gender agreement": (90.3, 84.6, 95.7),
-    "gender agreement, decoder(v_f)": (86.1, 71.4, 97.4),
-    "gender, true face vs label": (99.7, 97.4, 100.0),
-    "gender, reconstruction vs label": (90.6, 84.6, 97.4),
-    "decoder identification, px": (90.8, 90.0, 100.0),
-    "decoder identification, dlib": (78.3, 70.0, 100.0),
-    "craniofacial r (mean of 11)": (0.67, 0.58, 0.76),
+    "gender agreement": (89.8, 79.5, 95.7),
+    "gender agreement, decoder(v_f)": (86.2, 71.4, 97.4),
+    "gender, true face vs label": (99.5, 97.4, 100.0),
+    "gender, reconstruction vs label": (90.2, 79.5, 97.4),
+    "decoder identification, px": (91.3, 90.0, 100.0),
+    "decoder identification, dlib": (77.3, 60.0, 100.0),
+    "craniofacial r (mean of 11)": (0.67, 0.58, 0.77),
 }
 
 
@@ -445,7 +448,7 @@ def band_lines(metrics: dict, default_settings: bool = True) -> list[str]:
     digits = lambda unit: 2 if unit == "" else 1  # noqa: E731  (r vs % and degrees)
     gallery = _lookup(metrics, ("retrieval", "gallery_size"))
     if default_settings:
-        title = ("this run beside the documented band (seeds 0, 1, 2 on four machines; "
+        title = ("this run beside the documented band (seeds 0, 1, 2 on five machines; "
                  "docs/results.md):")
     else:
         title = (f"this run (the documented band is for the default settings, "
