@@ -116,6 +116,11 @@ def load_audio(
         wave, native_rate = _read_ffmpeg(path, decode_seconds)
     if wave.size == 0:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
+    if head == b"OggS" and (decode_seconds is None or wave.shape[0] < decode_seconds *
+                            native_rate) and not _ogg_ends_its_stream(path):
+        # An Ogg file's length is read from its last page: one cut short decodes whole.
+        raise AudioError(path, f"truncated: the Ogg stream stops after "
+                               f"{wave.shape[0] / native_rate:.2f} s without its last page")
     if not MIN_FILE_RATE <= native_rate <= MAX_SAMPLE_RATE:
         raise AudioError(path, f"sample rate {native_rate:,} Hz is outside {MIN_FILE_RATE:,} "
                                f"to {MAX_SAMPLE_RATE:,} Hz (a damaged header, or not speech)")
@@ -206,6 +211,30 @@ def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | N
         return None, None
     _check_complete(path, data.shape[0] / rate, want / rate, declared / rate)
     return _downmix(data), rate
+
+
+# The longest an Ogg page can be: its 27-byte header, 255 lacing values, 255 x 255 bytes.
+_OGG_PAGE_MAX = 27 + 255 + 255 * 255
+
+
+def _ogg_ends_its_stream(path: Path) -> bool:
+    """Whether an Ogg file's last page is whole and flagged end-of-stream (RFC 3533, the
+    ``header_type`` bit 0x04). libsndfile and FFmpeg take the length from the last page
+    there is, so a download cut short reads as a shorter, complete file."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 2 * _OGG_PAGE_MAX))
+        tail = f.read()
+    at = tail.rfind(b"OggS")
+    while at >= 0:
+        header = tail[at:at + 27]
+        if len(header) == 27 and header[4] == 0:  # the only stream structure version
+            lacing = tail[at + 27:at + 27 + header[26]]
+            if len(lacing) < header[26] or at + 27 + len(lacing) + sum(lacing) > len(tail):
+                return False  # cut inside its last page
+            return bool(header[5] & 0x04)
+        at = tail.rfind(b"OggS", 0, at)  # the pattern inside a page's data
+    return False
 
 
 def _downmix(data: np.ndarray) -> np.ndarray:

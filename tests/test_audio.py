@@ -258,6 +258,10 @@ def make_bad_file(tmp_path, kind: str):
     elif kind == "truncated":
         sf.write(path, speechlike(2.0, 16000), 16000)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "truncated-ogg":
+        path = tmp_path / "truncated.ogg"
+        sf.write(path, speechlike(6.0, 16000), 16000, format="OGG", subtype="VORBIS")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif kind == "truncated-header":
         sf.write(path, speechlike(2.0, 16000), 16000)
         path.write_bytes(path.read_bytes()[:30])
@@ -292,6 +296,7 @@ BAD = {
     "missing": "not found",
     "empty": "empty",
     "truncated": "truncated",
+    "truncated-ogg": "truncated: the Ogg stream stops after",
     "truncated-header": "not a readable audio",
     "not-audio": "not a readable audio",
     "codec": "unsupported audio codec",
@@ -384,6 +389,29 @@ def test_a_clip_shorter_than_one_window_after_resampling_is_refused(tmp_path):
         load_audio(short)
     sf.write(short, speechlike(1.0, 16000)[:400], 16000)
     assert load_audio(short).shape == (400,)
+
+
+@pytest.mark.parametrize("subtype", ["VORBIS", "OPUS"])
+def test_an_ogg_file_cut_short_is_truncated_not_shorter(tmp_path, subtype):
+    """libsndfile takes an Ogg file's length from its last page, so a file cut in half
+    decoded as a whole 1.8-s one. A complete file's last page carries the end-of-stream
+    flag (RFC 3533; checked here on the encoder's own file); one cut at a page boundary
+    lacks it, one cut inside a page ends mid-page. What a cut file holds still serves a
+    shorter ``max_seconds``, as a truncated WAV's does."""
+    whole = tmp_path / "whole.ogg"
+    sf.write(whole, speechlike(6.0, 16000), 16000, format="OGG", subtype=subtype)
+    data = whole.read_bytes()
+    last_page = data.rindex(b"OggS")
+    assert data[last_page + 5] & 0x04 and last_page > 0
+    assert abs(len(load_audio(whole)) - 6 * 16000) < 400
+    for name, cut in (("half", len(data) // 2), ("page", last_page)):
+        path = tmp_path / f"{name}.ogg"
+        path.write_bytes(data[:cut])
+        with sf.SoundFile(path) as f:  # what the reader alone makes of it: a whole file
+            assert f.frames > 0.5 * 16000
+        with pytest.raises(AudioError, match=rf"{name}\.ogg: truncated: the Ogg stream"):
+            load_audio(path)
+        assert load_audio(path, max_seconds=0.5).shape == (8000,)
 
 
 def test_truncated_wav_message_gives_the_headers_duration(tmp_path):
