@@ -229,10 +229,31 @@ def _read_image_file(path: Path, max_pixels: int) -> np.ndarray:
                   f"possible decompression bomb"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image, or an image format PIL cannot read") from None
+        kind = _image_kind(path)
+        raise ImageError(path, "not an image, or an image format PIL cannot read" if kind is None
+                         else f"a damaged or truncated {kind} file (PIL cannot read it)") from None
     except (OSError, SyntaxError, ValueError) as error:
         # PIL reports truncated or corrupt data as OSError / SyntaxError / ValueError.
         raise ImageError(path, f"cannot decode image: {error}") from None
+
+
+# Signatures of the image formats PIL reads (a file it cannot identify that starts as
+# one of them is damaged, not of an unknown kind).
+_IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
+                     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF87a", "GIF"),
+                     (b"GIF89a", "GIF"), (b"BM", "BMP"))
+
+
+def _image_kind(path: Path) -> str | None:
+    """The image format ``path``'s first bytes announce (WebP: RIFF....WEBP), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _IMAGE_SIGNATURES if head.startswith(magic)), None)
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
