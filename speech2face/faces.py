@@ -241,11 +241,12 @@ def _read_image_file(path: Path, max_pixels: int) -> np.ndarray:
 # one of them is damaged, not of an unknown kind).
 _IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
                      (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF87a", "GIF"),
-                     (b"GIF89a", "GIF"), (b"BM", "BMP"))
+                     (b"GIF89a", "GIF"))
 
 
 def _image_kind(path: Path) -> str | None:
-    """The image format ``path``'s first bytes announce (WebP: RIFF....WEBP), or None."""
+    """The image format ``path``'s first bytes announce, or None. WebP is RIFF....WEBP;
+    BMP's two letters are taken only with the header's reserved bytes zero."""
     try:
         with open(path, "rb") as f:
             head = f.read(12)
@@ -253,6 +254,8 @@ def _image_kind(path: Path) -> str | None:
         return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
+    if head[:2] == b"BM" and head[6:10] == bytes(4):
+        return "BMP"
     return next((kind for magic, kind in _IMAGE_SIGNATURES if head.startswith(magic)), None)
 
 
