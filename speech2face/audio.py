@@ -117,10 +117,10 @@ def load_audio(
     if wave.size == 0:
         raise AudioError(path, "no audio samples (truncated or empty stream)")
     if head == b"OggS" and (decode_seconds is None or wave.shape[0] < decode_seconds *
-                            native_rate) and not _ogg_ends_its_stream(path):
+                            native_rate) and (problem := _ogg_end_problem(path)):
         # An Ogg file's length is read from its last page: one cut short decodes whole.
-        raise AudioError(path, f"truncated: the Ogg stream stops after "
-                               f"{wave.shape[0] / native_rate:.2f} s without its last page")
+        raise AudioError(path, f"truncated: {problem}, after "
+                               f"{wave.shape[0] / native_rate:.2f} s of audio")
     if not MIN_FILE_RATE <= native_rate <= MAX_SAMPLE_RATE:
         raise AudioError(path, f"sample rate {native_rate:,} Hz is outside {MIN_FILE_RATE:,} "
                                f"to {MAX_SAMPLE_RATE:,} Hz (a damaged header, or not speech)")
@@ -217,10 +217,13 @@ def _read_sndfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray | N
 _OGG_PAGE_MAX = 27 + 255 + 255 * 255
 
 
-def _ogg_ends_its_stream(path: Path) -> bool:
-    """Whether an Ogg file's last page is whole and flagged end-of-stream (RFC 3533, the
-    ``header_type`` bit 0x04). libsndfile and FFmpeg take the length from the last page
-    there is, so a download cut short reads as a shorter, complete file."""
+def _ogg_end_problem(path: Path) -> str | None:
+    """What is wrong with an Ogg file's end, or None: its last page must be whole and
+    flagged end-of-stream (RFC 3533, the ``header_type`` bit 0x04). libsndfile and FFmpeg
+    take the length from the last page there is, so a download cut short reads as a
+    shorter, complete file. A file cut at a page boundary and one written without the
+    flag look alike: both are refused. Trailing bytes after the last page are allowed;
+    where no page starts in the last two pages' worth of bytes, nothing is said."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - 2 * _OGG_PAGE_MAX))
@@ -228,13 +231,18 @@ def _ogg_ends_its_stream(path: Path) -> bool:
     at = tail.rfind(b"OggS")
     while at >= 0:
         header = tail[at:at + 27]
-        if len(header) == 27 and header[4] == 0:  # the only stream structure version
+        if header[4:5] in (b"", b"\0"):  # the only stream structure version, or cut off
+            if len(header) < 27:
+                return "the Ogg stream's last page is cut short"
             lacing = tail[at + 27:at + 27 + header[26]]
             if len(lacing) < header[26] or at + 27 + len(lacing) + sum(lacing) > len(tail):
-                return False  # cut inside its last page
-            return bool(header[5] & 0x04)
+                return "the Ogg stream's last page is cut short"
+            if not header[5] & 0x04:
+                return ("the Ogg stream has no end-of-stream page (cut short at a page, "
+                        "or written without one)")
+            return None
         at = tail.rfind(b"OggS", 0, at)  # the pattern inside a page's data
-    return False
+    return None
 
 
 def _downmix(data: np.ndarray) -> np.ndarray:

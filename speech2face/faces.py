@@ -231,14 +231,16 @@ def _read_image_file(path: Path, max_pixels: int) -> np.ndarray:
     except UnidentifiedImageError:
         kind = _image_kind(path)
         raise ImageError(path, "not an image, or an image format PIL cannot read" if kind is None
-                         else f"a damaged or truncated {kind} file (PIL cannot read it)") from None
+                         else f"a {kind} file PIL cannot read (damaged, truncated, or a "
+                              f"variant it does not support)") from None
     except (OSError, SyntaxError, ValueError) as error:
         # PIL reports truncated or corrupt data as OSError / SyntaxError / ValueError.
         raise ImageError(path, f"cannot decode image: {error}") from None
 
 
 # Signatures of the image formats PIL reads (a file it cannot identify that starts as
-# one of them is damaged, not of an unknown kind).
+# one of them is damaged or a variant PIL lacks, such as a float32 RGB TIFF, not of an
+# unknown kind).
 _IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"),
                      (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"GIF87a", "GIF"),
                      (b"GIF89a", "GIF"))

@@ -760,6 +760,20 @@ sys.exit(main(["prepare", "voxceleb1", "--root", {str(corpus)!r}, "--out",
     assert "Traceback" not in job.stderr and "KeyboardInterrupt" not in job.stderr, job.stderr
 
 
+def test_workers_start_where_signal_masks_do_not_exist(corpus, reference, tmp_path,
+                                                       monkeypatch):
+    """Without POSIX signal masks (signal.pthread_sigmask: Windows) the pool starts as
+    before, unmasked, and the shards are the same."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # the standard library's own use of masks, first
+    stage = sys.modules["speech2face.data.prepare"]
+    monkeypatch.setattr(stage, "_SIGNAL_MASKS", False)
+    monkeypatch.setattr(stage.signal, "pthread_sigmask", None)  # any call would fail
+    prepare_vox1(corpus, tmp_path / "shards", workers=2)
+    assert members(tmp_path / "shards") == members(reference)
+
+
 def test_rerun_is_a_no_op_and_other_arguments_are_refused(corpus, reference, tmp_path):
     before = shard_files(reference)
     prepare_vox1(corpus, reference)

@@ -440,6 +440,22 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 _WORKER: _Processor | None = None
+_SIGNAL_MASKS = hasattr(signal, "pthread_sigmask")  # POSIX
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT blocked in this thread, and in the threads and processes it starts, until
+    the end of the block; a Ctrl-C sent meanwhile arrives then. Elsewhere than POSIX a
+    no-op."""
+    if not _SIGNAL_MASKS:
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _worker_init(options: Options) -> None:
@@ -450,7 +466,8 @@ def _worker_init(options: Options) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Started with SIGINT blocked (:func:`_pool`): one sent meanwhile, while a spawned
     # worker was still importing, is ignored now instead of printing its traceback.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if _SIGNAL_MASKS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     _WORKER = _Processor(options, single_thread=True)
 
@@ -1041,7 +1058,7 @@ def _pool(processes: int, options: Options):
 
         faces.load_models(options.detector)
     context = mp.get_context("fork" if fork else "spawn")
-    if not fork:
+    if not fork and _SIGNAL_MASKS:
         # Spawning starts multiprocessing's resource tracker once, and unblocks SIGINT
         # after it (whatever the mask was): started first, it leaves the mask alone.
         from multiprocessing import resource_tracker
@@ -1051,11 +1068,8 @@ def _pool(processes: int, options: Options):
     # _worker_init ignores it; a spawned one takes seconds to get there. This process
     # takes a Ctrl-C sent meanwhile once the pool is made; the pool's own threads, made
     # here, keep it blocked (Python handles signals in the main thread).
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
+    with _sigint_held():
         pool = context.Pool(processes, initializer=_worker_init, initargs=(options,))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     _widen_result_pipe(pool)
     return pool
 
