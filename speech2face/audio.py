@@ -99,13 +99,13 @@ def load_audio(
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "file not found" if not path.exists() else "not a regular file")
-    if path.stat().st_size == 0:
-        raise AudioError(path, "empty file")
     try:  # the decoders would call a file they may not open "not audio"
         with open(path, "rb") as f:
             head = f.read(len(_SNDFILE_MAGIC[0]))
     except OSError as error:
         raise AudioError(path, f"cannot be read ({error.strerror})") from None
+    if not head:  # (its size is no guide: /proc's files say 0 and are not empty)
+        raise AudioError(path, "empty file")
 
     # Decode a little past the cut so the resampler's filter sees the samples after it.
     decode_seconds = None if max_seconds is None else max_seconds + _RESAMPLE_MARGIN

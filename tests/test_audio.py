@@ -320,6 +320,13 @@ def test_64_bit_integer_samples_decode(tmp_path):
     np.testing.assert_allclose(load_audio(path), wave / 2, atol=1e-6)
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="Linux's /proc")
+def test_a_file_whose_size_says_zero_is_read_before_it_is_called_empty():
+    """/proc's files report a size of 0 and hold text: "not audio", not "empty file"."""
+    with pytest.raises(AudioError, match="cpuinfo: not a readable audio"):
+        load_audio("/proc/cpuinfo")
+
+
 @pytest.mark.parametrize("kind", BAD)
 def test_bad_input_raises_typed_error_naming_the_file(tmp_path, kind):
     path = make_bad_file(tmp_path, kind)
