@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Clock, load_average
+from bench.common import Clock, load_average, load_by_path
 
 
 def _process_age() -> float:
@@ -87,11 +87,10 @@ def _timeline(root: Path, tmp: Path, workers: int) -> dict:
 
     logs = tmp / f"logs-{workers}"
     logs.mkdir()
-    code = ("import importlib.util; "
-            f"spec = importlib.util.spec_from_file_location('child', {__file__!r}); "
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
-            f"b._run_timed({str(root)!r}, {str(tmp / f'shards-{workers}')!r}, {workers}, "
-            f"{str(logs)!r})")
+    # Not in_fresh_process: the run ends as the command does (exit_now), so its events
+    # come back in files, not as the function's return value.
+    args = (str(root), str(tmp / f"shards-{workers}"), workers, str(logs))
+    code = f"{load_by_path(__file__)}b._run_timed(*{args!r})"
     with Clock() as clock:
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                        cwd=Path(__file__).resolve().parents[1])
@@ -108,7 +107,7 @@ def _timeline(root: Path, tmp: Path, workers: int) -> dict:
 
 
 def _parts(two: dict, one: dict) -> dict:
-    main, pool = two["processes"]["main"], two["processes"].get("pool")
+    main, pool = two["processes"]["main"], two["processes"]["pool"]
     models_began, models_ended = main["models"]
     # Before the models: the interpreter and imports, from the process's start, and the
     # listing. After the last unit: the manifest and the exit, to the parent's clock.
@@ -117,14 +116,13 @@ def _parts(two: dict, one: dict) -> dict:
         p["last"] for p in two["processes"].values())
     serial = before + (models_ended - models_began) + tail
     t1 = one["wall_s"]
-    writer = main.get("writer import")
-    after_import = main["last"] - writer[1] if writer else main["last"] - main["first"]
+    writer_began, writer_ended = main["writer import"]  # (a 2-worker run imports it early)
     return {
         "before_models_s": before, "models_s": models_ended - models_began, "tail_s": tail,
         "serial_s": serial, "wall_1_s": t1, "wall_2_s": two["wall_s"],
-        "pool_busy": pool["busy"] / (pool["last"] - pool["first"]) if pool else None,
-        "main_busy": main["busy"] / after_import if after_import > 0 else None,
-        "writer_import_s": writer[1] - writer[0] if writer else None,
+        "pool_busy": pool["busy"] / (pool["last"] - pool["first"]),
+        "main_busy": main["busy"] / (main["last"] - writer_ended),
+        "writer_import_s": writer_ended - writer_began,
         "ratio": t1 / two["wall_s"], "ceiling": t1 / (serial + (t1 - serial) / 2),
     }
 

@@ -228,16 +228,22 @@ def round_ratios(slow: list[float], fast: list[float]) -> tuple[float, str]:
     return statistics.median(ratios), f"median of {len(ratios)} rounds' ratios ({rounds})"
 
 
+def load_by_path(file: str) -> str:
+    """Python statements that load the bench file ``file`` by its path as the module
+    ``b`` (not as ``bench.<name>``, so that a ``PYTHONPATH`` of another checkout's
+    ``speech2face`` comes first), for ``python -c``."""
+    return ("import importlib.util; "
+            f"spec = importlib.util.spec_from_file_location('child', {str(file)!r}); "
+            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); ")
+
+
 def in_fresh_process(file: str, function: str, args: tuple, env: dict[str, str],
                      cwd: Path | None = None) -> dict:
     """``function(*args)`` of the bench file ``file`` in a fresh Python process, with the
     environment ``env``, run from ``cwd`` (default: this checkout); returns what it
     returned, through JSON. The file is loaded by its path, not as ``bench.<name>``, so
     that a ``PYTHONPATH`` in ``env`` (an older ``speech2face``) comes first."""
-    code = ("import importlib.util, json; "
-            f"spec = importlib.util.spec_from_file_location('child', {str(file)!r}); "
-            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
-            f"print(json.dumps(b.{function}(*{tuple(args)!r})))")
+    code = f"import json; {load_by_path(file)}print(json.dumps(b.{function}(*{tuple(args)!r})))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, cwd=cwd or Path(__file__).resolve().parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -232,10 +232,9 @@ def _ogg_end_problem(path: Path) -> str | None:
     while at >= 0:
         header = tail[at:at + 27]
         if header[4:5] in (b"", b"\0"):  # the only stream structure version, or cut off
-            if len(header) < 27:
-                return "the Ogg stream's last page is cut short"
-            lacing = tail[at + 27:at + 27 + header[26]]
-            if len(lacing) < header[26] or at + 27 + len(lacing) + sum(lacing) > len(tail):
+            lacing = tail[at + 27:at + 27 + header[26]] if len(header) == 27 else b""
+            if len(header) < 27 or len(lacing) < header[26] or \
+                    at + 27 + len(lacing) + sum(lacing) > len(tail):
                 return "the Ogg stream's last page is cut short"
             if not header[5] & 0x04:
                 return ("the Ogg stream has no end-of-stream page (cut short at a page, "
