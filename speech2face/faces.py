@@ -27,6 +27,8 @@ import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,7 +222,7 @@ def _read_image_file(path: Path, max_pixels: int) -> np.ndarray:
                         f"image too large ({width} x {height} = {width * height:,} pixels; "
                         f"the limit is {max_pixels:,}): refusing a possible decompression bomb",
                     )
-                im.load()
+                _load_pixels(im, path)
                 im = ImageOps.exif_transpose(im)
                 return _pil_to_rgb(im, path, max_pixels)
     except Image.DecompressionBombError:  # PIL's own check, above twice its limit
@@ -236,6 +238,56 @@ def _read_image_file(path: Path, max_pixels: int) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as error:
         # PIL reports truncated or corrupt data as OSError / SyntaxError / ValueError.
         raise ImageError(path, f"cannot decode image: {error}") from None
+
+
+def _load_pixels(im, path: Path) -> None:
+    """``im.load()``. A TIFF's compressed data is decoded by libtiff, which reports what
+    it cannot decode (a damaged JPEG-in-TIFF strip: "JPEGLib: Unsupported marker type")
+    on the C library's stderr, and PIL then keeps whatever pixels it had or says
+    "decoder error -2": that report is caught here and raised as ImageError; libtiff's
+    warnings are dropped."""
+    if im.format != "TIFF":
+        im.load()
+        return
+    failed = None
+    with _c_stderr_caught() as said:
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError) as error:  # "decoder error -2"
+            failed = error
+    errors = [line.strip().rstrip(".") for line in said[0].splitlines()
+              if line.strip() and ": Warning, " not in line]
+    if errors:
+        raise ImageError(path, f"damaged TIFF image data (libtiff: {errors[0]})")
+    if failed is not None:
+        raise failed
+
+
+@contextmanager
+def _c_stderr_caught() -> Iterator[list[str]]:
+    """What C code writes to file descriptor 2 during the block, in the list's one item
+    (empty where descriptor 2 cannot be redirected)."""
+    import sys
+    import tempfile
+
+    said = [""]
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2, or sys.stderr closed
+        yield said
+        return
+    try:
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                yield said
+            finally:
+                os.dup2(saved, 2)
+                caught.seek(0)
+                said[0] = caught.read(1 << 16).decode("utf-8", "replace")
+    finally:
+        os.close(saved)
 
 
 # Signatures of the image formats PIL reads (a file it cannot identify that starts as

@@ -596,3 +596,26 @@ def test_damaged_metadata_warnings_stay_off_stderr(tmp_path, astronaut, capfd):
         image = F.load_image(path)
     assert image.shape == astronaut.shape
     assert [str(w.message) for w in said] == [] and capfd.readouterr().err == ""
+
+
+def test_a_tiff_whose_compressed_data_libtiff_cannot_decode_is_refused_quietly(
+        tmp_path, astronaut, capfd):
+    """libtiff said "JPEGLib: Unsupported marker type 0x5a." on stderr for a damaged
+    JPEG-in-TIFF strip, and PIL returned the pixels it had (the detector then found no
+    face) or said "decoder error -2": now one ImageError naming the file and libtiff's
+    complaint, nothing on stderr; an intact JPEG-in-TIFF reads as PIL decodes it."""
+    for size, (start, stop) in ((216, (1 / 4, 1 / 3)), (512, (1 / 4, 1 / 2))):
+        path = tmp_path / f"whole{size}.tif"
+        Image.fromarray(np.ascontiguousarray(astronaut[:size, :size])).save(
+            path, compression="jpeg")
+        raw = bytearray(path.read_bytes())
+        for i in range(int(len(raw) * start), int(len(raw) * stop), 7):  # in the strip
+            raw[i] ^= 0x5A
+        (tmp_path / "damaged.tif").write_bytes(bytes(raw))
+        with pytest.raises(ImageError, match=r"damaged\.tif: damaged TIFF image data "
+                                             r"\(libtiff: JPEGLib: "):
+            F.load_image(tmp_path / "damaged.tif")
+        with Image.open(path) as im:
+            expected = np.asarray(im.convert("RGB"))
+        np.testing.assert_array_equal(F.load_image(path), expected)
+        assert capfd.readouterr().err == ""
