@@ -266,28 +266,36 @@ def _load_pixels(im, path: Path) -> None:
 @contextmanager
 def _c_stderr_caught() -> Iterator[list[str]]:
     """What C code writes to file descriptor 2 during the block, in the list's one item
-    (empty where descriptor 2 cannot be redirected)."""
+    (empty where the process started without a stderr, or no temporary file is to be
+    had)."""
     import sys
     import tempfile
 
     said = [""]
+    # Started with descriptor 2 closed (``2>&-``), Python has no sys.__stderr__, and the
+    # next file opened takes descriptor 2: PIL's image file itself, not a stderr.
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no descriptor 2, or sys.stderr closed
+        if sys.__stderr__ is None:
+            raise OSError
+        os.fstat(2)
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        caught = tempfile.TemporaryFile()
+    except (OSError, ValueError):  # no stderr; sys.stderr closed; no writable temp folder
         yield said
         return
-    try:
-        with tempfile.TemporaryFile() as caught:
+    with caught:
+        saved = os.dup(2)
+        try:
             os.dup2(caught.fileno(), 2)
             try:
                 yield said
             finally:
                 os.dup2(saved, 2)
-                caught.seek(0)
-                said[0] = caught.read(1 << 16).decode("utf-8", "replace")
-    finally:
-        os.close(saved)
+        finally:
+            os.close(saved)
+        caught.seek(0)
+        said[0] = caught.read(1 << 16).decode("utf-8", "replace")
 
 
 # Signatures of the image formats PIL reads (a file it cannot identify that starts as

@@ -619,3 +619,20 @@ def test_a_tiff_whose_compressed_data_libtiff_cannot_decode_is_refused_quietly(
             expected = np.asarray(im.convert("RGB"))
         np.testing.assert_array_equal(F.load_image(path), expected)
         assert capfd.readouterr().err == ""
+
+
+def test_images_load_where_stderr_is_closed(tmp_path, astronaut):
+    """With file descriptor 2 closed (``2>&-``; sys.stderr is then None, and the image
+    file opened takes descriptor 2) a TIFF loads as anywhere else: catching libtiff's
+    complaints must not need a stderr, nor take the image's descriptor for one."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "whole.tif"
+    Image.fromarray(astronaut).save(path, compression="jpeg")
+    code = ("from speech2face import faces; "
+            f"print(faces.load_image({str(path)!r}).shape)")
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: os.close(2), check=False)
+    assert done.returncode == 0 and done.stdout.strip() == str(astronaut.shape)
