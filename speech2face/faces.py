@@ -26,6 +26,7 @@ import functools
 import importlib.util
 import json
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -263,6 +264,9 @@ def _load_pixels(im, path: Path) -> None:
         raise failed
 
 
+_C_STDERR_LOCK = threading.Lock()
+
+
 @contextmanager
 def _c_stderr_caught() -> Iterator[list[str]]:
     """What C code writes to file descriptor 2 during the block, in the list's one item
@@ -284,7 +288,9 @@ def _c_stderr_caught() -> Iterator[list[str]]:
     except (OSError, ValueError):  # no stderr; sys.stderr closed; no writable temp folder
         yield said
         return
-    with caught:
+    # One capture at a time: two threads swapping descriptor 2 could each restore the
+    # other's file and leave stderr pointing at a deleted temporary file.
+    with caught, _C_STDERR_LOCK:
         saved = os.dup(2)
         try:
             os.dup2(caught.fileno(), 2)

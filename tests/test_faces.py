@@ -636,3 +636,25 @@ def test_images_load_where_stderr_is_closed(tmp_path, astronaut):
     done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                           preexec_fn=lambda: os.close(2), check=False)
     assert done.returncode == 0 and done.stdout.strip() == str(astronaut.shape)
+
+
+def test_tiffs_loaded_from_threads_leave_stderr_where_it_was(tmp_path, astronaut):
+    """Each TIFF load points descriptor 2 at a temporary file for a moment: loads from
+    several threads at once must each get their own image and leave descriptor 2 the
+    file it was."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for k in range(4):
+        path = tmp_path / f"{k}.tif"
+        Image.fromarray(np.ascontiguousarray(np.roll(astronaut, 40 * k, axis=1))).save(
+            path, compression="tiff_lzw")
+        paths.append(path)
+    before = os.fstat(2)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(F.load_image, paths * 8))
+    for k, image in enumerate(loaded):
+        np.testing.assert_array_equal(image, np.roll(astronaut, 40 * (k % 4), axis=1))
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
