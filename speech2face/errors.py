@@ -18,6 +18,11 @@ class Speech2FaceError(Exception):
         self.problem = problem
         super().__init__(problem if self.path is None else f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        """Pickled as its path and problem (the default, its one-line message, does not
+        fit ``__init__``): a worker process hands it to the command that prints it."""
+        return type(self), (self.path, self.problem)
+
 
 class AudioError(Speech2FaceError):
     """An audio or video file that cannot give a usable speech signal."""

@@ -75,22 +75,24 @@ def test_fma_lanes_follow_the_cores_datapath_not_only_its_flags(vendor, family, 
 
 
 def test_prepare_startup_parts_from_a_timeline():
-    """bench_startup's arithmetic on a made-up timeline, worked out by hand: the process
-    started 0.05 s before its clock, dlib's models took 0.2-0.8 s on it, the last unit
-    ended at 5.9 s of a 6.0-s run; so 0.25 + 0.6 + 0.05 = 0.9 s serial, and 11 s on one
-    worker halved but for that: 11 / (0.9 + 10.1 / 2) = 1.849x."""
+    """bench_startup's arithmetic on a made-up timeline, worked out by hand: the command
+    started 0.05 s before its clock, the child loaded dlib's models at 0.2-0.8 s (beside
+    the command's import of the shard writer, 0.2-1.3 s), the last unit ended at 5.9 s
+    of a 6.0-s run; so 0.25 + 0.05 = 0.3 s serial, and 11 s on one worker halved but
+    for that: 11 / (0.3 + 10.7 / 2) = 1.9469x."""
     from bench.bench_startup import _parts
 
     two = {"wall_s": 6.0, "processes": {
-        "main": {"age_at_start": 0.05, "models": [0.2, 0.8], "writer import": [0.8, 2.0],
-                 "first": 2.0, "last": 5.9, "busy": 3.9},
-        "pool": {"first": 0.85, "last": 5.85, "busy": 4.5}}}
+        "main": {"age_at_start": 0.05, "writer import": [0.2, 1.3], "first": None,
+                 "last": None, "busy": 0.0},
+        "child": {"models": [0.2, 0.8], "first": 0.85, "last": 5.9, "busy": 4.5},
+        "pool": {"first": 0.85, "last": 5.85, "busy": 4.75}}}
     parts = _parts(two, {"wall_s": 11.0})
     assert parts["before_models_s"] == pytest.approx(0.25)
     assert parts["models_s"] == pytest.approx(0.6)
     assert parts["tail_s"] == pytest.approx(0.05)
-    assert parts["serial_s"] == pytest.approx(0.9)
-    assert parts["ceiling"] == pytest.approx(1.8487, abs=1e-4)
+    assert parts["serial_s"] == pytest.approx(0.3)
+    assert parts["ceiling"] == pytest.approx(1.9469, abs=1e-4)
     assert parts["ratio"] == pytest.approx(11 / 6)
-    assert parts["pool_busy"] == pytest.approx(0.9) and parts["main_busy"] == pytest.approx(1.0)
-    assert parts["writer_import_s"] == pytest.approx(1.2)
+    assert parts["child_busy"] == pytest.approx(0.9) and parts["pool_busy"] == pytest.approx(0.95)
+    assert parts["writer_import_s"] == pytest.approx(1.1)

@@ -760,6 +760,75 @@ sys.exit(main(["prepare", "voxceleb1", "--root", {str(corpus)!r}, "--out",
     assert "Traceback" not in job.stderr and "KeyboardInterrupt" not in job.stderr, job.stderr
 
 
+def _prepare_with(corpus: Path, out: Path, patch: str) -> subprocess.CompletedProcess:
+    """``speech2face prepare --workers 2`` in a fresh process without torch (the
+    workers are then forked from a child process that loads the models), with ``patch``
+    run first: it may replace prepare's functions, which the forked processes inherit."""
+    script = f"""
+import os, signal, sys
+import speech2face.data.prepare
+stage = sys.modules["speech2face.data.prepare"]
+MAIN = os.getpid()
+{patch}
+from speech2face.cli import main
+assert "torch" not in sys.modules
+sys.exit(main(["prepare", "voxceleb1", "--root", {str(corpus)!r}, "--out", {str(out)!r},
+               "--samples-per-shard", "{PER_SHARD}", "--mix-clips", "{MIX}", "--workers", "2"]))
+"""
+    return subprocess.run([sys.executable, "-c", script],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=300, start_new_session=True)
+
+
+def test_an_error_in_a_forked_worker_is_the_commands_one_line(corpus, tmp_path):
+    """A unit that raises a DataError in the process that computes the units, or in
+    its pool, ends the command with that error's line (exit 2): the error crosses one or
+    two process boundaries, pickled as its path and problem."""
+    patch = """
+from speech2face.errors import DataError
+call, calls = stage._Processor.__call__, []
+def failing(self, unit):
+    calls.append(1)  # each process counts its own
+    if len(calls) == 3:
+        raise DataError(unit.video, "unreadable in a test")
+    return call(self, unit)
+stage._Processor.__call__ = failing
+"""
+    job = _prepare_with(corpus, tmp_path / "shards", patch)
+    last = job.stderr.replace("\r", "\n").strip().splitlines()[-1:]
+    assert job.returncode == 2 and len(last) == 1, job.stderr
+    assert last[0].startswith("speech2face prepare: error: ") and \
+        last[0].endswith(": unreadable in a test"), job.stderr
+    assert "Traceback" not in job.stderr, job.stderr
+
+
+def test_a_killed_worker_process_ends_the_command_in_one_line_and_the_rerun_continues(
+        corpus, reference, tmp_path):
+    """The process computing the units, or a worker of its pool, killed (the kernel's
+    OOM killer, an operator): the command says so in one line (exit 2) instead of
+    waiting for ever for the lost video, and the rerun finishes the same shards."""
+    out = tmp_path / "shards"
+    for which, said in (("==", "killed by SIGKILL; "), ("!=", "")):  # that one; its pool's
+        patch = f"""
+call, calls = stage._Processor.__call__, []
+def killed(self, unit):
+    calls.append(1)
+    if os.getppid() {which} MAIN and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return call(self, unit)
+stage._Processor.__call__ = killed
+"""
+        job = _prepare_with(corpus, out, patch)
+        last = job.stderr.replace("\r", "\n").strip().splitlines()[-1:]
+        assert job.returncode == 2 and last == [
+            "speech2face prepare: error: a worker process ended before its work was done "
+            f"({said}out of memory?); rerun the same command to continue"], job.stderr
+        assert "Traceback" not in job.stderr and not (out / "manifest.json").exists()
+    finish = _prepare_with(corpus, out, "")
+    assert finish.returncode == 0, finish.stderr
+    assert members(out) == members(reference)
+
+
 def test_workers_start_where_signal_masks_do_not_exist(corpus, reference, tmp_path,
                                                        monkeypatch):
     """Without POSIX signal masks (signal.pthread_sigmask: Windows) the pool starts as

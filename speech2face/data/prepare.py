@@ -955,15 +955,15 @@ def _results(units: list[Unit], options: Options, workers: int,
              meanwhile=None) -> Iterator[UnitResult]:
     """Process units in ``workers`` processes, results yielded in the units' order.
 
-    With more than one, this process works too, beside a pool of ``workers - 1``
-    (:func:`_pool`), so that a run pays for one worker start-up fewer. Units are handed
-    out as they are needed: the pool always has one waiting per worker, and this
-    process, between writing results, takes the next unit nobody has taken whenever the
-    one it must write next is not finished, so neither side waits while the other has
-    work. ``meanwhile`` (prepare: importing the shard writer, which imports torch, 1.4 s
-    of CPU, and must come after the pool is forked) runs here first, while the pool has
-    16 units per worker to do. A unit's result does not depend on which process
-    computes it: the shards are the same for every count.
+    One worker: here, one unit after another. More, where the pool can be forked
+    (:func:`_forkable`): in a child process forked at once (:func:`_from_child`), which
+    loads the models while this process runs ``meanwhile`` (prepare: importing the shard
+    writer, which imports torch, 1.4 s of CPU), then computes units beside a pool of
+    ``workers - 1`` forked from it with the models in shared memory (:func:`_in_order`),
+    and hands each result here in order; this process writes them. Otherwise (spawned
+    workers) this process computes units itself beside the pool, ``meanwhile`` run while
+    the pool has 16 units per worker to do. A unit's result does not depend on which
+    process computes it: the shards are the same for every count.
     """
     # The processors and the pool are made inside the generators, where a Ctrl-C waits
     # for the next check() (and a generator closed before it started has nothing to stop).
@@ -977,58 +977,159 @@ def _results(units: list[Unit], options: Options, workers: int,
                     yield processor(unit)
 
         return one_by_one()
+
+    def generate_interruptibly():
+        with _interrupt_between_units() as check:
+            if _forkable(options):
+                yield from _from_child(units, options, workers, check, meanwhile)
+            else:
+                yield from _in_order(units, options, workers, check, meanwhile)
+
+    return generate_interruptibly()
+
+
+def _in_order(units: list[Unit], options: Options, workers: int, check,
+              meanwhile=None) -> Iterator[UnitResult]:
+    """Units computed by this process and a pool of ``workers - 1``, yielded in order.
+
+    Units are handed out as they are needed: the pool always has one waiting per
+    worker, and this process, between yielding results, takes the next unit nobody has
+    taken whenever the one it must yield next is not finished, so neither side waits
+    while the other has work. ``meanwhile`` runs here first, while the pool has 16
+    units per worker to do.
+    """
     from multiprocessing.pool import AsyncResult
 
     queued = 2 * (workers - 1)  # one running and one waiting per pool worker
     first = 16 * (workers - 1) if meanwhile else 0  # the pool's work during ``meanwhile``
     ahead = 2 * first + 4 * workers  # units taken and not yet written, at most
+    taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
+    untaken = 0  # units before it are in ``taken`` or written
+    pool = None
 
-    def generate(check):
-        taken: dict[int, AsyncResult | UnitResult] = {}  # by unit index, until written
-        untaken = 0  # units before it are in ``taken`` or written
-        pool = None
+    def take(here: bool) -> None:
+        """The next unit nobody has taken: computed here, or handed to the pool."""
+        nonlocal untaken
+        unit = units[untaken]
+        taken[untaken] = mine(unit) if here else pool.apply_async(_worker_run, (unit,))
+        untaken += 1
 
-        def take(here: bool) -> None:
-            """The next unit nobody has taken: computed here, or handed to the pool."""
-            nonlocal untaken
-            unit = units[untaken]
-            taken[untaken] = mine(unit) if here else pool.apply_async(_worker_run, (unit,))
-            untaken += 1
+    try:
+        mine = _Processor(options, single_thread=True)
+        pool = _start_pool(workers - 1, options)
+        started = _worker_pids(pool)
+        for _ in range(min(first, len(units))):
+            take(here=False)
+        if meanwhile is not None:
+            meanwhile()
+        for want in range(len(units)):
+            while True:
+                check()
+                pending = sum(isinstance(r, AsyncResult) and not r.ready()
+                              for r in taken.values())
+                for _ in range(min(queued - pending, len(units) - untaken)):
+                    take(here=False)
+                result = taken.get(want)
+                if result is None:  # the pool is full and this one is nobody's yet
+                    take(here=True)
+                elif not isinstance(result, AsyncResult) or result.ready():
+                    break
+                elif untaken < len(units) and len(taken) < ahead:
+                    take(here=True)
+                else:
+                    result.wait(0.25)  # and check() again
+                    if not result.ready() and _worker_pids(pool) != started:
+                        # one died (the OOM killer): the pool starts another, and the
+                        # video it had is lost for ever
+                        raise DataError(None, _ended())
+            result = taken.pop(want)
+            yield result.get() if isinstance(result, AsyncResult) else result
+    finally:
+        if pool is not None:
+            _stop(pool)
 
+
+def _forkable(options: Options) -> bool:
+    """Whether workers can be forked from this process: the dlib path's models are safe
+    to share, torch (whose OpenMP threads do not survive a fork) is not imported, and
+    the system has fork."""
+    import multiprocessing as mp
+
+    return (options.encoder == "dlib" and "torch" not in sys.modules
+            and "fork" in mp.get_all_start_methods())
+
+
+def _from_child(units: list[Unit], options: Options, workers: int, check,
+                meanwhile=None) -> Iterator[UnitResult]:
+    """Units computed in a child process forked now (:func:`_child_run`), which loads
+    the models once and forks its pool from itself, yielded here in order while
+    ``meanwhile`` and the writing run here. The models' 0.6 s of loading then overlaps
+    this process's work instead of holding up both cores."""
+    import multiprocessing as mp
+    import queue
+
+    context = mp.get_context("fork")
+    results = context.Queue()
+    with _sigint_held():  # until the child ignores SIGINT (:func:`_pool`)
+        child = context.Process(target=_child_run, args=(units, options, workers, results))
         try:
-            mine = _Processor(options, single_thread=True)
-            pool = _start_pool(workers - 1, options)
-            for _ in range(min(first, len(units))):
-                take(here=False)
-            if meanwhile is not None:
-                meanwhile()
-            for want in range(len(units)):
-                while True:
-                    check()
-                    pending = sum(isinstance(r, AsyncResult) and not r.ready()
-                                  for r in taken.values())
-                    for _ in range(min(queued - pending, len(units) - untaken)):
-                        take(here=False)
-                    result = taken.get(want)
-                    if result is None:  # the pool is full and this one is nobody's yet
-                        take(here=True)
-                    elif not isinstance(result, AsyncResult) or result.ready():
-                        break
-                    elif untaken < len(units) and len(taken) < ahead:
-                        take(here=True)
-                    else:
-                        result.wait(0.25)  # and check() again
-                result = taken.pop(want)
-                yield result.get() if isinstance(result, AsyncResult) else result
-        finally:
-            if pool is not None:
-                _stop(pool)
+            child.start()
+        except OSError as error:
+            raise DataError(None, f"cannot start {workers} worker process(es) "
+                                  f"({error.strerror or error}); use fewer --workers") from None
+    try:
+        _widen_pipe(results._reader)  # noqa: SLF001
+        if meanwhile is not None:
+            meanwhile()
+        for _ in units:
+            while True:
+                check()
+                try:
+                    done, result = results.get(timeout=0.25)
+                    break
+                except queue.Empty:
+                    check()  # first: a SIGTERM to every process also ends the child
+                    if not child.is_alive():
+                        raise DataError(None, _ended(child.exitcode)) from None
+            if not done:
+                raise result
+            yield result
+    finally:
+        if child.is_alive():
+            child.kill()  # its pool's workers die with it (_die_with_parent)
+        child.join()
+        results.close()
 
-    def generate_interruptibly():
-        with _interrupt_between_units() as check:
-            yield from generate(check)
 
-    return generate_interruptibly()
+def _worker_pids(pool) -> set[int | None]:
+    """The pool's live workers (a private attribute; best effort: empty without it)."""
+    return {p.pid for p in getattr(pool, "_pool", ()) if p.exitcode is None}
+
+
+def _ended(code: int | None = None) -> str:
+    """What to say when a process computing the units ended before its work was done."""
+    how = "" if code is None else f"exit code {code}; "
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            how = f"killed by {signal.Signals(-code).name}; "
+    return (f"a worker process ended before its work was done ({how}out of memory?); "
+            "rerun the same command to continue")
+
+
+def _child_run(units: list[Unit], options: Options, workers: int, results) -> None:
+    """:func:`_from_child`'s process: each result, or the error that stopped it, put on
+    ``results`` in the units' order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command's to handle, as _worker_init
+    if _SIGNAL_MASKS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent()
+    try:
+        for result in _in_order(units, options, workers, check=lambda: None):
+            results.put((True, result))
+    except BaseException as error:  # noqa: BLE001  (raised in the command)
+        results.put((False, error))
+    results.close()
+    results.join_thread()
 
 
 def _start_pool(processes: int, options: Options):
@@ -1049,10 +1150,8 @@ def _pool(processes: int, options: Options):
     torch (its OpenMP threads do not survive a fork) or where a worker needs torch (the
     vggface encoder), and where the system has no fork."""
     import multiprocessing as mp
-    import sys
 
-    fork = (options.encoder == "dlib" and "torch" not in sys.modules
-            and "fork" in mp.get_all_start_methods())
+    fork = _forkable(options)
     if fork:
         from speech2face import faces
 
@@ -1080,7 +1179,7 @@ RESULT_PIPE_BYTES = 1 << 20
 
 
 def _widen_result_pipe(pool) -> None:
-    """Let the pool's result pipe hold a few whole results (Linux; elsewhere a no-op).
+    """Let the pool's result pipe hold a few whole results (:func:`_widen_pipe`).
 
     A worker hands its result to this process through a pipe, and blocks while the pipe
     is full until this process's result thread reads it. That thread needs the GIL,
@@ -1088,14 +1187,19 @@ def _widen_result_pipe(pool) -> None:
     detector and shape predictor do not release it), so with the default 64 kB pipe the
     worker waited about 10 ms after every video: 0.5 s of a 2-worker run of the demo
     corpus (docs/benchmarks.md). Best effort: the pipe is the pool's own (a private
-    attribute), and a kernel that refuses the size keeps its default.
+    attribute).
     """
+    _widen_pipe(getattr(getattr(pool, "_outqueue", None), "_reader", None))
+
+
+def _widen_pipe(reader) -> None:
+    """A pipe connection's capacity raised to RESULT_PIPE_BYTES (Linux; elsewhere, or
+    where the kernel refuses the size, a no-op)."""
     try:
         import fcntl
     except ImportError:  # Windows
         return
     setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
-    reader = getattr(getattr(pool, "_outqueue", None), "_reader", None)
     if setpipe is None or reader is None or not hasattr(reader, "fileno"):
         return
     try:
