@@ -85,7 +85,7 @@ def test_prepare_startup_parts_from_a_timeline():
     two = {"wall_s": 6.0, "processes": {
         "main": {"age_at_start": 0.05, "writer import": [0.2, 1.3], "first": None,
                  "last": None, "busy": 0.0},
-        "child": {"models": [0.2, 0.8], "first": 0.85, "last": 5.9, "busy": 4.5},
+        "child": {"models": [0.2, 0.8], "first": 0.85, "last": 5.9, "busy": 4.545},
         "pool": {"first": 0.85, "last": 5.85, "busy": 4.75}}}
     parts = _parts(two, {"wall_s": 11.0})
     assert parts["before_models_s"] == pytest.approx(0.25)

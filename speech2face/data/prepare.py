@@ -1064,33 +1064,54 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
     """Units computed in a child process forked now (:func:`_child_run`), which loads
     the models once and forks its pool from itself, yielded here in order while
     ``meanwhile`` and the writing run here. The models' 0.6 s of loading then overlaps
-    this process's work instead of holding up both cores."""
+    this process's work instead of holding up both cores.
+
+    The child runs at most ``ahead`` results ahead of this process (a semaphore), enough
+    to keep working through ``meanwhile``. A thread here takes the results off the pipe,
+    so that this process notices the child's death even in the middle of a result (a
+    child killed while handing one over leaves the rest of it unsent for ever).
+    """
     import multiprocessing as mp
     import queue
 
+    ahead = 32 * (workers - 1) + 4 * workers  # about 1.5 s of the demo corpus's videos
     context = mp.get_context("fork")
-    results = context.Queue()
+    results, room = context.Queue(), context.Semaphore(ahead)
+    received: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            for _ in units:
+                received.put(results.get())
+
     with _sigint_held():  # until the child ignores SIGINT (:func:`_pool`)
-        child = context.Process(target=_child_run, args=(units, options, workers, results))
+        child = context.Process(target=_child_run,
+                                args=(units, options, workers, results, room))
         try:
             child.start()
         except OSError as error:
             raise DataError(None, f"cannot start {workers} worker process(es) "
                                   f"({error.strerror or error}); use fewer --workers") from None
+    reader = threading.Thread(target=receive, name="prepare-results", daemon=True)
     try:
         _widen_pipe(results._reader)  # noqa: SLF001
+        reader.start()
         if meanwhile is not None:
-            meanwhile()
+            _while_checking(meanwhile, check)
         for _ in units:
             while True:
                 check()
                 try:
-                    done, result = results.get(timeout=0.25)
+                    done, result = received.get(timeout=0.25)
                     break
                 except queue.Empty:
                     check()  # first: a SIGTERM to every process also ends the child
-                    if not child.is_alive():
-                        raise DataError(None, _ended(child.exitcode)) from None
+                    # killed, or (a bug) ended with nothing more coming
+                    if child.exitcode not in (None, 0) or (
+                            child.exitcode == 0 and not reader.is_alive()
+                            and received.empty()):
+                        raise DataError(None, _ended(child.exitcode or None)) from None
+            room.release()
             if not done:
                 raise result
             yield result
@@ -1098,7 +1119,28 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
         if child.is_alive():
             child.kill()  # its pool's workers die with it (_die_with_parent)
         child.join()
-        results.close()
+
+
+def _while_checking(work: Callable[[], None], check: Callable[[], None]) -> None:
+    """``work()`` in a thread while this one calls ``check()`` every 0.1 s: a Ctrl-C
+    during the shard writer's import (up to 2 s while the child and its pool take both
+    cores) then ends the run at once, and the import finishes in its thread, whole,
+    instead of being cut (a half-imported torch) or waited for."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001  (raised here)
+            failed.append(error)
+
+    thread = threading.Thread(target=run, name="prepare-meanwhile", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        check()
+        thread.join(0.1)
+    if failed:
+        raise failed[0]
 
 
 def _worker_pids(pool) -> set[int | None]:
@@ -1116,15 +1158,16 @@ def _ended(code: int | None = None) -> str:
             "rerun the same command to continue")
 
 
-def _child_run(units: list[Unit], options: Options, workers: int, results) -> None:
+def _child_run(units: list[Unit], options: Options, workers: int, results, room) -> None:
     """:func:`_from_child`'s process: each result, or the error that stopped it, put on
-    ``results`` in the units' order."""
+    ``results`` in the units' order, each once ``room`` (a semaphore) allows."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command's to handle, as _worker_init
     if _SIGNAL_MASKS:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     try:
         for result in _in_order(units, options, workers, check=lambda: None):
+            room.acquire()
             results.put((True, result))
     except BaseException as error:  # noqa: BLE001  (raised in the command)
         results.put((False, error))
