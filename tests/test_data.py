@@ -239,7 +239,7 @@ def test_worker_processes_a_video_without_importing_torch(corpus):
         "import sys\n"
         "from speech2face.data.datasets import list_units\n"
         "from speech2face.data.prepare import Options, _worker_init, _worker_run\n"
-        "_worker_init(Options('voxceleb1'))\n"
+        "import os; _worker_init(Options('voxceleb1'), os.getppid())\n"
         f"result = _worker_run(list_units('voxceleb1', {str(corpus)!r})[0])\n"
         "assert len(result.samples) == 3, result.skipped\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
@@ -826,6 +826,48 @@ stage._Processor.__call__ = killed
         assert "Traceback" not in job.stderr and not (out / "manifest.json").exists()
     finish = _prepare_with(corpus, out, "")
     assert finish.returncode == 0, finish.stderr
+    assert members(out) == members(reference)
+
+
+def test_an_error_that_cannot_cross_processes_ends_the_command_not_hangs(corpus, tmp_path):
+    """A bug's exception that pickles but cannot be rebuilt (an __init__ of two
+    arguments), raised in the process computing the units or in its pool, killed the
+    thread that received it and the command waited for ever: now the command ends with
+    its traceback, naming it (exit 1, as any bug)."""
+    for which in ("==", "!="):  # the units' process; its pool's worker
+        patch = f"""
+class TwoArguments(Exception):
+    def __init__(self, what, where):
+        super().__init__(f"{{what}} at {{where}}")
+call, calls = stage._Processor.__call__, []
+def failing(self, unit):
+    calls.append(1)
+    if os.getppid() {which} MAIN and len(calls) == 3:
+        raise TwoArguments("a bug", "the third video")
+    return call(self, unit)
+stage._Processor.__call__ = failing
+"""
+        job = _prepare_with(corpus, tmp_path / f"shards{len(which)}{which[0]}", patch)
+        assert job.returncode == 1, job.stderr
+        assert "RuntimeError: TwoArguments: a bug at the third video" in job.stderr, job.stderr
+
+
+def test_workers_run_where_the_command_is_pid_1(corpus, reference, tmp_path):
+    """In a container without an init the command is PID 1, the parent of its workers:
+    they took a parent of 1 for a dead one and exited, and every --workers 2 run failed
+    (before the forked child, hung). Run in a new PID namespace where ``unshare`` may."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, check=False) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no unshare, or no right to make a PID namespace here")
+    out = tmp_path / "shards"
+    job = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "speech2face",
+         "prepare", "voxceleb1", "--root", str(corpus), "--out", str(out),
+         "--samples-per-shard", str(PER_SHARD), "--mix-clips", str(MIX), "--workers", "2"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=300, check=False)
+    assert job.returncode == 0, job.stderr
     assert members(out) == members(reference)
 
 

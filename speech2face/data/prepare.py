@@ -458,7 +458,7 @@ def _sigint_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _worker_init(options: Options) -> None:
+def _worker_init(options: Options, parent: int) -> None:
     global _WORKER
     # Ctrl-C is the command's to handle (it reaches the whole process group): a worker
     # interrupted while handing over a result left the pool's pipe half-written, and the
@@ -468,14 +468,16 @@ def _worker_init(options: Options) -> None:
     # worker was still importing, is ignored now instead of printing its traceback.
     if _SIGNAL_MASKS:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent()
+    _die_with_parent(parent)
     _WORKER = _Processor(options, single_thread=True)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the command's process ends, even by
-    SIGKILL, instead of letting it finish a video for nobody and fail (a BrokenPipeError
-    traceback) to hand it over. Elsewhere a no-op."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when ``parent`` (the process that started it)
+    ends, even by SIGKILL, instead of letting it finish a video for nobody and fail (a
+    BrokenPipeError traceback) to hand it over. Elsewhere a no-op. The parent is named,
+    not taken to be gone when this process's parent is 1: a command running as PID 1 (a
+    container without an init) is the parent of its workers."""
     import ctypes
 
     try:
@@ -483,7 +485,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the command ended before the call
+    if os.getppid() != parent:  # the parent ended before the call
         os._exit(1)
 
 
@@ -526,7 +528,25 @@ STOP_SECONDS = 10.0
 
 
 def _worker_run(unit: Unit) -> UnitResult:
-    return _WORKER(unit)
+    try:
+        return _WORKER(unit)
+    except Exception as error:
+        # pickled here, unpickled by the pool's result thread in the parent: an error
+        # that cannot be rebuilt there killed that thread, and the parent waited for ever
+        raise _sendable(error) from None
+
+
+def _sendable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling and unpickling, else a RuntimeError naming it
+    (with its traceback)."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001  (whatever pickling or rebuilding raises)
+        return RuntimeError(f"{type(error).__name__}: {error}").with_traceback(
+            error.__traceback__)
+    return error
 
 
 # ============================================================================== order
@@ -1059,6 +1079,9 @@ def _forkable(options: Options) -> bool:
             and "fork" in mp.get_all_start_methods())
 
 
+AHEAD_MAX = 128  # results the child may have sent and the command not yet taken
+
+
 def _from_child(units: list[Unit], options: Options, workers: int, check,
                 meanwhile=None) -> Iterator[UnitResult]:
     """Units computed in a child process forked now (:func:`_child_run`), which loads
@@ -1074,19 +1097,22 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
     import multiprocessing as mp
     import queue
 
-    ahead = 32 * (workers - 1) + 4 * workers  # about 1.5 s of the demo corpus's videos
+    # about 1.5 s of the demo corpus's videos, and not more than 128 (memory)
+    ahead = min(32 * (workers - 1) + 4 * workers, AHEAD_MAX)
     context = mp.get_context("fork")
     results, room = context.Queue(), context.Semaphore(ahead)
     received: queue.SimpleQueue = queue.SimpleQueue()
 
     def receive() -> None:
-        with contextlib.suppress(EOFError, OSError):
+        try:
             for _ in units:
                 received.put(results.get())
+        except BaseException as error:  # noqa: BLE001  (a result that cannot be read)
+            received.put((False, error))
 
     with _sigint_held():  # until the child ignores SIGINT (:func:`_pool`)
         child = context.Process(target=_child_run,
-                                args=(units, options, workers, results, room))
+                                args=(units, options, workers, results, room, os.getpid()))
         try:
             child.start()
         except OSError as error:
@@ -1106,11 +1132,8 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
                     break
                 except queue.Empty:
                     check()  # first: a SIGTERM to every process also ends the child
-                    # killed, or (a bug) ended with nothing more coming
-                    if child.exitcode not in (None, 0) or (
-                            child.exitcode == 0 and not reader.is_alive()
-                            and received.empty()):
-                        raise DataError(None, _ended(child.exitcode or None)) from None
+                    if child.exitcode not in (None, 0):  # killed
+                        raise DataError(None, _ended(child.exitcode)) from None
             room.release()
             if not done:
                 raise result
@@ -1158,19 +1181,23 @@ def _ended(code: int | None = None) -> str:
             "rerun the same command to continue")
 
 
-def _child_run(units: list[Unit], options: Options, workers: int, results, room) -> None:
+def _child_run(units: list[Unit], options: Options, workers: int, results, room,
+               parent: int) -> None:
     """:func:`_from_child`'s process: each result, or the error that stopped it, put on
     ``results`` in the units' order, each once ``room`` (a semaphore) allows."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command's to handle, as _worker_init
     if _SIGNAL_MASKS:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent()
+    _die_with_parent(parent)
     try:
         for result in _in_order(units, options, workers, check=lambda: None):
             room.acquire()
             results.put((True, result))
     except BaseException as error:  # noqa: BLE001  (raised in the command)
-        results.put((False, error))
+        from multiprocessing.pool import ExceptionWithTraceback
+
+        error = _sendable(error)  # raised in the command with this traceback under it
+        results.put((False, ExceptionWithTraceback(error, error.__traceback__)))
     results.close()
     results.join_thread()
 
@@ -1211,7 +1238,8 @@ def _pool(processes: int, options: Options):
     # takes a Ctrl-C sent meanwhile once the pool is made; the pool's own threads, made
     # here, keep it blocked (Python handles signals in the main thread).
     with _sigint_held():
-        pool = context.Pool(processes, initializer=_worker_init, initargs=(options,))
+        pool = context.Pool(processes, initializer=_worker_init,
+                            initargs=(options, os.getpid()))
     _widen_result_pipe(pool)
     return pool
 
