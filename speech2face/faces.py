@@ -278,14 +278,16 @@ def _c_stderr_caught() -> Iterator[list[str]]:
     said = [""]
     # Started with descriptor 2 closed (``2>&-``), Python has no sys.__stderr__, and the
     # next file opened takes descriptor 2: PIL's image file itself, not a stderr.
-    try:
-        if sys.__stderr__ is None:
-            raise OSError
-        os.fstat(2)
-        if sys.stderr is not None:
-            sys.stderr.flush()
-        caught = tempfile.TemporaryFile()
-    except (OSError, ValueError):  # no stderr; sys.stderr closed; no writable temp folder
+    caught = None
+    if sys.__stderr__ is not None:
+        try:
+            os.fstat(2)
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            caught = tempfile.TemporaryFile()
+        except (OSError, ValueError):  # closed since; sys.stderr closed; no temp folder
+            pass
+    if caught is None:
         yield said
         return
     # One capture at a time: two threads swapping descriptor 2 could each restore the

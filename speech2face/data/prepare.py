@@ -460,16 +460,22 @@ def _sigint_held() -> Iterator[None]:
 
 def _worker_init(options: Options, parent: int) -> None:
     global _WORKER
+    _worker_signals(parent)
+    _WORKER = _Processor(options, single_thread=True)
+
+
+def _worker_signals(parent: int) -> None:
+    """A worker process's first step (the pool's and prepare's forked child)."""
     # Ctrl-C is the command's to handle (it reaches the whole process group): a worker
     # interrupted while handing over a result left the pool's pipe half-written, and the
     # command waiting for the rest of it for ever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Started with SIGINT blocked (:func:`_pool`): one sent meanwhile, while a spawned
-    # worker was still importing, is ignored now instead of printing its traceback.
+    # Started with SIGINT blocked (:func:`_pool`, :func:`_from_child`): one sent
+    # meanwhile, while a spawned worker was still importing, is ignored now instead of
+    # printing its traceback.
     if _SIGNAL_MASKS:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent(parent)
-    _WORKER = _Processor(options, single_thread=True)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -1113,11 +1119,8 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
     with _sigint_held():  # until the child ignores SIGINT (:func:`_pool`)
         child = context.Process(target=_child_run,
                                 args=(units, options, workers, results, room, os.getpid()))
-        try:
+        with _starting(workers):
             child.start()
-        except OSError as error:
-            raise DataError(None, f"cannot start {workers} worker process(es) "
-                                  f"({error.strerror or error}); use fewer --workers") from None
     reader = threading.Thread(target=receive, name="prepare-results", daemon=True)
     try:
         _widen_pipe(results._reader)  # noqa: SLF001
@@ -1185,10 +1188,7 @@ def _child_run(units: list[Unit], options: Options, workers: int, results, room,
                parent: int) -> None:
     """:func:`_from_child`'s process: each result, or the error that stopped it, put on
     ``results`` in the units' order, each once ``room`` (a semaphore) allows."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command's to handle, as _worker_init
-    if _SIGNAL_MASKS:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent(parent)
+    _worker_signals(parent)
     try:
         for result in _in_order(units, options, workers, check=lambda: None):
             room.acquire()
@@ -1203,10 +1203,17 @@ def _child_run(units: list[Unit], options: Options, workers: int, results, room,
 
 
 def _start_pool(processes: int, options: Options):
-    """:func:`_pool`, its failure to start (no processes or pipes left) said as such,
-    not as a failure to write the shards."""
-    try:
+    """:func:`_pool`, its failure to start said as such (:func:`_starting`)."""
+    with _starting(processes):
         return _pool(processes, options)
+
+
+@contextlib.contextmanager
+def _starting(processes: int) -> Iterator[None]:
+    """Where worker processes start: a failure to (no processes or pipes left) said as
+    such, not as a failure to write the shards."""
+    try:
+        yield
     except OSError as error:
         raise DataError(None, f"cannot start {processes} worker process(es) "
                               f"({error.strerror or error}); use fewer --workers") from None
