@@ -57,7 +57,7 @@ from speech2face.utils import output_entries, png_bytes, read_json, seed_problem
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
 DEMO_SPEAKERS = 40
-# Training budgets of the demo (tiny presets, one CPU thread); chosen to fit about four
+# Training budgets of the demo (tiny presets, TORCH_THREADS threads); chosen to fit about four
 # minutes of CPU time on two cores. Higher learning rates than the paper's 1e-3: a few
 # hundred steps must get faces that tell the speakers apart out of the decoder, and a
 # speaker-dependent feature out of the voice encoder. Both stages see their samples in
