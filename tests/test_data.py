@@ -802,6 +802,44 @@ stage._Processor.__call__ = failing
     assert "Traceback" not in job.stderr, job.stderr
 
 
+def test_a_failed_prepare_leaves_no_thread_process_or_pipe_behind(corpus, tmp_path):
+    """``prepare()`` called from Python (no torch: the forked child) that fails: the
+    caller goes on (a notebook, a service) without the thread that took the child's
+    results (it stayed blocked on the pipe for ever), the child, or their pipes."""
+    script = f"""
+import multiprocessing, os, sys, threading, time
+import speech2face.data.prepare
+stage = sys.modules["speech2face.data.prepare"]  # (the package's prepare is the function)
+from speech2face.errors import DataError
+call, calls = stage._Processor.__call__, []
+def failing(self, unit):
+    calls.append(1)
+    if len(calls) == 3:
+        raise DataError(unit.video, "unreadable in a test")
+    return call(self, unit)
+stage._Processor.__call__ = failing
+fds = lambda: len(os.listdir("/proc/self/fd"))
+before = fds()
+assert "torch" not in sys.modules  # so the forked child computes the units
+try:
+    stage.prepare("voxceleb1", {str(corpus)!r}, {str(tmp_path / "shards")!r}, workers=2,
+                  samples_per_shard={PER_SHARD}, mix_clips={MIX}, progress=False)
+except DataError:
+    pass
+# tqdm's one monitor thread, started by any bar (even a disabled one), is tqdm's
+threads = lambda: sorted(t.name for t in threading.enumerate() if t.name != "tqdm_monitor")
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline and (threads() != ["MainThread"] or
+                                       multiprocessing.active_children()):
+    time.sleep(0.05)
+print(threads(), multiprocessing.active_children(), fds() - before)
+"""
+    job = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.split() == ["['MainThread']", "[]", "0"], job.stdout
+
+
 def test_a_killed_worker_process_ends_the_command_in_one_line_and_the_rerun_continues(
         corpus, reference, tmp_path):
     """The process computing the units, or a worker of its pool, killed (the kernel's

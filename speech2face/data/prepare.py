@@ -1112,7 +1112,10 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
     def receive() -> None:
         try:
             for _ in units:
-                received.put(results.get())
+                result = results.get()
+                if result is None:  # put by this process: the run has ended early
+                    return
+                received.put(result)
         except BaseException as error:  # noqa: BLE001  (a result that cannot be read)
             received.put((False, error))
 
@@ -1145,6 +1148,23 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
         if child.is_alive():
             child.kill()  # its pool's workers die with it (_die_with_parent)
         child.join()
+        child.close()
+        _stop_reading(reader, results)
+
+
+def _stop_reading(reader: threading.Thread, results) -> None:
+    """End ``reader``, the thread taking results off ``results``, and close the queue's
+    pipe: after an error or an interruption the thread was left blocked on the pipe for
+    ever, holding it open (a caller that goes on, a notebook, kept both). A child killed
+    in the middle of a result leaves the pipe holding part of one: the thread may then
+    never end, and the pipe is left to it."""
+    if reader.is_alive():
+        results.put(None)  # the thread's signal to stop
+        reader.join(timeout=1.0)
+    results.close()
+    results.join_thread()
+    if not reader.is_alive():
+        results._reader.close()  # noqa: SLF001  (close() leaves the reading end open)
 
 
 def _while_checking(work: Callable[[], None], check: Callable[[], None]) -> None:
