@@ -846,7 +846,7 @@ def test_a_killed_worker_process_ends_the_command_in_one_line_and_the_rerun_cont
     OOM killer, an operator): the command says so in one line (exit 2) instead of
     waiting for ever for the lost video, and the rerun finishes the same shards."""
     out = tmp_path / "shards"
-    for which, said in (("==", "killed by SIGKILL; "), ("!=", "")):  # that one; its pool's
+    for which in ("==", "!="):  # that one; a worker of its pool
         patch = f"""
 call, calls = stage._Processor.__call__, []
 def killed(self, unit):
@@ -860,11 +860,32 @@ stage._Processor.__call__ = killed
         last = job.stderr.replace("\r", "\n").strip().splitlines()[-1:]
         assert job.returncode == 2 and last == [
             "speech2face prepare: error: a worker process ended before its work was done "
-            f"({said}out of memory?); rerun the same command to continue"], job.stderr
+            "(killed by SIGKILL; out of memory?); rerun the same command to continue"], \
+            job.stderr
         assert "Traceback" not in job.stderr and not (out / "manifest.json").exists()
     finish = _prepare_with(corpus, out, "")
     assert finish.returncode == 0, finish.stderr
     assert members(out) == members(reference)
+
+
+def test_a_worker_that_exits_with_an_error_is_named_by_its_exit_code(corpus, tmp_path):
+    """A script that calls prepare() with workers at its top level, without ``if
+    __name__ == "__main__":``: each spawned worker re-runs it and exits with Python's
+    error (exit code 1). The caller's error says so and points at that error, rather
+    than guessing at memory and asking for a rerun that would fail the same way."""
+    script = tmp_path / "no_main_guard.py"
+    script.write_text(f"""import torch  # the spawned workers' path
+from speech2face.data import prepare
+prepare("voxceleb1", {str(corpus)!r}, {str(tmp_path / "shards")!r}, workers=2,
+        samples_per_shard={PER_SHARD}, mix_clips={MIX}, progress=False)
+""")
+    job = subprocess.run([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert job.returncode == 1, job.stderr
+    assert job.stderr.strip().splitlines()[-1] == (
+        "speech2face.errors.DataError: a worker process ended before its work was done "
+        "(exit code 1); its error is printed above"), job.stderr
+    assert "__main__" in job.stderr, job.stderr  # Python's own advice, from a worker
 
 
 def test_an_error_that_cannot_cross_processes_ends_the_command_not_hangs(corpus, tmp_path):

@@ -1043,7 +1043,7 @@ def _in_order(units: list[Unit], options: Options, workers: int, check,
     try:
         mine = _Processor(options, single_thread=True)
         pool = _start_pool(workers - 1, options)
-        started = _worker_pids(pool)
+        started = _workers(pool)
         for _ in range(min(first, len(units))):
             take(here=False)
         if meanwhile is not None:
@@ -1064,10 +1064,11 @@ def _in_order(units: list[Unit], options: Options, workers: int, check,
                     take(here=True)
                 else:
                     result.wait(0.25)  # and check() again
-                    if not result.ready() and _worker_pids(pool) != started:
+                    ended = [w.exitcode for w in started if w.exitcode is not None]
+                    if not result.ready() and ended:
                         # one died (the OOM killer): the pool starts another, and the
                         # video it had is lost for ever
-                        raise DataError(None, _ended())
+                        raise DataError(None, _ended(ended[0]))
             result = taken.pop(want)
             yield result.get() if isinstance(result, AsyncResult) else result
     finally:
@@ -1189,19 +1190,22 @@ def _while_checking(work: Callable[[], None], check: Callable[[], None]) -> None
         raise failed[0]
 
 
-def _worker_pids(pool) -> set[int | None]:
-    """The pool's live workers (a private attribute; best effort: empty without it)."""
-    return {p.pid for p in getattr(pool, "_pool", ()) if p.exitcode is None}
+def _workers(pool) -> list:
+    """The pool's worker processes (a private attribute; best effort: none without it)."""
+    return list(getattr(pool, "_pool", ()))
 
 
 def _ended(code: int | None = None) -> str:
-    """What to say when a process computing the units ended before its work was done."""
-    how = "" if code is None else f"exit code {code}; "
-    if code is not None and code < 0:
+    """What to say when a process computing the units ended before its work was done
+    (``code``: its exit code, negative for a signal)."""
+    ended = "a worker process ended before its work was done"
+    if code is not None and code > 0:  # Python printed the process's error
+        return f"{ended} (exit code {code}); its error is printed above"
+    how = "out of memory?"
+    if code is not None:
         with contextlib.suppress(ValueError):
-            how = f"killed by {signal.Signals(-code).name}; "
-    return (f"a worker process ended before its work was done ({how}out of memory?); "
-            "rerun the same command to continue")
+            how = f"killed by {signal.Signals(-code).name}; {how}"
+    return f"{ended} ({how}); rerun the same command to continue"
 
 
 def _child_run(units: list[Unit], options: Options, workers: int, results, room,
