@@ -271,6 +271,12 @@ def _stop_on_sigterm() -> None:
             return
         if not callable(signal.getsignal(signal.SIGINT)):  # ignored: a background job
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if callable(signal.getsignal(signal.SIGCHLD)):
+            # torch's DataLoader raises from SIGCHLD when a worker dies of a signal: the
+            # SIGTERM sent to the whole group (timeout, scancel) ends its workers too,
+            # and that error cut into the stop with a traceback. (A handler that does
+            # nothing: SIG_DFL made a SIGCHLD already on its way print a warning.)
+            signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         _TERMINATED.append(signum)
         signal.raise_signal(signal.SIGINT)
 

@@ -14,6 +14,7 @@ import numbers
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,24 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 # Seeds reach numpy's generators, which refuse negative ones, and torch's, which take at
 # most 64 bits: every seed option and setting is checked against this range up front.
 MAX_SEED = 2**63 - 1
+
+
+SIGNAL_MASKS = hasattr(signal, "pthread_sigmask")  # POSIX
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """SIGINT blocked in this thread, and in the threads and processes it starts, until
+    the end of the block; a Ctrl-C sent meanwhile arrives then. Elsewhere than POSIX a
+    no-op."""
+    if not SIGNAL_MASKS:
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def is_whole(value, low=None, high=None) -> bool:

@@ -937,8 +937,11 @@ def test_workers_start_where_signal_masks_do_not_exist(corpus, reference, tmp_pa
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # the standard library's own use of masks, first
+    from speech2face import utils
+
     stage = sys.modules["speech2face.data.prepare"]
-    monkeypatch.setattr(stage, "_SIGNAL_MASKS", False)
+    monkeypatch.setattr(stage, "SIGNAL_MASKS", False)
+    monkeypatch.setattr(utils, "SIGNAL_MASKS", False)
     monkeypatch.setattr(stage.signal, "pthread_sigmask", None)  # any call would fail
     prepare_vox1(corpus, tmp_path / "shards", workers=2)
     assert members(tmp_path / "shards") == members(reference)

@@ -547,6 +547,31 @@ def shards(tmp_path_factory):
     return root / "shards"
 
 
+
+@pytest.mark.parametrize("to_group", [True, False])
+def test_sigterm_stops_training_with_loader_workers_in_one_line(shards, tmp_path, to_group):
+    """SIGTERM to the whole job (``timeout``, SLURM's scancel, Kubernetes) also ends the
+    DataLoader's worker processes, and torch's check of its workers raised from SIGCHLD
+    in the middle of the stop: a traceback and exit 1. Also SIGTERM to the command
+    alone, which could land while the workers started (torch's half-made iterator)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speech2face", "train-decoder", "--data", str(shards),
+         "--out", str(tmp_path / "run"), "preset=tiny", "steps=100000", "num_workers=2",
+         "batch_size=4", "val_batches=0"],
+        stderr=subprocess.PIPE, env=_env(1), start_new_session=True)
+    said = b""
+    while not re.search(rb"\b[3-9]/100000", said):  # a few steps, the workers running
+        chunk = process.stderr.read1(256)
+        assert chunk, said
+        said += chunk
+    (os.killpg if to_group else os.kill)(process.pid, signal.SIGTERM)
+    said += process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM, said
+    text = said.decode()
+    assert "Traceback" not in text and "Exception ignored" not in text, text
+    assert text.replace("\r", "\n").strip().splitlines()[-1] == \
+        "speech2face train-decoder: terminated (SIGTERM)", text
+
 def _train_totals(run: Path, name: str = "total") -> list[float]:
     with open(run / "metrics.csv", newline="") as f:
         return [float(r["value"]) for r in csv.DictReader(f)

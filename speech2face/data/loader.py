@@ -36,7 +36,7 @@ from speech2face.data.shards import (
 from speech2face.distributed import Placement
 from speech2face.errors import ConfigError, DataError
 from speech2face.faces import CROP_SIZE
-from speech2face.utils import is_number, is_whole, seed_problem
+from speech2face.utils import is_number, is_whole, seed_problem, sigint_held
 
 if TYPE_CHECKING:
     from speech2face.config import TrainConfig
@@ -779,7 +779,11 @@ class ShardData:
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """This process's micro-batches of ``epoch`` in order, the first ``skip`` left out."""
-        stream = iter(self.loader(epoch))
+        # A Ctrl-C (or SIGTERM, passed on as one) while the loader's workers start waits
+        # for the end of their start: torch's half-made iterator printed an error from
+        # its __del__. The workers start with SIGINT blocked; the command stops them.
+        with sigint_held():
+            stream = iter(self.loader(epoch))
         for _ in range(skip):
             if next(stream, None) is None:
                 return

@@ -93,9 +93,11 @@ from speech2face.data.shards import (
 )
 from speech2face.errors import ConfigError, DataError, Speech2FaceError
 from speech2face.utils import (
+    SIGNAL_MASKS,
     atomic_write,
     output_entries,
     sharding_claim,
+    sigint_held,
     staged_writes,
 )
 
@@ -440,22 +442,6 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 _WORKER: _Processor | None = None
-_SIGNAL_MASKS = hasattr(signal, "pthread_sigmask")  # POSIX
-
-
-@contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """SIGINT blocked in this thread, and in the threads and processes it starts, until
-    the end of the block; a Ctrl-C sent meanwhile arrives then. Elsewhere than POSIX a
-    no-op."""
-    if not _SIGNAL_MASKS:
-        yield
-        return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _worker_init(options: Options, parent: int) -> None:
@@ -473,7 +459,7 @@ def _worker_signals(parent: int) -> None:
     # Started with SIGINT blocked (:func:`_pool`, :func:`_from_child`): one sent
     # meanwhile, while a spawned worker was still importing, is ignored now instead of
     # printing its traceback.
-    if _SIGNAL_MASKS:
+    if SIGNAL_MASKS:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent(parent)
 
@@ -1120,7 +1106,7 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
         except BaseException as error:  # noqa: BLE001  (a result that cannot be read)
             received.put((False, error))
 
-    with _sigint_held():  # until the child ignores SIGINT (:func:`_pool`)
+    with sigint_held():  # until the child ignores SIGINT (:func:`_pool`)
         child = context.Process(target=_child_run,
                                 args=(units, options, workers, results, room, os.getpid()))
         with _starting(workers):
@@ -1258,7 +1244,7 @@ def _pool(processes: int, options: Options):
 
         faces.load_models(options.detector)
     context = mp.get_context("fork" if fork else "spawn")
-    if not fork and _SIGNAL_MASKS:
+    if not fork and SIGNAL_MASKS:
         # Spawning starts multiprocessing's resource tracker once, and unblocks SIGINT
         # after it (whatever the mask was): started first, it leaves the mask alone.
         from multiprocessing import resource_tracker
@@ -1268,7 +1254,7 @@ def _pool(processes: int, options: Options):
     # _worker_init ignores it; a spawned one takes seconds to get there. This process
     # takes a Ctrl-C sent meanwhile once the pool is made; the pool's own threads, made
     # here, keep it blocked (Python handles signals in the main thread).
-    with _sigint_held():
+    with sigint_held():
         pool = context.Pool(processes, initializer=_worker_init,
                             initargs=(options, os.getpid()))
     _widen_result_pipe(pool)
