@@ -35,6 +35,7 @@ from speech2face.evaluate import (
 )
 from speech2face.utils import (
     atomic_write,
+    is_number,
     is_whole,
     output_entries,
     publish_dir,
@@ -585,7 +586,7 @@ def summary(metrics: dict) -> str:
 
 
 def _cell(value, digits: int = 1, suffix: str = "") -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}{suffix}"
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def _get(metrics: dict, *keys):
@@ -596,77 +597,145 @@ def _get(metrics: dict, *keys):
     return metrics
 
 
-def _in(value, low: float, high: float, what: str):
-    """``value`` when it is None (not measured) or a number from ``low`` to ``high``; else
-    a ValueError naming ``what`` (a metrics file is read from disk: checked)."""
-    if value is None:
+# Reading a metrics.json for `compare`: the file is read from disk, so every value the
+# table shows (or its note names) is checked as it is read, and the first one missing or
+# malformed is a ValueError naming its key path (retrieval.cosine."1".mean is null,
+# expected a number). A section that evaluate leaves out (no attributes, no recognizer,
+# an older report's) reads as None: n/a in the table, not an error.
+
+
+def _key_path(path: Sequence[str]) -> str:
+    return ".".join(k if re.fullmatch(r"[A-Za-z_]\w*", k) else json.dumps(k) for k in path)
+
+
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return f"{json.dumps(value):.40}"  # null, true, "text", 5
+
+
+def _read(metrics: dict, path: tuple[str, ...], ok, expected: str, optional: bool = False,
+          null: bool = False):
+    """The value at ``path`` when ``ok(value)``; None when ``optional`` and its last key is
+    absent, or ``null`` and it is null; else a ValueError naming the path."""
+    value = metrics
+    for depth, key in enumerate(path):
+        last = depth == len(path) - 1
+        if not isinstance(value, dict):
+            raise ValueError(f"{_key_path(path[:depth]) or 'the top level'} is {_shown(value)}, "
+                             "expected an object")
+        if key not in value:
+            if optional and last:
+                return None
+            raise ValueError(f"{_key_path(path[:depth + 1])} is missing, expected "
+                             + (expected if last else "an object"))
+        value = value[key]
+    if null and (value is None or isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not (math.isnan(value) or low <= value <= high):
-        raise ValueError(f"{what} is {value!r:.40}, not a number from {low:g} to {high:g}")
+    if not ok(value):
+        raise ValueError(f"{_key_path(path)} is {_shown(value)}, expected {expected}")
     return value
 
 
-def _percent(value, what: str) -> str:
-    return _cell(_in(value, 0, 100, what))
+def _section(metrics: dict, *path: str, optional: bool = False, null: bool = False):
+    return _read(metrics, path, lambda v: isinstance(v, dict), "an object", optional, null)
+
+
+def _number(metrics: dict, *path: str, low: float, high: float, null: bool = False):
+    """A finite number from ``low`` to ``high``; with ``null``, None for null (evaluate
+    writes NaN, an undefined value, as null)."""
+    return _read(metrics, path, lambda v: is_number(v, low, high),
+                 f"a number from {low:g} to {high:g}", null=null)
+
+
+def _percent(metrics: dict, *path: str, null: bool = False):
+    return _number(metrics, *path, low=0, high=100, null=null)
+
+
+def _whole(metrics: dict, *path: str, low: int, high: int = 10**12, optional: bool = False):
+    return _read(metrics, path, lambda v: is_whole(v, low, high),
+                 f"a whole number of at least {low}", optional)
+
+
+def _text(metrics: dict, *path: str, pattern: str | None = None, expected: str = "a string",
+          optional: bool = False):
+    return _read(metrics, path, lambda v: isinstance(v, str) and
+                 (pattern is None or re.fullmatch(pattern, v) is not None), expected, optional)
+
+
+# Sections of metrics.json that a report may lack (an option turned off, an older
+# version), each an object where present.
+_OPTIONAL_SECTIONS = ("attributes", "feature_matching", "recognizer", "identity", "matching",
+                      "decoder_identification_pixels", "decoder_identification")
+
+
+def _accuracies(metrics: dict, key: str) -> tuple[float | None, float | None]:
+    """1:2 matching accuracies (%) in ``metrics[key]``: unconstrained and same-gender, each
+    None where not measured (the section absent, no genders: null, no trials: NaN)."""
+    if _section(metrics, key, optional=True) is None:
+        return None, None
+    unconstrained = _percent(metrics, key, "unconstrained", "accuracy", null=True)
+    if _section(metrics, key, "same_gender", optional=True, null=True) is None:
+        return unconstrained, None
+    return unconstrained, _percent(metrics, key, "same_gender", "accuracy", null=True)
 
 
 def comparison_rows(metrics: dict) -> list[tuple[str, str, str, str]]:
     """``(measure, value, shuffled pairs, chance)`` rows of one evaluation's headline
-    numbers; ValueError for a value outside its range (a damaged or edited file)."""
-    m = metrics["retrieval"]["gallery_size"]
-    if not is_whole(m, 2, 10**9):
-        raise ValueError(f"gallery_size is {m!r:.40}, not a whole number of at least 2")
+    numbers; a ValueError naming the key path of the first value that is missing or
+    malformed, or outside its range (a damaged or edited file)."""
+    m = _whole(metrics, "retrieval", "gallery_size", low=2, high=10**9)
     for key, low in (("samples", 1), ("identities", 2)):  # (the table's note shows them)
-        if key in metrics and not is_whole(metrics[key], low, 10**12):
-            raise ValueError(f"{key} is {metrics[key]!r:.40}, not a whole number of at "
-                             f"least {low}")
-    fs, fs0 = metrics["feature_similarity"], metrics["feature_similarity_shuffled"]
+        _whole(metrics, key, low=low, optional=True)
+    for key in ("split", "data", "data_sha256"):
+        _text(metrics, key, optional=True)
+    for key in _OPTIONAL_SECTIONS:
+        _section(metrics, key, optional=True)
     rows = [(f"feature retrieval R@{k}, cosine, M = {m} (%)",
-             _percent(metrics["retrieval"]["cosine"][str(k)]["mean"], f"R@{k}"), "",
-             _percent(metrics["retrieval"]["cosine"][str(k)]["chance"], f"R@{k} chance"))
+             _cell(_percent(metrics, "retrieval", "cosine", str(k), "mean")), "",
+             _cell(_percent(metrics, "retrieval", "cosine", str(k), "chance")))
             for k in RECALL_KS if k < m]
+    features, features_same_gender = _accuracies(metrics, "feature_matching")
     rows += [
-        ("angle between v_s and v_f (degrees)", _cell(_in(fs["angle_deg"]["mean"], 0, 180,
-                                                          "the angle")),
-         _cell(_in(fs0["angle_deg"]["mean"], 0, 180, "the shuffled angle")), ""),
+        ("angle between v_s and v_f (degrees)",
+         _cell(_number(metrics, "feature_similarity", "angle_deg", "mean", low=0, high=180)),
+         _cell(_number(metrics, "feature_similarity_shuffled", "angle_deg", "mean", low=0,
+                       high=180)), ""),
+        # null: NaN, a correlation of constant measures
         ("craniofacial mean Pearson r",
-         _cell(_in(metrics["craniofacial"]["mean"]["r"], -1, 1, "craniofacial r"), 2),
-         _cell(_in(metrics["craniofacial"]["mean"]["shuffled"], -1, 1,
-                   "craniofacial shuffled r"), 2), ""),
-        ("1:2 matching, features (%)",
-         _percent(_get(metrics, "feature_matching", "unconstrained", "accuracy"),
-                  "feature matching"), "", _cell(MATCHING_CHANCE)),
-        ("1:2 matching, features, same gender (%)",
-         _percent(_get(metrics, "feature_matching", "same_gender", "accuracy"),
-                  "feature matching, same gender"), "", _cell(MATCHING_CHANCE)),
+         _cell(_number(metrics, "craniofacial", "mean", "r", low=-1, high=1, null=True), 2),
+         _cell(_number(metrics, "craniofacial", "mean", "shuffled", low=-1, high=1,
+                       null=True), 2), ""),
+        ("1:2 matching, features (%)", _cell(features), "", _cell(MATCHING_CHANCE)),
+        ("1:2 matching, features, same gender (%)", _cell(features_same_gender), "",
+         _cell(MATCHING_CHANCE)),
     ]
     if "identity" in metrics:
-        name = metrics["recognizer"]["name"]
-        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name)):
-            raise ValueError(f"recognizer.name is {name!r:.40}, not a recognizer's name")
-        sizes = metrics["identity"]["recall"]
-        if not sizes or not all(isinstance(k, str) and k.isdigit() and 2 <= int(k) <= 10**9
+        name = _text(metrics, "recognizer", "name", pattern=r"[A-Za-z0-9_.-]{1,40}",
+                     expected="a recognizer's name")
+        sizes = _section(metrics, "identity", "recall")
+        if not sizes or not all(k.isascii() and k.isdigit() and 2 <= int(k) <= 10**9
                                 for k in sizes):
-            raise ValueError(f"identity.recall's gallery sizes are {list(sizes)!r:.60}, not "
-                             "whole numbers of at least 2")
+            raise ValueError(f"identity.recall's gallery sizes are {list(sizes)!r:.60}, "
+                             "expected whole numbers of at least 2")
         largest = max(sizes, key=int)
-        r1 = sizes[largest]["cosine"]["1"]
+        r1 = ("identity", "recall", largest, "cosine", "1")
         rows += [
             (f"image R@1, {name} embedding, M = {largest} (%)",
-             _percent(r1["mean"], "image R@1"), "", _percent(r1["chance"], "image R@1 chance")),
-            (f"1:2 matching, images, {name} (%)",
-             _percent(_get(metrics, "matching", "unconstrained", "accuracy"), "image matching"),
+             _cell(_percent(metrics, *r1, "mean")), "",
+             _cell(_percent(metrics, *r1, "chance"))),
+            (f"1:2 matching, images, {name} (%)", _cell(_accuracies(metrics, "matching")[0]),
              "", _cell(MATCHING_CHANCE)),
         ]
     if "attributes" in metrics:
         rows.append(("gender agreement, reconstruction vs true face (%)",
-                     _percent(metrics["attributes"]["gender"]["agreement"], "gender agreement"),
-                     "", ""))
+                     _cell(_percent(metrics, "attributes", "gender", "agreement")), "", ""))
         for key, label in GENDER_REFERENCES:
-            value = _get(metrics, "attributes", key, "agreement")
-            if value is not None:
-                rows.append((f"{label} (%)", _percent(value, label), "", ""))
+            if _section(metrics, "attributes", key, optional=True) is not None:
+                rows.append((f"{label} (%)",
+                             _cell(_percent(metrics, "attributes", key, "agreement")), "", ""))
     return rows
 
 
@@ -766,16 +835,18 @@ def compare_command(args) -> int:
             raise DataError(file, "not valid JSON (not the metrics.json of "
                                   "`speech2face evaluate`, or damaged)")
         files.append(file)
-        if isinstance(metrics, dict) and metrics.get("format", METRICS_FORMAT) != METRICS_FORMAT:
-            raise DataError(file, f"metrics format {metrics['format']!r:.20}; this version "
-                                  f"reads format {METRICS_FORMAT}")
-        try:  # the rows read every field the table shows, and check each value
-            if not isinstance(metrics, dict) or "retrieval" not in metrics:
-                raise ValueError("no retrieval results")
+        version = metrics.get("format", METRICS_FORMAT) if isinstance(metrics, dict) else \
+            METRICS_FORMAT  # no format: an older report
+        if not is_whole(version) or version != METRICS_FORMAT:
+            raise DataError(file, f"metrics format {_shown(version)}; this version reads "
+                                  f"format {METRICS_FORMAT}")
+        if not isinstance(metrics, dict) or "retrieval" not in metrics:
+            raise DataError(file, "not the metrics.json of `speech2face evaluate` (no "
+                                  "retrieval results)")
+        try:  # the rows read every value the table shows, and check each
             comparison_rows(metrics)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
-            raise DataError(file, "not the metrics.json of `speech2face evaluate` "
-                                  f"({type(error).__name__}: {error})") from None
+        except ValueError as error:
+            raise DataError(file, str(error)) from None
         runs[name] = metrics
     table = render_comparison(runs)
     if args.out and (report := _report_holding(Path(args.out), files)) is not None:

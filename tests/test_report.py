@@ -282,7 +282,8 @@ def test_compare_command_puts_runs_side_by_side(tmp_path, capsys):
     for key, value in (("samples", -1), ("samples", "many"), ("identities", 0)):
         (tmp_path / "edited.json").write_text(json.dumps({**first, key: value}))
         assert main(["compare", f"x={tmp_path / 'edited.json'}"]) == 2
-        assert f"{key} is {value!r}, not a whole number" in capsys.readouterr().err
+        assert f"{key} is {json.dumps(value)}, expected a whole number" in \
+            capsys.readouterr().err
 
 
 def test_compare_shows_every_runs_rows_and_says_where_runs_differ(tmp_path, capsys):
@@ -352,20 +353,42 @@ def test_a_report_names_its_model_by_an_absolute_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("edit, words", [
     (lambda m: m.update(format=99), "metrics format 99; this version reads format 1"),
-    (lambda m: m["retrieval"]["cosine"]["1"].update(mean="high"), "R@1 is 'high'"),
-    (lambda m: m["retrieval"]["cosine"]["1"].update(mean=1e308), "R@1 is 1e+308"),
-    (lambda m: m["feature_similarity"]["angle_deg"].update(mean=-500), "the angle is -500"),
-    (lambda m: m["craniofacial"]["mean"].update(r=7.5), "craniofacial r is 7.5"),
-    (lambda m: m["retrieval"].update(gallery_size=-3), "gallery_size is -3"),
+    (lambda m: m["retrieval"]["cosine"]["1"].update(mean="high"),
+     'retrieval.cosine."1".mean is "high", expected a number from 0 to 100'),
+    (lambda m: m["retrieval"]["cosine"]["1"].update(mean=1e308),
+     'retrieval.cosine."1".mean is 1e+308, expected a number'),
+    (lambda m: m["feature_similarity"]["angle_deg"].update(mean=-500),
+     "feature_similarity.angle_deg.mean is -500, expected a number from 0 to 180"),
+    (lambda m: m["craniofacial"]["mean"].update(r=7.5), "craniofacial.mean.r is 7.5"),
+    (lambda m: m["retrieval"].update(gallery_size=-3), "retrieval.gallery_size is -3"),
     (lambda m: m["feature_matching"]["unconstrained"].update(accuracy=True),
-     "feature matching is True"),
-    (lambda m: m.update(retrieval=[1, 2]), "TypeError"),
-    (lambda m: m["retrieval"]["cosine"]["1"].pop("chance"), "'chance'"),
-    (lambda m: m.pop("craniofacial"), "'craniofacial'"),
+     "feature_matching.unconstrained.accuracy is true, expected a number"),
+    (lambda m: m.update(retrieval=[1, 2]), "retrieval is a list, expected an object"),
+    (lambda m: m["retrieval"]["cosine"]["1"].pop("chance"),
+     'retrieval.cosine."1".chance is missing, expected a number'),
+    (lambda m: m.pop("craniofacial"), "craniofacial is missing, expected an object"),
     # printed as "M = -5" and a table row split by "|" before
     (lambda m: m["identity"].update(recall={"-5": m["identity"]["recall"].popitem()[1]}),
      "identity.recall's gallery sizes are ['-5']"),
-    (lambda m: m["recognizer"].update(name="x | y\n|z"), "recognizer.name is 'x | y\\n|z'"),
+    (lambda m: m["recognizer"].update(name="x | y\n|z"), 'recognizer.name is "x | y\\n|z"'),
+    # said as a Python exception before ("KeyError: '1'", "TypeError: string indices ...")
+    (lambda m: m["retrieval"].update(cosine={}), 'retrieval.cosine."1" is missing, expected an '
+                                                 "object"),
+    (lambda m: m["retrieval"]["cosine"].update({"1": "x"}),
+     'retrieval.cosine."1" is "x", expected an object'),
+    (lambda m: m.update(attributes=None), "attributes is null, expected an object"),
+    (lambda m: m.pop("recognizer"), "recognizer is missing, expected an object"),
+    # shown as n/a (or not at all) before, exit 0
+    (lambda m: m["retrieval"]["cosine"]["1"].update(mean=None),
+     'retrieval.cosine."1".mean is null, expected a number'),
+    (lambda m: m.update(matching=5), "matching is 5, expected an object"),
+    (lambda m: m.update(feature_matching="x"), 'feature_matching is "x", expected an object'),
+    (lambda m: m.update(decoder_identification_pixels="x"),
+     'decoder_identification_pixels is "x", expected an object'),
+    (lambda m: m["feature_matching"].pop("unconstrained"),
+     "feature_matching.unconstrained is missing, expected an object"),
+    (lambda m: m.update(split=5), "split is 5, expected a string"),  # the note's values
+    (lambda m: m.update(format=True), "metrics format true; this version reads format 1"),
 ])
 def test_compare_refuses_a_damaged_metrics_file_in_one_line(edit, words, tmp_path, capsys):
     from speech2face.cli import main
@@ -378,6 +401,41 @@ def test_compare_refuses_a_damaged_metrics_file_in_one_line(edit, words, tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "metrics.json" in err and words in err
     assert not out.exists()
+
+
+def test_compare_shows_what_a_report_lacks_or_leaves_undefined_as_n_a(tmp_path, capsys):
+    """Reports of older versions (no format, no data digest, no image matching, no gender
+    references) and of options turned off (no attributes, no recognizer) compare beside a
+    current one: what they lack is n/a, and so is what evaluate writes as null (NaN: a
+    correlation of constant measures, matching without trials, no genders)."""
+    from speech2face.cli import main
+
+    metrics = report._json_ready(ev.compute_metrics(_collected(), draws=2, seed=1))
+    current = {"format": ev.METRICS_FORMAT, "split": "test", "data": str(tmp_path),
+               "data_sha256": "1" * 64, **metrics}
+    older = json.loads(json.dumps(metrics))  # (a deep copy)
+    del older["matching"], older["attributes"]["gender_decoder_true_feature"]
+    older["craniofacial"]["mean"]["r"] = None
+    older["feature_matching"]["unconstrained"]["accuracy"] = None
+    older["feature_matching"]["same_gender"] = None
+    skipped = {k: v for k, v in metrics.items() if k not in (
+        "attributes", "recognizer", "identity", "matching", "decoder_identification",
+        "decoder_identification_pixels", "feature_matching")}
+    for name, run in (("current", current), ("older", older), ("skipped", skipped)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    assert main(["compare", *(f"{n}={tmp_path / n}.json"
+                              for n in ("current", "older", "skipped"))]) == 0
+    rows = {row.split(" | ")[0][2:]: row.split(" | ")[1:4]
+            for row in capsys.readouterr().out.splitlines()[2:] if row.startswith("| ")}
+    matching = metrics["matching"]["unconstrained"]["accuracy"]
+    assert rows["1:2 matching, images, dlib (%)"] == [f"{matching:.1f}", "n/a", "n/a"]
+    assert rows["1:2 matching, features (%)"][1:] == ["n/a", "n/a"]
+    assert rows["1:2 matching, features, same gender (%)"][1:] == ["n/a", "n/a"]
+    shuffled = metrics["craniofacial"]["mean"]["shuffled"]
+    assert rows["craniofacial mean Pearson r"][1] == f"n/a (shuffled {shuffled:.2f})"
+    assert rows["gender agreement of decoder(v_f), from the true feature (%)"][1:] == \
+        ["n/a", "n/a"]
+    assert rows["gender agreement, reconstruction vs true face (%)"][2] == "n/a"
 
 
 def test_compare_keeps_names_and_values_inside_their_cells(tmp_path):
