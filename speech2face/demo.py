@@ -41,9 +41,11 @@ voice-to-face mapping where one exists, not how well it does on real people.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +54,17 @@ import numpy as np
 
 from speech2face.errors import DataError
 from speech2face.runtime import torch_threads
-from speech2face.utils import output_entries, png_bytes, read_json, seed_problem
+from speech2face.utils import atomic_write, output_entries, png_bytes, seed_problem
 
 DEFAULT_OUT = "demo_out"
 DEMO_MARKER = ".speech2face-demo"  # marks a folder as the demo's own, safe to overwrite
+# What the marker holds: JSON {"written_by": MARKER_WRITTEN_BY, "settings": {...}} with
+# exactly these settings (since 0a62963), or the first version's line (ca89754, no settings).
+MARKER_WRITTEN_BY = "speech2face demo (may overwrite this folder)"
+MARKER_SETTINGS = {"speakers": int, "seed": int, "decoder_steps": int, "voice_steps": int,
+                   "corpus_options": dict, "train_overrides": dict}
+MARKER_V1 = "written by `speech2face demo`; the demo may overwrite it\n"
+MAX_MARKER_BYTES = 1 << 20  # a marker is a few hundred bytes
 DEMO_SPEAKERS = 40
 # Training budgets of the demo (tiny presets, TORCH_THREADS threads); chosen to fit about four
 # minutes of CPU time on two cores. Higher learning rates than the paper's 1e-3: a few
@@ -208,8 +217,9 @@ def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> str:
     A previous demo's folder with the same ``settings`` (a finished or a killed run) is
     kept, and the demo resumes in it: every stage is resumable or skips when done. With
     other settings, or with ``fresh``, it is cleared. Any other non-empty folder is
-    refused. Returns ``"resume"``, ``"new"``, or what the previous demo's settings were
-    where other ones clear it (``"seed 0 -> 1"``).
+    refused, as is one whose marker the demo did not write (:func:`_marker_settings`),
+    before anything in it is deleted. Returns ``"resume"``, ``"new"``, or what the
+    previous demo's settings were where other ones clear it (``"seed 0 -> 1"``).
     """
     marker = out / DEMO_MARKER
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
@@ -217,10 +227,11 @@ def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> str:
     if out.exists():
         if not out.is_dir():
             raise DataError(out, "exists and is not a folder")
-        if output_entries(out) and not marker.exists():
+        if output_entries(out) and not os.path.lexists(marker):
             raise DataError(out, "exists, is not empty and is not a previous demo's folder; "
                                  "choose another --out")
-        before = _marker_settings(marker)
+        # Checked whole before anything is deleted: only the demo's own marker clears.
+        before = _marker_settings(marker) if os.path.lexists(marker) else None
         if not fresh and before == settings:
             for leftover in out.glob(".corpus.*.tmp"):  # a corpus killed while written
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -236,14 +247,68 @@ def _prepare_out(out: Path, settings: dict, fresh: bool = False) -> str:
             else:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"written_by": "speech2face demo (may overwrite this folder)",
-                                  "settings": settings}) + "\n")
+    with atomic_write(marker, "w") as f:  # a killed demo leaves no half marker to refuse
+        f.write(json.dumps({"written_by": MARKER_WRITTEN_BY, "settings": settings}) + "\n")
     return changed or "new"
 
 
 def _marker_settings(marker: Path) -> dict | None:
-    content = read_json(marker)  # None for a marker of an older version, or a damaged one
-    return content.get("settings") if isinstance(content, dict) else None
+    """The settings in the demo's ``marker``, validated; None for the first version's
+    marker, which recorded none. Anything else (not a regular file, not UTF-8 JSON of
+    the shape the demo writes) raises DataError naming it: the folder is not the
+    demo's to clear."""
+    text = _marker_text(marker)
+    if text == MARKER_V1:
+        return None
+    try:
+        content = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _bad_marker(marker, "not JSON") from None
+    if problem := _marker_problem(content):
+        raise _bad_marker(marker, problem)
+    return content["settings"]
+
+
+def _marker_text(marker: Path) -> str:
+    """What ``marker`` holds, if it is a regular file of UTF-8 text of a marker's size."""
+    try:
+        # Not followed if a link, not waited on if a FIFO; the type checked on what was opened.
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _bad_marker(marker, "not a regular file")
+            raw = f.read(MAX_MARKER_BYTES + 1)
+    except OSError as error:
+        kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a folder"}.get(error.errno)
+        raise _bad_marker(marker, kind or f"cannot be read: {error.strerror or error}") \
+            from None
+    if len(raw) > MAX_MARKER_BYTES:
+        raise _bad_marker(marker, f"larger than {MAX_MARKER_BYTES >> 20} MB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_marker(marker, "not UTF-8 text") from None
+
+
+def _bad_marker(marker: Path, problem: str) -> DataError:
+    return DataError(marker, f"not a marker written by the demo ({problem}); the folder is "
+                             "left as it is: choose another --out")
+
+
+def _marker_problem(content) -> str | None:
+    """What makes a marker's JSON ``content`` other than what the demo writes, or None."""
+    if not isinstance(content, dict):
+        return "not a JSON object"
+    if set(content) != {"written_by", "settings"} or \
+            content["written_by"] != MARKER_WRITTEN_BY:
+        return "not the keys the demo writes"
+    settings = content["settings"]
+    if not isinstance(settings, dict) or set(settings) != set(MARKER_SETTINGS):
+        return "its settings are not the demo's"
+    for key, kind in MARKER_SETTINGS.items():
+        if not isinstance(settings[key], kind) or isinstance(settings[key], bool):
+            return f"settings: {key} is not {'an integer' if kind is int else 'an object'}"
+    return None
 
 
 def _train_config(stage: str, steps: int, overrides: dict, seed: int):

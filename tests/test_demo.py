@@ -178,6 +178,78 @@ def test_demo_refuses_a_foreign_folder(tmp_path, capsys):
     assert (out / "thesis.tex").read_text() == "precious"
 
 
+def _bad_marker(out: Path, kind: str) -> None:
+    marker = out / ".speech2face-demo"
+    if kind == "folder":
+        marker.mkdir()
+    elif kind == "link":  # to a valid marker: still not one the demo wrote here
+        (out.parent / "valid").write_text(json.dumps({
+            "written_by": "speech2face demo (may overwrite this folder)",
+            "settings": {"speakers": 9, "seed": 0, "decoder_steps": 5, "voice_steps": 5,
+                         "corpus_options": {}, "train_overrides": {}}}))
+        marker.symlink_to(out.parent / "valid")
+    elif kind == "fifo":
+        import os
+
+        os.mkfifo(marker)
+    else:
+        marker.write_bytes(kind.encode() if kind.startswith("{") else b"\xff\xfe")
+
+
+@pytest.mark.parametrize("kind", [
+    "not utf-8", "folder", "link", "fifo", '{"settings": "x"}', "{}", "[1]",
+    '{"written_by": "speech2face demo (may overwrite this folder)", "settings": "x"}',
+    '{"written_by": "speech2face demo (may overwrite this folder)", "settings": '
+    '{"speakers": "8", "seed": 0, "decoder_steps": 5, "voice_steps": 5, '
+    '"corpus_options": {}, "train_overrides": {}}}',
+])
+def test_demo_refuses_a_marker_it_did_not_write_and_deletes_nothing(tmp_path, capsys,
+                                                                     monkeypatch, kind):
+    """The marker was trusted unread or half read: one that was not JSON (or a folder)
+    let the demo delete everything beside it; JSON of another shape gave a traceback."""
+    from speech2face import demo_data
+
+    def no_demo(*args, **kwargs):
+        raise AssertionError("the demo went on")
+
+    monkeypatch.setattr(demo_data, "make_demo_data", no_demo)
+    out = tmp_path / "demo"
+    (out / "corpus").mkdir(parents=True)
+    (out / "corpus" / "clip.wav").write_text("kept")
+    (out / "important.txt").write_text("keep")
+    _bad_marker(out, kind)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert main(["demo", "--out", str(out), "--speakers", "8", "--decoder-steps", "5",
+                 "--voice-steps", "5", "--no-install"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{out / '.speech2face-demo'}: not a marker written by the demo" in err, err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert (out / "important.txt").read_text() == "keep"
+
+
+def test_demo_markers_it_wrote_resume_or_clear(tmp_path):
+    """A marker the demo wrote: the same settings resume (nothing deleted), other ones
+    and the first version's marker (no settings) clear the folder."""
+    from speech2face import demo
+
+    settings = {"speakers": 8, "seed": 0, "decoder_steps": 5, "voice_steps": 5,
+                "corpus_options": {"videos": [1, 1]}, "train_overrides": {}}
+    out = tmp_path / "demo"
+    assert demo._prepare_out(out, settings) == "new"
+    (out / "corpus").mkdir()
+    assert demo._prepare_out(out, {**settings, "corpus_options": {"videos": (1, 1)}}) == "resume"
+    assert (out / "corpus").is_dir()
+    assert demo._prepare_out(out, {**settings, "seed": 1}) == "seed 0 -> 1"
+    assert [p.name for p in out.iterdir()] == [demo.DEMO_MARKER]
+    (out / demo.DEMO_MARKER).write_text(
+        "written by `speech2face demo`; the demo may overwrite it\n")  # ca89754's marker
+    (out / "corpus").mkdir()
+    assert demo._prepare_out(out, settings) == "new"
+    assert [p.name for p in out.iterdir()] == [demo.DEMO_MARKER]
+    assert demo._marker_settings(out / demo.DEMO_MARKER) == settings
+
+
 @pytest.mark.parametrize("count", ["2", "100000"])
 def test_demo_refuses_a_speaker_count_out_of_range(tmp_path, capsys, count):
     out = tmp_path / "demo"
