@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech2face.errors import DataError
+from speech2face.errors import DataError, OtherRunError
 from speech2face.runtime import torch_threads
 from speech2face.utils import atomic_write, output_entries, png_bytes, seed_problem
 
@@ -458,9 +458,16 @@ def run_demo(
                        speakers=speakers, seed=seed, progress=progress,
                        **{"workers": workers, **(corpus_options or {})})
         shards = out / "shards"
-        stages.run("prepare", "preparing shards (faces, landmarks, features)", prepare,
-                   "voxceleb1", corpus, shards, workers=workers,
-                   progress=progress)
+        # movable: the corpus and the shards move with the folder (`mv` of a demo resumes)
+        try:
+            stages.run("prepare", "preparing shards (faces, landmarks, features)", prepare,
+                       "voxceleb1", corpus, shards, workers=workers, progress=progress,
+                       movable=True)
+        except OtherRunError:  # prepare's "use a new --out" is about its own folder
+            raise DataError(out, "its shards were prepared from other files than its corpus "
+                                 "holds now (a folder moved before this version, copied "
+                                 "without its files' times, or edited); run again with "
+                                 "--fresh") from None
         stages.run("decoder", f"training the face decoder ({decoder_steps} steps)",
                    train_decoder, shards, out / "runs" / "decoder", configs["decoder"],
                    resume=True, progress=progress)

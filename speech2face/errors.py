@@ -44,6 +44,11 @@ class DataError(Speech2FaceError):
     """A dataset folder, shard or manifest that does not have the expected layout."""
 
 
+class OtherRunError(DataError):
+    """An output folder holding a run begun with other arguments or inputs (``prepare``'s
+    part): it is not continued, so that one folder never mixes two runs."""
+
+
 class ConfigError(Speech2FaceError):
     """A configuration file or override that names an unknown key or a bad value."""
 

@@ -250,6 +250,57 @@ def test_demo_markers_it_wrote_resume_or_clear(tmp_path):
     assert demo._marker_settings(out / demo.DEMO_MARKER) == settings
 
 
+class _AfterPrepare(Exception):
+    """Raised in place of the decoder's training: the demo got past its shards."""
+
+
+def test_a_moved_demo_folder_resumes(tmp_path, monkeypatch):
+    """prepare's part identity held the corpus's absolute paths: a demo folder moved
+    (`mv`) stopped at its shards with prepare's "use a new --out". The demo's shards now
+    move with it; prepare's own check still sees whole paths, and what the demo cannot
+    resume it names in its own words (--fresh)."""
+    from speech2face import data, demo, train
+    from speech2face.errors import DataError
+
+    def stop(*args, **kwargs):
+        raise _AfterPrepare
+
+    monkeypatch.setattr(train, "train_decoder", stop)
+    settings = dict(speakers=8, corpus_options={"videos": (1, 1), "clips": (2, 2), "frames": 1},
+                    install=False, progress=False)
+    first = tmp_path / "demo"
+    with pytest.raises(_AfterPrepare):
+        demo.run_demo(first, **settings, log=lambda line: None)
+    shards = {p.relative_to(first): p.read_bytes() for p in (first / "shards").rglob("*.tar")}
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    lines = []
+    with pytest.raises(_AfterPrepare):
+        demo.run_demo(moved, **settings, log=lines.append)
+    assert any("resuming" in line for line in lines)
+    assert {p.relative_to(moved): p.read_bytes()
+            for p in (moved / "shards").rglob("*.tar")} == shards
+    # prepare on its own: the same files at another path are other inputs, as before
+    from speech2face.errors import OtherRunError
+
+    with pytest.raises(OtherRunError, match="other arguments or inputs; use a new --out"):
+        data.prepare("voxceleb1", moved / "corpus", moved / "shards", progress=False)
+    # a part recorded before (whole paths, not moved) goes on under `movable`
+    old = tmp_path / "old_shards"
+    data.prepare("voxceleb1", moved / "corpus", old, progress=False)
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    data.prepare("voxceleb1", moved / "corpus", old, progress=False, movable=True)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    # a copy that lost its files' times: the demo's own line, not prepare's
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy, copy_function=shutil.copyfile)
+    with pytest.raises(DataError) as refused:
+        demo.run_demo(copy, **settings, log=lambda line: None)
+    message = str(refused.value)
+    assert message.startswith(f"{copy}: ") and message.endswith("run again with --fresh")
+    assert "\n" not in message and "use a new --out" not in message
+
+
 @pytest.mark.parametrize("count", ["2", "100000"])
 def test_demo_refuses_a_speaker_count_out_of_range(tmp_path, capsys, count):
     out = tmp_path / "demo"

@@ -33,7 +33,7 @@ from speech2face.data.shards import (
     is_clip_seconds,
     iterate_tar,
 )
-from speech2face.errors import DataError
+from speech2face.errors import DataError, OtherRunError
 from speech2face.utils import SHARDS_CLAIM, atomic_write, is_names, is_number, is_whole
 
 
@@ -242,7 +242,7 @@ def resume_state(path: Path, run_id: dict, processing: int, windows: list[list[U
         raise DataError(path, f"malformed progress file: not a JSON object; {_REDO}")
     part = path.stem[len("progress-"):]
     if saved.get("run") != run_id:
-        raise DataError(
+        raise OtherRunError(
             out,
             f"holds an unfinished part {part} with other arguments or inputs; "
             "use a new --out or rerun with the same arguments",

@@ -91,11 +91,12 @@ from speech2face.data.shards import (
     _encode_jpeg,
     load_manifest,
 )
-from speech2face.errors import ConfigError, DataError, Speech2FaceError
+from speech2face.errors import ConfigError, DataError, OtherRunError, Speech2FaceError
 from speech2face.utils import (
     SIGNAL_MASKS,
     atomic_write,
     output_entries,
+    read_json,
     sharding_claim,
     sigint_held,
     staged_writes,
@@ -712,6 +713,13 @@ def store_descriptors(
             "without_face": int(np.isnan(features).any(axis=1).sum())}
 
 
+def _recorded_run(path: Path) -> dict | None:
+    """The run identity recorded in a part's manifest or progress file, unchecked (only
+    compared; the file is validated where it is used), or None."""
+    saved = read_json(path) if path.is_file() else None
+    return saved.get("run") if isinstance(saved, dict) else None
+
+
 def prepare(
     dataset: str,
     root: str | os.PathLike,
@@ -731,6 +739,7 @@ def prepare(
     seed: int = 0,
     mix_clips: int = MIX_CLIPS,
     progress: bool = True,
+    movable: bool = False,
 ) -> dict:
     """Turn a dataset into WebDataset shards under ``out`` (module docstring, docs/data.md).
 
@@ -741,6 +750,10 @@ def prepare(
     encoder: face encoder name (``face_encoders.load_face_encoder``).
     samples_per_shard: samples per tar shard (the last shard of a split may hold fewer).
     seed, mix_clips: the mixed sample order (:func:`plan_windows`).
+    movable: ``root`` and ``out`` move together (the demo's folder holds both): the
+        part's identity takes the corpus's paths relative to ``root``, so that the moved
+        folder resumes. By default they count whole, and the same files elsewhere (a
+        copy, another mount) are other inputs.
     Resumable: rerun with the same arguments after a crash or kill to continue.
 
     Returns this run's part manifest (dict). When every part of the ``num_shards`` is
@@ -811,7 +824,7 @@ def prepare(
         "format": FORMAT_VERSION,
         "options": asdict(options),
         "part": part,
-        "units": listing_fingerprint(units),
+        "units": listing_fingerprint(units, root if movable else None),
         "files": files_fingerprint(units),  # this part's files: changed in place, refused
         # of every part: parts of other inputs are not merged (_merge)
         "inputs": listing_fingerprint(all_units, root),
@@ -821,6 +834,10 @@ def prepare(
     run_id = json.loads(json.dumps(run_id))  # as it reads back from a file (tuples: lists)
     part_manifest_path = parts / f"manifest-{part}.json"
     progress_path = parts / f"progress-{part}.json"
+    if movable:  # a part begun before its caller passed `movable` goes on as recorded
+        whole = {**run_id, "units": listing_fingerprint(units)}
+        if whole in (_recorded_run(part_manifest_path), _recorded_run(progress_path)):
+            run_id = whole
     for path in (out / MANIFEST, part_manifest_path, progress_path):
         if path.exists() and not path.is_file():
             raise DataError(path, "is in the way: a folder where prepare writes a file")
@@ -833,7 +850,7 @@ def prepare(
     if part_manifest_path.is_file():
         done = read_part(part_manifest_path, out)
         if done["run"] != run_id:
-            raise DataError(
+            raise OtherRunError(
                 out, f"holds part {part} prepared with other arguments or inputs; use a new --out"
             )
         maybe_merge(out, num_shards)
