@@ -279,12 +279,32 @@ def _wav_declared_frames(path: Path) -> int | None:
     return None
 
 
+# The demuxers FFmpeg may use on a file we are given: audio and video containers. Not
+# the playlist and concatenation formats (hls, dash, concat, ...), which open the files or
+# URLs named inside the file: an uploaded HLS playlist made `serve` read a file of the
+# uploader's choosing, or wait for ever on a "live" one. Nor any protocol but plain files
+# ("file:" in front: a file named "pipe:0" is a file, not standard input).
+MEDIA_FORMATS = ("wav,w64,flac,ogg,mp3,aac,ac3,eac3,amr,aiff,caf,au,wv,ape,tta,mov,matroska,"
+                 "webm,avi,asf,flv,mpeg,mpegts")
+
+
+def open_media(source, **options):
+    """``av.open`` of a media file's path (or a file object) for reading, allowing only
+    :data:`MEDIA_FORMATS` and the file protocol; ``options`` go to ``av.open``."""
+    import av
+
+    if isinstance(source, (str, os.PathLike)):
+        source = "file:" + os.path.abspath(source)
+    return av.open(source, options={"format_whitelist": MEDIA_FORMATS,
+                                    "protocol_whitelist": "file"}, **options)
+
+
 def _read_ffmpeg(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
     """Decode the first audio stream of any container FFmpeg knows, stopping early."""
     import av
 
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = open_media(path, metadata_errors="ignore")
     except av.error.FFmpegError:
         raise AudioError(
             path, "not a readable audio or video file (unknown format, corrupt or truncated)"
@@ -406,7 +426,7 @@ def declared_seconds(path: str | os.PathLike) -> float | None:
     import av
 
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with open_media(path, metadata_errors="ignore") as container:
             streams = container.streams.audio
             if streams and (seconds := _stream_seconds(streams[0])) is not None:
                 return seconds

@@ -218,6 +218,11 @@ def write_encoded(path, fmt: str, codec: str, rate: int, seconds: float = 2.0) -
         ("a.m4a", "ipod", "aac", 44100),
         ("a.webm", "webm", "libopus", 48000),
         ("a.mkv", "matroska", "libopus", 48000),
+        ("a.aac", "adts", "aac", 44100),
+        ("a.mov", "mov", "aac", 48000),
+        ("a.avi", "avi", "libmp3lame", 44100),
+        ("a.ts", "mpegts", "aac", 48000),
+        ("a.flv", "flv", "libmp3lame", 44100),
     ],
 )
 def test_formats_decode_to_16k_mono(tmp_path, name, fmt, codec, rate):
@@ -231,6 +236,32 @@ def test_formats_decode_to_16k_mono(tmp_path, name, fmt, codec, rate):
     amp = 2 * np.abs(np.mean(wave[core] * np.exp(-2j * np.pi * 440 * t[core])))
     assert amp == pytest.approx(np.abs(source).max(), rel=0.05)
 
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_playlist_is_refused_without_opening_what_it_names(tmp_path, live):
+    """An HLS playlist (``.m3u8``) names other files: FFmpeg opened them, so an upload to
+    ``serve`` made it read a file of the uploader's choosing (its face came back), and a
+    "live" playlist (no end tag) waited for ever for the next segment. Only audio and
+    video containers are opened now."""
+    from speech2face.audio import declared_seconds
+
+    write_encoded(tmp_path / "elsewhere.mp3", "mp3", "libmp3lame", 44100)
+    playlist = tmp_path / "upload.m3u8"
+    playlist.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:5\n#EXTINF:2.0,\n"
+                        f"{tmp_path / 'elsewhere.mp3'}\n" + ("" if live else "#EXT-X-ENDLIST\n"))
+    with pytest.raises(AudioError, match="not a readable audio or video file"):
+        load_audio(playlist)
+    assert declared_seconds(playlist) is None
+
+
+def test_a_file_named_like_a_protocol_is_read_as_a_file(tmp_path, monkeypatch):
+    """A file called ``pipe:0`` (or ``http:x``) in the current folder: FFmpeg took the
+    name for its pipe protocol and read standard input instead."""
+    write_encoded(tmp_path / "pipe:0", "mp3", "libmp3lame", 44100)
+    monkeypatch.chdir(tmp_path)
+    wave = load_audio("pipe:0")
+    assert abs(len(wave) - 32000) < 0.05 * 32000
 
 def test_max_seconds_stops_decoding_early(tmp_path, monkeypatch):
     write_encoded(tmp_path / "long.mp4", "mp4", "aac", 16000, seconds=30.0)

@@ -662,9 +662,9 @@ class _RangeReader(io.RawIOBase):
 
 def _stored_frames(media: bytes) -> list[tuple[float, np.ndarray]]:
     """The frames of a segment as :func:`_write_segment` stored them: (time, rgb)."""
-    import av
+    from speech2face.audio import open_media
 
-    with av.open(io.BytesIO(media)) as container:
+    with open_media(io.BytesIO(media)) as container:
         return [(float(frame.time), frame.to_ndarray(format="rgb24"))
                 for frame in container.decode(container.streams.video[0])
                 if frame.time is not None]

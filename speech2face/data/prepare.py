@@ -389,10 +389,11 @@ def read_video_frame(path: str | os.PathLike, time_s: float | None = None) -> np
     """
     import av
 
+    from speech2face.audio import open_media
     from speech2face.errors import ImageError
 
     try:
-        with av.open(str(path)) as container:
+        with open_media(path) as container:
             if not container.streams.video:
                 raise ImageError(path, "no video track")
             stream = container.streams.video[0]
