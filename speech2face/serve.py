@@ -60,6 +60,9 @@ CHUNK_BYTES = 1 << 16
 # sent its headers and then nothing held its connection, its upload folder and, on
 # SIGTERM, the server's exit for as long as it liked.
 UPLOAD_IDLE_SECONDS = 30.0
+# After that long an upload must also average this rate: one byte every 20 s held its
+# connection and folder for ever. (50 MB at this rate takes 25 minutes.)
+MIN_UPLOAD_BYTES_PER_SECOND = 32 * 1024
 _UPLOAD_POLL_SECONDS = 0.25  # how often a waiting upload looks at FaceServer.stopping
 # Bound to an address of this machine only (is_loopback), the page answers only requests
 # whose Host header names it so (no DNS rebinding). An IPv6 address is bracketed there.
@@ -299,7 +302,8 @@ class _Gone(Exception):
 
 
 class _Stalled(Exception):
-    """The client sent nothing for UPLOAD_IDLE_SECONDS in the middle of its upload."""
+    """The client sent nothing for UPLOAD_IDLE_SECONDS in the middle of its upload, or
+    less than MIN_UPLOAD_BYTES_PER_SECOND on average after that long (the reason)."""
 
 
 class _Stopping(Exception):
@@ -308,12 +312,14 @@ class _Stopping(Exception):
 
 async def _chunks(request, stopping: threading.Event | None):
     """``request.stream()``, raising _Stalled when nothing arrives for
-    UPLOAD_IDLE_SECONDS and _Stopping as soon as ``stopping`` is set. (A read is waited
-    on, not cancelled, between looks: cancelled, the stream could not go on.)"""
+    UPLOAD_IDLE_SECONDS or, after that long, less than MIN_UPLOAD_BYTES_PER_SECOND on
+    average, and _Stopping as soon as ``stopping`` is set. (A read is waited on, not
+    cancelled, between looks: cancelled, the stream could not go on.)"""
     import time
 
     stream = request.stream()
     pending = None
+    start, received = time.monotonic(), 0
     try:
         while True:
             pending = asyncio.ensure_future(anext(stream))
@@ -321,13 +327,20 @@ async def _chunks(request, stopping: threading.Event | None):
             while not pending.done():
                 if stopping is not None and stopping.is_set():
                     raise _Stopping
-                if time.monotonic() - since > UPLOAD_IDLE_SECONDS:
-                    raise _Stalled
+                now = time.monotonic()
+                if now - since > UPLOAD_IDLE_SECONDS:
+                    raise _Stalled(f"nothing arrived for {UPLOAD_IDLE_SECONDS:g} s")
+                if now - start > UPLOAD_IDLE_SECONDS and \
+                        received < MIN_UPLOAD_BYTES_PER_SECOND * (now - start):
+                    raise _Stalled(f"{received:,} bytes in {now - start:.0f} s, less "
+                                   f"than {MIN_UPLOAD_BYTES_PER_SECOND // 1024} KiB/s")
                 await asyncio.wait({pending}, timeout=_UPLOAD_POLL_SECONDS)
             try:
-                yield pending.result()
+                chunk = pending.result()
             except StopAsyncIteration:
                 return
+            received += len(chunk)
+            yield chunk
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
@@ -474,9 +487,8 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
             return await run_in_threadpool(work, path, name)
         except _Gone:  # the client left mid-upload: nobody reads an answer
             return Response(status_code=400, headers={"Connection": "close"})
-        except _Stalled:
-            return JSONResponse({"error": f"the upload stalled: nothing arrived for "
-                                          f"{UPLOAD_IDLE_SECONDS:g} s"}, status_code=408,
+        except _Stalled as stalled:
+            return JSONResponse({"error": f"the upload stalled: {stalled}"}, status_code=408,
                                 headers={"Connection": "close"})
         except _Stopping:
             return JSONResponse({"error": "the server is stopping"}, status_code=503,

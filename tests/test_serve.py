@@ -18,6 +18,8 @@ import http.client
 import io
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -731,6 +733,28 @@ def test_a_stalled_upload_is_answered_408(running, monkeypatch):
         time.sleep(0.05)
     assert not any(running.server.upload_root.iterdir())  # its folder went
 
+
+
+def test_an_upload_that_trickles_is_answered_408(running, monkeypatch):
+    """A byte now and then, never nothing for the idle limit: the connection and its
+    upload folder were held for ever. After the idle limit an upload must also average
+    MIN_UPLOAD_BYTES_PER_SECOND."""
+    monkeypatch.setattr(serve, "UPLOAD_IDLE_SECONDS", 1.0)
+    client = _stalled_upload(running.port)
+    try:
+        for _ in range(40):  # a byte every 0.25 s, never idle for 1 s, until answered
+            if select.select([client], [], [], 0.25)[0]:
+                break
+            client.sendall(b"x")
+        answer = _answer(client)
+    finally:
+        client.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert re.search(rb"the upload stalled: \d+ bytes in \d+ s, less than 32 KiB/s", answer)
+    deadline = time.monotonic() + 5
+    while any(running.server.upload_root.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running.server.upload_root.iterdir())  # its folder went
 
 def test_sigterm_stops_the_server_while_an_upload_is_stalled(bundle, tmp_path):
     """SIGTERM (or Ctrl+C) waited for the stalled client to give up (58 s): the upload is
