@@ -478,6 +478,9 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
     page = (_ASSETS / "serve.html").read_text()
 
     async def handle(request, work):
+        if _cross_site(request):
+            return JSONResponse({"error": "a request from another site's page is refused"},
+                                status_code=403)
         if not (status := await run_in_threadpool(server.status))["ready"]:
             return JSONResponse({"error": status["message"]}, status_code=503)
         folder = Path(tempfile.mkdtemp(dir=server.upload_root))
@@ -540,6 +543,19 @@ def create_app(server: FaceServer, host: str = DEFAULT_HOST):
         Route("/reconstruct", reconstruct, methods=["POST"]),
         Route("/api/reconstruct", api_reconstruct, methods=["POST"]),
     ], middleware=middleware, lifespan=lifespan)
+
+
+def _cross_site(request) -> bool:
+    """Whether a browser sent ``request`` from a page of another origin than this server's
+    (its Origin header names another host; "null" for a sandboxed page or a local file).
+    A form posted from any web site the user visits reached the page on 127.0.0.1: no
+    preflight guards a multipart POST. Clients that are not browsers send no Origin."""
+    from urllib.parse import urlsplit
+
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
 
 
 def bind(host: str, port: int) -> socket.socket:

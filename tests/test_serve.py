@@ -508,6 +508,24 @@ def test_uploads_are_written_only_in_the_servers_temporary_folder(running, clips
     assert content == data and not path.parent.exists()
 
 
+
+def test_uploads_from_another_sites_page_are_refused(running, clips):
+    """A page of any web site the user visits could post a form to the server on
+    127.0.0.1 (a multipart POST has no preflight) and have it decode and reconstruct.
+    The browser names the page's origin: another host is refused (403), as is a
+    sandboxed page's "null"; the server's own page and clients without an Origin pass."""
+    wav = clips["voice0"].read_bytes()
+    body, kind = _multipart("a.wav", wav)
+    own = f"http://127.0.0.1:{running.port}"
+    for origin, expected in (("https://attacker.example", 403), ("null", 403),
+                             (f"http://localhost:{running.port}", 403), (own, 200)):
+        status, _, answer = _request(running, "POST", "/reconstruct", body,
+                                     {"Content-Type": kind, "Origin": origin})
+        assert status == expected, (origin, answer[:200])
+        if expected == 403:
+            assert b"another site" in answer
+    assert _post(running, "a.wav", wav)[0] == 200
+
 def test_requests_for_other_host_names_are_refused(running):
     # Bound to loopback, the app answers only loopback names (no DNS rebinding).
     status, _, _ = _request(running, "GET", "/status", headers={"Host": "attacker.example"})
