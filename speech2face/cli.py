@@ -301,6 +301,30 @@ def _plain_warnings() -> None:
     warnings.formatwarning = format_warning
 
 
+# Options that name a file or folder the command reads or writes as a whole.
+PATH_OPTIONS = ("root", "out", "data", "model", "decoder", "config", "gallery", "weights",
+                "encoder_weights", "recognizer_weights", "csv", "merge")
+
+
+def _undecodable_path(args) -> str | None:
+    """What is wrong with the first path option whose name is not valid UTF-8, or None.
+    Such a name (bytes Python keeps as surrogates) could not be written into a manifest,
+    a report or a message: prepare and evaluate failed with a traceback, evaluate's after
+    its whole run. (Inputs given one by one are named and skipped where they are read.)"""
+    for dest in PATH_OPTIONS:
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, (str, os.PathLike)):
+                continue
+            try:
+                os.fspath(value).encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+                return (f"--{dest.replace('_', '-')}: {shown}: the name is not valid UTF-8 "
+                        "(it could not be recorded or printed); rename it")
+    return None
+
+
 def _empty_out(argv: list[str]) -> bool:
     """Whether ``-o``/``--out`` is given an empty value (``-o ""``, ``--out=``)."""
     return any(a == "--out=" or (a in ("-o", "--out") and i + 1 < len(argv) and not argv[i + 1])
@@ -334,6 +358,8 @@ def _main(argv: list[str] | None) -> int:
         return 2
     if _empty_out(argv):  # which Path("") would take for the current folder
         parser.commands[args.command].error("-o/--out: an empty path")
+    if problem := _undecodable_path(args):
+        parser.commands[args.command].error(problem)
     module = importlib.import_module(COMMANDS[args.command][0])
     run = getattr(module, f"{_snake(args.command)}_command")
     try:

@@ -140,6 +140,29 @@ def test_an_unknown_argument_points_to_its_commands_help(argv, prog, capsys):
     assert err.endswith(f"(see {prog} --help)\n") and err.count("\n") == 1
 
 
+
+@pytest.mark.parametrize("argv", [
+    ["prepare", "voxceleb1", "--root", "{bad}", "-o", "{tmp}/shards"],
+    ["evaluate", "--model", "demo", "--data", "{bad}", "-o", "{tmp}/report"],
+    ["reconstruct", "{tmp}/a.wav", "-o", "{tmp}/a.png", "--model", "{bad}"],
+    ["train-decoder", "--data", "{tmp}", "-o", "{bad}"],
+    ["compare", "a={tmp}", "b={tmp}", "-o", "{bad}"],
+])
+def test_a_path_option_whose_name_is_not_utf8_is_one_line(argv, tmp_path, capsys):
+    """A folder named with bytes that are not UTF-8 (kept by Python as surrogates) could
+    not go into a manifest or a report: prepare failed with a traceback after leaving a
+    folder behind, evaluate after its whole run. Refused first, naming the option."""
+    from speech2face.cli import main
+
+    bad = str(tmp_path / "r\udcffoot")
+    argv = [a.format(bad=bad, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "r\\xffoot: the name is not valid UTF-8" in err, err
+    assert list(tmp_path.iterdir()) == []
+
 @pytest.mark.parametrize("background", [False, True])
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, background):
     """What kill, SLURM and Kubernetes send: one line, exit 143, and nothing left behind
