@@ -419,14 +419,24 @@ def find_inputs(inputs, suffixes, error, outputs: Sequence[str] = ("",),
     taking the first count that meets nothing. A file named twice is taken once. Raises
     ``error(path, problem)`` for an input that does not exist. ``out``: the command's
     output folder, not searched where it lies inside a folder given (a rerun would take
-    the last run's outputs as inputs, a level deeper each time).
+    the last run's outputs as inputs, a level deeper each time), and where it is the
+    folder given, or holds it, searched without the files named as ``outputs`` name them
+    (``faces photos -o photos``: ``a.crop.png`` is ``a.jpg``'s output, not an input).
     """
     skip = frozenset() if out is None else frozenset({Path(out).resolve()})
+    ours = tuple(suffix.lower() for suffix in outputs if suffix)
+
+    def output(path: Path) -> bool:
+        """Whether ``path``, found in a folder, is one of this command's outputs."""
+        return any(path.name.lower().endswith(suffix) for suffix in ours) and \
+            any(path.resolve().is_relative_to(folder) for folder in skip)
+
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
             found += [(path, path.relative_to(item).with_suffix(""))
-                      for path in _files_below(item, suffixes, error, skip)]
+                      for path in _files_below(item, suffixes, error, skip)
+                      if not output(path)]
         elif item.is_file():
             found.append((item, Path(item.stem)))
         elif item.exists() or item.is_symlink():

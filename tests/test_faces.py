@@ -514,18 +514,20 @@ def test_find_images_keeps_names_apart(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("where", ["out", "."])
 def test_faces_command_leaves_its_output_folder_out_of_the_inputs(tmp_path, hopper_path,
-                                                                  capsys):
-    """--out inside the folder given: a rerun took the last run's crops as inputs and
-    made out/out/hopper.crop.crop.png, a level deeper each time."""
+                                                                  capsys, where):
+    """--out inside the folder given, or the folder itself: a rerun took the last run's
+    crops as inputs and made hopper.crop.crop.png, a level deeper each time."""
     import shutil
 
     shutil.copy(hopper_path, tmp_path / "hopper.jpg")
-    out = tmp_path / "out"
+    out = tmp_path / where
     for said in ("1 processed, 0 skipped", "0 processed, 0 skipped (1 done by an earlier run)"):
         assert cli.main(["faces", str(tmp_path), "-o", str(out), "--encoder", "none"]) == 0
         assert said in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")
+                  and p.name != "hopper.jpg" and p.is_file()) == [
         "hopper.crop.png", "hopper.landmarks.npy", "hopper.landmarks.png"]
 
 
