@@ -79,6 +79,8 @@ def resolve_model(model=None):
             raise WeightsError(path, "no model given and no demo model here; run `speech2face "
                                      "demo` to train one, or pass --model BUNDLE")
     else:
+        if os.fspath(model) in ("", b""):  # Path("") would be the current folder
+            raise WeightsError(None, "model is an empty path")
         path = Path(model)
     from speech2face.model import WEIGHTS_NAME, find_bundle
 

@@ -246,6 +246,10 @@ def save_model(model: Speech2Face, path: str | os.PathLike) -> Path:
 
 def find_bundle(path_or_name: str | os.PathLike) -> Path:
     """The bundle directory for a bundle path, a training run (``RUN/model``) or a cached name."""
+    if not isinstance(path_or_name, (str, os.PathLike)) or os.fspath(path_or_name) in ("", b""):
+        # (Path("") is the current folder, which the error would then have named)
+        raise WeightsError(None, f"a model is a bundle's path or an installed model's name, "
+                                 f"got {path_or_name!r:.60}")
     path = Path(path_or_name)
     candidates = [path, path / RUN_MODEL_DIR]
     if not path.exists() and not path.is_absolute() and len(path.parts) == 1:

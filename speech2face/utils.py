@@ -441,6 +441,9 @@ def find_inputs(inputs, suffixes, error, outputs: Sequence[str] = ("",),
             found.append((item, Path(item.stem)))
         elif item.exists() or item.is_symlink():
             raise error(item, "not a regular file (a FIFO, a device or a broken link)")
+        elif str(item) == "-":
+            raise error(item, "standard input is not read (a file is needed, to name its "
+                              "output): give a file or folder")
         else:
             raise error(item, "no such file or folder")
     for path, _ in found:

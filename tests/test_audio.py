@@ -400,6 +400,15 @@ def test_cli_bad_file_is_one_line_exit_2_and_no_partial_output(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+
+def test_standard_input_is_named_as_not_read(tmp_path):
+    """``speech2face spectrogram - -o out < clip.wav`` said "-: no such file or folder"."""
+    result = run_cli("spectrogram", "-", "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "speech2face spectrogram: error: -: standard input is not read (a file is needed, "
+        "to name its output): give a file or folder"], result.stderr
+
 def test_cli_takes_folders_and_keeps_same_named_inputs_apart(tmp_path):
     for name in ("a/clip.wav", "b/clip.wav", "b/sub/talk.flac", "b/notes.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

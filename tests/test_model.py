@@ -127,6 +127,19 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     load_model(tmp_path / "bundle")
 
 
+
+@pytest.mark.parametrize("given", [123, "", None, ["a"]])
+def test_a_model_that_is_no_path_or_name_is_a_weights_error(given):
+    """load_model(123) raised a bare TypeError from pathlib, and load_model("") looked
+    in the current folder (an error naming "."); reconstruct(x, model="") did the same."""
+    from speech2face import inference
+
+    with pytest.raises(WeightsError, match="a model is a bundle's path or an installed"):
+        load_model(given)
+    if given == "":
+        with pytest.raises(WeightsError, match="model is an empty path"):
+            inference.resolve_model(given)
+
 def test_bad_bundles_are_weights_errors(tmp_path):
     with pytest.raises(WeightsError, match="no such model bundle"):
         load_model(tmp_path / "absent")
