@@ -1117,10 +1117,7 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
     def receive() -> None:
         try:
             for _ in units:
-                result = results.get()
-                if result is None:  # put by this process: the run has ended early
-                    return
-                received.put(result)
+                received.put(results.get())
         except BaseException as error:  # noqa: BLE001  (a result that cannot be read)
             received.put((False, error))
 
@@ -1159,17 +1156,16 @@ def _from_child(units: list[Unit], options: Options, workers: int, check,
 
 def _stop_reading(reader: threading.Thread, results) -> None:
     """End ``reader``, the thread taking results off ``results``, and close the queue's
-    pipe: after an error or an interruption the thread was left blocked on the pipe for
-    ever, holding it open (a caller that goes on, a notebook, kept both). A child killed
-    in the middle of a result leaves the pipe holding part of one: the thread may then
-    never end, and the pipe is left to it."""
-    if reader.is_alive():
-        results.put(None)  # the thread's signal to stop
-        reader.join(timeout=1.0)
-    results.close()
-    results.join_thread()
+    pipe, once the child is gone: after an error or an interruption the thread was left
+    blocked on the pipe for ever, holding it open (a caller that goes on, a notebook,
+    kept both). This process closes its writing end, never used, and the thread reads
+    the pipe's end when the child's pool workers, which die with the child, have closed
+    theirs. (Not a message put on the queue: a child killed while putting one holds the
+    queue's lock for ever, and the put waited on it.)"""
+    results._writer.close()  # noqa: SLF001
+    reader.join(timeout=5.0)
     if not reader.is_alive():
-        results._reader.close()  # noqa: SLF001  (close() leaves the reading end open)
+        results._reader.close()  # noqa: SLF001
 
 
 def _while_checking(work: Callable[[], None], check: Callable[[], None]) -> None:
