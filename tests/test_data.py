@@ -577,6 +577,48 @@ def test_crash_inside_a_video_resumes_without_loss_or_duplicates(
     assert data.load_manifest(out) == {**data.load_manifest(reference), "root": str(out)}
 
 
+
+def test_a_split_whose_first_windows_give_no_sample_resumes_to_the_same_manifest(
+        corpus, reference, tmp_path, monkeypatch):
+    """Windows that give no sample (no face in any frame of the val split's videos) are
+    recorded, skips and counts, before the next split's first sample closes the last
+    shard before them, and that close checkpointed a position before them: a run killed
+    after it counted those windows' skips twice on the rerun (the shards were right, the
+    manifest's counts and the part's list of skips were not)."""
+    import shutil
+
+    from PIL import Image
+
+    from speech2face.data.prepare import _SplitWriter
+
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    val = set(data.load_manifest(reference)["splits"]["val"]["identities"])
+    for line in (root / "vox1_meta.csv").read_text().splitlines()[1:]:
+        identity, name = line.split("\t")[:2]
+        if identity in val:
+            for frame in (root / "unzippedFaces" / name).rglob("*.jpg"):
+                Image.new("RGB", (224, 224), (128, 128, 128)).save(frame)
+    whole = prepare_vox1(root, tmp_path / "whole")
+    assert whole["counts"]["videos_skipped"] > 0 and "val" not in whole["splits"]
+
+    write = _SplitWriter.write
+
+    def killed_at_test(self, sample):
+        if self.split == "test":
+            raise KeyboardInterrupt
+        return write(self, sample)
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(_SplitWriter, "write", killed_at_test)
+        prepare_vox1(root, out)
+    prepare_vox1(root, out)
+    assert shard_files(out) == shard_files(tmp_path / "whole")
+    assert data.load_manifest(out) == {**data.load_manifest(tmp_path / "whole"), "root": str(out)}
+    part = "parts/manifest-00000-of-00001.json"
+    assert (out / part).read_bytes() == (tmp_path / "whole" / part).read_bytes()
+
 def test_two_shard_indices_together_equal_one_run(corpus, reference, tmp_path):
     out = tmp_path / "shards"
     # Part 1 also exercises the worker pool (this process and 2 spawned ones, results

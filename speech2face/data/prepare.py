@@ -916,6 +916,11 @@ def prepare(
                     state["skipped"].extend([item, reason] for item, reason in r.skipped)
                     counts.update(r.counts)
                 state["counts"] = dict(counts)
+                if not samples:
+                    # Recorded and nothing to write: a checkpoint from here on (the next
+                    # split's first sample closes the last shard) resumes after it, not
+                    # at it, where its skips and counts would be recorded again.
+                    position[:] = [index, 0]
             for j, sample in enumerate(samples[drop:], drop):
                 if writer is None:
                     done = state["splits"].setdefault(split, {"samples": 0, "shards": []})
