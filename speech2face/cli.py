@@ -239,7 +239,11 @@ def exit_now(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # before the command began: its arguments and imports
+        print("speech2face: interrupted", file=sys.stderr)
+        return 130
     if "speech2face.distributed" in sys.modules:  # a training command (torch is loaded)
         from speech2face.distributed import leave_launched_process
 

@@ -163,6 +163,19 @@ def test_a_path_option_whose_name_is_not_utf8_is_one_line(argv, tmp_path, capsys
     assert err.count("\n") == 1 and "r\\xffoot: the name is not valid UTF-8" in err, err
     assert list(tmp_path.iterdir()) == []
 
+
+def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C in the first 0.1-0.3 s, while the command's parser and modules loaded,
+    printed a KeyboardInterrupt traceback (exit -2)."""
+    from speech2face import cli
+
+    def interrupted(command):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["prepare", "--help"]) == 130
+    assert capsys.readouterr().err == "speech2face: interrupted\n"
+
 @pytest.mark.parametrize("background", [False, True])
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, background):
     """What kill, SLURM and Kubernetes send: one line, exit 143, and nothing left behind
