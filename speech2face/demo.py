@@ -292,7 +292,8 @@ def _marker_text(marker: Path) -> str:
 
 def _bad_marker(marker: Path, problem: str) -> DataError:
     return DataError(marker, f"not a marker written by the demo ({problem}); the folder is "
-                             "left as it is: choose another --out")
+                             "left as it is: choose another --out, or delete the folder "
+                             "yourself if it is an earlier demo's")
 
 
 def _marker_problem(content) -> str | None:
