@@ -34,8 +34,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,7 @@ from speech2face.distributed import (
     set_deterministic,
     shutdown_distributed,
 )
-from speech2face.errors import ConfigError, DataError
+from speech2face.errors import ConfigError, DataError, Speech2FaceError
 from speech2face.losses import LossConfig
 from speech2face.model import (
     RUN_MODEL_DIR,
@@ -1094,6 +1094,30 @@ def _setup(config: TrainConfig, out: Path, resume: bool) -> tuple[Placement, tor
     return placement, device
 
 
+@contextmanager
+def _settings_recorded(out: Path, config: TrainConfig, resume: bool,
+                       placement: Placement) -> Iterator[None]:
+    """The run's settings in RUN/train_config.json while the stage is set up (seconds,
+    minutes at scale for the identity classifier), so that a run killed meanwhile, before
+    its first checkpoint, resumes with them: ``--resume`` there took the paper preset's
+    defaults, and a ``preset=tiny steps=24`` run went on as a 100,000-step paper one. Bad
+    input found meanwhile (the run never began) takes the file away again, leaving no
+    folder behind. A resumed run keeps the file it has until :func:`fit` accepts its
+    settings (one refused, say steps below the checkpoint's, must not replace them)."""
+    file = out / TRAIN_CONFIG_FILE
+    written = placement.is_main and not (resume and file.is_file())
+    if written:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(file, "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+    try:
+        yield
+    except Speech2FaceError:
+        if written:
+            file.unlink(missing_ok=True)
+        raise
+
+
 def _check_config_type(config) -> None:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig (speech2face.config.load_config makes "
@@ -1133,8 +1157,10 @@ def train_decoder(data: str | os.PathLike, out: str | os.PathLike,
     placement, device = _setup(config, out, resume)
     _check_batch_fits(data, config, placement)
     _check_stage(latest_checkpoint(out) if resume else None, voice=False)
-    stage = decoder_stage(data, config, device)
-    train, val = training_data(data, load_manifest(data), config, placement, spectrogram=False)
+    with _settings_recorded(out, config, resume, placement):
+        stage = decoder_stage(data, config, device)
+        train, val = training_data(data, load_manifest(data), config, placement,
+                                   spectrogram=False)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
 
 
@@ -1157,10 +1183,12 @@ def train_voice(data: str | os.PathLike, decoder: str | os.PathLike, out: str | 
         build_voice_encoder(config, 0)  # the error, before anything is read or fitted
     checkpoint = latest_checkpoint(out) if resume else None
     _check_stage(checkpoint, voice=True)
-    stage = voice_stage(data, decoder, config, checkpoint, progress)
-    if checkpoint is not None and placement.is_main:
-        _say_if_other_decoder(checkpoint, decoder, stage.model.face_decoder)
-    train, val = training_data(data, load_manifest(data), config, placement, spectrogram=True)
+    with _settings_recorded(out, config, resume, placement):
+        stage = voice_stage(data, decoder, config, checkpoint, progress)
+        if checkpoint is not None and placement.is_main:
+            _say_if_other_decoder(checkpoint, decoder, stage.model.face_decoder)
+        train, val = training_data(data, load_manifest(data), config, placement,
+                                   spectrogram=True)
     return fit(stage, train, val, config, out, resume=resume, progress=progress, on_step=on_step)
 
 

@@ -572,6 +572,31 @@ def test_sigterm_stops_training_with_loader_workers_in_one_line(shards, tmp_path
     assert text.replace("\r", "\n").strip().splitlines()[-1] == \
         "speech2face train-decoder: terminated (SIGTERM)", text
 
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_with_its_own_settings(
+        shards, tmp_path, monkeypatch):
+    """Killed while the stage was set up (the identity classifier takes minutes at
+    scale), a run held no record of its settings, and ``--resume`` trained the paper
+    preset from the start: ``preset=tiny steps=24`` became a 100,000-step paper run."""
+    import argparse
+
+    from speech2face import train as train_module
+    from speech2face.cli import main
+    from speech2face.config import load_config as load
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "decoder_stage", killed)
+        assert main(["train-decoder", "--data", str(shards), "--out", str(run), "preset=tiny",
+                     "steps=24", "--no-progress"]) == 130
+    assert train_module.latest_checkpoint(run) is None
+    again = argparse.Namespace(out=str(run), resume=True, config=None, overrides=[])
+    assert train_module._config_from_args(again, "decoder").to_dict() == \
+        load(None, ["preset=tiny", "steps=24"], stage="decoder").to_dict()
+
 def _train_totals(run: Path, name: str = "total") -> list[float]:
     with open(run / "metrics.csv", newline="") as f:
         return [float(r["value"]) for r in csv.DictReader(f)
