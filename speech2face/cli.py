@@ -287,6 +287,28 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _quiet_fd_handover() -> None:
+    """No traceback from multiprocessing's thread that hands file descriptors to other
+    processes (torch's DataLoader workers take tensors that way) when one of them dies
+    in the middle of a handover: a SIGTERM to a training command ends its workers while
+    it stops, and the thread printed "ConnectionResetError: Connection reset by peer"
+    before the command's one line. A worker that dies otherwise is reported by torch."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_fd_handover", False):
+        return
+    sharer = os.path.join("multiprocessing", "resource_sharer.py")
+
+    def hook(args) -> None:
+        tb = args.exc_traceback
+        while tb is not None and not tb.tb_frame.f_code.co_filename.endswith(sharer):
+            tb = tb.tb_next
+        if tb is None or not issubclass(args.exc_type, (ConnectionError, EOFError)):
+            previous(args)
+
+    hook.quiet_fd_handover = True
+    threading.excepthook = hook
+
+
 def _plain_warnings() -> None:
     """Our own warnings print as one line, ``speech2face: warning: ...``, as the commands'
     other notes do, instead of with our source file, line and code line (the Python API
@@ -350,6 +372,7 @@ def _main(argv: list[str] | None) -> int:
     setup_process()  # keep freed memory, sleeping threads (runtime.py): before torch loads
     _stop_on_sigterm()
     _plain_warnings()
+    _quiet_fd_handover()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)

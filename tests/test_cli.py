@@ -164,6 +164,34 @@ def test_a_path_option_whose_name_is_not_utf8_is_one_line(argv, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_a_worker_dying_during_an_fd_handover_prints_no_traceback(monkeypatch, capfd):
+    """SIGTERM to a training command alone ends its DataLoader workers while it stops; one
+    caught handing over a file descriptor made multiprocessing's sharing thread print
+    "ConnectionResetError" with its traceback before the command's one line. Errors of
+    other threads still print."""
+    import threading
+    from multiprocessing import resource_sharer
+
+    from speech2face import cli
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    cli._quiet_fd_handover()
+    cli._quiet_fd_handover()  # (main() runs again in one process: not wrapped twice)
+    where = {}
+    exec(compile("def serve():\n    raise ConnectionResetError(104, 'reset by peer')\n",
+                 resource_sharer.__file__, "exec"), where)  # raised in the sharer's file
+
+    def elsewhere():
+        raise ConnectionResetError(104, "reset elsewhere")
+
+    for target in (where["serve"], elsewhere):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    err = capfd.readouterr().err
+    assert "reset by peer" not in err and "reset elsewhere" in err, err
+
 def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
     """A Ctrl-C in the first 0.1-0.3 s, while the command's parser and modules loaded,
     printed a KeyboardInterrupt traceback (exit -2)."""
