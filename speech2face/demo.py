@@ -23,7 +23,8 @@ s wall and 414 s of CPU (corpus 15, prepare 13, decoder 97, voice encoder 243,
 evaluation 25): 1.41x less wait for 14 % more CPU. Issue 13's four minutes do not hold
 on that machine either way. On a two-core Intel Xeon with AMX a fresh clone of d809c9d
 took 142 s wall, 218 s of CPU (corpus 8, prepare 6, decoder 42, voice encoder 77,
-evaluation 9 s wall); fresh clones of 0a7bef8 149-155 s wall, 224-234 s of CPU. On one
+evaluation 9 s wall); fresh clones of 0a7bef8 149-155 s wall, 224-234 s of CPU, and of
+0c6b34a and 8f2f804 (2026-12-07, the same numbers) 161-162 s wall, 231-240 s of CPU. On one
 thread the demo took, in CPU time (about its wall time), 124-162 s on a two-core AMD
 EPYC Zen 5, 152-197 s on a two-core Intel Xeon with AMX, 209 s on a Zen 4 (61291cb),
 228-275 s on an Ice Lake Xeon (099d875) and 339-385 s on Zen 3s (AVX2); README.md has
