@@ -21,7 +21,12 @@ from collections.abc import Iterator
 
 from speech2face.errors import ConfigError, Speech2FaceError
 from speech2face.runtime import setup_process
-from speech2face.utils import IMAGE_SUFFIXES, close_progress_bars, output_lock
+from speech2face.utils import (
+    IMAGE_SUFFIXES,
+    close_progress_bars,
+    output_lock,
+    undecodable_name,
+)
 
 # command name -> (module that implements it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -340,12 +345,8 @@ def _undecodable_path(args) -> str | None:
     for dest in PATH_OPTIONS:
         values = getattr(args, dest, None)
         for value in values if isinstance(values, list) else [values]:
-            if not isinstance(value, (str, os.PathLike)):
-                continue
-            try:
-                os.fspath(value).encode("utf-8")
-            except UnicodeEncodeError:
-                shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+            if isinstance(value, (str, os.PathLike)) and \
+                    (shown := undecodable_name(value)) is not None:
                 return (f"--{dest.replace('_', '-')}: {shown}: the name is not valid UTF-8 "
                         "(it could not be recorded or printed); rename it")
     return None

@@ -447,12 +447,9 @@ def find_inputs(inputs, suffixes, error, outputs: Sequence[str] = ("",),
         else:
             raise error(item, "no such file or folder")
     for path, _ in found:
-        try:
-            str(path).encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes, kept by Python as surrogates
-            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        if (shown := undecodable_name(path)) is not None:
             raise error(shown, "the name is not valid UTF-8 (its output could not be named "
-                               "or printed); rename it") from None
+                               "or printed); rename it")
     seen: set[Path] = set()  # a file given twice (or as itself and in its folder): once
     found = [(path, stem) for path, stem in found
              if not (path.resolve() in seen or seen.add(path.resolve()))]
@@ -509,6 +506,16 @@ def float_type_problem(tensor) -> str | None:
         return None
     return f"is {str(tensor.dtype).removeprefix('torch.')}, not float16, bfloat16, float32 " \
            "or float64"
+
+
+def undecodable_name(path: str | os.PathLike) -> str | None:
+    """``path`` as it can be printed (its bytes escaped: ``r\\xffoot``) where its name is
+    not valid UTF-8 (undecodable bytes, which Python keeps as surrogates), else None."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return None
 
 
 def read_json(path: str | os.PathLike):
